@@ -1,0 +1,1 @@
+"""splitserve attention_offload package."""

@@ -1,0 +1,101 @@
+"""KVCacheManager: which blocks each request holds, prefix-cache lookup and hashing.
+
+A request's block list covers its first ``len(blocks) * block_size`` token positions. Full
+blocks whose K/V are computed get a hash chained on their parent's hash, so equal prefixes
+map to equal hashes and can be shared (ref-counted) by later requests.
+"""
+
+from __future__ import annotations
+
+from engine.kv_cache.block_pool import BlockHash, BlockPool
+from engine.request import Request
+
+
+def hash_block(parent: BlockHash | None, tokens: tuple[int, ...]) -> BlockHash:
+    # Python's tuple-of-int hash is deterministic across processes (no str hashing).
+    return hash((parent, tokens))
+
+
+class KVCacheManager:
+    def __init__(self, pool: BlockPool, block_size: int):
+        self.pool = pool
+        self.block_size = block_size
+        self.blocks: dict[str, list[int]] = {}
+        self._hashes: dict[str, list[BlockHash]] = {}  # hashes of a request's cached full blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def computed_prefix(self, req: Request) -> tuple[list[int], list[BlockHash]]:
+        """Cached blocks matching the longest full-block prefix of the request's tokens.
+
+        Leaves at least one token uncomputed so the step produces logits for sampling.
+        """
+        tokens = req.all_token_ids
+        bs = self.block_size
+        max_blocks = (len(tokens) - 1) // bs
+        blocks, hashes, parent = [], [], None
+        for i in range(max_blocks):
+            h = hash_block(parent, tuple(tokens[i * bs : (i + 1) * bs]))
+            b = self.pool.lookup(h)
+            if b is None:
+                break
+            blocks.append(b)
+            hashes.append(h)
+            parent = h
+        return blocks, hashes
+
+    def allocate(
+        self, req: Request, num_new_tokens: int, prefix: tuple[list[int], list[BlockHash]] | None = None
+    ) -> bool:
+        """Ensure blocks for ``num_computed_tokens + num_new_tokens`` positions.
+
+        ``prefix`` (from computed_prefix) is adopted first for a request with no blocks.
+        Returns False, changing nothing, when the pool cannot supply the blocks.
+        """
+        held = self.blocks.get(req.request_id, [])
+        prefix_blocks = prefix[0] if prefix and not held else []
+        total = max(req.num_computed_tokens, len(prefix_blocks) * self.block_size) + num_new_tokens
+        need = self.blocks_needed(total) - len(held) - len(prefix_blocks)
+        revived = sum(1 for b in prefix_blocks if self.pool.ref_counts[b] == 0)
+        if need + revived > self.pool.num_free:
+            return False
+        if prefix_blocks:
+            self.pool.touch(prefix_blocks)
+            held = list(prefix_blocks)
+            self._hashes[req.request_id] = list(prefix[1])
+        self.blocks[req.request_id] = held + (self.pool.allocate(need) if need > 0 else [])
+        return True
+
+    def reserve(self, request_id: str, num_tokens: int) -> list[int] | None:
+        """Allocate fresh blocks for ``num_tokens`` positions of a request arriving by transfer."""
+        need = self.blocks_needed(num_tokens)
+        if need > self.pool.num_free:
+            return None
+        self.blocks[request_id] = self.pool.allocate(need)
+        return list(self.blocks[request_id])
+
+    def cache_full_blocks(self, req: Request) -> None:
+        """Hash and publish the request's blocks that are full and fully computed."""
+        if not self.pool.enable_prefix_caching:
+            return
+        blocks = self.blocks.get(req.request_id, [])
+        hashes = self._hashes.setdefault(req.request_id, [])
+        bs = self.block_size
+        n_full = min(req.num_computed_tokens // bs, len(blocks))
+        if n_full <= len(hashes):
+            return
+        tokens = req.all_token_ids
+        parent = hashes[-1] if hashes else None
+        for i in range(len(hashes), n_full):
+            parent = hash_block(parent, tuple(tokens[i * bs : (i + 1) * bs]))
+            hashes.append(parent)
+            self.pool.cache(blocks[i], parent)
+
+    def free(self, request_id: str) -> None:
+        blocks = self.blocks.pop(request_id, [])
+        self._hashes.pop(request_id, None)
+        self.pool.free(list(reversed(blocks)))
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return self.blocks.get(request_id, [])

@@ -1,0 +1,86 @@
+"""Offline API: ``LLM(model=dir, ...).generate(prompts, SamplingParams(...))``."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass
+
+from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from engine.engine import EngineCore
+from engine.request import Request, SamplingParams, TokenLogprobs
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+_CACHE_FIELDS = {f.name for f in dataclasses.fields(CacheConfig)}
+_SCHED_FIELDS = {f.name for f in dataclasses.fields(SchedulerConfig)}
+_ENGINE_FIELDS = {"attention_backend", "max_model_len"}
+
+
+@dataclass
+class CompletionOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # generated ids only
+    text: str
+    finish_reason: str | None
+    logprobs: list[TokenLogprobs]
+    num_cached_tokens: int
+
+
+def build_engine_config(model: str, dtype: str = "float32", device: str = "cpu", **options) -> EngineConfig:
+    """EngineConfig from flat keyword options (CacheConfig / SchedulerConfig field names)."""
+    unknown = set(options) - _CACHE_FIELDS - _SCHED_FIELDS - _ENGINE_FIELDS
+    if unknown:
+        raise TypeError(f"unknown engine options: {sorted(unknown)}")
+    return EngineConfig(
+        model=ModelConfig.from_hf_dir(model),
+        model_path=model,
+        cache=CacheConfig(**{k: v for k, v in options.items() if k in _CACHE_FIELDS}),
+        scheduler=SchedulerConfig(**{k: v for k, v in options.items() if k in _SCHED_FIELDS}),
+        dtype=dtype,
+        device=device,
+        **{k: v for k, v in options.items() if k in _ENGINE_FIELDS},
+    )
+
+
+class LLM:
+    def __init__(self, model: str, dtype: str = "float32", device: str = "cpu", **options):
+        self.engine = EngineCore(build_engine_config(model, dtype, device, **options), progress=True)
+        self.tokenizer = Tokenizer(model)
+        self._ids = itertools.count()
+
+    def make_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> Request:
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        req = Request(request_id or f"req-{next(self._ids)}", ids, params)
+        req.stop_checker = IncrementalDetokenizer(self.tokenizer, params.stop)
+        return req
+
+    def generate(
+        self,
+        prompts: str | list[str] | list[int] | list[list[int]],
+        params: SamplingParams | list[SamplingParams] | None = None,
+    ) -> list[CompletionOutput]:
+        """Run every prompt to completion; outputs in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = params or SamplingParams()
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        reqs = [self.make_request(p, sp) for p, sp in zip(prompts, plist, strict=True)]
+        for r in reqs:
+            self.engine.add_request(r)
+        while any(not r.is_finished for r in reqs):
+            self.engine.step()
+        return [self.output(r) for r in reqs]
+
+    def output(self, req: Request) -> CompletionOutput:
+        detok = req.stop_checker
+        text = detok.text if isinstance(detok, IncrementalDetokenizer) else self.tokenizer.decode(req.output_token_ids)
+        return CompletionOutput(
+            request_id=req.request_id,
+            prompt_token_ids=req.prompt_token_ids,
+            token_ids=list(req.output_token_ids),
+            text=text,
+            finish_reason=None if req.finish_reason is None else req.finish_reason.value,
+            logprobs=req.logprobs,
+            num_cached_tokens=max(req.num_cached_tokens, 0),
+        )

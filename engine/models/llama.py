@@ -1,0 +1,116 @@
+"""The decoder-only transformer shared by every supported family.
+
+Llama, Mistral, Qwen2 (qkv bias) and Qwen3 (q/k RMSNorm) differ only in flags of
+ModelConfig; the MoE families (mixtral.py, qwen_moe.py) swap the MLP for an MoEBlock.
+Tokens are flattened across the batch: hidden states are [T, hidden], never padded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.attention.backend import AttentionBackend, AttentionMetadata
+from engine.config import ModelConfig
+from engine.models.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from engine.moe import ExpertDispatcher, LocalExpertDispatcher, LocalExperts, MoEBlock
+
+# Called after layer ``i`` has written its K/V for the step (layer-wise KV push seam).
+LayerHook = Callable[[int], None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.h, self.hkv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        out = (self.h + 2 * self.hkv) * self.d
+        self.qkv = nn.Parameter(torch.empty(out, cfg.hidden_size))  # rows: q | k | v
+        self.qkv_bias = nn.Parameter(torch.zeros(out)) if cfg.qkv_bias else None
+        self.o = nn.Parameter(torch.empty(cfg.hidden_size, self.h * self.d))
+        self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rope: RotaryEmbedding,
+        backend: AttentionBackend,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        qkv = F.linear(x, self.qkv, self.qkv_bias)
+        q, k, v = qkv.split([self.h * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
+        q, k, v = q.view(t, self.h, self.d), k.view(t, self.hkv, self.d), v.view(t, self.hkv, self.d)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rope(positions, q, k)
+        o = backend.forward(self.layer, q, k, v.contiguous(), meta)  # [T, H, D]
+        return F.linear(o.reshape(t, self.h * self.d), self.o)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, mlp: nn.Module):
+        super().__init__()
+        self.attn = Attention(cfg, layer)
+        self.mlp = mlp
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class DecoderLM(nn.Module):
+    """Embedding -> N x (attention, MLP or MoE) -> norm -> lm_head.
+
+    The attention backend is injected after the KV cache exists (``set_attention_backend``);
+    MoE layers get their ExpertDispatcher at construction (local by default).
+    """
+
+    def __init__(self, cfg: ModelConfig, max_positions: int, dispatcher: ExpertDispatcher | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.local_experts = LocalExpertDispatcher()
+        self.dispatcher = dispatcher or self.local_experts
+        self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, self._make_mlp(i)) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
+        self.rope = RotaryEmbedding(cfg.rope, cfg.head_dim, max_positions)
+        self.backend: AttentionBackend | None = None
+
+    def _make_mlp(self, layer: int) -> nn.Module:
+        moe = self.cfg.moe
+        if moe is None or layer in moe.dense_layers:
+            return GatedMLP(self.cfg.hidden_size, self.cfg.intermediate_size)
+        block = MoEBlock(layer, self.cfg.hidden_size, moe, self.dispatcher)
+        experts = LocalExperts(moe.num_experts, self.cfg.hidden_size, moe.intermediate_size)
+        block.add_module("experts", experts)  # weights live on the layer; the local dispatcher uses them
+        self.local_experts.register(layer, experts)
+        return block
+
+    def set_attention_backend(self, backend: AttentionBackend) -> None:
+        self.backend = backend
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        layer_hook: LayerHook | None = None,
+    ) -> torch.Tensor:
+        """input_ids, positions: [T] -> final hidden states [T, hidden]."""
+        x = F.embedding(input_ids, self.embed)
+        for i, layer in enumerate(self.layers):
+            x = x + layer.attn(layer.input_norm(x), positions, self.rope, self.backend, meta)
+            x = x + layer.mlp(layer.post_attn_norm(x))
+            if layer_hook is not None:
+                layer_hook(i)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, hidden] -> fp32 logits [N, vocab]."""
+        w = self.embed if self.lm_head is None else self.lm_head
+        return F.linear(hidden, w).float()

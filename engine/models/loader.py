@@ -1,0 +1,112 @@
+"""Load a Hugging Face safetensors directory (single file or sharded with an index)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+
+import torch
+from safetensors import safe_open
+
+from engine.config import ModelConfig
+from engine.models import mixtral, qwen_moe
+from engine.models.llama import DecoderLM
+from engine.models.weight_rules import DENSE_RULES, IGNORED, Rule
+from engine.moe import ExpertDispatcher
+
+log = logging.getLogger(__name__)
+
+FAMILY_RULES: dict[str, list[Rule]] = {
+    "llama": DENSE_RULES,
+    "mixtral": mixtral.WEIGHT_RULES + DENSE_RULES,
+    "qwen2_moe": qwen_moe.WEIGHT_RULES + DENSE_RULES,
+    "qwen3_moe": qwen_moe.WEIGHT_RULES + DENSE_RULES,
+}
+
+
+class WeightLoadError(ValueError):
+    """A checkpoint tensor is unknown, mis-shaped, or a model parameter was never loaded."""
+
+
+def safetensors_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(path, s) for s in shards]
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {path!r}")
+    return files
+
+
+def load_model(
+    path: str,
+    cfg: ModelConfig,
+    dtype: torch.dtype,
+    device: str,
+    max_positions: int,
+    dispatcher: ExpertDispatcher | None = None,
+    progress: bool = False,
+) -> DecoderLM:
+    """Build a DecoderLM for ``cfg`` and fill every parameter from the checkpoint at ``path``."""
+    with torch.device("meta"):
+        model = DecoderLM(cfg, max_positions, dispatcher)
+    model = model.to_empty(device=device).to(dtype)
+    # rope tables are buffers computed at construction; rebuild them on the real device in fp32
+    model.rope.__init__(cfg.rope, cfg.head_dim, max_positions)
+    model.rope.to(device)
+    params = dict(model.named_parameters())
+    loaded: dict[str, int] = {}  # param name -> elements written
+    rules = FAMILY_RULES[cfg.family]
+    files = safetensors_files(path)
+    for i, file in enumerate(files):
+        if progress:
+            log.info("loading weights %d/%d: %s", i + 1, len(files), os.path.basename(file))
+        with safe_open(file, "pt", device="cpu") as f:
+            for name in f.keys():
+                _load_tensor(cfg, rules, params, loaded, name, f.get_tensor(name))
+    missing = [n for n, p in params.items() if loaded.get(n, 0) != p.numel()]
+    if missing:
+        raise WeightLoadError(f"checkpoint {path!r} did not provide: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    return model.eval()
+
+
+def _load_tensor(cfg: ModelConfig, rules, params, loaded, name: str, tensor: torch.Tensor) -> None:
+    if IGNORED.match(name):
+        return
+    short = name.removeprefix("model.")
+    if short == "lm_head.weight" and cfg.tie_word_embeddings:
+        return
+    for rule in rules:
+        m = rule.match(short)
+        if m is None:
+            continue
+        target = rule.target.format(*m.groups())
+        if target not in params:
+            raise WeightLoadError(f"checkpoint tensor {name!r} maps to unknown parameter {target!r}")
+        dst = _destination(cfg, params[target], rule, m)
+        if dst.shape != tensor.shape:
+            raise WeightLoadError(f"{name!r}: shape {tuple(tensor.shape)} != expected {tuple(dst.shape)}")
+        with torch.no_grad():
+            dst.copy_(tensor)
+        loaded[target] = loaded.get(target, 0) + tensor.numel()
+        return
+    raise WeightLoadError(f"unexpected checkpoint tensor {name!r} for architecture {cfg.architecture}")
+
+
+def _destination(cfg: ModelConfig, param: torch.Tensor, rule: Rule, m) -> torch.Tensor:
+    """The slice of ``param`` that the matched checkpoint tensor fills."""
+    dst = param.data
+    if rule.expert is not None:
+        dst = dst[int(m.group(rule.expert + 1))]
+    if rule.half is not None:
+        half = dst.shape[0] // 2
+        dst = dst[:half] if rule.half == 0 else dst[half:]
+    if rule.qkv is not None:
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        start, size = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}[rule.qkv]
+        dst = dst[start : start + size]
+    return dst

@@ -1,0 +1,62 @@
+"""Sampler: greedy, temperature, top-k, top-p, per-request seeds, top-n logprobs.
+
+Greedy rows take the argmax of the raw logits. Other rows are scaled by 1/temperature,
+truncated to top-k then top-p, and drawn with a generator seeded from (seed, token index)
+when the request has a seed, so its output does not depend on what it was batched with.
+Logprobs are those of the raw model distribution (log_softmax of unprocessed logits).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.request import SamplingParams, TokenLogprobs
+
+
+def _truncate(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """logits: [V] -> logits with everything outside top-k / top-p set to -inf."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the token crossing top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(0, idx, sorted_logits)
+    return logits
+
+
+def _generator(params: SamplingParams, token_index: int, device) -> torch.Generator | None:
+    if params.seed is None:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed((params.seed * 1_000_003 + token_index) & 0x7FFF_FFFF_FFFF_FFFF)
+    return g
+
+
+def sample(
+    logits: torch.Tensor, params: list[SamplingParams], token_indices: list[int]
+) -> tuple[list[int], list[TokenLogprobs | None]]:
+    """logits: [N, V] fp32 -> (one token per row, logprobs per row or None)."""
+    tokens = logits.argmax(dim=-1).tolist()
+    for i, p in enumerate(params):
+        if p.greedy:
+            continue
+        row = _truncate(logits[i] / p.temperature, p.top_k, p.top_p)
+        probs = torch.softmax(row, dim=-1)
+        gen = _generator(p, token_indices[i], logits.device)
+        tokens[i] = int(torch.multinomial(probs, 1, generator=gen).item())
+    lps: list[TokenLogprobs | None] = [None] * len(params)
+    want = [i for i, p in enumerate(params) if p.logprobs is not None]
+    if want:
+        logp = torch.log_softmax(logits[want], dim=-1)
+        for j, i in enumerate(want):
+            n = params[i].logprobs
+            top = torch.topk(logp[j], n) if n else None
+            lps[i] = TokenLogprobs(
+                token_id=tokens[i],
+                logprob=float(logp[j, tokens[i]]),
+                top={} if top is None else dict(zip(top.indices.tolist(), top.values.tolist(), strict=True)),
+            )
+    return tokens, lps

@@ -1,0 +1,36 @@
+"""SchedulerOutput: what one engine step computes. Plain data, no tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.request import SamplingParams
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    request_id: str
+    token_ids: list[int]  # tokens whose K/V this step computes (a prompt chunk, or 1 for decode)
+    start_pos: int  # position of token_ids[0] == request.num_computed_tokens before the step
+    block_ids: list[int]  # the request's whole block table (covers start_pos + len(token_ids))
+    sample: bool  # this step reaches the end of the known tokens: sample the next token
+    params: SamplingParams
+    num_output_tokens: int  # tokens generated so far (seeds per-token sampling deterministically)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)  # ids sent back to waiting this step
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled

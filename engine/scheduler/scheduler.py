@@ -1,0 +1,222 @@
+"""Continuous-batching scheduler with chunked prefill, prefix caching and preemption.
+
+``schedule()`` decides and returns data (SchedulerOutput); ``update()`` applies the sampled
+tokens. Running requests are served first (oldest first), then waiting ones while the token
+budget, ``max_num_seqs`` and free blocks allow. When a running request cannot get a block,
+the newest running request is preempted by recompute: its blocks are freed and it goes back
+to the front of the waiting queue with ``num_computed_tokens = 0``.
+
+Modes (SchedulerConfig.mode):
+- mixed: prompts and decodes in one engine;
+- prefill_only: a request whose prompt completes becomes PREFILLED with its first token and
+  keeps its blocks until ``release()`` (after the KV transfer);
+- decode_only: requests arrive with KV computed elsewhere: ``reserve()`` blocks, receive
+  the bytes into them, then ``admit()`` with the first token. Preempted ones are recomputed
+  locally like in mixed mode.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from engine.config import CacheConfig, SchedulerConfig, SchedulerMode
+from engine.kv_cache.manager import KVCacheManager
+from engine.request import FinishReason, Request, RequestStatus
+from engine.scheduler.output import ScheduledRequest, SchedulerOutput
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, cache_config: CacheConfig, kv: KVCacheManager):
+        self.config = config
+        self.cache_config = cache_config
+        self.kv = kv
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.prefilled: dict[str, Request] = {}  # prefill_only: done, blocks held for transfer
+        self.reserved: dict[str, Request] = {}  # decode_only: blocks reserved, KV in flight
+        self.num_preemptions = 0
+
+    # ---------------------------------------------------------------- admission
+    def add_request(self, req: Request) -> None:
+        """Queue a prompt. Raises ValueError for a request that could never run."""
+        if req.request_id in self.requests:
+            raise ValueError(f"duplicate request id {req.request_id!r}")
+        self._check_fits(req, req.num_tokens + 1)
+        if not self.config.enable_chunked_prefill and req.num_tokens > self.config.max_num_batched_tokens:
+            raise ValueError(
+                f"prompt of {req.num_tokens} tokens exceeds max_num_batched_tokens "
+                f"{self.config.max_num_batched_tokens} and chunked prefill is disabled"
+            )
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def reserve(self, req: Request) -> list[int] | None:
+        """decode_only: take blocks for the prompt's KV before it arrives (None: no room now)."""
+        if req.request_id in self.requests:
+            raise ValueError(f"duplicate request id {req.request_id!r}")
+        self._check_fits(req, req.num_tokens + 1)
+        blocks = self.kv.reserve(req.request_id, req.num_tokens)
+        if blocks is not None:
+            self.requests[req.request_id] = req
+            self.reserved[req.request_id] = req
+        return blocks
+
+    def admit(self, request_id: str, first_token: int) -> Request:
+        """decode_only: the reserved request's prompt KV has arrived; start decoding it."""
+        req = self.reserved.pop(request_id)
+        req.num_computed_tokens = len(req.prompt_token_ids)
+        req.num_cached_tokens = max(req.num_cached_tokens, 0)
+        self.kv.cache_full_blocks(req)
+        reason = req.append_token(first_token)
+        if reason is not None:
+            self._finish(req, reason)
+        else:
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+        return req
+
+    def _check_fits(self, req: Request, tokens: int) -> None:
+        if not req.prompt_token_ids:
+            raise ValueError("prompt must contain at least one token")
+        need = self.kv.blocks_needed(tokens)
+        if need > self.kv.pool.num_blocks:
+            raise ValueError(
+                f"request needs {need} KV blocks for {tokens} tokens but the cache has {self.kv.pool.num_blocks}"
+            )
+
+    # ---------------------------------------------------------------- scheduling
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[str] = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.kv.allocate(req, n):
+                victim = self.running.pop()
+                if victim is req and not self.running and not self.prefilled and not self.reserved:
+                    # alone and still no room: the pool cannot hold this context at all
+                    self._finish(req, FinishReason.LENGTH)
+                    break
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is req:
+                    break
+            else:
+                scheduled.append(self._entry(req, n))
+                budget -= n
+                i += 1
+        if not preempted:
+            budget = self._schedule_waiting(budget, scheduled)
+        return SchedulerOutput(scheduled=scheduled, preempted=preempted)
+
+    def _schedule_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            prefix = self.kv.computed_prefix(req) if req.num_computed_tokens == 0 else None
+            cached = len(prefix[0]) * self.kv.block_size if prefix else req.num_computed_tokens
+            remaining = req.num_tokens - cached
+            if remaining > budget and not self.config.enable_chunked_prefill:
+                break
+            n = min(remaining, budget)
+            if not self.kv.allocate(req, n, prefix):
+                break
+            self.waiting.popleft()
+            req.num_computed_tokens = cached
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = cached
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            scheduled.append(self._entry(req, n))
+            budget -= n
+        return budget
+
+    def _entry(self, req: Request, n: int) -> ScheduledRequest:
+        start = req.num_computed_tokens
+        tokens = req.all_token_ids[start : start + n]
+        return ScheduledRequest(
+            request_id=req.request_id,
+            token_ids=tokens,
+            start_pos=start,
+            block_ids=list(self.kv.block_ids(req.request_id)),
+            sample=start + n == req.num_tokens,
+            params=req.params,
+            num_output_tokens=len(req.output_token_ids),
+        )
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req.request_id)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        req.status = RequestStatus.WAITING
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    # ---------------------------------------------------------------- update
+    def update(self, output: SchedulerOutput, sampled: dict[str, list[int]]) -> list[Request]:
+        """Apply one step's results; returns the requests that gained tokens or finished.
+
+        ``sampled[request_id]`` lists the tokens accepted for the request this step (one for
+        plain decoding; a speculative verifier may accept several).
+        """
+        changed = []
+        for sr in output.scheduled:
+            req = self.requests.get(sr.request_id)
+            if req is None or req.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            req.num_computed_tokens += sr.num_tokens
+            self.kv.cache_full_blocks(req)
+            if not sr.sample:
+                continue
+            changed.append(req)
+            for tok in sampled[sr.request_id]:
+                reason = req.append_token(tok)
+                if reason is not None:
+                    self._finish(req, reason)
+                    break
+            else:
+                if self.config.mode == SchedulerMode.PREFILL_ONLY:
+                    self._to_prefilled(req)
+        return changed
+
+    def _to_prefilled(self, req: Request) -> None:
+        self.running.remove(req)
+        req.status = RequestStatus.PREFILLED
+        self.prefilled[req.request_id] = req
+
+    def _finish(self, req: Request, reason: FinishReason) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        self.prefilled.pop(req.request_id, None)
+        self.reserved.pop(req.request_id, None)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        self.kv.free(req.request_id)
+        del self.requests[req.request_id]
+
+    def release(self, request_id: str) -> Request:
+        """prefill_only: the request's KV has been sent; free its blocks."""
+        req = self.prefilled[request_id]
+        self._finish(req, FinishReason.STOP if req.finish_reason is None else req.finish_reason)
+        return req
+
+    def abort(self, request_id: str) -> Request | None:
+        """Cancel a request wherever it is; its blocks are freed. None if unknown."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        if req in self.waiting:
+            self.waiting.remove(req)
+        self._finish(req, FinishReason.ABORT)
+        return req
+
+    # ---------------------------------------------------------------- queries
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.requests)

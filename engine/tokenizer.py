@@ -1,0 +1,68 @@
+"""Tokenizer (``tokenizers`` library, tokenizer.json) and incremental detokenization."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from tokenizers import Tokenizer as HFTokenizer
+
+
+class Tokenizer:
+    def __init__(self, path: str):
+        file = os.path.join(path, "tokenizer.json")
+        if not os.path.exists(file):
+            raise FileNotFoundError(f"no tokenizer.json in {path!r}")
+        self._tok = HFTokenizer.from_file(file)
+        self.vocab_size = self._tok.get_vocab_size()
+        cfg_file = os.path.join(path, "tokenizer_config.json")
+        self.config: dict = {}
+        if os.path.exists(cfg_file):
+            with open(cfg_file) as f:
+                self.config = json.load(f)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+
+class IncrementalDetokenizer:
+    """Turns generated token ids into text deltas; watches for stop strings.
+
+    Invariant: ``text`` is the decoded text of all tokens up to ``_read``; a trailing partial
+    UTF-8 sequence (decoded as U+FFFD) is held back until the next token completes it.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = ()):
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.ids: list[int] = []
+        self.text = ""
+        self._prefix = 0  # start of the decode window
+        self._read = 0  # tokens already turned into text
+        self.stopped = False
+
+    def append(self, token_id: int) -> bool:
+        """Add a token; returns True when a stop string has appeared (text is cut before it)."""
+        self.ids.append(token_id)
+        if self.stopped:
+            return True
+        old_len = len(self.text)
+        prev = self.tokenizer.decode(self.ids[self._prefix : self._read])
+        cur = self.tokenizer.decode(self.ids[self._prefix :])
+        if len(cur) > len(prev) and not cur.endswith("\ufffd"):
+            self.text += cur[len(prev) :]
+            self._prefix, self._read = self._read, len(self.ids)
+        for s in self.stop:
+            # a new match must end inside the newly added text
+            idx = self.text.find(s, max(0, old_len - len(s) + 1))
+            if idx >= 0:
+                self.text = self.text[:idx]
+                self.stopped = True
+                return True
+        return False

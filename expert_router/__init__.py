@@ -1,0 +1,1 @@
+"""splitserve expert_router package."""

@@ -1,0 +1,196 @@
+"""KV transfer contract: chunks, checksums, and the KVSender / KVReceiver ABCs.
+
+A prefill worker pushes each layer's K/V pages of a request as soon as that layer is
+computed; the decode worker has reserved blocks for the request in its own PagedKVCache
+and receives into them, then admits the request. Block ids differ on each side, so a chunk
+addresses pages by their index *within the request* (``first_page``); the receiver maps
+page ``i`` to ``block_ids[i]`` of the list given to ``expect``. A prompt prefilled in
+several chunks produces several chunks per layer.
+
+Wire unit (every transport carries the same fields)::
+
+    KVChunk(request_id, layer, first_page, num_pages, payload, checksum)
+    payload: [num_pages, 2, block_size, Hkv, D] in the layout dtype (page bytes, in order)
+    checksum: crc32 of the payload bytes, computed by the sender before the bytes move
+
+Sender lifecycle::
+
+    s = make_sender(kind, layout); s.connect(receiver.address)   # layouts compared here
+    s.send(rid, layer, first_page, pages)   # x N, non-blocking, any order of layers
+    s.finish(rid, num_chunks=N)             # end of the request's stream
+    s.poll(rid)                             # DONE: pages no longer needed on this side
+
+Receiver poll state machine (one per request)::
+
+    expect() ──> BOOTSTRAPPING ──first chunk written──> TRANSFERRING ──┐
+                      │                                     │          │ finish(N) seen and
+                      │  finish(0)/all buffered chunks       │          │ N chunks verified +
+                      └──────────────────────────────────────┴──────────┴─> DONE  written into
+                 any state but DONE ──bad checksum / truncated or over-long chunk /
+                                      page out of range / more than N chunks /
+                                      layers cover different pages / link lost ──> FAILED
+    cancel(): forget the request (any state); later chunks for it are dropped unwritten.
+
+DONE and FAILED are terminal: nothing is written for a request after it reaches either.
+A FAILED chunk is never written into the cache, so its destination blocks keep whatever
+they held. DONE also requires that every layer received the same set of pages (a missing
+layer is an error, not silently garbage attention).
+
+Chunks for a request that has not been ``expect``-ed yet are *buffered* (copied, up to
+``max_unexpected_bytes`` per receiver) and replayed when ``expect`` arrives: the router may
+start the prefill before the decode worker has reserved blocks. If that buffer overflows,
+the request is marked doomed and fails loudly at ``expect``.
+
+Sender poll: BOOTSTRAPPING (queued, nothing on the wire yet) -> TRANSFERRING -> DONE (every
+chunk and the end-of-stream marker left this process; the gRPC transport also waits for the
+receiver's acknowledgement) or FAILED (link error, or the receiver's ack reported failure).
+Receiver-side verification is authoritative: the decode worker trusts only its own poll.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from engine.kv_cache.layout import KVLayout, KVLayoutMismatch
+from engine.kv_cache.paged_cache import PagedKVCache
+
+
+class TransferStatus(enum.Enum):
+    BOOTSTRAPPING = "bootstrapping"
+    TRANSFERRING = "transferring"
+    DONE = "done"
+    FAILED = "failed"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (TransferStatus.DONE, TransferStatus.FAILED)
+
+
+class KVTransferError(RuntimeError):
+    """A transfer could not be set up or was misused (send after finish, link broken, ...)."""
+
+
+def tensor_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of ``t`` as a flat CPU uint8 tensor (no copy when already CPU-contiguous)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def tensor_checksum(t: torch.Tensor) -> int:
+    """crc32 of the tensor's bytes (~4 GB/s on one core). Any flipped, missing or extra
+    byte changes it; CUDA tensors are checksummed from a host copy."""
+    return zlib.crc32(tensor_bytes(t).numpy())
+
+
+@dataclass
+class KVChunk:
+    """One contiguous run of a request's pages for one layer."""
+
+    request_id: str
+    layer: int
+    first_page: int  # index of the first page within the request (not a block id)
+    num_pages: int  # pages the sender claims; the payload must hold exactly this many
+    # payload: [num_pages, 2, block_size, Hkv, D] in the layout dtype; transports may carry
+    # it as any tensor with the same bytes (e.g. flat uint8) and the receiver reinterprets.
+    payload: torch.Tensor
+    checksum: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.payload.numel() * self.payload.element_size()
+
+    @staticmethod
+    def seal(request_id: str, layer: int, first_page: int, pages: torch.Tensor) -> KVChunk:
+        """Build a chunk from ``pages: [n, 2, block_size, Hkv, D]``, computing the checksum."""
+        return KVChunk(request_id, layer, first_page, pages.shape[0], pages, tensor_checksum(pages))
+
+
+# test hook: applied to each sealed chunk before it is transmitted (flip a byte, truncate)
+FaultHook = Callable[[KVChunk], KVChunk]
+
+
+def check_layouts(ours: KVLayout, theirs: KVLayout, who: str) -> None:
+    """Raise KVLayoutMismatch naming each differing field (``who`` names the peer)."""
+    try:
+        ours.check_compatible(theirs)
+    except KVLayoutMismatch as e:
+        raise KVLayoutMismatch(f"{who}: {e} (ours != theirs)") from None
+
+
+class KVSender(abc.ABC):
+    """Pushes a request's K/V pages, layer by layer, to one receiver."""
+
+    def __init__(self, layout: KVLayout):
+        self.layout = layout
+
+    @abc.abstractmethod
+    def connect(self, peer: Any) -> None:
+        """Handshake with the receiver at ``peer`` (its ``address``): send our KVLayout, get
+        its KVLayout, raise KVLayoutMismatch naming the differing fields if they differ."""
+
+    @abc.abstractmethod
+    def send(self, request_id: str, layer: int, first_page: int, pages: torch.Tensor) -> None:
+        """Queue ``pages: [n, 2, block_size, Hkv, D]`` (pages ``first_page..first_page+n-1``
+        of the request, for ``layer``). Returns without waiting for the bytes to move; the
+        sender owns ``pages`` from now on (the caller must not modify it)."""
+
+    @abc.abstractmethod
+    def finish(self, request_id: str, num_chunks: int) -> None:
+        """Mark the end of the request's stream: exactly ``num_chunks`` chunks were sent."""
+
+    @abc.abstractmethod
+    def poll(self, request_id: str) -> TransferStatus:
+        """Sender-side status (see the module docstring). KeyError for an unknown request."""
+
+    @abc.abstractmethod
+    def error(self, request_id: str) -> str | None:
+        """Why the request FAILED, else None."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Flush queued work (bounded wait), then drop the connection. Idempotent."""
+
+
+class KVReceiver(abc.ABC):
+    """Receives K/V pages into reserved blocks of a PagedKVCache."""
+
+    def __init__(self, layout: KVLayout, cache: PagedKVCache):
+        check_layouts(layout, cache.layout, "receiver's own cache")
+        self.layout = layout
+        self.cache = cache
+
+    @property
+    @abc.abstractmethod
+    def address(self) -> Any:
+        """What a sender passes to ``connect``: a small picklable (and JSON-able) value."""
+
+    @abc.abstractmethod
+    def expect(self, request_id: str, block_ids: list[int]) -> None:
+        """Register the destination blocks: page ``i`` of the request lands in
+        ``block_ids[i]``. Buffered early chunks are applied now."""
+
+    @abc.abstractmethod
+    def poll(self, request_id: str) -> TransferStatus:
+        """Receiver-side status (see the module docstring). KeyError for an unknown request."""
+
+    @abc.abstractmethod
+    def cancel(self, request_id: str) -> None:
+        """Abort or forget the request: drop its state; chunks arriving later are ignored and
+        never written. Also the way to release a DONE/FAILED entry. Idempotent."""
+
+    @abc.abstractmethod
+    def error(self, request_id: str) -> str | None:
+        """Why the request FAILED, else None."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Stop accepting connections and release transport resources. Idempotent."""

@@ -1,0 +1,57 @@
+"""Suite-wide pytest hooks and fixtures.
+
+- Tests marked ``gpu`` are skipped, with a reason, when ``torch.cuda.is_available()`` is false.
+- ``tiny_checkpoint(family="llama", **kwargs) -> str`` builds a random-weight checkpoint
+  directory once per session per distinct argument set (see engine/models/tiny.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+# Triton kernels run in the interpreter on machines without CUDA. TRITON_INTERPRET is read
+# when a kernel is decorated, i.e. at first import, so it must be set before any test imports
+# engine.attention.triton_paged.
+if not os.environ.get("TRITON_INTERPRET"):
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_items:
+        return
+    import torch  # only paid for when gpu tests were collected
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="gpu test: torch.cuda.is_available() is False on this machine")
+    for item in gpu_items:
+        item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., str]:
+    """Factory: ``tiny_checkpoint("qwen3", num_key_value_heads=1)`` -> checkpoint directory.
+
+    Arguments are those of ``engine.models.tiny.build_tiny_checkpoint`` minus ``out_dir``.
+    Each distinct argument set is built once per session; treat the directory as read-only.
+    """
+    from engine.models.tiny import build_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny_checkpoints")
+
+    def build(family: str = "llama", **kwargs: Any) -> str:
+        key = json.dumps({"family": family, **kwargs}, sort_keys=True, default=str)
+        name = f"{family}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+        return build_tiny_checkpoint(root / name, family=family, **kwargs)
+
+    return build
