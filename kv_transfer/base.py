@@ -22,19 +22,24 @@ Sender lifecycle::
 
 Receiver poll state machine (one per request)::
 
-    expect() ──> BOOTSTRAPPING ──first chunk written──> TRANSFERRING ──┐
-                      │                                     │          │ finish(N) seen and
-                      │  finish(0)/all buffered chunks       │          │ N chunks verified +
-                      └──────────────────────────────────────┴──────────┴─> DONE  written into
-                 any state but DONE ──bad checksum / truncated or over-long chunk /
-                                      page out of range / more than N chunks /
-                                      layers cover different pages / link lost ──> FAILED
-    cancel(): forget the request (any state); later chunks for it are dropped unwritten.
+    expect(rid, block_ids)
+        │
+        v
+    BOOTSTRAPPING ──first verified chunk written──> TRANSFERRING
+        │                                               │
+        │   finish(N) seen and N chunks verified+written │ (any order of finish and chunks)
+        └───────────────────────┬───────────────────────┘
+                                v
+                              DONE
+    BOOTSTRAPPING / TRANSFERRING ──> FAILED on: checksum mismatch; truncated or over-long
+        chunk; page or layer out of range; more than N chunks; a second finish; layers that
+        did not all receive the same pages (checked at N); the stream/link breaking first.
+    cancel(rid): forget the request in any state; chunks arriving later are dropped unwritten.
 
 DONE and FAILED are terminal: nothing is written for a request after it reaches either.
 A FAILED chunk is never written into the cache, so its destination blocks keep whatever
-they held. DONE also requires that every layer received the same set of pages (a missing
-layer is an error, not silently garbage attention).
+they held. DONE also requires that every layer received the same, non-empty set of pages
+(a missing layer is an error, not silently garbage attention).
 
 Chunks for a request that has not been ``expect``-ed yet are *buffered* (copied, up to
 ``max_unexpected_bytes`` per receiver) and replayed when ``expect`` arrives: the router may
