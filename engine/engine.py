@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -13,13 +14,16 @@ from engine.kv_cache.layout import KVLayout
 from engine.kv_cache.manager import KVCacheManager
 from engine.kv_cache.paged_cache import PagedKVCache
 from engine.model_runner import ModelRunner
-from engine.models.llama import LayerHook
 from engine.models.loader import load_model
 from engine.moe import ExpertDispatcher
 from engine.request import Request
+from engine.scheduler.output import SchedulerOutput
 from engine.scheduler.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
+
+# Called after each layer of a step: (layer index, the step's SchedulerOutput).
+StepLayerHook = Callable[[int, SchedulerOutput], None]
 
 
 def make_attention_backend(kind: str, cache: PagedKVCache, sliding_window: int | None) -> AttentionBackend:
@@ -91,12 +95,13 @@ class EngineCore:
     def abort(self, request_id: str) -> Request | None:
         return self.scheduler.abort(request_id)
 
-    def step(self, layer_hook: LayerHook | None = None) -> list[Request]:
+    def step(self, layer_hook: StepLayerHook | None = None) -> list[Request]:
         """One iteration: schedule -> run -> update. Returns requests with new tokens."""
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
-        sampled, logprobs = self.runner.execute(out, layer_hook)
+        hook = None if layer_hook is None else (lambda layer: layer_hook(layer, out))
+        sampled, logprobs = self.runner.execute(out, hook)
         changed = self.scheduler.update(out, sampled)
         for req in changed:
             lp = logprobs.get(req.request_id)

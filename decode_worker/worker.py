@@ -1,0 +1,210 @@
+"""DecodeWorker: receives prefilled requests' K/V, then generates with continuous batching.
+
+Wraps an EngineCore in ``decode_only`` mode and a KVReceiver writing into its cache. A
+transferred request goes through:
+
+    start_transfer(spec)   reserve blocks (queued FIFO while the pool is full), then
+                           ``receiver.expect(rid, blocks)``; a stream is opened for it
+    set_first_token(rid)   the prefill worker's sampled token (router forwards it)
+    receiver DONE + first token known -> ``scheduler.admit``: the request decodes
+    receiver FAILED, transfer timeout, abort -> blocks freed, stream failed with the reason
+
+Short prompts skip all that: ``generate_local(spec)`` prefills here (no transfer).
+Callers read tokens with ``read(rid, cursor, timeout)`` (each token once, in order).
+Blocks are freed on completion, abort, timeout and failure: ``load()`` shows the pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from engine.config import SchedulerMode
+from engine.engine import EngineCore
+from engine.loop import EngineLoop
+from engine.request import Request, TokenLogprobs
+from engine.streams import OutputStream, RequestSpec, StreamChunk
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from kv_transfer.base import KVReceiver, TransferStatus
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Incoming:
+    req: Request
+    deadline: float
+    reserved: bool = False
+    first_token: int | None = None
+    first_logprobs: TokenLogprobs | None = None
+
+
+class DecodeWorker:
+    def __init__(
+        self,
+        engine: EngineCore,
+        receiver: KVReceiver | None,
+        tokenizer: Tokenizer | None = None,
+        worker_id: str = "decode-0",
+        transfer_timeout_s: float = 60.0,
+    ):
+        if engine.config.scheduler.mode != SchedulerMode.DECODE_ONLY:
+            raise ValueError("DecodeWorker needs an engine in decode_only mode")
+        self.engine = engine
+        self.receiver = receiver
+        self.tokenizer = tokenizer
+        self.worker_id = worker_id
+        self.transfer_timeout_s = transfer_timeout_s
+        self._incoming: dict[str, _Incoming] = {}
+        self._reserve_queue: deque[str] = deque()  # ids waiting for blocks, FIFO
+        self._streams: dict[str, OutputStream] = {}
+        self._streams_lock = threading.Lock()  # _streams is read by caller threads
+        self.transfer_failures = 0
+        self.loop = EngineLoop(self._step, engine.has_work, self._tick, name=worker_id).start()
+
+    @property
+    def address(self) -> Any:
+        """Where prefill workers send this worker's KV (the receiver's address)."""
+        return None if self.receiver is None else self.receiver.address
+
+    # ------------------------------------------------------------ called from any thread
+    def start_transfer(self, spec: RequestSpec) -> None:
+        """Prepare to receive ``spec``'s prompt KV. Raises ValueError for a bad request."""
+        if self.receiver is None:
+            raise RuntimeError(f"{self.worker_id} has no KV receiver")
+        self.loop.run(lambda: self._start_transfer(spec))
+
+    def set_first_token(self, request_id: str, token: int, logprobs: TokenLogprobs | None = None) -> None:
+        self.loop.run(lambda: self._set_first_token(request_id, token, logprobs))
+
+    def generate_local(self, spec: RequestSpec) -> None:
+        """Prefill and decode here (short prompts, mixed role). Raises ValueError if invalid."""
+        self.loop.run(lambda: self._generate_local(spec))
+
+    def read(self, request_id: str, cursor: int = 0, timeout: float | None = 1.0) -> StreamChunk:
+        """Tokens of ``request_id`` from ``cursor`` on, waiting up to ``timeout`` for news."""
+        with self._streams_lock:
+            stream = self._streams.get(request_id)
+        if stream is None:
+            raise KeyError(f"unknown request {request_id!r} on {self.worker_id}")
+        chunk = stream.read(cursor, timeout)
+        if chunk.finished:
+            with self._streams_lock:
+                self._streams.pop(request_id, None)
+        return chunk
+
+    def abort(self, request_id: str, reason: str = "aborted") -> None:
+        self.loop.run(lambda: self._abort(request_id, reason))
+
+    def load(self) -> dict:
+        return self.loop.run(self._load)
+
+    def shutdown(self) -> None:
+        self.loop.stop()
+        if self.receiver is not None:
+            self.receiver.close()
+
+    # ------------------------------------------------------------ loop thread only
+    def _new_request(self, spec: RequestSpec) -> Request:
+        req = self.engine.prepare(spec.to_request())
+        if self.tokenizer is not None and spec.params.stop:
+            req.stop_checker = IncrementalDetokenizer(self.tokenizer, spec.params.stop)
+        with self._streams_lock:
+            if spec.request_id in self._streams:
+                raise ValueError(f"duplicate request id {spec.request_id!r}")
+            self._streams[spec.request_id] = OutputStream()
+        return req
+
+    def _start_transfer(self, spec: RequestSpec) -> None:
+        req = self._new_request(spec)
+        self._incoming[req.request_id] = _Incoming(req, time.monotonic() + self.transfer_timeout_s)
+        self._reserve_queue.append(req.request_id)
+        self._reserve_waiting()
+
+    def _reserve_waiting(self) -> None:
+        while self._reserve_queue:
+            inc = self._incoming.get(self._reserve_queue[0])
+            if inc is None:  # aborted while queued
+                self._reserve_queue.popleft()
+                continue
+            blocks = self.engine.scheduler.reserve(inc.req)
+            if blocks is None:
+                return
+            self._reserve_queue.popleft()
+            inc.reserved = True
+            self.receiver.expect(inc.req.request_id, blocks)
+
+    def _set_first_token(self, rid: str, token: int, logprobs: TokenLogprobs | None) -> None:
+        inc = self._incoming.get(rid)
+        if inc is not None:
+            inc.first_token, inc.first_logprobs = token, logprobs
+
+    def _generate_local(self, spec: RequestSpec) -> None:
+        req = self._new_request(spec)
+        try:
+            self.engine.scheduler.add_request(req)
+        except ValueError:
+            with self._streams_lock:
+                self._streams.pop(req.request_id, None)
+            raise
+
+    def _tick(self) -> None:
+        self._reserve_waiting()
+        now = time.monotonic()
+        for rid, inc in list(self._incoming.items()):
+            st = self.receiver.poll(rid) if inc.reserved else TransferStatus.BOOTSTRAPPING
+            if st == TransferStatus.DONE and inc.first_token is not None:
+                del self._incoming[rid]
+                self.receiver.cancel(rid)  # forget the finished transfer's bookkeeping
+                if inc.first_logprobs is not None:
+                    inc.req.logprobs.append(inc.first_logprobs)
+                self._publish(self.engine.scheduler.admit(rid, inc.first_token))
+            elif st == TransferStatus.FAILED:
+                self.transfer_failures += 1
+                self._abort(rid, f"KV transfer failed: {self.receiver.error(rid)}")
+            elif now > inc.deadline:
+                self.transfer_failures += 1
+                self._abort(rid, f"KV transfer timed out after {self.transfer_timeout_s}s ({st.value})")
+
+    def _step(self) -> None:
+        for req in self.engine.step():
+            self._publish(req)
+
+    def _publish(self, req: Request) -> None:
+        with self._streams_lock:
+            stream = self._streams.get(req.request_id)
+        if stream is not None:
+            stream.publish(req)
+
+    def _abort(self, rid: str, reason: str) -> None:
+        inc = self._incoming.pop(rid, None)
+        if inc is not None and inc.reserved:
+            self.receiver.cancel(rid)
+        self.engine.abort(rid)
+        with self._streams_lock:
+            stream = self._streams.get(rid)
+        if stream is not None:
+            stream.fail(reason)
+            if reason == "aborted":  # the caller cancelled: nobody will read the stream
+                with self._streams_lock:
+                    self._streams.pop(rid, None)
+        if reason != "aborted":
+            log.error("%s: request %s failed: %s", self.worker_id, rid, reason)
+
+    def _load(self) -> dict:
+        s = self.engine.scheduler
+        return {
+            "worker_id": self.worker_id,
+            "role": "decode",
+            "pending_requests": len(s.waiting) + len(s.running) + len(self._incoming),
+            "pending_prompt_tokens": sum(r.num_tokens - r.num_computed_tokens for r in s.waiting),
+            "running_requests": len(s.running),
+            "free_kv_blocks": self.engine.pool.num_free,
+            "total_kv_blocks": self.engine.pool.num_blocks,
+            "transfers_in_flight": len(self._incoming),
+            "transfer_failures": self.transfer_failures,
+        }

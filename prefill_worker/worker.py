@@ -1,0 +1,176 @@
+"""PrefillWorker: computes prompts and streams their K/V to decode workers layer by layer.
+
+Wraps an EngineCore in ``prefill_only`` mode (constructor injection; no Ray here: see
+actor.py for the shell). Per request:
+
+    prefill(spec, decode_address)      caller blocks until the first token is known
+      -> engine computes the prompt in chunks; after each layer of each step the pages that
+         chunk touched are pushed with ``sender.send`` (layer-wise), or, with
+         ``layerwise=False``, every layer's pages are pushed once the prompt is done
+      -> PREFILLED: first token returned to the caller; ``sender.finish(rid, n_chunks)``
+      -> sender DONE / FAILED / timeout: ``scheduler.release`` frees the blocks here.
+
+A chunk re-sends the partially filled last page of the previous chunk, so every page is
+complete on the receiver once the stream finishes; a prefix-cache hit sends the cached
+pages with the first computed chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from engine.config import SchedulerMode
+from engine.engine import EngineCore
+from engine.loop import EngineLoop
+from engine.request import RequestStatus
+from engine.scheduler.output import SchedulerOutput
+from engine.streams import OutputStream, RequestSpec, StreamChunk
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from kv_transfer.base import KVSender, TransferStatus
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Outgoing:
+    sender: KVSender
+    chunks: int = 0  # chunks sent so far
+    next_page: int = 0  # first page not yet sent complete
+    deadline: float = 0.0  # set once PREFILLED: release blocks by then whatever the sender says
+
+
+class PrefillWorker:
+    def __init__(
+        self,
+        engine: EngineCore,
+        sender_factory: Callable[[], KVSender],
+        tokenizer: Tokenizer | None = None,
+        layerwise: bool = True,
+        worker_id: str = "prefill-0",
+        transfer_timeout_s: float = 60.0,
+    ):
+        if engine.config.scheduler.mode != SchedulerMode.PREFILL_ONLY:
+            raise ValueError("PrefillWorker needs an engine in prefill_only mode")
+        self.engine = engine
+        self.worker_id = worker_id
+        self.layerwise = layerwise
+        self.tokenizer = tokenizer
+        self.transfer_timeout_s = transfer_timeout_s
+        self._sender_factory = sender_factory
+        self._senders: dict[Any, KVSender] = {}  # decode address -> connected sender
+        self._out: dict[str, _Outgoing] = {}
+        self._streams: dict[str, OutputStream] = {}
+        self._releasing: dict[str, _Outgoing] = {}  # PREFILLED, waiting for the sender
+        self.transfer_failures = 0
+        self.loop = EngineLoop(self._step, engine.has_work, self._tick, name=worker_id).start()
+
+    # ------------------------------------------------------------ called from any thread
+    def prefill(self, spec: RequestSpec, decode_address: Any, timeout: float | None = None) -> StreamChunk:
+        """Compute the prompt, stream its KV to ``decode_address``; returns the first token."""
+        stream = self.loop.run(lambda: self._add(spec, decode_address))
+        return stream.read(0, timeout)
+
+    def abort(self, request_id: str) -> None:
+        self.loop.run(lambda: self._abort(request_id))
+
+    def load(self) -> dict:
+        return self.loop.run(self._load)
+
+    def shutdown(self) -> None:
+        self.loop.stop()
+        for s in self._senders.values():
+            s.close()
+
+    # ------------------------------------------------------------ loop thread only
+    def _add(self, spec: RequestSpec, decode_address: Any) -> OutputStream:
+        req = spec.to_request()
+        if self.tokenizer is not None and spec.params.stop:
+            req.stop_checker = IncrementalDetokenizer(self.tokenizer, spec.params.stop)
+        self.engine.add_request(req)  # raises ValueError for a bad request
+        sender = self._senders.get(decode_address)
+        if sender is None:
+            sender = self._sender_factory()
+            sender.connect(decode_address)
+            self._senders[decode_address] = sender
+        self._out[req.request_id] = _Outgoing(sender)
+        stream = self._streams[req.request_id] = OutputStream()
+        return stream
+
+    def _push_layer(self, layer: int, out: SchedulerOutput) -> None:
+        bs = self.engine.layout.block_size
+        for sr in out.scheduled:
+            o = self._out.get(sr.request_id)
+            if o is None:
+                continue
+            last = (sr.start_pos + sr.num_tokens - 1) // bs
+            first = min(o.next_page, sr.start_pos // bs)
+            pages = self.engine.cache.kv[layer, sr.block_ids[first : last + 1]]  # copy: [n, 2, bs, Hkv, D]
+            o.sender.send(sr.request_id, layer, first, pages)
+            o.chunks += 1
+            if layer == self.engine.layout.num_layers - 1:
+                o.next_page = (sr.start_pos + sr.num_tokens) // bs
+
+    def _push_all(self, rid: str, o: _Outgoing) -> None:
+        blocks = self.engine.kv.block_ids(rid)
+        for layer in range(self.engine.layout.num_layers):
+            o.sender.send(rid, layer, 0, self.engine.cache.kv[layer, blocks])
+            o.chunks += 1
+
+    def _step(self) -> None:
+        hook = self._push_layer if self.layerwise else None
+        out_preempted = self.engine.scheduler.num_preemptions
+        changed = self.engine.step(hook)
+        if self.engine.scheduler.num_preemptions != out_preempted:
+            for o in self._out.values():
+                o.next_page = 0  # recomputed requests resend from the start
+        for req in changed:
+            rid = req.request_id
+            o = self._out.pop(rid, None)
+            if o is None:
+                continue
+            if req.status == RequestStatus.PREFILLED:
+                if not self.layerwise:
+                    self._push_all(rid, o)
+                o.deadline = time.monotonic() + self.transfer_timeout_s
+                self._releasing[rid] = o
+            o.sender.finish(rid, o.chunks)
+            self._streams.pop(rid).publish(req)
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        for rid, o in list(self._releasing.items()):
+            st = o.sender.poll(rid)
+            if st in (TransferStatus.DONE, TransferStatus.FAILED) or now > o.deadline:
+                if st != TransferStatus.DONE:
+                    self.transfer_failures += 1
+                    log.error("KV transfer of %s ended %s: %s", rid, st.value, o.sender.error(rid))
+                del self._releasing[rid]
+                self.engine.scheduler.release(rid)
+
+    def _abort(self, rid: str) -> None:
+        self._out.pop(rid, None)
+        if self._releasing.pop(rid, None) is not None:
+            self.engine.scheduler.release(rid)
+        else:
+            self.engine.abort(rid)
+        stream = self._streams.pop(rid, None)
+        if stream is not None:
+            stream.fail("aborted")
+
+    def _load(self) -> dict:
+        s = self.engine.scheduler
+        return {
+            "worker_id": self.worker_id,
+            "role": "prefill",
+            "pending_requests": len(s.waiting) + len(s.running),
+            "pending_prompt_tokens": sum(r.num_tokens - r.num_computed_tokens for r in (*s.waiting, *s.running)),
+            "running_requests": len(s.running),
+            "free_kv_blocks": self.engine.pool.num_free,
+            "total_kv_blocks": self.engine.pool.num_blocks,
+            "transfers_in_flight": len(self._releasing),
+            "transfer_failures": self.transfer_failures,
+        }
