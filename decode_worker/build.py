@@ -1,0 +1,32 @@
+"""Build a DecodeWorker from plain options (used by actor.py and in-process clusters)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from decode_worker.worker import DecodeWorker
+from engine.engine import EngineCore
+from engine.llm import build_engine_config
+from engine.tokenizer import Tokenizer
+from kv_transfer import make_receiver
+
+
+def build_decode_worker(
+    model: str,
+    engine_options: dict[str, Any] | None = None,
+    transport: str | None = "shm",
+    transport_options: dict[str, Any] | None = None,
+    worker_id: str = "decode-0",
+    transfer_timeout_s: float = 60.0,
+) -> DecodeWorker:
+    """``transport=None`` builds a worker without a receiver (mixed/colocated use only)."""
+    opts = {k: v for k, v in (engine_options or {}).items() if k != "mode"}
+    engine = EngineCore(build_engine_config(model, **opts, mode="decode_only"), progress=True)
+    receiver = (
+        None
+        if transport is None
+        else make_receiver(transport, engine.layout, engine.cache, **(transport_options or {}))
+    )
+    return DecodeWorker(
+        engine, receiver, tokenizer=Tokenizer(model), worker_id=worker_id, transfer_timeout_s=transfer_timeout_s
+    )

@@ -1,0 +1,32 @@
+"""Build a PrefillWorker from plain options (used by actor.py and in-process clusters)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine.engine import EngineCore
+from engine.llm import build_engine_config
+from engine.tokenizer import Tokenizer
+from kv_transfer import make_sender
+from prefill_worker.worker import PrefillWorker
+
+
+def build_prefill_worker(
+    model: str,
+    engine_options: dict[str, Any] | None = None,
+    transport: str = "shm",
+    transport_options: dict[str, Any] | None = None,
+    worker_id: str = "prefill-0",
+    layerwise: bool = True,
+    transfer_timeout_s: float = 60.0,
+) -> PrefillWorker:
+    opts = {k: v for k, v in (engine_options or {}).items() if k != "mode"}
+    engine = EngineCore(build_engine_config(model, **opts, mode="prefill_only"), progress=True)
+    return PrefillWorker(
+        engine,
+        lambda: make_sender(transport, engine.layout, **(transport_options or {})),
+        tokenizer=Tokenizer(model),
+        layerwise=layerwise,
+        worker_id=worker_id,
+        transfer_timeout_s=transfer_timeout_s,
+    )
