@@ -1,0 +1,279 @@
+"""Serve configuration: frozen dataclasses, validated once, loadable from YAML or JSON.
+
+Shape (every key optional except ``model``; unknown keys are errors)::
+
+    model: /models/Qwen3-0.6B
+    pools:                      # default: one "prefill" and one "decode" pool of 1 worker each
+      - {name: prefill, role: prefill, num_workers: 2, num_gpus: 1, engine: {dtype: bfloat16}}
+      - {name: decode,  role: decode,  num_workers: 2, num_gpus: 1, resources: {decode_node: 1}}
+    router: {prefill_policy: token_jsq, decode_policy: kv, short_prompt_threshold: 32}
+    transfer: {kind: torch, layerwise: true, timeout_s: 30}
+    grpc_port: 50051
+    http_port: 8000
+    metrics_port: 9090
+    max_queue: 1024
+
+Errors are ``ConfigError`` (a ``ValueError``) whose message starts with the dotted path of the
+bad field, e.g. ``pools[1].num_workers: must be >= 0, got -1``.
+
+Invariants of a constructed ``ServeConfig``:
+- pool names are unique and at least one worker is decode-capable (role decode or mixed);
+- nonzero ports are distinct (0 = pick a free port, for tests);
+- ``router.prefill_release_tokens < router.prefill_saturation_tokens`` (role-switch hysteresis).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any
+
+# Worker roles. "mixed" workers take both phases (a Splitwise mixed pool).
+ROLES: tuple[str, ...] = ("prefill", "decode", "mixed")
+# Within-pool choice policies implemented by cluster/routing.py (kept in sync by a test).
+ROUTING_POLICIES: tuple[str, ...] = ("round_robin", "jsq", "token_jsq", "kv", "prefix")
+# KV transports implemented by kv_transfer (its make_sender/make_receiver kinds).
+TRANSFER_KINDS: tuple[str, ...] = ("loopback", "shm", "torch", "grpc")
+
+
+class ConfigError(ValueError):
+    """A serve config field is missing, unknown, of the wrong type, or out of range."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}" if path else message)
+        self.path = path
+        self.message = message
+
+    def under(self, prefix: str) -> ConfigError:
+        """The same error with ``prefix`` prepended to its field path."""
+        return ConfigError(f"{prefix}.{self.path}" if self.path else prefix, self.message)
+
+
+def _check(cond: bool, path: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(path, message)
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    name: str
+    role: str  # one of ROLES
+    num_workers: int = 1
+    num_cpus: float = 1.0  # Ray CPUs per worker actor
+    num_gpus: float = 0.0  # Ray GPUs per worker actor (1 on GPU nodes)
+    # Custom Ray resources per worker, e.g. {"decode_node": 1} to pin a pool to labelled nodes.
+    resources: dict[str, float] = field(default_factory=dict)
+    # Engine options handed to the worker's engine builder as-is (dtype, cache sizes, ...);
+    # their names are validated there, not here. Treat as read-only.
+    engine: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "name", "must be a non-empty string")
+        _check(self.role in ROLES, "role", f"must be one of {list(ROLES)}, got {self.role!r}")
+        _check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+        _check(self.num_cpus >= 0, "num_cpus", f"must be >= 0, got {self.num_cpus}")
+        _check(self.num_gpus >= 0, "num_gpus", f"must be >= 0, got {self.num_gpus}")
+        for key, amount in self.resources.items():
+            _check(amount >= 0, f"resources.{key}", f"must be >= 0, got {amount}")
+        # defensive copies: the caller's dicts must not alias a frozen config
+        object.__setattr__(self, "resources", dict(self.resources))
+        object.__setattr__(self, "engine", dict(self.engine))
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    prefill_policy: str = "token_jsq"  # how a prefill worker is chosen (ROUTING_POLICIES)
+    decode_policy: str = "kv"  # how a decode worker is chosen (ROUTING_POLICIES)
+    # Prompts with fewer tokens are prefilled on the decode worker itself (no KV transfer).
+    # 0 disables the short path.
+    short_prompt_threshold: int = 32
+    # Splitwise mixed pool: when every healthy prefill worker has more pending prompt tokens
+    # than this, an idle decode worker is promoted to "mixed" and takes whole requests ...
+    prefill_saturation_tokens: int = 8192
+    # ... and promoted workers return to the decode pool once some prefill worker has fewer
+    # pending prompt tokens than this (hysteresis: must be < prefill_saturation_tokens).
+    prefill_release_tokens: int = 2048
+    mixed_max_running: int = 8  # a decode worker is promotable only below this many running
+    mixed_min_free_kv_fraction: float = 0.5  # ... and with at least this fraction of KV free
+    max_mixed_workers: int = 1  # promoted decode workers at once; 0 disables role switching
+    # No healthy prefill worker: prefill on the decode worker (True) or refuse (False).
+    fallback_local_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("prefill_policy", "decode_policy"):
+            value = getattr(self, name)
+            _check(value in ROUTING_POLICIES, name, f"must be one of {list(ROUTING_POLICIES)}, got {value!r}")
+        for name in ("short_prompt_threshold", "prefill_release_tokens", "mixed_max_running", "max_mixed_workers"):
+            value = getattr(self, name)
+            _check(value >= 0, name, f"must be >= 0, got {value}")
+        _check(
+            self.prefill_saturation_tokens >= 1,
+            "prefill_saturation_tokens",
+            f"must be >= 1, got {self.prefill_saturation_tokens}",
+        )
+        _check(
+            self.prefill_release_tokens < self.prefill_saturation_tokens,
+            "prefill_release_tokens",
+            f"must be < prefill_saturation_tokens ({self.prefill_saturation_tokens}) for hysteresis, "
+            f"got {self.prefill_release_tokens}",
+        )
+        _check(
+            0.0 <= self.mixed_min_free_kv_fraction <= 1.0,
+            "mixed_min_free_kv_fraction",
+            f"must be in [0, 1], got {self.mixed_min_free_kv_fraction}",
+        )
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    kind: str = "loopback"  # one of TRANSFER_KINDS
+    layerwise: bool = True  # stream KV layer by layer during prefill (else once at the end)
+    timeout_s: float = 30.0  # a transfer not Done by then is Failed
+
+    def __post_init__(self) -> None:
+        _check(self.kind in TRANSFER_KINDS, "kind", f"must be one of {list(TRANSFER_KINDS)}, got {self.kind!r}")
+        _check(self.timeout_s > 0, "timeout_s", f"must be > 0, got {self.timeout_s}")
+
+
+def _default_pools() -> tuple[PoolConfig, ...]:
+    return (PoolConfig("prefill", "prefill", 1), PoolConfig("decode", "decode", 1))
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: str  # HF checkpoint directory (or hub id resolved by the engine loader)
+    pools: tuple[PoolConfig, ...] = field(default_factory=_default_pools)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    host: str = "0.0.0.0"
+    grpc_port: int = 50051  # 0: pick a free port
+    http_port: int = 8000  # 0: pick a free port
+    metrics_port: int = 9090  # 0: pick a free port
+    max_queue: int = 1024  # requests admitted but not finished; more are refused (RESOURCE_EXHAUSTED)
+    request_timeout_s: float = 600.0  # a request not finished by then is aborted
+
+    def __post_init__(self) -> None:
+        _check(bool(self.model), "model", "must be a non-empty string")
+        object.__setattr__(self, "pools", tuple(self.pools))
+        _check(len(self.pools) > 0, "pools", "must list at least one pool")
+        seen: set[str] = set()
+        for i, pool in enumerate(self.pools):
+            _check(pool.name not in seen, f"pools[{i}].name", f"duplicate pool name {pool.name!r}")
+            seen.add(pool.name)
+        _check(
+            any(p.role in ("decode", "mixed") and p.num_workers > 0 for p in self.pools),
+            "pools",
+            "need at least one worker in a decode or mixed pool",
+        )
+        ports: dict[int, str] = {}
+        for name in ("grpc_port", "http_port", "metrics_port"):
+            port = getattr(self, name)
+            _check(0 <= port <= 65535, name, f"must be in [0, 65535], got {port}")
+            _check(port == 0 or port not in ports, name, f"port {port} is also {ports.get(port)}")
+            if port:
+                ports[port] = name
+        _check(self.max_queue >= 1, "max_queue", f"must be >= 1, got {self.max_queue}")
+        _check(self.request_timeout_s > 0, "request_timeout_s", f"must be > 0, got {self.request_timeout_s}")
+
+    def pool(self, name: str) -> PoolConfig:
+        for p in self.pools:
+            if p.name == name:
+                return p
+        raise KeyError(f"no pool named {name!r}; pools: {[p.name for p in self.pools]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict; ``from_dict(to_dict())`` rebuilds an equal config."""
+        d = asdict(self)
+        d["pools"] = list(d["pools"])
+        return d
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> ServeConfig:
+        return _build(ServeConfig, data, "")
+
+    @staticmethod
+    def from_file(path: str | os.PathLike[str]) -> ServeConfig:
+        path = os.fspath(path)
+        with open(path) as f:
+            text = f.read()
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                raise ConfigError("", f"{path}: invalid YAML: {e}") from e
+        elif path.endswith(".json"):
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ConfigError("", f"{path}: invalid JSON: {e}") from e
+        else:
+            raise ConfigError("", f"{path}: unknown config file type (use .yaml, .yml or .json)")
+        return ServeConfig.from_dict(data)
+
+
+# ---------------------------------------------------------------- generic dict -> dataclass
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    """``value`` checked against the annotation ``tp`` (the few shapes the configs use)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if isinstance(tp, type) and hasattr(tp, "__dataclass_fields__"):
+        return _build(tp, value, path)
+    if origin is tuple:  # tuple[X, ...]
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        _check(isinstance(value, list | tuple), path, f"must be a list, got {type(value).__name__}")
+        return tuple(_convert(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        key_tp, val_tp = typing.get_args(tp)
+        _check(isinstance(value, dict), path, f"must be a mapping, got {type(value).__name__}")
+        out = {}
+        for k, v in value.items():
+            _check(isinstance(k, key_tp), f"{path}.{k}", f"key must be {_type_name(key_tp)}")
+            out[k] = _convert(val_tp, v, f"{path}.{k}")
+        return out
+    if origin in (types.UnionType, typing.Union):
+        raise TypeError(f"{path}: union annotations are not supported by the config loader")
+    # scalars: bool is not an int here, an int is a fine float
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, tp)
+    _check(ok, path, f"must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    """Construct dataclass ``cls`` from a mapping, rejecting unknown and missing keys."""
+    _check(isinstance(data, dict), path, f"must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    prefix = f"{path}." if path else ""
+    unknown = sorted(set(data) - set(known), key=str)
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}", f"unknown key; allowed keys: {sorted(known)}")
+    kwargs = {}
+    for name, f in known.items():
+        if name in data:
+            kwargs[name] = _convert(hints[name], data[name], f"{prefix}{name}")
+        elif f.default is MISSING and f.default_factory is MISSING:
+            raise ConfigError(f"{prefix}{name}", "required key is missing")
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise e.under(path) if path else e from None

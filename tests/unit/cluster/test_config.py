@@ -1,0 +1,156 @@
+"""ServeConfig parsing and validation: defaults, files, and errors that name the bad field."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from cluster.config import ConfigError, PoolConfig, RouterConfig, ServeConfig, TransferConfig
+
+FULL = {
+    "model": "/models/qwen3",
+    "pools": [
+        {"name": "prefill", "role": "prefill", "num_workers": 2, "num_gpus": 1, "engine": {"dtype": "bfloat16"}},
+        {"name": "decode", "role": "decode", "num_workers": 3, "num_gpus": 1, "resources": {"decode_node": 1}},
+        {"name": "mixed", "role": "mixed", "num_workers": 1},
+    ],
+    "router": {"prefill_policy": "jsq", "decode_policy": "round_robin", "short_prompt_threshold": 8},
+    "transfer": {"kind": "torch", "layerwise": False, "timeout_s": 5},
+    "grpc_port": 0,
+    "http_port": 0,
+    "metrics_port": 9100,
+    "max_queue": 64,
+}
+
+
+def test_defaults_are_one_prefill_and_one_decode_worker():
+    cfg = ServeConfig.from_dict({"model": "m"})
+    assert [(p.name, p.role, p.num_workers) for p in cfg.pools] == [("prefill", "prefill", 1), ("decode", "decode", 1)]
+    assert cfg.router == RouterConfig() and cfg.transfer == TransferConfig()
+    assert cfg == ServeConfig("m")
+
+
+def test_full_dict_is_parsed_into_typed_fields():
+    cfg = ServeConfig.from_dict(FULL)
+    assert cfg.pool("decode").resources == {"decode_node": 1.0}
+    assert isinstance(cfg.pool("decode").resources["decode_node"], float)
+    assert cfg.pool("prefill").engine == {"dtype": "bfloat16"}
+    assert cfg.pool("prefill").num_gpus == 1.0 and isinstance(cfg.pool("prefill").num_gpus, float)
+    assert cfg.router.decode_policy == "round_robin" and cfg.router.short_prompt_threshold == 8
+    assert cfg.transfer == TransferConfig(kind="torch", layerwise=False, timeout_s=5.0)
+    assert (cfg.grpc_port, cfg.http_port, cfg.metrics_port, cfg.max_queue) == (0, 0, 9100, 64)
+    assert isinstance(cfg.pools, tuple)
+    with pytest.raises(KeyError, match="no pool named 'x'"):
+        cfg.pool("x")
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".yml", ".json"])
+def test_from_file_and_to_dict_round_trip(tmp_path, suffix):
+    import yaml
+
+    path = tmp_path / f"serve{suffix}"
+    path.write_text(json.dumps(FULL) if suffix == ".json" else yaml.safe_dump(FULL))
+    cfg = ServeConfig.from_file(path)
+    assert cfg == ServeConfig.from_dict(FULL)
+    assert ServeConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_bad_files_are_clear_errors(tmp_path):
+    (tmp_path / "a.toml").write_text("")
+    with pytest.raises(ConfigError, match="unknown config file type"):
+        ServeConfig.from_file(tmp_path / "a.toml")
+    (tmp_path / "b.yaml").write_text("model: [unclosed")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        ServeConfig.from_file(tmp_path / "b.yaml")
+    (tmp_path / "c.yaml").write_text("- just a list")
+    with pytest.raises(ConfigError, match="must be a mapping, got list"):
+        ServeConfig.from_file(tmp_path / "c.yaml")
+
+
+def with_(path: str, value) -> dict:
+    """FULL with one dotted/indexed field replaced (value ... = deleted)."""
+    data = json.loads(json.dumps(FULL))
+    *parents, leaf = path.split(".")
+    node = data
+    for part in parents:
+        node = node["pools"][int(part[6:-1])] if part.startswith("pools[") else node[part]
+    if value is ...:
+        del node[leaf]
+    else:
+        node[leaf] = value
+    return data
+
+
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        ("modle", "x", r"^modle: unknown key; allowed keys: \[.*'model'"),
+        ("router.short_prompt_thresold", 3, r"^router\.short_prompt_thresold: unknown key"),
+        ("pools[1].gpus", 1, r"^pools\[1\]\.gpus: unknown key"),
+        ("pools[0].role", "attention", r"^pools\[0\]\.role: must be one of \['prefill', 'decode', 'mixed'\]"),
+        ("pools[1].num_workers", -1, r"^pools\[1\]\.num_workers: must be >= 0, got -1"),
+        ("pools[0].num_gpus", -0.5, r"^pools\[0\]\.num_gpus: must be >= 0"),
+        ("pools[1].resources", {"decode_node": -1}, r"^pools\[1\]\.resources\.decode_node: must be >= 0"),
+        ("pools[1].num_workers", "3", r"^pools\[1\]\.num_workers: must be int, got str"),
+        ("pools[1].num_workers", True, r"^pools\[1\]\.num_workers: must be int, got bool"),
+        ("pools[0].name", ..., r"^pools\[0\]\.name: required key is missing"),
+        ("pools[2].name", "decode", r"^pools\[2\]\.name: duplicate pool name 'decode'"),
+        ("pools", {"name": "x"}, r"^pools: must be a list"),
+        ("model", ..., r"^model: required key is missing"),
+        ("model", "", r"^model: must be a non-empty string"),
+        ("router.decode_policy", "random", r"^router\.decode_policy: must be one of"),
+        ("router.short_prompt_threshold", -1, r"^router\.short_prompt_threshold: must be >= 0"),
+        (
+            "router.prefill_release_tokens",
+            9000,
+            r"^router\.prefill_release_tokens: must be < prefill_saturation_tokens",
+        ),
+        ("router.mixed_min_free_kv_fraction", 1.5, r"^router\.mixed_min_free_kv_fraction: must be in \[0, 1\]"),
+        ("transfer.kind", "rdma", r"^transfer\.kind: must be one of \['loopback', 'shm', 'torch', 'grpc'\]"),
+        ("transfer.timeout_s", 0, r"^transfer\.timeout_s: must be > 0"),
+        ("transfer.layerwise", "yes", r"^transfer\.layerwise: must be bool"),
+        ("http_port", 9100, r"^metrics_port: port 9100 is also http_port"),
+        ("grpc_port", 70000, r"^grpc_port: must be in \[0, 65535\]"),
+        ("max_queue", 0, r"^max_queue: must be >= 1"),
+    ],
+)
+def test_invalid_fields_are_named_in_the_error(path, value, message):
+    with pytest.raises(ConfigError, match=message):
+        ServeConfig.from_dict(with_(path, value))
+
+
+def test_error_is_a_value_error_carrying_the_path():
+    with pytest.raises(ValueError) as info:
+        ServeConfig.from_dict(with_("pools[1].num_workers", -2))
+    assert isinstance(info.value, ConfigError) and info.value.path == "pools[1].num_workers"
+
+
+def test_at_least_one_decode_capable_worker_is_required():
+    pools = [{"name": "p", "role": "prefill", "num_workers": 2}, {"name": "d", "role": "decode", "num_workers": 0}]
+    with pytest.raises(ConfigError, match="^pools: need at least one worker in a decode or mixed pool"):
+        ServeConfig.from_dict({"model": "m", "pools": pools})
+    with pytest.raises(ConfigError, match="^pools: must list at least one pool"):
+        ServeConfig.from_dict({"model": "m", "pools": []})
+    only_mixed = ServeConfig.from_dict({"model": "m", "pools": [{"name": "m", "role": "mixed", "num_workers": 2}]})
+    assert only_mixed.pools[0].role == "mixed"
+
+
+def test_direct_construction_validates_too():
+    with pytest.raises(ConfigError, match="^role: must be one of"):
+        PoolConfig("x", "prefil")
+    with pytest.raises(ConfigError, match="^prefill_release_tokens"):
+        RouterConfig(prefill_saturation_tokens=100, prefill_release_tokens=100)
+
+
+def test_configs_are_frozen_and_do_not_alias_caller_dicts():
+    engine = {"dtype": "float16"}
+    pool = PoolConfig("p", "prefill", engine=engine)
+    engine["dtype"] = "float32"
+    assert pool.engine == {"dtype": "float16"}
+    cfg = ServeConfig.from_dict(FULL)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.max_queue = 5  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.router.decode_policy = "jsq"  # type: ignore[misc]
