@@ -194,6 +194,7 @@ class DecodeWorker:
                     self._streams.pop(rid, None)
         if reason != "aborted":
             log.error("%s: request %s failed: %s", self.worker_id, rid, reason)
+        self._reserve_waiting()  # freed blocks go to the oldest queued transfer at once
 
     def _load(self) -> dict:
         s = self.engine.scheduler

@@ -1,0 +1,101 @@
+"""DecodeActor: the Ray shell over a DecodeWorker (the worker itself knows nothing of Ray).
+
+Lifecycle: ``__init__`` pins torch's intra-op threads to the actor's Ray CPU share, then
+builds the worker (loads the model, starts the KV receiver; the first ``ping`` returns once
+that is done, so callers use it as the readiness probe) -> methods forward to the worker ->
+``shutdown`` stops the engine loop and closes the receiver; the owner then kills the actor.
+
+The receiver's address is what prefill actors connect to. For the network transports
+("grpc", "torch") it listens on this node's Ray IP unless ``transport_options`` names a
+host, so prefill actors on other nodes can reach it; "shm" addresses are node-local paths.
+
+Threading: a threaded actor. ``read`` blocks a Ray thread for up to its timeout, so the
+default concurrency group needs about as many threads as requests streaming at once
+(``max_concurrency``). ``ping``, ``load``, ``address`` and ``node_id`` run in a small
+"control" group so health checks are answered however many reads are waiting.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+import torch
+
+from decode_worker.build import build_decode_worker
+from engine.request import TokenLogprobs
+from engine.streams import RequestSpec, StreamChunk
+
+DEFAULT_MAX_CONCURRENCY = 64
+CONTROL_GROUP = "control"
+NETWORK_TRANSPORTS = ("grpc", "torch")  # receivers that take a ``host`` option
+
+
+def set_threads_from_ray_share() -> int:
+    """``torch.set_num_threads`` to this actor's Ray CPU share (at least 1); returns it."""
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)
+    n = max(1, int(cpus))
+    torch.set_num_threads(n)
+    return n
+
+
+@ray.remote(max_concurrency=DEFAULT_MAX_CONCURRENCY, concurrency_groups={CONTROL_GROUP: 4})
+class DecodeActor:
+    def __init__(
+        self,
+        model: str,
+        engine_options: dict[str, Any] | None = None,
+        transport: str | None = "shm",
+        transport_options: dict[str, Any] | None = None,
+        worker_id: str = "decode-0",
+        transfer_timeout_s: float = 60.0,
+    ):
+        self.worker_id = worker_id
+        self.num_threads = set_threads_from_ray_share()
+        opts = dict(transport_options or {})
+        if transport in NETWORK_TRANSPORTS:
+            opts.setdefault("host", ray.util.get_node_ip_address())
+        self.worker = build_decode_worker(
+            model, engine_options, transport, opts, worker_id=worker_id, transfer_timeout_s=transfer_timeout_s
+        )
+
+    # ------------------------------------------------------------ control group
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def ping(self) -> str:
+        """Liveness: the worker id, or RuntimeError("engine loop stopped ...") if it crashed."""
+        err = self.worker.loop.error
+        if err is not None:
+            raise RuntimeError(f"engine loop stopped: {err!r}")
+        return self.worker_id
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def load(self) -> dict:
+        return self.worker.load()
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def address(self) -> Any:
+        """The KV receiver's address (a property cannot be called remotely)."""
+        return self.worker.address
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    # ------------------------------------------------------------ requests
+    def start_transfer(self, spec: RequestSpec) -> None:
+        self.worker.start_transfer(spec)
+
+    def set_first_token(self, request_id: str, token: int, logprobs: TokenLogprobs | None = None) -> None:
+        self.worker.set_first_token(request_id, token, logprobs)
+
+    def generate_local(self, spec: RequestSpec) -> None:
+        self.worker.generate_local(spec)
+
+    def read(self, request_id: str, cursor: int = 0, timeout: float | None = 1.0) -> StreamChunk:
+        return self.worker.read(request_id, cursor, timeout)
+
+    def abort(self, request_id: str, reason: str = "aborted") -> None:
+        self.worker.abort(request_id, reason)
+
+    def shutdown(self) -> None:
+        self.worker.shutdown()

@@ -1,0 +1,101 @@
+"""DecodeWorker without Ray: reserve-before-bytes, FIFO reservation queue, timeouts, local prefill."""
+
+from __future__ import annotations
+
+import pytest
+
+from decode_worker.build import build_decode_worker
+from engine import LLM, SamplingParams
+from engine.streams import RequestSpec
+from kv_transfer import make_sender
+
+ENGINE = {"block_size": 4, "num_blocks": 16, "max_num_batched_tokens": 16}
+PARAMS = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture
+def model(tiny_checkpoint):
+    return tiny_checkpoint("llama")
+
+
+def _drain(w, rid, cursor=0):
+    tokens = []
+    while True:
+        c = w.read(rid, cursor, timeout=10)
+        tokens += c.token_ids
+        cursor += len(c.token_ids)
+        if c.finished:
+            return tokens, c
+
+
+def test_local_prefill_matches_llm(model):
+    w = build_decode_worker(model, ENGINE, transport=None)
+    try:
+        prompt = list(range(5, 25))
+        w.generate_local(RequestSpec("r", prompt, PARAMS))
+        tokens, last = _drain(w, "r")
+        assert tokens == LLM(model, **ENGINE).generate([prompt], PARAMS)[0].token_ids
+        assert last.finish_reason == "length"
+        assert w.load()["free_kv_blocks"] == ENGINE["num_blocks"]
+    finally:
+        w.shutdown()
+
+
+def test_transfer_timeout_fails_request_and_frees_blocks(model):
+    w = build_decode_worker(model, ENGINE, transport="loopback", transfer_timeout_s=0.2)
+    try:
+        w.start_transfer(RequestSpec("r", list(range(20)), PARAMS))
+        assert w.load()["free_kv_blocks"] == ENGINE["num_blocks"] - 5  # reserved before any byte
+        tokens, last = _drain(w, "r")  # no sender ever connects
+        assert tokens == [] and last.finish_reason == "abort" and "timed out" in last.error
+        assert w.load()["free_kv_blocks"] == ENGINE["num_blocks"]
+    finally:
+        w.shutdown()
+
+
+def test_reservations_queue_fifo_when_pool_is_full(model):
+    w = build_decode_worker(model, ENGINE, transport="loopback")
+    try:
+        big = list(range(3, 43))  # 40 tokens = 10 of 16 blocks
+        w.start_transfer(RequestSpec("a", big, PARAMS))
+        w.start_transfer(RequestSpec("b", big, PARAMS))
+        assert w.load()["free_kv_blocks"] == 6  # "b" waits for room, holding nothing
+        w.abort("a")
+        assert w.load()["free_kv_blocks"] == 6  # "a"'s blocks went to "b"
+        w.abort("b")
+        assert w.load()["free_kv_blocks"] == ENGINE["num_blocks"]
+    finally:
+        w.shutdown()
+
+
+def test_transferred_request_decodes_from_received_kv(model):
+    """Prefill colocated in an LLM, ship its pages by hand, check the decode continues exactly."""
+    llm = LLM(model, **ENGINE, enable_prefix_caching=False)
+    prompt = list(range(30, 50))
+    expected = llm.generate([prompt], PARAMS)[0].token_ids
+    # recompute the prompt's KV in a prefill-only pass of the same engine
+    eng = llm.engine
+    req = llm.make_request(prompt, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+    eng.add_request(req)
+    blocks = {}
+
+    def keep(layer, out):
+        blocks[layer] = eng.cache.kv[layer, out.scheduled[0].block_ids]
+
+    while not req.is_finished:
+        eng.step(keep)
+    w = build_decode_worker(model, ENGINE, transport="loopback")
+    try:
+        spec = RequestSpec("r", prompt, PARAMS)
+        w.start_transfer(spec)
+        sender = make_sender("loopback", w.engine.layout)
+        sender.connect(w.address)
+        for layer, pages in blocks.items():
+            sender.send("r", layer, 0, pages)
+        sender.finish("r", len(blocks))
+        w.set_first_token("r", req.output_token_ids[0])
+        tokens, last = _drain(w, "r")
+        assert tokens == expected and last.finish_reason == "length"
+        assert w.load()["free_kv_blocks"] == ENGINE["num_blocks"]
+    finally:
+        w.shutdown()

@@ -1,0 +1,133 @@
+"""PrefillWorker without Ray: layer-wise push order, page contents, prefix hits, release."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import SamplingParams
+from engine.request import RequestStatus
+from engine.streams import RequestSpec
+from kv_transfer.base import KVSender, TransferStatus
+from prefill_worker.build import build_prefill_worker
+
+ENGINE = {"block_size": 4, "num_blocks": 64, "max_num_batched_tokens": 8}
+PARAMS = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+
+class RecordingSender(KVSender):
+    """Keeps every chunk; DONE once finish() was called and ``hold`` is cleared.
+
+    ``log`` is shared with the model probe."""
+
+    def __init__(self, layout, log):
+        super().__init__(layout)
+        self.log = log
+        self.chunks: dict[str, list] = {}
+        self.finished: dict[str, int] = {}
+        self.hold = True
+
+    def connect(self, peer):
+        self.peer = peer
+
+    def send(self, request_id, layer, first_page, pages):
+        self.log.append(("send", layer))
+        self.chunks.setdefault(request_id, []).append((layer, first_page, pages.clone()))
+
+    def finish(self, request_id, num_chunks):
+        self.finished[request_id] = num_chunks
+
+    def poll(self, request_id):
+        return TransferStatus.DONE if request_id in self.finished and not self.hold else TransferStatus.TRANSFERRING
+
+    def error(self, request_id):
+        return None
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def worker_and_log(tiny_checkpoint):
+    log: list = []
+    w = build_prefill_worker(tiny_checkpoint("llama"), ENGINE, transport="loopback", worker_id="p")
+    w._sender_factory = lambda: RecordingSender(w.engine.layout, log)
+    # probe: record when each layer's MLP runs, to check sends interleave with compute
+    for i, layer in enumerate(w.engine.model.layers):
+        layer.mlp.register_forward_hook(lambda *_, i=i: log.append(("mlp", i)))
+    yield w, log
+    w.shutdown()
+
+
+def _sender(w) -> RecordingSender:
+    return next(iter(w._senders.values()))
+
+
+def test_layer_k_is_pushed_before_layer_k_plus_1_is_computed(worker_and_log):
+    w, log = worker_and_log
+    prompt = list(range(10, 30))  # 20 tokens, budget 8 -> 3 chunks
+    first = w.prefill(RequestSpec("r", prompt, PARAMS), "decode-addr")
+    assert len(first.token_ids) == 1
+    layers = w.engine.layout.num_layers
+    # every step: mlp 0, send 0, mlp 1, send 1, ... (transfer overlaps the next layers' compute)
+    step = [e for i in range(layers) for e in (("mlp", i), ("send", i))]
+    assert log == step * 3
+    assert _sender(w).finished["r"] == 3 * layers
+
+
+def test_pushed_pages_equal_the_cache(worker_and_log):
+    w, _ = worker_and_log
+    prompt = list(range(40, 63))  # 23 tokens: 6 pages, the last partly filled
+    w.prefill(RequestSpec("r", prompt, PARAMS), "decode-addr")
+    got = w.engine.kv.block_ids("r")
+    assert got, "blocks must stay held until the sender reports DONE"
+    assert w.engine.scheduler.prefilled["r"].status == RequestStatus.PREFILLED
+    per_layer: dict[int, dict[int, torch.Tensor]] = {}
+    for layer, first, pages in _sender(w).chunks["r"]:
+        for j in range(pages.shape[0]):
+            per_layer.setdefault(layer, {})[first + j] = pages[j]  # later chunks overwrite partial pages
+    for layer, pages in per_layer.items():
+        assert sorted(pages) == list(range(len(got)))
+        expected = w.engine.cache.kv[layer, got]
+        assert torch.equal(torch.stack([pages[i] for i in range(len(got))]), expected)
+
+
+def test_prefix_cache_hit_still_sends_every_page(worker_and_log):
+    w, _ = worker_and_log
+    shared = list(range(100, 116))  # 4 full blocks
+    w.prefill(RequestSpec("a", shared + [7, 8, 9], PARAMS), "decode-addr")
+    first = w.prefill(RequestSpec("b", shared + [5, 6], PARAMS), "decode-addr")
+    assert first.num_cached_tokens == 16
+    pages = {(layer, first + j) for layer, first, p in _sender(w).chunks["b"] for j in range(p.shape[0])}
+    assert {p for (layer, p) in pages if layer == 0} == set(range(5))
+
+
+def test_blocks_released_once_sender_done(worker_and_log):
+    w, _ = worker_and_log
+    w.prefill(RequestSpec("r", list(range(20)), PARAMS), "decode-addr")
+    w.loop.run(w._tick)
+    assert w.load()["free_kv_blocks"] < ENGINE["num_blocks"]  # held while the transfer runs
+    _sender(w).hold = False
+    w.loop.run(w._tick)
+    assert w.load()["free_kv_blocks"] == ENGINE["num_blocks"]
+    assert w.engine.scheduler.prefilled == {}
+
+
+def test_whole_cache_mode_sends_after_the_prompt(tiny_checkpoint):
+    log: list = []
+    w = build_prefill_worker(tiny_checkpoint("llama"), ENGINE, transport="loopback", layerwise=False)
+    w._sender_factory = lambda: RecordingSender(w.engine.layout, log)
+    try:
+        w.prefill(RequestSpec("r", list(range(20)), PARAMS), "x")
+        layers = w.engine.layout.num_layers
+        assert [c[0] for c in _sender(w).chunks["r"]] == list(range(layers))
+        assert all(c[1] == 0 and c[2].shape[0] == 5 for c in _sender(w).chunks["r"])
+    finally:
+        w.shutdown()
+
+
+def test_bad_request_raises_and_holds_nothing(worker_and_log):
+    w, _ = worker_and_log
+    with pytest.raises(ValueError, match="vocabulary"):
+        w.prefill(RequestSpec("bad", [1, 10**7], PARAMS), "x")
+    assert w.load()["free_kv_blocks"] == ENGINE["num_blocks"]
