@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cluster.router import Router
 from cluster.routing import NoWorkerAvailable
@@ -25,6 +25,9 @@ from engine.config import ModelConfig
 from engine.request import SamplingParams, TokenLogprobs
 from engine.streams import RequestSpec
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+if TYPE_CHECKING:
+    from cluster.metrics import Metrics
 
 MAX_TOKENS_LIMIT = 1 << 20
 
@@ -73,6 +76,7 @@ class ServingBackend:
         max_queue: int = 1024,
         request_timeout_s: float = 600.0,
         info: Callable[[], Any] | None = None,
+        metrics: Metrics | None = None,
     ):
         self.router = router
         self.tokenizer = tokenizer
@@ -81,6 +85,7 @@ class ServingBackend:
         self.max_queue = max_queue
         self.request_timeout_s = request_timeout_s
         self._info = info
+        self.metrics = metrics  # observes every admitted request's timeline (cluster.metrics)
         self.inflight = 0
         self._ids = itertools.count()
 
@@ -164,6 +169,8 @@ class ServingBackend:
         Leaving the iteration early (client cancel) aborts the request everywhere.
         """
         if self.inflight >= self.max_queue:
+            if self.metrics is not None:
+                self.metrics.rejected("overloaded")
             raise Overloaded(f"server at capacity ({self.max_queue} requests in flight); retry later")
         rid = request_id or self.new_request_id()
         spec = RequestSpec(rid, prompt_ids, params)
@@ -171,6 +178,8 @@ class ServingBackend:
         deadline = time.monotonic() + min(timeout_s or self.request_timeout_s, self.request_timeout_s)
         usage = Usage(prompt_tokens=len(prompt_ids))
         self.inflight += 1
+        tracker = self.metrics.track(len(prompt_ids)) if self.metrics is not None else None
+        outcome = "cancelled"  # unless set below: the caller stopped iterating
         gen = self.router.generate(spec)
         try:
             while True:
@@ -180,17 +189,22 @@ class ServingBackend:
                 try:
                     chunk = await asyncio.wait_for(anext(gen), remaining)
                 except StopAsyncIteration:
+                    outcome = "abort"  # the router ended the stream without a finished chunk
                     return
                 except TimeoutError as e:
                     raise RequestTimeout(f"request {rid} exceeded its deadline") from e
                 except ValueError as e:
                     raise InvalidRequest("prompt", str(e)) from e
+                if tracker is not None:
+                    tracker.tokens(len(chunk.token_ids))
                 before = len(detok.text)
                 for t in chunk.token_ids:
                     detok.append(t)
                 index = usage.completion_tokens
                 usage.completion_tokens += len(chunk.token_ids)
                 usage.cached_tokens = chunk.num_cached_tokens
+                if chunk.finished:
+                    outcome = chunk.finish_reason or "abort"
                 yield Delta(
                     index=index,
                     token_ids=list(chunk.token_ids),
@@ -202,7 +216,15 @@ class ServingBackend:
                 )
                 if chunk.finished:
                     return
+        except RequestTimeout:
+            outcome = "timeout"
+            raise
+        except Exception:
+            outcome = "error"
+            raise
         finally:
+            if tracker is not None:
+                tracker.finish(outcome, usage.cached_tokens)
             self.inflight -= 1
             await gen.aclose()  # aborts on the workers unless the request finished
 

@@ -63,6 +63,7 @@ class DecodeWorker:
         self._reserve_queue: deque[str] = deque()  # ids waiting for blocks, FIFO
         self._streams: dict[str, OutputStream] = {}
         self._streams_lock = threading.Lock()  # _streams is read by caller threads
+        self.started_at = time.time()  # metrics: load() totals restart from 0 with the worker
         self.transfer_failures = 0
         self.loop = EngineLoop(self._step, engine.has_work, self._tick, name=worker_id).start()
 
@@ -208,4 +209,8 @@ class DecodeWorker:
             "total_kv_blocks": self.engine.pool.num_blocks,
             "transfers_in_flight": len(self._incoming),
             "transfer_failures": self.transfer_failures,
+            "started_at": self.started_at,
+            "preemptions": s.num_preemptions,
+            "prefix_cache_hits": self.engine.pool.prefix_hits,
+            "prefix_cache_queries": self.engine.pool.prefix_queries,
         }

@@ -23,10 +23,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from engine.config import SchedulerMode
 from engine.engine import EngineCore
 from engine.loop import EngineLoop
-from engine.request import RequestStatus
+from engine.request import Request, RequestStatus
 from engine.scheduler.output import SchedulerOutput
 from engine.streams import OutputStream, RequestSpec, StreamChunk
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -34,13 +36,42 @@ from kv_transfer.base import KVSender, TransferStatus
 
 log = logging.getLogger(__name__)
 
+# Bucket upper bounds (seconds) of the histograms load() reports (cluster.metrics exports them).
+QUEUE_SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+TRANSFER_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class CumulativeHistogram:
+    """Observation counts per bucket, ``counts[i]`` = observations <= ``bounds[i]`` (cumulative,
+    as Prometheus buckets); ``count`` is the +Inf bucket. Only grows: a restart starts a new one."""
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.sum += value
+        self.count += 1
+        for i, b in enumerate(self.bounds):
+            if value <= b:
+                self.counts[i] += 1
+
+    def report(self) -> dict:
+        return {"le": list(self.bounds), "counts": list(self.counts), "sum": self.sum, "count": self.count}
+
 
 @dataclass
 class _Outgoing:
     sender: KVSender
+    req: Request
     chunks: int = 0  # chunks sent so far
     next_page: int = 0  # first page not yet sent complete
     deadline: float = 0.0  # set once PREFILLED: release blocks by then whatever the sender says
+    first_sent: float | None = None  # monotonic time of the first chunk queued (metrics)
+    nbytes: int = 0  # payload bytes queued so far (metrics)
+    queued: bool = True  # not yet scheduled once (metrics: queue time)
 
 
 class PrefillWorker:
@@ -65,7 +96,12 @@ class PrefillWorker:
         self._out: dict[str, _Outgoing] = {}
         self._streams: dict[str, OutputStream] = {}
         self._releasing: dict[str, _Outgoing] = {}  # PREFILLED, waiting for the sender
+        # metrics, reported by load(); totals restart from 0 with the worker (started_at tells)
+        self.started_at = time.time()
         self.transfer_failures = 0
+        self.transfer_bytes = 0  # payload bytes of transfers that ended DONE
+        self.transfer_seconds = CumulativeHistogram(TRANSFER_SECONDS_BUCKETS)  # first chunk -> sender DONE
+        self.queue_seconds = CumulativeHistogram(QUEUE_SECONDS_BUCKETS)  # arrival -> first scheduled
         self.loop = EngineLoop(self._step, engine.has_work, self._tick, name=worker_id).start()
 
     # ------------------------------------------------------------ called from any thread
@@ -96,7 +132,7 @@ class PrefillWorker:
             sender = self._sender_factory()
             sender.connect(decode_address)
             self._senders[decode_address] = sender
-        self._out[req.request_id] = _Outgoing(sender)
+        self._out[req.request_id] = _Outgoing(sender, req)
         stream = self._streams[req.request_id] = OutputStream()
         return stream
 
@@ -109,6 +145,7 @@ class PrefillWorker:
             last = (sr.start_pos + sr.num_tokens - 1) // bs
             first = min(o.next_page, sr.start_pos // bs)
             pages = self.engine.cache.kv[layer, sr.block_ids[first : last + 1]]  # copy: [n, 2, bs, Hkv, D]
+            self._sent(o, pages)
             o.sender.send(sr.request_id, layer, first, pages)
             o.chunks += 1
             if layer == self.engine.layout.num_layers - 1:
@@ -117,13 +154,26 @@ class PrefillWorker:
     def _push_all(self, rid: str, o: _Outgoing) -> None:
         blocks = self.engine.kv.block_ids(rid)
         for layer in range(self.engine.layout.num_layers):
-            o.sender.send(rid, layer, 0, self.engine.cache.kv[layer, blocks])
+            pages = self.engine.cache.kv[layer, blocks]
+            self._sent(o, pages)
+            o.sender.send(rid, layer, 0, pages)
             o.chunks += 1
+
+    @staticmethod
+    def _sent(o: _Outgoing, pages: torch.Tensor) -> None:
+        if o.first_sent is None:
+            o.first_sent = time.monotonic()
+        o.nbytes += pages.numel() * pages.element_size()
 
     def _step(self) -> None:
         hook = self._push_layer if self.layerwise else None
         out_preempted = self.engine.scheduler.num_preemptions
+        t0 = time.monotonic()  # step() schedules first: requests it picks up were scheduled now
         changed = self.engine.step(hook)
+        for o in self._out.values():
+            if o.queued and o.req.num_cached_tokens >= 0:  # set when first scheduled
+                o.queued = False
+                self.queue_seconds.observe(max(0.0, t0 - o.req.arrival_time))
         if self.engine.scheduler.num_preemptions != out_preempted:
             for o in self._out.values():
                 o.next_page = 0  # recomputed requests resend from the start
@@ -145,7 +195,10 @@ class PrefillWorker:
         for rid, o in list(self._releasing.items()):
             st = o.sender.poll(rid)
             if st in (TransferStatus.DONE, TransferStatus.FAILED) or now > o.deadline:
-                if st != TransferStatus.DONE:
+                if st == TransferStatus.DONE:
+                    self.transfer_bytes += o.nbytes
+                    self.transfer_seconds.observe(now - (o.first_sent if o.first_sent is not None else now))
+                else:
                     self.transfer_failures += 1
                     log.error("KV transfer of %s ended %s: %s", rid, st.value, o.sender.error(rid))
                 del self._releasing[rid]
@@ -173,4 +226,11 @@ class PrefillWorker:
             "total_kv_blocks": self.engine.pool.num_blocks,
             "transfers_in_flight": len(self._releasing),
             "transfer_failures": self.transfer_failures,
+            "started_at": self.started_at,
+            "preemptions": s.num_preemptions,
+            "prefix_cache_hits": self.engine.pool.prefix_hits,
+            "prefix_cache_queries": self.engine.pool.prefix_queries,
+            "transfer_bytes": self.transfer_bytes,
+            "transfer_seconds": self.transfer_seconds.report(),
+            "queue_seconds": self.queue_seconds.report(),
         }
