@@ -1,0 +1,85 @@
+"""PrefillActor: the Ray shell over a PrefillWorker (the worker itself knows nothing of Ray).
+
+Lifecycle: ``__init__`` pins torch's intra-op threads to the actor's Ray CPU share, then
+builds the worker (loads the model; the first ``ping`` returns once that is done, so callers
+use it as the readiness probe) -> methods forward to the worker -> ``shutdown`` stops the
+engine loop and closes the KV senders; the owner then kills the actor.
+
+Threading: a threaded actor. ``prefill`` blocks a Ray thread until the request's first token,
+so the default concurrency group needs as many threads as prefills in flight
+(``max_concurrency``). ``ping``, ``load`` and ``node_id`` run in their own small "control"
+group so health checks are answered however many prefills are waiting.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+import torch
+
+from engine.streams import RequestSpec, StreamChunk
+from prefill_worker.build import build_prefill_worker
+
+DEFAULT_MAX_CONCURRENCY = 64
+CONTROL_GROUP = "control"
+
+
+def set_threads_from_ray_share() -> int:
+    """``torch.set_num_threads`` to this actor's Ray CPU share (at least 1); returns it."""
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)
+    n = max(1, int(cpus))
+    torch.set_num_threads(n)
+    return n
+
+
+@ray.remote(max_concurrency=DEFAULT_MAX_CONCURRENCY, concurrency_groups={CONTROL_GROUP: 4})
+class PrefillActor:
+    def __init__(
+        self,
+        model: str,
+        engine_options: dict[str, Any] | None = None,
+        transport: str = "shm",
+        transport_options: dict[str, Any] | None = None,
+        worker_id: str = "prefill-0",
+        layerwise: bool = True,
+        transfer_timeout_s: float = 60.0,
+    ):
+        self.worker_id = worker_id
+        self.num_threads = set_threads_from_ray_share()
+        self.worker = build_prefill_worker(
+            model,
+            engine_options,
+            transport,
+            transport_options,
+            worker_id=worker_id,
+            layerwise=layerwise,
+            transfer_timeout_s=transfer_timeout_s,
+        )
+
+    # ------------------------------------------------------------ control group
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def ping(self) -> str:
+        """Liveness: the worker id, or RuntimeError("engine loop stopped ...") if it crashed."""
+        err = self.worker.loop.error
+        if err is not None:
+            raise RuntimeError(f"engine loop stopped: {err!r}")
+        return self.worker_id
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def load(self) -> dict:
+        return self.worker.load()
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    # ------------------------------------------------------------ requests
+    def prefill(self, spec: RequestSpec, decode_address: Any, timeout: float | None = None) -> StreamChunk:
+        return self.worker.prefill(spec, decode_address, timeout)
+
+    def abort(self, request_id: str) -> None:
+        self.worker.abort(request_id)
+
+    def shutdown(self) -> None:
+        self.worker.shutdown()

@@ -1,0 +1,290 @@
+"""The Ray controller on a local two-node Ray cluster (CPU): pools as actors, KV moved
+between actor processes, custom-resource placement, and replacement of killed actors.
+
+One emulated cluster for the whole module (``ray.cluster_utils.Cluster``)::
+
+    head node   CPU 4, {"prefill_node": 1}     every unpinned actor lands here (only CPUs)
+    2nd node    CPU 0, {"decode_node": 1}      only actors asking for "decode_node" (0 CPUs)
+
+Greedy output through the cluster is compared token for token with the colocated
+``engine.LLM``. Tests share one event loop, so a controller's watcher task keeps its loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from types import SimpleNamespace
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from cluster.config import PoolConfig, RouterConfig, ServeConfig, TransferConfig
+from cluster.controller import Controller, ControllerOptions
+from cluster.routing import RouteReason
+from engine import LLM, SamplingParams
+from engine.streams import RequestSpec, StreamChunk
+
+pytestmark = pytest.mark.integration
+
+ENGINE = {"block_size": 4, "num_blocks": 128, "max_num_batched_tokens": 16}
+GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+SHORT = 8  # prompts shorter than this are prefilled on the decode worker (no transfer)
+LENGTHS = (3, 5, 9, 17, 33, 47, 60, 12)  # mixed: short path and chunked split prefill
+FAST = ControllerOptions(health_interval_s=0.2, ping_timeout_s=10.0, restart_backoff_s=0.5, read_timeout_s=0.5)
+
+
+def _prompts(lengths: tuple[int, ...] = LENGTHS, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 500) for _ in range(n)] for n in lengths]
+
+
+def _config(model: str, kind: str, prefill: dict | None = None, decode: dict | None = None) -> ServeConfig:
+    return ServeConfig(
+        model=model,
+        pools=(
+            PoolConfig("prefill", "prefill", 1, **{"num_cpus": 0.5, "engine": ENGINE, **(prefill or {})}),
+            PoolConfig("decode", "decode", 1, **{"num_cpus": 0.5, "engine": ENGINE, **(decode or {})}),
+        ),
+        router=RouterConfig(short_prompt_threshold=SHORT),
+        transfer=TransferConfig(kind=kind, timeout_s=5.0),
+    )
+
+
+def _record_routes(c: Controller) -> list[RouteReason]:
+    """Wrap the routing policy so the test sees which path every placement took."""
+    reasons: list[RouteReason] = []
+    route = c.router.policy.route
+
+    def recording(*args, **kwargs):
+        decision = route(*args, **kwargs)
+        reasons.append(decision.reason)
+        return decision
+
+    c.router.policy.route = recording
+    return reasons
+
+
+async def _collect(c: Controller, rid: str, prompt: list[int], params: SamplingParams = GREEDY):
+    tokens: list[int] = []
+    last: StreamChunk | None = None
+    async for chunk in c.router.generate(RequestSpec(rid, prompt, params)):
+        tokens += chunk.token_ids
+        last = chunk
+    return tokens, last
+
+
+async def _generate_all(c: Controller, prompts: list[list[int]], tag: str) -> list[list[int]]:
+    results = await asyncio.gather(*(_collect(c, f"{tag}{i}", p) for i, p in enumerate(prompts)))
+    for _, last in results:
+        assert last is not None and last.finish_reason == "length", last
+    return [tokens for tokens, _ in results]
+
+
+async def _poll(cond: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def _assert_pools_full(c: Controller, timeout: float = 15.0) -> None:
+    """Every worker's KV pool is full again. Prefill workers free blocks once their sender
+    reports the transfer done (asynchronously), so poll each load() until a deadline."""
+    deadline = time.monotonic() + timeout
+    for wid, rec in c.workers.items():
+        while True:
+            load = await rec.handle.call("load")
+            if load["free_kv_blocks"] == load["total_kv_blocks"] or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        assert load["free_kv_blocks"] == load["total_kv_blocks"], f"{wid} leaked KV blocks: {load}"
+        assert load["transfer_failures"] == 0 or wid.startswith("prefill"), load
+
+
+@pytest.fixture(scope="module")
+def ray_nodes():
+    if ray.is_initialized():  # a connection another module left behind would block ray.init
+        ray.shutdown()
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 4, "resources": {"prefill_node": 1}, "include_dashboard": False},
+    )
+    decode_node = cluster.add_node(num_cpus=0, resources={"decode_node": 1})
+    ray.init(address=cluster.address, log_to_driver=False)
+    cluster.wait_for_nodes()
+    yield SimpleNamespace(head=cluster.head_node.node_id, decode=decode_node.node_id)
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def loop():
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint):
+    cache: dict = {}
+
+    def get(family: str, prompts: list[list[int]]) -> list[list[int]]:
+        key = (family, tuple(map(tuple, prompts)))
+        if key not in cache:
+            llm = LLM(tiny_checkpoint(family), **ENGINE)
+            cache[key] = [o.token_ids for o in llm.generate(prompts, GREEDY)]
+        return cache[key]
+
+    return get
+
+
+def test_loopback_transport_is_refused(tiny_checkpoint):
+    with pytest.raises(ValueError, match="loopback.*one process"):
+        Controller(_config(tiny_checkpoint("llama"), "loopback"))
+
+
+@pytest.mark.parametrize(
+    "kind,family",
+    [
+        ("shm", "llama"),
+        pytest.param("grpc", "llama", marks=pytest.mark.slow),
+        pytest.param("torch", "llama", marks=pytest.mark.slow),
+        pytest.param("shm", "qwen2_moe", marks=pytest.mark.slow),
+    ],
+)
+def test_greedy_through_ray_equals_llm(ray_nodes, loop, tiny_checkpoint, reference, kind, family):
+    prompts = _prompts(seed=1)
+    expected = reference(family, prompts)
+
+    async def run():
+        c = await Controller(_config(tiny_checkpoint(family), kind), FAST).start()
+        try:
+            reasons = _record_routes(c)
+            got = await _generate_all(c, prompts, "r")
+            await _assert_pools_full(c)
+            return got, reasons, c.info()
+        finally:
+            await c.shutdown()
+
+    got, reasons, info = loop.run_until_complete(run())
+    assert got == expected
+    # every long prompt crossed actors through the transport; short ones stayed local
+    assert sorted(reasons) == sorted(
+        RouteReason.SPLIT if len(p) >= SHORT else RouteReason.SHORT_PROMPT for p in prompts
+    )
+    assert {w["worker_id"]: (w["role"], w["healthy"], w["restarts"]) for w in info["workers"]} == {
+        "prefill-0": ("prefill", True, 0),
+        "decode-0": ("decode", True, 0),
+    }
+
+
+def test_pools_land_on_nodes_carrying_their_resources(ray_nodes, loop, tiny_checkpoint, reference):
+    # decode asks for no CPU: the only CPUs are on the head node, the only decode_node on the 2nd
+    cfg = _config(
+        tiny_checkpoint("llama"),
+        "grpc",  # across nodes: shm would be refused
+        prefill={"resources": {"prefill_node": 1}},
+        decode={"num_cpus": 0, "resources": {"decode_node": 1}},
+    )
+    prompts = _prompts((20, 4), seed=2)
+
+    async def run():
+        c = await Controller(cfg, FAST).start()
+        try:
+            actual = {wid: await rec.handle.call("node_id") for wid, rec in c.workers.items()}
+            return actual, await _generate_all(c, prompts, "p"), c.info()
+        finally:
+            await c.shutdown()
+
+    actual, got, info = loop.run_until_complete(run())
+    assert actual == {"prefill-0": ray_nodes.head, "decode-0": ray_nodes.decode}
+    assert {w["worker_id"]: w["node_id"] for w in info["workers"]} == actual
+    assert got == reference("llama", prompts)
+
+
+@pytest.mark.slow
+def test_shm_across_nodes_is_refused_and_cleaned_up(ray_nodes, loop, tiny_checkpoint):
+    cfg = _config(
+        tiny_checkpoint("llama"),
+        "shm",
+        prefill={"resources": {"prefill_node": 1}},
+        decode={"num_cpus": 0, "resources": {"decode_node": 1}},
+    )
+
+    async def run():
+        c = Controller(cfg, FAST)
+        with pytest.raises(RuntimeError, match="'shm' is node-local but the workers run on 2 nodes"):
+            await c.start()
+        return c
+
+    c = loop.run_until_complete(run())
+    assert c.workers == {} and c.router.workers == {}
+    # the refused actors were killed: their resources come back (Ray frees them asynchronously)
+    loop.run_until_complete(_poll(lambda: ray.available_resources().get("decode_node") == 1, "decode_node freed", 30))
+
+
+@pytest.mark.slow
+def test_killed_actors_are_replaced_and_serve_again(ray_nodes, loop, tiny_checkpoint, reference):
+    engine = {"block_size": 16, "num_blocks": 64}  # room for one long request (1024 tokens)
+    cfg = _config(tiny_checkpoint("llama"), "shm", prefill={"engine": engine}, decode={"engine": engine})
+    prompts = _prompts((4, 10, 30), seed=3)
+    expected = reference("llama", prompts)
+    long_params = SamplingParams(max_tokens=900, temperature=0.0, ignore_eos=True)
+
+    async def run():
+        c = await Controller(cfg, FAST).start()
+        try:
+            old_address = c.workers["decode-0"].address
+            # a request streaming from the decode worker when it dies ends with "abort"
+            stream = c.router.generate(RequestSpec("long", _prompts((12,), seed=4)[0], long_params))
+            first = await anext(stream)
+            assert first.token_ids and not first.finished
+            ray.kill(c.workers["decode-0"].actor, no_restart=True)
+            rest = [chunk async for chunk in stream]
+            assert rest[-1].finish_reason == "abort" and "unavailable" in rest[-1].error, rest[-1]
+            assert sum(len(ch.token_ids) for ch in rest) + 1 < long_params.max_tokens
+
+            await _poll(lambda: c.workers["decode-0"].restarts == 1, "decode-0 replaced")
+            await c.wait_replaced("decode-0", timeout=60)
+            assert c.workers["decode-0"].address != old_address  # a new receiver
+            assert c.router.workers["decode-0"].healthy
+            assert "unavailable" in c.workers["decode-0"].last_failure
+            reasons = _record_routes(c)
+            after_decode = await _generate_all(c, prompts, "d")
+            assert reasons.count(RouteReason.SPLIT) == sum(len(p) >= SHORT for p in prompts)
+
+            ray.kill(c.workers["prefill-0"].actor, no_restart=True)
+            await _poll(lambda: c.workers["prefill-0"].restarts == 1, "prefill-0 replaced")
+            await c.wait_replaced("prefill-0", timeout=60)
+            reasons.clear()
+            after_prefill = await _generate_all(c, prompts, "p")
+            assert reasons.count(RouteReason.SPLIT) == sum(len(p) >= SHORT for p in prompts)
+            await _assert_pools_full(c)
+            return after_decode, after_prefill, c.info()
+        finally:
+            await c.shutdown()
+
+    after_decode, after_prefill, info = loop.run_until_complete(run())
+    assert after_decode == expected and after_prefill == expected
+    assert {w["worker_id"]: (w["healthy"], w["restarts"]) for w in info["workers"]} == {
+        "prefill-0": (True, 1),
+        "decode-0": (True, 1),
+    }
+
+
+def test_start_fails_loudly_when_a_worker_cannot_load(ray_nodes, loop, tmp_path):
+    cfg = _config(str(tmp_path / "no-such-model"), "shm")
+
+    async def run():
+        c = Controller(cfg, FAST)
+        with pytest.raises(RuntimeError, match="2 of 2 workers failed to start") as err:
+            await c.start()
+        return c, str(err.value)
+
+    c, message = loop.run_until_complete(run())
+    assert "prefill-0" in message and "decode-0" in message and "no-such-model" in message
+    assert c.workers == {} and c.router.workers == {}
