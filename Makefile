@@ -22,7 +22,7 @@ test: install system-deps
 
 # Offline generation on a tiny random-weight model (engine/demo.py).
 run: install
-	$(PYTHON) -m engine.demo
+	$(PYTHON) -m cluster serve --once
 
 lint: install
 	$(VENV)/bin/ruff check .

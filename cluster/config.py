@@ -129,7 +129,7 @@ class RouterConfig:
 
 @dataclass(frozen=True)
 class TransferConfig:
-    kind: str = "loopback"  # one of TRANSFER_KINDS
+    kind: str = "shm"  # one of TRANSFER_KINDS (loopback: in-process only)
     layerwise: bool = True  # stream KV layer by layer during prefill (else once at the end)
     timeout_s: float = 30.0  # a transfer not Done by then is Failed
 

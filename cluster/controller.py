@@ -286,8 +286,7 @@ class Controller:
             entry = self.router.workers.get(wid)
             if entry is not None and not entry.healthy:
                 await asyncio.wait_for(rec.handle.call("load"), timeout)  # the engine loop answers too
-                entry.healthy = True
-                log.warning("worker %s answers again: marked healthy", wid)
+                self.router.mark_healthy(wid)
             rec.missed_pings = 0
         except TimeoutError:
             rec.missed_pings += 1

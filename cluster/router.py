@@ -65,6 +65,12 @@ class Router:
             log.warning("worker %s marked unhealthy", worker_id)
             w.healthy = False
 
+    def mark_healthy(self, worker_id: str) -> None:
+        w = self.workers.get(worker_id)
+        if w is not None and not w.healthy:
+            log.info("worker %s healthy again", worker_id)
+            w.healthy = True
+
     async def refresh_loads(self) -> None:
         """Poll every worker's load(); a worker that does not answer is marked unhealthy."""
 
