@@ -65,7 +65,7 @@ class DecodeWorker:
         self._streams_lock = threading.Lock()  # _streams is read by caller threads
         self.started_at = time.time()  # metrics: load() totals restart from 0 with the worker
         self.transfer_failures = 0
-        self.loop = EngineLoop(self._step, engine.has_work, self._tick, name=worker_id).start()
+        self.loop = EngineLoop(self._step, engine.has_work, self._tick, name=worker_id, on_crash=self._fail_all).start()
 
     @property
     def address(self) -> Any:
@@ -110,6 +110,11 @@ class DecodeWorker:
             self.receiver.close()
 
     # ------------------------------------------------------------ loop thread only
+    def _fail_all(self, error: BaseException) -> None:
+        """The engine loop died: every open stream ends now with the error (no caller hangs)."""
+        for stream in list(self._streams.values()):
+            stream.fail(f"{self.worker_id} engine failed: {error!r}")
+
     def _new_request(self, spec: RequestSpec) -> Request:
         req = self.engine.prepare(spec.to_request())
         if self.tokenizer is not None and spec.params.stop:

@@ -99,7 +99,7 @@ class EngineCore:
         """One iteration: schedule -> run -> update. Returns requests with new tokens."""
         out = self.scheduler.schedule()
         if out.is_empty:
-            return []
+            return self.scheduler.take_finished_in_schedule()
         hook = None if layer_hook is None else (lambda layer: layer_hook(layer, out))
         sampled, logprobs = self.runner.execute(out, hook)
         changed = self.scheduler.update(out, sampled)

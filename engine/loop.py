@@ -27,8 +27,10 @@ class EngineLoop:
         tick: Callable[[], Any] | None = None,
         name: str = "engine-loop",
         idle_poll_s: float = 0.01,
+        on_crash: Callable[[BaseException], Any] | None = None,
     ):
         self._step, self._has_work, self._tick = step, has_work, tick
+        self._on_crash = on_crash  # runs on the loop thread after a crash (fail waiting callers)
         self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
         self._cv = threading.Condition()
         self._stopping = False
@@ -89,6 +91,8 @@ class EngineLoop:
         except BaseException as e:
             log.exception("engine loop crashed")
             self.error = e
+            if self._on_crash is not None:
+                self._on_crash(e)
         finally:
             with self._cv:
                 pending = list(self._calls)

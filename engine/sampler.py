@@ -12,6 +12,8 @@ import torch
 
 from engine.request import SamplingParams, TokenLogprobs
 
+_MIN_TEMPERATURE = 1e-5  # below this, sampling is greedy
+
 
 def _truncate(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """logits: [V] -> logits with everything outside top-k / top-p set to -inf."""
@@ -22,6 +24,7 @@ def _truncate(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
         sorted_logits, idx = torch.sort(logits, descending=True)
         cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
         drop = cum - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the token crossing top_p
+        drop[0] = False  # the most likely token always survives (top_p may round to 0)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(0, idx, sorted_logits)
     return logits
@@ -41,7 +44,7 @@ def sample(
     """logits: [N, V] fp32 -> (one token per row, logprobs per row or None)."""
     tokens = logits.argmax(dim=-1).tolist()
     for i, p in enumerate(params):
-        if p.greedy:
+        if p.temperature < _MIN_TEMPERATURE:  # greedy; tiny temperatures would overflow to NaN
             continue
         row = _truncate(logits[i] / p.temperature, p.top_k, p.top_p)
         probs = torch.softmax(row, dim=-1)

@@ -102,7 +102,7 @@ class PrefillWorker:
         self.transfer_bytes = 0  # payload bytes of transfers that ended DONE
         self.transfer_seconds = CumulativeHistogram(TRANSFER_SECONDS_BUCKETS)  # first chunk -> sender DONE
         self.queue_seconds = CumulativeHistogram(QUEUE_SECONDS_BUCKETS)  # arrival -> first scheduled
-        self.loop = EngineLoop(self._step, engine.has_work, self._tick, name=worker_id).start()
+        self.loop = EngineLoop(self._step, engine.has_work, self._tick, name=worker_id, on_crash=self._fail_all).start()
 
     # ------------------------------------------------------------ called from any thread
     def prefill(self, spec: RequestSpec, decode_address: Any, timeout: float | None = None) -> StreamChunk:
@@ -122,6 +122,11 @@ class PrefillWorker:
             s.close()
 
     # ------------------------------------------------------------ loop thread only
+    def _fail_all(self, error: BaseException) -> None:
+        """The engine loop died: every open stream ends now with the error (no caller hangs)."""
+        for stream in list(self._streams.values()):
+            stream.fail(f"{self.worker_id} engine failed: {error!r}")
+
     def _add(self, spec: RequestSpec, decode_address: Any) -> OutputStream:
         req = spec.to_request()
         if self.tokenizer is not None and spec.params.stop:

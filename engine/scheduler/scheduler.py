@@ -36,6 +36,8 @@ class Scheduler:
         self.prefilled: dict[str, Request] = {}  # prefill_only: done, blocks held for transfer
         self.reserved: dict[str, Request] = {}  # decode_only: blocks reserved, KV in flight
         self.num_preemptions = 0
+        # finished by schedule() itself (context outgrew the pool); reported by the next update
+        self._finished_in_schedule: list[Request] = []
 
     # ---------------------------------------------------------------- admission
     def add_request(self, req: Request) -> None:
@@ -99,6 +101,7 @@ class Scheduler:
                 if victim is req and not self.running and not self.prefilled and not self.reserved:
                     # alone and still no room: the pool cannot hold this context at all
                     self._finish(req, FinishReason.LENGTH)
+                    self._finished_in_schedule.append(req)
                     break
                 self._preempt(victim)
                 preempted.append(victim.request_id)
@@ -118,7 +121,11 @@ class Scheduler:
             prefix = self.kv.computed_prefix(req) if req.num_computed_tokens == 0 else None
             cached = len(prefix[0]) * self.kv.block_size if prefix else req.num_computed_tokens
             remaining = req.num_tokens - cached
-            if remaining > budget and not self.config.enable_chunked_prefill:
+            # Without chunked prefill a prompt waits for a step with room for all of it. A
+            # preempted request may have grown past the whole budget: it never fits, so its
+            # recompute is chunked anyway (otherwise it blocks the queue forever).
+            whole_only = not self.config.enable_chunked_prefill and remaining <= self.config.max_num_batched_tokens
+            if remaining > budget and whole_only:
                 break
             n = min(remaining, budget)
             if not self.kv.allocate(req, n, prefix):
@@ -161,7 +168,7 @@ class Scheduler:
         ``sampled[request_id]`` lists the tokens accepted for the request this step (one for
         plain decoding; a speculative verifier may accept several).
         """
-        changed = []
+        changed = self.take_finished_in_schedule()
         for sr in output.scheduled:
             req = self.requests.get(sr.request_id)
             if req is None or req.status != RequestStatus.RUNNING:
@@ -180,6 +187,11 @@ class Scheduler:
                 if self.config.mode == SchedulerMode.PREFILL_ONLY:
                     self._to_prefilled(req)
         return changed
+
+    def take_finished_in_schedule(self) -> list[Request]:
+        """Requests schedule() finished (LENGTH at pool capacity) since the last call."""
+        done, self._finished_in_schedule = self._finished_in_schedule, []
+        return done
 
     def _to_prefilled(self, req: Request) -> None:
         self.running.remove(req)

@@ -197,3 +197,22 @@ def test_invalid_request_is_refused_without_leak(tiny_checkpoint):
             cluster.shutdown()
 
     asyncio.run(run())
+
+
+def test_generation_longer_than_the_decode_pool_ends_with_length(tiny_checkpoint):
+    """Prompt + max_tokens beyond the decode worker's KV: the stream ends ("length"), never stalls."""
+    prompt = _prompts(1, seed=6, lo=40, hi=40)[0]
+
+    async def run():
+        cluster = await LocalCluster(_config(tiny_checkpoint("llama"), "loopback")).start()
+        try:
+            params = SamplingParams(max_tokens=1000, temperature=0.0, ignore_eos=True)
+            out = await asyncio.wait_for(_collect(cluster, "long", prompt, params), 120)
+            _pools_full(cluster)
+            return out
+        finally:
+            cluster.shutdown()
+
+    tokens, last = asyncio.run(run())
+    capacity = ENGINE["num_blocks"] * ENGINE["block_size"]
+    assert last.finish_reason == "length" and len(prompt) + len(tokens) == capacity + 1

@@ -99,3 +99,20 @@ def test_transferred_request_decodes_from_received_kv(model):
         assert w.load()["free_kv_blocks"] == ENGINE["num_blocks"]
     finally:
         w.shutdown()
+
+
+def test_engine_crash_fails_open_streams_instead_of_hanging(model):
+    w = build_decode_worker(model, ENGINE, transport=None)
+
+    def boom(*_a, **_k):
+        raise RuntimeError("injected step failure")
+
+    try:
+        w.engine.step = boom
+        w.generate_local(RequestSpec("r", list(range(5, 15)), PARAMS))
+        tokens, last = _drain(w, "r")
+        assert tokens == [] and last.finish_reason == "abort" and "injected step failure" in last.error
+        with pytest.raises(RuntimeError, match="engine loop stopped"):
+            w.load()
+    finally:
+        w.shutdown()
