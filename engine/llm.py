@@ -66,15 +66,23 @@ class LLM:
         params = params or SamplingParams()
         plist = params if isinstance(params, list) else [params] * len(prompts)
         reqs = [self.make_request(p, sp) for p, sp in zip(prompts, plist, strict=True)]
-        for r in reqs:
-            self.engine.add_request(r)
+        for i, r in enumerate(reqs):
+            try:
+                self.engine.add_request(r)
+            except Exception:
+                for added in reqs[:i]:  # all or nothing: leave no orphan in the engine
+                    self.engine.abort(added.request_id)
+                raise
         while any(not r.is_finished for r in reqs):
             self.engine.step()
         return [self.output(r) for r in reqs]
 
     def output(self, req: Request) -> CompletionOutput:
         detok = req.stop_checker
-        text = detok.text if isinstance(detok, IncrementalDetokenizer) else self.tokenizer.decode(req.output_token_ids)
+        if isinstance(detok, IncrementalDetokenizer):
+            text = detok.final_text
+        else:
+            text = self.tokenizer.decode(req.output_token_ids)
         return CompletionOutput(
             request_id=req.request_id,
             prompt_token_ids=req.prompt_token_ids,

@@ -58,11 +58,23 @@ class IncrementalDetokenizer:
         if len(cur) > len(prev) and not cur.endswith("\ufffd"):
             self.text += cur[len(prev) :]
             self._prefix, self._read = self._read, len(self.ids)
-        for s in self.stop:
-            # a new match must end inside the newly added text
-            idx = self.text.find(s, max(0, old_len - len(s) + 1))
-            if idx >= 0:
-                self.text = self.text[:idx]
-                self.stopped = True
-                return True
+        # a new match must end inside the newly added text; the earliest match wins
+        hits = [i for s in self.stop if (i := self.text.find(s, max(0, old_len - len(s) + 1))) >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            self.stopped = True
+            return True
         return False
+
+    @property
+    def final_text(self) -> str:
+        """The text of a finished request: ``text`` plus any held-back partial character.
+
+        Generation can end in the middle of a multi-byte character; its bytes decode to
+        U+FFFD here, as in ``Tokenizer.decode`` of the whole output. Text cut at a stop string
+        is returned as is.
+        """
+        if self.stopped or self._read == len(self.ids):
+            return self.text
+        prev = self.tokenizer.decode(self.ids[self._prefix : self._read])
+        return self.text + self.tokenizer.decode(self.ids[self._prefix :])[len(prev) :]

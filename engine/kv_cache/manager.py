@@ -10,10 +10,14 @@ from __future__ import annotations
 from engine.kv_cache.block_pool import BlockHash, BlockPool
 from engine.request import Request
 
+# Parent hash of a request's first block. An int, not None: hash(None) is address-based
+# before Python 3.12, which made the whole chain differ from process to process.
+_ROOT_HASH: BlockHash = 0x5EED
+
 
 def hash_block(parent: BlockHash | None, tokens: tuple[int, ...]) -> BlockHash:
-    # Python's tuple-of-int hash is deterministic across processes (no str hashing).
-    return hash((parent, tokens))
+    # Python's hash of a tuple of ints is deterministic across processes (no str hashing).
+    return hash((_ROOT_HASH if parent is None else parent, tokens))
 
 
 class KVCacheManager:
