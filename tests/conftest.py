@@ -55,3 +55,16 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., s
         return build_tiny_checkpoint(root / name, family=family, **kwargs)
 
     return build
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """Tiny test models run one torch thread: on a small shared CPU box, intra-op threads that
+    spin-wait for a core another process holds made suites ~10x slower (23 s with one thread,
+    300 s with two, for tests/correctness under load); the ops are far too small to gain."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
