@@ -10,7 +10,7 @@ prints the worker layout and streams a few demo prompts through the router. With
 The gRPC / HTTP frontends come later and will hang off the same controller.
 
 Each subcommand is an ``_add_<name>(subparsers)`` that registers its arguments and sets
-``func``; ``main`` dispatches. Planned: ``bench``, ``sim``, ``profile``.
+``func``; ``main`` dispatches. ``bench`` lives in cluster/bench/command.py. Planned: ``sim``, ``profile``.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from cluster.bench.command import add_bench_parser
 from cluster.config import TRANSFER_KINDS, ConfigError, ServeConfig
 
 DEFAULT_TINY_DIR = os.path.join(os.path.expanduser("~"), ".cache", "splitserve", "tiny-llama")
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve(sub)
+    add_bench_parser(sub)
     return ap
 
 
