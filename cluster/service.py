@@ -187,7 +187,10 @@ class ServingBackend:
                 if remaining <= 0:
                     raise RequestTimeout(f"request {rid} exceeded its deadline")
                 try:
-                    chunk = await asyncio.wait_for(anext(gen), remaining)
+                    # asyncio.timeout (not wait_for): runs in this task, so a caller's cancel
+                    # can't be swallowed by a chunk arriving at the same moment
+                    async with asyncio.timeout(remaining):
+                        chunk = await anext(gen)
                 except StopAsyncIteration:
                     outcome = "abort"  # the router ended the stream without a finished chunk
                     return
@@ -200,6 +203,7 @@ class ServingBackend:
                 before = len(detok.text)
                 for t in chunk.token_ids:
                     detok.append(t)
+                text = (detok.final_text if chunk.finished else detok.text)[before:]
                 index = usage.completion_tokens
                 usage.completion_tokens += len(chunk.token_ids)
                 usage.cached_tokens = chunk.num_cached_tokens
@@ -208,7 +212,7 @@ class ServingBackend:
                 yield Delta(
                     index=index,
                     token_ids=list(chunk.token_ids),
-                    text=detok.text[before:],
+                    text=text,
                     logprobs=list(chunk.logprobs),
                     finish_reason=chunk.finish_reason if chunk.finished else None,
                     error=chunk.error,
