@@ -11,7 +11,8 @@ Wire unit (every transport carries the same fields)::
 
     KVChunk(request_id, layer, first_page, num_pages, payload, checksum)
     payload: [num_pages, 2, block_size, Hkv, D] in the layout dtype (page bytes, in order)
-    checksum: crc32 of the payload bytes, computed by the sender before the bytes move
+    checksum: tensor_checksum of the payload bytes (xxh3, 32 bits), computed by the sender
+              before the bytes move, verified by the receiver on the bytes as they landed
 
 Sender lifecycle::
 
@@ -56,7 +57,6 @@ from __future__ import annotations
 
 import abc
 import enum
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -65,6 +65,7 @@ import torch
 
 from engine.kv_cache.layout import KVLayout, KVLayoutMismatch
 from engine.kv_cache.paged_cache import PagedKVCache
+from kv_transfer.bytes_ops import checksum_bytes, tensor_bytes
 
 
 class TransferStatus(enum.Enum):
@@ -82,18 +83,11 @@ class KVTransferError(RuntimeError):
     """A transfer could not be set up or was misused (send after finish, link broken, ...)."""
 
 
-def tensor_bytes(t: torch.Tensor) -> torch.Tensor:
-    """The bytes of ``t`` as a flat CPU uint8 tensor (no copy when already CPU-contiguous)."""
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    return t.contiguous().reshape(-1).view(torch.uint8)
-
-
 def tensor_checksum(t: torch.Tensor) -> int:
-    """crc32 of the tensor's bytes (~4 GB/s on one core). Any flipped, missing or extra
-    byte changes it; CUDA tensors are checksummed from a host copy."""
-    return zlib.crc32(tensor_bytes(t).numpy())
+    """Checksum of the tensor's bytes: xxh3-64 folded to 32 bits (see ``bytes_ops``), so a
+    flipped, missing, extra or moved byte escapes it with probability ~2**-32. CUDA tensors
+    are hashed from a host copy."""
+    return checksum_bytes(tensor_bytes(t).numpy())
 
 
 @dataclass

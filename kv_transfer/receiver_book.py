@@ -2,10 +2,12 @@
 
 ``ReceiverBook`` owns the per-request state machine described in ``kv_transfer.base``:
 pending requests, chunk counting, size and checksum verification, the page-coverage check,
-writing verified pages into the PagedKVCache, buffering of chunks that arrive before
-``expect``, cancellation tombstones. A transport only decodes its wire format into
-``on_chunk`` / ``on_finish`` / ``on_stream_error`` calls; ``BookedReceiver`` implements the
-transport-independent half of the KVReceiver ABC on top of one book.
+writing verified pages into the PagedKVCache (a CPU cache directly, one memcpy per run of
+consecutive blocks, see ``bytes_ops.PageScatter``; any other cache through ``write_pages``),
+buffering of chunks that arrive before ``expect``, cancellation tombstones. A transport
+only decodes its wire format into ``on_chunk`` / ``on_finish`` / ``on_stream_error`` calls;
+``BookedReceiver`` implements the transport-independent half of the KVReceiver ABC on top
+of one book.
 
 Thread safety: transports call the ``on_*`` methods from their receive threads while the
 decode worker calls ``expect`` / ``poll`` / ``cancel``. Checksums are computed outside the
@@ -25,6 +27,7 @@ import torch
 from engine.kv_cache.layout import KVLayout
 from engine.kv_cache.paged_cache import PagedKVCache
 from kv_transfer.base import KVChunk, KVReceiver, KVTransferError, TransferStatus, tensor_checksum
+from kv_transfer.bytes_ops import PageScatter, tensor_bytes
 
 _MAX_TERMINAL = 4096  # DONE/FAILED entries kept for poll() before the oldest are forgotten
 _MAX_TOMBSTONES = 65536  # cancelled / forgotten request ids whose late chunks are dropped
@@ -60,6 +63,7 @@ class ReceiverBook:
         self._doomed: OrderedDict[str, str] = OrderedDict()  # not yet expected, already failed
         self._tombstones: OrderedDict[str, None] = OrderedDict()
         self._terminal: deque[str] = deque()
+        self._scatter = PageScatter(cache) if PageScatter.supports(cache) else None
 
     # ------------------------------------------------------------------ decode-worker side
     def expect(self, request_id: str, block_ids: list[int]) -> None:
@@ -104,7 +108,7 @@ class ReceiverBook:
     def on_chunk(self, chunk: KVChunk) -> None:
         """Verify and write one chunk. ``chunk.payload`` may be borrowed (e.g. a view of a
         shared-memory arena): it is only read during this call, copied if buffered."""
-        problem = self._verify(chunk)  # outside the lock: crc32 is the expensive part
+        problem = self._verify(chunk)  # outside the lock: hashing is the expensive part
         with self._lock:
             rid = chunk.request_id
             if rid in self._tombstones or rid in self._doomed:
@@ -182,20 +186,27 @@ class ReceiverBook:
             self._fail(rid, req, problem)
             return
         n, first = chunk.num_pages, chunk.first_page
-        raw = chunk.payload.detach().contiguous().reshape(-1).view(torch.uint8)
-        if raw.storage_offset() % self.cache.kv.element_size():
-            raw = raw.clone()  # misaligned view (e.g. of a transport buffer): realign
-        # pages: [n, 2, block_size, Hkv, D] reinterpreted from the payload bytes
-        pages = raw.view(self.layout.torch_dtype).view(n, *self.layout.page_shape)
         try:
-            self.cache.write_pages(chunk.layer, req.block_ids[first : first + n], pages)
+            self._write(chunk.layer, req.block_ids[first : first + n], chunk.payload)
         except Exception as e:  # noqa: BLE001 - e.g. device OOM: fail the request, keep the link
-            self._fail(rid, f"writing into the cache failed: {type(e).__name__}: {e}")
+            self._fail(rid, req, f"writing into the cache failed: {type(e).__name__}: {e}")
             return
         req.written[chunk.layer, first : first + n] = True
         req.received += 1
         req.status = TransferStatus.TRANSFERRING
         self._maybe_done(rid, req)
+
+    def _write(self, layer: int, block_ids: list[int], payload: torch.Tensor) -> None:
+        """Copy a verified payload (``len(block_ids)`` pages of bytes) into the cache."""
+        if self._scatter is not None:  # CPU cache: memcpy per run of consecutive blocks
+            self._scatter.write(layer, block_ids, tensor_bytes(payload).numpy())
+            return
+        raw = payload.detach().contiguous().reshape(-1).view(torch.uint8)  # stays on its device
+        if raw.storage_offset() % self.cache.kv.element_size():
+            raw = raw.clone()  # misaligned view (e.g. of a transport buffer): realign
+        # pages: [n, 2, block_size, Hkv, D] reinterpreted from the payload bytes
+        pages = raw.view(self.layout.torch_dtype).view(len(block_ids), *self.layout.page_shape)
+        self.cache.write_pages(layer, block_ids, pages)
 
     def _range_problem(self, req: _Request, chunk: KVChunk) -> str | None:
         if not 0 <= chunk.layer < self.layout.num_layers:

@@ -5,8 +5,9 @@ FAILED). ``BookedSender`` implements the transport-independent half of KVSender:
 validation, the non-blocking ``send``/``finish`` (a FIFO drained by one background thread,
 so the compute thread never waits on the link), sealing chunks (checksum, test fault hook)
 and link-failure handling. A transport implements ``connect`` (calling ``_start`` once its
-handshake succeeded), ``_transmit_chunk``, ``_transmit_finish`` and ``_disconnect``; all
-three run on the worker thread only, in ``send`` order.
+handshake succeeded), ``_transmit_chunk``, ``_transmit_finish`` and ``_disconnect``, and may
+override ``_transmit_pages`` (seal + transmit); the transmit hooks run on the worker thread
+only, in ``send`` order.
 
 A transmit exception means the link is broken: every unfinished request FAILS and later
 ``send`` calls raise KVTransferError.
@@ -173,6 +174,13 @@ class BookedSender(KVSender):
     def _transmit_chunk(self, chunk: KVChunk) -> None:
         """Put one sealed chunk on the wire (may block). Worker thread only."""
 
+    def _transmit_pages(self, rid: str, layer: int, first_page: int, pages: torch.Tensor) -> None:
+        """Seal (checksum, fault hook) and transmit one chunk. Worker thread only. A transport
+        may override this to compute the checksum while it copies the pages out (shm), as
+        long as every byte is hashed from ``pages`` before it moves and the fault hook, when
+        set, still sees the sealed chunk."""
+        self._transmit_chunk(self._seal(rid, layer, first_page, pages))
+
     @abc.abstractmethod
     def _transmit_finish(self, request_id: str, num_chunks: int) -> None:
         """Put the end-of-stream marker on the wire. Worker thread only."""
@@ -203,7 +211,7 @@ class BookedSender(KVSender):
                 continue
             try:
                 if kind == "chunk":
-                    self._transmit_chunk(self._seal(rid, *args))
+                    self._transmit_pages(rid, *args)
                     self.book.transmitted(rid)
                 else:
                     self._transmit_finish(rid, *args)

@@ -2,101 +2,61 @@
 
 Per sender connection the receiver creates a shared arena (a file in /dev/shm, mmapped by
 both sides, unlinked as soon as the sender attached so nothing leaks if either crashes) and
-talks over a Unix domain socket (length-prefixed JSON messages) in a private temp dir; the
-socket path is the receiver's ``address``.
+talks over a Unix domain socket in a private temp dir; the socket path is the receiver's
+``address``. Handshake messages are length-prefixed JSON, later ones binary frames (see
+``shm_ring``).
 
     sender                                   receiver (one thread per connection)
     {"layout"}                        ─────>  compare layouts, create the arena
                                       <─────  {"ok", "layout", "arena", "arena_bytes"}
-    mmap the arena, {"attached"}      ─────>  unlink the arena file
-    copy pages into arena[off:off+n]
-    {"t":"c", rid, layer, first, n,
-     off, nbytes, span, crc}          ─────>  verify + write into the cache (ReceiverBook)
-                                      <─────  {"t":"credit", "span"}   frees the arena slot
-    {"t":"f", rid, n}                 ─────>  finish
-    {"t":"bye"}                       ─────>  clean close; requests still open at bye/EOF fail
+    mmap the arena, {"t":"attached"}  ─────>  unlink the arena file
+    hash+copy pages into a ring slot
+    chunk(rid, layer, first, n,
+          off, nbytes, checksum)      ─────>  hash the slot in place; if it verifies, copy
+                                              it into the reserved blocks (ReceiverBook)
+                                      <─────  credit byte: frees the oldest slot
+    finish(rid, n)                    ─────>  finish
+    bye                               ─────>  clean close; requests still open at bye/EOF fail
 
-The arena is a ring: the sender allocates at ``head`` (skipping to offset 0 when a chunk
-would straddle the end; restarting at 0 whenever the ring is empty), the receiver frees
-slots in the order it consumed them, so ``head - tail <= arena_bytes`` always holds and
-slots never overlap. A chunk larger than the arena is refused by ``send``.
+Bytes touched per chunk (the minimum for two processes with separate caches): the sender
+reads its pages once (``copy_with_checksum`` hashes each 256 KiB piece just before copying
+it) and writes the slot; the receiver reads the slot twice (hash, then copy: a FAILED chunk
+is never written; the second read hits the CPU cache) and writes its cache once. The sender keeps small chunks
+within the first ``window_bytes`` of the arena (``shm_ring.Ring``), so slots are reused
+while still cache-resident. With a ``fault_hook`` set, the sender seals the chunk first
+(hash), lets the hook mutate it, then copies: the test path, one extra read.
 """
 
 from __future__ import annotations
 
-import json
-import mmap
 import os
 import shutil
 import socket
-import struct
 import tempfile
 import threading
 import time
-import uuid
 
+import numpy as np
 import torch
 
 from engine.kv_cache.layout import KVLayout, KVLayoutMismatch
 from engine.kv_cache.paged_cache import PagedKVCache
-from kv_transfer.base import FaultHook, KVChunk, KVTransferError, check_layouts, tensor_bytes
+from kv_transfer.base import FaultHook, KVChunk, KVTransferError, check_layouts
+from kv_transfer.bytes_ops import copy_with_checksum, tensor_bytes
 from kv_transfer.receiver_book import BookedReceiver
 from kv_transfer.sender_book import BookedSender
-
-_LEN = struct.Struct("!I")
-_ALIGN = 64  # arena slots start at multiples of this (keeps dtype views and memcpy aligned)
-
-
-def _send_msg(sock: socket.socket, msg: dict) -> None:
-    data = json.dumps(msg).encode()
-    sock.sendall(_LEN.pack(len(data)) + data)
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        part = sock.recv(n - len(buf))
-        if not part:
-            raise EOFError("peer closed the connection")
-        buf += part
-    return bytes(buf)
-
-
-def _recv_msg(sock: socket.socket) -> dict:
-    (n,) = _LEN.unpack(_recv_exact(sock, _LEN.size))
-    return json.loads(_recv_exact(sock, n))
-
-
-class _Arena:
-    """An mmapped shared file; ``tensor: [size] uint8`` views it. The tensor does not keep
-    the mapping alive: only the thread that owns the arena may touch it, and never after
-    ``close``."""
-
-    def __init__(self, path: str, size: int, create: bool):
-        self.path, self.size = path, size
-        fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
-        try:
-            if create:
-                os.ftruncate(fd, size)
-            self._mm = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
-        self.tensor = torch.frombuffer(self._mm, dtype=torch.uint8)
-
-    @staticmethod
-    def create(size: int) -> _Arena:
-        root = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-        return _Arena(os.path.join(root, f"splitserve-kv-{os.getpid()}-{uuid.uuid4().hex[:12]}"), size, True)
-
-    def unlink(self) -> None:
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-
-    def close(self) -> None:
-        self.tensor = None
-        self._mm.close()
+from kv_transfer.shm_ring import (
+    ALIGN,
+    CHUNK,
+    CREDIT,
+    FINISH,
+    Arena,
+    FrameReader,
+    Ring,
+    frame,
+    recv_json,
+    send_json,
+)
 
 
 class ShmReceiver(BookedReceiver):
@@ -109,7 +69,7 @@ class ShmReceiver(BookedReceiver):
         max_unexpected_bytes: int = 64 << 20,
     ):
         super().__init__(layout, cache, max_unexpected_bytes)
-        arena_bytes -= arena_bytes % _ALIGN
+        arena_bytes -= arena_bytes % ALIGN
         if arena_bytes < layout.page_bytes:
             raise ValueError(f"arena_bytes={arena_bytes} is smaller than one page ({layout.page_bytes} bytes)")
         self.arena_bytes = arena_bytes
@@ -120,8 +80,10 @@ class ShmReceiver(BookedReceiver):
         self._listener.listen(64)
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
+        self._threads: list[threading.Thread] = []  # connection threads, joined by close()
         self._closed = False
-        threading.Thread(target=self._accept_loop, name="kv-shm-accept", daemon=True).start()
+        self._accepter = threading.Thread(target=self._accept_loop, name="kv-shm-accept", daemon=True)
+        self._accepter.start()
 
     @property
     def address(self) -> str:
@@ -140,6 +102,15 @@ class ShmReceiver(BookedReceiver):
                 pass
         self._listener.close()
         shutil.rmtree(self._dir, ignore_errors=True)
+        # a daemon thread still inside a torch call at interpreter exit aborts the process
+        # ("terminate called without an active exception"): let them all wind down. The
+        # accept thread goes first: once it is gone no connection thread can be added.
+        self._accepter.join(5.0)
+        with self._lock:
+            threads = list(self._threads)
+        for t in threads:
+            if t is not threading.current_thread():
+                t.join(5.0)
 
     def _accept_loop(self) -> None:
         while True:
@@ -152,37 +123,40 @@ class ShmReceiver(BookedReceiver):
                     sock.close()
                     return
                 self._conns.add(sock)
-            threading.Thread(target=self._serve, args=(sock,), name="kv-shm-recv", daemon=True).start()
+                t = threading.Thread(target=self._serve, args=(sock,), name="kv-shm-recv", daemon=True)
+                self._threads = [x for x in self._threads if x.is_alive()] + [t]
+            t.start()
 
     def _serve(self, sock: socket.socket) -> None:
-        arena: _Arena | None = None
+        arena: Arena | None = None
         open_rids: set[str] = set()  # requests with chunks seen but no finish yet
         why = "sender closed the connection without finishing"
         try:
             arena = self._handshake(sock)
             if arena is None:
                 return
+            frames = FrameReader(sock)
             while True:
-                m = _recv_msg(sock)
-                if m["t"] == "c":
-                    off, nbytes = m["off"], m["nbytes"]
-                    if off < 0 or nbytes < 0 or off + nbytes > arena.size:
+                body = frames.next()
+                kind = body[:1]
+                if kind == b"c":
+                    layer, first, n, off, nbytes, checksum = CHUNK.unpack_from(body, 1)
+                    rid = body[1 + CHUNK.size :].decode()
+                    if off + nbytes > arena.size:
                         raise KVTransferError(f"descriptor [{off}, {off + nbytes}) outside the {arena.size}-byte arena")
-                    open_rids.add(m["rid"])
+                    open_rids.add(rid)
                     # payload: borrowed view of the arena slot, valid until the credit below
-                    chunk = KVChunk(
-                        m["rid"], m["layer"], m["first"], m["n"], arena.tensor[off : off + nbytes], m["crc"]
-                    )
-                    self.book.on_chunk(chunk)
-                    del chunk
-                    _send_msg(sock, {"t": "credit", "span": m["span"]})
-                elif m["t"] == "f":
-                    open_rids.discard(m["rid"])
-                    self.book.on_finish(m["rid"], m["n"])
-                elif m["t"] == "bye":
+                    self.book.on_chunk(KVChunk(rid, layer, first, n, arena.tensor[off : off + nbytes], checksum))
+                    sock.sendall(CREDIT)
+                elif kind == b"f":
+                    (num_chunks,) = FINISH.unpack_from(body, 1)
+                    rid = body[1 + FINISH.size :].decode()
+                    open_rids.discard(rid)
+                    self.book.on_finish(rid, num_chunks)
+                elif kind == b"b":
                     return  # requests still open are failed below: they can never finish
                 else:
-                    raise KVTransferError(f"unknown message type {m['t']!r}")
+                    raise KVTransferError(f"unknown frame type {kind!r}")
         except Exception as e:  # noqa: BLE001 - EOF, socket error, protocol violation
             why = "receiver closed" if self._closed else f"{type(e).__name__}: {e}"
         finally:
@@ -195,19 +169,19 @@ class ShmReceiver(BookedReceiver):
                 arena.unlink()
                 arena.close()
 
-    def _handshake(self, sock: socket.socket) -> _Arena | None:
-        hello = _recv_msg(sock)
+    def _handshake(self, sock: socket.socket) -> Arena | None:
+        hello = recv_json(sock)
         try:
             check_layouts(self.layout, KVLayout.from_dict(hello["layout"]), "shm receiver refused the sender")
         except KVLayoutMismatch as e:
-            _send_msg(sock, {"ok": False, "error": str(e), "layout": self.layout.to_dict()})
+            send_json(sock, {"ok": False, "error": str(e), "layout": self.layout.to_dict()})
             return None
-        arena = _Arena.create(self.arena_bytes)
+        arena = Arena.create(self.arena_bytes)
         try:
-            _send_msg(
+            send_json(
                 sock, {"ok": True, "layout": self.layout.to_dict(), "arena": arena.path, "arena_bytes": arena.size}
             )
-            if _recv_msg(sock).get("t") != "attached":
+            if recv_json(sock).get("t") != "attached":
                 raise KVTransferError("sender did not attach the arena")
         finally:
             arena.unlink()  # mapped on both sides now (or the handshake failed): nothing to leak
@@ -215,15 +189,23 @@ class ShmReceiver(BookedReceiver):
 
 
 class ShmSender(BookedSender):
-    def __init__(self, layout: KVLayout, *, fault_hook: FaultHook | None = None, stall_timeout_s: float = 60.0):
+    def __init__(
+        self,
+        layout: KVLayout,
+        *,
+        fault_hook: FaultHook | None = None,
+        stall_timeout_s: float = 60.0,
+        window_bytes: int = 8 << 20,
+    ):
         super().__init__(layout, fault_hook=fault_hook)
+        if window_bytes <= 0:
+            raise ValueError(f"window_bytes must be positive, got {window_bytes}")
         self.stall_timeout_s = stall_timeout_s
+        self.window_bytes = window_bytes
         self._sock: socket.socket | None = None
-        self._arena: _Arena | None = None
+        self._arena: Arena | None = None
         self._cond = threading.Condition()
-        # ring counters, both monotonic and guarded by _cond: [tail, head) is in flight
-        self._head = 0  # bytes allocated so far (worker thread)
-        self._tail = 0  # bytes freed by receiver credits (reader thread)
+        self._ring: Ring | None = None  # guarded by _cond: allocated by the worker, freed by credits
         self._link_error: str | None = None
         self._reader: threading.Thread | None = None
 
@@ -232,19 +214,20 @@ class ShmSender(BookedSender):
         try:
             sock.settimeout(timeout_s)
             sock.connect(peer)
-            _send_msg(sock, {"layout": self.layout.to_dict()})
-            reply = _recv_msg(sock)
+            send_json(sock, {"layout": self.layout.to_dict()})
+            reply = recv_json(sock)
             check_layouts(self.layout, KVLayout.from_dict(reply["layout"]), f"shm receiver at {peer}")
             if not reply["ok"]:
                 raise KVTransferError(f"shm receiver at {peer} refused: {reply['error']}")
-            self._arena = _Arena(reply["arena"], reply["arena_bytes"], create=False)
-            _send_msg(sock, {"t": "attached"})
+            self._arena = Arena(reply["arena"], reply["arena_bytes"], create=False)
+            send_json(sock, {"t": "attached"})
             sock.settimeout(None)
         except BaseException:
             sock.close()
             raise
         self._sock = sock
-        self.max_chunk_bytes = self._arena.size - self._arena.size % _ALIGN
+        self._ring = Ring(self._arena.size, self.window_bytes)
+        self.max_chunk_bytes = self._arena.size
         self._reader = threading.Thread(target=self._read_credits, name="kv-shm-credits", daemon=True)
         self._reader.start()
         self._start(f"kv-shm-send->{peer}")
@@ -252,50 +235,58 @@ class ShmSender(BookedSender):
     def _read_credits(self) -> None:
         try:
             while True:
-                m = _recv_msg(self._sock)
-                if m.get("t") != "credit":
-                    raise KVTransferError(f"unexpected message from the receiver: {m!r}")
+                data = self._sock.recv(4096)
+                if not data:
+                    raise EOFError("receiver closed the connection")
+                if data.count(CREDIT) != len(data):
+                    raise KVTransferError(f"unexpected bytes from the receiver: {data[:16]!r}")
                 with self._cond:
-                    self._tail += m["span"]
+                    self._ring.free(len(data))
                     self._cond.notify_all()
-        except (EOFError, OSError, KVTransferError, ValueError, KeyError) as e:
+        except (EOFError, OSError, KVTransferError, ValueError) as e:
             with self._cond:
                 self._link_error = f"{type(e).__name__}: {e}"
                 self._cond.notify_all()
 
-    def _alloc(self, nbytes: int) -> tuple[int, int]:
-        """Reserve ``nbytes`` contiguous arena bytes at a 64-byte aligned offset:
-        (offset, span freed by the credit)."""
-        size = self._arena.size
-        n = -(-nbytes // _ALIGN) * _ALIGN
-        if n > size:
-            raise KVTransferError(f"chunk of {n} bytes does not fit the {size}-byte arena")
+    def _alloc(self, nbytes: int) -> int:
+        """Offset of a free slot of at least ``nbytes`` (waits for credits)."""
+        n = -(-nbytes // ALIGN) * ALIGN
+        if n > self._arena.size:
+            raise KVTransferError(f"chunk of {n} bytes does not fit the {self._arena.size}-byte arena")
         deadline = time.monotonic() + self.stall_timeout_s
         with self._cond:
             while True:
                 if self._link_error:
                     raise KVTransferError(f"receiver connection lost: {self._link_error}")
-                if self._head == self._tail:  # ring empty (no credit outstanding): restart at 0
-                    self._head = self._tail = -(-self._head // size) * size
-                pos = self._head % size
-                span = n + (size - pos if pos + n > size else 0)  # skip the end if it would straddle
-                if size - (self._head - self._tail) >= span:
-                    break
+                off = self._ring.alloc(n)
+                if off is not None:
+                    return off
                 if not self._cond.wait(deadline - time.monotonic()):
                     raise KVTransferError(f"receiver freed no arena space within {self.stall_timeout_s}s")
-            self._head += span
-        return (0 if span > n else pos), span
+
+    def _transmit_pages(self, rid: str, layer: int, first_page: int, pages: torch.Tensor) -> None:
+        if self.fault_hook is not None:  # tests: seal, mutate, then copy (super -> _transmit_chunk)
+            super()._transmit_pages(rid, layer, first_page, pages)
+            return
+        src = tensor_bytes(pages).numpy()  # [nbytes] uint8
+        off = self._alloc(src.nbytes)
+        # the checksum of each piece is taken from ``pages`` just before the piece is copied
+        checksum = copy_with_checksum(self._arena.array[off : off + src.nbytes], src)
+        self._send_chunk(rid, layer, first_page, pages.shape[0], off, src.nbytes, checksum)
 
     def _transmit_chunk(self, chunk: KVChunk) -> None:
-        src = tensor_bytes(chunk.payload)  # [nbytes] uint8
-        n = src.numel()
-        off, span = self._alloc(n)
-        self._arena.tensor[off : off + n].copy_(src)
-        msg = {"t": "c", "rid": chunk.request_id, "layer": chunk.layer, "first": chunk.first_page, "n": chunk.num_pages}
-        _send_msg(self._sock, msg | {"off": off, "nbytes": n, "span": span, "crc": chunk.checksum})
+        src = tensor_bytes(chunk.payload).numpy()
+        off = self._alloc(src.nbytes)
+        np.copyto(self._arena.array[off : off + src.nbytes], src)
+        self._send_chunk(
+            chunk.request_id, chunk.layer, chunk.first_page, chunk.num_pages, off, src.nbytes, chunk.checksum
+        )
+
+    def _send_chunk(self, rid: str, layer: int, first: int, n: int, off: int, nbytes: int, checksum: int) -> None:
+        self._sock.sendall(frame(b"c" + CHUNK.pack(layer, first, n, off, nbytes, checksum) + rid.encode()))
 
     def _transmit_finish(self, request_id: str, num_chunks: int) -> None:
-        _send_msg(self._sock, {"t": "f", "rid": request_id, "n": num_chunks})
+        self._sock.sendall(frame(b"f" + FINISH.pack(num_chunks) + request_id.encode()))
 
     def _disconnect(self) -> None:
         if self._sock is None:
@@ -303,7 +294,7 @@ class ShmSender(BookedSender):
         worker_idle = self._thread is None or not self._thread.is_alive()
         try:
             if worker_idle and self.book.broken is None:
-                _send_msg(self._sock, {"t": "bye"})
+                self._sock.sendall(frame(b"b"))
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass

@@ -23,7 +23,7 @@ with a long timeout. A receive blocked on an idle pair cannot be interrupted (gl
 abort for a pending recv): after ``close()`` such a thread ends when the sender says bye or
 exits, and it never writes into the cache once closed.
 
-Checksums are crc32 over host bytes, so the NCCL path pays a device-to-host copy per
+Checksums (``tensor_checksum``, xxh3) are over host bytes, so the NCCL path pays a device-to-host copy per
 chunk on each side (NCCL path untested here: it needs two GPUs).
 """
 
