@@ -68,6 +68,7 @@ def test_contracts_catch_violations(tmp_path: Path) -> None:
     _write(tmp_path, "cluster.router", "import ray\nimport redis\nimport fastapi\nimport prefill_worker.actor\n")
     _write(tmp_path, "engine.core", "import torch\n")
     _write(tmp_path, "kv_transfer.base", "import engine.core\nimport protos\n")
+    _write(tmp_path, "cluster.client", "import grpc\nimport protos\n")  # the SDK: grpc + protos only
     clean = _lint_imports(tmp_path)
     assert clean.returncode == 0, f"allowed imports were reported:\n{clean.stdout}\n{clean.stderr}"
 
@@ -76,6 +77,7 @@ def test_contracts_catch_violations(tmp_path: Path) -> None:
     _write(tmp_path, "decode_worker.bad_ray", "import ray\n")  # ray outside actor.py
     _write(tmp_path, "expert_router.bad_metrics", "import prometheus_client\n")  # metrics outside cluster
     _write(tmp_path, "engine.bad_rpc", "import grpc\n")  # network in engine
+    _write(tmp_path, "cluster.client", "import grpc\nimport engine.core\n")  # SDK pulling in the engine
     broken = _lint_imports(tmp_path)
     report = broken.stdout + broken.stderr
     assert broken.returncode != 0, report
@@ -85,9 +87,10 @@ def test_contracts_catch_violations(tmp_path: Path) -> None:
         "decode_worker.bad_ray",
         "expert_router.bad_metrics",
         "engine.bad_rpc",
+        "cluster.client",
     ):
         assert offender in report, f"{offender} not reported:\n{report}"
-    assert "4 broken" in report, report
+    assert "5 broken" in report, report
 
 
 def test_engine_creates_no_process_groups() -> None:
