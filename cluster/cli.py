@@ -10,7 +10,8 @@ prints the worker layout and streams a few demo prompts through the router. With
 The gRPC / HTTP frontends come later and will hang off the same controller.
 
 Each subcommand is an ``_add_<name>(subparsers)`` that registers its arguments and sets
-``func``; ``main`` dispatches. ``bench`` lives in cluster/bench/command.py. Planned: ``sim``, ``profile``.
+``func``; ``main`` dispatches. ``bench`` lives in cluster/bench/command.py, ``profile`` in
+cluster/profile.py, ``sim`` in cluster/sim/command.py.
 """
 
 from __future__ import annotations
@@ -55,7 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve(sub)
     add_bench_parser(sub)
+    _add_profile(sub)
+    _add_sim(sub)
     return ap
+
+
+def _add_profile(sub: Any) -> None:
+    from cluster.profile import add_profile_parser
+
+    add_profile_parser(sub)
+
+
+def _add_sim(sub: Any) -> None:
+    from cluster.sim.command import add_sim_parser
+
+    add_sim_parser(sub)
 
 
 def _positive_int(text: str) -> int:
