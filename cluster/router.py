@@ -119,6 +119,10 @@ class Router:
             self.requests[rid] = decision
             finished = False
             d.inflight += 1
+            # a local prefill (short prompt, mixed worker) counts as pending prompt tokens on the
+            # decode worker until its first token arrives, so token_jsq sees mixed workers' load
+            local_tokens = 0 if p is not None else len(spec.prompt_token_ids)
+            d.prompt_tokens += local_tokens
             try:
                 try:
                     cursor, first = await self._start(spec, d, p)
@@ -134,10 +138,13 @@ class Router:
                     if finished:
                         return
                 async for chunk in self._read(spec, d, cursor):
+                    d.prompt_tokens -= local_tokens
+                    local_tokens = 0
                     finished = chunk.finished
                     yield chunk
                 return
             finally:
+                d.prompt_tokens -= local_tokens
                 d.inflight -= 1
                 self.requests.pop(rid, None)
                 if not finished:  # cancelled, failed or re-routed: free its blocks everywhere
