@@ -6,6 +6,8 @@ layer reuses them. Only rows of requests with ``sample=True`` reach the lm_head.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from engine.attention.backend import AttentionMetadata
@@ -16,30 +18,38 @@ from engine.scheduler.output import SchedulerOutput
 
 
 class StepInputs:
-    """Flattened tensors of one step (T tokens over B requests)."""
+    """Flattened tensors of one step (T tokens over B requests), built without per-token Python.
+
+    Per-sequence values go through Python lists once; everything per token (positions,
+    cache slots) is computed with a handful of vectorised tensor ops.
+    """
 
     def __init__(self, out: SchedulerOutput, block_size: int, device: torch.device):
-        ids, pos, slots, qsl, seq_lens, rows = [], [], [], [0], [], []
-        max_blocks = max(len(s.block_ids) for s in out.scheduled)
-        table = torch.zeros((len(out.scheduled), max_blocks), dtype=torch.long)
-        for i, s in enumerate(out.scheduled):
-            ids.extend(s.token_ids)
-            p = range(s.start_pos, s.start_pos + s.num_tokens)
-            pos.extend(p)
-            slots.extend(s.block_ids[x // block_size] * block_size + x % block_size for x in p)
-            qsl.append(qsl[-1] + s.num_tokens)
-            seq_lens.append(s.start_pos + s.num_tokens)
-            table[i, : len(s.block_ids)] = torch.tensor(s.block_ids, dtype=torch.long)
-            if s.sample:
-                rows.append(qsl[-1] - 1)
-        self.input_ids = torch.tensor(ids, dtype=torch.long, device=device)
-        self.positions = torch.tensor(pos, dtype=torch.long, device=device)
+        sched = out.scheduled
+        lens = [s.num_tokens for s in sched]
+        starts = [s.start_pos for s in sched]
+        qsl = [0, *itertools.accumulate(lens)]
+        max_blocks = max(len(s.block_ids) for s in sched)
+        # block_tables: [B, max_blocks] int64, rows padded with block 0
+        table = torch.tensor([s.block_ids + [0] * (max_blocks - len(s.block_ids)) for s in sched], dtype=torch.long)
+        if qsl[-1] == len(sched):  # decode-only step: one token per sequence
+            seq_idx = torch.arange(len(sched))
+            positions = torch.tensor(starts, dtype=torch.long)
+        else:
+            # token t of sequence i has position starts[i] + (t - qsl[i])
+            seq_idx = torch.repeat_interleave(torch.arange(len(sched)), torch.tensor(lens))
+            shift = torch.tensor([st - q for st, q in zip(starts, qsl[:-1], strict=True)], dtype=torch.long)
+            positions = torch.arange(qsl[-1]) + shift[seq_idx]
+        slots = table[seq_idx, positions // block_size] * block_size + positions % block_size
+        self.input_ids = torch.tensor(list(itertools.chain.from_iterable(s.token_ids for s in sched)), device=device)
+        self.positions = positions.to(device)
         self.meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+            slot_mapping=slots.to(device),
             query_start_loc=qsl,
-            seq_lens=seq_lens,
+            seq_lens=[st + n for st, n in zip(starts, lens, strict=True)],
             block_tables=table,
         )
+        rows = [qsl[i + 1] - 1 for i, s in enumerate(sched) if s.sample]
         self.sample_rows = torch.tensor(rows, dtype=torch.long, device=device)
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import MoEConfig
-from engine.models.layers import GatedMLP
+from engine.models.layers import GatedMLP, linear
 
 
 @runtime_checkable
@@ -36,8 +36,8 @@ class LocalExperts(nn.Module):
 
     def run_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """x: [n, H] tokens routed to expert e -> [n, H] (unweighted)."""
-        gate, up = F.linear(x, self.w13[e]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.w2[e])
+        gate, up = linear(x, self.w13[e]).chunk(2, dim=-1)
+        return linear(F.silu(gate) * up, self.w2[e])
 
 
 class LocalExpertDispatcher:
@@ -93,7 +93,7 @@ class MoEBlock(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: [T, H] -> (router_logits [T, E], topk_weights [T, k], topk_ids [T, k])."""
-        logits = F.linear(x, self.gate)
+        logits = linear(x, self.gate)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         weights, ids = torch.topk(probs, self.cfg.top_k, dim=-1)
         if self.cfg.norm_topk_prob:
@@ -104,5 +104,5 @@ class MoEBlock(nn.Module):
         _, weights, ids = self.route(x)
         out = self.dispatcher.dispatch(self.layer, x, weights, ids)
         if self.shared is not None:
-            out = out + torch.sigmoid(F.linear(x, self.shared_gate)) * self.shared(x)
+            out = out + torch.sigmoid(linear(x, self.shared_gate)) * self.shared(x)
         return out

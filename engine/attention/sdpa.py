@@ -2,6 +2,8 @@
 
 Sequences are split into a decode group (one query row each) and a prefill group (several
 rows, e.g. a prompt chunk) so a long prompt does not pad every decode row to its length.
+Everything that depends only on the step (row indices, page lists, the mask) is built once
+per step in a ``_GroupPlan`` with vectorised tensor ops and reused by every layer.
 """
 
 from __future__ import annotations
@@ -20,35 +22,62 @@ class _GroupPlan:
     rows: torch.Tensor  # [G, Qmax] int64 index into the T query rows (padding -> 0)
     valid: torch.Tensor  # [G, Qmax] bool: real query rows
     block_table: torch.Tensor  # [G, nblk] int64
-    mask: torch.Tensor  # [G, 1, Qmax, nblk * block_size] bool: True = attend
+    # [G, 1, Qmax, nblk * block_size] bool, True = attend; None when every row sees every key
+    mask: torch.Tensor | None
+    # [N] int64: the real rows of ``rows`` (row-major), i.e. ``rows[valid]``
+    dst_rows: torch.Tensor
+    # [N] int64: where those rows sit in the flattened [G * Qmax] padded layout
+    src_rows: torch.Tensor
+    # True when the padded layout IS the T query rows in order (no padding, no reordering):
+    # then the output is a reshape of the SDPA result, no scatter.
+    identity: bool
 
 
 def build_group_plan(
     meta: AttentionMetadata, seqs: list[int], block_size: int, sliding_window: int | None, device
 ) -> _GroupPlan:
     """Padded index/mask tensors for sequences ``seqs`` of ``meta`` (shared by all layers)."""
-    qlens = meta.query_lens
-    q_max = max(qlens[i] for i in seqs)
-    nblk = max(-(-meta.seq_lens[i] // block_size) for i in seqs)
-    g = len(seqs)
-    rows = torch.zeros((g, q_max), dtype=torch.long)
-    valid = torch.zeros((g, q_max), dtype=torch.bool)
-    qpos = torch.zeros((g, q_max), dtype=torch.long)
-    seq_len = torch.tensor([meta.seq_lens[i] for i in seqs], dtype=torch.long)
-    for j, i in enumerate(seqs):
-        n = qlens[i]
-        start = meta.query_start_loc[i]
-        rows[j, :n] = torch.arange(start, start + n)
-        valid[j, :n] = True
-        qpos[j, :n] = torch.arange(meta.seq_lens[i] - n, meta.seq_lens[i])
+    qsl = meta.query_start_loc
+    qlen = torch.tensor([qsl[i + 1] - qsl[i] for i in seqs], dtype=torch.long)  # [G]
+    start = torch.tensor([qsl[i] for i in seqs], dtype=torch.long)  # [G]
+    seq_len = torch.tensor([meta.seq_lens[i] for i in seqs], dtype=torch.long)  # [G]
+    q_max = int(qlen.max())
+    nblk = -(-int(seq_len.max()) // block_size)
+    j = torch.arange(q_max)
+    valid = j[None, :] < qlen[:, None]  # [G, Qmax]
+    rows = torch.where(valid, start[:, None] + j[None, :], 0)
+    qpos = seq_len[:, None] - qlen[:, None] + j[None, :]  # [G, Qmax] position of each query row
     keys = torch.arange(nblk * block_size)
     mask = (keys[None, None, :] <= qpos[:, :, None]) & (keys[None, None, :] < seq_len[:, None, None])
     if sliding_window is not None:
         mask &= keys[None, None, :] > qpos[:, :, None] - sliding_window
     mask[~valid] = False
     mask[..., 0] |= ~valid  # padded rows attend to key 0 so softmax stays finite (output dropped)
+    flat_valid = valid.reshape(-1)
+    src_rows = flat_valid.nonzero().squeeze(1)
+    dst_rows = rows.reshape(-1)[src_rows]
+    t = meta.query_start_loc[-1]
+    identity = bool(flat_valid.all()) and len(seqs) * q_max == t and bool((dst_rows == torch.arange(t)).all())
     table = meta.block_tables[seqs, :nblk]
-    return _GroupPlan(rows.to(device), valid.to(device), table.to(device), mask[:, None].to(device))
+    return _GroupPlan(
+        rows=rows.to(device),
+        valid=valid.to(device),
+        block_table=table.to(device),
+        mask=None if bool(mask.all()) else mask[:, None].to(device),
+        dst_rows=dst_rows.to(device),
+        src_rows=src_rows.to(device),
+        identity=identity,
+    )
+
+
+def gather_pages(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """cache: [num_blocks, bs, Hkv, D] (any strides); block_table: [G, nblk] -> [G, Hkv, nblk * bs, D].
+
+    One ``index_select`` into a contiguous [G * nblk, bs, Hkv, D] buffer, then views only.
+    """
+    g, nblk = block_table.shape
+    pages = cache.index_select(0, block_table.reshape(-1))
+    return pages.view(g, nblk * cache.shape[1], *cache.shape[2:]).transpose(1, 2)
 
 
 class TorchSDPABackend:
@@ -76,13 +105,19 @@ class TorchSDPABackend:
         # q: [T, H, D]; k, v: [T, Hkv, D]
         self.cache.write(layer, meta.slot_mapping, k, v)
         k_cache, v_cache = self.cache.layer(layer)  # [num_blocks, bs, Hkv, D]
+        plans = self._plans(meta)
+        if len(plans) == 1 and plans[0].identity:
+            return self._attend(plans[0], q, k_cache, v_cache).reshape(q.shape)
         out = torch.empty_like(q)
-        for p in self._plans(meta):
-            g, nblk = p.block_table.shape
-            # keys: [G, Hkv, nblk * bs, D]
-            kk = k_cache[p.block_table].reshape(g, -1, *k_cache.shape[2:]).transpose(1, 2)
-            vv = v_cache[p.block_table].reshape(g, -1, *v_cache.shape[2:]).transpose(1, 2)
-            qq = q[p.rows].transpose(1, 2)  # [G, H, Qmax, D]
-            o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=p.mask, enable_gqa=True)
-            out[p.rows[p.valid]] = o.transpose(1, 2)[p.valid]
+        for p in plans:
+            o = self._attend(p, q, k_cache, v_cache)  # [G, Qmax, H, D]
+            out[p.dst_rows] = o.reshape(-1, *q.shape[1:])[p.src_rows]
         return out
+
+    @staticmethod
+    def _attend(p: _GroupPlan, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """Attention of the group's padded query rows -> [G, Qmax, H, D] (padded rows are junk)."""
+        kk, vv = gather_pages(k_cache, p.block_table), gather_pages(v_cache, p.block_table)  # [G, Hkv, L, D]
+        qq = q[p.rows].transpose(1, 2)  # [G, H, Qmax, D]
+        o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=p.mask, enable_gqa=True)
+        return o.transpose(1, 2)

@@ -15,7 +15,7 @@ from torch import nn
 
 from engine.attention.backend import AttentionBackend, AttentionMetadata
 from engine.config import ModelConfig
-from engine.models.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from engine.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, linear
 from engine.moe import ExpertDispatcher, LocalExpertDispatcher, LocalExperts, MoEBlock
 
 # Called after layer ``i`` has written its K/V for the step (layer-wise KV push seam).
@@ -37,20 +37,24 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
-        rope: RotaryEmbedding,
+        rope: tuple[torch.Tensor, torch.Tensor],
         backend: AttentionBackend,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
+        """x: [T, hidden]; rope: the step's (cos, sin) from ``RotaryEmbedding.tables``."""
         t = x.shape[0]
-        qkv = F.linear(x, self.qkv, self.qkv_bias)
-        q, k, v = qkv.split([self.h * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
-        q, k, v = q.view(t, self.h, self.d), k.view(t, self.hkv, self.d), v.view(t, self.hkv, self.d)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope(positions, q, k)
+        qkv = linear(x, self.qkv, self.qkv_bias)
+        nq, nk = self.h * self.d, self.hkv * self.d
+        v = qkv[:, nq + nk :].view(t, self.hkv, self.d)
+        if self.q_norm is None:
+            # q and k heads side by side [T, H + Hkv, D]: one rotation for both
+            qk = RotaryEmbedding.apply(qkv[:, : nq + nk].view(t, self.h + self.hkv, self.d), *rope)
+            q, k = qk[:, : self.h].contiguous(), qk[:, self.h :].contiguous()  # backends get dense q/k/v
+        else:
+            q = RotaryEmbedding.apply(self.q_norm(qkv[:, :nq].view(t, self.h, self.d)), *rope)
+            k = RotaryEmbedding.apply(self.k_norm(qkv[:, nq : nq + nk].view(t, self.hkv, self.d)), *rope)
         o = backend.forward(self.layer, q, k, v.contiguous(), meta)  # [T, H, D]
-        return F.linear(o.reshape(t, self.h * self.d), self.o)
+        return linear(o.reshape(t, self.h * self.d), self.o)
 
 
 class DecoderLayer(nn.Module):
@@ -103,8 +107,9 @@ class DecoderLM(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, hidden]."""
         x = F.embedding(input_ids, self.embed)
+        rope = self.rope.tables(positions, x.dtype)  # gathered once, shared by every layer
         for i, layer in enumerate(self.layers):
-            x = x + layer.attn(layer.input_norm(x), positions, self.rope, self.backend, meta)
+            x = x + layer.attn(layer.input_norm(x), rope, self.backend, meta)
             x = x + layer.mlp(layer.post_attn_norm(x))
             if layer_hook is not None:
                 layer_hook(i)
@@ -113,4 +118,4 @@ class DecoderLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> fp32 logits [N, vocab]."""
         w = self.embed if self.lm_head is None else self.lm_head
-        return F.linear(hidden, w).float()
+        return linear(hidden, w).float()
