@@ -134,8 +134,16 @@ class Router:
                     continue  # nothing reached the caller yet: place it again
                 if first is not None:
                     finished = first.finished
-                    yield first
+                    yield first  # the first token reaches the caller before the decode hand-off
                     if finished:
+                        return
+                    lp = first.logprobs[0] if first.logprobs else None
+                    try:
+                        await d.handle.call("set_first_token", rid, first.token_ids[0], lp)
+                    except WorkerUnavailable as e:
+                        self.mark_unhealthy(e.worker_id)
+                        finished = True
+                        yield StreamChunk([], finished=True, finish_reason="abort", error=str(e))
                         return
                 async for chunk in self._read(spec, d, cursor):
                     d.prompt_tokens -= local_tokens
@@ -159,17 +167,20 @@ class Router:
         n = len(spec.prompt_token_ids)
         p.inflight += 1
         p.prompt_tokens += n
+        # the decode worker reserves blocks while the prefill runs (its receiver buffers any
+        # chunk that arrives first), so the reservation round trip is off the TTFT path
+        reserve = asyncio.ensure_future(d.handle.call("start_transfer", spec))
         try:
-            await d.handle.call("start_transfer", spec)
             first: StreamChunk = await p.handle.call("prefill", spec, d.address)
+        except BaseException:
+            await asyncio.gather(reserve, return_exceptions=True)  # settle before the caller aborts
+            raise
         finally:
             p.inflight -= 1
             p.prompt_tokens -= n
+        await reserve
         if first.finished:
             await d.handle.call("abort", rid)
-            return 0, first
-        lp = first.logprobs[0] if first.logprobs else None
-        await d.handle.call("set_first_token", rid, first.token_ids[0], lp)
         return 1, first
 
     async def _read(self, spec: RequestSpec, d: WorkerEntry, cursor: int) -> AsyncIterator[StreamChunk]:

@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 from collections import deque
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +66,7 @@ class DecodeWorker:
         self._streams_lock = threading.Lock()  # _streams is read by caller threads
         self.started_at = time.time()  # metrics: load() totals restart from 0 with the worker
         self.transfer_failures = 0
+        self._last_load: dict = {}  # snapshot after the last step, for load() under a long step
         self.loop = EngineLoop(self._step, engine.has_work, self._tick, name=worker_id, on_crash=self._fail_all).start()
 
     @property
@@ -101,8 +103,14 @@ class DecodeWorker:
     def abort(self, request_id: str, reason: str = "aborted") -> None:
         self.loop.run(lambda: self._abort(request_id, reason))
 
-    def load(self) -> dict:
-        return self.loop.run(self._load)
+    def load(self, wait_s: float = 0.5) -> dict:
+        """Current load, computed between engine steps; if a long step keeps the loop busy
+        past ``wait_s``, the snapshot taken after the last step (marked ``stale``)."""
+        fut = self.loop.call(self._load)
+        try:
+            return fut.result(wait_s)
+        except FutureTimeout:
+            return {**self._last_load, "stale": True} if self._last_load else fut.result()
 
     def shutdown(self) -> None:
         self.loop.stop()
@@ -179,6 +187,7 @@ class DecodeWorker:
     def _step(self) -> None:
         for req in self.engine.step():
             self._publish(req)
+        self._load()
 
     def _publish(self, req: Request) -> None:
         with self._streams_lock:
@@ -203,6 +212,10 @@ class DecodeWorker:
         self._reserve_waiting()  # freed blocks go to the oldest queued transfer at once
 
     def _load(self) -> dict:
+        self._last_load = self._compute_load()
+        return self._last_load
+
+    def _compute_load(self) -> dict:
         s = self.engine.scheduler
         return {
             "worker_id": self.worker_id,

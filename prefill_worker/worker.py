@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,6 +103,7 @@ class PrefillWorker:
         self.transfer_bytes = 0  # payload bytes of transfers that ended DONE
         self.transfer_seconds = CumulativeHistogram(TRANSFER_SECONDS_BUCKETS)  # first chunk -> sender DONE
         self.queue_seconds = CumulativeHistogram(QUEUE_SECONDS_BUCKETS)  # arrival -> first scheduled
+        self._last_load: dict = {}  # snapshot after the last step, for load() under a long step
         self.loop = EngineLoop(self._step, engine.has_work, self._tick, name=worker_id, on_crash=self._fail_all).start()
 
     # ------------------------------------------------------------ called from any thread
@@ -113,8 +115,14 @@ class PrefillWorker:
     def abort(self, request_id: str) -> None:
         self.loop.run(lambda: self._abort(request_id))
 
-    def load(self) -> dict:
-        return self.loop.run(self._load)
+    def load(self, wait_s: float = 0.5) -> dict:
+        """Current load, computed between engine steps; if a long step keeps the loop busy
+        past ``wait_s``, the snapshot taken after the last step (marked ``stale``)."""
+        fut = self.loop.call(self._load)
+        try:
+            return fut.result(wait_s)
+        except FutureTimeout:
+            return {**self._last_load, "stale": True} if self._last_load else fut.result()
 
     def shutdown(self) -> None:
         self.loop.stop()
@@ -194,6 +202,7 @@ class PrefillWorker:
                 self._releasing[rid] = o
             o.sender.finish(rid, o.chunks)
             self._streams.pop(rid).publish(req)
+        self._load()
 
     def _tick(self) -> None:
         now = time.monotonic()
@@ -220,6 +229,10 @@ class PrefillWorker:
             stream.fail("aborted")
 
     def _load(self) -> dict:
+        self._last_load = self._compute_load()
+        return self._last_load
+
+    def _compute_load(self) -> dict:
         s = self.engine.scheduler
         return {
             "worker_id": self.worker_id,
