@@ -265,20 +265,68 @@ async def _serve(cfg: ServeConfig, args: argparse.Namespace) -> None:
     with contextlib.suppress(NotImplementedError, RuntimeError):  # not main thread / platform
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
     controller = Controller(cfg, progress=_say)
+    frontends = None
     try:
         await controller.start()
         _print_layout(controller.info())
         await run_demo(controller, Tokenizer(cfg.model), args.prompts or list(DEMO_PROMPTS), args.max_tokens)
         if args.once:
             return
-        _say(
-            "\nthe cluster keeps serving (health watcher on); gRPC and OpenAI-compatible HTTP frontends "
-            "are planned but not there yet. Press Ctrl-C to stop."
-        )
+        frontends = await start_frontends(cfg, controller)
+        _say("\nserving (health watcher on). Press Ctrl-C to stop.")
         await asyncio.Event().wait()  # until Ctrl-C cancels this task
     finally:
+        if frontends is not None:
+            await frontends.stop()
         _say("shutting the workers down ...")
         await controller.shutdown()
+
+
+class Frontends:
+    """The gRPC, OpenAI HTTP and metrics endpoints of one served cluster.
+
+    Lifecycle: ``start_frontends`` binds every port (0 = pick one) -> ``stop()``."""
+
+    def __init__(self, grpc: Any, http: Any, metrics_server: Any):
+        self.grpc, self.http, self.metrics_server = grpc, http, metrics_server
+
+    async def stop(self) -> None:
+        await self.http.stop()
+        await self.grpc.stop()
+        self.metrics_server.close()
+
+
+async def start_frontends(cfg: ServeConfig, controller: Any, api_key: str | None = None) -> Frontends:
+    """ServingBackend over the controller's router, with its frontends and metrics endpoint."""
+    import os
+
+    from cluster.grpc_server import GrpcFrontend
+    from cluster.http_server import HttpFrontend
+    from cluster.metrics import Metrics, start_metrics_server
+    from cluster.service import ServingBackend
+
+    api_key = api_key or os.environ.get("SPLITSERVE_API_KEY") or None
+    name = os.path.basename(os.path.normpath(cfg.model))
+    metrics = Metrics(name)
+    metrics.attach(controller.router, transport=cfg.transfer.kind)
+    backend = ServingBackend.from_model_dir(
+        controller.router,
+        cfg.model,
+        max_queue=cfg.max_queue,
+        request_timeout_s=cfg.request_timeout_s,
+        info=controller.info,
+        metrics=metrics,
+    )
+    grpc = GrpcFrontend(backend, cfg.host, cfg.grpc_port, api_key=api_key)
+    grpc_port = await grpc.start()
+    http = HttpFrontend(backend, cfg.host, cfg.http_port, api_key=api_key)
+    http_port = await http.start()
+    metrics_server = start_metrics_server(metrics, cfg.metrics_port, cfg.host)
+    _say(
+        f"\ngRPC on {cfg.host}:{grpc_port}, OpenAI-compatible HTTP on http://{cfg.host}:{http_port}/v1, "
+        f"metrics on http://{cfg.host}:{metrics_server.port}/metrics"
+    )
+    return Frontends(grpc, http, metrics_server)
 
 
 def _print_layout(info: dict[str, Any]) -> None:
