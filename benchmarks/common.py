@@ -1,0 +1,88 @@
+"""Helpers shared by benchmark scripts: machine description, memory bandwidth, timing.
+
+Everything here is plain torch/stdlib so a benchmark can import it before heavy libraries.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO / "benchmarks" / "results"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _mem_total_gib() -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) / (1 << 20)  # kB -> GiB
+    except OSError:
+        pass
+    return None
+
+
+def machine_description() -> dict[str, object]:
+    """What the numbers were measured on (goes into every results JSON)."""
+    import transformers
+
+    mem = _mem_total_gib()
+    return {
+        "cpu": _cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gib": None if mem is None else round(mem, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def best_time(fn: Callable[[], object], reps: int) -> float:
+    """Fastest of ``reps`` wall-clock runs of ``fn`` in seconds (noise only ever adds time)."""
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def memory_bandwidth_gbps(mib: int = 1024, reps: int = 5) -> dict[str, float]:
+    """Main-memory bandwidth (GB/s, 1e9 bytes) with torch's current thread count.
+
+    ``read``: ``buf.sum()`` over a buffer much larger than the caches (reads ``mib`` MiB);
+    this is the traffic pattern of a weight-streaming matmul. ``copy``: ``dst.copy_(src)``
+    of ``mib / 2`` MiB, counted as read + write bytes.
+    """
+    n = (mib << 20) // 4
+    buf = torch.ones(n, dtype=torch.float32)
+    read_s = best_time(lambda: buf.sum(), reps)
+    half = n // 2
+    src, dst = buf[:half], torch.empty(half, dtype=torch.float32)
+    dst.copy_(src)  # touch the pages once so first-touch faults are not timed
+    copy_s = best_time(lambda: dst.copy_(src), reps)
+    return {"read": n * 4 / read_s / 1e9, "copy": 2 * half * 4 / copy_s / 1e9}
