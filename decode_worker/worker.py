@@ -20,7 +20,6 @@ import logging
 import threading
 import time
 from collections import deque
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,11 +105,7 @@ class DecodeWorker:
     def load(self, wait_s: float = 0.5) -> dict:
         """Current load, computed between engine steps; if a long step keeps the loop busy
         past ``wait_s``, the snapshot taken after the last step (marked ``stale``)."""
-        fut = self.loop.call(self._load)
-        try:
-            return fut.result(wait_s)
-        except FutureTimeout:
-            return {**self._last_load, "stale": True} if self._last_load else fut.result()
+        return self.loop.run_or(self._load, wait_s, self._stale_load)
 
     def shutdown(self) -> None:
         self.loop.stop()
@@ -210,6 +205,10 @@ class DecodeWorker:
         if reason != "aborted":
             log.error("%s: request %s failed: %s", self.worker_id, rid, reason)
         self._reserve_waiting()  # freed blocks go to the oldest queued transfer at once
+
+    def _stale_load(self) -> dict:
+        # from the caller's thread: the dict is replaced, never mutated, after each step
+        return {**self._last_load, "stale": True} if self._last_load else self.loop.run(self._load)
 
     def _load(self) -> dict:
         self._last_load = self._compute_load()

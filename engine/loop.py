@@ -14,6 +14,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,15 @@ class EngineLoop:
     def run(self, fn: Callable[[], Any], timeout: float | None = None) -> Any:
         """``call(fn)`` and wait for its result."""
         return self.call(fn).result(timeout)
+
+    def run_or(self, fn: Callable[[], Any], wait_s: float, fallback: Callable[[], Any]) -> Any:
+        """``run(fn)`` if the loop gets to it within ``wait_s``; else ``fallback()`` (e.g. a
+        snapshot) while a long step keeps it busy. ``fn`` still runs when the loop is free."""
+        fut = self.call(fn)
+        try:
+            return fut.result(wait_s)
+        except FutureTimeout:
+            return fallback()
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._cv:

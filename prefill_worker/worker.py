@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,11 +117,7 @@ class PrefillWorker:
     def load(self, wait_s: float = 0.5) -> dict:
         """Current load, computed between engine steps; if a long step keeps the loop busy
         past ``wait_s``, the snapshot taken after the last step (marked ``stale``)."""
-        fut = self.loop.call(self._load)
-        try:
-            return fut.result(wait_s)
-        except FutureTimeout:
-            return {**self._last_load, "stale": True} if self._last_load else fut.result()
+        return self.loop.run_or(self._load, wait_s, self._stale_load)
 
     def shutdown(self) -> None:
         self.loop.stop()
@@ -227,6 +222,10 @@ class PrefillWorker:
         stream = self._streams.pop(rid, None)
         if stream is not None:
             stream.fail("aborted")
+
+    def _stale_load(self) -> dict:
+        # from the caller's thread: the dict is replaced, never mutated, after each step
+        return {**self._last_load, "stale": True} if self._last_load else self.loop.run(self._load)
 
     def _load(self) -> dict:
         self._last_load = self._compute_load()
