@@ -38,32 +38,43 @@ def build_group_plan(
 ) -> _GroupPlan:
     """Padded index/mask tensors for sequences ``seqs`` of ``meta`` (shared by all layers)."""
     qsl = meta.query_start_loc
-    qlen = torch.tensor([qsl[i + 1] - qsl[i] for i in seqs], dtype=torch.long)  # [G]
+    qlens = [qsl[i + 1] - qsl[i] for i in seqs]
+    lens = [meta.seq_lens[i] for i in seqs]
+    q_max = max(qlens)
+    nblk = -(-max(lens) // block_size)
+    num_keys = nblk * block_size
+    # Exactly the T query rows in order, no padding: the output is a reshape, no scatter.
+    identity = seqs == list(range(meta.num_seqs)) and min(qlens) == q_max
     start = torch.tensor([qsl[i] for i in seqs], dtype=torch.long)  # [G]
-    seq_len = torch.tensor([meta.seq_lens[i] for i in seqs], dtype=torch.long)  # [G]
-    q_max = int(qlen.max())
-    nblk = -(-int(seq_len.max()) // block_size)
-    j = torch.arange(q_max)
-    valid = j[None, :] < qlen[:, None]  # [G, Qmax]
-    rows = torch.where(valid, start[:, None] + j[None, :], 0)
-    qpos = seq_len[:, None] - qlen[:, None] + j[None, :]  # [G, Qmax] position of each query row
-    keys = torch.arange(nblk * block_size)
-    mask = (keys[None, None, :] <= qpos[:, :, None]) & (keys[None, None, :] < seq_len[:, None, None])
-    if sliding_window is not None:
-        mask &= keys[None, None, :] > qpos[:, :, None] - sliding_window
-    mask[~valid] = False
-    mask[..., 0] |= ~valid  # padded rows attend to key 0 so softmax stays finite (output dropped)
-    flat_valid = valid.reshape(-1)
-    src_rows = flat_valid.nonzero().squeeze(1)
-    dst_rows = rows.reshape(-1)[src_rows]
-    t = meta.query_start_loc[-1]
-    identity = bool(flat_valid.all()) and len(seqs) * q_max == t and bool((dst_rows == torch.arange(t)).all())
+    seq_len = torch.tensor(lens, dtype=torch.long)  # [G]
+    keys = torch.arange(num_keys)
+    if q_max == 1:  # decode group: one real row per sequence, at position seq_len - 1
+        rows = start[:, None]
+        valid = torch.ones((len(seqs), 1), dtype=torch.bool)
+        src_rows, dst_rows = torch.arange(len(seqs)), start
+        every_key = min(lens) == num_keys and (sliding_window is None or sliding_window >= num_keys)
+        mask = None if every_key else keys[None, None, :] < seq_len[:, None, None]
+        if mask is not None and sliding_window is not None:
+            mask &= keys[None, None, :] > (seq_len - 1 - sliding_window)[:, None, None]
+    else:
+        qlen = torch.tensor(qlens, dtype=torch.long)  # [G]
+        j = torch.arange(q_max)
+        valid = j[None, :] < qlen[:, None]  # [G, Qmax]
+        rows = torch.where(valid, start[:, None] + j[None, :], 0)
+        qpos = seq_len[:, None] - qlen[:, None] + j[None, :]  # [G, Qmax] position of each query row
+        mask = (keys[None, None, :] <= qpos[:, :, None]) & (keys[None, None, :] < seq_len[:, None, None])
+        if sliding_window is not None:
+            mask &= keys[None, None, :] > qpos[:, :, None] - sliding_window
+        mask[~valid] = False
+        mask[..., 0] |= ~valid  # padded rows attend to key 0 so softmax stays finite (output dropped)
+        src_rows = valid.reshape(-1).nonzero().squeeze(1)
+        dst_rows = rows.reshape(-1)[src_rows]
     table = meta.block_tables[seqs, :nblk]
     return _GroupPlan(
         rows=rows.to(device),
         valid=valid.to(device),
         block_table=table.to(device),
-        mask=None if bool(mask.all()) else mask[:, None].to(device),
+        mask=None if mask is None else mask[:, None].to(device),
         dst_rows=dst_rows.to(device),
         src_rows=src_rows.to(device),
         identity=identity,
