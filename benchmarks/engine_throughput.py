@@ -14,7 +14,12 @@ Llama, random weights written by ``engine.models.tiny``) and each batch size it 
   attention mask, greedy, ``generation_config.eos_token_id = None`` so it also produces
   exactly ``output_len`` tokens per prompt.
 
-Throughput = batch * output_len / wall time of the whole call (prefill included), best of
+The last case of the ~100M model draws each request's prompt and output length from the Azure
+conversation trace excerpt (lengths / TRACE_SCALE): what a served batch looks like. Uniform
+cases give transformers its best case (no padding waste, no early finisher); the trace case
+shows what static batching costs it next to the engine's continuous batching.
+
+Throughput = output tokens generated / wall time of the whole call (prefill included), best of
 ``--repeats`` alternating runs (fast cases run more often, until they have taken 3 s). "match"
 is the fraction of sequences whose engine tokens equal transformers' tokens; "detok share" is
 the part of the engine's time that LLM.generate spends in its per-request
@@ -65,7 +70,14 @@ MODELS: dict[str, dict] = {
         tie_word_embeddings=True,
     ),
 }
-# (model, batch, output tokens per sequence)
+# Output length TRACE: per-request prompt and output lengths drawn from the Azure LLM
+# conversation trace excerpt shipped with the simulator, divided by TRACE_SCALE so a CPU can
+# run it. transformers serves such a batch statically (prompts left-padded to the longest,
+# every row decoded until the longest output is done); the engine batches continuously.
+TRACE = "trace"
+TRACE_CSV = REPO / "cluster" / "sim" / "data" / "azure_conv_500.csv"
+TRACE_SCALE = 16
+# (model, batch, output tokens per sequence or TRACE)
 FULL_CASES = [
     ("tiny", 1, 128),
     ("tiny", 8, 128),
@@ -73,6 +85,7 @@ FULL_CASES = [
     ("llama-100m", 1, 128),
     ("llama-100m", 8, 128),
     ("llama-100m", 64, 32),
+    ("llama-100m", 64, TRACE),
 ]
 QUICK_CASES = [
     ("tiny", 1, 64),
@@ -81,6 +94,7 @@ QUICK_CASES = [
     ("llama-100m", 1, 32),
     ("llama-100m", 8, 32),
     ("llama-100m", 64, 8),
+    ("llama-100m", 64, TRACE),
 ]
 PROMPT_LEN = (16, 48)  # prompt lengths are drawn uniformly from this range
 MIN_CASE_S, MAX_RUNS = 3.0, 10  # fast cases are repeated until they have run this long
@@ -91,7 +105,7 @@ class ThroughputRow:
     model: str
     params_m: float
     batch: int
-    output_len: int
+    output_len: float  # mean output tokens per sequence (all equal unless workload == TRACE)
     engine_s: float
     hf_s: float
     engine_tok_s: float
@@ -100,6 +114,7 @@ class ThroughputRow:
     match: float  # fraction of sequences with identical tokens
     detok_share: float  # fraction of the engine's time spent in incremental detokenization
     load: tuple[float, float]  # 1-minute load average before / after the case (noise indicator)
+    workload: str = "uniform"  # "uniform" (prompt lengths PROMPT_LEN, equal outputs) or TRACE
 
 
 @dataclass
@@ -120,12 +135,26 @@ def make_prompts(n: int, vocab: int, seed: int) -> list[list[int]]:
     return [torch.randint(3, vocab, (k,), generator=g).tolist() for k in lens]  # ids 0-2 are special
 
 
-def run_engine(llm: LLM, prompts: list[list[int]], out_len: int) -> tuple[float, list[list[int]]]:
-    params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
+def trace_workload(n: int, vocab: int, seed: int) -> tuple[list[list[int]], list[int]]:
+    """``n`` (prompt, output length) pairs sampled from the Azure conversation trace excerpt,
+    both lengths divided by TRACE_SCALE (at least 1 token each)."""
+    import csv
+
+    with open(TRACE_CSV, newline="") as f:
+        rows = [(int(r["ContextTokens"]), int(r["GeneratedTokens"])) for r in csv.DictReader(f)]
+    g = torch.Generator().manual_seed(seed)
+    picks = torch.randint(0, len(rows), (n,), generator=g).tolist()
+    prompt_lens = [max(1, rows[i][0] // TRACE_SCALE) for i in picks]
+    out_lens = [max(1, rows[i][1] // TRACE_SCALE) for i in picks]
+    return [torch.randint(3, vocab, (k,), generator=g).tolist() for k in prompt_lens], out_lens
+
+
+def run_engine(llm: LLM, prompts: list[list[int]], out_lens: list[int]) -> tuple[float, list[list[int]]]:
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in out_lens]
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params)
     dt = time.perf_counter() - t0
-    assert all(len(o.token_ids) == out_len for o in outs)
+    assert [len(o.token_ids) for o in outs] == out_lens
     return dt, [o.token_ids for o in outs]
 
 
@@ -140,7 +169,10 @@ def detokenize_seconds(llm: LLM, outputs: list[list[int]]) -> float:
 
 
 @torch.inference_mode()
-def run_hf(model, prompts: list[list[int]], out_len: int) -> tuple[float, list[list[int]]]:
+def run_hf(model, prompts: list[list[int]], out_lens: list[int]) -> tuple[float, list[list[int]]]:
+    """One static batch: left-padded prompts, every row decoded for max(out_lens) tokens, then
+    each row cut to its own length (what serving a mixed batch with generate() costs)."""
+    out_len = max(out_lens)
     width = max(map(len, prompts))
     ids = torch.zeros((len(prompts), width), dtype=torch.long)  # pad id 0, left padding
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -151,7 +183,7 @@ def run_hf(model, prompts: list[list[int]], out_len: int) -> tuple[float, list[l
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=out_len, do_sample=False, pad_token_id=0)
     dt = time.perf_counter() - t0
     assert out.shape[1] == width + out_len
-    return dt, out[:, width:].tolist()
+    return dt, [row[:n] for row, n in zip(out[:, width:].tolist(), out_lens, strict=True)]
 
 
 def load_hf(path: str):
@@ -211,7 +243,8 @@ def markdown_tables(rows: list[ThroughputRow], decode: list[DecodeRow]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r.model} | {r.params_m:.1f}M | {r.batch} | {r.output_len} | {r.engine_tok_s:,.0f} | "
+            f"| {r.model}{' (trace)' if r.workload == TRACE else ''} | {r.params_m:.1f}M | {r.batch} | "
+            f"{r.output_len:.0f}{' (mean)' if r.workload == TRACE else ''} | {r.engine_tok_s:,.0f} | "
             f"{r.hf_tok_s:,.0f} | {r.speedup:.2f}x | {r.match:.0%} | {r.detok_share:.1%} | "
             f"{r.load[0]:.1f} / {r.load[1]:.1f} |"
         )
@@ -235,7 +268,7 @@ def plot(rows: list[ThroughputRow], decode: list[DecodeRow], path: Path) -> None
     import matplotlib.pyplot as plt
 
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 1]})
-    labels = [f"{r.model}\nbatch {r.batch}" for r in rows]
+    labels = [f"{r.model}\nbatch {r.batch}" + ("\ntrace lengths" if r.workload == TRACE else "") for r in rows]
     x = range(len(rows))
     w = 0.4
     ax.bar([i - w / 2 for i in x], [r.engine_tok_s for r in rows], w, label="engine LLM.generate")
@@ -291,29 +324,33 @@ def main() -> None:
         vocab = llm.engine.config.model.vocab_size
         params_m = sum(p.numel() for p in hf.parameters()) / 1e6
         warm = make_prompts(2, vocab, seed=1)
-        run_engine(llm, warm, 4)  # first calls pay one-off allocation / thread start-up costs
-        run_hf(hf, warm, 4)
+        run_engine(llm, warm, [4, 4])  # first calls pay one-off allocation / thread start-up costs
+        run_hf(hf, warm, [4, 4])
         model_cases = [c for c in cases if c[0] == name]
         for _, batch, out_len in tqdm(model_cases, desc=f"{name} ({params_m:.1f}M params)", unit="case"):
-            prompts = make_prompts(batch, vocab, seed=batch)
+            if out_len == TRACE:
+                prompts, out_lens = trace_workload(batch, vocab, seed=batch)
+            else:
+                prompts, out_lens = make_prompts(batch, vocab, seed=batch), [out_len] * batch
             load0 = os.getloadavg()[0]
             e_s = h_s = float("inf")
             runs = spent = 0.0
             # Alternate engine / HF and keep each one's best (noise only adds time): at least
             # ``repeats`` runs, more (up to MAX_RUNS) while a case has taken under MIN_CASE_S.
             while runs < repeats or (spent < MIN_CASE_S and runs < MAX_RUNS):
-                e, e_tok = run_engine(llm, prompts, out_len)
-                h, h_tok = run_hf(hf, prompts, out_len)
+                e, e_tok = run_engine(llm, prompts, out_lens)
+                h, h_tok = run_hf(hf, prompts, out_lens)
                 e_s, h_s, runs, spent = min(e_s, e), min(h_s, h), runs + 1, spent + e + h
-            n = batch * out_len
+            n = sum(out_lens)
             row = ThroughputRow(
-                name, params_m, batch, out_len, e_s, h_s, n / e_s, n / h_s, h_s / e_s,
+                name, params_m, batch, n / batch, e_s, h_s, n / e_s, n / h_s, h_s / e_s,
                 sum(a == b for a, b in zip(e_tok, h_tok, strict=True)) / batch,
                 detokenize_seconds(llm, e_tok) / e_s, (load0, os.getloadavg()[0]),
+                TRACE if out_len == TRACE else "uniform",
             )  # fmt: skip
             rows.append(row)
             tqdm.write(
-                f"  batch {batch:3d} x {out_len:3d} tokens: engine {row.engine_tok_s:8.1f} tok/s, "
+                f"  batch {batch:3d} x {row.output_len:5.1f} tokens ({row.workload}): engine {row.engine_tok_s:8.1f} tok/s, "
                 f"HF {row.hf_tok_s:8.1f} tok/s ({row.speedup:.2f}x), match {row.match:.0%}, "
                 f"load {row.load[0]:.1f}/{row.load[1]:.1f}"
             )
