@@ -12,6 +12,7 @@ Shape (every key optional except ``model``; unknown keys are errors)::
     http_port: 8000
     metrics_port: 9090
     max_queue: 1024
+    placement: auto             # placement group strategy for all workers (PLACEMENT_STRATEGIES)
 
 Errors are ``ConfigError`` (a ``ValueError``) whose message starts with the dotted path of the
 bad field, e.g. ``pools[1].num_workers: must be >= 0, got -1``.
@@ -37,6 +38,10 @@ ROLES: tuple[str, ...] = ("prefill", "decode", "mixed")
 ROUTING_POLICIES: tuple[str, ...] = ("round_robin", "jsq", "token_jsq", "kv", "prefix")
 # KV transports implemented by kv_transfer (its make_sender/make_receiver kinds).
 TRANSFER_KINDS: tuple[str, ...] = ("loopback", "shm", "torch", "grpc")
+# How the controller reserves the workers' resources (cluster/placement.py): "auto" is
+# STRICT_PACK for the node-local shm transport and PACK otherwise; "none" places each actor
+# on its own, by its resources only (no placement group).
+PLACEMENT_STRATEGIES: tuple[str, ...] = ("auto", "none", "PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
 class ConfigError(ValueError):
@@ -154,9 +159,15 @@ class ServeConfig:
     metrics_port: int = 9090  # 0: pick a free port
     max_queue: int = 1024  # requests admitted but not finished; more are refused (RESOURCE_EXHAUSTED)
     request_timeout_s: float = 600.0  # a request not finished by then is aborted
+    placement: str = "auto"  # one of PLACEMENT_STRATEGIES
 
     def __post_init__(self) -> None:
         _check(bool(self.model), "model", "must be a non-empty string")
+        _check(
+            self.placement in PLACEMENT_STRATEGIES,
+            "placement",
+            f"must be one of {list(PLACEMENT_STRATEGIES)}, got {self.placement!r}",
+        )
         object.__setattr__(self, "pools", tuple(self.pools))
         _check(len(self.pools) > 0, "pools", "must list at least one pool")
         seen: set[str] = set()

@@ -3,13 +3,17 @@
 Lives in the driver process (plain asyncio, not an actor). Lifecycle::
 
     Controller(config)            validates: the KV transport must cross processes
-    await start()                 one actor per worker, placed by the pool's num_cpus /
+    await start()                 reserves a placement group with one bundle per worker
+                                  (cluster/placement.py; STRICT_PACK for shm, PACK otherwise,
+                                  none with placement "none"), then starts one actor per
+                                  worker in its bundle, placed by the pool's num_cpus /
                                   num_gpus / custom resources (a KubeRay worker group that
                                   carries e.g. {"decode_node": 1} receives the pool asking
                                   for it); waits for every actor to load its model, registers
                                   them with the Router, starts the health watcher
     ... router.generate(spec) ...
-    await shutdown()              stops the watcher, shuts the workers down, kills the actors
+    await shutdown()              stops the watcher, shuts the workers down, kills the actors,
+                                  removes the placement group
 
 Worker ids are ``<pool name>-<index>`` (as in LocalCluster) and survive restarts.
 
@@ -40,6 +44,7 @@ import ray
 
 from cluster.config import PoolConfig, ServeConfig
 from cluster.handles import RayHandle, WorkerUnavailable
+from cluster.placement import WorkerPlacement
 from cluster.router import Router
 from cluster.routing import RoutingPolicy
 from decode_worker.actor import DecodeActor
@@ -58,13 +63,14 @@ class ControllerOptions:
     ping_timeout_s: float = 5.0  # a ping (or recovery load probe) slower than this is a miss
     max_missed_pings: int = 3  # consecutive misses before a live-but-silent actor is replaced
     ready_timeout_s: float = 600.0  # model load + placement; longer is a failed start
+    placement_timeout_s: float = 600.0  # the placement group not placed by then: start fails
     restart_backoff_s: float = 2.0  # wait between failed replacement attempts
     max_concurrency: int = 64  # Ray threads per actor for blocking prefill/read calls
     read_timeout_s: float = 1.0  # Router's long-poll period for decode reads
     shutdown_timeout_s: float = 10.0  # graceful worker shutdown before the actor is killed
 
     def __post_init__(self) -> None:
-        for name in ("health_interval_s", "ping_timeout_s", "ready_timeout_s", "read_timeout_s"):
+        for name in ("health_interval_s", "ping_timeout_s", "ready_timeout_s", "read_timeout_s", "placement_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.restart_backoff_s < 0 or self.shutdown_timeout_s < 0:
@@ -114,6 +120,7 @@ class Controller:
         self._watcher: asyncio.Task | None = None
         self._replacing: dict[str, asyncio.Task] = {}
         self._closing = False
+        self._placement: WorkerPlacement | None = None  # created by start(), removed by shutdown()
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> Controller:
@@ -127,6 +134,15 @@ class Controller:
         self._progress(
             f"starting {len(slots)} worker actors: " + ", ".join(_pool_summary(p) for p in self.config.pools)
         )
+        self._placement = WorkerPlacement.create(self.config)
+        if self._placement is not None:
+            self._progress(f"reserving a {self._placement.describe()}")
+            try:
+                await self._placement.ready(self.options.placement_timeout_s)
+            except BaseException:
+                self._placement.remove()
+                self._placement = None
+                raise
         for wid, pool in slots:
             actor = self._spawn(wid, pool)
             self.workers[wid] = WorkerRecord(wid, pool, actor, RayHandle(wid, actor))
@@ -159,6 +175,7 @@ class Controller:
         except RuntimeError:
             await self._kill_all()  # nothing half-started stays behind
             self.workers.clear()
+            self._remove_placement()
             raise
         for rec in self.workers.values():
             self.router.add_worker(rec.worker_id, rec.handle, rec.role, rec.address)
@@ -176,8 +193,14 @@ class Controller:
         self._watcher = None
         self._replacing.clear()
         await self._kill_all()
+        self._remove_placement()
         for wid in list(self.workers):
             self.router.remove_worker(wid)
+
+    def _remove_placement(self) -> None:
+        if self._placement is not None:
+            self._placement.remove()
+            self._placement = None
 
     # ------------------------------------------------------------ introspection
     def info(self) -> dict[str, Any]:
@@ -217,6 +240,7 @@ class Controller:
         return {
             "model": self.config.model,
             "transfer": self.config.transfer.kind,
+            "placement": self._placement.strategy if self._placement is not None else "none",
             "pools": pools,
             "workers": workers,
             "requests_in_flight": len(self.router.requests),
@@ -233,6 +257,7 @@ class Controller:
             "resources": dict(pool.resources) or None,
             "max_concurrency": self.options.max_concurrency,
             "max_restarts": 0,  # the controller replaces dead actors itself
+            **(self._placement.actor_options(wid) if self._placement is not None else {}),
         }
         t = self.config.transfer
         if pool.role == "prefill":

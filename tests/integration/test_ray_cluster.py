@@ -54,6 +54,16 @@ def _config(model: str, kind: str, prefill: dict | None = None, decode: dict | N
     )
 
 
+def _live_groups() -> list[tuple[str, list[dict], float]]:
+    """(strategy, bundles, CPUs of the group still free) of every placement group not removed."""
+    free = ray.available_resources()
+    return [
+        (g["strategy"], list(g["bundles"].values()), free.get(f"CPU_group_{pid}", 0.0))
+        for pid, g in ray.util.placement_group_table().items()
+        if g["state"] != "REMOVED"
+    ]
+
+
 def _record_routes(c: Controller) -> list[RouteReason]:
     """Wrap the routing policy so the test sees which path every placement took."""
     reasons: list[RouteReason] = []
@@ -166,12 +176,20 @@ def test_greedy_through_ray_equals_llm(ray_nodes, loop, tiny_checkpoint, referen
             reasons = _record_routes(c)
             got = await _generate_all(c, prompts, "r")
             await _assert_pools_full(c)
-            return got, reasons, c.info()
+            groups = {"during": _live_groups()}
+            return got, reasons, c.info(), groups
         finally:
             await c.shutdown()
+            if "groups" in locals():
+                groups["after"] = _live_groups()
 
-    got, reasons, info = loop.run_until_complete(run())
+    got, reasons, info, groups = loop.run_until_complete(run())
     assert got == expected
+    # one placement group held both workers' bundles while serving, removed at shutdown
+    strategy = "STRICT_PACK" if kind == "shm" else "PACK"
+    assert info["placement"] == strategy
+    assert groups["during"] == [(strategy, [{"CPU": 0.5}, {"CPU": 0.5}], 0.0)], groups
+    assert groups["after"] == [], groups
     # every long prompt crossed actors through the transport; short ones stayed local
     assert sorted(reasons) == sorted(
         RouteReason.SPLIT if len(p) >= SHORT else RouteReason.SHORT_PROMPT for p in prompts
@@ -206,23 +224,34 @@ def test_pools_land_on_nodes_carrying_their_resources(ray_nodes, loop, tiny_chec
     assert got == reference("llama", prompts)
 
 
-@pytest.mark.slow
-def test_shm_across_nodes_is_refused_and_cleaned_up(ray_nodes, loop, tiny_checkpoint):
+@pytest.mark.parametrize(
+    "placement,error",
+    [
+        # the placement group cannot be placed: no node has both prefill_node and decode_node
+        ("auto", r"STRICT_PACK placement group of 2 bundles .* not placed within 2s: one node must hold it"),
+        # no placement group: the actors start on two nodes, then the locality check refuses them
+        pytest.param("none", "'shm' is node-local but the workers run on 2 nodes", marks=pytest.mark.slow),
+    ],
+)
+def test_shm_across_nodes_is_refused_and_cleaned_up(ray_nodes, loop, tiny_checkpoint, placement, error):
     cfg = _config(
         tiny_checkpoint("llama"),
         "shm",
         prefill={"resources": {"prefill_node": 1}},
         decode={"num_cpus": 0, "resources": {"decode_node": 1}},
     )
+    cfg = ServeConfig.from_dict({**cfg.to_dict(), "placement": placement})
+    options = ControllerOptions(**{**FAST.__dict__, "placement_timeout_s": 2.0})
 
     async def run():
-        c = Controller(cfg, FAST)
-        with pytest.raises(RuntimeError, match="'shm' is node-local but the workers run on 2 nodes"):
+        c = Controller(cfg, options)
+        with pytest.raises(RuntimeError, match=error):
             await c.start()
         return c
 
     c = loop.run_until_complete(run())
     assert c.workers == {} and c.router.workers == {}
+    assert _live_groups() == []
     # the refused actors were killed: their resources come back (Ray frees them asynchronously)
     loop.run_until_complete(_poll(lambda: ray.available_resources().get("decode_node") == 1, "decode_node freed", 30))
 

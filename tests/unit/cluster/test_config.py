@@ -114,6 +114,7 @@ def with_(path: str, value) -> dict:
         ("http_port", 9100, r"^metrics_port: port 9100 is also http_port"),
         ("grpc_port", 70000, r"^grpc_port: must be in \[0, 65535\]"),
         ("max_queue", 0, r"^max_queue: must be >= 1"),
+        ("placement", "pack", r"^placement: must be one of \[.auto., .none., .PACK."),
     ],
 )
 def test_invalid_fields_are_named_in_the_error(path, value, message):
