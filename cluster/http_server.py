@@ -268,6 +268,7 @@ class OpenAIServer:
             "created": self.created,
             "owned_by": "splitserve",
             "max_model_len": b.max_model_len,
+            "vocab_size": b.model_config.vocab_size,
         }
 
 

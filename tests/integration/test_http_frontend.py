@@ -293,7 +293,11 @@ def test_seeded_sampling_is_reproducible(served):
 def test_models_and_health(served):
     models = served.client().models.list()
     assert [m.id for m in models.data] == [served.name] and models.data[0].object == "model"
-    assert served.client().models.retrieve(served.name).id == served.name
+    card = served.client().models.retrieve(served.name)
+    assert card.id == served.name
+    # extra fields a client sizes requests with: the same numbers the engine validates against
+    assert card.model_extra["vocab_size"] == served.main.model_config.vocab_size > 0
+    assert card.model_extra["max_model_len"] == served.main.max_model_len > 0
     with httpx.Client(base_url=served.url()) as http:
         assert http.get("/health").status_code == 200
         assert http.get("/v1/models/not-a-model").status_code == 404
