@@ -4,6 +4,10 @@ Sequences are split into a decode group (one query row each) and a prefill group
 rows, e.g. a prompt chunk) so a long prompt does not pad every decode row to its length.
 Everything that depends only on the step (row indices, page lists, the mask) is built once
 per step in a ``_GroupPlan`` with vectorised tensor ops and reused by every layer.
+
+On CPU the decode group skips the gather: the native paged kernel (engine/attention/cpu_paged.py)
+reads each sequence's pages in place, once. SDPA stays the path for prefill groups, for caches
+on other devices and wherever the native module cannot be built.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engine.attention import cpu_paged
 from engine.attention.backend import AttentionMetadata
 from engine.kv_cache.paged_cache import PagedKVCache
 
@@ -31,6 +36,8 @@ class _GroupPlan:
     # True when the padded layout IS the T query rows in order (no padding, no reordering):
     # then the output is a reshape of the SDPA result, no scatter.
     identity: bool
+    # [G] int64 context length of each sequence; set for the decode group only (native kernel input)
+    seq_lens: torch.Tensor | None = None
 
 
 def build_group_plan(
@@ -78,6 +85,7 @@ def build_group_plan(
         dst_rows=dst_rows.to(device),
         src_rows=src_rows.to(device),
         identity=identity,
+        seq_lens=seq_len.to(device) if q_max == 1 else None,
     )
 
 
@@ -92,13 +100,20 @@ def gather_pages(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor
 
 
 class TorchSDPABackend:
-    """Reference attention backend: correct for any mix of prefill chunks and decodes."""
+    """Reference attention backend: correct for any mix of prefill chunks and decodes.
+
+    ``native_decode``: None (default) runs the decode group through the native CPU kernel when
+    the cache is on CPU and the kernel builds; False never does; True requires it.
+    """
 
     name = "sdpa"
 
-    def __init__(self, cache: PagedKVCache, sliding_window: int | None = None):
+    def __init__(self, cache: PagedKVCache, sliding_window: int | None = None, native_decode: bool | None = None):
         self.cache = cache
         self.sliding_window = sliding_window
+        self._native = None if native_decode is False else cpu_paged.native_decode_module(cache.kv.device)
+        if native_decode and self._native is None:
+            raise RuntimeError("native_decode=True but the native CPU kernel is unavailable (see the log)")
 
     def _plans(self, meta: AttentionMetadata) -> list[_GroupPlan]:
         plans = meta.plans.get(self.name)
@@ -125,9 +140,14 @@ class TorchSDPABackend:
             out[p.dst_rows] = o.reshape(-1, *q.shape[1:])[p.src_rows]
         return out
 
-    @staticmethod
-    def _attend(p: _GroupPlan, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    def _attend(self, p: _GroupPlan, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """Attention of the group's padded query rows -> [G, Qmax, H, D] (padded rows are junk)."""
+        if p.seq_lens is not None and self._native is not None:  # decode group: Qmax == 1, no padding
+            qq = q if p.identity else q[p.dst_rows]  # [G, H, D]
+            o = cpu_paged.paged_decode(
+                self._native, qq, k_cache, v_cache, p.block_table, p.seq_lens, self.sliding_window
+            )
+            return o[:, None]
         kk, vv = gather_pages(k_cache, p.block_table), gather_pages(v_cache, p.block_table)  # [G, Hkv, L, D]
         qq = q[p.rows].transpose(1, 2)  # [G, H, Qmax, D]
         o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=p.mask, enable_gqa=True)

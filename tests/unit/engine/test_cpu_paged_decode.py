@@ -1,0 +1,173 @@
+"""Native CPU paged decode kernel vs a float64 reference, and TorchSDPABackend with vs without it."""
+
+import math
+
+import pytest
+import torch
+
+from engine import native
+from engine.attention.backend import AttentionMetadata
+from engine.attention.sdpa import TorchSDPABackend
+from engine.kv_cache.layout import KVLayout
+from engine.kv_cache.paged_cache import PagedKVCache
+
+LENS = [1, 13, 16, 37, 70, 32]  # one token, partial page, exactly one/two pages (bs 16), several
+
+
+@pytest.fixture(scope="module")
+def mod():
+    m = native.load()
+    if m is None:
+        pytest.skip("native CPU kernels could not be built (see the logged warning)")
+    return m
+
+
+def _cache(bs, hkv, d, num_blocks, dtype="float32", layers=2, seed=0):
+    torch.manual_seed(seed)
+    layout = KVLayout(dtype=dtype, block_size=bs, num_layers=layers, num_kv_heads=hkv, head_dim=d)
+    cache = PagedKVCache(layout, num_blocks)
+    cache.kv.normal_()
+    return cache
+
+
+def _tables(lens, bs, num_blocks, seed=1):
+    """[B, max_blocks + 2] int64 tables over shuffled, unshared block ids, padded with 0."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    need = [-(-n // bs) for n in lens]
+    assert sum(need) <= num_blocks
+    table = torch.zeros((len(lens), max(need) + 2), dtype=torch.long)
+    for i, n in enumerate(need):
+        table[i, :n] = torch.tensor(perm[:n])
+        perm = perm[n:]
+    return table
+
+
+def _reference(q, k_cache, v_cache, table, lens, window=None):
+    """float64 gather + softmax(q k^T / sqrt(D)) v at the last position of each row. q: [B, H, D]."""
+    b, h, d = q.shape
+    bs, hkv = k_cache.shape[1], k_cache.shape[2]
+    out = torch.empty((b, h, d), dtype=torch.float64)
+    for i, n in enumerate(lens):
+        blocks = table[i, : -(-n // bs)]
+        kk = k_cache[blocks].reshape(-1, hkv, d)[:n].double().repeat_interleave(h // hkv, 1)
+        vv = v_cache[blocks].reshape(-1, hkv, d)[:n].double().repeat_interleave(h // hkv, 1)
+        s = torch.einsum("hd,nhd->hn", q[i].double(), kk) / math.sqrt(d)
+        if window is not None:
+            s[:, torch.arange(n) <= n - 1 - window] = float("-inf")
+        out[i] = torch.einsum("hn,nhd->hd", s.softmax(-1), vv)
+    return out
+
+
+def _run(mod, h, hkv, d, bs, lens=LENS, window=None, dtype="float32"):
+    cache = _cache(bs, hkv, d, num_blocks=sum(-(-n // bs) for n in lens) + 3, dtype=dtype)
+    k_cache, v_cache = cache.layer(1)
+    assert not k_cache.is_contiguous()  # strided views of kv[1, :, 0] / kv[1, :, 1]
+    table = _tables(lens, bs, cache.num_blocks)
+    q = torch.randn(len(lens), h, d).to(cache.kv.dtype)
+    out = mod.paged_decode(q, k_cache, v_cache, table, torch.tensor(lens), 1 / math.sqrt(d), window or -1)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    return out, _reference(q, k_cache, v_cache, table, lens, window)
+
+
+@pytest.mark.parametrize("bs", [1, 16])
+@pytest.mark.parametrize("d", [8, 24, 64, 128])
+@pytest.mark.parametrize("h,hkv", [(4, 4), (6, 2), (8, 2), (4, 1)])  # GQA 1, 3, 4, MQA
+def test_kernel_matches_reference_fp32(mod, h, hkv, d, bs):
+    out, ref = _run(mod, h, hkv, d, bs)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [1, 5, 16, 33, 500])
+@pytest.mark.parametrize("bs", [1, 16])
+def test_kernel_sliding_window(mod, window, bs):
+    out, ref = _run(mod, 6, 2, 24, bs, window=window)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("window", [None, 20])
+def test_kernel_half_precision(mod, dtype, window):
+    out, ref = _run(mod, 8, 2, 64, 16, lens=[1, 16, 100, 300], window=window, dtype=dtype)
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_kernel_threads_strided_q_and_separate_kv_strides(mod):
+    cache = _cache(16, 2, 64, num_blocks=64)
+    k_cache, v_cache = cache.layer(0)
+    v_cache = v_cache.contiguous()  # K and V with different strides
+    lens = [5, 33, 200, 1, 48, 77, 130, 16]
+    table = _tables(lens, 16, cache.num_blocks)
+    q = torch.randn(4, len(lens), 64).transpose(0, 1)  # [B, H=4, D], non-contiguous
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2, 3):  # same result whatever the thread split
+            torch.set_num_threads(threads)
+            outs.append(mod.paged_decode(q, k_cache, v_cache, table, torch.tensor(lens), 0.125, -1))
+    finally:
+        torch.set_num_threads(before)
+    ref = _reference(q, k_cache, v_cache, table, lens)  # 1/sqrt(64) = 0.125
+    torch.testing.assert_close(outs[0].double(), ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_kernel_rejects_bad_inputs(mod):
+    cache = _cache(8, 2, 16, num_blocks=4)
+    k_cache, v_cache = cache.layer(0)
+    q, table, lens = torch.randn(1, 4, 16), torch.tensor([[0, 1]]), torch.tensor([9])
+    with pytest.raises(RuntimeError, match="multiple"):
+        mod.paged_decode(torch.randn(1, 3, 16), k_cache, v_cache, table, lens, 0.25, -1)
+    with pytest.raises(RuntimeError, match="sliding_window"):
+        mod.paged_decode(q, k_cache, v_cache, table, lens, 0.25, 0)
+    with pytest.raises(RuntimeError, match="dtype"):
+        mod.paged_decode(q.double(), k_cache, v_cache, table, lens, 0.25, -1)
+    with pytest.raises(RuntimeError, match="exceed|out of range"):  # 17 tokens need 3 pages of 8
+        mod.paged_decode(q, k_cache, v_cache, table, torch.tensor([17]), 0.25, -1)
+    with pytest.raises(RuntimeError, match="out of range"):
+        mod.paged_decode(q, k_cache, v_cache, torch.tensor([[0, 4]]), lens, 0.25, -1)
+
+
+def _mixed_step(bs, num_blocks, seq_lens, query_lens, seed=2):
+    """Metadata for one step whose new tokens are the last query_lens[i] of each sequence."""
+    table = _tables(seq_lens, bs, num_blocks, seed=seed)
+    slots, starts = [], [0]
+    for i, (n, qn) in enumerate(zip(seq_lens, query_lens)):
+        slots += [int(table[i, p // bs]) * bs + p % bs for p in range(n - qn, n)]
+        starts.append(starts[-1] + qn)
+    return table, starts, torch.tensor(slots, dtype=torch.long)
+
+
+@pytest.mark.parametrize("window", [None, 7])
+@pytest.mark.parametrize("query_lens", [[1, 1, 9, 1, 4], [1, 1, 1, 1, 1], [1, 3, 1, 1, 1]])
+def test_backend_native_matches_sdpa(mod, query_lens, window):
+    h, hkv, d, bs = 6, 2, 24, 8
+    seq_lens = [12, 1, 30, 57, 16]
+    ref_cache, nat_cache = _cache(bs, hkv, d, 48), _cache(bs, hkv, d, 48)
+    table, starts, slots = _mixed_step(bs, ref_cache.num_blocks, seq_lens, query_lens)
+    ref_be = TorchSDPABackend(ref_cache, window, native_decode=False)
+    nat_be = TorchSDPABackend(nat_cache, window, native_decode=True)
+    assert ref_be._native is None and nat_be._native is mod
+    ref_meta = AttentionMetadata(slots, starts, seq_lens, table)
+    nat_meta = AttentionMetadata(slots, starts, seq_lens, table)
+    t = starts[-1]
+    for layer in range(2):
+        q = torch.randn(t, h, d)
+        k, v = torch.randn(t, hkv, d), torch.randn(t, hkv, d)
+        ref = ref_be.forward(layer, q, k, v, ref_meta)
+        out = nat_be.forward(layer, q, k, v, nat_meta)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(nat_cache.kv, ref_cache.kv)  # same k/v written
+    decode = [p for p in nat_meta.plans["sdpa"] if p.seq_lens is not None]
+    assert len(decode) == 1 and decode[0].seq_lens.tolist() == [n for n, ql in zip(seq_lens, query_lens) if ql == 1]
+
+
+def test_backend_default_uses_native_on_cpu(mod, monkeypatch):
+    cache = _cache(8, 2, 16, 4)
+    assert TorchSDPABackend(cache)._native is mod
+    monkeypatch.setattr(native.build, "_loaded", False)  # both restored after the test
+    monkeypatch.setattr(native.build, "_module", None)
+    monkeypatch.setenv("SPLITSERVE_NATIVE", "0")
+    assert TorchSDPABackend(cache)._native is None  # env switch -> torch fallback
+    with pytest.raises(RuntimeError, match="unavailable"):
+        TorchSDPABackend(cache, native_decode=True)
