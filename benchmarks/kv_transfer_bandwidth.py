@@ -1,18 +1,23 @@
-"""KV transfer bandwidth per transport vs a plain torch memcpy of the same pages.
+"""KV transfer bandwidth per transport vs a plain memcpy of the same pages.
 
     .venv/bin/python benchmarks/kv_transfer_bandwidth.py [--mib 64] [--iters 5] [--kinds shm,torch,grpc]
         [--sender-opts '{"shm": {"window_bytes": 16777216}}'] [--receiver-opts '{"shm": {...}}']
+        [--out benchmarks/results/kv_transfer_bandwidth.json]
 
 The receivers (each with its own PagedKVCache) live in this process; each sender is this
 script re-run as a child process (``--role sender``), so every transport except "loopback"
-(in-process by design) crosses a process boundary. One timed transfer = one request of
-``--mib`` MiB of pages, sent one layer (one chunk) at a time, from the parent's "go" until
-the receiver polls DONE: it includes the sender's checksum and copy-out, the transport, and
-the receiver's verification and copy into its cache.
+(in-process by design) crosses a process boundary. The sender's pages live in a shared
+PagedKVCache (``shared=True``, as a prefill worker on the shm transport has) and go out with
+``send_blocks``: by reference on shm (the receiver copies them straight out of the sender's
+cache, one copy), copied out first on the other transports. One timed transfer = one
+request of ``--mib`` MiB of pages, sent one layer (one chunk) at a time, from the parent's
+"go" until the receiver polls DONE: it includes the sender's checksum (and copy-out, where
+there is one), the transport, and the receiver's verification and copy into its cache.
 
-Baseline: ``dst.copy_(src)`` of the same pages, ``src`` and ``dst`` shaped like the cache
-pages ``[L, n, 2, block_size, Hkv, D]``: one copy, the least any move of KV between two
-caches costs (a transfer between processes with separate caches does one per side).
+Baselines, ``src`` and ``dst`` shaped like the cache pages ``[L, n, 2, block_size, Hkv, D]``:
+"plain memcpy" is ``np.copyto(dst, src)``, one glibc memcpy on one thread (the target: a
+one-copy transfer moves every byte once, verified on the way); "torch copy_" is
+``dst.copy_(src)`` on torch's intra-op threads (all of this machine's cores).
 
 The machine is shared and noisy, so all rows are measured in the same run, interleaved:
 every repetition times the memcpy and then one transfer per transport; each row reports
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -53,15 +59,23 @@ def _pages_per_layer(layout: KVLayout, mib: int) -> int:
 
 
 def _source(layout: KVLayout, n: int) -> torch.Tensor:
-    """The sender's pages: [L, n, 2, block_size, Hkv, D]."""
+    """Random pages: [L, n, 2, block_size, Hkv, D]."""
     return torch.randn((layout.num_layers, n, *layout.page_shape)).to(layout.torch_dtype)
+
+
+def _source_cache(layout: KVLayout, n: int) -> PagedKVCache:
+    """The sender's cache: n random pages per layer in a shared (memfd) PagedKVCache."""
+    cache = PagedKVCache(layout, n, shared=True)
+    cache.kv.copy_(_source(layout, n))
+    return cache
 
 
 def _sender(kind: str, address, mib: int, opts: dict) -> None:
     """Child: connect, then on each "go RID" line stream one request; "cpu" prints this
     process's CPU seconds; "exit" closes."""
     layout = _layout()
-    src = _source(layout, _pages_per_layer(layout, mib))
+    src = _source_cache(layout, _pages_per_layer(layout, mib))
+    blocks = list(range(src.num_blocks))
     tx = make_sender(kind, layout, **opts)
     tx.connect(address)
     print("ready", flush=True)
@@ -74,7 +88,7 @@ def _sender(kind: str, address, mib: int, opts: dict) -> None:
             continue
         rid = rest[0]
         for layer in range(layout.num_layers):
-            tx.send(rid, layer, 0, src[layer])
+            tx.send_blocks(rid, layer, 0, src, blocks)
         tx.finish(rid, layout.num_layers)
     tx.close()
 
@@ -92,7 +106,7 @@ class _Pair:
         if kind == "loopback":
             self.tx = make_sender(kind, layout, **tx_opts)
             self.tx.connect(self.rx.address)
-            self.src = _source(layout, self.n)
+            self.src = _source_cache(layout, self.n)
         else:
             argv = ["--role", "sender", "--kind", kind, "--address", json.dumps(self.rx.address), "--mib", str(mib)]
             self.child = subprocess.Popen(
@@ -109,8 +123,9 @@ class _Pair:
         child_cpu0 = self._child_cpu()
         cpu0, t0 = time.process_time(), time.perf_counter()
         if self.tx is not None:
+            blocks = list(range(self.n))
             for layer in range(layers):
-                self.tx.send(rid, layer, 0, self.src[layer])
+                self.tx.send_blocks(rid, layer, 0, self.src, blocks)
             self.tx.finish(rid, layers)
         else:
             self.child.stdin.write(f"go {rid}\n")
@@ -144,27 +159,14 @@ class _Pair:
         self.rx.close()
 
 
-def _memcpy(src: torch.Tensor, dst: torch.Tensor, tries: int = 3) -> tuple[float, float]:
-    """(best wall seconds, CPU seconds of all threads) of ``dst.copy_(src)``."""
+def _best(fn, tries: int = 3) -> tuple[float, float]:
+    """(best wall seconds, least CPU seconds of all threads) of ``fn()``."""
     best = cpu = float("inf")
     for _ in range(tries):
         cpu0, t0 = time.process_time(), time.perf_counter()
-        dst.copy_(src)
+        fn()
         best, cpu = min(best, time.perf_counter() - t0), min(cpu, time.process_time() - cpu0)
     return best, cpu
-
-
-def _one_thread(src: torch.Tensor, dst: torch.Tensor) -> tuple[float, float]:
-    """(seconds for one single-threaded memcpy of src into dst, for one checksum of src)."""
-    s, d = tensor_bytes(src).numpy(), tensor_bytes(dst).numpy()
-    copy = hsh = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        np.copyto(d, s)
-        t1 = time.perf_counter()
-        checksum_bytes(s)
-        copy, hsh = min(copy, t1 - t0), min(hsh, time.perf_counter() - t1)
-    return copy, hsh
 
 
 def main() -> None:
@@ -174,6 +176,7 @@ def main() -> None:
     ap.add_argument("--kinds", default="loopback,shm,torch,grpc")
     ap.add_argument("--sender-opts", default="{}", help="JSON {kind: {make_sender option: value}}")
     ap.add_argument("--receiver-opts", default="{}", help="JSON {kind: {make_receiver option: value}}")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "kv_transfer_bandwidth.json"))
     ap.add_argument("--role", default="bench", choices=["bench", "sender"])
     ap.add_argument("--kind", help=argparse.SUPPRESS)
     ap.add_argument("--address", help=argparse.SUPPRESS)
@@ -191,45 +194,75 @@ def main() -> None:
     nbytes = n * layout.num_layers * layout.page_bytes
     kinds = args.kinds.split(",")
     src, dst = _source(layout, n), torch.empty((layout.num_layers, n, *layout.page_shape), dtype=layout.torch_dtype)
-    memcpy = "torch memcpy (dst.copy_(src))"
-    best = dict.fromkeys([memcpy, *kinds], float("inf"))
+    s_np, d_np = tensor_bytes(src).numpy(), tensor_bytes(dst).numpy()
+    plain, torch_copy = "plain memcpy (np.copyto, 1 thread)", f"torch copy_ ({torch.get_num_threads()} threads)"
+    baselines = {plain: lambda: np.copyto(d_np, s_np), torch_copy: lambda: dst.copy_(src)}
+    best = dict.fromkeys([*baselines, *kinds], float("inf"))
     cpu = dict.fromkeys(best, float("inf"))
-    copy1 = hash1 = float("inf")
+    hash1 = float("inf")
     pairs = []
     try:
         for kind in kinds:
             pairs.append(_Pair(kind, args.mib, tx_opts.get(kind, {}), rx_opts.get(kind, {})))
         for i in range(args.iters + 1):  # 0: warm-up
-            times = {memcpy: _memcpy(src, dst)}
-            c, h = _one_thread(src, dst)
+            times = {name: _best(fn) for name, fn in baselines.items()}
+            h = _best(lambda: checksum_bytes(s_np))[0]
             for p in pairs:
-                time.sleep(0.02)  # let the intra-op pool stop spinning after the memcpy
+                time.sleep(0.02)  # let the intra-op pool stop spinning after torch's copy
                 times[p.kind] = p.transfer(f"bench-{i}")
             if i > 0:
                 best = {k: min(best[k], t) for k, (t, _) in times.items()}
                 cpu = {k: min(cpu[k], c) for k, (_, c) in times.items()}
-                copy1, hash1 = min(copy1, c), min(hash1, h)
+                hash1 = min(hash1, h)
     finally:
         for p in pairs:
             p.close()
-    print(f"\n{nbytes / 2**20:.0f} MiB of KV pages ({layout.num_layers} layers x {n} pages of {layout.page_bytes // 1024} KiB, one chunk per layer); "
-          f"best of {args.iters} interleaved repetitions; torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads\n")  # fmt: skip
-    print("| transport | processes | time (ms) | GB/s | vs memcpy | CPU (ms, all threads) |")
-    print("|---|---|---:|---:|---:|---:|")
-    for name, secs in best.items():
-        where = "in-process" if name in (memcpy, "loopback") else "2 processes"
-        print(
-            f"| {name} | {where} | {secs * 1e3:.1f} | {nbytes / secs / 1e9:.2f} | {best[memcpy] / secs:.3f} "
-            f"| {cpu[name] * 1e3:.1f} |"
-        )
-    # each side of a transfer runs its hash and copy on one thread, the two sides in parallel:
-    # a perfectly pipelined transfer still takes one hash + one copy of every byte
-    floor = hash1 + copy1
-    print(
-        f"\nOne thread: memcpy {nbytes / copy1 / 1e9:.2f} GB/s, checksum {nbytes / hash1 / 1e9:.2f} GB/s. "
-        f"Floor for a transfer whose sides each hash and copy on one thread: {floor * 1e3:.1f} ms "
-        f"= {best[memcpy] / floor:.3f} x memcpy (one-copy designs too: the sender hashes and copies)."
+    header = (
+        f"{nbytes / 2**20:.0f} MiB of KV pages ({layout.num_layers} layers x {n} pages of {layout.page_bytes // 1024} KiB, "
+        f"one chunk per layer); best of {args.iters} interleaved repetitions; torch {torch.__version__}, "
+        f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"
     )
+    print(f"\n{header}\n")
+    print("| transport | processes | time (ms) | GB/s | vs plain memcpy | vs torch copy_ | CPU (ms, all threads) |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    rows = []
+    for name, secs in best.items():
+        where = "in-process" if name in (*baselines, "loopback") else "2 processes"
+        row = {
+            "transport": name,
+            "processes": where,
+            "ms": secs * 1e3,
+            "gb_per_s": nbytes / secs / 1e9,
+            "vs_plain_memcpy": best[plain] / secs,
+            "vs_torch_copy": best[torch_copy] / secs,
+            "cpu_ms": cpu[name] * 1e3,
+        }
+        rows.append(row)
+        print(
+            f"| {name} | {where} | {row['ms']:.1f} | {row['gb_per_s']:.2f} | {row['vs_plain_memcpy']:.3f} "
+            f"| {row['vs_torch_copy']:.3f} | {row['cpu_ms']:.1f} |"
+        )
+    print(
+        f"\nOne thread: memcpy {nbytes / best[plain] / 1e9:.2f} GB/s, checksum (xxh3) {nbytes / hash1 / 1e9:.2f} GB/s. "
+        "A one-copy transfer (shm by reference) moves every byte once on the receiver, hashing it on the way, "
+        "while the sender hashes it in place."
+    )
+    result = {
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "description": header,
+        "mib": args.mib,
+        "iters": args.iters,
+        "layout": LAYOUT_ARGS,
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "checksum_gb_per_s": nbytes / hash1 / 1e9,
+        "rows": rows,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":

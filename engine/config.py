@@ -215,11 +215,16 @@ class EngineConfig:
     device: str = "cpu"
     attention_backend: str = "auto"  # "sdpa" | "triton" | "auto" (triton on CUDA, sdpa on CPU)
     max_model_len: int | None = None  # default: the model's max_position_embeddings
+    # allocate the KV cache in a memfd another process can map (CPU only): lets the shm KV
+    # transport's receiver copy pages straight out of this cache (see PagedKVCache)
+    kv_cache_shared: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"dtype {self.dtype!r} must be float32, float16 or bfloat16")
         if self.attention_backend not in ("sdpa", "triton", "auto"):
             raise ValueError(f"attention_backend {self.attention_backend!r} must be sdpa, triton or auto")
+        if self.kv_cache_shared and self.device.split(":")[0] != "cpu":
+            raise ValueError(f"kv_cache_shared needs a CPU KV cache, not device {self.device!r}")
         if self.max_model_len is None:
             object.__setattr__(self, "max_model_len", self.model.max_position_embeddings)

@@ -60,7 +60,7 @@ class EngineCore:
         num_blocks = config.cache.num_blocks or PagedKVCache.blocks_for_memory(
             self.layout, config.cache.max_kv_memory_gb
         )
-        self.cache = PagedKVCache(self.layout, num_blocks, config.device)
+        self.cache = PagedKVCache(self.layout, num_blocks, config.device, shared=config.kv_cache_shared)
         self.backend = attention_backend or make_attention_backend(
             config.attention_backend, self.cache, mc.sliding_window
         )

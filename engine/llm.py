@@ -13,7 +13,7 @@ from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 _CACHE_FIELDS = {f.name for f in dataclasses.fields(CacheConfig)}
 _SCHED_FIELDS = {f.name for f in dataclasses.fields(SchedulerConfig)}
-_ENGINE_FIELDS = {"attention_backend", "max_model_len"}
+_ENGINE_FIELDS = {"attention_backend", "max_model_len", "kv_cache_shared"}
 
 
 @dataclass

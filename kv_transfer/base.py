@@ -17,9 +17,18 @@ Wire unit (every transport carries the same fields)::
 Sender lifecycle::
 
     s = make_sender(kind, layout); s.connect(receiver.address)   # layouts compared here
-    s.send(rid, layer, first_page, pages)   # x N, non-blocking, any order of layers
+    s.send(rid, layer, first_page, pages)   # x N, non-blocking, any order of layers; or
+    s.send_blocks(rid, layer, first_page, cache, block_ids)   # the same chunk, by reference
     s.finish(rid, num_chunks=N)             # end of the request's stream
     s.poll(rid)                             # DONE: pages no longer needed on this side
+
+``send`` takes a tensor the sender owns from then on. ``send_blocks`` names pages of the
+caller's own PagedKVCache instead; the checksum is taken from them during the call, and a
+transport may read them later (shm with a shared cache: the receiver copies them straight
+out of the sender's memory, one copy in total), so the caller must leave those blocks
+unchanged until ``poll`` reports DONE or FAILED. A block written earlier fails the request
+at the receiver's checksum (loud, never silent). Transports without a zero-copy path copy
+the pages out at once (``KVSender.send_blocks``).
 
 Receiver poll state machine (one per request)::
 
@@ -38,9 +47,11 @@ Receiver poll state machine (one per request)::
     cancel(rid): forget the request in any state; chunks arriving later are dropped unwritten.
 
 DONE and FAILED are terminal: nothing is written for a request after it reaches either.
-A FAILED chunk is never written into the cache, so its destination blocks keep whatever
-they held. DONE also requires that every layer received the same, non-empty set of pages
-(a missing layer is an error, not silently garbage attention).
+A FAILED chunk of a ``send`` is never written into the cache, so its destination blocks
+keep whatever they held; a by-reference chunk is verified as it lands, so a failing one may
+leave garbage in the request's own reserved blocks (never in anyone else's: the request is
+FAILED and never admitted). DONE also requires that every layer received the same,
+non-empty set of pages (a missing layer is an error, not silently garbage attention).
 
 Chunks for a request that has not been ``expect``-ed yet are *buffered* (copied, up to
 ``max_unexpected_bytes`` per receiver) and replayed when ``expect`` arrives: the router may
@@ -49,7 +60,8 @@ the request is marked doomed and fails loudly at ``expect``.
 
 Sender poll: BOOTSTRAPPING (queued, nothing on the wire yet) -> TRANSFERRING -> DONE (every
 chunk and the end-of-stream marker left this process; the gRPC transport also waits for the
-receiver's acknowledgement) or FAILED (link error, or the receiver's ack reported failure).
+receiver's acknowledgement; shm waits for the acknowledgement of every by-reference chunk)
+or FAILED (link error, or the receiver's ack reported failure).
 Receiver-side verification is authoritative: the decode worker trusts only its own poll.
 """
 
@@ -142,6 +154,16 @@ class KVSender(abc.ABC):
         of the request, for ``layer``). Returns without waiting for the bytes to move; the
         sender owns ``pages`` from now on (the caller must not modify it)."""
 
+    def send_blocks(
+        self, request_id: str, layer: int, first_page: int, cache: PagedKVCache, block_ids: list[int]
+    ) -> None:
+        """Queue pages ``cache.kv[layer, block_ids]`` of the sender's own ``cache`` as one
+        chunk (pages ``first_page..first_page+len(block_ids)-1`` of the request). The caller
+        must not modify those blocks until ``poll(request_id)`` is DONE or FAILED: a
+        transport may read them after this returns (see the module docstring). This
+        default copies them out now and ``send``s the copy, so every transport supports it."""
+        self.send(request_id, layer, first_page, cache.kv[layer, list(block_ids)])  # advanced index: a copy
+
     @abc.abstractmethod
     def finish(self, request_id: str, num_chunks: int) -> None:
         """Mark the end of the request's stream: exactly ``num_chunks`` chunks were sent."""
@@ -153,6 +175,12 @@ class KVSender(abc.ABC):
     @abc.abstractmethod
     def error(self, request_id: str) -> str | None:
         """Why the request FAILED, else None."""
+
+    @property
+    def link_error(self) -> str | None:
+        """Why the link to the receiver is unusable (None while it works). A sender with a
+        link error fails every later request: its owner closes it and connects a new one."""
+        return None
 
     @abc.abstractmethod
     def close(self) -> None:

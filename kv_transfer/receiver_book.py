@@ -7,12 +7,15 @@ consecutive blocks, see ``bytes_ops.PageScatter``; any other cache through ``wri
 buffering of chunks that arrive before ``expect``, cancellation tombstones. A transport
 only decodes its wire format into ``on_chunk`` / ``on_finish`` / ``on_stream_error`` calls;
 ``BookedReceiver`` implements the transport-independent half of the KVReceiver ABC on top
-of one book.
+of one book. ``on_shared_pages`` is the one-copy entry (shm with a shared sender cache):
+the pages are copied from the sender's mapped cache straight into the reserved blocks and
+verified as they land, under the lock.
 
 Thread safety: transports call the ``on_*`` methods from their receive threads while the
-decode worker calls ``expect`` / ``poll`` / ``cancel``. Checksums are computed outside the
-lock; state changes and cache writes happen under it, so once ``cancel`` returns no byte of
-a late chunk can land in blocks that may already belong to another request.
+decode worker calls ``expect`` / ``poll`` / ``cancel``. Checksums of ``on_chunk`` payloads
+are computed outside the lock (``on_shared_pages`` hashes as it copies, under it); state
+changes and cache writes happen under it, so once ``cancel`` returns no byte of a late
+chunk can land in blocks that may already belong to another request.
 """
 
 from __future__ import annotations
@@ -119,6 +122,56 @@ class ReceiverBook:
             else:
                 self._apply_chunk(rid, req, chunk, problem)
 
+    def on_shared_pages(
+        self, rid: str, layer: int, first_page: int, src: np.ndarray, src_ids: list[int], checksum: int
+    ) -> None:
+        """A chunk still in the sender's memory: pages ``src[src_ids]`` (``src: [Ns,
+        page_bytes]`` uint8 rows of one layer of a mapped sender cache; the transport has
+        checked ``src_ids`` are in range and ``layer`` < num_layers). Copied straight into
+        the reserved blocks with the checksum taken from the bytes that landed (one copy);
+        on a mismatch the request FAILS (its own blocks may hold the bad bytes). Before
+        ``expect`` the pages are gathered into the early buffer. ``src`` is only read
+        during this call."""
+        n = len(src_ids)
+        with self._lock:  # held across the copy: once cancel() returns nothing lands
+            if rid in self._tombstones or rid in self._doomed:
+                return
+            req = self._reqs.get(rid)
+            if req is None and not self._room_for(rid, n * self.layout.page_bytes):
+                return
+            if req is None or self._scatter is None:  # no destination yet, or not a CPU cache
+                gathered = torch.from_numpy(src[src_ids]).reshape(-1)  # fancy index: an owned copy
+                chunk = KVChunk(rid, layer, first_page, n, gathered, checksum)
+                if req is None:
+                    self._buffer(rid, chunk, owned=True)
+                else:
+                    self._apply_chunk(rid, req, chunk, self._verify(chunk))
+                return
+            if req.status is TransferStatus.FAILED:
+                return
+            problem = "chunk arrived after the request was DONE" if req.status is TransferStatus.DONE else None
+            problem = problem or self._range_problem(req, layer, first_page, n)
+            if problem is None:
+                got = self._scatter.copy_pages(layer, req.block_ids[first_page : first_page + n], src, src_ids)
+                if got != checksum:
+                    problem = f"checksum mismatch (layer {layer}, first_page {first_page}, copied from the sender's cache): got {got:#010x}, sender said {checksum:#010x}"
+            if problem is not None:
+                self._fail(rid, req, problem)
+                return
+            self._landed(rid, req, layer, first_page, n)
+
+    def on_bad_chunk(self, rid: str, why: str) -> None:
+        """The transport could not decode a chunk of ``rid`` (e.g. block ids out of range):
+        fail the request (or doom it until ``expect``); other requests are unaffected."""
+        with self._lock:
+            if rid in self._tombstones or rid in self._doomed:
+                return
+            req = self._reqs.get(rid)
+            if req is None:
+                self._doom(rid, f"bad chunk before the request was expected: {why}")
+            elif not req.status.terminal:
+                self._fail(rid, req, f"bad chunk: {why}")
+
     def on_finish(self, request_id: str, num_chunks: int) -> None:
         with self._lock:
             if request_id in self._tombstones or request_id in self._doomed:
@@ -181,7 +234,7 @@ class ReceiverBook:
         if req.status is TransferStatus.DONE:
             problem = "chunk arrived after the request was DONE"
         elif problem is None:
-            problem = self._range_problem(req, chunk)
+            problem = self._range_problem(req, chunk.layer, chunk.first_page, chunk.num_pages)
         if problem is not None:
             self._fail(rid, req, problem)
             return
@@ -191,7 +244,10 @@ class ReceiverBook:
         except Exception as e:  # noqa: BLE001 - e.g. device OOM: fail the request, keep the link
             self._fail(rid, req, f"writing into the cache failed: {type(e).__name__}: {e}")
             return
-        req.written[chunk.layer, first : first + n] = True
+        self._landed(rid, req, chunk.layer, first, n)
+
+    def _landed(self, rid: str, req: _Request, layer: int, first: int, n: int) -> None:
+        req.written[layer, first : first + n] = True
         req.received += 1
         req.status = TransferStatus.TRANSFERRING
         self._maybe_done(rid, req)
@@ -208,12 +264,12 @@ class ReceiverBook:
         pages = raw.view(self.layout.torch_dtype).view(len(block_ids), *self.layout.page_shape)
         self.cache.write_pages(layer, block_ids, pages)
 
-    def _range_problem(self, req: _Request, chunk: KVChunk) -> str | None:
-        if not 0 <= chunk.layer < self.layout.num_layers:
-            return f"chunk for layer {chunk.layer}, layout has {self.layout.num_layers} layers"
-        end = chunk.first_page + chunk.num_pages
-        if chunk.first_page < 0 or end > len(req.block_ids):
-            return f"chunk pages [{chunk.first_page}, {end}) outside the {len(req.block_ids)} reserved blocks"
+    def _range_problem(self, req: _Request, layer: int, first_page: int, num_pages: int) -> str | None:
+        if not 0 <= layer < self.layout.num_layers:
+            return f"chunk for layer {layer}, layout has {self.layout.num_layers} layers"
+        end = first_page + num_pages
+        if first_page < 0 or end > len(req.block_ids):
+            return f"chunk pages [{first_page}, {end}) outside the {len(req.block_ids)} reserved blocks"
         return None
 
     def _apply_finish(self, rid: str, req: _Request, num_chunks: int) -> None:
@@ -255,24 +311,30 @@ class ReceiverBook:
                 del self._reqs[old]
                 self._tombstone(old)
 
-    def _buffer(self, rid: str, chunk: KVChunk) -> None:
-        nbytes = chunk.nbytes
-        if self._early_bytes + nbytes > self.max_unexpected_bytes:
-            self._doom(
-                rid, f"chunks arrived before expect() and overflowed the {self.max_unexpected_bytes}-byte early buffer"
-            )
-            return
-        # copy: the payload may be a borrowed view of transport memory
-        owned = KVChunk(
-            chunk.request_id,
-            chunk.layer,
-            chunk.first_page,
-            chunk.num_pages,
-            chunk.payload.detach().clone(),
-            chunk.checksum,
+    def _room_for(self, rid: str, nbytes: int) -> bool:
+        """Whether the early buffer can take ``nbytes`` more; if not, doom ``rid``."""
+        if self._early_bytes + nbytes <= self.max_unexpected_bytes:
+            return True
+        self._doom(
+            rid, f"chunks arrived before expect() and overflowed the {self.max_unexpected_bytes}-byte early buffer"
         )
+        return False
+
+    def _buffer(self, rid: str, chunk: KVChunk, owned: bool = False) -> None:
+        nbytes = chunk.nbytes
+        if not self._room_for(rid, nbytes):
+            return
+        if not owned:  # copy: the payload may be a borrowed view of transport memory
+            chunk = KVChunk(
+                chunk.request_id,
+                chunk.layer,
+                chunk.first_page,
+                chunk.num_pages,
+                chunk.payload.detach().clone(),
+                chunk.checksum,
+            )
         early = self._early.setdefault(rid, _Early())
-        early.events.append(owned)
+        early.events.append(chunk)
         early.nbytes += nbytes
         self._early_bytes += nbytes
 

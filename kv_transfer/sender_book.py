@@ -7,7 +7,10 @@ so the compute thread never waits on the link), sealing chunks (checksum, test f
 and link-failure handling. A transport implements ``connect`` (calling ``_start`` once its
 handshake succeeded), ``_transmit_chunk``, ``_transmit_finish`` and ``_disconnect``, and may
 override ``_transmit_pages`` (seal + transmit); the transmit hooks run on the worker thread
-only, in ``send`` order.
+only, in ``send`` order. A transport with a by-reference path overrides ``send_blocks``
+(validate with ``_check_chunk``, checksum the pages in place, ``_queue_blocks``) and
+implements ``_transmit_blocks``; if it settles DONE itself (``_acks_finish``), it must do so
+only once nothing on this side is still needed by the receiver.
 
 A transmit exception means the link is broken: every unfinished request FAILS and later
 ``send`` calls raise KVTransferError.
@@ -128,11 +131,7 @@ class BookedSender(KVSender):
 
     # ------------------------------------------------------------------ public API
     def send(self, request_id: str, layer: int, first_page: int, pages: torch.Tensor) -> None:
-        self._check_open()
-        if not 0 <= layer < self.layout.num_layers:
-            raise ValueError(f"layer {layer} outside [0, {self.layout.num_layers})")
-        if first_page < 0:
-            raise ValueError(f"first_page must be >= 0, got {first_page}")
+        self._check_chunk(layer, first_page)
         if pages.dim() != 5 or pages.shape[0] < 1 or tuple(pages.shape[1:]) != self.layout.page_shape:
             raise ValueError(
                 f"pages must be [n>=1, {', '.join(map(str, self.layout.page_shape))}], got {list(pages.shape)}"
@@ -147,6 +146,19 @@ class BookedSender(KVSender):
         self.book.add_chunk(request_id)
         self._queue.put(("chunk", request_id, layer, first_page, pages))
 
+    def _check_chunk(self, layer: int, first_page: int) -> None:
+        self._check_open()
+        if not 0 <= layer < self.layout.num_layers:
+            raise ValueError(f"layer {layer} outside [0, {self.layout.num_layers})")
+        if first_page < 0:
+            raise ValueError(f"first_page must be >= 0, got {first_page}")
+
+    def _queue_blocks(self, request_id: str, *args) -> None:
+        """Queue a by-reference chunk (validated by the caller); ``_transmit_blocks(request_id,
+        *args)`` puts it on the wire, in ``send`` order with everything else."""
+        self.book.add_chunk(request_id)
+        self._queue.put(("blocks", request_id, *args))
+
     def finish(self, request_id: str, num_chunks: int) -> None:
         self._check_open()
         self.book.add_finish(request_id, num_chunks)
@@ -154,6 +166,10 @@ class BookedSender(KVSender):
 
     def poll(self, request_id: str) -> TransferStatus:
         return self.book.poll(request_id)
+
+    @property
+    def link_error(self) -> str | None:
+        return self.book.broken
 
     def error(self, request_id: str) -> str | None:
         return self.book.error(request_id)
@@ -180,6 +196,10 @@ class BookedSender(KVSender):
         long as every byte is hashed from ``pages`` before it moves and the fault hook, when
         set, still sees the sealed chunk."""
         self._transmit_chunk(self._seal(rid, layer, first_page, pages))
+
+    def _transmit_blocks(self, request_id: str, *args) -> None:
+        """Put one by-reference chunk queued by ``_queue_blocks`` on the wire. Worker thread only."""
+        raise NotImplementedError(f"{type(self).__name__} queued a by-reference chunk it cannot transmit")
 
     @abc.abstractmethod
     def _transmit_finish(self, request_id: str, num_chunks: int) -> None:
@@ -212,6 +232,9 @@ class BookedSender(KVSender):
             try:
                 if kind == "chunk":
                     self._transmit_pages(rid, *args)
+                    self.book.transmitted(rid)
+                elif kind == "blocks":
+                    self._transmit_blocks(rid, *args)
                     self.book.transmitted(rid)
                 else:
                     self._transmit_finish(rid, *args)

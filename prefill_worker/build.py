@@ -21,6 +21,9 @@ def build_prefill_worker(
     transfer_timeout_s: float = 60.0,
 ) -> PrefillWorker:
     opts = {k: v for k, v in (engine_options or {}).items() if k != "mode"}
+    if transport == "shm" and str(opts.get("device", "cpu")).split(":")[0] == "cpu":
+        # the decode worker copies pages straight out of this cache (one copy, not two)
+        opts.setdefault("kv_cache_shared", True)
     engine = EngineCore(build_engine_config(model, **opts, mode="prefill_only"), progress=True)
     return PrefillWorker(
         engine,

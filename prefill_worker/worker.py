@@ -5,14 +5,24 @@ actor.py for the shell). Per request:
 
     prefill(spec, decode_address)      caller blocks until the first token is known
       -> engine computes the prompt in chunks; after each layer of each step the pages that
-         chunk touched are pushed with ``sender.send`` (layer-wise), or, with
-         ``layerwise=False``, every layer's pages are pushed once the prompt is done
+         chunk touched are pushed (layer-wise), or, with ``layerwise=False``, every layer's
+         pages are pushed once the prompt is done
       -> PREFILLED: first token returned to the caller; ``sender.finish(rid, n_chunks)``
       -> sender DONE / FAILED / timeout: ``scheduler.release`` frees the blocks here.
 
-A chunk re-sends the partially filled last page of the previous chunk, so every page is
-complete on the receiver once the stream finishes; a prefix-cache hit sends the cached
-pages with the first computed chunk.
+Pages go by reference (``sender.send_blocks``: the shm transport lets the decode worker copy
+them straight out of this cache, which ``kv_cache_shared`` puts in shared memory) whenever
+they stay unchanged until the sender reports DONE: every full page, and every page of the
+prompt's final chunk. The one page that changes later, the partially filled last page of a
+non-final chunk (the next chunk appends to it), goes by copy (``sender.send``); the next
+chunk re-sends it, so every page is complete on the receiver once the stream finishes. A
+prefix-cache hit sends the cached pages with the first computed chunk.
+
+Pinning: every block sent by reference takes one extra pool reference (``_Outgoing.pinned``)
+held until the transfer settles (sender DONE / FAILED / transfer timeout), so a preempted
+request's blocks are not reused while the receiver may still read them. An abort unpins at
+once: the receiver may then read reused bytes for the aborted request only, which fail its
+checksum (loudly) and are never admitted.
 """
 
 from __future__ import annotations
@@ -20,10 +30,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
-
-import torch
 
 from engine.config import SchedulerMode
 from engine.engine import EngineCore
@@ -72,6 +80,8 @@ class _Outgoing:
     first_sent: float | None = None  # monotonic time of the first chunk queued (metrics)
     nbytes: int = 0  # payload bytes queued so far (metrics)
     queued: bool = True  # not yet scheduled once (metrics: queue time)
+    # blocks sent by reference, each holding one extra pool reference until the transfer settles
+    pinned: dict[int, None] = field(default_factory=dict)
 
 
 class PrefillWorker:
@@ -136,6 +146,9 @@ class PrefillWorker:
             req.stop_checker = IncrementalDetokenizer(self.tokenizer, spec.params.stop)
         self.engine.add_request(req)  # raises ValueError for a bad request
         sender = self._senders.get(decode_address)
+        if sender is not None and sender.link_error is not None:
+            self._drop_sender(decode_address)  # its receiver is gone (restarted?): reconnect
+            sender = None
         if sender is None:
             sender = self._sender_factory()
             sender.connect(decode_address)
@@ -146,32 +159,50 @@ class PrefillWorker:
 
     def _push_layer(self, layer: int, out: SchedulerOutput) -> None:
         bs = self.engine.layout.block_size
+        cache = self.engine.cache
         for sr in out.scheduled:
             o = self._out.get(sr.request_id)
             if o is None:
                 continue
-            last = (sr.start_pos + sr.num_tokens - 1) // bs
+            end = sr.start_pos + sr.num_tokens  # tokens in the cache once this step is done
+            last = (end - 1) // bs
             first = min(o.next_page, sr.start_pos // bs)
-            pages = self.engine.cache.kv[layer, sr.block_ids[first : last + 1]]  # copy: [n, 2, bs, Hkv, D]
-            self._sent(o, pages)
-            o.sender.send(sr.request_id, layer, first, pages)
-            o.chunks += 1
+            # pages [first, fixed) never change again; a partial last page of a non-final
+            # chunk does (the next chunk appends to it): copy it now
+            fixed = last + 1 if sr.sample or end % bs == 0 else last
+            if fixed > first:
+                self._sent(o, fixed - first)
+                self._pin(o, sr.block_ids[first:fixed])
+                o.sender.send_blocks(sr.request_id, layer, first, cache, sr.block_ids[first:fixed])
+                o.chunks += 1
+            if fixed <= last:
+                self._sent(o, 1)
+                o.sender.send(sr.request_id, layer, last, cache.kv[layer, sr.block_ids[last : last + 1]])  # a copy
+                o.chunks += 1
             if layer == self.engine.layout.num_layers - 1:
-                o.next_page = (sr.start_pos + sr.num_tokens) // bs
+                o.next_page = end // bs
 
     def _push_all(self, rid: str, o: _Outgoing) -> None:
-        blocks = self.engine.kv.block_ids(rid)
+        blocks = self.engine.kv.block_ids(rid)  # the prompt is done: none of them changes again
+        self._pin(o, blocks)
         for layer in range(self.engine.layout.num_layers):
-            pages = self.engine.cache.kv[layer, blocks]
-            self._sent(o, pages)
-            o.sender.send(rid, layer, 0, pages)
+            self._sent(o, len(blocks))
+            o.sender.send_blocks(rid, layer, 0, self.engine.cache, blocks)
             o.chunks += 1
 
-    @staticmethod
-    def _sent(o: _Outgoing, pages: torch.Tensor) -> None:
+    def _pin(self, o: _Outgoing, blocks: list[int]) -> None:
+        new = [b for b in blocks if b not in o.pinned]
+        self.engine.pool.touch(new)
+        o.pinned.update(dict.fromkeys(new))
+
+    def _unpin(self, o: _Outgoing) -> None:
+        self.engine.pool.free(list(reversed(o.pinned)))
+        o.pinned.clear()
+
+    def _sent(self, o: _Outgoing, num_pages: int) -> None:
         if o.first_sent is None:
             o.first_sent = time.monotonic()
-        o.nbytes += pages.numel() * pages.element_size()
+        o.nbytes += num_pages * self.engine.layout.page_bytes
 
     def _step(self) -> None:
         hook = self._push_layer if self.layerwise else None
@@ -195,12 +226,26 @@ class PrefillWorker:
                     self._push_all(rid, o)
                 o.deadline = time.monotonic() + self.transfer_timeout_s
                 self._releasing[rid] = o
+            else:  # ended without a first token (e.g. aborted by the engine): nothing to wait for
+                self._unpin(o)
             o.sender.finish(rid, o.chunks)
             self._streams.pop(rid).publish(req)
         self._load()
 
+    def _drop_sender(self, address: Any) -> None:
+        sender = self._senders.pop(address)
+        log.warning("closing the KV sender to %s: %s", address, sender.link_error)
+        sender.close()
+
     def _tick(self) -> None:
         now = time.monotonic()
+        # a sender whose receiver died (a replaced decode worker listens elsewhere) is closed
+        # once no request still polls it: nothing would ever use that address again
+        for address, sender in list(self._senders.items()):
+            if sender.link_error is not None and not any(
+                o.sender is sender for o in (*self._out.values(), *self._releasing.values())
+            ):
+                self._drop_sender(address)
         for rid, o in list(self._releasing.items()):
             st = o.sender.poll(rid)
             if st in (TransferStatus.DONE, TransferStatus.FAILED) or now > o.deadline:
@@ -212,13 +257,17 @@ class PrefillWorker:
                     log.error("KV transfer of %s ended %s: %s", rid, st.value, o.sender.error(rid))
                 del self._releasing[rid]
                 self.engine.scheduler.release(rid)
+                self._unpin(o)
 
     def _abort(self, rid: str) -> None:
-        self._out.pop(rid, None)
-        if self._releasing.pop(rid, None) is not None:
+        o = self._out.pop(rid, None)
+        if (settling := self._releasing.pop(rid, None)) is not None:
+            o = settling
             self.engine.scheduler.release(rid)
         else:
             self.engine.abort(rid)
+        if o is not None:
+            self._unpin(o)
         stream = self._streams.pop(rid, None)
         if stream is not None:
             stream.fail("aborted")

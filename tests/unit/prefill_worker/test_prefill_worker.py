@@ -131,3 +131,47 @@ def test_bad_request_raises_and_holds_nothing(worker_and_log):
     with pytest.raises(ValueError, match="vocabulary"):
         w.prefill(RequestSpec("bad", [1, 10**7], PARAMS), "x")
     assert w.load()["free_kv_blocks"] == ENGINE["num_blocks"]
+
+
+def test_blocks_sent_by_reference_stay_pinned_until_the_transfer_settles(worker_and_log):
+    w, _ = worker_and_log
+    w.prefill(RequestSpec("r", list(range(20)), PARAMS), "decode-addr")  # 5 full pages
+    blocks = w.engine.kv.block_ids("r")
+    pool = w.engine.pool
+    # the request's own reference plus one pin: freeing the request (a preemption, say)
+    # would not return them to the free list while the receiver may still read them
+    assert [pool.ref_counts[b] for b in blocks] == [2] * len(blocks)
+    _sender(w).hold = False
+    w.loop.run(w._tick)
+    assert [pool.ref_counts[b] for b in blocks] == [0] * len(blocks)
+    assert w.load()["free_kv_blocks"] == ENGINE["num_blocks"]
+
+
+def test_abort_during_the_transfer_unpins_and_frees_everything(worker_and_log):
+    w, _ = worker_and_log
+    w.prefill(RequestSpec("r", list(range(20)), PARAMS), "decode-addr")
+    assert w.load()["free_kv_blocks"] < ENGINE["num_blocks"]
+    w.abort("r")  # sender never reports DONE (hold stays set)
+    assert w.load()["free_kv_blocks"] == ENGINE["num_blocks"]
+
+
+def test_a_sender_whose_receiver_died_is_closed_and_replaced(worker_and_log):
+    w, _ = worker_and_log
+    w.prefill(RequestSpec("r", list(range(20)), PARAMS), "decode-addr")
+    old = _sender(w)
+    old.closed = False
+    old.close = lambda: setattr(old, "closed", True)
+    type(old).link_error = property(lambda self: getattr(self, "_err", None))
+    old._err = "EOFError: receiver closed the connection"
+    w.loop.run(w._tick)
+    assert not old.closed, "request r still polls it"
+    # a new request to the same address reconnects instead of failing on the dead link
+    w.prefill(RequestSpec("s", list(range(30, 50)), PARAMS), "decode-addr")
+    assert old.closed and _sender(w) is not old and "s" in _sender(w).chunks
+    # with nothing polling it any more, a dead sender is closed on the next tick
+    new = _sender(w)
+    new._err, new.closed = "EOFError", False
+    new.close = lambda: setattr(new, "closed", True)
+    w.abort("s")
+    w.loop.run(w._tick)
+    assert new.closed and w._senders == {}
