@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Install the system servers the test suite starts as subprocesses (redis-server, prometheus).
+# Install the system servers the test suite starts as subprocesses (redis-server, prometheus)
+# and the C++ compiler the engine builds its native CPU kernel with (g++; without it the
+# engine falls back to torch SDPA and the kernel's own tests skip).
 #
 # Idempotent and quick when they are already present: a package counts as present when its
 # binary is on PATH. Installs through apt-get only when apt-get exists and we are root (or have
@@ -12,6 +14,7 @@ set -euo pipefail
 declare -A BINARY=(
   [redis-server]=redis-server
   [prometheus]=prometheus
+  [g++]=g++
 )
 
 missing=()
