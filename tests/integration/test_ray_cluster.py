@@ -224,6 +224,57 @@ def test_pools_land_on_nodes_carrying_their_resources(ray_nodes, loop, tiny_chec
     assert got == reference("llama", prompts)
 
 
+def test_saturated_prefill_promotes_a_decode_worker_to_mixed_and_back(ray_nodes, loop, tiny_checkpoint, reference):
+    # 1 prefill + 2 decode workers; more than 100 pending prompt tokens on the prefill pool
+    # saturate it, fewer than 10 relieve it (hysteresis), any idle decode worker may switch
+    router = RouterConfig(
+        short_prompt_threshold=SHORT,
+        prefill_saturation_tokens=100,
+        prefill_release_tokens=10,
+        mixed_max_running=64,
+        mixed_min_free_kv_fraction=0.0,
+        max_mixed_workers=1,
+    )
+    base = _config(tiny_checkpoint("llama"), "shm")
+    cfg = ServeConfig(
+        model=base.model,
+        pools=(base.pools[0], PoolConfig("decode", "decode", 2, num_cpus=0.5, engine=ENGINE)),
+        router=router,
+        transfer=base.transfer,
+    )
+    burst = _prompts((40,) * 8, seed=5)  # arrive together: pending prefill tokens reach 320
+    after = _prompts((30,), seed=6)
+
+    async def run():
+        c = await Controller(cfg, FAST).start()
+        try:
+            reasons = _record_routes(c)
+            got = await _generate_all(c, burst, "b")
+            promoted_during = list(c.router.policy.drain_events())
+            await _assert_pools_full(c)
+            # the burst is over: the next arrival sees no pressure and the worker goes back
+            got_after = await _generate_all(c, after, "a")
+            return got, got_after, reasons, promoted_during, list(c.router.policy.drain_events()), c.info()
+        finally:
+            await c.shutdown()
+
+    got, got_after, reasons, during, back, info = loop.run_until_complete(run())
+    assert got == reference("llama", burst) and got_after == reference("llama", after)
+    # the first three prompts (120 tokens) go split; then one decode worker turns mixed and
+    # prefills arrivals itself (token_jsq: its pending tokens are fewer than the prefill pool's)
+    assert reasons[:4] == [RouteReason.SPLIT] * 3 + [RouteReason.MIXED], reasons
+    assert [(e.old_role, e.new_role, e.reason) for e in during] == [("decode", "mixed", "prefill_saturated")]
+    assert [(e.worker_id, e.old_role, e.new_role, e.reason) for e in back] == [
+        (during[0].worker_id, "mixed", "decode", "pressure_ended")
+    ]
+    assert reasons[-1] == RouteReason.SPLIT
+    assert {w["worker_id"]: w["current_role"] for w in info["workers"]} == {
+        "prefill-0": "prefill",
+        "decode-0": "decode",
+        "decode-1": "decode",
+    }
+
+
 @pytest.mark.parametrize(
     "placement,error",
     [
