@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from cluster.bench.command import add_bench_parser
-from cluster.config import TRANSFER_KINDS, ConfigError, ServeConfig
+from cluster.config import PLACEMENT_STRATEGIES, TRANSFER_KINDS, ConfigError, ServeConfig
 
 DEFAULT_TINY_DIR = os.path.join(os.path.expanduser("~"), ".cache", "splitserve", "tiny-llama")
 # Engine options for the built-in tiny model: a small KV pool starts faster than the 1 GB default.
@@ -114,6 +114,11 @@ def _add_serve(sub: Any) -> None:
     )
     p.add_argument("--num-cpus-per-worker", type=_non_negative_float, metavar="F", help="Ray CPUs of every worker")
     p.add_argument(
+        "--placement",
+        choices=PLACEMENT_STRATEGIES,
+        help="placement group of the workers (default: the config's, else auto = STRICT_PACK for shm, PACK otherwise)",
+    )
+    p.add_argument(
         "--prompt",
         action="append",
         dest="prompts",
@@ -184,6 +189,8 @@ def serve_config_from_args(args: argparse.Namespace, tiny_model: Callable[[], st
         transfer["kind"] = args.transport
     transfer.setdefault("kind", "shm")
     data["transfer"] = transfer
+    if args.placement:
+        data["placement"] = args.placement
     cfg = ServeConfig.from_dict(data)
     if cfg.transfer.kind not in RAY_KINDS:
         raise ConfigError(

@@ -95,6 +95,14 @@ def test_flags_shape_the_default_pools():
     assert _pools(cfg) == [("prefill", "prefill", 2, 0.5), ("decode", "decode", 3, 0.5)]
     assert all(p.engine == {} for p in cfg.pools)  # a real model keeps the engine defaults
     assert cfg.transfer.kind == "torch"
+    assert cfg.placement == "auto"  # resolved by the controller: PACK for torch
+
+
+def test_placement_flag_overrides_the_config():
+    args = _parse(*"serve --model /m --placement STRICT_SPREAD".split())
+    assert serve_config_from_args(args, _Tiny()).placement == "STRICT_SPREAD"
+    with pytest.raises(SystemExit):
+        _parse(*"serve --placement sideways".split())
 
 
 def test_config_file_with_flag_overrides(tmp_path):
