@@ -112,7 +112,8 @@ WORKER_METRICS: tuple[MetricDef, ...] = (
     MetricDef("splitserve_kv_transfer_failures", C, "KV transfers that failed or timed out (counted by the side that saw it).", TRANSFER, source=_key("transfer_failures")),
     MetricDef("splitserve_kv_transfer_bytes", C, "KV payload bytes of transfers that completed (sender side).", TRANSFER, source=_key("transfer_bytes")),
     MetricDef("splitserve_kv_transfer_duration_seconds", H, "KV transfer time, first chunk queued to sender DONE (overlaps prefill when layer-wise).", TRANSFER, source=_key("transfer_seconds")),
-    MetricDef("splitserve_prefill_queue_time_seconds", H, "Time a request waited on a prefill worker before its first scheduling.", WORKER, source=_key("queue_seconds")),
+    MetricDef("splitserve_prefill_queue_time_seconds", H, "Time a request waited to be prefilled (on a prefill worker, or on a decode/mixed worker prefilling it locally) before its first scheduling.", WORKER, source=_key("queue_seconds")),
+    MetricDef("splitserve_kv_reserve_wait_seconds", H, "Time a disaggregated request waited on its decode worker for KV blocks to receive into.", WORKER, source=_key("reserve_wait_seconds")),
     MetricDef("splitserve_worker_start_time_seconds", G, "Unix time the worker (this incarnation) started.", WORKER, source=_key("started_at")),
     # computed from router state, not from a load() field (see WorkerCollector.collect)
     MetricDef("splitserve_worker_role", G, "1 for the worker's current role (a promoted decode worker is 'mixed'), 0 for the others.", (*WORKER, "role")),

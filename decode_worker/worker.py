@@ -27,6 +27,7 @@ from engine.config import SchedulerMode
 from engine.engine import EngineCore
 from engine.loop import EngineLoop
 from engine.request import Request, TokenLogprobs
+from engine.stats import QUEUE_SECONDS_BUCKETS, CumulativeHistogram
 from engine.streams import OutputStream, RequestSpec, StreamChunk
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from kv_transfer.base import KVReceiver, TransferStatus
@@ -65,6 +66,11 @@ class DecodeWorker:
         self._streams_lock = threading.Lock()  # _streams is read by caller threads
         self.started_at = time.time()  # metrics: load() totals restart from 0 with the worker
         self.transfer_failures = 0
+        # metrics (loop thread only): arrival -> first scheduled of local prefills (short
+        # prompts, mixed role), and start_transfer -> KV blocks reserved (admission queue)
+        self.queue_seconds = CumulativeHistogram(QUEUE_SECONDS_BUCKETS)
+        self.reserve_wait_seconds = CumulativeHistogram(QUEUE_SECONDS_BUCKETS)
+        self._unscheduled: dict[str, Request] = {}  # local prefills not scheduled yet
         self._last_load: dict = {}  # snapshot after the last step, for load() under a long step
         self.loop = EngineLoop(self._step, engine.has_work, self._tick, name=worker_id, on_crash=self._fail_all).start()
 
@@ -145,6 +151,7 @@ class DecodeWorker:
                 return
             self._reserve_queue.popleft()
             inc.reserved = True
+            self.reserve_wait_seconds.observe(max(0.0, time.monotonic() - inc.req.arrival_time))
             self.receiver.expect(inc.req.request_id, blocks)
 
     def _set_first_token(self, rid: str, token: int, logprobs: TokenLogprobs | None) -> None:
@@ -160,6 +167,7 @@ class DecodeWorker:
             with self._streams_lock:
                 self._streams.pop(req.request_id, None)
             raise
+        self._unscheduled[req.request_id] = req
 
     def _tick(self) -> None:
         self._reserve_waiting()
@@ -180,7 +188,14 @@ class DecodeWorker:
                 self._abort(rid, f"KV transfer timed out after {self.transfer_timeout_s}s ({st.value})")
 
     def _step(self) -> None:
-        for req in self.engine.step():
+        t0 = time.monotonic()  # step() schedules first: requests it picks up were scheduled now
+        changed = self.engine.step()
+        for rid, req in list(self._unscheduled.items()):
+            if req.num_cached_tokens >= 0 or req.is_finished:  # set when first scheduled
+                del self._unscheduled[rid]
+                if req.num_cached_tokens >= 0:
+                    self.queue_seconds.observe(max(0.0, t0 - req.arrival_time))
+        for req in changed:
             self._publish(req)
         self._load()
 
@@ -191,6 +206,7 @@ class DecodeWorker:
             stream.publish(req)
 
     def _abort(self, rid: str, reason: str) -> None:
+        self._unscheduled.pop(rid, None)
         inc = self._incoming.pop(rid, None)
         if inc is not None and inc.reserved:
             self.receiver.cancel(rid)
@@ -230,4 +246,6 @@ class DecodeWorker:
             "preemptions": s.num_preemptions,
             "prefix_cache_hits": self.engine.pool.prefix_hits,
             "prefix_cache_queries": self.engine.pool.prefix_queries,
+            "queue_seconds": self.queue_seconds.report(),
+            "reserve_wait_seconds": self.reserve_wait_seconds.report(),
         }

@@ -38,36 +38,12 @@ from engine.engine import EngineCore
 from engine.loop import EngineLoop
 from engine.request import Request, RequestStatus
 from engine.scheduler.output import SchedulerOutput
+from engine.stats import QUEUE_SECONDS_BUCKETS, TRANSFER_SECONDS_BUCKETS, CumulativeHistogram
 from engine.streams import OutputStream, RequestSpec, StreamChunk
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from kv_transfer.base import KVSender, TransferStatus
 
 log = logging.getLogger(__name__)
-
-# Bucket upper bounds (seconds) of the histograms load() reports (cluster.metrics exports them).
-QUEUE_SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-TRANSFER_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-
-
-class CumulativeHistogram:
-    """Observation counts per bucket, ``counts[i]`` = observations <= ``bounds[i]`` (cumulative,
-    as Prometheus buckets); ``count`` is the +Inf bucket. Only grows: a restart starts a new one."""
-
-    def __init__(self, bounds: tuple[float, ...]):
-        self.bounds = bounds
-        self.counts = [0] * len(bounds)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        self.sum += value
-        self.count += 1
-        for i, b in enumerate(self.bounds):
-            if value <= b:
-                self.counts[i] += 1
-
-    def report(self) -> dict:
-        return {"le": list(self.bounds), "counts": list(self.counts), "sum": self.sum, "count": self.count}
 
 
 @dataclass

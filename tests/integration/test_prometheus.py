@@ -151,7 +151,11 @@ def test_prometheus_scrapes_requests_and_worker_series(prometheus, tiny_checkpoi
             # worker-side series, pulled from the load reports: one per worker, transfers counted
             await check("count(splitserve_kv_cache_usage_ratio)", lambda r: scalar(r) == 2)
             await check("sum(splitserve_kv_transfer_duration_seconds_count)", lambda r: scalar(r) == num_split)
-            await check("sum(splitserve_prefill_queue_time_seconds_count)", lambda r: scalar(r) == num_split)
+            # every prompt queued once for its prefill: split ones on prefill-0, short ones locally
+            queued = 'splitserve_prefill_queue_time_seconds_count{worker="%s"}'
+            await check(queued % "prefill-0", lambda r: scalar(r) == num_split)
+            await check(queued % "decode-0", lambda r: scalar(r) == len(prompts) - num_split)
+            await check("sum(splitserve_kv_reserve_wait_seconds_count)", lambda r: scalar(r) == num_split)
             await check('sum(splitserve_kv_transfer_bytes_total{transport="loopback"})', lambda r: (scalar(r) or 0) > 0)
             await check('splitserve_worker_role{worker="decode-0", role="decode"}', lambda r: scalar(r) == 1)
             # the deploy recording rules run against the live series

@@ -27,9 +27,9 @@ from cluster.routing import NoWorkerAvailable, RoutingPolicy
 from cluster.service import Overloaded, RequestTimeout, ServingBackend
 from engine.config import ModelConfig
 from engine.request import SamplingParams
+from engine.stats import TRANSFER_SECONDS_BUCKETS, CumulativeHistogram
 from engine.streams import StreamChunk
 from engine.tokenizer import Tokenizer
-from prefill_worker.worker import TRANSFER_SECONDS_BUCKETS, CumulativeHistogram
 
 
 class Clock:
@@ -231,6 +231,7 @@ def report(started_at: float, preemptions: int, transfer_s: list[float], **kw) -
         "transfer_bytes": 1000 * len(transfer_s),
         "transfer_seconds": hist.report(),
         "queue_seconds": CumulativeHistogram((0.1, 1.0)).report(),
+        "reserve_wait_seconds": CumulativeHistogram((0.1, 1.0)).report(),
     }
     return {**base, **kw}
 

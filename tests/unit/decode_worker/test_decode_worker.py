@@ -36,7 +36,10 @@ def test_local_prefill_matches_llm(model):
         tokens, last = _drain(w, "r")
         assert tokens == LLM(model, **ENGINE).generate([prompt], PARAMS)[0].token_ids
         assert last.finish_reason == "length"
-        assert w.load()["free_kv_blocks"] == ENGINE["num_blocks"]
+        load = w.load()
+        assert load["free_kv_blocks"] == ENGINE["num_blocks"]
+        # the local prefill was queued once (queue time), no KV reservation was waited for
+        assert load["queue_seconds"]["count"] == 1 and load["reserve_wait_seconds"]["count"] == 0
     finally:
         w.shutdown()
 
@@ -60,8 +63,10 @@ def test_reservations_queue_fifo_when_pool_is_full(model):
         w.start_transfer(RequestSpec("a", big, PARAMS))
         w.start_transfer(RequestSpec("b", big, PARAMS))
         assert w.load()["free_kv_blocks"] == 6  # "b" waits for room, holding nothing
+        assert w.load()["reserve_wait_seconds"]["count"] == 1  # only "a" got blocks so far
         w.abort("a")
         assert w.load()["free_kv_blocks"] == 6  # "a"'s blocks went to "b"
+        assert w.load()["reserve_wait_seconds"]["count"] == 2
         w.abort("b")
         assert w.load()["free_kv_blocks"] == ENGINE["num_blocks"]
     finally:
