@@ -8,8 +8,9 @@ import torch
 from engine import native
 from engine.attention.backend import AttentionMetadata
 from engine.attention.sdpa import TorchSDPABackend
-from engine.kv_cache.layout import KVLayout
-from engine.kv_cache.paged_cache import PagedKVCache
+from tests.unit.engine.paged_reference import block_tables as _tables
+from tests.unit.engine.paged_reference import random_cache as _cache
+from tests.unit.engine.paged_reference import reference_decode as _reference
 
 LENS = [1, 13, 16, 37, 70, 32]  # one token, partial page, exactly one/two pages (bs 16), several
 
@@ -20,43 +21,6 @@ def mod():
     if m is None:
         pytest.skip("native CPU kernels could not be built (see the logged warning)")
     return m
-
-
-def _cache(bs, hkv, d, num_blocks, dtype="float32", layers=2, seed=0):
-    torch.manual_seed(seed)
-    layout = KVLayout(dtype=dtype, block_size=bs, num_layers=layers, num_kv_heads=hkv, head_dim=d)
-    cache = PagedKVCache(layout, num_blocks)
-    cache.kv.normal_()
-    return cache
-
-
-def _tables(lens, bs, num_blocks, seed=1):
-    """[B, max_blocks + 2] int64 tables over shuffled, unshared block ids, padded with 0."""
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(num_blocks, generator=g).tolist()
-    need = [-(-n // bs) for n in lens]
-    assert sum(need) <= num_blocks
-    table = torch.zeros((len(lens), max(need) + 2), dtype=torch.long)
-    for i, n in enumerate(need):
-        table[i, :n] = torch.tensor(perm[:n])
-        perm = perm[n:]
-    return table
-
-
-def _reference(q, k_cache, v_cache, table, lens, window=None):
-    """float64 gather + softmax(q k^T / sqrt(D)) v at the last position of each row. q: [B, H, D]."""
-    b, h, d = q.shape
-    bs, hkv = k_cache.shape[1], k_cache.shape[2]
-    out = torch.empty((b, h, d), dtype=torch.float64)
-    for i, n in enumerate(lens):
-        blocks = table[i, : -(-n // bs)]
-        kk = k_cache[blocks].reshape(-1, hkv, d)[:n].double().repeat_interleave(h // hkv, 1)
-        vv = v_cache[blocks].reshape(-1, hkv, d)[:n].double().repeat_interleave(h // hkv, 1)
-        s = torch.einsum("hd,nhd->hn", q[i].double(), kk) / math.sqrt(d)
-        if window is not None:
-            s[:, torch.arange(n) <= n - 1 - window] = float("-inf")
-        out[i] = torch.einsum("hn,nhd->hd", s.softmax(-1), vv)
-    return out
 
 
 def _run(mod, h, hkv, d, bs, lens=LENS, window=None, dtype="float32"):

@@ -17,48 +17,16 @@ import pytest  # noqa: E402
 from engine.attention.backend import AttentionMetadata  # noqa: E402
 from engine.attention.sdpa import TorchSDPABackend  # noqa: E402
 from engine.attention.triton_paged import TritonPagedBackend, paged_decode_attention  # noqa: E402
-from engine.kv_cache.layout import KVLayout  # noqa: E402
-from engine.kv_cache.paged_cache import PagedKVCache  # noqa: E402
+from tests.unit.engine.paged_reference import block_tables as _tables  # noqa: E402
+from tests.unit.engine.paged_reference import random_cache  # noqa: E402
+from tests.unit.engine.paged_reference import reference_decode as _reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LENS = [1, 13, 16, 37, 70]  # one token, partial page, exactly one/two pages, several pages
 
 
-def _cache(bs, hkv, d, num_blocks=48, layers=2, dtype="float32", device=DEVICE, seed=0):
-    torch.manual_seed(seed)
-    layout = KVLayout(dtype=dtype, block_size=bs, num_layers=layers, num_kv_heads=hkv, head_dim=d)
-    cache = PagedKVCache(layout, num_blocks, device=device)
-    cache.kv.normal_()
-    return cache
-
-
-def _tables(lens, bs, num_blocks, seed=1):
-    """[B, max_blocks] int64 tables over shuffled block ids (no block shared), padded with 0."""
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(num_blocks, generator=g).tolist()
-    need = [-(-n // bs) for n in lens]
-    assert sum(need) <= num_blocks
-    table = torch.zeros((len(lens), max(need) + 2), dtype=torch.long)  # +2: unused padding
-    for i, n in enumerate(need):
-        table[i, :n] = torch.tensor(perm[:n])
-        perm = perm[n:]
-    return table
-
-
-def _reference(q, k_cache, v_cache, table, lens, window=None):
-    """float64 softmax(q k^T / sqrt(D)) v for the last position of each row. q: [B, H, D]."""
-    b, h, d = q.shape
-    bs, hkv = k_cache.shape[1], k_cache.shape[2]
-    out = torch.empty((b, h, d), dtype=torch.float64)
-    for i, n in enumerate(lens):
-        blocks = table[i, : -(-n // bs)].cpu()
-        kk = k_cache.cpu()[blocks].reshape(-1, hkv, d)[:n].double().repeat_interleave(h // hkv, 1)
-        vv = v_cache.cpu()[blocks].reshape(-1, hkv, d)[:n].double().repeat_interleave(h // hkv, 1)
-        s = torch.einsum("hd,nhd->hn", q[i].cpu().double(), kk) / math.sqrt(d)
-        if window is not None:
-            s[:, torch.arange(n) <= n - 1 - window] = float("-inf")
-        out[i] = torch.einsum("hn,nhd->hd", s.softmax(-1), vv)
-    return out
+def _cache(bs, hkv, d, num_blocks=48, **kw):
+    return random_cache(bs, hkv, d, num_blocks, **{"device": DEVICE, **kw})
 
 
 def _run(h, hkv, d, bs, lens=LENS, window=None, num_splits=None, layer=1):
