@@ -25,7 +25,7 @@ from typing import Any
 
 from engine.config import SchedulerMode
 from engine.engine import EngineCore
-from engine.loop import EngineLoop
+from engine.loop import EngineLoop, LoadSnapshot
 from engine.request import Request, TokenLogprobs
 from engine.stats import QUEUE_SECONDS_BUCKETS, CumulativeHistogram
 from engine.streams import OutputStream, RequestSpec, StreamChunk
@@ -71,8 +71,9 @@ class DecodeWorker:
         self.queue_seconds = CumulativeHistogram(QUEUE_SECONDS_BUCKETS)
         self.reserve_wait_seconds = CumulativeHistogram(QUEUE_SECONDS_BUCKETS)
         self._unscheduled: dict[str, Request] = {}  # local prefills not scheduled yet
-        self._last_load: dict = {}  # snapshot after the last step, for load() under a long step
-        self.loop = EngineLoop(self._step, engine.has_work, self._tick, name=worker_id, on_crash=self._fail_all).start()
+        self.loop = EngineLoop(self._step, engine.has_work, self._tick, name=worker_id, on_crash=self._fail_all)
+        self._loads = LoadSnapshot(self.loop, self._compute_load)  # refreshed after every step
+        self.loop.start()
 
     @property
     def address(self) -> Any:
@@ -111,7 +112,7 @@ class DecodeWorker:
     def load(self, wait_s: float = 0.5) -> dict:
         """Current load, computed between engine steps; if a long step keeps the loop busy
         past ``wait_s``, the snapshot taken after the last step (marked ``stale``)."""
-        return self.loop.run_or(self._load, wait_s, self._stale_load)
+        return self._loads.get(wait_s)
 
     def shutdown(self) -> None:
         self.loop.stop()
@@ -197,7 +198,7 @@ class DecodeWorker:
                     self.queue_seconds.observe(max(0.0, t0 - req.arrival_time))
         for req in changed:
             self._publish(req)
-        self._load()
+        self._loads.refresh()
 
     def _publish(self, req: Request) -> None:
         with self._streams_lock:
@@ -222,30 +223,17 @@ class DecodeWorker:
             log.error("%s: request %s failed: %s", self.worker_id, rid, reason)
         self._reserve_waiting()  # freed blocks go to the oldest queued transfer at once
 
-    def _stale_load(self) -> dict:
-        # from the caller's thread: the dict is replaced, never mutated, after each step
-        return {**self._last_load, "stale": True} if self._last_load else self.loop.run(self._load)
-
-    def _load(self) -> dict:
-        self._last_load = self._compute_load()
-        return self._last_load
-
     def _compute_load(self) -> dict:
         s = self.engine.scheduler
         return {
+            **self.engine.load_stats(),
             "worker_id": self.worker_id,
             "role": "decode",
             "pending_requests": len(s.waiting) + len(s.running) + len(self._incoming),
             "pending_prompt_tokens": sum(r.num_tokens - r.num_computed_tokens for r in s.waiting),
-            "running_requests": len(s.running),
-            "free_kv_blocks": self.engine.pool.num_free,
-            "total_kv_blocks": self.engine.pool.num_blocks,
             "transfers_in_flight": len(self._incoming),
             "transfer_failures": self.transfer_failures,
             "started_at": self.started_at,
-            "preemptions": s.num_preemptions,
-            "prefix_cache_hits": self.engine.pool.prefix_hits,
-            "prefix_cache_queries": self.engine.pool.prefix_queries,
             "queue_seconds": self.queue_seconds.report(),
             "reserve_wait_seconds": self.reserve_wait_seconds.report(),
         }

@@ -111,3 +111,14 @@ class EngineCore:
 
     def has_work(self) -> bool:
         return self.scheduler.has_work
+
+    def load_stats(self) -> dict:
+        """The load-report fields every worker shares (batch, KV pool, preemptions, prefix cache)."""
+        return {
+            "running_requests": len(self.scheduler.running),
+            "free_kv_blocks": self.pool.num_free,
+            "total_kv_blocks": self.pool.num_blocks,
+            "preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_hits": self.pool.prefix_hits,
+            "prefix_cache_queries": self.pool.prefix_queries,
+        }

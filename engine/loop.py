@@ -109,3 +109,25 @@ class EngineLoop:
                 self._calls.clear()
             for _, fut in pending:
                 fut.set_exception(RuntimeError(f"engine loop stopped: {self.error!r}"))
+
+
+class LoadSnapshot:
+    """A worker's ``load()`` answer: computed on the loop between steps or, while a long step
+    keeps the loop busy past ``wait_s``, the dict taken after the last step, marked
+    ``stale``. ``refresh()`` runs on the loop thread (after each step); ``get()`` from any
+    thread. The dict is replaced, never mutated, so readers need no lock."""
+
+    def __init__(self, loop: EngineLoop, compute: Callable[[], dict]):
+        self._loop, self._compute = loop, compute
+        self._last: dict = {}
+
+    def refresh(self) -> dict:
+        self._last = self._compute()
+        return self._last
+
+    def get(self, wait_s: float) -> dict:
+        return self._loop.run_or(self.refresh, wait_s, self._stale)
+
+    def _stale(self) -> dict:
+        last = self._last
+        return {**last, "stale": True} if last else self._loop.run(self.refresh)

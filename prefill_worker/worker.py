@@ -35,7 +35,7 @@ from typing import Any
 
 from engine.config import SchedulerMode
 from engine.engine import EngineCore
-from engine.loop import EngineLoop
+from engine.loop import EngineLoop, LoadSnapshot
 from engine.request import Request, RequestStatus
 from engine.scheduler.output import SchedulerOutput
 from engine.stats import QUEUE_SECONDS_BUCKETS, TRANSFER_SECONDS_BUCKETS, CumulativeHistogram
@@ -88,8 +88,9 @@ class PrefillWorker:
         self.transfer_bytes = 0  # payload bytes of transfers that ended DONE
         self.transfer_seconds = CumulativeHistogram(TRANSFER_SECONDS_BUCKETS)  # first chunk -> sender DONE
         self.queue_seconds = CumulativeHistogram(QUEUE_SECONDS_BUCKETS)  # arrival -> first scheduled
-        self._last_load: dict = {}  # snapshot after the last step, for load() under a long step
-        self.loop = EngineLoop(self._step, engine.has_work, self._tick, name=worker_id, on_crash=self._fail_all).start()
+        self.loop = EngineLoop(self._step, engine.has_work, self._tick, name=worker_id, on_crash=self._fail_all)
+        self._loads = LoadSnapshot(self.loop, self._compute_load)  # refreshed after every step
+        self.loop.start()
 
     # ------------------------------------------------------------ called from any thread
     def prefill(self, spec: RequestSpec, decode_address: Any, timeout: float | None = None) -> StreamChunk:
@@ -103,7 +104,7 @@ class PrefillWorker:
     def load(self, wait_s: float = 0.5) -> dict:
         """Current load, computed between engine steps; if a long step keeps the loop busy
         past ``wait_s``, the snapshot taken after the last step (marked ``stale``)."""
-        return self.loop.run_or(self._load, wait_s, self._stale_load)
+        return self._loads.get(wait_s)
 
     def shutdown(self) -> None:
         self.loop.stop()
@@ -206,7 +207,7 @@ class PrefillWorker:
                 self._unpin(o)
             o.sender.finish(rid, o.chunks)
             self._streams.pop(rid).publish(req)
-        self._load()
+        self._loads.refresh()
 
     def _drop_sender(self, address: Any) -> None:
         sender = self._senders.pop(address)
@@ -248,30 +249,17 @@ class PrefillWorker:
         if stream is not None:
             stream.fail("aborted")
 
-    def _stale_load(self) -> dict:
-        # from the caller's thread: the dict is replaced, never mutated, after each step
-        return {**self._last_load, "stale": True} if self._last_load else self.loop.run(self._load)
-
-    def _load(self) -> dict:
-        self._last_load = self._compute_load()
-        return self._last_load
-
     def _compute_load(self) -> dict:
         s = self.engine.scheduler
         return {
+            **self.engine.load_stats(),
             "worker_id": self.worker_id,
             "role": "prefill",
             "pending_requests": len(s.waiting) + len(s.running),
             "pending_prompt_tokens": sum(r.num_tokens - r.num_computed_tokens for r in (*s.waiting, *s.running)),
-            "running_requests": len(s.running),
-            "free_kv_blocks": self.engine.pool.num_free,
-            "total_kv_blocks": self.engine.pool.num_blocks,
             "transfers_in_flight": len(self._releasing),
             "transfer_failures": self.transfer_failures,
             "started_at": self.started_at,
-            "preemptions": s.num_preemptions,
-            "prefix_cache_hits": self.engine.pool.prefix_hits,
-            "prefix_cache_queries": self.engine.pool.prefix_queries,
             "transfer_bytes": self.transfer_bytes,
             "transfer_seconds": self.transfer_seconds.report(),
             "queue_seconds": self.queue_seconds.report(),
