@@ -26,6 +26,8 @@ class RecordingSender(KVSender):
         self.chunks: dict[str, list] = {}
         self.finished: dict[str, int] = {}
         self.hold = True
+        self.broken: str | None = None  # set by a test: the receiver "died"
+        self.closed = False
 
     def connect(self, peer):
         self.peer = peer
@@ -43,8 +45,12 @@ class RecordingSender(KVSender):
     def error(self, request_id):
         return None
 
+    @property
+    def link_error(self):
+        return self.broken
+
     def close(self):
-        pass
+        self.closed = True
 
 
 @pytest.fixture
@@ -159,19 +165,15 @@ def test_a_sender_whose_receiver_died_is_closed_and_replaced(worker_and_log):
     w, _ = worker_and_log
     w.prefill(RequestSpec("r", list(range(20)), PARAMS), "decode-addr")
     old = _sender(w)
-    old.closed = False
-    old.close = lambda: setattr(old, "closed", True)
-    type(old).link_error = property(lambda self: getattr(self, "_err", None))
-    old._err = "EOFError: receiver closed the connection"
+    old.broken = "EOFError: receiver closed the connection"
     w.loop.run(w._tick)
     assert not old.closed, "request r still polls it"
     # a new request to the same address reconnects instead of failing on the dead link
     w.prefill(RequestSpec("s", list(range(30, 50)), PARAMS), "decode-addr")
-    assert old.closed and _sender(w) is not old and "s" in _sender(w).chunks
-    # with nothing polling it any more, a dead sender is closed on the next tick
     new = _sender(w)
-    new._err, new.closed = "EOFError", False
-    new.close = lambda: setattr(new, "closed", True)
+    assert old.closed and new is not old and "s" in new.chunks
+    # with nothing polling it any more, a dead sender is closed on the next tick
+    new.broken = "EOFError"
     w.abort("s")
     w.loop.run(w._tick)
     assert new.closed and w._senders == {}
