@@ -20,23 +20,15 @@ from __future__ import annotations
 from typing import Any
 
 import ray
-import torch
 
 from decode_worker.build import build_decode_worker
 from engine.request import TokenLogprobs
 from engine.streams import RequestSpec, StreamChunk
+from engine.threads import set_threads_for_cpu_share
 
 DEFAULT_MAX_CONCURRENCY = 64
 CONTROL_GROUP = "control"
 NETWORK_TRANSPORTS = ("grpc", "torch")  # receivers that take a ``host`` option
-
-
-def set_threads_from_ray_share() -> int:
-    """``torch.set_num_threads`` to this actor's Ray CPU share (at least 1); returns it."""
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)
-    n = max(1, int(cpus))
-    torch.set_num_threads(n)
-    return n
 
 
 @ray.remote(max_concurrency=DEFAULT_MAX_CONCURRENCY, concurrency_groups={CONTROL_GROUP: 4})
@@ -51,7 +43,8 @@ class DecodeActor:
         transfer_timeout_s: float = 60.0,
     ):
         self.worker_id = worker_id
-        self.num_threads = set_threads_from_ray_share()
+        # torch threads = this actor's Ray CPU share
+        self.num_threads = set_threads_for_cpu_share(ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0))
         opts = dict(transport_options or {})
         if transport in NETWORK_TRANSPORTS:
             opts.setdefault("host", ray.util.get_node_ip_address())

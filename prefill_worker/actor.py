@@ -16,21 +16,13 @@ from __future__ import annotations
 from typing import Any
 
 import ray
-import torch
 
 from engine.streams import RequestSpec, StreamChunk
+from engine.threads import set_threads_for_cpu_share
 from prefill_worker.build import build_prefill_worker
 
 DEFAULT_MAX_CONCURRENCY = 64
 CONTROL_GROUP = "control"
-
-
-def set_threads_from_ray_share() -> int:
-    """``torch.set_num_threads`` to this actor's Ray CPU share (at least 1); returns it."""
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)
-    n = max(1, int(cpus))
-    torch.set_num_threads(n)
-    return n
 
 
 @ray.remote(max_concurrency=DEFAULT_MAX_CONCURRENCY, concurrency_groups={CONTROL_GROUP: 4})
@@ -46,7 +38,8 @@ class PrefillActor:
         transfer_timeout_s: float = 60.0,
     ):
         self.worker_id = worker_id
-        self.num_threads = set_threads_from_ray_share()
+        # torch threads = this actor's Ray CPU share
+        self.num_threads = set_threads_for_cpu_share(ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0))
         self.worker = build_prefill_worker(
             model,
             engine_options,
