@@ -83,6 +83,13 @@ class ModelConfig:
 
     @staticmethod
     def from_hf_dir(path: str) -> ModelConfig:
+        """Parse ``path``/config.json. A .gguf file must be resolved to its converted directory
+        first (``engine.models.gguf.resolve_model_path``; ``build_engine_config`` does it)."""
+        if os.path.isfile(path):
+            raise ValueError(
+                f"ModelConfig.from_hf_dir needs a model directory, got the file {path!r} "
+                "(resolve a .gguf with engine.models.gguf.resolve_model_path first)"
+            )
         with open(os.path.join(path, "config.json")) as f:
             return ModelConfig.from_hf_dict(json.load(f))
 

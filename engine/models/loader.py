@@ -1,4 +1,7 @@
-"""Load a Hugging Face safetensors directory (single file or sharded with an index)."""
+"""Load a Hugging Face safetensors directory (single file or sharded with an index).
+
+A .gguf path is first resolved to its converted directory (engine/models/gguf.py).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from safetensors import safe_open
 
 from engine.config import ModelConfig
 from engine.models import mixtral, qwen_moe
+from engine.models.gguf import resolve_model_path
 from engine.models.llama import DecoderLM
 from engine.models.weight_rules import DENSE_RULES, IGNORED, Rule
 from engine.moe import ExpertDispatcher
@@ -51,7 +55,11 @@ def load_model(
     dispatcher: ExpertDispatcher | None = None,
     progress: bool = False,
 ) -> DecoderLM:
-    """Build a DecoderLM for ``cfg`` and fill every parameter from the checkpoint at ``path``."""
+    """Build a DecoderLM for ``cfg`` and fill every parameter from the checkpoint at ``path``.
+
+    ``path`` is a HF directory or a .gguf file (read from its cached conversion, see gguf.py).
+    """
+    path = resolve_model_path(path, progress=progress)
     with torch.device("meta"):
         model = DecoderLM(cfg, max_positions, dispatcher)
     model = model.to_empty(device=device).to(dtype)
