@@ -1,4 +1,9 @@
-"""Offline API: ``LLM(model=dir, ...).generate(prompts, SamplingParams(...))``."""
+"""Offline API: ``LLM(model=dir_or_gguf, ...).generate(prompts, SamplingParams(...))``.
+
+``model`` is a Hugging Face directory or a .gguf file (converted once, see engine/models/gguf.py).
+With ``skip_tokenizer_init=True`` no tokenizer is loaded: prompts must be token ids, stop
+strings are rejected, and ``CompletionOutput.text`` is "".
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,9 @@ from dataclasses import dataclass
 
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from engine.engine import EngineCore
+from engine.models.gguf import resolve_model_path
 from engine.request import Request, SamplingParams, TokenLogprobs
-from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from engine.tokenizer import IncrementalDetokenizer, TokenizerNotLoadedError, load_tokenizer
 
 _CACHE_FIELDS = {f.name for f in dataclasses.fields(CacheConfig)}
 _SCHED_FIELDS = {f.name for f in dataclasses.fields(SchedulerConfig)}
@@ -21,20 +27,24 @@ class CompletionOutput:
     request_id: str
     prompt_token_ids: list[int]
     token_ids: list[int]  # generated ids only
-    text: str
+    text: str  # "" when the LLM was built with skip_tokenizer_init=True
     finish_reason: str | None
     logprobs: list[TokenLogprobs]
     num_cached_tokens: int
 
 
 def build_engine_config(model: str, dtype: str = "float32", device: str = "cpu", **options) -> EngineConfig:
-    """EngineConfig from flat keyword options (CacheConfig / SchedulerConfig field names)."""
+    """EngineConfig from flat keyword options (CacheConfig / SchedulerConfig field names).
+
+    ``model`` is a HF directory or a .gguf file; ``model_path`` is the directory it resolves to.
+    """
     unknown = set(options) - _CACHE_FIELDS - _SCHED_FIELDS - _ENGINE_FIELDS
     if unknown:
         raise TypeError(f"unknown engine options: {sorted(unknown)}")
+    path = resolve_model_path(model)
     return EngineConfig(
-        model=ModelConfig.from_hf_dir(model),
-        model_path=model,
+        model=ModelConfig.from_hf_dir(path),
+        model_path=path,
         cache=CacheConfig(**{k: v for k, v in options.items() if k in _CACHE_FIELDS}),
         scheduler=SchedulerConfig(**{k: v for k, v in options.items() if k in _SCHED_FIELDS}),
         dtype=dtype,
@@ -44,12 +54,30 @@ def build_engine_config(model: str, dtype: str = "float32", device: str = "cpu",
 
 
 class LLM:
-    def __init__(self, model: str, dtype: str = "float32", device: str = "cpu", **options):
-        self.engine = EngineCore(build_engine_config(model, dtype, device, **options), progress=True)
-        self.tokenizer = Tokenizer(model)
+    def __init__(
+        self,
+        model: str,
+        dtype: str = "float32",
+        device: str = "cpu",
+        skip_tokenizer_init: bool = False,
+        **options,
+    ):
+        path = resolve_model_path(model)
+        self.engine = EngineCore(build_engine_config(path, dtype, device, **options), progress=True)
+        self.tokenizer = load_tokenizer(path, skip_tokenizer_init)
         self._ids = itertools.count()
 
     def make_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> Request:
+        if self.tokenizer is None:
+            if isinstance(prompt, str):
+                raise TokenizerNotLoadedError(
+                    "text prompt given to an LLM built with skip_tokenizer_init=True; pass token ids"
+                )
+            if params.stop:
+                raise TokenizerNotLoadedError(
+                    f"stop strings {params.stop!r} need a tokenizer (LLM built with skip_tokenizer_init=True)"
+                )
+            return Request(request_id or f"req-{next(self._ids)}", list(prompt), params)
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         req = Request(request_id or f"req-{next(self._ids)}", ids, params)
         req.stop_checker = IncrementalDetokenizer(self.tokenizer, params.stop)
@@ -81,6 +109,8 @@ class LLM:
         detok = req.stop_checker
         if isinstance(detok, IncrementalDetokenizer):
             text = detok.final_text
+        elif self.tokenizer is None:
+            text = ""
         else:
             text = self.tokenizer.decode(req.output_token_ids)
         return CompletionOutput(

@@ -1,4 +1,9 @@
-"""Tokenizer (``tokenizers`` library, tokenizer.json) and incremental detokenization."""
+"""Tokenizer (``tokenizers`` library, tokenizer.json) and incremental detokenization.
+
+``load_tokenizer(model, skip_tokenizer_init)`` is what engine entry points call: with
+``skip_tokenizer_init=True`` no tokenizer is loaded (None), so a model directory without
+tokenizer.json serves token-id prompts; callers then reject text prompts and stop strings.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,22 @@ import os
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from engine.models.gguf import resolve_model_path
+
+
+class TokenizerNotLoadedError(ValueError):
+    """Text in or out was asked of an engine started with ``skip_tokenizer_init=True``."""
+
 
 class Tokenizer:
     def __init__(self, path: str):
+        """``path``: a model directory with tokenizer.json, or a .gguf file (its converted directory)."""
+        path = resolve_model_path(path)
         file = os.path.join(path, "tokenizer.json")
         if not os.path.exists(file):
-            raise FileNotFoundError(f"no tokenizer.json in {path!r}")
+            raise FileNotFoundError(
+                f"no tokenizer.json in {path!r} (token-id prompts need none: pass skip_tokenizer_init=True)"
+            )
         self._tok = HFTokenizer.from_file(file)
         self.vocab_size = self._tok.get_vocab_size()
         cfg_file = os.path.join(path, "tokenizer_config.json")
@@ -29,6 +44,11 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
+
+
+def load_tokenizer(model: str, skip_tokenizer_init: bool = False) -> Tokenizer | None:
+    """The model's tokenizer, or None when ``skip_tokenizer_init`` (token-id prompts only)."""
+    return None if skip_tokenizer_init else Tokenizer(model)
 
 
 class IncrementalDetokenizer:
