@@ -19,7 +19,7 @@ from pathlib import Path
 
 from cluster.config import PoolConfig, RouterConfig, ServeConfig, TransferConfig
 from engine.request import SamplingParams
-from engine.streams import RequestSpec
+from engine.runtime.streams import RequestSpec
 
 # A random-weight Llama (engine.models.tiny, family "llama"): ~8M parameters outside the
 # embedding, 8 KiB of KV per token (8 layers x K,V x 2 kv heads x 64 x fp32). On one core of

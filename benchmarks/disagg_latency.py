@@ -70,7 +70,7 @@ from benchmarks.disagg_common import (  # noqa: E402
     take_rpc_times,
     trace_record,
 )
-from cluster.controller import Controller, ControllerOptions  # noqa: E402
+from cluster.control.controller import Controller, ControllerOptions  # noqa: E402
 from engine.models.tiny import build_tiny_checkpoint  # noqa: E402
 
 TOPOLOGIES = {"colocated": ("colocated", True), "disagg": ("disagg", True), "disagg-whole": ("disagg", False)}

@@ -100,9 +100,9 @@ async def _sdk_round(client, prompts: list[list[int]], concurrency: int, max_tok
 class Bench:
     def __init__(self, model: str, max_tokens: int):
         from cluster.config import PoolConfig, RouterConfig, ServeConfig, TransferConfig
-        from cluster.grpc_server import GrpcFrontend
-        from cluster.local import LocalCluster
-        from cluster.service import ServingBackend
+        from cluster.control.local import LocalCluster
+        from cluster.frontends.grpc_server import GrpcFrontend
+        from cluster.frontends.service import ServingBackend
 
         self.max_tokens = max_tokens
         self.loop = asyncio.new_event_loop()
@@ -170,7 +170,7 @@ def _timed_on_loop(b: Bench, prompts: list[list[int]], concurrency: int, one) ->
 
 
 def run_router(b: Bench, prompts: list[list[int]], concurrency: int) -> Round:
-    from engine.streams import RequestSpec
+    from engine.runtime.streams import RequestSpec
 
     async def one(p: list[int]) -> Trace:
         tr, t0 = Trace(), time.perf_counter()

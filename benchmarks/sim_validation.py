@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/sim_validation.py            # ~6 min on 2 CPU cores
     .venv/bin/python benchmarks/sim_validation.py --quick    # ~3 min smoke run
 
-1. Profile this machine: ``cluster.profile.profile_engine`` on a random-weight Llama
+1. Profile this machine: ``cluster.tools.profile.profile_engine`` on a random-weight Llama
    (``MODEL``: 4 layers, hidden 256) with one torch thread, what each Ray worker gets.
 2. Real runs: a Ray ``Controller`` with 1 prefill + 1 decode worker (``num_cpus=1`` each,
    shm KV transfer, layer-wise), requests driven in-process through ``router.generate``
@@ -48,15 +48,15 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.common import RESULTS_DIR, machine_description  # noqa: E402
 from cluster.config import PoolConfig, RouterConfig, ServeConfig, TransferConfig  # noqa: E402
-from cluster.profile import profile_engine  # noqa: E402
-from cluster.sim.model import ProfileTable, StepTimeModel  # noqa: E402
-from cluster.sim.planner import sweep_ratio  # noqa: E402
-from cluster.sim.roofline import EXAMPLE_PATH  # noqa: E402
-from cluster.sim.simulator import LinkConfig, SimConfig, Simulator  # noqa: E402
-from cluster.sim.workload import Workload, load_trace, poisson  # noqa: E402
+from cluster.tools.profile import profile_engine  # noqa: E402
+from cluster.tools.sim.model import ProfileTable, StepTimeModel  # noqa: E402
+from cluster.tools.sim.planner import sweep_ratio  # noqa: E402
+from cluster.tools.sim.roofline import EXAMPLE_PATH  # noqa: E402
+from cluster.tools.sim.simulator import LinkConfig, SimConfig, Simulator  # noqa: E402
+from cluster.tools.sim.workload import Workload, load_trace, poisson  # noqa: E402
 from engine.models.tiny import build_tiny_checkpoint  # noqa: E402
 from engine.request import SamplingParams  # noqa: E402
-from engine.streams import RequestSpec  # noqa: E402
+from engine.runtime.streams import RequestSpec  # noqa: E402
 
 MODEL = dict(
     vocab_size=2048,
@@ -123,7 +123,7 @@ async def poisson_run(router, work: Workload, tag: str, rng: random.Random) -> d
 async def run_real(model: str, works: list[Workload], seed: int) -> list[dict]:
     import ray
 
-    from cluster.controller import Controller, ControllerOptions
+    from cluster.control.controller import Controller, ControllerOptions
 
     cfg = ServeConfig(
         model=model,

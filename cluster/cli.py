@@ -10,8 +10,8 @@ prints the worker layout and streams a few demo prompts through the router. With
 The gRPC / HTTP frontends come later and will hang off the same controller.
 
 Each subcommand is an ``_add_<name>(subparsers)`` that registers its arguments and sets
-``func``; ``main`` dispatches. ``bench`` lives in cluster/bench/command.py, ``profile`` in
-cluster/profile.py, ``sim`` in cluster/sim/command.py.
+``func``; ``main`` dispatches. ``bench`` lives in cluster/tools/bench/command.py, ``profile`` in
+cluster/tools/profile.py, ``sim`` in cluster/tools/sim/command.py.
 """
 
 from __future__ import annotations
@@ -29,10 +29,9 @@ from typing import Any
 
 import yaml
 
-from cluster.bench.command import add_bench_parser
-from cluster.config import PLACEMENT_STRATEGIES, TRANSFER_KINDS, ConfigError, ServeConfig
+from cluster.config import DEFAULT_TINY_DIR, PLACEMENT_STRATEGIES, TRANSFER_KINDS, ConfigError, ServeConfig
+from cluster.tools.bench.command import add_bench_parser
 
-DEFAULT_TINY_DIR = os.path.join(os.path.expanduser("~"), ".cache", "splitserve", "tiny-llama")
 # Engine options for the built-in tiny model: a small KV pool starts faster than the 1 GB default.
 TINY_ENGINE = {"num_blocks": 512}
 DEMO_PROMPTS = (
@@ -62,13 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_profile(sub: Any) -> None:
-    from cluster.profile import add_profile_parser
+    from cluster.tools.profile import add_profile_parser
 
     add_profile_parser(sub)
 
 
 def _add_sim(sub: Any) -> None:
-    from cluster.sim.command import add_sim_parser
+    from cluster.tools.sim.command import add_sim_parser
 
     add_sim_parser(sub)
 
@@ -265,7 +264,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 async def _serve(cfg: ServeConfig, args: argparse.Namespace) -> None:
-    from cluster.controller import Controller
+    from cluster.control.controller import Controller
     from engine.tokenizer import Tokenizer
 
     # SIGTERM (Kubernetes stopping the pod) takes the Ctrl-C path: cancel, then shut down
@@ -307,10 +306,10 @@ async def start_frontends(cfg: ServeConfig, controller: Any, api_key: str | None
     """ServingBackend over the controller's router, with its frontends and metrics endpoint."""
     import os
 
-    from cluster.grpc_server import GrpcFrontend
-    from cluster.http_server import HttpFrontend
-    from cluster.metrics import Metrics, start_metrics_server
-    from cluster.service import ServingBackend
+    from cluster.frontends.grpc_server import GrpcFrontend
+    from cluster.frontends.http_server import HttpFrontend
+    from cluster.frontends.service import ServingBackend
+    from cluster.metrics.registry import Metrics, start_metrics_server
 
     api_key = api_key or os.environ.get("SPLITSERVE_API_KEY") or None
     name = os.path.basename(os.path.normpath(cfg.model))
@@ -352,7 +351,7 @@ def _print_layout(info: dict[str, Any]) -> None:
 async def run_demo(controller: Any, tokenizer: Any, prompts: list[str], max_tokens: int) -> None:
     """Send every prompt at once; print each one's text as it streams, in prompt order."""
     from engine.request import SamplingParams
-    from engine.streams import RequestSpec
+    from engine.runtime.streams import RequestSpec
     from engine.tokenizer import IncrementalDetokenizer
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)

@@ -34,14 +34,16 @@ from typing import Any
 
 # Worker roles. "mixed" workers take both phases (a Splitwise mixed pool).
 ROLES: tuple[str, ...] = ("prefill", "decode", "mixed")
-# Within-pool choice policies implemented by cluster/routing.py (kept in sync by a test).
+# Within-pool choice policies implemented by cluster/control/routing.py (kept in sync by a test).
 ROUTING_POLICIES: tuple[str, ...] = ("round_robin", "jsq", "token_jsq", "kv", "prefix")
 # KV transports implemented by kv_transfer (its make_sender/make_receiver kinds).
 TRANSFER_KINDS: tuple[str, ...] = ("loopback", "shm", "torch", "grpc")
-# How the controller reserves the workers' resources (cluster/placement.py): "auto" is
+# How the controller reserves the workers' resources (cluster/control/placement.py): "auto" is
 # STRICT_PACK for the node-local shm transport and PACK otherwise; "none" places each actor
 # on its own, by its resources only (no placement group).
 PLACEMENT_STRATEGIES: tuple[str, ...] = ("auto", "none", "PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+# Where `serve` and `profile` build the tiny random-weight Llama when no model is given.
+DEFAULT_TINY_DIR = os.path.join(os.path.expanduser("~"), ".cache", "splitserve", "tiny-llama")
 
 
 class ConfigError(ValueError):

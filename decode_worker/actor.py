@@ -23,8 +23,8 @@ import ray
 
 from decode_worker.build import build_decode_worker
 from engine.request import TokenLogprobs
-from engine.streams import RequestSpec, StreamChunk
-from engine.threads import set_threads_for_cpu_share
+from engine.runtime.streams import RequestSpec, StreamChunk
+from engine.runtime.threads import set_threads_for_cpu_share
 
 DEFAULT_MAX_CONCURRENCY = 64
 CONTROL_GROUP = "control"

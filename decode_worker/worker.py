@@ -25,10 +25,10 @@ from typing import Any
 
 from engine.config import SchedulerMode
 from engine.engine import EngineCore
-from engine.loop import EngineLoop, LoadSnapshot
 from engine.request import Request, TokenLogprobs
-from engine.stats import QUEUE_SECONDS_BUCKETS, CumulativeHistogram
-from engine.streams import OutputStream, RequestSpec, StreamChunk
+from engine.runtime.loop import EngineLoop, LoadSnapshot
+from engine.runtime.stats import QUEUE_SECONDS_BUCKETS, CumulativeHistogram
+from engine.runtime.streams import OutputStream, RequestSpec, StreamChunk
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from kv_transfer.base import KVReceiver, TransferStatus
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import ray
 
-from engine.streams import RequestSpec, StreamChunk
-from engine.threads import set_threads_for_cpu_share
+from engine.runtime.streams import RequestSpec, StreamChunk
+from engine.runtime.threads import set_threads_for_cpu_share
 from prefill_worker.build import build_prefill_worker
 
 DEFAULT_MAX_CONCURRENCY = 64

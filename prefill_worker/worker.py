@@ -35,11 +35,11 @@ from typing import Any
 
 from engine.config import SchedulerMode
 from engine.engine import EngineCore
-from engine.loop import EngineLoop, LoadSnapshot
 from engine.request import Request, RequestStatus
+from engine.runtime.loop import EngineLoop, LoadSnapshot
+from engine.runtime.stats import QUEUE_SECONDS_BUCKETS, TRANSFER_SECONDS_BUCKETS, CumulativeHistogram
+from engine.runtime.streams import OutputStream, RequestSpec, StreamChunk
 from engine.scheduler.output import SchedulerOutput
-from engine.stats import QUEUE_SECONDS_BUCKETS, TRANSFER_SECONDS_BUCKETS, CumulativeHistogram
-from engine.streams import OutputStream, RequestSpec, StreamChunk
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from kv_transfer.base import KVSender, TransferStatus
 

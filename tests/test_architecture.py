@@ -18,6 +18,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
+CLUSTER_SUBPACKAGES = ("cluster.control", "cluster.frontends", "cluster.metrics", "cluster.tools")
 PACKAGES = (
     "engine",
     "protos",
@@ -59,16 +60,20 @@ def _write(root: Path, module: str, source: str) -> None:
 
 def test_contracts_catch_violations(tmp_path: Path) -> None:
     shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
-    for package in PACKAGES:
+    for package in (*PACKAGES, *CLUSTER_SUBPACKAGES):
         _write(tmp_path, f"{package}.__init__", "")
+    _write(tmp_path, "cluster.config", "")
     # allowed: actor shells and cluster may import ray; cluster may import everything below it
     _write(tmp_path, "prefill_worker.actor", "import ray\nimport prefill_worker.worker\n")
     _write(tmp_path, "prefill_worker.worker", "import engine.core\nimport kv_transfer.base\n")
     _write(tmp_path, "decode_worker.actor", "import ray.util\n")
-    _write(tmp_path, "cluster.router", "import ray\nimport redis\nimport fastapi\nimport prefill_worker.actor\n")
+    _write(
+        tmp_path, "cluster.control.router", "import ray\nimport redis\nimport fastapi\nimport prefill_worker.actor\n"
+    )
     _write(tmp_path, "engine.core", "import torch\n")
     _write(tmp_path, "kv_transfer.base", "import engine.core\nimport protos\n")
     _write(tmp_path, "cluster.client", "import grpc\nimport protos\n")  # the SDK: grpc + protos only
+    _write(tmp_path, "cluster.tools.bench", "import cluster.control.router\n")  # tools use the control plane
     clean = _lint_imports(tmp_path)
     assert clean.returncode == 0, f"allowed imports were reported:\n{clean.stdout}\n{clean.stderr}"
 
@@ -78,6 +83,9 @@ def test_contracts_catch_violations(tmp_path: Path) -> None:
     _write(tmp_path, "expert_router.bad_metrics", "import prometheus_client\n")  # metrics outside cluster
     _write(tmp_path, "engine.bad_rpc", "import grpc\n")  # network in engine
     _write(tmp_path, "cluster.client", "import grpc\nimport engine.core\n")  # SDK pulling in the engine
+    _write(tmp_path, "cluster.frontends.bad_tools", "import cluster.tools.bench\n")  # serving path -> tools
+    _write(tmp_path, "engine.cycle_a", "import engine.cycle_b\n")  # a cycle between siblings
+    _write(tmp_path, "engine.cycle_b", "import engine.cycle_a\n")
     broken = _lint_imports(tmp_path)
     report = broken.stdout + broken.stderr
     assert broken.returncode != 0, report
@@ -88,9 +96,11 @@ def test_contracts_catch_violations(tmp_path: Path) -> None:
         "expert_router.bad_metrics",
         "engine.bad_rpc",
         "cluster.client",
+        "cluster.frontends.bad_tools",
+        "cycle_a",
     ):
         assert offender in report, f"{offender} not reported:\n{report}"
-    assert "5 broken" in report, report
+    assert "7 broken" in report, report
 
 
 def test_engine_creates_no_process_groups() -> None:

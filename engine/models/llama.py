@@ -16,7 +16,8 @@ from torch import nn
 from engine.attention.backend import AttentionBackend, AttentionMetadata
 from engine.config import ModelConfig
 from engine.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, linear
-from engine.moe import ExpertDispatcher, LocalExpertDispatcher, LocalExperts, MoEBlock
+from engine.models.moe import LocalExpertDispatcher, LocalExperts, MoEBlock
+from engine.moe import ExpertDispatcher
 
 # Called after layer ``i`` has written its K/V for the step (layer-wise KV push seam).
 LayerHook = Callable[[int], None]

@@ -15,10 +15,10 @@ import pytest
 
 from cluster.cli import main
 from cluster.config import PoolConfig, RouterConfig, ServeConfig, TransferConfig
-from cluster.grpc_server import GrpcFrontend
-from cluster.http_server import HttpFrontend
-from cluster.local import LocalCluster
-from cluster.service import ServingBackend
+from cluster.control.local import LocalCluster
+from cluster.frontends.grpc_server import GrpcFrontend
+from cluster.frontends.http_server import HttpFrontend
+from cluster.frontends.service import ServingBackend
 from engine.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.integration

@@ -10,9 +10,9 @@ import time
 import pytest
 
 from cluster.config import PoolConfig, RouterConfig, ServeConfig, TransferConfig
-from cluster.local import LocalCluster
+from cluster.control.local import LocalCluster
 from engine import LLM, SamplingParams
-from engine.streams import RequestSpec
+from engine.runtime.streams import RequestSpec
 
 pytestmark = pytest.mark.integration
 

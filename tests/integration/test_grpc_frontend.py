@@ -20,7 +20,6 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cluster.auth import TLSFiles
 from cluster.client import (
     AlreadyExists,
     AsyncClient,
@@ -33,9 +32,10 @@ from cluster.client import (
     Unavailable,
 )
 from cluster.config import PoolConfig, RouterConfig, ServeConfig, TransferConfig
-from cluster.grpc_server import SERVICE, GrpcFrontend
-from cluster.local import LocalCluster
-from cluster.service import Delta, ServingBackend, Usage
+from cluster.control.local import LocalCluster
+from cluster.frontends.auth import TLSFiles
+from cluster.frontends.grpc_server import SERVICE, GrpcFrontend
+from cluster.frontends.service import Delta, ServingBackend, Usage
 from engine import LLM, SamplingParams
 from protos import splitserve_pb2 as pb
 from protos import splitserve_pb2_grpc as pb_grpc

@@ -20,9 +20,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from cluster.config import PoolConfig, RouterConfig, ServeConfig, TransferConfig
-from cluster.grpc_server import SERVICE, GrpcFrontend
-from cluster.local import LocalCluster
-from cluster.service import ServingBackend
+from cluster.control.local import LocalCluster
+from cluster.frontends.grpc_server import SERVICE, GrpcFrontend
+from cluster.frontends.service import ServingBackend
 from protos import splitserve_pb2 as pb
 from protos import splitserve_pb2_grpc as pb_grpc
 

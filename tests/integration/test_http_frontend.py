@@ -20,11 +20,11 @@ import httpx
 import openai
 import pytest
 
-from cluster.chat_template import ChatTemplate, ChatTemplateError
 from cluster.config import PoolConfig, RouterConfig, ServeConfig, TransferConfig
-from cluster.http_server import HttpFrontend
-from cluster.local import LocalCluster
-from cluster.service import ServingBackend
+from cluster.control.local import LocalCluster
+from cluster.frontends.chat_template import ChatTemplate, ChatTemplateError
+from cluster.frontends.http_server import HttpFrontend
+from cluster.frontends.service import ServingBackend
 from engine import LLM, SamplingParams
 from engine.config import ModelConfig
 from engine.tokenizer import Tokenizer

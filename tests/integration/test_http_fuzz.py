@@ -21,9 +21,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cluster.config import PoolConfig, RouterConfig, ServeConfig, TransferConfig
-from cluster.http_server import HttpFrontend
-from cluster.local import LocalCluster
-from cluster.service import ServingBackend
+from cluster.control.local import LocalCluster
+from cluster.frontends.http_server import HttpFrontend
+from cluster.frontends.service import ServingBackend
 
 pytestmark = pytest.mark.integration
 

@@ -22,9 +22,9 @@ import pytest
 import yaml
 
 from cluster.config import PoolConfig, RouterConfig, ServeConfig, TransferConfig
-from cluster.local import LocalCluster
-from cluster.metrics import Metrics, poll_loads, start_metrics_server
-from cluster.service import ServingBackend
+from cluster.control.local import LocalCluster
+from cluster.frontends.service import ServingBackend
+from cluster.metrics.registry import Metrics, poll_loads, start_metrics_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -23,10 +23,10 @@ import ray
 from ray.cluster_utils import Cluster
 
 from cluster.config import PoolConfig, RouterConfig, ServeConfig, TransferConfig
-from cluster.controller import Controller, ControllerOptions
-from cluster.routing import RouteReason
+from cluster.control.controller import Controller, ControllerOptions
+from cluster.control.routing import RouteReason
 from engine import LLM, SamplingParams
-from engine.streams import RequestSpec, StreamChunk
+from engine.runtime.streams import RequestSpec, StreamChunk
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""cluster.metrics: request lifecycles update the right series; worker-side series pulled from
+"""cluster.metrics.registry: request lifecycles update the right series; worker-side series pulled from
 the router's load reports stay monotonic across worker restarts; exposition endpoints."""
 
 from __future__ import annotations
@@ -13,7 +13,10 @@ from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.config import RouterConfig
-from cluster.metrics import (
+from cluster.control.router import Router
+from cluster.control.routing import NoWorkerAvailable, RoutingPolicy
+from cluster.frontends.service import Overloaded, RequestTimeout, ServingBackend
+from cluster.metrics.registry import (
     FINISH_REASONS,
     SLO,
     Metrics,
@@ -21,14 +24,11 @@ from cluster.metrics import (
     metrics_asgi_app,
     start_metrics_server,
 )
-from cluster.metrics_collect import Kind, MetricDef, default_pool_of, poll_loads
-from cluster.router import Router
-from cluster.routing import NoWorkerAvailable, RoutingPolicy
-from cluster.service import Overloaded, RequestTimeout, ServingBackend
+from cluster.metrics.workers import Kind, MetricDef, default_pool_of, poll_loads
 from engine.config import ModelConfig
 from engine.request import SamplingParams
-from engine.stats import TRANSFER_SECONDS_BUCKETS, CumulativeHistogram
-from engine.streams import StreamChunk
+from engine.runtime.stats import TRANSFER_SECONDS_BUCKETS, CumulativeHistogram
+from engine.runtime.streams import StreamChunk
 from engine.tokenizer import Tokenizer
 
 

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cluster.config import ROUTING_POLICIES, RouterConfig
-from cluster.routing import NoWorkerAvailable, RouteReason, RoutingPolicy, WorkerLoad
+from cluster.control.routing import NoWorkerAvailable, RouteReason, RoutingPolicy, WorkerLoad
 
 LONG = 1000  # prompt length above every short_prompt_threshold used here
 

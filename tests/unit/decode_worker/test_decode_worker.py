@@ -6,7 +6,7 @@ import pytest
 
 from decode_worker.build import build_decode_worker
 from engine import LLM, SamplingParams
-from engine.streams import RequestSpec
+from engine.runtime.streams import RequestSpec
 from kv_transfer import make_sender
 
 ENGINE = {"block_size": 4, "num_blocks": 16, "max_num_batched_tokens": 16}

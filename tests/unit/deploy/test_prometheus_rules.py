@@ -5,7 +5,7 @@
 - every PromQL expression of the dashboard parses (written as recording rules into a
   temporary rule file that ``promtool check rules`` parses);
 - every ``splitserve`` name the rules and the dashboard select is a series the code
-  registers (cluster.metrics.exported_names(), with histogram suffixes) or a recording rule.
+  registers (cluster.metrics.registry.exported_names(), with histogram suffixes) or a recording rule.
 
 promtool ships with the Debian ``prometheus`` package (``make test`` installs it through
 scripts/install_system_deps.sh); without it the promtool tests skip, the name checks still run.
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.metrics import exported_names
+from cluster.metrics.registry import exported_names
 
 ROOT = Path(__file__).resolve().parents[3]
 PROM = ROOT / "deploy" / "prometheus"

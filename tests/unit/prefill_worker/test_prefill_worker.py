@@ -7,7 +7,7 @@ import torch
 
 from engine import SamplingParams
 from engine.request import RequestStatus
-from engine.streams import RequestSpec
+from engine.runtime.streams import RequestSpec
 from kv_transfer.base import KVSender, TransferStatus
 from prefill_worker.build import build_prefill_worker
 

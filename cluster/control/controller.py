@@ -1,0 +1,406 @@
+"""Controller: runs a ServeConfig's worker pools as Ray actors and keeps them alive.
+
+Lives in the driver process (plain asyncio, not an actor). Lifecycle::
+
+    Controller(config)            validates: the KV transport must cross processes
+    await start()                 reserves a placement group with one bundle per worker
+                                  (cluster/control/placement.py; STRICT_PACK for shm, PACK otherwise,
+                                  none with placement "none"), then starts one actor per
+                                  worker in its bundle, placed by the pool's num_cpus /
+                                  num_gpus / custom resources (a KubeRay worker group that
+                                  carries e.g. {"decode_node": 1} receives the pool asking
+                                  for it); waits for every actor to load its model, registers
+                                  them with the Router, starts the health watcher
+    ... router.generate(spec) ...
+    await shutdown()              stops the watcher, shuts the workers down, kills the actors,
+                                  removes the placement group
+
+Worker ids are ``<pool name>-<index>`` (as in LocalCluster) and survive restarts.
+
+Health watcher, every ``health_interval_s``:
+- ``ping`` each actor (answered in the actor's control thread group, so it is not starved
+  by blocking ``prefill``/``read`` calls). Actor dead, or its engine loop crashed
+  (WorkerUnavailable): marked unhealthy at once and replaced. No answer within
+  ``ping_timeout_s``: marked unhealthy; replaced after ``max_missed_pings`` misses in a row.
+  An unhealthy worker that answers ``ping`` and ``load`` again is marked healthy.
+- ``router.refresh_loads()`` updates the KV block counts the routing policy uses.
+Replacement kills the old actor, starts a new one with the same worker id and options,
+waits until it is ready (retrying with backoff while that fails), re-registers it (a decode
+replacement has a new KV address) and bumps the worker's ``restarts`` counter. Requests
+that were streaming from a dead decode worker end with finish_reason "abort"; requests
+still waiting on a dead prefill worker are re-routed by the Router.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from cluster.config import PoolConfig, ServeConfig
+from cluster.control.handles import RayHandle, WorkerUnavailable
+from cluster.control.placement import WorkerPlacement
+from cluster.control.router import Router
+from cluster.control.routing import RoutingPolicy
+from decode_worker.actor import DecodeActor
+from prefill_worker.actor import PrefillActor
+
+log = logging.getLogger(__name__)
+
+# Transports whose sender and receiver may live in different processes.
+RAY_TRANSPORTS = ("shm", "grpc", "torch")
+STILL_LOADING_EVERY_S = 15.0
+
+
+@dataclass(frozen=True)
+class ControllerOptions:
+    health_interval_s: float = 1.0  # period of the health watcher
+    ping_timeout_s: float = 5.0  # a ping (or recovery load probe) slower than this is a miss
+    max_missed_pings: int = 3  # consecutive misses before a live-but-silent actor is replaced
+    ready_timeout_s: float = 600.0  # model load + placement; longer is a failed start
+    placement_timeout_s: float = 600.0  # the placement group not placed by then: start fails
+    restart_backoff_s: float = 2.0  # wait between failed replacement attempts
+    max_concurrency: int = 64  # Ray threads per actor for blocking prefill/read calls
+    read_timeout_s: float = 1.0  # Router's long-poll period for decode reads
+    shutdown_timeout_s: float = 10.0  # graceful worker shutdown before the actor is killed
+
+    def __post_init__(self) -> None:
+        for name in ("health_interval_s", "ping_timeout_s", "ready_timeout_s", "read_timeout_s", "placement_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.restart_backoff_s < 0 or self.shutdown_timeout_s < 0:
+            raise ValueError("restart_backoff_s and shutdown_timeout_s must be >= 0")
+        if self.max_missed_pings < 1 or self.max_concurrency < 1:
+            raise ValueError("max_missed_pings and max_concurrency must be >= 1")
+
+
+@dataclass
+class WorkerRecord:
+    """One worker slot. ``actor``/``handle``/``address``/``node_id`` change on restart."""
+
+    worker_id: str
+    pool: PoolConfig
+    actor: Any  # ray ActorHandle of the current incarnation
+    handle: RayHandle
+    address: Any = None  # KV receiver address (decode-capable workers)
+    node_id: str | None = None
+    restarts: int = 0  # replacements so far (for metrics)
+    missed_pings: int = 0  # consecutive
+    last_failure: str | None = None
+    started_at: float = field(default_factory=time.time)
+
+    @property
+    def role(self) -> str:
+        return self.pool.role
+
+
+class Controller:
+    def __init__(
+        self,
+        config: ServeConfig,
+        options: ControllerOptions | None = None,
+        progress: Callable[[str], None] | None = None,
+    ):
+        kind = config.transfer.kind
+        if kind not in RAY_TRANSPORTS:
+            raise ValueError(
+                f"transfer.kind {kind!r} cannot move KV between Ray actors ('loopback' works only inside "
+                f"one process): use one of {list(RAY_TRANSPORTS)} ('shm' within a node, 'grpc' or 'torch' across nodes)"
+            )
+        self.config = config
+        self.options = options or ControllerOptions()
+        self.router = Router(RoutingPolicy(config.router), read_timeout_s=self.options.read_timeout_s)
+        self.workers: dict[str, WorkerRecord] = {}
+        self._progress = progress or (lambda msg: log.info("%s", msg))
+        self._watcher: asyncio.Task | None = None
+        self._replacing: dict[str, asyncio.Task] = {}
+        self._closing = False
+        self._placement: WorkerPlacement | None = None  # created by start(), removed by shutdown()
+
+    # ------------------------------------------------------------ lifecycle
+    async def start(self) -> Controller:
+        """Start every pool's actors and wait until all are ready; raises if any fails."""
+        if self.workers:
+            raise RuntimeError("controller already started")
+        if not ray.is_initialized():
+            raise RuntimeError("ray is not initialised: call ray.init() (or join a cluster) first")
+        self._warn_if_short_of_resources()
+        slots = [(f"{p.name}-{i}", p) for p in self.config.pools for i in range(p.num_workers)]
+        self._progress(
+            f"starting {len(slots)} worker actors: " + ", ".join(_pool_summary(p) for p in self.config.pools)
+        )
+        self._placement = WorkerPlacement.create(self.config)
+        if self._placement is not None:
+            self._progress(f"reserving a {self._placement.describe()}")
+            try:
+                await self._placement.ready(self.options.placement_timeout_s)
+            except BaseException:
+                self._placement.remove()
+                self._placement = None
+                raise
+        for wid, pool in slots:
+            actor = self._spawn(wid, pool)
+            self.workers[wid] = WorkerRecord(wid, pool, actor, RayHandle(wid, actor))
+        t0 = time.monotonic()
+        loading = set(self.workers)
+
+        async def ready(rec: WorkerRecord) -> None:
+            try:
+                rec.address, rec.node_id = await self._wait_ready(rec.handle, rec.pool)
+            finally:
+                loading.discard(rec.worker_id)
+            self._progress(f"  {rec.worker_id} ready on node {rec.node_id[:8]} ({time.monotonic() - t0:.1f}s)")
+
+        async def heartbeat() -> None:  # big models take minutes to load: say who we wait for
+            while True:
+                await asyncio.sleep(STILL_LOADING_EVERY_S)
+                self._progress(f"  still loading ({time.monotonic() - t0:.0f}s): {', '.join(sorted(loading))}")
+
+        beat = asyncio.create_task(heartbeat())
+        try:
+            results = await asyncio.gather(*(ready(r) for r in self.workers.values()), return_exceptions=True)
+        finally:
+            beat.cancel()
+        failed = [(wid, e) for wid, e in zip(self.workers, results) if isinstance(e, BaseException)]
+        try:
+            if failed:
+                detail = "\n".join(f"  {wid}: {e}" for wid, e in failed)
+                raise RuntimeError(f"{len(failed)} of {len(slots)} workers failed to start:\n{detail}")
+            self._check_shm_locality(strict=True)
+        except RuntimeError:
+            await self._kill_all()  # nothing half-started stays behind
+            self.workers.clear()
+            self._remove_placement()
+            raise
+        for rec in self.workers.values():
+            self.router.add_worker(rec.worker_id, rec.handle, rec.role, rec.address)
+        await self.router.refresh_loads()
+        self._watcher = asyncio.create_task(self._watch(), name="splitserve-health")
+        return self
+
+    async def shutdown(self) -> None:
+        """Stop watching, shut every worker down (gracefully, then by force). Idempotent."""
+        self._closing = True
+        tasks = [t for t in (self._watcher, *self._replacing.values()) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._watcher = None
+        self._replacing.clear()
+        await self._kill_all()
+        self._remove_placement()
+        for wid in list(self.workers):
+            self.router.remove_worker(wid)
+
+    def _remove_placement(self) -> None:
+        if self._placement is not None:
+            self._placement.remove()
+            self._placement = None
+
+    # ------------------------------------------------------------ introspection
+    def info(self) -> dict[str, Any]:
+        """Pools, workers, roles, health and last load report (for GetServerInfo / the CLI)."""
+        roles = self.router.policy.roles()
+        workers = []
+        for wid, rec in self.workers.items():
+            entry = self.router.workers.get(wid)
+            workers.append(
+                {
+                    "worker_id": wid,
+                    "pool": rec.pool.name,
+                    "role": rec.role,
+                    "current_role": roles.get(wid, rec.role),
+                    "healthy": bool(entry and entry.healthy) and wid not in self._replacing,
+                    "restarting": wid in self._replacing,
+                    "node_id": rec.node_id,
+                    "address": rec.address,
+                    "restarts": rec.restarts,
+                    "last_failure": rec.last_failure,
+                    "inflight": entry.inflight if entry else 0,
+                    "load": dict(entry.stats) if entry else {},
+                }
+            )
+        pools = [
+            {
+                "name": p.name,
+                "role": p.role,
+                "num_workers": p.num_workers,
+                "num_cpus": p.num_cpus,
+                "num_gpus": p.num_gpus,
+                "resources": dict(p.resources),
+                "workers": [w for w, r in self.workers.items() if r.pool.name == p.name],
+            }
+            for p in self.config.pools
+        ]
+        return {
+            "model": self.config.model,
+            "transfer": self.config.transfer.kind,
+            "placement": self._placement.strategy if self._placement is not None else "none",
+            "pools": pools,
+            "workers": workers,
+            "requests_in_flight": len(self.router.requests),
+        }
+
+    # ------------------------------------------------------------ actors
+    def _spawn(self, wid: str, pool: PoolConfig) -> Any:
+        engine = dict(pool.engine)
+        if pool.num_gpus > 0:
+            engine.setdefault("device", "cuda")  # a GPU was reserved for this actor: use it
+        placement = {
+            "num_cpus": pool.num_cpus,
+            "num_gpus": pool.num_gpus,
+            "resources": dict(pool.resources) or None,
+            "max_concurrency": self.options.max_concurrency,
+            "max_restarts": 0,  # the controller replaces dead actors itself
+            **(self._placement.actor_options(wid) if self._placement is not None else {}),
+        }
+        t = self.config.transfer
+        if pool.role == "prefill":
+            return PrefillActor.options(**placement).remote(
+                self.config.model, engine, t.kind, None, wid, t.layerwise, t.timeout_s
+            )
+        # decode and mixed workers both decode; mixed ones also prefill locally (as LocalCluster)
+        return DecodeActor.options(**placement).remote(self.config.model, engine, t.kind, None, wid, t.timeout_s)
+
+    async def _wait_ready(self, handle: RayHandle, pool: PoolConfig) -> tuple[Any, str]:
+        """(KV address, node id) once the actor has built its worker."""
+        try:
+            await asyncio.wait_for(handle.call("ping"), self.options.ready_timeout_s)
+        except TimeoutError:
+            raise TimeoutError(
+                f"not ready after {self.options.ready_timeout_s:.0f}s; it needs {_pool_request(pool)} "
+                f"(cluster has {_fmt_resources(ray.cluster_resources())})"
+            ) from None
+        address = await handle.call("address") if pool.role != "prefill" else None
+        return address, await handle.call("node_id")
+
+    async def _kill_all(self) -> None:
+        async def stop(rec: WorkerRecord) -> None:
+            try:
+                await asyncio.wait_for(rec.handle.call("shutdown"), self.options.shutdown_timeout_s)
+            except Exception as e:  # dead, hung or never started: killing is all that is left
+                log.debug("graceful shutdown of %s failed: %s", rec.worker_id, e)
+            ray.kill(rec.actor, no_restart=True)
+
+        await asyncio.gather(*(stop(r) for r in self.workers.values()))
+
+    # ------------------------------------------------------------ health
+    async def _watch(self) -> None:
+        while not self._closing:
+            try:
+                await self.check_health()
+            except Exception:  # the watcher must outlive any one bad round
+                log.exception("health check round failed")
+            await asyncio.sleep(self.options.health_interval_s)
+
+    async def check_health(self) -> None:
+        """One watcher round: ping every worker not being replaced, then refresh loads."""
+        live = [r for wid, r in self.workers.items() if wid not in self._replacing]
+        await asyncio.gather(*(self._check(r) for r in live))
+        await self.router.refresh_loads()
+
+    async def _check(self, rec: WorkerRecord) -> None:
+        wid, timeout = rec.worker_id, self.options.ping_timeout_s
+        try:
+            await asyncio.wait_for(rec.handle.call("ping"), timeout)
+            entry = self.router.workers.get(wid)
+            if entry is not None and not entry.healthy:
+                await asyncio.wait_for(rec.handle.call("load"), timeout)  # the engine loop answers too
+                self.router.mark_healthy(wid)
+            rec.missed_pings = 0
+        except TimeoutError:
+            rec.missed_pings += 1
+            self.router.mark_unhealthy(wid)
+            if rec.missed_pings >= self.options.max_missed_pings:
+                self._begin_replace(rec, f"missed {rec.missed_pings} pings of {timeout}s")
+        except Exception as e:  # WorkerUnavailable (dead actor, crashed loop) or a broken actor
+            self._begin_replace(rec, str(e) if isinstance(e, WorkerUnavailable) else f"ping failed: {e!r}")
+
+    def _begin_replace(self, rec: WorkerRecord, reason: str) -> None:
+        if rec.worker_id in self._replacing or self._closing:
+            return
+        log.error("worker %s failed (%s): replacing it", rec.worker_id, reason)
+        rec.last_failure = reason
+        self.router.mark_unhealthy(rec.worker_id)
+        self._replacing[rec.worker_id] = asyncio.create_task(self._replace(rec), name=f"replace-{rec.worker_id}")
+
+    async def _replace(self, rec: WorkerRecord) -> None:
+        wid = rec.worker_id
+        try:
+            while not self._closing:
+                ray.kill(rec.actor, no_restart=True)  # it may be hung rather than dead
+                actor = self._spawn(wid, rec.pool)
+                handle = RayHandle(wid, actor)
+                rec.actor, rec.handle = actor, handle  # so shutdown kills this incarnation
+                try:
+                    address, node_id = await self._wait_ready(handle, rec.pool)
+                    break
+                except Exception as e:
+                    rec.last_failure = f"restart failed: {e}"
+                    log.error("replacement of %s failed, retrying in %ss: %s", wid, self.options.restart_backoff_s, e)
+                    await asyncio.sleep(self.options.restart_backoff_s)
+            else:
+                return
+            rec.address, rec.node_id = address, node_id
+            rec.restarts += 1
+            rec.missed_pings = 0
+            rec.started_at = time.time()
+            self.router.add_worker(wid, handle, rec.role, address)  # a fresh, healthy entry
+            self._check_shm_locality(strict=False)
+            log.warning("worker %s replaced (restart %d) on node %s", wid, rec.restarts, node_id[:8])
+        finally:
+            self._replacing.pop(wid, None)
+
+    async def wait_replaced(self, worker_id: str, timeout: float | None = None) -> None:
+        """Until ``worker_id`` is not being replaced (for tests and operators)."""
+        task = self._replacing.get(worker_id)
+        if task is not None:
+            await asyncio.wait_for(asyncio.shield(task), timeout)
+
+    # ------------------------------------------------------------ placement checks
+    def _check_shm_locality(self, strict: bool) -> None:
+        """shm moves KV through /dev/shm: every prefill and decode worker must share a node."""
+        if self.config.transfer.kind != "shm":
+            return
+        nodes = {r.node_id for r in self.workers.values() if r.node_id is not None}
+        roles = {r.role for r in self.workers.values()}
+        if len(nodes) <= 1 or "prefill" not in roles:
+            return
+        msg = (
+            f"transfer.kind 'shm' is node-local but the workers run on {len(nodes)} nodes; "
+            "use 'grpc' or 'torch', or pin all pools to one node with custom resources"
+        )
+        if strict:
+            raise RuntimeError(msg)
+        log.error("%s", msg)
+
+    def _warn_if_short_of_resources(self) -> None:
+        need: dict[str, float] = {}
+        for p in self.config.pools:
+            for key, amount in {"CPU": p.num_cpus, "GPU": p.num_gpus, **p.resources}.items():
+                need[key] = need.get(key, 0.0) + amount * p.num_workers
+        have = ray.cluster_resources()
+        short = {k: v for k, v in need.items() if v > 0 and have.get(k, 0.0) < v}
+        if short:
+            self._progress(
+                f"warning: the pools need {_fmt_resources(need)} but the cluster has {_fmt_resources(have)}; "
+                "actors stay pending until the resources appear (e.g. an autoscaler adds nodes)"
+            )
+
+
+def _pool_request(p: PoolConfig) -> str:
+    return _fmt_resources({"CPU": p.num_cpus, "GPU": p.num_gpus, **p.resources})
+
+
+def _pool_summary(p: PoolConfig) -> str:
+    return f"{p.name} ({p.role}) x{p.num_workers} [{_pool_request(p)} each]"
+
+
+def _fmt_resources(res: dict[str, float]) -> str:
+    shown = {k: v for k, v in sorted(res.items()) if v and not k.startswith(("node:", "memory", "object_store"))}
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in shown.items()) + "}"

@@ -1,0 +1,403 @@
+"""gRPC frontend: the ``splitserve.v1.SplitServe`` service (protos/splitserve.proto) over a
+ServingBackend, plus the standard health (``grpc.health.v1``) and reflection services.
+
+Lifecycle: ``port = await GrpcFrontend(backend, ...).start()`` on the event loop that owns the
+backend's router; ``await frontend.stop()`` cancels the calls still open (which aborts their
+requests) and stops serving. A stopped frontend is not started again; make a new one.
+
+Status codes (the contract is in the .proto header):
+- backend exceptions map one to one: InvalidRequest -> INVALID_ARGUMENT (message names the
+  field), Overloaded -> RESOURCE_EXHAUSTED, RequestTimeout -> DEADLINE_EXCEEDED,
+  NoWorkerAvailable -> UNAVAILABLE; a request id already in flight -> ALREADY_EXISTS; request
+  bytes that do not parse -> INVALID_ARGUMENT (we deserialize ourselves: a failing
+  deserializer inside grpc would answer INTERNAL);
+- a request that fails after it started streaming (``Delta.error``: a worker died or its KV
+  transfer failed) ends the stream with UNAVAILABLE and the error. The tokens already sent
+  are valid, but the completion is cut short, so an OK status would hide the failure;
+- anything else is a bug and answers INTERNAL (the fuzz test asserts it never happens).
+
+Request lifecycle inside ``_generate``: the call's remaining deadline becomes the backend's
+``timeout_s``. The request runs under a fresh server-made id whatever ``request_id`` the
+caller chose (that one only names it for Abort and in responses): callers may reuse ids, and
+workers keep per-id state for a while after a request finishes. The backend generator is
+drained by a separate "pump" task into a queue that the handler writes out; the generator is
+closed only by the pump, once, and closing it aborts the request on every worker. A client
+cancel or an expired deadline cancels the handler task (grpc does that, sometimes twice),
+whose ``finally`` stops the pump without awaiting it. Deltas that queue up while a write is in
+progress go out as one message (fewer writes under load, no added latency when idle). ``Abort`` stops the pump too; the
+handler then ends the stream OK with a last message whose finish_reason is "abort".
+
+Auth: with ``api_key`` set, every SplitServe method requires it (``authorization: Bearer``
+or ``x-api-key`` metadata) and answers UNAUTHENTICATED otherwise; health and reflection are
+separate services and stay open so probes and tooling need no key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cluster.frontends.auth import TLSFiles, api_key_from_headers, check_api_key, grpc_server_credentials
+from cluster.frontends.service import (
+    Delta,
+    InvalidRequest,
+    NoWorkerAvailable,
+    Overloaded,
+    RequestTimeout,
+    ServingBackend,
+)
+from protos import splitserve_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+SERVICE = pb.DESCRIPTOR.services_by_name["SplitServe"].full_name  # "splitserve.v1.SplitServe"
+_OPTIONAL_SAMPLING = ("max_tokens", "temperature", "top_k", "top_p", "seed", "ignore_eos", "logprobs")
+_TOKENIZE_IN_THREAD_CHARS = 8192  # longer text prompts are tokenized off the event loop
+
+
+_END = object()  # the backend generator ended
+_ABORTED = object()  # the pump was stopped (Abort, client gone, server stopping)
+
+
+class _Pump:
+    """Drains one backend generator into ``queue``: Deltas, then _END, _ABORTED or the exception.
+
+    Runs as its own task so the generator is only ever closed from here, once; closing it
+    aborts the request on every worker. ``stop()`` cancels the task and also sets a flag
+    checked after every delta: on Python 3.11 ``asyncio.wait_for`` (which the backend awaits
+    per chunk) swallows a cancellation that races with its inner future completing, so the
+    flag is what guarantees the stop.
+    """
+
+    def __init__(self, gen: AsyncIterator[Delta]):
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.stopping = False
+        self.task = asyncio.create_task(self._run(gen))
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.task.cancel()
+
+    def done(self) -> bool:
+        return self.task.done()
+
+    async def _run(self, gen: AsyncIterator[Delta]) -> None:
+        try:
+            async for delta in gen:
+                if self.stopping:
+                    break
+                self.queue.put_nowait(delta)
+            self.queue.put_nowait(_ABORTED if self.stopping else _END)
+        except asyncio.CancelledError:
+            self.queue.put_nowait(_ABORTED)
+            raise
+        except Exception as e:
+            self.queue.put_nowait(e)
+        finally:
+            await gen.aclose()
+
+
+def _status_of(rid: str, e: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(e, InvalidRequest):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(e)
+    if isinstance(e, Overloaded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
+    if isinstance(e, RequestTimeout):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(e)
+    if isinstance(e, NoWorkerAvailable):
+        return grpc.StatusCode.UNAVAILABLE, str(e)
+    log.error("Generate %s failed", rid, exc_info=e)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
+
+
+class _Health(health.aio.HealthServicer):
+    """Health servicer (service "" and SERVICE) whose status follows ``healthy()``: refreshed on
+    each Check, and by GrpcFrontend every ``health_interval_s`` for Watch streams."""
+
+    def __init__(self, healthy: Callable[[], bool]):
+        super().__init__()
+        self._healthy = healthy
+
+    async def refresh(self) -> None:
+        ok = self._healthy()
+        status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", SERVICE):
+            await self.set(service, status)
+
+    async def Check(self, request, context):  # noqa: N802 (grpc method name)
+        await self.refresh()
+        return await super().Check(request, context)
+
+
+class GrpcFrontend:
+    def __init__(
+        self,
+        backend: ServingBackend,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        api_key: str | None = None,
+        tls: TLSFiles | None = None,
+        health_interval_s: float = 1.0,
+    ):
+        self.backend = backend
+        self.host = host
+        self.port = port
+        self.api_key = api_key
+        self.tls = tls
+        self.health_interval_s = health_interval_s
+        self.active: dict[str, _Pump] = {}  # request id -> the pump of its Generate call
+        self._pumps: set[asyncio.Task] = set()  # strong refs; a pump may outlive its call briefly
+        self._server: grpc.aio.Server | None = None
+        self._health = _Health(backend.healthy)
+        self._health_task: asyncio.Task | None = None
+
+    # ------------------------------------------------------------ lifecycle
+    async def start(self) -> int:
+        """Bind and serve; returns the bound port (``port=0`` picks a free one)."""
+        if self._server is not None or self._health_task is not None:
+            raise RuntimeError("a GrpcFrontend starts once")
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        server.add_generic_rpc_handlers((self._handlers(),))
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        names = (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server)
+        address = f"{self.host}:{self.port}"
+        if self.tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, grpc_server_credentials(self.tls))
+        if port == 0:
+            raise OSError(f"gRPC frontend could not bind {address}")
+        await self._health.refresh()
+        await server.start()
+        self._server, self.port = server, port
+        self._health_task = asyncio.create_task(self._health_loop())
+        log.info(
+            "gRPC frontend serving on %s:%d (tls=%s, api key=%s)", self.host, port, bool(self.tls), bool(self.api_key)
+        )
+        return port
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        if self._server is None:
+            return
+        await self._health.enter_graceful_shutdown()
+        if self._health_task is not None:
+            self._health_task.cancel()
+        await self._server.stop(grace)
+        self._server = None
+        if self._pumps:  # let cancelled requests finish aborting on the workers
+            await asyncio.wait(set(self._pumps), timeout=10.0)
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.health_interval_s)
+            await self._health.refresh()
+
+    def _handlers(self) -> grpc.GenericRpcHandler:
+        # Requests arrive as bytes (no request_deserializer) and are parsed in _parse.
+        unary = grpc.unary_unary_rpc_method_handler
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "Generate": grpc.unary_stream_rpc_method_handler(
+                    self._generate, response_serializer=pb.GenerateResponse.SerializeToString
+                ),
+                "Abort": unary(self._abort, response_serializer=pb.AbortResponse.SerializeToString),
+                "GetModelInfo": unary(self._model_info, response_serializer=pb.ModelInfo.SerializeToString),
+                "GetServerInfo": unary(self._server_info, response_serializer=pb.ServerInfo.SerializeToString),
+            },
+        )
+
+    # ------------------------------------------------------------ shared checks
+    async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+        presented = api_key_from_headers(context.invocation_metadata() or ())
+        if not check_api_key(self.api_key, presented):
+            what = "missing" if presented is None else "wrong"
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"API key {what}: send 'authorization: Bearer <key>'")
+
+    async def _parse(self, cls: type, data: bytes, context: grpc.aio.ServicerContext) -> Any:
+        await self._authorize(context)
+        msg = cls()
+        try:
+            msg.ParseFromString(data)
+        except Exception as e:  # DecodeError, or a RuntimeError from the C++ parser
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid {cls.__name__}: {e}")
+        return msg
+
+    async def _validate(self, req: pb.GenerateRequest) -> tuple[list[int], Any]:
+        """(prompt ids, SamplingParams); raises InvalidRequest naming the field."""
+        which = req.WhichOneof("prompt")
+        if which == "text":
+            prompt: Any = req.text
+            if len(prompt) > _TOKENIZE_IN_THREAD_CHARS:
+                ids = await asyncio.to_thread(self.backend.tokenize, prompt)
+            else:
+                ids = self.backend.tokenize(prompt)
+        else:
+            prompt = list(req.token_ids.ids) if which == "token_ids" else None
+            ids = self.backend.tokenize(prompt)
+        s = req.sampling
+        fields = {name: getattr(s, name) for name in _OPTIONAL_SAMPLING if s.HasField(name)}
+        if s.stop:
+            fields["stop"] = list(s.stop)
+        if s.stop_token_ids:
+            fields["stop_token_ids"] = list(s.stop_token_ids)
+        return ids, self.backend.sampling_params(len(ids), **fields)
+
+    # ------------------------------------------------------------ SplitServe methods
+    async def _generate(self, data: bytes, context: grpc.aio.ServicerContext) -> None:
+        req = await self._parse(pb.GenerateRequest, data, context)
+        try:
+            ids, params = await self._validate(req)
+        except InvalidRequest as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        # rid: the caller's name for the request; internal: the id the cluster sees (module doc)
+        internal = self.backend.new_request_id()
+        rid = req.request_id or internal
+        if rid in self.active:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {rid!r} is already in flight")
+        remaining = context.time_remaining()
+        timeout_s = None if remaining is None else max(remaining, 1e-3)  # 0 would mean "no timeout"
+        pump = _Pump(self.backend.generate(ids, params, internal, timeout_s))
+        self._pumps.add(pump.task)
+        pump.task.add_done_callback(self._pumps.discard)
+        self.active[rid] = pump
+        try:
+            status, finished, sent = await self._write_out(pump, rid, internal, context)
+        finally:
+            # No await here: grpc may cancel this task more than once (client cancel, deadline).
+            # The pump aborts the request on every worker as it unwinds.
+            pump.stop()
+            if self.active.get(rid) is pump:
+                del self.active[rid]
+        if status is not None:
+            await context.abort(*status)
+        if not finished:  # stopped by Abort (or the backend ended without a finish): say so
+            usage = pb.Usage(prompt_tokens=len(ids), completion_tokens=sent)
+            await context.write(pb.GenerateResponse(request_id=rid, index=sent, finish_reason="abort", usage=usage))
+
+    @staticmethod
+    async def _write_out(
+        pump: _Pump, rid: str, internal: str, context: grpc.aio.ServicerContext
+    ) -> tuple[tuple[grpc.StatusCode, str] | None, bool, int]:
+        """Write the pump's deltas to the call; returns (error status, finished, tokens sent)."""
+        sent = 0
+        held = None  # an item taken from the queue while coalescing, handled next
+        while True:
+            if held is not None:
+                item, held = held, None
+            else:
+                item = await pump.queue.get()
+            if isinstance(item, Delta) and item.error is None:
+                # Coalesce deltas that queued up while we were writing (never waits).
+                while item.finish_reason is None and not pump.queue.empty():
+                    nxt = pump.queue.get_nowait()
+                    if not (isinstance(nxt, Delta) and nxt.error is None):
+                        held = nxt
+                        break
+                    item = _merge(item, nxt)
+            if not isinstance(item, Delta):
+                status = None if item is _ABORTED or item is _END else _status_of(f"{rid} ({internal})", item)
+                return status, False, sent
+            if item.error is not None:
+                return (
+                    (grpc.StatusCode.UNAVAILABLE, f"request {rid} failed after {sent} tokens: {item.error}"),
+                    False,
+                    sent,
+                )
+            await context.write(_response(rid, item))
+            sent += len(item.token_ids)
+            if item.finish_reason is not None:
+                return None, True, sent
+
+    async def _abort(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        req = await self._parse(pb.AbortRequest, data, context)
+        pump = self.active.get(req.request_id)
+        if pump is None or pump.done():
+            return pb.AbortResponse(found=False)
+        pump.stop()
+        return pb.AbortResponse(found=True)
+
+    async def _model_info(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        await self._parse(pb.ModelInfoRequest, data, context)
+        info = self.backend.model_info()
+        known = {f.name for f in pb.ModelInfo.DESCRIPTOR.fields}
+        return pb.ModelInfo(**{k: v for k, v in info.items() if k in known})
+
+    async def _server_info(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.ServerInfo:
+        await self._parse(pb.ServerInfoRequest, data, context)
+        return server_info_message(self.backend.server_info())
+
+
+def _merge(a: Delta, b: Delta) -> Delta:
+    """``a`` then ``b`` (consecutive, neither failed) as one delta."""
+    return Delta(
+        index=a.index,
+        token_ids=a.token_ids + b.token_ids,
+        text=a.text + b.text,
+        logprobs=a.logprobs + b.logprobs,
+        finish_reason=b.finish_reason,
+        usage=b.usage,
+    )
+
+
+def _response(rid: str, delta: Delta) -> pb.GenerateResponse:
+    msg = pb.GenerateResponse(
+        request_id=rid,
+        index=delta.index,
+        token_ids=delta.token_ids,
+        text=delta.text,
+        finish_reason=delta.finish_reason or "",
+    )
+    for lp in delta.logprobs:
+        top = [pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top.items()]
+        msg.logprobs.append(pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob, top=top))
+    if delta.usage is not None:
+        u = delta.usage
+        msg.usage.CopyFrom(
+            pb.Usage(
+                prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, cached_tokens=u.cached_tokens
+            )
+        )
+    return msg
+
+
+def server_info_message(info: dict) -> pb.ServerInfo:
+    """ServerInfo from ``ServingBackend.server_info()``; missing keys read as zero/empty."""
+    roles = info.get("roles") or {}
+    msg = pb.ServerInfo(
+        inflight=int(info.get("inflight", 0)),
+        max_queue=int(info.get("max_queue", 0)),
+        details_json=json.dumps(info, default=str, sort_keys=True),
+    )
+    pools: dict[str, pb.PoolInfo] = {}
+    for w in info.get("workers", ()):
+        wid = str(w.get("worker_id", ""))
+        current = str(roles.get(wid, w.get("role", "")))
+        healthy = bool(w.get("healthy", False))
+        msg.workers.append(
+            pb.WorkerInfo(
+                worker_id=wid,
+                role=str(w.get("role", "")),
+                current_role=current,
+                healthy=healthy,
+                inflight=int(w.get("inflight", 0)),
+                free_kv_blocks=int(w.get("free_kv_blocks", 0)),
+                total_kv_blocks=int(w.get("total_kv_blocks", 0)),
+            )
+        )
+        pool = pools.setdefault(current, pb.PoolInfo(role=current))
+        pool.num_workers += 1
+        pool.num_healthy += healthy
+    msg.pools.extend(pools[r] for r in sorted(pools))
+    return msg
+
+
+__all__ = ["SERVICE", "GrpcFrontend", "server_info_message"]

@@ -1,0 +1,420 @@
+"""OpenAI-compatible HTTP frontend: FastAPI app over a ServingBackend, served by uvicorn.
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models,
+GET /v1/models/{id}, GET /health (200 when a decode-capable worker is healthy, else 503;
+never needs the API key, for load-balancer probes).
+
+Status codes (body ``{"error": {message, type, param, code}}``): 400 invalid request
+(``param`` names the field; malformed JSON and wrong types included), 401 API key missing or
+wrong, 404 unknown model or path, 408 request deadline passed, 429 Overloaded, 503
+NoWorkerAvailable or a worker failed mid-request.
+
+Request lifecycle (both endpoints): parse + validate -> tokenize -> ServingBackend.generate.
+Non-streaming: the deltas are collected while watching for client disconnect. Streaming:
+the first delta is awaited before the response starts, so admission errors (429, 503, 400)
+still get their status; then SSE ``data: {chunk}\\n\\n`` events end with ``data: [DONE]``;
+an error after the first delta is sent as an ``{"error": ...}`` event. Whenever the client
+disconnects (or the server cancels the response), the generation task is cancelled and the
+backend generator closed, which aborts the request on every worker and frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
+
+from cluster.frontends.auth import api_key_from_headers, check_api_key
+from cluster.frontends.chat_template import ChatTemplate, ChatTemplateError
+from cluster.frontends.openai_api import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ResponseBuilder,
+    backend_error,
+    invalid,
+    parse_request,
+    read_json_body,
+    validation_error,
+    worker_failed,
+)
+from cluster.frontends.service import (
+    Delta,
+    InvalidRequest,
+    NoWorkerAvailable,
+    Overloaded,
+    RequestTimeout,
+    ServingBackend,
+    Usage,
+)
+from engine.request import SamplingParams
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class ClientGone(Exception):
+    """The client closed the connection before the answer was ready."""
+
+
+def error_response(err: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns once the client has gone (only valid after the request body was read)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _finish(*tasks: asyncio.Future) -> None:
+    """Cancel ``tasks`` and wait until their cleanup (request aborts) has run."""
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def run_unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:
+    """Await ``work``; if the client disconnects first, cancel it and raise ClientGone."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        await _finish(*([watch] if task.done() else [task, watch]))
+    if task.cancelled():
+        raise ClientGone()
+    return task.result()
+
+
+class EventStream(StreamingResponse):
+    """SSE response that ends at the first of: events exhausted, client disconnect (an
+    ``http.disconnect`` message or a failed send), cancellation. In every case the event
+    iterator is closed before ``__call__`` returns (whatever the ASGI spec version), which
+    aborts the request behind it."""
+
+    media_type = "text/event-stream"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        pump = asyncio.ensure_future(self.stream_response(send))
+        watch = asyncio.ensure_future(_disconnected(receive))
+        try:
+            await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await _finish(pump, watch)
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+        if pump.done() and not pump.cancelled() and (e := pump.exception()) is not None and not isinstance(e, OSError):
+            raise e
+
+
+@dataclass
+class Prepared:
+    """A validated request, ready to run."""
+
+    request_id: str  # the backend's id; the response id is "<cmpl|chatcmpl>-<request_id>"
+    prompt_ids: list[int]
+    params: SamplingParams
+    out: ResponseBuilder
+
+
+class OpenAIServer:
+    """Request handling behind the routes (one per app)."""
+
+    def __init__(self, backend: ServingBackend):
+        self.backend = backend
+        self.created = int(time.time())
+        self.chat_template = ChatTemplate.from_tokenizer_config(backend.tokenizer.config)
+
+    # ------------------------------------------------------------ preparing requests
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.backend.model_name:
+            raise ApiError(
+                404,
+                f"model {model!r} does not exist; this server serves {self.backend.model_name!r}",
+                "invalid_request_error",
+                "model",
+                "model_not_found",
+            )
+
+    def _prepared(
+        self, kind: str, ids: list[int], params: SamplingParams, logprobs: int | None, token_ids: bool
+    ) -> Prepared:
+        rid = self.backend.new_request_id()
+        prefix = "cmpl" if kind == "completion" else "chatcmpl"
+        tok = self.backend.tokenizer
+        out = ResponseBuilder(
+            kind,  # type: ignore[arg-type]
+            f"{prefix}-{rid}",
+            self.backend.model_name,
+            int(time.time()),
+            token_text=lambda t: tok.decode([t], skip_special_tokens=False),
+            logprobs=logprobs,
+            token_ids=token_ids,
+        )
+        return Prepared(rid, ids, params, out)
+
+    def prepare_completion(self, req: CompletionRequest) -> Prepared:
+        if (err := req.unsupported_fields()) is not None:
+            raise err
+        self._check_model(req.model)
+        ids = self.backend.tokenize(req.single_prompt(), "prompt")
+        params = self.backend.sampling_params(len(ids), **req.sampling_fields(), logprobs=req.logprobs)
+        return self._prepared("completion", ids, params, req.logprobs, req.return_token_ids)
+
+    def prepare_chat(self, req: ChatCompletionRequest) -> Prepared:
+        if (err := req.unsupported_fields()) is not None:
+            raise err
+        self._check_model(req.model)
+        if self.chat_template is None:
+            raise invalid("messages", "this model has no chat template; use /v1/completions")
+        try:
+            text = self.chat_template.render([m.for_template() for m in req.messages], add_generation_prompt=True)
+        except ChatTemplateError as e:
+            raise invalid("messages", str(e)) from None
+        ids = self.backend.tokenize(self.backend.tokenizer.encode(text, add_special_tokens=False), "messages")
+        fields = req.sampling_fields()
+        renames = {"logprobs": "top_logprobs"}  # backend field -> the field this client sent
+        max_tokens = req.max_tokens
+        if req.max_completion_tokens is not None:
+            max_tokens, renames["max_tokens"] = req.max_completion_tokens, "max_completion_tokens"
+        fields["max_tokens"] = max_tokens if max_tokens is not None else self.backend.max_model_len - len(ids)
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        try:
+            params = self.backend.sampling_params(len(ids), **fields, logprobs=top)
+        except InvalidRequest as e:
+            name = renames.get(e.field, e.field)
+            raise invalid(name, str(e).removeprefix(f"{e.field}: ")) from None
+        return self._prepared("chat", ids, params, top, req.return_token_ids)
+
+    # ------------------------------------------------------------ serving
+    async def serve(self, request: Request, p: Prepared, stream: bool, include_usage: bool) -> Response:
+        gen = self.backend.generate(p.prompt_ids, p.params, request_id=p.request_id)
+        out = p.out
+        headers = {"x-request-id": out.response_id}
+        try:
+            if not stream:
+                body = await run_unless_disconnected(request.receive, self._collect(gen, out))
+                return JSONResponse(body, headers=headers)
+            first = await run_unless_disconnected(request.receive, anext(gen, None))
+        except ClientGone:
+            await gen.aclose()
+            return Response(status_code=499)  # nobody reads it; the request was aborted
+        except BaseException:
+            await gen.aclose()
+            raise
+        return EventStream(self._events(first, gen, out, include_usage), headers=headers)
+
+    async def _collect(self, gen: AsyncIterator[Delta], out: ResponseBuilder) -> dict:
+        text, ids, lps = [], [], []
+        last: Delta | None = None
+        async for d in gen:
+            text.append(d.text)
+            ids += d.token_ids
+            lps += d.logprobs
+            last = d
+        if last is None or last.finish_reason is None:
+            raise ApiError(503, "the request ended without a result", "server_error", code="service_unavailable")
+        if last.error:
+            raise worker_failed(last.error)
+        return out.response("".join(text), ids, lps, last.finish_reason, last.usage or Usage())
+
+    async def _events(
+        self, first: Delta | None, gen: AsyncIterator[Delta], out: ResponseBuilder, include_usage: bool
+    ) -> AsyncIterator[str]:
+        """SSE events for one request; closing this iterator closes (aborts) ``gen``."""
+        try:
+            if out.kind == "chat":
+                yield _sse(out.chunk({"role": "assistant", "content": ""}, None, None, include_usage))
+            d = first
+            while d is not None:
+                if d.error:
+                    yield _sse(worker_failed(d.error).body())
+                    break
+                if d.text or (d.token_ids and (out.logprobs is not None or out.token_ids)):
+                    piece = {"content": d.text} if out.kind == "chat" else d.text
+                    yield _sse(out.chunk(piece, d, None, include_usage))
+                if d.finish_reason is not None:
+                    yield _sse(out.chunk({} if out.kind == "chat" else "", None, d.finish_reason, include_usage))
+                    if include_usage:
+                        yield _sse(out.usage_chunk(d.usage or Usage()))
+                    break
+                try:
+                    d = await anext(gen, None)
+                except Exception as e:  # the status line is sent: report it in the stream
+                    yield _sse(backend_error(e).body())
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            await gen.aclose()  # type: ignore[attr-defined]
+
+    # ------------------------------------------------------------ info
+    def models(self) -> dict:
+        return {"object": "list", "data": [self.model_card()]}
+
+    def model_card(self) -> dict:
+        b = self.backend
+        return {
+            "id": b.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "splitserve",
+            "max_model_len": b.max_model_len,
+            "vocab_size": b.model_config.vocab_size,
+        }
+
+
+_STATUS_TYPES = {401: "authentication_error", 404: "invalid_request_error", 405: "invalid_request_error"}
+
+
+def create_app(backend: ServingBackend, api_key: str | None = None, max_body_bytes: int = 32 << 20) -> FastAPI:
+    """The OpenAI-compatible app. With ``api_key`` set, every /v1 route needs
+    ``Authorization: Bearer <key>`` (or ``x-api-key``); /health never does."""
+    server = OpenAIServer(backend)
+    app = FastAPI(title="splitserve", summary="OpenAI-compatible API", docs_url=None, redoc_url=None)
+    app.state.openai = server
+
+    def authorize(request: Request) -> None:
+        if api_key and not check_api_key(api_key, api_key_from_headers(request.headers.items())):
+            raise ApiError(401, "missing or incorrect API key", "authentication_error", code="invalid_api_key")
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, e: ApiError) -> JSONResponse:
+        return error_response(e, {"www-authenticate": "Bearer"} if e.status == 401 else None)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
+        return error_response(validation_error(list(e.errors())))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        kind = _STATUS_TYPES.get(e.status_code, "invalid_request_error" if e.status_code < 500 else "server_error")
+        return error_response(ApiError(e.status_code, str(e.detail), kind), dict(e.headers or {}))
+
+    async def _backend(_: Request, e: Exception) -> JSONResponse:
+        return error_response(backend_error(e))
+
+    for exc in (InvalidRequest, Overloaded, NoWorkerAvailable, RequestTimeout):
+        app.add_exception_handler(exc, _backend)
+    app.add_exception_handler(Exception, _backend)  # a bug: 500 with the OpenAI body, logged
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        authorize(request)
+        req = parse_request(CompletionRequest, await read_json_body(request, max_body_bytes))
+        return await server.serve(request, server.prepare_completion(req), req.stream, req.include_usage)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        authorize(request)
+        req = parse_request(ChatCompletionRequest, await read_json_body(request, max_body_bytes))
+        return await server.serve(request, server.prepare_chat(req), req.stream, req.include_usage)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict:
+        authorize(request)
+        return server.models()
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(request: Request, model_id: str) -> dict:
+        authorize(request)
+        server._check_model(model_id)
+        return server.model_card()
+
+    @app.get("/health")
+    async def health() -> Response:
+        if backend.healthy():
+            return JSONResponse({"status": "ok"})
+        err = ApiError(503, "no healthy decode worker", "server_error", code="service_unavailable")
+        return error_response(err)
+
+    return app
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn.Server that leaves signal handling to the process that embeds it."""
+
+    def capture_signals(self):  # type: ignore[override]
+        return nullcontext()
+
+
+class HttpFrontend:
+    """Serves ``create_app(backend, api_key)`` with uvicorn inside the caller's event loop.
+
+    Lifecycle: ``port = await start()`` (binds first, so port 0 picks a free port and the
+    bound one is returned) -> serving as a task of the running loop -> ``await stop()``
+    (stops accepting, lets open responses finish for up to ``graceful_shutdown_s``, then
+    cancels them, which aborts their requests).
+    """
+
+    def __init__(
+        self,
+        backend: ServingBackend,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        api_key: str | None = None,
+        graceful_shutdown_s: float = 5.0,
+    ):
+        self.app = create_app(backend, api_key)
+        self.host = host
+        self.port = port
+        self.graceful_shutdown_s = graceful_shutdown_s
+        self._server: _EmbeddedServer | None = None
+        self._task: asyncio.Task | None = None
+
+    async def start(self, startup_timeout_s: float = 30.0) -> int:
+        if self._task is not None:
+            raise RuntimeError("HttpFrontend already started")
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.create_server((self.host, self.port), family=family)
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            self.app,
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=self.graceful_shutdown_s,
+        )
+        self._server = _EmbeddedServer(config)
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name=f"http-frontend-{self.port}")
+        deadline = time.monotonic() + startup_timeout_s
+        while not self._server.started:  # uvicorn sets `started` once its listener is up
+            if self._task.done():
+                self._task.result()  # re-raise the startup failure
+                raise RuntimeError("uvicorn exited during startup")
+            if time.monotonic() > deadline:
+                await self.stop()
+                raise TimeoutError(f"HTTP frontend did not start within {startup_timeout_s}s")
+            await asyncio.sleep(0.01)
+        log.info("OpenAI HTTP frontend listening on %s:%d", self.host, self.port)
+        return self.port
+
+    async def stop(self) -> None:
+        if self._server is None or self._task is None:
+            return
+        self._server.should_exit = True
+        try:
+            await self._task
+        except SystemExit as e:  # uvicorn exits this way on startup failure
+            raise RuntimeError(f"HTTP frontend failed: exit code {e.code}") from None
+        finally:
+            self._server = self._task = None
+
+
+__all__ = ["HttpFrontend", "create_app"]

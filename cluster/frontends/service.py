@@ -1,0 +1,276 @@
+"""ServingBackend: what every frontend (gRPC, OpenAI HTTP, in-process) calls.
+
+It turns user input into a validated RequestSpec (tokenizing text, checking every field
+with a message naming it), admits it under a bounded in-flight limit, runs it through the
+Router, turns token ids into text deltas (cutting at stop strings exactly as the decode
+worker does) and enforces the request deadline. Frontends map its exceptions to status
+codes: InvalidRequest -> INVALID_ARGUMENT / 400, Overloaded -> RESOURCE_EXHAUSTED / 429,
+NoWorkerAvailable -> UNAVAILABLE / 503, RequestTimeout -> DEADLINE_EXCEEDED / 408.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from cluster.control.router import Router
+from cluster.control.routing import NoWorkerAvailable
+from engine.config import ModelConfig
+from engine.request import SamplingParams, TokenLogprobs
+from engine.runtime.streams import RequestSpec
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+if TYPE_CHECKING:
+    from cluster.metrics.registry import Metrics
+
+MAX_TOKENS_LIMIT = 1 << 20
+
+
+class InvalidRequest(ValueError):
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+class Overloaded(RuntimeError):
+    pass
+
+
+class RequestTimeout(TimeoutError):
+    pass
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass
+class Delta:
+    """One streamed piece of a completion; the last one has ``finish_reason`` set."""
+
+    index: int  # position of token_ids[0] in the completion
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+    usage: Usage | None = None  # on the last delta
+
+
+class ServingBackend:
+    def __init__(
+        self,
+        router: Router,
+        tokenizer: Tokenizer,
+        model_config: ModelConfig,
+        model_name: str,
+        max_queue: int = 1024,
+        request_timeout_s: float = 600.0,
+        info: Callable[[], Any] | None = None,
+        metrics: Metrics | None = None,
+    ):
+        self.router = router
+        self.tokenizer = tokenizer
+        self.model_config = model_config
+        self.model_name = model_name
+        self.max_queue = max_queue
+        self.request_timeout_s = request_timeout_s
+        self._info = info
+        self.metrics = metrics  # observes every admitted request's timeline (cluster.metrics.registry)
+        self.inflight = 0
+        self._ids = itertools.count()
+
+    @staticmethod
+    def from_model_dir(router: Router, model: str, **kw: Any) -> ServingBackend:
+        name = os.path.basename(os.path.normpath(model))
+        return ServingBackend(router, Tokenizer(model), ModelConfig.from_hf_dir(model), name, **kw)
+
+    # ------------------------------------------------------------ validation
+    @property
+    def max_model_len(self) -> int:
+        return self.model_config.max_position_embeddings
+
+    def tokenize(self, prompt: str | list[int] | None, field_name: str = "prompt") -> list[int]:
+        if prompt is None or (isinstance(prompt, str | list) and len(prompt) == 0):
+            raise InvalidRequest(field_name, "must not be empty")
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+            if not ids:
+                raise InvalidRequest(field_name, "encodes to zero tokens")
+        else:
+            ids = list(prompt)
+            vocab = self.model_config.vocab_size
+            for t in ids:
+                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                    raise InvalidRequest(field_name, f"token id {t!r} is outside the vocabulary [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequest(
+                field_name, f"prompt has {len(ids)} tokens; the model allows fewer than {self.max_model_len}"
+            )
+        return ids
+
+    def sampling_params(self, prompt_len: int, **kw: Any) -> SamplingParams:
+        """SamplingParams from user fields; None means default. Errors name the field."""
+        kw = {k: v for k, v in kw.items() if v is not None}
+        max_tokens = kw.get("max_tokens", 16)
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
+            raise InvalidRequest("max_tokens", f"must be an integer in [1, {MAX_TOKENS_LIMIT}], got {max_tokens!r}")
+        kw["max_tokens"] = min(max_tokens, self.max_model_len - prompt_len)
+        checks = {
+            "temperature": lambda v: _num(v) and 0 <= v <= 100,
+            "top_p": lambda v: _num(v) and 0 < v <= 1,
+            "top_k": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= -1,
+            "seed": lambda v: isinstance(v, int) and not isinstance(v, bool),
+            "logprobs": lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 20,
+            "ignore_eos": lambda v: isinstance(v, bool),
+        }
+        for name, ok in checks.items():
+            if name in kw and not ok(kw[name]):
+                raise InvalidRequest(name, f"invalid value {kw[name]!r}")
+        stop = kw.get("stop", ())
+        stop = (stop,) if isinstance(stop, str) else tuple(stop)
+        if any(not isinstance(s, str) or not s for s in stop) or len(stop) > 16:
+            raise InvalidRequest("stop", "must be up to 16 non-empty strings")
+        kw["stop"] = stop
+        ids = tuple(kw.get("stop_token_ids", ()))
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.model_config.vocab_size for t in ids):
+            raise InvalidRequest("stop_token_ids", "every id must be inside the vocabulary")
+        kw["stop_token_ids"] = ids
+        unknown = set(kw) - {"max_tokens", "stop", "stop_token_ids", *checks}
+        if unknown:
+            raise InvalidRequest(sorted(unknown)[0], "unknown sampling parameter")
+        try:
+            return SamplingParams(**kw)
+        except ValueError as e:
+            raise InvalidRequest("sampling", str(e)) from e
+
+    # ------------------------------------------------------------ serving
+    def new_request_id(self) -> str:
+        return f"req-{uuid.uuid4().hex[:12]}-{next(self._ids)}"
+
+    async def generate(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> AsyncIterator[Delta]:
+        """Run one request; deltas in order, the last with finish_reason and usage.
+
+        Leaving the iteration early (client cancel) aborts the request everywhere.
+        """
+        if self.inflight >= self.max_queue:
+            if self.metrics is not None:
+                self.metrics.rejected("overloaded")
+            raise Overloaded(f"server at capacity ({self.max_queue} requests in flight); retry later")
+        rid = request_id or self.new_request_id()
+        spec = RequestSpec(rid, prompt_ids, params)
+        detok = IncrementalDetokenizer(self.tokenizer, params.stop)
+        deadline = time.monotonic() + min(timeout_s or self.request_timeout_s, self.request_timeout_s)
+        usage = Usage(prompt_tokens=len(prompt_ids))
+        self.inflight += 1
+        tracker = self.metrics.track(len(prompt_ids)) if self.metrics is not None else None
+        outcome = "cancelled"  # unless set below: the caller stopped iterating
+        gen = self.router.generate(spec)
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise RequestTimeout(f"request {rid} exceeded its deadline")
+                try:
+                    # asyncio.timeout (not wait_for): runs in this task, so a caller's cancel
+                    # can't be swallowed by a chunk arriving at the same moment
+                    async with asyncio.timeout(remaining):
+                        chunk = await anext(gen)
+                except StopAsyncIteration:
+                    outcome = "abort"  # the router ended the stream without a finished chunk
+                    return
+                except TimeoutError as e:
+                    raise RequestTimeout(f"request {rid} exceeded its deadline") from e
+                except ValueError as e:
+                    raise InvalidRequest("prompt", str(e)) from e
+                if tracker is not None:
+                    tracker.tokens(len(chunk.token_ids))
+                before = len(detok.text)
+                for t in chunk.token_ids:
+                    detok.append(t)
+                text = (detok.final_text if chunk.finished else detok.text)[before:]
+                index = usage.completion_tokens
+                usage.completion_tokens += len(chunk.token_ids)
+                usage.cached_tokens = chunk.num_cached_tokens
+                if chunk.finished:
+                    outcome = chunk.finish_reason or "abort"
+                yield Delta(
+                    index=index,
+                    token_ids=list(chunk.token_ids),
+                    text=text,
+                    logprobs=list(chunk.logprobs),
+                    finish_reason=chunk.finish_reason if chunk.finished else None,
+                    error=chunk.error,
+                    usage=usage if chunk.finished else None,
+                )
+                if chunk.finished:
+                    return
+        except RequestTimeout:
+            outcome = "timeout"
+            raise
+        except Exception:
+            outcome = "error"
+            raise
+        finally:
+            if tracker is not None:
+                tracker.finish(outcome, usage.cached_tokens)
+            self.inflight -= 1
+            await gen.aclose()  # aborts on the workers unless the request finished
+
+    # ------------------------------------------------------------ info
+    def healthy(self) -> bool:
+        return any(w.healthy and w.role in ("decode", "mixed") for w in self.router.workers.values())
+
+    def model_info(self) -> dict:
+        c = self.model_config
+        return {
+            "model": self.model_name,
+            "architecture": c.architecture,
+            "vocab_size": c.vocab_size,
+            "max_model_len": self.max_model_len,
+            "num_layers": c.num_layers,
+            "hidden_size": c.hidden_size,
+            "eos_token_ids": list(c.eos_token_ids),
+        }
+
+    def server_info(self) -> dict:
+        if self._info is not None:
+            return self._info()
+        return {
+            "workers": [
+                {
+                    "worker_id": wid,
+                    "role": w.role,
+                    "healthy": w.healthy,
+                    "inflight": w.inflight,
+                    "free_kv_blocks": w.free_kv_blocks,
+                    "total_kv_blocks": w.total_kv_blocks,
+                }
+                for wid, w in self.router.workers.items()
+            ],
+            "roles": self.router.policy.roles(),
+            "inflight": self.inflight,
+            "max_queue": self.max_queue,
+        }
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and v == v  # rejects NaN
+
+
+__all__ = ["Delta", "InvalidRequest", "NoWorkerAvailable", "Overloaded", "RequestTimeout", "ServingBackend", "Usage"]

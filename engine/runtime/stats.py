@@ -1,0 +1,31 @@
+"""Cumulative histograms the workers keep and report in ``load()`` (cluster.metrics.workers
+exports them as Prometheus histograms). Plain Python, no locks: each worker updates and
+reports its histograms on its engine loop thread only.
+"""
+
+from __future__ import annotations
+
+# Bucket upper bounds (seconds).
+QUEUE_SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+TRANSFER_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class CumulativeHistogram:
+    """Observation counts per bucket, ``counts[i]`` = observations <= ``bounds[i]`` (cumulative,
+    as Prometheus buckets); ``count`` is the +Inf bucket. Only grows: a restart starts a new one."""
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.sum += value
+        self.count += 1
+        for i, b in enumerate(self.bounds):
+            if value <= b:
+                self.counts[i] += 1
+
+    def report(self) -> dict:
+        return {"le": list(self.bounds), "counts": list(self.counts), "sum": self.sum, "count": self.count}
