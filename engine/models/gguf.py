@@ -169,21 +169,35 @@ def resolve_model_path(path: str, cache_dir: str | None = None, progress: bool =
                 print(f"converting {path} to a Hugging Face directory (once): {out}", file=sys.stderr)
             convert_gguf(path, tmp, progress=progress)
             _write_json(os.path.join(tmp, STAMP_FILE), {"format": FORMAT, "sha256": digest, "source": path})
-            _default_permissions(tmp)
+            _seal(tmp)
             os.rename(tmp, out)
+            fsync_dir(root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return out
 
 
-def _default_permissions(directory: str) -> None:
-    """mkdtemp makes 0700 and safetensors 0600; a cache others may read gets the umask's modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(directory, 0o777 & ~umask)
+def _seal(directory: str) -> None:
+    """Flush every file to disk (the rename must not outlive a crash that loses the data) and
+    make the cache readable by other users (mkdtemp makes 0700, safetensors writes 0600)."""
     for name in os.listdir(directory):
-        os.chmod(os.path.join(directory, name), 0o666 & ~umask)
+        file = os.path.join(directory, name)
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(file, 0o644)
+    os.chmod(directory, 0o755)
+    fsync_dir(directory)
+
+
+def fsync_dir(directory: str) -> None:
+    """Persist a directory's entries (best effort: some filesystems refuse to fsync directories)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _is_complete(out: str, digest: str) -> bool:

