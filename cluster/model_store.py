@@ -36,7 +36,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from engine.models.gguf import exclusive_lock, file_sha256, fsync_dir, models_cache_dir
+from engine.models.model_cache import exclusive_lock, file_sha256, fsync_dir, models_cache_dir
 
 
 class ModelFetchError(RuntimeError):

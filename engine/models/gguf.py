@@ -25,24 +25,23 @@ under the final name. Concurrent resolvers of one file (a prefill and a decode w
 together) serialise on ``.<name>.lock`` (fcntl), so the file is converted once; stale temp
 directories of that name, left by killed runs, are removed under the lock.
 
-Supported: ``general.architecture == "llama"`` (Llama, SmolLM, TinyLlama, Mistral-7B exports),
-tensor types in ``SUPPORTED_TENSOR_TYPES`` (dequantized by the ``gguf`` library), byte-level
-BPE tokenizers (see gguf_tokenizer.py). Anything else raises ``UnsupportedGGUFError`` (a
-ValueError) naming it, before anything is written.
+Supported: ``general.architecture == "llama"`` with tensor types in ``SUPPORTED_TENSOR_TYPES``
+(dequantized by the ``gguf`` library) and a byte-level BPE tokenizer (gguf_tokenizer.py).
+SmolLM2 is tested against transformers; Llama-3.0-style files take the same paths. Not
+supported, each one UnsupportedGGUFError (a ValueError) naming it before anything is written:
+other architectures, sentencepiece vocabularies (Llama 2, Mistral, TinyLlama), Llama 3.1+
+rope scaling (``rope_freqs``), experts, other tensor types.
 """
 
 from __future__ import annotations
 
-import contextlib
 import glob
-import hashlib
 import json
 import os
 import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +52,7 @@ from engine.models.gguf_tokenizer import (
     build_tokenizer,
     tokenizer_config,
 )
+from engine.models.model_cache import exclusive_lock, file_sha256, fsync_dir, models_cache_dir
 
 FORMAT = 1  # bump when the conversion of a given file changes
 STAMP_FILE = "splitserve_gguf.json"
@@ -85,50 +85,12 @@ _LLAMA_TENSORS: list[tuple[re.Pattern[str], str, str | None]] = [
 ]
 
 
-# ---------------------------------------------------------------------------- cache paths
-
-
-def cache_root() -> str:
-    """splitserve's cache: $SPLITSERVE_CACHE, else $XDG_CACHE_HOME/splitserve, else ~/.cache/splitserve."""
-    root = os.environ.get("SPLITSERVE_CACHE")
-    if root:
-        return os.path.abspath(os.path.expanduser(root))
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(xdg, "splitserve")
-
-
-def models_cache_dir(root: str | None = None) -> str:
-    """Where fetched model files and GGUF conversions live: ``<root or cache_root()>/models``."""
-    return os.path.join(root or cache_root(), "models")
-
-
 def is_gguf_file(path: str) -> bool:
     """A regular file that starts with the GGUF magic."""
     if not os.path.isfile(path):
         return False
     with open(path, "rb") as f:
         return f.read(4) == GGUF_MAGIC
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-@contextlib.contextmanager
-def exclusive_lock(path: str) -> Iterator[None]:
-    """Hold an exclusive fcntl lock on ``path`` (created if missing); released on exit or death."""
-    import fcntl
-
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # ------------------------------------------------------------------------------ resolver
@@ -188,16 +150,6 @@ def _seal(directory: str) -> None:
         os.chmod(file, 0o644)
     os.chmod(directory, 0o755)
     fsync_dir(directory)
-
-
-def fsync_dir(directory: str) -> None:
-    """Persist a directory's entries (best effort: some filesystems refuse to fsync directories)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _is_complete(out: str, digest: str) -> bool:
