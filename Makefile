@@ -4,23 +4,35 @@ VENV    ?= .venv
 PYTHON  := $(VENV)/bin/python
 STAMP   := $(VENV)/.splitserve-installed
 
-.PHONY: venv install system-deps test run lint format bench clean
+.PHONY: venv install lock protos system-deps test run lint format bench clean
 
-# Re-installs only when the dependency declarations or the install script change.
-$(STAMP): pyproject.toml constraints.txt scripts/install_venv.sh
+# Re-installs only when the dependency declarations, the pins or the install script change.
+# requirements.lock pins every dependency but torch/triton; constraints.txt pins those for CPU.
+$(STAMP): pyproject.toml requirements.lock constraints.txt scripts/install_venv.sh
 	VENV=$(VENV) scripts/install_venv.sh
 	touch $@
 
 venv install: $(STAMP)
 
-# redis-server and prometheus for the tests that start them (no-op when present).
+# Re-resolve every dependency to today's releases and rewrite requirements.lock (and the proto
+# stubs, with the newly pinned grpcio-tools). The only way a pin changes; commit the result.
+lock:
+	scripts/lock.sh
+
+# Regenerate protos/*_pb2*.py(i) after editing a .proto (with the venv's pinned grpcio-tools).
+protos: install
+	for proto in protos/*.proto; do \
+	  $(PYTHON) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. $$proto || exit 1; \
+	done
+
+# prometheus/promtool, g++ and ninja for the tests that need them (no-op when present).
 system-deps:
 	scripts/install_system_deps.sh
 
 test: install system-deps
 	$(PYTHON) -m pytest -q -ra
 
-# Offline generation on a tiny random-weight model (engine/demo.py).
+# One offline generation through the CLI (`splitserve serve --once`, cluster/cli.py).
 run: install
 	$(PYTHON) -m cluster serve --once
 
