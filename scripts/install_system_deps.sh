@@ -1,53 +1,45 @@
 #!/usr/bin/env bash
-# Install the system servers the test suite starts as subprocesses (redis-server, prometheus)
-# and the C++ compiler the engine builds its native CPU kernel with (g++; without it the
-# engine falls back to torch SDPA and the kernel's own tests skip).
+# Install the system tools the test suite needs (Debian package -> what it provides):
+#   prometheus   prometheus, promtool   tests/integration/test_prometheus.py (a real server),
+#                                       tests/unit/deploy/test_prometheus_rules.py (promtool)
+#   g++          g++                    the native CPU kernel (engine/native), built through
+#   ninja-build  ninja                  torch.utils.cpp_extension; tests/unit/engine/test_cpu_paged_decode.py
+#   python3-dev  Python.h               the same build, for a Debian python3 (checked for PYTHON)
 #
-# Idempotent and quick when they are already present: a package counts as present when its
-# binary is on PATH. Installs through apt-get only when apt-get exists and we are root (or have
-# password-less sudo); otherwise it warns and exits 0, and the tests that need a missing server
-# skip themselves. `apt-get update` runs only when apt knows no candidate for a missing package.
-# While installing, services are kept from auto-starting (tests start their own instances).
+# Idempotent and quick when everything is present. Installs through apt-get as root (or with
+# password-less sudo), with services kept from auto-starting (tests start their own instances).
+# When it cannot install, it says what is missing: locally it exits 0 and those tests skip;
+# with CI=true it exits 1, as the tests would fail (tests/prereq.py).
 set -euo pipefail
 
-# package -> binary it provides
-declare -A BINARY=(
-  [redis-server]=redis-server
-  [prometheus]=prometheus
-  [g++]=g++
-)
+PYTHON=${PYTHON:-python3}
 
 missing=()
-for pkg in "${!BINARY[@]}"; do
-  command -v "${BINARY[$pkg]}" >/dev/null 2>&1 || missing+=("$pkg")
-done
-if [ ${#missing[@]} -eq 0 ]; then
-  exit 0
+need_binary() { command -v "$2" >/dev/null 2>&1 || missing+=("$1"); }
+need_binary prometheus prometheus
+need_binary prometheus promtool
+need_binary g++ g++
+need_binary ninja-build ninja
+if ! "$PYTHON" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
+  missing+=(python3-dev)
 fi
+[ ${#missing[@]} -eq 0 ] && exit 0
+mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
 
-warn() { echo "install_system_deps: $*; tests needing ${missing[*]} will be skipped" >&2; }
-
-if ! command -v apt-get >/dev/null 2>&1; then
-  warn "apt-get not available, install ${missing[*]} yourself"
+cannot() {
+  echo "install_system_deps: $*; missing: ${missing[*]} (the tests needing them skip, and fail under CI=true)" >&2
+  if [ "${CI:-}" = true ]; then exit 1; fi
   exit 0
-fi
+}
+command -v apt-get >/dev/null 2>&1 || cannot "apt-get not available, install them yourself"
 SUDO=()
 if [ "$(id -u)" -ne 0 ]; then
   if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
     SUDO=(sudo)
   else
-    warn "not root and no password-less sudo"
-    exit 0
+    cannot "not root and no password-less sudo"
   fi
 fi
-
-has_candidate() { apt-cache policy "$1" 2>/dev/null | grep -Eq 'Candidate: [^(]'; }
-for pkg in "${missing[@]}"; do
-  if ! has_candidate "$pkg"; then
-    "${SUDO[@]}" apt-get update -qq
-    break
-  fi
-done
 
 # policy-rc.d exit 101 = "do not start services"; only added (and removed) if absent.
 POLICY=/usr/sbin/policy-rc.d
@@ -57,5 +49,11 @@ if [ ! -e "$POLICY" ]; then
   trap '"${SUDO[@]}" rm -f "$POLICY"' EXIT
 fi
 
+install() { "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"; }
 echo "install_system_deps: installing ${missing[*]}" >&2
-"${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+# The package lists may be absent or stale (a candidate the mirror no longer has): update once
+# and retry before giving up.
+if ! install; then
+  "${SUDO[@]}" apt-get update -qq
+  install || cannot "apt-get install failed"
+fi

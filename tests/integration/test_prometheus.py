@@ -25,6 +25,7 @@ from cluster.config import PoolConfig, RouterConfig, ServeConfig, TransferConfig
 from cluster.control.local import LocalCluster
 from cluster.frontends.service import ServingBackend
 from cluster.metrics.registry import Metrics, poll_loads, start_metrics_server
+from tests.prereq import require
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -43,8 +44,9 @@ def _free_port() -> int:
 @pytest.fixture
 def prometheus(tmp_path):
     """Start prometheus scraping a target set later: returns (start(target) -> query function)."""
-    if PROMETHEUS is None:
-        pytest.skip("prometheus not on PATH (Debian package 'prometheus'; `make system-deps` installs it)")
+    require(
+        PROMETHEUS is not None, "prometheus not on PATH (Debian package 'prometheus'; `make system-deps` installs it)"
+    )
     procs: list[subprocess.Popen] = []
 
     def start(target: str):

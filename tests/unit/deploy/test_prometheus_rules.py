@@ -8,7 +8,8 @@
   registers (cluster.metrics.registry.exported_names(), with histogram suffixes) or a recording rule.
 
 promtool ships with the Debian ``prometheus`` package (``make test`` installs it through
-scripts/install_system_deps.sh); without it the promtool tests skip, the name checks still run.
+scripts/install_system_deps.sh); without it the promtool tests skip (fail under CI=true, see
+tests/prereq.py), the name checks still run.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 import yaml
 
 from cluster.metrics.registry import exported_names
+from tests.prereq import requires
 
 ROOT = Path(__file__).resolve().parents[3]
 PROM = ROOT / "deploy" / "prometheus"
@@ -31,9 +32,9 @@ RULE_TESTS = sorted((PROM / "tests").glob("*.yml"))
 DASHBOARD = ROOT / "deploy" / "grafana" / "splitserve.json"
 
 PROMTOOL = shutil.which("promtool")
-needs_promtool = pytest.mark.skipif(
-    PROMTOOL is None,
-    reason="promtool not on PATH (Debian package 'prometheus'; `make system-deps` installs it)",
+needs_promtool = requires(
+    PROMTOOL is not None,
+    "promtool not on PATH (Debian package 'prometheus'; `make system-deps` installs it)",
 )
 
 # Grafana's built-in variables and the dashboard's own, replaced by what Prometheus would see.

@@ -8,6 +8,7 @@ import torch
 from engine import native
 from engine.attention.backend import AttentionMetadata
 from engine.attention.sdpa import TorchSDPABackend
+from tests.prereq import require
 from tests.unit.engine.paged_reference import block_tables as _tables
 from tests.unit.engine.paged_reference import random_cache as _cache
 from tests.unit.engine.paged_reference import reference_decode as _reference
@@ -18,8 +19,10 @@ LENS = [1, 13, 16, 37, 70, 32]  # one token, partial page, exactly one/two pages
 @pytest.fixture(scope="module")
 def mod():
     m = native.load()
-    if m is None:
-        pytest.skip("native CPU kernels could not be built (see the logged warning)")
+    require(
+        m is not None,
+        "native CPU kernels could not be built: needs g++ and ninja (`make system-deps`); see the logged warning",
+    )
     return m
 
 

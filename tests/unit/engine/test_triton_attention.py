@@ -133,8 +133,7 @@ def test_backend_matches_sdpa(query_lens, window):
     assert len(plan.prefill) == (1 if any(n > 1 for n in query_lens) else 0)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu  # skipped without CUDA by tests/conftest.py
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("h,hkv,d", [(32, 8, 128), (16, 16, 80), (28, 4, 96), (8, 1, 64)])
 def test_kernel_cuda_large(dtype, h, hkv, d):
