@@ -8,10 +8,12 @@ tool such as ``promtool``, the compiled native kernel, a downloaded model) state
 - With ``CI=true`` (``.ci/run`` exports it): it fails the test, so a run whose install step
   could not provide something never passes with those tests silently skipped.
 
-Only this module skips (tests/test_prereq.py checks that no other test file does). Exempt:
-tests marked ``gpu``, which tests/conftest.py skips wherever CUDA is absent, CI included.
-Something the repository itself ships (a data file, a generated stub) is not a prerequisite:
-assert that it exists.
+Only this module skips (tests/test_prereq.py checks that no other test file does). Exempt
+from failing in CI: the machine's accelerators, which no install script provides. Tests
+marked ``gpu`` are skipped by tests/conftest.py wherever CUDA is absent, CI included; any other
+condition on the accelerators (CUDA must be absent, two devices) goes through
+``require_hardware``, which skips everywhere. Something the repository itself ships (a data
+file, a generated stub) is not a prerequisite: assert that it exists.
 """
 
 from __future__ import annotations
@@ -44,6 +46,14 @@ def require(condition: object, reason: str) -> None:
     if in_ci():
         pytest.fail(f"missing prerequisite (CI=true, so this is a failure, not a skip): {reason}", pytrace=False)
     pytest.skip(reason)
+
+
+def require_hardware(condition: object, reason: str) -> None:
+    """Skip the calling test, in CI too, unless the machine's accelerators meet ``condition``
+    (e.g. ``torch.cuda.device_count() >= 2``, or no CUDA for a CPU-only path)."""
+    __tracebackhide__ = True
+    if not condition:
+        pytest.skip(f"hardware: {reason}")
 
 
 def requires(condition: object, reason: str) -> Callable[[F], F]:

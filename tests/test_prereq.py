@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.prereq import in_ci, require, requires
+from tests.prereq import in_ci, require, require_hardware, requires
 
 TESTS = Path(__file__).resolve().parent
 # Ways of skipping that bypass tests/prereq.py.
@@ -47,6 +47,14 @@ def test_missing_prerequisite_fails_in_ci(monkeypatch):
         require(None, "promtool not on PATH")
 
 
+@pytest.mark.parametrize("ci", ["true", ""])
+def test_hardware_condition_skips_in_and_out_of_ci(monkeypatch, ci):
+    monkeypatch.setenv("CI", ci)
+    require_hardware(True, "never shown")
+    with pytest.raises(pytest.skip.Exception, match="hardware: needs two CUDA devices"):
+        require_hardware(False, "needs two CUDA devices")
+
+
 def test_requires_decorator(monkeypatch):
     calls = []
 
@@ -75,6 +83,6 @@ def test_no_test_file_skips_except_through_prereq():
         if SKIP.search(line)
     ]
     assert not offenders, (
-        "skip through tests/prereq.py (require/requires: fails under CI=true) or mark the test gpu:\n"
-        + "\n".join(offenders)
+        "skip through tests/prereq.py (require/requires: fails under CI=true; require_hardware for a"
+        " condition on the accelerators) or mark the test gpu:\n" + "\n".join(offenders)
     )
