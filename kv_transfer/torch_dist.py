@@ -1,8 +1,9 @@
 """torch.distributed point-to-point transport (gloo for CPU caches, NCCL for CUDA caches).
 
 No global ``init_process_group``: every sender/receiver pair gets its own 2-rank process
-group (rank 0 = sender, rank 1 = receiver) built directly on a PrefixStore of the
-receiver's TCPStore, so one process can hold any number of pairs.
+groups (rank 0 = sender, rank 1 = receiver), joined with ``engine.runtime.groups.join_group``
+over the receiver's TCPStore (the store the handshake below already uses), so one process
+can hold any number of pairs.
 
 Rendezvous (the receiver hosts the TCPStore; its ``address`` is ``(host, port)``)::
 
@@ -37,10 +38,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed import PrefixStore, ProcessGroupGloo, TCPStore
+from torch.distributed import TCPStore
 
 from engine.kv_cache.layout import KVLayout, KVLayoutMismatch
 from engine.kv_cache.paged_cache import PagedKVCache
+from engine.parallel import ProcessGroup
+from engine.runtime.groups import GroupBackend, GroupSpec, join_group
 from kv_transfer.base import FaultHook, KVChunk, KVTransferError, check_layouts, tensor_bytes
 from kv_transfer.receiver_book import BookedReceiver
 from kv_transfer.sender_book import BookedSender
@@ -66,15 +69,21 @@ def _decode(header: torch.Tensor) -> dict:
     return json.loads(raw[4 : 4 + int.from_bytes(raw[:4], "little")])
 
 
-def _build_groups(store: TCPStore, k: int, rank: int, backend: str) -> tuple[Any, Any]:
-    ctl = ProcessGroupGloo(PrefixStore(f"kv/{k}/ctl/", store), rank, 2, _IDLE)
+def _build_groups(
+    store: TCPStore, address: tuple[str, int], k: int, rank: int, backend: GroupBackend, device: torch.device
+) -> tuple[ProcessGroup, ProcessGroup]:
+    """Pair k's groups over the receiver's store at ``address``: ``ctl`` (gloo) and ``data``
+    (``ctl`` itself for gloo; NCCL on ``device``, the side's CUDA device, otherwise)."""
+
+    def spec(part: str, part_backend: GroupBackend) -> GroupSpec:
+        host, port = address
+        return GroupSpec(f"kv/{k}/{part}", rank, 2, host, port, part_backend, _IDLE.total_seconds())
+
+    ctl = join_group(spec("ctl", "gloo"), store)
     if backend == "gloo":
         return ctl, ctl
-    from torch.distributed import ProcessGroupNCCL  # CUDA builds only
-
-    opts = ProcessGroupNCCL.Options()
-    opts._timeout = _IDLE
-    return ctl, ProcessGroupNCCL(PrefixStore(f"kv/{k}/data/", store), rank, 2, opts)
+    with torch.cuda.device(device):
+        return ctl, join_group(spec("data", "nccl"), store)
 
 
 class TorchDistReceiver(BookedReceiver):
@@ -158,7 +167,7 @@ class TorchDistReceiver(BookedReceiver):
         open_rids: set[str] = set()  # requests with chunks seen but no finish yet
         try:
             store.wait([f"kv/{k}/go"], self._timeout)
-            ctl, data = _build_groups(store, k, RECEIVER, self.backend)
+            ctl, data = _build_groups(store, self.address, k, RECEIVER, self.backend, self.cache.kv.device)
             self._receive(ctl, data, open_rids)
             why = "sender closed the connection without finishing"
         except Exception as e:  # noqa: BLE001 - any transport error ends this pair
@@ -211,7 +220,8 @@ class TorchDistSender(BookedSender):
             raise KVTransferError(f"torch.distributed receiver at {host}:{port} refused: {reply['error']}")
         self._backend = reply["backend"]
         store.set(f"kv/{k}/go", "1")
-        self._ctl, self._data = _build_groups(store, k, SENDER, self._backend)
+        device = torch.device("cuda", torch.cuda.current_device()) if self._backend == "nccl" else torch.device("cpu")
+        self._ctl, self._data = _build_groups(store, (host, int(port)), k, SENDER, self._backend, device)
         self._store = store
         self._start(f"kv-torch-send->{host}:{port}/{k}")
 
