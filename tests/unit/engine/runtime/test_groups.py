@@ -14,6 +14,7 @@ from torch.distributed import TCPStore
 
 from engine.parallel import TorchDistCommunicator
 from engine.runtime.groups import GroupJoinError, GroupSpec, free_port, join_group
+from tests.prereq import require_hardware
 from tests.unit.engine.gloo_ranks import HOST, run_ranks, spec
 
 VALID = GroupSpec("tp", 1, 2, HOST, 1234, "gloo", 5.0)
@@ -115,8 +116,7 @@ def test_ranks_that_disagree_on_the_world_size_fail_to_join() -> None:
 
 
 def test_nccl_without_cuda_is_a_clear_join_error() -> None:
-    if torch.cuda.is_available():
-        pytest.skip("CUDA is available here: the NCCL path is covered by the gpu tests")
+    require_hardware(not torch.cuda.is_available(), "CUDA is available here: the NCCL path is covered by the gpu tests")
     with pytest.raises(GroupJoinError, match="backend 'nccl' needs CUDA"):
         join_group(dataclasses.replace(spec(0, 1, free_port(HOST)), backend="nccl"))
 
@@ -135,8 +135,7 @@ def test_nccl_group_of_one_runs_every_collective_on_the_gpu() -> None:
 
 @pytest.mark.gpu
 def test_nccl_group_of_two_gpus() -> None:
-    if torch.cuda.device_count() < 2:
-        pytest.skip("needs two CUDA devices")
+    require_hardware(torch.cuda.device_count() >= 2, "needs two CUDA devices")
     port = free_port(HOST)
 
     def rank_fn(r: int) -> list[torch.Tensor]:
