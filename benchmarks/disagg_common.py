@@ -19,7 +19,7 @@ from pathlib import Path
 
 from cluster.config import PoolConfig, RouterConfig, ServeConfig, TransferConfig
 from engine.request import SamplingParams
-from engine.runtime.streams import RequestSpec
+from engine.types import RequestSpec
 
 # A random-weight Llama (engine.models.tiny, family "llama"): ~8M parameters outside the
 # embedding, 8 KiB of KV per token (8 layers x K,V x 2 kv heads x 64 x fp32). On one core of
@@ -205,24 +205,23 @@ def trace_record(t: Trace, t0: float) -> dict:
     }
 
 
-class TimedHandle:
-    """Wraps a router's worker handle and records how long each call took (driver side)."""
+class TimedInvoker:
+    """Wraps a worker handle's invoker and records how long each call took (driver side)."""
 
     def __init__(self, inner, kind: str, sink: dict):
         self.inner, self.kind, self.sink = inner, kind, sink
-        self.worker_id = inner.worker_id
 
-    async def call(self, method: str, *args):
+    async def invoke(self, fn, *args):
         t0 = time.perf_counter()
         try:
-            return await self.inner.call(method, *args)
+            return await self.inner.invoke(fn, *args)
         finally:
-            self.sink.setdefault(f"{self.kind}.{method}", []).append(time.perf_counter() - t0)
+            self.sink.setdefault(f"{self.kind}.{fn.__name__}", []).append(time.perf_counter() - t0)
 
 
 def take_rpc_times(c) -> dict[str, dict]:
     """p50/p99/max ms of controller ``c``'s router calls since the last take (``c.rpc_times``,
-    filled by TimedHandle); reads are left out: they long-poll."""
+    filled by TimedInvoker); reads are left out: they long-poll."""
     out = {
         k: {"n": len(v), "p50_ms": 1e3 * percentile(v, 50), "p99_ms": 1e3 * percentile(v, 99), "max_ms": 1e3 * max(v)}
         for k, v in sorted(c.rpc_times.items())

@@ -59,7 +59,7 @@ from benchmarks.disagg_common import (  # noqa: E402
     LOAD_MODES,
     MODEL,
     TTFT_MODES,
-    TimedHandle,
+    TimedInvoker,
     plot,
     random_prompt,
     run_poisson,
@@ -101,7 +101,7 @@ async def start_controllers(model: str, chunk: int) -> dict[str, Controller]:
         c.router.policy.route = recording
         c.rpc_times = {}  # "<pool role>.<method>" -> seconds of each router -> worker call
         for entry in c.router.workers.values():
-            entry.handle = TimedHandle(entry.handle, entry.role, c.rpc_times)
+            entry.handle.invoker = TimedInvoker(entry.handle.invoker, entry.role, c.rpc_times)
     return ctrls
 
 
@@ -110,8 +110,8 @@ async def quiesce(c: Controller, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     for rec in c.workers.values():
         while True:
-            load = await rec.handle.call("load")
-            if load["running_requests"] == 0 and load["free_kv_blocks"] == load["total_kv_blocks"]:
+            load = (await rec.handle.stats()).engine
+            if load.running_requests == 0 and load.free_kv_blocks == load.total_kv_blocks:
                 break
             if time.monotonic() > deadline:
                 log(f"warning: {rec.worker_id} not idle after {timeout}s: {load}")
@@ -268,7 +268,7 @@ async def run_poisson_counting(router, prompts, gaps, out_len, tag, done: list[i
 async def amain(args: argparse.Namespace, model: str, vocab: int) -> tuple[dict, list[dict], dict, dict]:
     ctrls = await start_controllers(model, args.chunk)
     try:
-        infos = {n: [(w["worker_id"], w["role"]) for w in c.info()["workers"]] for n, c in ctrls.items()}
+        infos = {n: [(w.worker_id, w.role) for w in c.info().workers] for n, c in ctrls.items()}
         log(f"workers: {infos}")
         ttft = await phase_ttft(ctrls, args.lengths, args.reps, vocab)
         for m in LOAD_MODES:  # every worker of the load topologies runs once concurrently first

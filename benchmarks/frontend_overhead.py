@@ -170,7 +170,7 @@ def _timed_on_loop(b: Bench, prompts: list[list[int]], concurrency: int, one) ->
 
 
 def run_router(b: Bench, prompts: list[list[int]], concurrency: int) -> Round:
-    from engine.runtime.streams import RequestSpec
+    from engine.types import RequestSpec
 
     async def one(p: list[int]) -> Trace:
         tr, t0 = Trace(), time.perf_counter()

@@ -56,7 +56,7 @@ from cluster.tools.sim.simulator import LinkConfig, SimConfig, Simulator  # noqa
 from cluster.tools.sim.workload import Workload, load_trace, poisson  # noqa: E402
 from engine.models.tiny import build_tiny_checkpoint  # noqa: E402
 from engine.request import SamplingParams  # noqa: E402
-from engine.runtime.streams import RequestSpec  # noqa: E402
+from engine.types import RequestSpec  # noqa: E402
 
 MODEL = dict(
     vocab_size=2048,

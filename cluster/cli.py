@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from cluster.config import DEFAULT_TINY_DIR, PLACEMENT_STRATEGIES, TRANSFER_KINDS, ConfigError, ServeConfig
+from cluster.control.info import ClusterInfo
 from cluster.tools.bench.command import add_bench_parser
 
 # Engine options for the built-in tiny model: a small KV pool starts faster than the 1 GB default.
@@ -335,24 +336,24 @@ async def start_frontends(cfg: ServeConfig, controller: Any, api_key: str | None
     return Frontends(grpc, http, metrics_server)
 
 
-def _print_layout(info: dict[str, Any]) -> None:
-    _say(f"\nmodel {info['model']}, KV transport {info['transfer']}")
-    for pool in info["pools"]:
-        res = {"CPU": pool["num_cpus"], "GPU": pool["num_gpus"], **pool["resources"]}
+def _print_layout(info: ClusterInfo) -> None:
+    _say(f"\nmodel {info.model}, KV transport {info.transfer}")
+    for pool in info.pools:
+        res = {"CPU": pool.num_cpus, "GPU": pool.num_gpus, **pool.resources}
         shown = ", ".join(f"{k}={v:g}" for k, v in res.items() if v)
-        _say(f"pool {pool['name']} ({pool['role']}): {pool['num_workers']} worker(s), each {shown or 'nothing'}")
-        for w in (w for w in info["workers"] if w["pool"] == pool["name"]):
-            load = w["load"]
-            kv = f"KV blocks {load.get('free_kv_blocks', '?')}/{load.get('total_kv_blocks', '?')}"
-            addr = f", KV address {w['address']}" if w["address"] is not None else ""
-            _say(f"  {w['worker_id']:<12} node {(w['node_id'] or '?')[:8]}  {kv}{addr}")
+        _say(f"pool {pool.name} ({pool.role}): {pool.num_workers} worker(s), each {shown or 'nothing'}")
+        for w in (w for w in info.workers if w.pool == pool.name):
+            st = w.stats
+            kv = f"KV blocks {st.engine.free_kv_blocks}/{st.engine.total_kv_blocks}" if st else "KV blocks unknown"
+            addr = f", KV address {w.address}" if w.address is not None else ""
+            _say(f"  {w.worker_id:<12} node {(w.node_id or '?')[:8]}  {kv}{addr}")
 
 
 async def run_demo(controller: Any, tokenizer: Any, prompts: list[str], max_tokens: int) -> None:
     """Send every prompt at once; print each one's text as it streams, in prompt order."""
     from engine.request import SamplingParams
-    from engine.runtime.streams import RequestSpec
     from engine.tokenizer import IncrementalDetokenizer
+    from engine.types import RequestSpec
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     queues: list[asyncio.Queue] = [asyncio.Queue() for _ in prompts]

@@ -11,8 +11,8 @@ host, so prefill actors on other nodes can reach it; "shm" addresses are node-lo
 
 Threading: a threaded actor. ``read`` blocks a Ray thread for up to its timeout, so the
 default concurrency group needs about as many threads as requests streaming at once
-(``max_concurrency``). ``ping``, ``load``, ``address`` and ``node_id`` run in a small
-"control" group so health checks are answered however many reads are waiting.
+(``max_concurrency``). ``ping``, ``stats``, ``limits``, ``kv_address`` and ``node_id`` run in
+a small "control" group so health checks are answered however many reads are waiting.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from typing import Any
 
 import ray
 
+from decode_worker.api import DecodeAPI
 from decode_worker.build import build_decode_worker
-from engine.request import TokenLogprobs
-from engine.runtime.streams import RequestSpec, StreamChunk
 from engine.runtime.threads import set_threads_for_cpu_share
+from engine.types import FirstToken, KVAddress, RequestSpec, StreamChunk, WorkerLimits, WorkerStats
 
 DEFAULT_MAX_CONCURRENCY = 64
 CONTROL_GROUP = "control"
@@ -32,7 +32,7 @@ NETWORK_TRANSPORTS = ("grpc", "torch")  # receivers that take a ``host`` option
 
 
 @ray.remote(max_concurrency=DEFAULT_MAX_CONCURRENCY, concurrency_groups={CONTROL_GROUP: 4})
-class DecodeActor:
+class DecodeActor(DecodeAPI):
     def __init__(
         self,
         model: str,
@@ -41,34 +41,39 @@ class DecodeActor:
         transport_options: dict[str, Any] | None = None,
         worker_id: str = "decode-0",
         transfer_timeout_s: float = 60.0,
+        role: str = "decode",
     ):
-        self.worker_id = worker_id
         # torch threads = this actor's Ray CPU share
         self.num_threads = set_threads_for_cpu_share(ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0))
         opts = dict(transport_options or {})
         if transport in NETWORK_TRANSPORTS:
             opts.setdefault("host", ray.util.get_node_ip_address())
         self.worker = build_decode_worker(
-            model, engine_options, transport, opts, worker_id=worker_id, transfer_timeout_s=transfer_timeout_s
+            model,
+            engine_options,
+            transport,
+            opts,
+            worker_id=worker_id,
+            transfer_timeout_s=transfer_timeout_s,
+            role=role,
         )
 
     # ------------------------------------------------------------ control group
     @ray.method(concurrency_group=CONTROL_GROUP)
     def ping(self) -> str:
-        """Liveness: the worker id, or RuntimeError("engine loop stopped ...") if it crashed."""
-        err = self.worker.loop.error
-        if err is not None:
-            raise RuntimeError(f"engine loop stopped: {err!r}")
-        return self.worker_id
+        return self.worker.ping()
 
     @ray.method(concurrency_group=CONTROL_GROUP)
-    def load(self) -> dict:
-        return self.worker.load()
+    def stats(self) -> WorkerStats:
+        return self.worker.stats()
 
     @ray.method(concurrency_group=CONTROL_GROUP)
-    def address(self) -> Any:
-        """The KV receiver's address (a property cannot be called remotely)."""
-        return self.worker.address
+    def limits(self) -> WorkerLimits:
+        return self.worker.limits()
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def kv_address(self) -> KVAddress:
+        return self.worker.kv_address()
 
     @ray.method(concurrency_group=CONTROL_GROUP)
     def node_id(self) -> str:
@@ -78,8 +83,8 @@ class DecodeActor:
     def start_transfer(self, spec: RequestSpec) -> None:
         self.worker.start_transfer(spec)
 
-    def set_first_token(self, request_id: str, token: int, logprobs: TokenLogprobs | None = None) -> None:
-        self.worker.set_first_token(request_id, token, logprobs)
+    def set_first_token(self, request_id: str, first: FirstToken) -> None:
+        self.worker.set_first_token(request_id, first)
 
     def generate_local(self, spec: RequestSpec) -> None:
         self.worker.generate_local(spec)

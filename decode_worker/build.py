@@ -18,6 +18,7 @@ def build_decode_worker(
     transport_options: dict[str, Any] | None = None,
     worker_id: str = "decode-0",
     transfer_timeout_s: float = 60.0,
+    role: str = "decode",
 ) -> DecodeWorker:
     """``transport=None`` builds a worker without a receiver (mixed/colocated use only)."""
     opts = {k: v for k, v in (engine_options or {}).items() if k != "mode"}
@@ -28,5 +29,10 @@ def build_decode_worker(
         else make_receiver(transport, engine.layout, engine.cache, **(transport_options or {}))
     )
     return DecodeWorker(
-        engine, receiver, tokenizer=Tokenizer(model), worker_id=worker_id, transfer_timeout_s=transfer_timeout_s
+        engine,
+        receiver,
+        tokenizer=Tokenizer(model),
+        worker_id=worker_id,
+        transfer_timeout_s=transfer_timeout_s,
+        role=role,
     )

@@ -6,12 +6,12 @@ transferred request goes through:
     start_transfer(spec)   reserve blocks (queued FIFO while the pool is full), then
                            ``receiver.expect(rid, blocks)``; a stream is opened for it
     set_first_token(rid)   the prefill worker's sampled token (router forwards it)
-    receiver DONE + first token known -> ``scheduler.admit``: the request decodes
+    receiver DONE + first token known -> ``engine.admit``: the request decodes
     receiver FAILED, transfer timeout, abort -> blocks freed, stream failed with the reason
 
 Short prompts skip all that: ``generate_local(spec)`` prefills here (no transfer).
 Callers read tokens with ``read(rid, cursor, timeout)`` (each token once, in order).
-Blocks are freed on completion, abort, timeout and failure: ``load()`` shows the pool.
+Blocks are freed on completion, abort, timeout and failure: ``stats()`` shows the pool.
 """
 
 from __future__ import annotations
@@ -21,15 +21,25 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
 
+from decode_worker.api import DecodeAPI
 from engine.config import SchedulerMode
 from engine.engine import EngineCore
-from engine.request import Request, TokenLogprobs
-from engine.runtime.loop import EngineLoop, LoadSnapshot
+from engine.request import Request
+from engine.runtime.loop import EngineLoop, StatsSnapshot
 from engine.runtime.stats import QUEUE_SECONDS_BUCKETS, CumulativeHistogram
-from engine.runtime.streams import OutputStream, RequestSpec, StreamChunk
+from engine.runtime.streams import OutputStream
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from engine.types import (
+    EngineStopped,
+    FirstToken,
+    KVAddress,
+    RequestSpec,
+    StreamChunk,
+    UnknownRequest,
+    WorkerLimits,
+    WorkerStats,
+)
 from kv_transfer.base import KVReceiver, TransferStatus
 
 log = logging.getLogger(__name__)
@@ -40,11 +50,10 @@ class _Incoming:
     req: Request
     deadline: float
     reserved: bool = False
-    first_token: int | None = None
-    first_logprobs: TokenLogprobs | None = None
+    first: FirstToken | None = None  # the prefill's result, once the router forwards it
 
 
-class DecodeWorker:
+class DecodeWorker(DecodeAPI):
     def __init__(
         self,
         engine: EngineCore,
@@ -52,6 +61,7 @@ class DecodeWorker:
         tokenizer: Tokenizer | None = None,
         worker_id: str = "decode-0",
         transfer_timeout_s: float = 60.0,
+        role: str = "decode",
     ):
         if engine.config.scheduler.mode != SchedulerMode.DECODE_ONLY:
             raise ValueError("DecodeWorker needs an engine in decode_only mode")
@@ -59,6 +69,7 @@ class DecodeWorker:
         self.receiver = receiver
         self.tokenizer = tokenizer
         self.worker_id = worker_id
+        self.role = role  # "decode", or "mixed" for a mixed pool's worker (reported in stats)
         self.transfer_timeout_s = transfer_timeout_s
         self._incoming: dict[str, _Incoming] = {}
         self._reserve_queue: deque[str] = deque()  # ids waiting for blocks, FIFO
@@ -72,34 +83,30 @@ class DecodeWorker:
         self.reserve_wait_seconds = CumulativeHistogram(QUEUE_SECONDS_BUCKETS)
         self._unscheduled: dict[str, Request] = {}  # local prefills not scheduled yet
         self.loop = EngineLoop(self._step, engine.has_work, self._tick, name=worker_id, on_crash=self._fail_all)
-        self._loads = LoadSnapshot(self.loop, self._compute_load)  # refreshed after every step
+        self._stats = StatsSnapshot(self.loop, self._compute_stats)  # refreshed after every step
+        self.stats_wait_s = 0.5  # stats() waits this long for the loop before answering stale
         self.loop.start()
 
-    @property
-    def address(self) -> Any:
-        """Where prefill workers send this worker's KV (the receiver's address)."""
+    # ------------------------------------------------------------ called from any thread
+    def kv_address(self) -> KVAddress:
         return None if self.receiver is None else self.receiver.address
 
-    # ------------------------------------------------------------ called from any thread
     def start_transfer(self, spec: RequestSpec) -> None:
-        """Prepare to receive ``spec``'s prompt KV. Raises ValueError for a bad request."""
         if self.receiver is None:
             raise RuntimeError(f"{self.worker_id} has no KV receiver")
         self.loop.run(lambda: self._start_transfer(spec))
 
-    def set_first_token(self, request_id: str, token: int, logprobs: TokenLogprobs | None = None) -> None:
-        self.loop.run(lambda: self._set_first_token(request_id, token, logprobs))
+    def set_first_token(self, request_id: str, first: FirstToken) -> None:
+        self.loop.run(lambda: self._set_first_token(request_id, first))
 
     def generate_local(self, spec: RequestSpec) -> None:
-        """Prefill and decode here (short prompts, mixed role). Raises ValueError if invalid."""
         self.loop.run(lambda: self._generate_local(spec))
 
     def read(self, request_id: str, cursor: int = 0, timeout: float | None = 1.0) -> StreamChunk:
-        """Tokens of ``request_id`` from ``cursor`` on, waiting up to ``timeout`` for news."""
         with self._streams_lock:
             stream = self._streams.get(request_id)
         if stream is None:
-            raise KeyError(f"unknown request {request_id!r} on {self.worker_id}")
+            raise UnknownRequest(f"unknown request {request_id!r} on {self.worker_id}")
         chunk = stream.read(cursor, timeout)
         if chunk.finished:
             with self._streams_lock:
@@ -109,10 +116,21 @@ class DecodeWorker:
     def abort(self, request_id: str, reason: str = "aborted") -> None:
         self.loop.run(lambda: self._abort(request_id, reason))
 
-    def load(self, wait_s: float = 0.5) -> dict:
-        """Current load, computed between engine steps; if a long step keeps the loop busy
-        past ``wait_s``, the snapshot taken after the last step (marked ``stale``)."""
-        return self._loads.get(wait_s)
+    def ping(self) -> str:
+        if self.loop.error is not None:
+            raise EngineStopped(f"{self.worker_id}: engine loop stopped: {self.loop.error!r}")
+        return self.worker_id
+
+    def stats(self) -> WorkerStats:
+        """Computed between engine steps; if a long step keeps the loop busy past
+        ``stats_wait_s``, the report taken after the last step (marked ``stale``)."""
+        return self._stats.get(self.stats_wait_s)
+
+    def limits(self) -> WorkerLimits:
+        return self.engine.limits()
+
+    def node_id(self) -> str:
+        return "local"
 
     def shutdown(self) -> None:
         self.loop.stop()
@@ -147,7 +165,7 @@ class DecodeWorker:
             if inc is None:  # aborted while queued
                 self._reserve_queue.popleft()
                 continue
-            blocks = self.engine.scheduler.reserve(inc.req)
+            blocks = self.engine.reserve(inc.req)
             if blocks is None:
                 return
             self._reserve_queue.popleft()
@@ -155,15 +173,15 @@ class DecodeWorker:
             self.reserve_wait_seconds.observe(max(0.0, time.monotonic() - inc.req.arrival_time))
             self.receiver.expect(inc.req.request_id, blocks)
 
-    def _set_first_token(self, rid: str, token: int, logprobs: TokenLogprobs | None) -> None:
+    def _set_first_token(self, rid: str, first: FirstToken) -> None:
         inc = self._incoming.get(rid)
         if inc is not None:
-            inc.first_token, inc.first_logprobs = token, logprobs
+            inc.first = first
 
     def _generate_local(self, spec: RequestSpec) -> None:
         req = self._new_request(spec)
         try:
-            self.engine.scheduler.add_request(req)
+            self.engine.add_request(req)
         except ValueError:
             with self._streams_lock:
                 self._streams.pop(req.request_id, None)
@@ -175,12 +193,13 @@ class DecodeWorker:
         now = time.monotonic()
         for rid, inc in list(self._incoming.items()):
             st = self.receiver.poll(rid) if inc.reserved else TransferStatus.BOOTSTRAPPING
-            if st == TransferStatus.DONE and inc.first_token is not None:
+            if st == TransferStatus.DONE and inc.first is not None:
                 del self._incoming[rid]
                 self.receiver.cancel(rid)  # forget the finished transfer's bookkeeping
-                if inc.first_logprobs is not None:
-                    inc.req.logprobs.append(inc.first_logprobs)
-                self._publish(self.engine.scheduler.admit(rid, inc.first_token))
+                if inc.first.logprobs is not None:
+                    inc.req.logprobs.append(inc.first.logprobs)
+                inc.req.num_cached_tokens = inc.first.num_cached_tokens  # the prefill's prefix hits
+                self._publish(self.engine.admit(rid, inc.first.token_id))
             elif st == TransferStatus.FAILED:
                 self.transfer_failures += 1
                 self._abort(rid, f"KV transfer failed: {self.receiver.error(rid)}")
@@ -190,15 +209,15 @@ class DecodeWorker:
 
     def _step(self) -> None:
         t0 = time.monotonic()  # step() schedules first: requests it picks up were scheduled now
-        changed = self.engine.step()
+        result = self.engine.step()
         for rid, req in list(self._unscheduled.items()):
             if req.num_cached_tokens >= 0 or req.is_finished:  # set when first scheduled
                 del self._unscheduled[rid]
                 if req.num_cached_tokens >= 0:
                     self.queue_seconds.observe(max(0.0, t0 - req.arrival_time))
-        for req in changed:
+        for req in result.outputs:
             self._publish(req)
-        self._loads.refresh()
+        self._stats.refresh()
 
     def _publish(self, req: Request) -> None:
         with self._streams_lock:
@@ -223,17 +242,20 @@ class DecodeWorker:
             log.error("%s: request %s failed: %s", self.worker_id, rid, reason)
         self._reserve_waiting()  # freed blocks go to the oldest queued transfer at once
 
-    def _compute_load(self) -> dict:
-        s = self.engine.scheduler
-        return {
-            **self.engine.load_stats(),
-            "worker_id": self.worker_id,
-            "role": "decode",
-            "pending_requests": len(s.waiting) + len(s.running) + len(self._incoming),
-            "pending_prompt_tokens": sum(r.num_tokens - r.num_computed_tokens for r in s.waiting),
-            "transfers_in_flight": len(self._incoming),
-            "transfer_failures": self.transfer_failures,
-            "started_at": self.started_at,
-            "queue_seconds": self.queue_seconds.report(),
-            "reserve_wait_seconds": self.reserve_wait_seconds.report(),
-        }
+    def _compute_stats(self) -> WorkerStats:
+        engine = self.engine.stats()
+        return WorkerStats(
+            worker_id=self.worker_id,
+            role=self.role,
+            started_at=self.started_at,
+            stale=False,
+            engine=engine,
+            pending_requests=engine.waiting_requests + engine.running_requests + len(self._incoming),
+            transfers_in_flight=len(self._incoming),
+            transfer_failures=self.transfer_failures,
+            transfer_bytes=None,
+            transfer_seconds=None,
+            queue_seconds=self.queue_seconds.report(),
+            reserve_wait_seconds=self.reserve_wait_seconds.report(),
+            cached_block_hashes=self.engine.cached_block_hashes(),
+        )

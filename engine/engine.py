@@ -1,9 +1,21 @@
-"""EngineCore: one model on one device; ``step()`` is schedule -> run -> update."""
+"""EngineCore: one model on one device; ``step()`` is schedule -> run -> update.
+
+EngineCore is the narrow facade every worker drives: workers never reach into the
+scheduler, the block pool or the KV manager. Request lifecycle through it:
+
+    colocated / prefill:  add_request -> step()* -> finished (or, in prefill_only mode,
+                          PREFILLED: blocks held until release())
+    transferred (decode): reserve (blocks for KV computed elsewhere) -> KV written into
+                          them by a transport -> admit(first token) -> step()* -> finished
+    any time:             abort (blocks freed); pin/unpin keep blocks alive for readers
+                          outside the engine (e.g. a transport reading pages in place)
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,11 +31,27 @@ from engine.moe import ExpertDispatcher
 from engine.request import Request
 from engine.scheduler.output import SchedulerOutput
 from engine.scheduler.scheduler import Scheduler
+from engine.types import EngineStats, WorkerLimits
 
 log = logging.getLogger(__name__)
 
 # Called after each layer of a step: (layer index, the step's SchedulerOutput).
 StepLayerHook = Callable[[int, SchedulerOutput], None]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one ``step()`` did. ``outputs``: requests that gained tokens or finished (a
+    request whose prompt completed in prefill_only mode is here, status PREFILLED);
+    ``preempted``: ids sent back to waiting for recompute (their blocks were freed, so any
+    KV already sent for them must be sent again)."""
+
+    outputs: list[Request] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
+
+    @property
+    def finished(self) -> list[Request]:
+        return [r for r in self.outputs if r.is_finished]
 
 
 def make_attention_backend(kind: str, cache: PagedKVCache, sliding_window: int | None) -> AttentionBackend:
@@ -71,8 +99,12 @@ class EngineCore:
         self.runner = ModelRunner(self.model, config.cache.block_size, config.device)
         log.info("engine ready: %s, %d KV blocks of %d tokens", mc.architecture, num_blocks, config.cache.block_size)
 
+    # ------------------------------------------------------------ requests
     def validate(self, req: Request) -> None:
-        """Raise ValueError for a request the engine cannot serve (message names the field)."""
+        """Raise ValueError for a request the engine cannot serve (message names the field).
+
+        The serving path validates requests at the frontend against ``limits()``; this is
+        the engine's own guard for direct users (LLM) and a last line against bugs."""
         vocab = self.config.model.vocab_size
         bad = [t for t in req.prompt_token_ids if not 0 <= t < vocab]
         if bad:
@@ -90,16 +122,48 @@ class EngineCore:
         return req
 
     def add_request(self, req: Request) -> None:
+        """Queue a prompt to compute here. Raises ValueError for a request that can never run."""
         self.scheduler.add_request(self.prepare(req))
 
     def abort(self, request_id: str) -> Request | None:
+        """Cancel a request wherever it is (waiting, running, prefilled, reserved); frees its
+        blocks. None if unknown."""
         return self.scheduler.abort(request_id)
 
-    def step(self, layer_hook: StepLayerHook | None = None) -> list[Request]:
-        """One iteration: schedule -> run -> update. Returns requests with new tokens."""
+    def reserve(self, req: Request) -> list[int] | None:
+        """decode_only: take blocks for ``req``'s prompt KV, computed elsewhere, before it
+        arrives. Returns the block ids (the transport writes the pages there), or None when
+        the pool has no room now (retry later). Raises ValueError for a request that can
+        never fit."""
+        return self.scheduler.reserve(self.prepare(req))
+
+    def admit(self, request_id: str, first_token: int) -> Request:
+        """decode_only: the reserved request's prompt KV has arrived and its first token was
+        sampled by the prefill; it joins the running batch (or finishes, if that token ends it)."""
+        return self.scheduler.admit(request_id, first_token)
+
+    def release(self, request_id: str) -> Request:
+        """prefill_only: the PREFILLED request's KV has been sent (or given up on); free its blocks."""
+        return self.scheduler.release(request_id)
+
+    def block_ids(self, request_id: str) -> list[int]:
+        """The request's block table (a copy): page i holds tokens [i*block_size, (i+1)*block_size)."""
+        return list(self.kv.block_ids(request_id))
+
+    def pin(self, blocks: list[int]) -> None:
+        """Take one extra reference on each block: it is not reused until ``unpin``."""
+        self.pool.touch(blocks)
+
+    def unpin(self, blocks: list[int]) -> None:
+        """Drop the references ``pin`` took (pass the same blocks, in any order)."""
+        self.pool.free(list(blocks))
+
+    # ------------------------------------------------------------ the step
+    def step(self, layer_hook: StepLayerHook | None = None) -> StepResult:
+        """One iteration: schedule -> run -> update."""
         out = self.scheduler.schedule()
         if out.is_empty:
-            return self.scheduler.take_finished_in_schedule()
+            return StepResult(self.scheduler.take_finished_in_schedule(), list(out.preempted))
         hook = None if layer_hook is None else (lambda layer: layer_hook(layer, out))
         sampled, logprobs = self.runner.execute(out, hook)
         changed = self.scheduler.update(out, sampled)
@@ -107,18 +171,42 @@ class EngineCore:
             lp = logprobs.get(req.request_id)
             if lp is not None:
                 req.logprobs.append(lp)
-        return changed
+        return StepResult(changed, list(out.preempted))
 
     def has_work(self) -> bool:
         return self.scheduler.has_work
 
-    def load_stats(self) -> dict:
-        """The load-report fields every worker shares (batch, KV pool, preemptions, prefix cache)."""
-        return {
-            "running_requests": len(self.scheduler.running),
-            "free_kv_blocks": self.pool.num_free,
-            "total_kv_blocks": self.pool.num_blocks,
-            "preemptions": self.scheduler.num_preemptions,
-            "prefix_cache_hits": self.pool.prefix_hits,
-            "prefix_cache_queries": self.pool.prefix_queries,
-        }
+    # ------------------------------------------------------------ reports
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        pending = sum(r.num_tokens - r.num_computed_tokens for r in s.waiting)
+        # running requests past their prompt have exactly their last sampled token uncomputed:
+        # only partially prefilled ones hold prompt work
+        pending += sum(
+            r.num_tokens - r.num_computed_tokens for r in s.running if r.num_computed_tokens < r.num_tokens - 1
+        )
+        return EngineStats(
+            running_requests=len(s.running),
+            waiting_requests=len(s.waiting),
+            free_kv_blocks=self.pool.num_free,
+            total_kv_blocks=self.pool.num_blocks,
+            pending_prompt_tokens=pending,
+            preemptions=s.num_preemptions,
+            prefix_cache_hits=self.pool.prefix_hits,
+            prefix_cache_queries=self.pool.prefix_queries,
+        )
+
+    def cached_block_hashes(self) -> frozenset[int]:
+        """Prefix-cache hashes of the full blocks this engine holds (in use or evictable)."""
+        return self.pool.cached_hashes()
+
+    def limits(self) -> WorkerLimits:
+        c = self.config
+        return WorkerLimits(
+            max_model_len=c.max_model_len,
+            vocab_size=c.model.vocab_size,
+            block_size=c.cache.block_size,
+            num_kv_blocks=self.pool.num_blocks,
+            max_num_batched_tokens=c.scheduler.max_num_batched_tokens,
+            chunked_prefill=c.scheduler.enable_chunked_prefill,
+        )

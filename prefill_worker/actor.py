@@ -7,8 +7,8 @@ engine loop and closes the KV senders; the owner then kills the actor.
 
 Threading: a threaded actor. ``prefill`` blocks a Ray thread until the request's first token,
 so the default concurrency group needs as many threads as prefills in flight
-(``max_concurrency``). ``ping``, ``load`` and ``node_id`` run in their own small "control"
-group so health checks are answered however many prefills are waiting.
+(``max_concurrency``). ``ping``, ``stats``, ``limits`` and ``node_id`` run in their own small
+"control" group so health checks are answered however many prefills are waiting.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from typing import Any
 
 import ray
 
-from engine.runtime.streams import RequestSpec, StreamChunk
 from engine.runtime.threads import set_threads_for_cpu_share
+from engine.types import KVAddress, RequestSpec, StreamChunk, WorkerLimits, WorkerStats
+from prefill_worker.api import PrefillAPI
 from prefill_worker.build import build_prefill_worker
 
 DEFAULT_MAX_CONCURRENCY = 64
@@ -26,7 +27,7 @@ CONTROL_GROUP = "control"
 
 
 @ray.remote(max_concurrency=DEFAULT_MAX_CONCURRENCY, concurrency_groups={CONTROL_GROUP: 4})
-class PrefillActor:
+class PrefillActor(PrefillAPI):
     def __init__(
         self,
         model: str,
@@ -37,7 +38,6 @@ class PrefillActor:
         layerwise: bool = True,
         transfer_timeout_s: float = 60.0,
     ):
-        self.worker_id = worker_id
         # torch threads = this actor's Ray CPU share
         self.num_threads = set_threads_for_cpu_share(ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0))
         self.worker = build_prefill_worker(
@@ -53,22 +53,22 @@ class PrefillActor:
     # ------------------------------------------------------------ control group
     @ray.method(concurrency_group=CONTROL_GROUP)
     def ping(self) -> str:
-        """Liveness: the worker id, or RuntimeError("engine loop stopped ...") if it crashed."""
-        err = self.worker.loop.error
-        if err is not None:
-            raise RuntimeError(f"engine loop stopped: {err!r}")
-        return self.worker_id
+        return self.worker.ping()
 
     @ray.method(concurrency_group=CONTROL_GROUP)
-    def load(self) -> dict:
-        return self.worker.load()
+    def stats(self) -> WorkerStats:
+        return self.worker.stats()
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def limits(self) -> WorkerLimits:
+        return self.worker.limits()
 
     @ray.method(concurrency_group=CONTROL_GROUP)
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
     # ------------------------------------------------------------ requests
-    def prefill(self, spec: RequestSpec, decode_address: Any, timeout: float | None = None) -> StreamChunk:
+    def prefill(self, spec: RequestSpec, decode_address: KVAddress, timeout: float | None = None) -> StreamChunk:
         return self.worker.prefill(spec, decode_address, timeout)
 
     def abort(self, request_id: str) -> None:

@@ -8,7 +8,7 @@ actor.py for the shell). Per request:
          chunk touched are pushed (layer-wise), or, with ``layerwise=False``, every layer's
          pages are pushed once the prompt is done
       -> PREFILLED: first token returned to the caller; ``sender.finish(rid, n_chunks)``
-      -> sender DONE / FAILED / timeout: ``scheduler.release`` frees the blocks here.
+      -> sender DONE / FAILED / timeout: ``engine.release`` frees the blocks here.
 
 Pages go by reference (``sender.send_blocks``: the shm transport lets the decode worker copy
 them straight out of this cache, which ``kv_cache_shared`` puts in shared memory) whenever
@@ -31,17 +31,18 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from engine.config import SchedulerMode
 from engine.engine import EngineCore
 from engine.request import Request, RequestStatus
-from engine.runtime.loop import EngineLoop, LoadSnapshot
+from engine.runtime.loop import EngineLoop, StatsSnapshot
 from engine.runtime.stats import QUEUE_SECONDS_BUCKETS, TRANSFER_SECONDS_BUCKETS, CumulativeHistogram
-from engine.runtime.streams import OutputStream, RequestSpec, StreamChunk
+from engine.runtime.streams import OutputStream
 from engine.scheduler.output import SchedulerOutput
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from engine.types import EngineStopped, KVAddress, RequestSpec, StreamChunk, WorkerLimits, WorkerStats
 from kv_transfer.base import KVSender, TransferStatus
+from prefill_worker.api import PrefillAPI
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class _Outgoing:
     pinned: dict[int, None] = field(default_factory=dict)
 
 
-class PrefillWorker:
+class PrefillWorker(PrefillAPI):
     def __init__(
         self,
         engine: EngineCore,
@@ -78,7 +79,7 @@ class PrefillWorker:
         self.tokenizer = tokenizer
         self.transfer_timeout_s = transfer_timeout_s
         self._sender_factory = sender_factory
-        self._senders: dict[Any, KVSender] = {}  # decode address -> connected sender
+        self._senders: dict[KVAddress, KVSender] = {}  # decode address -> connected sender
         self._out: dict[str, _Outgoing] = {}
         self._streams: dict[str, OutputStream] = {}
         self._releasing: dict[str, _Outgoing] = {}  # PREFILLED, waiting for the sender
@@ -89,22 +90,33 @@ class PrefillWorker:
         self.transfer_seconds = CumulativeHistogram(TRANSFER_SECONDS_BUCKETS)  # first chunk -> sender DONE
         self.queue_seconds = CumulativeHistogram(QUEUE_SECONDS_BUCKETS)  # arrival -> first scheduled
         self.loop = EngineLoop(self._step, engine.has_work, self._tick, name=worker_id, on_crash=self._fail_all)
-        self._loads = LoadSnapshot(self.loop, self._compute_load)  # refreshed after every step
+        self._stats = StatsSnapshot(self.loop, self._compute_stats)  # refreshed after every step
+        self.stats_wait_s = 0.5  # stats() waits this long for the loop before answering stale
         self.loop.start()
 
     # ------------------------------------------------------------ called from any thread
-    def prefill(self, spec: RequestSpec, decode_address: Any, timeout: float | None = None) -> StreamChunk:
-        """Compute the prompt, stream its KV to ``decode_address``; returns the first token."""
+    def prefill(self, spec: RequestSpec, decode_address: KVAddress, timeout: float | None = None) -> StreamChunk:
         stream = self.loop.run(lambda: self._add(spec, decode_address))
         return stream.read(0, timeout)
 
     def abort(self, request_id: str) -> None:
         self.loop.run(lambda: self._abort(request_id))
 
-    def load(self, wait_s: float = 0.5) -> dict:
-        """Current load, computed between engine steps; if a long step keeps the loop busy
-        past ``wait_s``, the snapshot taken after the last step (marked ``stale``)."""
-        return self._loads.get(wait_s)
+    def ping(self) -> str:
+        if self.loop.error is not None:
+            raise EngineStopped(f"{self.worker_id}: engine loop stopped: {self.loop.error!r}")
+        return self.worker_id
+
+    def stats(self) -> WorkerStats:
+        """Computed between engine steps; if a long step keeps the loop busy past
+        ``stats_wait_s``, the report taken after the last step (marked ``stale``)."""
+        return self._stats.get(self.stats_wait_s)
+
+    def limits(self) -> WorkerLimits:
+        return self.engine.limits()
+
+    def node_id(self) -> str:
+        return "local"
 
     def shutdown(self) -> None:
         self.loop.stop()
@@ -117,7 +129,7 @@ class PrefillWorker:
         for stream in list(self._streams.values()):
             stream.fail(f"{self.worker_id} engine failed: {error!r}")
 
-    def _add(self, spec: RequestSpec, decode_address: Any) -> OutputStream:
+    def _add(self, spec: RequestSpec, decode_address: KVAddress) -> OutputStream:
         req = spec.to_request()
         if self.tokenizer is not None and spec.params.stop:
             req.stop_checker = IncrementalDetokenizer(self.tokenizer, spec.params.stop)
@@ -160,7 +172,7 @@ class PrefillWorker:
                 o.next_page = end // bs
 
     def _push_all(self, rid: str, o: _Outgoing) -> None:
-        blocks = self.engine.kv.block_ids(rid)  # the prompt is done: none of them changes again
+        blocks = self.engine.block_ids(rid)  # the prompt is done: none of them changes again
         self._pin(o, blocks)
         for layer in range(self.engine.layout.num_layers):
             self._sent(o, len(blocks))
@@ -169,11 +181,11 @@ class PrefillWorker:
 
     def _pin(self, o: _Outgoing, blocks: list[int]) -> None:
         new = [b for b in blocks if b not in o.pinned]
-        self.engine.pool.touch(new)
+        self.engine.pin(new)
         o.pinned.update(dict.fromkeys(new))
 
     def _unpin(self, o: _Outgoing) -> None:
-        self.engine.pool.free(list(reversed(o.pinned)))
+        self.engine.unpin(list(reversed(o.pinned)))
         o.pinned.clear()
 
     def _sent(self, o: _Outgoing, num_pages: int) -> None:
@@ -183,17 +195,16 @@ class PrefillWorker:
 
     def _step(self) -> None:
         hook = self._push_layer if self.layerwise else None
-        out_preempted = self.engine.scheduler.num_preemptions
         t0 = time.monotonic()  # step() schedules first: requests it picks up were scheduled now
-        changed = self.engine.step(hook)
+        result = self.engine.step(hook)
         for o in self._out.values():
             if o.queued and o.req.num_cached_tokens >= 0:  # set when first scheduled
                 o.queued = False
                 self.queue_seconds.observe(max(0.0, t0 - o.req.arrival_time))
-        if self.engine.scheduler.num_preemptions != out_preempted:
-            for o in self._out.values():
-                o.next_page = 0  # recomputed requests resend from the start
-        for req in changed:
+        for rid in result.preempted:
+            if (o := self._out.get(rid)) is not None:
+                o.next_page = 0  # its blocks were freed: the recompute resends from the start
+        for req in result.outputs:
             rid = req.request_id
             o = self._out.pop(rid, None)
             if o is None:
@@ -207,9 +218,9 @@ class PrefillWorker:
                 self._unpin(o)
             o.sender.finish(rid, o.chunks)
             self._streams.pop(rid).publish(req)
-        self._loads.refresh()
+        self._stats.refresh()
 
-    def _drop_sender(self, address: Any) -> None:
+    def _drop_sender(self, address: KVAddress) -> None:
         sender = self._senders.pop(address)
         log.warning("closing the KV sender to %s: %s", address, sender.link_error)
         sender.close()
@@ -233,14 +244,14 @@ class PrefillWorker:
                     self.transfer_failures += 1
                     log.error("KV transfer of %s ended %s: %s", rid, st.value, o.sender.error(rid))
                 del self._releasing[rid]
-                self.engine.scheduler.release(rid)
+                self.engine.release(rid)
                 self._unpin(o)
 
     def _abort(self, rid: str) -> None:
         o = self._out.pop(rid, None)
         if (settling := self._releasing.pop(rid, None)) is not None:
             o = settling
-            self.engine.scheduler.release(rid)
+            self.engine.release(rid)
         else:
             self.engine.abort(rid)
         if o is not None:
@@ -249,18 +260,19 @@ class PrefillWorker:
         if stream is not None:
             stream.fail("aborted")
 
-    def _compute_load(self) -> dict:
-        s = self.engine.scheduler
-        return {
-            **self.engine.load_stats(),
-            "worker_id": self.worker_id,
-            "role": "prefill",
-            "pending_requests": len(s.waiting) + len(s.running),
-            "pending_prompt_tokens": sum(r.num_tokens - r.num_computed_tokens for r in (*s.waiting, *s.running)),
-            "transfers_in_flight": len(self._releasing),
-            "transfer_failures": self.transfer_failures,
-            "started_at": self.started_at,
-            "transfer_bytes": self.transfer_bytes,
-            "transfer_seconds": self.transfer_seconds.report(),
-            "queue_seconds": self.queue_seconds.report(),
-        }
+    def _compute_stats(self) -> WorkerStats:
+        return WorkerStats(
+            worker_id=self.worker_id,
+            role="prefill",
+            started_at=self.started_at,
+            stale=False,
+            engine=self.engine.stats(),
+            pending_requests=len(self._out),
+            transfers_in_flight=len(self._releasing),
+            transfer_failures=self.transfer_failures,
+            transfer_bytes=self.transfer_bytes,
+            transfer_seconds=self.transfer_seconds.report(),
+            queue_seconds=self.queue_seconds.report(),
+            reserve_wait_seconds=None,
+            cached_block_hashes=self.engine.cached_block_hashes(),
+        )

@@ -10,7 +10,9 @@ Lives in the driver process (plain asyncio, not an actor). Lifecycle::
                                   num_gpus / custom resources (a KubeRay worker group that
                                   carries e.g. {"decode_node": 1} receives the pool asking
                                   for it); waits for every actor to load its model, registers
-                                  them with the Router, starts the health watcher
+                                  them with the Router, collects their limits (what the
+                                  frontend validates requests against), starts the health
+                                  watcher
     ... router.generate(spec) ...
     await shutdown()              stops the watcher, shuts the workers down, kills the actors,
                                   removes the placement group
@@ -22,8 +24,8 @@ Health watcher, every ``health_interval_s``:
   by blocking ``prefill``/``read`` calls). Actor dead, or its engine loop crashed
   (WorkerUnavailable): marked unhealthy at once and replaced. No answer within
   ``ping_timeout_s``: marked unhealthy; replaced after ``max_missed_pings`` misses in a row.
-  An unhealthy worker that answers ``ping`` and ``load`` again is marked healthy.
-- ``router.refresh_loads()`` updates the KV block counts the routing policy uses.
+  An unhealthy worker that answers ``ping`` and ``stats`` again is marked healthy.
+- ``router.refresh_loads()`` updates the stats (KV blocks, cached prefixes) routing uses.
 Replacement kills the old actor, starts a new one with the same worker id and options,
 waits until it is ready (retrying with backoff while that fails), re-registers it (a decode
 replacement has a new KV address) and bumps the worker's ``restarts`` counter. Requests
@@ -43,11 +45,13 @@ from typing import Any
 import ray
 
 from cluster.config import PoolConfig, ServeConfig
-from cluster.control.handles import RayHandle, WorkerUnavailable
+from cluster.control.handles import DecodeHandle, PrefillHandle, RayInvoker, WorkerUnavailable
+from cluster.control.info import ClusterInfo, pool_info, worker_info
 from cluster.control.placement import WorkerPlacement
 from cluster.control.router import Router
 from cluster.control.routing import RoutingPolicy
 from decode_worker.actor import DecodeActor
+from engine.types import KVAddress
 from prefill_worker.actor import PrefillActor
 
 log = logging.getLogger(__name__)
@@ -86,8 +90,8 @@ class WorkerRecord:
     worker_id: str
     pool: PoolConfig
     actor: Any  # ray ActorHandle of the current incarnation
-    handle: RayHandle
-    address: Any = None  # KV receiver address (decode-capable workers)
+    handle: PrefillHandle | DecodeHandle
+    address: KVAddress | None = None  # KV receiver address (decode-capable workers)
     node_id: str | None = None
     restarts: int = 0  # replacements so far (for metrics)
     missed_pings: int = 0  # consecutive
@@ -145,7 +149,7 @@ class Controller:
                 raise
         for wid, pool in slots:
             actor = self._spawn(wid, pool)
-            self.workers[wid] = WorkerRecord(wid, pool, actor, RayHandle(wid, actor))
+            self.workers[wid] = WorkerRecord(wid, pool, actor, _handle(wid, pool, actor))
         t0 = time.monotonic()
         loading = set(self.workers)
 
@@ -179,6 +183,7 @@ class Controller:
             raise
         for rec in self.workers.values():
             self.router.add_worker(rec.worker_id, rec.handle, rec.role, rec.address)
+        await self.router.collect_limits()
         await self.router.refresh_loads()
         self._watcher = asyncio.create_task(self._watch(), name="splitserve-health")
         return self
@@ -203,48 +208,32 @@ class Controller:
             self._placement = None
 
     # ------------------------------------------------------------ introspection
-    def info(self) -> dict[str, Any]:
-        """Pools, workers, roles, health and last load report (for GetServerInfo / the CLI)."""
-        roles = self.router.policy.roles()
-        workers = []
-        for wid, rec in self.workers.items():
-            entry = self.router.workers.get(wid)
-            workers.append(
-                {
-                    "worker_id": wid,
-                    "pool": rec.pool.name,
-                    "role": rec.role,
-                    "current_role": roles.get(wid, rec.role),
-                    "healthy": bool(entry and entry.healthy) and wid not in self._replacing,
-                    "restarting": wid in self._replacing,
-                    "node_id": rec.node_id,
-                    "address": rec.address,
-                    "restarts": rec.restarts,
-                    "last_failure": rec.last_failure,
-                    "inflight": entry.inflight if entry else 0,
-                    "load": dict(entry.stats) if entry else {},
-                }
+    def info(self) -> ClusterInfo:
+        """Pools, workers, roles, health and last stats report (GetServerInfo, the CLI)."""
+        workers = tuple(
+            worker_info(
+                self.router,
+                wid,
+                rec.pool.name,
+                rec.role,
+                node_id=rec.node_id,
+                restarting=wid in self._replacing,
+                restarts=rec.restarts,
+                last_failure=rec.last_failure,
             )
-        pools = [
-            {
-                "name": p.name,
-                "role": p.role,
-                "num_workers": p.num_workers,
-                "num_cpus": p.num_cpus,
-                "num_gpus": p.num_gpus,
-                "resources": dict(p.resources),
-                "workers": [w for w, r in self.workers.items() if r.pool.name == p.name],
-            }
-            for p in self.config.pools
-        ]
-        return {
-            "model": self.config.model,
-            "transfer": self.config.transfer.kind,
-            "placement": self._placement.strategy if self._placement is not None else "none",
-            "pools": pools,
-            "workers": workers,
-            "requests_in_flight": len(self.router.requests),
-        }
+            for wid, rec in self.workers.items()
+        )
+        pools = tuple(
+            pool_info(p, [w for w, r in self.workers.items() if r.pool.name == p.name]) for p in self.config.pools
+        )
+        return ClusterInfo(
+            model=self.config.model,
+            transfer=self.config.transfer.kind,
+            placement=self._placement.strategy if self._placement is not None else "none",
+            pools=pools,
+            workers=workers,
+            requests_in_flight=len(self.router.requests),
+        )
 
     # ------------------------------------------------------------ actors
     def _spawn(self, wid: str, pool: PoolConfig) -> Any:
@@ -265,24 +254,26 @@ class Controller:
                 self.config.model, engine, t.kind, None, wid, t.layerwise, t.timeout_s
             )
         # decode and mixed workers both decode; mixed ones also prefill locally (as LocalCluster)
-        return DecodeActor.options(**placement).remote(self.config.model, engine, t.kind, None, wid, t.timeout_s)
+        return DecodeActor.options(**placement).remote(
+            self.config.model, engine, t.kind, None, wid, t.timeout_s, pool.role
+        )
 
-    async def _wait_ready(self, handle: RayHandle, pool: PoolConfig) -> tuple[Any, str]:
+    async def _wait_ready(self, handle: PrefillHandle | DecodeHandle, pool: PoolConfig) -> tuple[KVAddress | None, str]:
         """(KV address, node id) once the actor has built its worker."""
         try:
-            await asyncio.wait_for(handle.call("ping"), self.options.ready_timeout_s)
+            await asyncio.wait_for(handle.ping(), self.options.ready_timeout_s)
         except TimeoutError:
             raise TimeoutError(
                 f"not ready after {self.options.ready_timeout_s:.0f}s; it needs {_pool_request(pool)} "
                 f"(cluster has {_fmt_resources(ray.cluster_resources())})"
             ) from None
-        address = await handle.call("address") if pool.role != "prefill" else None
-        return address, await handle.call("node_id")
+        address = await handle.kv_address() if isinstance(handle, DecodeHandle) else None
+        return address, await handle.node_id()
 
     async def _kill_all(self) -> None:
         async def stop(rec: WorkerRecord) -> None:
             try:
-                await asyncio.wait_for(rec.handle.call("shutdown"), self.options.shutdown_timeout_s)
+                await asyncio.wait_for(rec.handle.shutdown(), self.options.shutdown_timeout_s)
             except Exception as e:  # dead, hung or never started: killing is all that is left
                 log.debug("graceful shutdown of %s failed: %s", rec.worker_id, e)
             ray.kill(rec.actor, no_restart=True)
@@ -307,10 +298,10 @@ class Controller:
     async def _check(self, rec: WorkerRecord) -> None:
         wid, timeout = rec.worker_id, self.options.ping_timeout_s
         try:
-            await asyncio.wait_for(rec.handle.call("ping"), timeout)
+            await asyncio.wait_for(rec.handle.ping(), timeout)
             entry = self.router.workers.get(wid)
             if entry is not None and not entry.healthy:
-                await asyncio.wait_for(rec.handle.call("load"), timeout)  # the engine loop answers too
+                await asyncio.wait_for(rec.handle.stats(), timeout)  # the engine loop answers too
                 self.router.mark_healthy(wid)
             rec.missed_pings = 0
         except TimeoutError:
@@ -335,7 +326,7 @@ class Controller:
             while not self._closing:
                 ray.kill(rec.actor, no_restart=True)  # it may be hung rather than dead
                 actor = self._spawn(wid, rec.pool)
-                handle = RayHandle(wid, actor)
+                handle = _handle(wid, rec.pool, actor)
                 rec.actor, rec.handle = actor, handle  # so shutdown kills this incarnation
                 try:
                     address, node_id = await self._wait_ready(handle, rec.pool)
@@ -391,6 +382,11 @@ class Controller:
                 f"warning: the pools need {_fmt_resources(need)} but the cluster has {_fmt_resources(have)}; "
                 "actors stay pending until the resources appear (e.g. an autoscaler adds nodes)"
             )
+
+
+def _handle(wid: str, pool: PoolConfig, actor: Any) -> PrefillHandle | DecodeHandle:
+    invoker = RayInvoker(wid, actor)
+    return PrefillHandle(wid, invoker) if pool.role == "prefill" else DecodeHandle(wid, invoker)
 
 
 def _pool_request(p: PoolConfig) -> str:

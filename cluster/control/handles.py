@@ -1,60 +1,149 @@
-"""Uniform async handles over workers: plain objects in-process, or Ray actors.
+"""Typed async handles over workers: a plain object in this process, or a Ray actor.
 
-The router only calls ``await handle.call(method, *args)``. Both kinds raise
-``WorkerUnavailable`` when the worker is gone (actor died, engine loop stopped), and let the
-worker's own exceptions (e.g. ValueError for a bad request) through unchanged.
+The router and controller never call a worker method by name. Each worker kind's API
+(``PrefillAPI``, ``DecodeAPI``: ABCs the worker and its actor shell both implement) has a
+handle class here that mirrors it method for method as ``async def``; each method passes
+the API's own function object (``DecodeAPI.read``) to an ``Invoker``, which runs it on the
+worker: in a thread for a local object, as an actor call for Ray.
+``tests/unit/cluster/test_handles.py`` checks that every API method has a handle method
+with the same parameters.
+
+Errors are typed: ``WorkerUnavailable`` when the worker cannot serve (its actor died, or
+its engine loop stopped: ``EngineStopped``); every other exception the worker raises
+(ValueError for a refused request, UnknownRequest, ...) reaches the caller unchanged.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
+
+from decode_worker.api import DecodeAPI
+from engine.runtime.api import WorkerAPI
+from engine.types import (
+    EngineStopped,
+    FirstToken,
+    KVAddress,
+    RequestSpec,
+    StreamChunk,
+    WorkerLimits,
+    WorkerStats,
+)
+from prefill_worker.api import PrefillAPI
+
+T = TypeVar("T")
 
 
 class WorkerUnavailable(RuntimeError):
+    """The worker cannot serve: its actor is gone or its engine loop stopped."""
+
     def __init__(self, worker_id: str, cause: BaseException | str):
         super().__init__(f"worker {worker_id} unavailable: {cause}")
         self.worker_id = worker_id
 
 
-class WorkerHandle(Protocol):
-    worker_id: str
+class Invoker(Protocol):
+    """Runs one API method on one worker; ``fn`` is the API's function (e.g. ``DecodeAPI.read``)."""
 
-    async def call(self, method: str, *args: Any) -> Any: ...
+    async def invoke(self, fn: Callable[..., T], *args: Any) -> T: ...
 
 
-class LocalHandle:
-    """Calls a plain worker object in a thread (its methods block)."""
+class LocalInvoker:
+    """A plain worker object in this process; its methods block, so they run in a thread."""
 
-    def __init__(self, worker_id: str, obj: Any):
+    def __init__(self, worker_id: str, obj: WorkerAPI):
         self.worker_id = worker_id
         self.obj = obj
 
-    async def call(self, method: str, *args: Any) -> Any:
+    async def invoke(self, fn: Callable[..., T], *args: Any) -> T:
         try:
-            return await asyncio.to_thread(getattr(self.obj, method), *args)
-        except RuntimeError as e:
-            if "engine loop stopped" in str(e):
-                raise WorkerUnavailable(self.worker_id, e) from e
-            raise
+            return await asyncio.to_thread(getattr(self.obj, fn.__name__), *args)
+        except EngineStopped as e:
+            raise WorkerUnavailable(self.worker_id, e) from e
 
 
-class RayHandle:
-    """Calls a Ray actor method and awaits its ObjectRef."""
+class RayInvoker:
+    """A Ray actor whose class implements the API; awaits the call's ObjectRef."""
 
     def __init__(self, worker_id: str, actor: Any):
         self.worker_id = worker_id
         self.actor = actor
 
-    async def call(self, method: str, *args: Any) -> Any:
+    async def invoke(self, fn: Callable[..., T], *args: Any) -> T:
         import ray
 
         try:
-            return await getattr(self.actor, method).remote(*args)
+            return await getattr(self.actor, fn.__name__).remote(*args)
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
             raise WorkerUnavailable(self.worker_id, e) from e
         except ray.exceptions.RayTaskError as e:
             cause = e.cause if getattr(e, "cause", None) is not None else e
-            if isinstance(cause, RuntimeError) and "engine loop stopped" in str(cause):
+            if isinstance(cause, EngineStopped):
                 raise WorkerUnavailable(self.worker_id, cause) from e
             raise cause from e
+
+
+class WorkerHandle:
+    """The methods of ``WorkerAPI``, async. Subclasses add their kind's methods."""
+
+    api: type[WorkerAPI] = WorkerAPI
+
+    def __init__(self, worker_id: str, invoker: Invoker):
+        self.worker_id = worker_id
+        self.invoker = invoker
+
+    async def ping(self) -> str:
+        return await self.invoker.invoke(WorkerAPI.ping)
+
+    async def stats(self) -> WorkerStats:
+        return await self.invoker.invoke(WorkerAPI.stats)
+
+    async def limits(self) -> WorkerLimits:
+        return await self.invoker.invoke(WorkerAPI.limits)
+
+    async def node_id(self) -> str:
+        return await self.invoker.invoke(WorkerAPI.node_id)
+
+    async def shutdown(self) -> None:
+        return await self.invoker.invoke(WorkerAPI.shutdown)
+
+
+class PrefillHandle(WorkerHandle):
+    api = PrefillAPI
+
+    async def prefill(self, spec: RequestSpec, decode_address: KVAddress, timeout: float | None = None) -> StreamChunk:
+        return await self.invoker.invoke(PrefillAPI.prefill, spec, decode_address, timeout)
+
+    async def abort(self, request_id: str) -> None:
+        return await self.invoker.invoke(PrefillAPI.abort, request_id)
+
+
+class DecodeHandle(WorkerHandle):
+    api = DecodeAPI
+
+    async def kv_address(self) -> KVAddress:
+        return await self.invoker.invoke(DecodeAPI.kv_address)
+
+    async def start_transfer(self, spec: RequestSpec) -> None:
+        return await self.invoker.invoke(DecodeAPI.start_transfer, spec)
+
+    async def set_first_token(self, request_id: str, first: FirstToken) -> None:
+        return await self.invoker.invoke(DecodeAPI.set_first_token, request_id, first)
+
+    async def generate_local(self, spec: RequestSpec) -> None:
+        return await self.invoker.invoke(DecodeAPI.generate_local, spec)
+
+    async def read(self, request_id: str, cursor: int = 0, timeout: float | None = 1.0) -> StreamChunk:
+        return await self.invoker.invoke(DecodeAPI.read, request_id, cursor, timeout)
+
+    async def abort(self, request_id: str, reason: str = "aborted") -> None:
+        return await self.invoker.invoke(DecodeAPI.abort, request_id, reason)
+
+
+def local_prefill(worker_id: str, worker: PrefillAPI) -> PrefillHandle:
+    return PrefillHandle(worker_id, LocalInvoker(worker_id, worker))
+
+
+def local_decode(worker_id: str, worker: DecodeAPI) -> DecodeHandle:
+    return DecodeHandle(worker_id, LocalInvoker(worker_id, worker))

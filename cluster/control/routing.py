@@ -163,6 +163,11 @@ class RoutingPolicy:
 
     # ------------------------------------------------------------------ public API
 
+    @property
+    def uses_prefix_hashes(self) -> bool:
+        """Whether ``route`` reads ``prefix_hashes`` (a "prefix" policy on either pool)."""
+        return "prefix" in (self.config.prefill_policy, self.config.decode_policy)
+
     def route(self, prompt_len: int, loads: Sequence[WorkerLoad], prefix_hashes: Sequence[int] = ()) -> RouteDecision:
         if prompt_len < 0:
             raise ValueError(f"prompt_len must be >= 0, got {prompt_len}")

@@ -51,6 +51,7 @@ from cluster.frontends.service import (
     NoWorkerAvailable,
     Overloaded,
     RequestTimeout,
+    ServerInfo,
     ServingBackend,
 )
 from protos import splitserve_pb2 as pb
@@ -327,9 +328,16 @@ class GrpcFrontend:
 
     async def _model_info(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         await self._parse(pb.ModelInfoRequest, data, context)
-        info = self.backend.model_info()
-        known = {f.name for f in pb.ModelInfo.DESCRIPTOR.fields}
-        return pb.ModelInfo(**{k: v for k, v in info.items() if k in known})
+        i = self.backend.model_info()
+        return pb.ModelInfo(
+            model=i.model,
+            architecture=i.architecture,
+            vocab_size=i.vocab_size,
+            max_model_len=i.max_model_len,
+            num_layers=i.num_layers,
+            hidden_size=i.hidden_size,
+            eos_token_ids=list(i.eos_token_ids),
+        )
 
     async def _server_info(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.ServerInfo:
         await self._parse(pb.ServerInfoRequest, data, context)
@@ -369,34 +377,33 @@ def _response(rid: str, delta: Delta) -> pb.GenerateResponse:
     return msg
 
 
-def server_info_message(info: dict) -> pb.ServerInfo:
-    """ServerInfo from ``ServingBackend.server_info()``; missing keys read as zero/empty."""
-    roles = info.get("roles") or {}
+def server_info_message(info: ServerInfo) -> pb.ServerInfo:
+    """The ServerInfo message; ``details_json`` carries the whole typed report as JSON."""
+    cluster = info.cluster
     msg = pb.ServerInfo(
-        inflight=int(info.get("inflight", 0)),
-        max_queue=int(info.get("max_queue", 0)),
-        details_json=json.dumps(info, default=str, sort_keys=True),
+        inflight=info.inflight,
+        max_queue=info.max_queue,
+        details_json=json.dumps(cluster.to_json(), default=str, sort_keys=True),
     )
     pools: dict[str, pb.PoolInfo] = {}
-    for w in info.get("workers", ()):
-        wid = str(w.get("worker_id", ""))
-        current = str(roles.get(wid, w.get("role", "")))
-        healthy = bool(w.get("healthy", False))
+    for w in cluster.workers:
+        st = w.stats
         msg.workers.append(
             pb.WorkerInfo(
-                worker_id=wid,
-                role=str(w.get("role", "")),
-                current_role=current,
-                healthy=healthy,
-                inflight=int(w.get("inflight", 0)),
-                free_kv_blocks=int(w.get("free_kv_blocks", 0)),
-                total_kv_blocks=int(w.get("total_kv_blocks", 0)),
+                worker_id=w.worker_id,
+                role=w.role,
+                current_role=w.current_role,
+                healthy=w.healthy,
+                inflight=w.inflight,
+                # a worker not polled yet has no report: its KV fields stay unset (0 on the wire)
+                free_kv_blocks=st.engine.free_kv_blocks if st is not None else 0,
+                total_kv_blocks=st.engine.total_kv_blocks if st is not None else 0,
             )
         )
-        pool = pools.setdefault(current, pb.PoolInfo(role=current))
+        pool = pools.setdefault(w.current_role, pb.PoolInfo(role=w.current_role))
         pool.num_workers += 1
-        pool.num_healthy += healthy
-    msg.pools.extend(pools[r] for r in sorted(pools))
+        pool.num_healthy += int(w.healthy)
+    msg.pools.extend(pools[k] for k in sorted(pools))
     return msg
 
 

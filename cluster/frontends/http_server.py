@@ -40,6 +40,7 @@ from starlette.types import Receive, Scope, Send
 from cluster.frontends.auth import api_key_from_headers, check_api_key
 from cluster.frontends.chat_template import ChatTemplate, ChatTemplateError
 from cluster.frontends.openai_api import (
+    COMPLETIONS_DEFAULT_MAX_TOKENS,
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
@@ -175,7 +176,9 @@ class OpenAIServer:
             raise err
         self._check_model(req.model)
         ids = self.backend.tokenize(req.single_prompt(), "prompt")
-        params = self.backend.sampling_params(len(ids), **req.sampling_fields(), logprobs=req.logprobs)
+        params = self.backend.sampling_params(
+            len(ids), default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS, **req.sampling_fields(), logprobs=req.logprobs
+        )
         return self._prepared("completion", ids, params, req.logprobs, req.return_token_ids)
 
     def prepare_chat(self, req: ChatCompletionRequest) -> Prepared:
@@ -194,10 +197,10 @@ class OpenAIServer:
         max_tokens = req.max_tokens
         if req.max_completion_tokens is not None:
             max_tokens, renames["max_tokens"] = req.max_completion_tokens, "max_completion_tokens"
-        fields["max_tokens"] = max_tokens if max_tokens is not None else self.backend.max_model_len - len(ids)
+        fields["max_tokens"] = max_tokens  # None: the rest of the context (the chat default)
         top = (req.top_logprobs or 0) if req.logprobs else None
         try:
-            params = self.backend.sampling_params(len(ids), **fields, logprobs=top)
+            params = self.backend.sampling_params(len(ids), default_max_tokens=None, **fields, logprobs=top)
         except InvalidRequest as e:
             name = renames.get(e.field, e.field)
             raise invalid(name, str(e).removeprefix(f"{e.field}: ")) from None
@@ -276,7 +279,7 @@ class OpenAIServer:
             "created": self.created,
             "owned_by": "splitserve",
             "max_model_len": b.max_model_len,
-            "vocab_size": b.model_config.vocab_size,
+            "vocab_size": b.limits.vocab_size,
         }
 
 

@@ -145,10 +145,14 @@ class _Sampling(BaseModel):
 GREEDY_BELOW = 1e-5
 
 
+# OpenAI's default max_tokens for /v1/completions (chat defaults to the rest of the context).
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+
+
 class CompletionRequest(_Sampling):
     # A string, token ids, or a list holding exactly one of those (batches are refused).
     prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = 16  # the OpenAI default for completions
+    max_tokens: int | None = None  # omitted: COMPLETIONS_DEFAULT_MAX_TOKENS (OpenAI's default)
     logprobs: int | None = None
     echo: bool = False
     best_of: int | None = None

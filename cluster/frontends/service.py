@@ -1,11 +1,17 @@
 """ServingBackend: what every frontend (gRPC, OpenAI HTTP, in-process) calls.
 
 It turns user input into a validated RequestSpec (tokenizing text, checking every field
-with a message naming it), admits it under a bounded in-flight limit, runs it through the
+with a message naming it against the limits the workers reported: vocabulary, context
+length, KV capacity), admits it under a bounded in-flight limit, runs it through the
 Router, turns token ids into text deltas (cutting at stop strings exactly as the decode
 worker does) and enforces the request deadline. Frontends map its exceptions to status
 codes: InvalidRequest -> INVALID_ARGUMENT / 400, Overloaded -> RESOURCE_EXHAUSTED / 429,
 NoWorkerAvailable -> UNAVAILABLE / 503, RequestTimeout -> DEADLINE_EXCEEDED / 408.
+
+This is the one place a request is validated; workers assert, they do not re-validate.
+``max_tokens``: an explicit value whose prompt + max_tokens exceeds the context is refused
+(naming the field), as OpenAI and vLLM do; an omitted one takes the endpoint's default
+(``default_max_tokens``; None = the rest of the context), clamped to the context.
 """
 
 from __future__ import annotations
@@ -19,12 +25,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from cluster.control.info import ClusterInfo, worker_info
 from cluster.control.router import Router
 from cluster.control.routing import NoWorkerAvailable
 from engine.config import ModelConfig
 from engine.request import SamplingParams, TokenLogprobs
-from engine.runtime.streams import RequestSpec
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from engine.types import RequestSpec, WorkerLimits
 
 if TYPE_CHECKING:
     from cluster.metrics.registry import Metrics
@@ -53,6 +60,28 @@ class Usage:
     cached_tokens: int = 0
 
 
+@dataclass(frozen=True)
+class ModelInfo:
+    """GetModelInfo's answer (the served model as the workers run it)."""
+
+    model: str
+    architecture: str
+    vocab_size: int
+    max_model_len: int  # the workers' context limit: prompt + generated tokens
+    num_layers: int
+    hidden_size: int
+    eos_token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """GetServerInfo's answer: the cluster, and this frontend's admission state."""
+
+    cluster: ClusterInfo
+    inflight: int  # requests admitted by this backend
+    max_queue: int  # in-flight limit; more are refused as overloaded
+
+
 @dataclass
 class Delta:
     """One streamed piece of a completion; the last one has ``finish_reason`` set."""
@@ -75,7 +104,7 @@ class ServingBackend:
         model_name: str,
         max_queue: int = 1024,
         request_timeout_s: float = 600.0,
-        info: Callable[[], Any] | None = None,
+        info: Callable[[], ClusterInfo] | None = None,
         metrics: Metrics | None = None,
     ):
         self.router = router
@@ -96,8 +125,15 @@ class ServingBackend:
 
     # ------------------------------------------------------------ validation
     @property
+    def limits(self) -> WorkerLimits:
+        """The strictest limits of every worker (reported when the cluster started)."""
+        if self.router.limits is None:
+            raise RuntimeError("the workers have not reported their limits: start the cluster before serving")
+        return self.router.limits
+
+    @property
     def max_model_len(self) -> int:
-        return self.model_config.max_position_embeddings
+        return self.limits.max_model_len
 
     def tokenize(self, prompt: str | list[int] | None, field_name: str = "prompt") -> list[int]:
         if prompt is None or (isinstance(prompt, str | list) and len(prompt) == 0):
@@ -108,23 +144,52 @@ class ServingBackend:
                 raise InvalidRequest(field_name, "encodes to zero tokens")
         else:
             ids = list(prompt)
-            vocab = self.model_config.vocab_size
+            vocab = self.limits.vocab_size
             for t in ids:
                 if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
                     raise InvalidRequest(field_name, f"token id {t!r} is outside the vocabulary [0, {vocab})")
-        if len(ids) >= self.max_model_len:
+        lim = self.limits
+        if len(ids) >= lim.max_model_len:
             raise InvalidRequest(
-                field_name, f"prompt has {len(ids)} tokens; the model allows fewer than {self.max_model_len}"
+                field_name, f"prompt has {len(ids)} tokens; the model allows fewer than {lim.max_model_len}"
+            )
+        if len(ids) + 1 > lim.max_context_tokens:  # room for the prompt and one generated token
+            raise InvalidRequest(
+                field_name,
+                f"prompt has {len(ids)} tokens; the workers' KV caches hold at most {lim.max_context_tokens} "
+                "tokens per request",
+            )
+        if not lim.chunked_prefill and len(ids) > lim.max_num_batched_tokens:
+            raise InvalidRequest(
+                field_name,
+                f"prompt has {len(ids)} tokens; without chunked prefill at most {lim.max_num_batched_tokens} fit a step",
             )
         return ids
 
-    def sampling_params(self, prompt_len: int, **kw: Any) -> SamplingParams:
-        """SamplingParams from user fields; None means default. Errors name the field."""
+    def sampling_params(self, prompt_len: int, default_max_tokens: int | None = None, **kw: Any) -> SamplingParams:
+        """SamplingParams from user fields; None means default. Errors name the field.
+
+        ``default_max_tokens``: the endpoint's default when ``max_tokens`` is omitted (None:
+        the rest of the context)."""
         kw = {k: v for k, v in kw.items() if v is not None}
-        max_tokens = kw.get("max_tokens", 16)
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
-            raise InvalidRequest("max_tokens", f"must be an integer in [1, {MAX_TOKENS_LIMIT}], got {max_tokens!r}")
-        kw["max_tokens"] = min(max_tokens, self.max_model_len - prompt_len)
+        room = self.max_model_len - prompt_len
+        if "max_tokens" in kw:
+            max_tokens = kw["max_tokens"]
+            if (
+                isinstance(max_tokens, bool)
+                or not isinstance(max_tokens, int)
+                or not 1 <= max_tokens <= MAX_TOKENS_LIMIT
+            ):
+                raise InvalidRequest("max_tokens", f"must be an integer in [1, {MAX_TOKENS_LIMIT}], got {max_tokens!r}")
+            if max_tokens > room:
+                raise InvalidRequest(
+                    "max_tokens",
+                    f"{max_tokens} tokens requested but the prompt ({prompt_len} tokens) leaves {room} of the "
+                    f"model's {self.max_model_len}-token context",
+                )
+        else:
+            max_tokens = room if default_max_tokens is None else min(default_max_tokens, room)
+        kw["max_tokens"] = max_tokens
         checks = {
             "temperature": lambda v: _num(v) and 0 <= v <= 100,
             "top_p": lambda v: _num(v) and 0 < v <= 1,
@@ -142,7 +207,7 @@ class ServingBackend:
             raise InvalidRequest("stop", "must be up to 16 non-empty strings")
         kw["stop"] = stop
         ids = tuple(kw.get("stop_token_ids", ()))
-        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.model_config.vocab_size for t in ids):
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.limits.vocab_size for t in ids):
             raise InvalidRequest("stop_token_ids", "every id must be inside the vocabulary")
         kw["stop_token_ids"] = ids
         unknown = set(kw) - {"max_tokens", "stop", "stop_token_ids", *checks}
@@ -236,41 +301,48 @@ class ServingBackend:
     def healthy(self) -> bool:
         return any(w.healthy and w.role in ("decode", "mixed") for w in self.router.workers.values())
 
-    def model_info(self) -> dict:
+    def model_info(self) -> ModelInfo:
         c = self.model_config
-        return {
-            "model": self.model_name,
-            "architecture": c.architecture,
-            "vocab_size": c.vocab_size,
-            "max_model_len": self.max_model_len,
-            "num_layers": c.num_layers,
-            "hidden_size": c.hidden_size,
-            "eos_token_ids": list(c.eos_token_ids),
-        }
+        return ModelInfo(
+            model=self.model_name,
+            architecture=c.architecture,
+            vocab_size=self.limits.vocab_size,
+            max_model_len=self.max_model_len,
+            num_layers=c.num_layers,
+            hidden_size=c.hidden_size,
+            eos_token_ids=tuple(c.eos_token_ids),
+        )
 
-    def server_info(self) -> dict:
-        if self._info is not None:
-            return self._info()
-        return {
-            "workers": [
-                {
-                    "worker_id": wid,
-                    "role": w.role,
-                    "healthy": w.healthy,
-                    "inflight": w.inflight,
-                    "free_kv_blocks": w.free_kv_blocks,
-                    "total_kv_blocks": w.total_kv_blocks,
-                }
-                for wid, w in self.router.workers.items()
-            ],
-            "roles": self.router.policy.roles(),
-            "inflight": self.inflight,
-            "max_queue": self.max_queue,
-        }
+    def server_info(self) -> ServerInfo:
+        cluster = self._info() if self._info is not None else self._router_info()
+        return ServerInfo(cluster=cluster, inflight=self.inflight, max_queue=self.max_queue)
+
+    def _router_info(self) -> ClusterInfo:
+        """Cluster info from the router alone, for a backend built without a cluster's
+        ``info()``: the pool configuration is unknown (``pools`` is empty)."""
+        r = self.router
+        return ClusterInfo(
+            model=self.model_name,
+            transfer="unknown",
+            placement="none",
+            pools=(),
+            workers=tuple(worker_info(r, wid, w.role, w.role) for wid, w in r.workers.items()),
+            requests_in_flight=len(r.requests),
+        )
 
 
 def _num(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and v == v  # rejects NaN
 
 
-__all__ = ["Delta", "InvalidRequest", "NoWorkerAvailable", "Overloaded", "RequestTimeout", "ServingBackend", "Usage"]
+__all__ = [
+    "Delta",
+    "InvalidRequest",
+    "ModelInfo",
+    "NoWorkerAvailable",
+    "Overloaded",
+    "RequestTimeout",
+    "ServerInfo",
+    "ServingBackend",
+    "Usage",
+]

@@ -9,10 +9,10 @@ series carries ``model``.
   ``RequestTracker`` per request: ``track()`` at admission, ``tokens()`` per streamed chunk,
   ``finish()`` once at the end, whatever the end.
 - Worker-side series (``metrics_collect.WORKER_METRICS``) are pulled at scrape time from the
-  router's cached ``load()`` reports once ``attach(router, transport)`` was called.
+  router's cached ``stats()`` reports once ``attach(router, transport)`` was called.
 
 To add a metric, add one ``MetricDef`` line to REQUEST_METRICS (and record it in the
-tracker) or to WORKER_METRICS (with a ``source`` reading the load() report).
+tracker) or to WORKER_METRICS (with a ``source`` reading the stats() report).
 
 Exposition: ``start_metrics_server(metrics, port)`` (own HTTP thread) or
 ``metrics_asgi_app(metrics)`` (mount in a FastAPI/Starlette app).

@@ -1,16 +1,17 @@
-"""Worker-side metrics, pulled from the router's cached ``load()`` reports at scrape time.
+"""Worker-side metrics, pulled from the router's cached ``stats()`` reports at scrape time.
 
 No worker opens a port. ``Router.refresh_loads()`` (the controller's health watcher, or
 ``poll_loads`` below for a LocalCluster) keeps ``router.workers[wid].stats`` fresh, and
-``WorkerCollector.collect()`` turns those dicts into Prometheus families each time the
-registry is scraped. Every worker-side series is declared once, in ``WORKER_METRICS``:
-a ``MetricDef`` whose ``source`` reads its value from one load() report.
+``WorkerCollector.collect()`` turns those ``WorkerStats`` into Prometheus families each time
+the registry is scraped. Every worker-side series is declared once, in ``WORKER_METRICS``:
+a ``MetricDef`` whose ``source`` reads its value from one report (None: the field does not
+apply to the worker's role, e.g. bytes sent by a decode worker, and the series is omitted).
 
 Restarts. A restarted worker reports its counters from 0 again and a new ``started_at``.
 Per worker id the collector keeps ``base`` (the final values of its earlier incarnations)
 and ``last`` (the current incarnation's values) and exports ``base + last``, so every
 exported ``_total`` counter and histogram bucket only grows:
-    new started_at (or, for reports without one, a counter that went down)
+    new started_at
         -> base += last; last = {}; restarts += 1
 What a dead incarnation counted after its last poll is lost (at most one poll interval),
 and two restarts between polls count as one. Counters of a worker that left the router
@@ -18,8 +19,8 @@ keep being exported (frozen) so their rates fall to 0 instead of the series vani
 its gauges disappear.
 
 Thread safety: collect() runs on the metrics server's threads while the router's event loop
-replaces ``entry.stats`` dicts (never mutates them); the collector only reads those dicts
-and guards its own state with a lock.
+replaces ``entry.stats`` (frozen dataclasses); the collector only reads them and guards its
+own state with a lock.
 """
 
 from __future__ import annotations
@@ -28,9 +29,8 @@ import asyncio
 import enum
 import math
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -38,6 +38,7 @@ from prometheus_client.utils import floatToGoString
 
 from cluster.config import ROLES
 from cluster.control.router import Router
+from engine.types import HistogramReport, WorkerStats
 
 
 class Kind(str, enum.Enum):
@@ -55,10 +56,10 @@ class MetricDef:
     help: str
     labels: tuple[str, ...] = ()
     buckets: tuple[float, ...] = ()  # histograms observed in this process (request metrics)
-    # worker metrics: the value in one load() report (a number; for a histogram the dict
-    # {"le": [...], "counts": [cumulative...], "sum": s, "count": n}); None: not reported.
-    # None for the few series computed from router state (roles, health, restarts).
-    source: Callable[[Mapping[str, Any]], Any] | None = None
+    # worker metrics: the value in one stats() report (a number, or a HistogramReport); the
+    # source returns None where the field does not apply to the worker's role. None (no
+    # source) for the few series computed from router state (roles, health, restarts).
+    source: Callable[[WorkerStats], float | HistogramReport | None] | None = None
 
     def __post_init__(self) -> None:
         if not self.name.startswith("splitserve_"):
@@ -78,19 +79,12 @@ class MetricDef:
         return (self.name,)
 
 
-def _key(k: str) -> Callable[[Mapping[str, Any]], Any]:
-    return lambda s: s.get(k)
+def _usage(s: WorkerStats) -> float:
+    return 1.0 - s.engine.free_kv_blocks / s.engine.total_kv_blocks
 
 
-def _usage(s: Mapping[str, Any]) -> float | None:
-    total = s.get("total_kv_blocks")
-    return None if not total else 1.0 - s["free_kv_blocks"] / total
-
-
-def _waiting(s: Mapping[str, Any]) -> int | None:
-    if "pending_requests" not in s:
-        return None
-    return max(0, s["pending_requests"] - s.get("running_requests", 0))
+def _waiting(s: WorkerStats) -> int:
+    return max(0, s.pending_requests - s.engine.running_requests)
 
 
 WORKER = ("model", "pool", "worker")
@@ -100,22 +94,22 @@ C, G, H = Kind.COUNTER, Kind.GAUGE, Kind.HISTOGRAM
 # fmt: off
 WORKER_METRICS: tuple[MetricDef, ...] = (
     MetricDef("splitserve_kv_cache_usage_ratio", G, "Fraction of the worker's KV blocks in use (0..1).", WORKER, source=_usage),
-    MetricDef("splitserve_kv_cache_free_blocks", G, "Free KV blocks (including evictable prefix-cached ones).", WORKER, source=_key("free_kv_blocks")),
-    MetricDef("splitserve_kv_cache_total_blocks", G, "KV blocks of the worker's cache.", WORKER, source=_key("total_kv_blocks")),
-    MetricDef("splitserve_num_requests_running", G, "Requests in the worker's running batch.", WORKER, source=_key("running_requests")),
+    MetricDef("splitserve_kv_cache_free_blocks", G, "Free KV blocks (including evictable prefix-cached ones).", WORKER, source=lambda s: s.engine.free_kv_blocks),
+    MetricDef("splitserve_kv_cache_total_blocks", G, "KV blocks of the worker's cache.", WORKER, source=lambda s: s.engine.total_kv_blocks),
+    MetricDef("splitserve_num_requests_running", G, "Requests in the worker's running batch.", WORKER, source=lambda s: s.engine.running_requests),
     MetricDef("splitserve_num_requests_waiting", G, "Requests queued on the worker (waiting to be scheduled or for their KV).", WORKER, source=_waiting),
-    MetricDef("splitserve_pending_prompt_tokens", G, "Prompt tokens queued or partially prefilled on the worker.", WORKER, source=_key("pending_prompt_tokens")),
-    MetricDef("splitserve_kv_transfers_in_flight", G, "KV transfers the worker is sending or receiving.", TRANSFER, source=_key("transfers_in_flight")),
-    MetricDef("splitserve_prefix_cache_hits", C, "KV blocks found in the prefix cache.", WORKER, source=_key("prefix_cache_hits")),
-    MetricDef("splitserve_prefix_cache_queries", C, "KV blocks looked up in the prefix cache.", WORKER, source=_key("prefix_cache_queries")),
-    MetricDef("splitserve_preemptions", C, "Requests preempted (recomputed) for lack of KV blocks.", WORKER, source=_key("preemptions")),
-    MetricDef("splitserve_kv_transfer_failures", C, "KV transfers that failed or timed out (counted by the side that saw it).", TRANSFER, source=_key("transfer_failures")),
-    MetricDef("splitserve_kv_transfer_bytes", C, "KV payload bytes of transfers that completed (sender side).", TRANSFER, source=_key("transfer_bytes")),
-    MetricDef("splitserve_kv_transfer_duration_seconds", H, "KV transfer time, first chunk queued to sender DONE (overlaps prefill when layer-wise).", TRANSFER, source=_key("transfer_seconds")),
-    MetricDef("splitserve_prefill_queue_time_seconds", H, "Time a request waited to be prefilled (on a prefill worker, or on a decode/mixed worker prefilling it locally) before its first scheduling.", WORKER, source=_key("queue_seconds")),
-    MetricDef("splitserve_kv_reserve_wait_seconds", H, "Time a disaggregated request waited on its decode worker for KV blocks to receive into.", WORKER, source=_key("reserve_wait_seconds")),
-    MetricDef("splitserve_worker_start_time_seconds", G, "Unix time the worker (this incarnation) started.", WORKER, source=_key("started_at")),
-    # computed from router state, not from a load() field (see WorkerCollector.collect)
+    MetricDef("splitserve_pending_prompt_tokens", G, "Prompt tokens queued or partially prefilled on the worker.", WORKER, source=lambda s: s.engine.pending_prompt_tokens),
+    MetricDef("splitserve_kv_transfers_in_flight", G, "KV transfers the worker is sending or receiving.", TRANSFER, source=lambda s: s.transfers_in_flight),
+    MetricDef("splitserve_prefix_cache_hits", C, "KV blocks found in the prefix cache.", WORKER, source=lambda s: s.engine.prefix_cache_hits),
+    MetricDef("splitserve_prefix_cache_queries", C, "KV blocks looked up in the prefix cache.", WORKER, source=lambda s: s.engine.prefix_cache_queries),
+    MetricDef("splitserve_preemptions", C, "Requests preempted (recomputed) for lack of KV blocks.", WORKER, source=lambda s: s.engine.preemptions),
+    MetricDef("splitserve_kv_transfer_failures", C, "KV transfers that failed or timed out (counted by the side that saw it).", TRANSFER, source=lambda s: s.transfer_failures),
+    MetricDef("splitserve_kv_transfer_bytes", C, "KV payload bytes of transfers that completed (sender side).", TRANSFER, source=lambda s: s.transfer_bytes),
+    MetricDef("splitserve_kv_transfer_duration_seconds", H, "KV transfer time, first chunk queued to sender DONE (overlaps prefill when layer-wise).", TRANSFER, source=lambda s: s.transfer_seconds),
+    MetricDef("splitserve_prefill_queue_time_seconds", H, "Time a request waited to be prefilled (on a prefill worker, or on a decode/mixed worker prefilling it locally) before its first scheduling.", WORKER, source=lambda s: s.queue_seconds),
+    MetricDef("splitserve_kv_reserve_wait_seconds", H, "Time a disaggregated request waited on its decode worker for KV blocks to receive into.", WORKER, source=lambda s: s.reserve_wait_seconds),
+    MetricDef("splitserve_worker_start_time_seconds", G, "Unix time the worker (this incarnation) started.", WORKER, source=lambda s: s.started_at),
+    # computed from router state, not from a stats() field (see WorkerCollector.collect)
     MetricDef("splitserve_worker_role", G, "1 for the worker's current role (a promoted decode worker is 'mixed'), 0 for the others.", (*WORKER, "role")),
     MetricDef("splitserve_worker_healthy", G, "1 if the router considers the worker healthy; role is its current role.", (*WORKER, "role")),
     MetricDef("splitserve_worker_restarts", C, "Worker restarts seen (a new incarnation reporting), per worker id.", WORKER),
@@ -127,7 +121,7 @@ WORKER_METRICS: tuple[MetricDef, ...] = (
 @dataclass
 class _WorkerState:
     pool: str
-    incarnation: Any = None  # started_at of the incarnation whose values are in ``last``
+    incarnation: float | None = None  # started_at of the incarnation whose values are in ``last``
     base: dict[str, float] = field(default_factory=dict)  # finished incarnations' final values
     last: dict[str, float] = field(default_factory=dict)  # current incarnation's values
     restarts: int = 0
@@ -137,13 +131,13 @@ class _WorkerState:
         return self.base.get(key, 0.0) + self.last.get(key, 0.0)
 
 
-def _flatten(d: MetricDef, value: Any) -> dict[str, float]:
+def _flatten(d: MetricDef, value: float | HistogramReport) -> dict[str, float]:
     """Monotonic values of one metric in one report, keyed for offset bookkeeping."""
     if d.kind is Kind.COUNTER:
         return {d.name: float(value)}
-    out = {f"{d.name}|le={b!r}": float(c) for b, c in zip(value["le"], value["counts"])}
-    out[f"{d.name}|sum"] = float(value["sum"])
-    out[f"{d.name}|count"] = float(value["count"])
+    out = {f"{d.name}|le={b!r}": float(c) for b, c in zip(value.bounds, value.counts)}
+    out[f"{d.name}|sum"] = float(value.sum)
+    out[f"{d.name}|count"] = float(value.count)
     return out
 
 
@@ -192,7 +186,7 @@ class WorkerCollector(Collector):
                 if entry is None:
                     continue
                 for d in self._gauges:
-                    v = d.source(entry.stats) if entry.stats else None
+                    v = d.source(entry.stats) if entry.stats is not None else None
                     if v is not None:
                         fams[d.name].add_metric([base[k] for k in d.labels], float(v))
                 current = roles.get(wid, entry.role)
@@ -213,11 +207,11 @@ class WorkerCollector(Collector):
         cls = {Kind.COUNTER: CounterMetricFamily, Kind.GAUGE: GaugeMetricFamily, Kind.HISTOGRAM: HistogramMetricFamily}
         return {d.name: cls[d.kind](d.name, d.help, labels=list(d.labels)) for d in WORKER_METRICS}
 
-    def _ingest(self, wid: str, role: str, stats: Mapping[str, Any]) -> None:
+    def _ingest(self, wid: str, role: str, stats: WorkerStats | None) -> None:
         st = self._workers.get(wid)
         if st is None:
             st = self._workers[wid] = _WorkerState(self.pool_of(wid, role))
-        if not stats:  # re-registered after a restart, not polled yet: keep the totals
+        if stats is None:  # re-registered after a restart, not polled yet: keep the totals
             return
         values: dict[str, float] = {}
         for d in self._monotonic:
@@ -226,11 +220,9 @@ class WorkerCollector(Collector):
                 continue
             values.update(_flatten(d, v))
             if d.kind is Kind.HISTOGRAM:
-                st.hist_bounds[d.name] = [float(b) for b in v["le"]]
-        incarnation = stats.get("started_at")
-        restarted = st.incarnation is not None and incarnation is not None and incarnation != st.incarnation
-        if not restarted and incarnation is None:  # no incarnation id: a counter going down is a restart
-            restarted = any(v < st.last.get(k, 0.0) for k, v in values.items())
+                st.hist_bounds[d.name] = [float(b) for b in v.bounds]
+        incarnation = stats.started_at
+        restarted = st.incarnation is not None and incarnation != st.incarnation
         if restarted:
             for k, v in st.last.items():
                 st.base[k] = st.base.get(k, 0.0) + v

@@ -89,6 +89,10 @@ class BlockPool:
         self.block_hash[block] = h
         self._cached.setdefault(h, block)
 
+    def cached_hashes(self) -> frozenset[BlockHash]:
+        """Hashes of every cached full block (in use or evictable)."""
+        return frozenset(self._cached)
+
     def _evict(self, b: int) -> None:
         h = self.block_hash[b]
         if h is not None:

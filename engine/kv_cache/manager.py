@@ -20,6 +20,18 @@ def hash_block(parent: BlockHash | None, tokens: tuple[int, ...]) -> BlockHash:
     return hash((_ROOT_HASH if parent is None else parent, tokens))
 
 
+def prefix_block_hashes(token_ids: list[int], block_size: int) -> list[BlockHash]:
+    """The chained hashes of the full blocks a prefix-cache lookup of ``token_ids`` can hit:
+    every full block except one that would leave no token to compute (a step must produce
+    logits). The router hashes prompts with this to route by cached prefix."""
+    hashes: list[BlockHash] = []
+    parent = None
+    for i in range((len(token_ids) - 1) // block_size):
+        parent = hash_block(parent, tuple(token_ids[i * block_size : (i + 1) * block_size]))
+        hashes.append(parent)
+    return hashes
+
+
 class KVCacheManager:
     def __init__(self, pool: BlockPool, block_size: int):
         self.pool = pool
@@ -35,18 +47,13 @@ class KVCacheManager:
 
         Leaves at least one token uncomputed so the step produces logits for sampling.
         """
-        tokens = req.all_token_ids
-        bs = self.block_size
-        max_blocks = (len(tokens) - 1) // bs
-        blocks, hashes, parent = [], [], None
-        for i in range(max_blocks):
-            h = hash_block(parent, tuple(tokens[i * bs : (i + 1) * bs]))
+        blocks, hashes = [], []
+        for h in prefix_block_hashes(req.all_token_ids, self.block_size):
             b = self.pool.lookup(h)
             if b is None:
                 break
             blocks.append(b)
             hashes.append(h)
-            parent = h
         return blocks, hashes
 
     def allocate(

@@ -9,6 +9,7 @@ When idle the thread sleeps on a condition until a call arrives or ``idle_poll_s
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections import deque
@@ -16,6 +17,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
+
+from engine.types import EngineStopped, WorkerStats
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +51,7 @@ class EngineLoop:
         fut: Future = Future()
         with self._cv:
             if self._stopping or self.error is not None:
-                fut.set_exception(RuntimeError(f"engine loop stopped: {self.error!r}"))
+                fut.set_exception(EngineStopped(f"engine loop stopped: {self.error!r}"))
                 return fut
             self._calls.append((fn, fut))
             self._cv.notify()
@@ -108,26 +111,26 @@ class EngineLoop:
                 pending = list(self._calls)
                 self._calls.clear()
             for _, fut in pending:
-                fut.set_exception(RuntimeError(f"engine loop stopped: {self.error!r}"))
+                fut.set_exception(EngineStopped(f"engine loop stopped: {self.error!r}"))
 
 
-class LoadSnapshot:
-    """A worker's ``load()`` answer: computed on the loop between steps or, while a long step
-    keeps the loop busy past ``wait_s``, the dict taken after the last step, marked
+class StatsSnapshot:
+    """A worker's ``stats()`` answer: computed on the loop between steps or, while a long step
+    keeps the loop busy past ``wait_s``, the report taken after the last step, marked
     ``stale``. ``refresh()`` runs on the loop thread (after each step); ``get()`` from any
-    thread. The dict is replaced, never mutated, so readers need no lock."""
+    thread. The report is replaced, never mutated, so readers need no lock."""
 
-    def __init__(self, loop: EngineLoop, compute: Callable[[], dict]):
+    def __init__(self, loop: EngineLoop, compute: Callable[[], WorkerStats]):
         self._loop, self._compute = loop, compute
-        self._last: dict = {}
+        self._last: WorkerStats | None = None
 
-    def refresh(self) -> dict:
+    def refresh(self) -> WorkerStats:
         self._last = self._compute()
         return self._last
 
-    def get(self, wait_s: float) -> dict:
+    def get(self, wait_s: float) -> WorkerStats:
         return self._loop.run_or(self.refresh, wait_s, self._stale)
 
-    def _stale(self) -> dict:
+    def _stale(self) -> WorkerStats:
         last = self._last
-        return {**last, "stale": True} if last else self._loop.run(self.refresh)
+        return dataclasses.replace(last, stale=True) if last is not None else self._loop.run(self.refresh)

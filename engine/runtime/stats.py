@@ -1,9 +1,11 @@
-"""Cumulative histograms the workers keep and report in ``load()`` (cluster.metrics.workers
+"""Cumulative histograms the workers keep and report in ``stats()`` (cluster.metrics.workers
 exports them as Prometheus histograms). Plain Python, no locks: each worker updates and
 reports its histograms on its engine loop thread only.
 """
 
 from __future__ import annotations
+
+from engine.types import HistogramReport
 
 # Bucket upper bounds (seconds).
 QUEUE_SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -27,5 +29,5 @@ class CumulativeHistogram:
             if value <= b:
                 self.counts[i] += 1
 
-    def report(self) -> dict:
-        return {"le": list(self.bounds), "counts": list(self.counts), "sum": self.sum, "count": self.count}
+    def report(self) -> HistogramReport:
+        return HistogramReport(self.bounds, tuple(self.counts), self.sum, self.count)

@@ -9,31 +9,9 @@ or error) is set once and wakes every waiter.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
 
-from engine.request import Request, SamplingParams, TokenLogprobs
-
-
-@dataclass(frozen=True)
-class RequestSpec:
-    """What crosses process boundaries to start a request (no tokenizer, no engine state)."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-
-    def to_request(self) -> Request:
-        return Request(self.request_id, list(self.prompt_token_ids), self.params)
-
-
-@dataclass(frozen=True)
-class StreamChunk:
-    token_ids: list[int]  # tokens from the requested cursor on
-    logprobs: list[TokenLogprobs] = field(default_factory=list)
-    finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
-    error: str | None = None  # set when the request failed (finish_reason "abort")
-    num_cached_tokens: int = 0
+from engine.request import Request, TokenLogprobs
+from engine.types import StreamChunk
 
 
 class OutputStream:

@@ -12,12 +12,13 @@ import pytest
 from cluster.config import PoolConfig, RouterConfig, ServeConfig, TransferConfig
 from cluster.control.local import LocalCluster
 from engine import LLM, SamplingParams
-from engine.runtime.streams import RequestSpec
+from engine.types import RequestSpec, UnknownRequest
 
 pytestmark = pytest.mark.integration
 
 ENGINE = {"block_size": 4, "num_blocks": 96, "max_num_batched_tokens": 16}
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+LONG = SamplingParams(max_tokens=120, temperature=0.0, ignore_eos=True)  # cannot finish before a cancel
 
 
 def _prompts(n: int, seed: int = 0, lo: int = 3, hi: int = 60) -> list[list[int]]:
@@ -48,11 +49,11 @@ def _pools_full(cluster: LocalCluster, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     for wid, w in cluster.workers.items():
         while True:
-            load = w.load()  # runs on the worker's loop thread, after its pending work
-            if load["free_kv_blocks"] == load["total_kv_blocks"] or time.monotonic() > deadline:
+            load = w.stats().engine  # runs on the worker's loop thread, after its pending work
+            if load.free_kv_blocks == load.total_kv_blocks or time.monotonic() > deadline:
                 break
             w.loop.run(lambda: None)
-        assert load["free_kv_blocks"] == load["total_kv_blocks"], f"{wid} leaked KV blocks: {load}"
+        assert load.free_kv_blocks == load.total_kv_blocks, f"{wid} leaked KV blocks: {load}"
 
 
 @pytest.fixture(scope="module")
@@ -116,25 +117,34 @@ def test_aborts_and_cancels_return_pools_to_full(tiny_checkpoint):
         try:
 
             async def cancel_after_two(i, p):
-                got = 0
-                async for chunk in cluster.router.generate(RequestSpec(f"c{i}", p, GREEDY)):
+                got, finished = 0, False
+                async for chunk in cluster.router.generate(RequestSpec(f"c{i}", p, LONG)):
                     got += len(chunk.token_ids)
+                    finished = chunk.finished
                     if got >= 2:
                         break  # the caller walks away: the router must abort on both workers
-                return got
+                return got, finished
 
             tasks = [
                 cancel_after_two(i, p) if i % 3 == 0 else _collect(cluster, f"c{i}", p) for i, p in enumerate(prompts)
             ]
             results = await asyncio.gather(*tasks)
             _pools_full(cluster)
-            return results
+            decode = cluster.workers["decode-0"]
+            gone = []
+            for i in range(0, len(prompts), 3):  # a cancelled request is gone from the decode worker
+                with pytest.raises(UnknownRequest):
+                    decode.read(f"c{i}", 0, 0)
+                gone.append(f"c{i}")
+            return results, dict(cluster.router.requests), gone
         finally:
             cluster.shutdown()
 
-    results = asyncio.run(run())
-    assert all(r >= 2 for r in results[::3])
-    assert all(len(t) == GREEDY.max_tokens for t, _ in results[1::3])
+    results, inflight, gone = asyncio.run(run())
+    # cancelled mid-stream: at least the two tokens read, far from the LONG budget, not finished
+    assert all(2 <= got < LONG.max_tokens and not finished for got, finished in results[::3]), results[::3]
+    assert len(gone) == 4 and inflight == {}
+    assert all(len(t) == GREEDY.max_tokens and last.finish_reason == "length" for t, last in results[1::3])
 
 
 def test_corrupted_transfer_fails_loudly_and_frees_blocks(tiny_checkpoint):
@@ -216,3 +226,66 @@ def test_generation_longer_than_the_decode_pool_ends_with_length(tiny_checkpoint
     tokens, last = asyncio.run(run())
     capacity = ENGINE["num_blocks"] * ENGINE["block_size"]
     assert last.finish_reason == "length" and len(prompt) + len(tokens) == capacity + 1
+
+
+def test_prefix_cache_hits_of_the_prefill_reach_the_client(tiny_checkpoint):
+    """A repeated prompt is served from the prefill worker's prefix cache, and the count of
+    cached prompt tokens travels through the decode worker to the last chunk (usage)."""
+    prompt = _prompts(1, seed=7, lo=40, hi=40)[0]  # 10 full blocks of 4; 9 can hit (one token is computed)
+
+    async def run():
+        cluster = await LocalCluster(_config(tiny_checkpoint("llama"), "loopback")).start()
+        try:
+            first = await _collect(cluster, "a", prompt)
+            _pools_full(cluster)
+            second = await _collect(cluster, "b", prompt)
+            return first, second
+        finally:
+            cluster.shutdown()
+
+    (t1, last1), (t2, last2) = asyncio.run(run())
+    assert t1 == t2
+    assert last1.num_cached_tokens == 0
+    assert last2.num_cached_tokens == 36  # 9 blocks x 4 tokens, counted where the prompt was prefilled
+
+
+def test_prefix_policy_routes_a_prompt_to_the_worker_that_caches_it(tiny_checkpoint):
+    """Two mixed workers; decode-1 alone holds the prompt's blocks. The "prefix" policy sends
+    the prompt there (a load-only policy would pick decode-0, the lower id, on equal load)."""
+    model = tiny_checkpoint("llama")
+    cfg = ServeConfig(
+        model=model,
+        pools=(PoolConfig("decode", "mixed", 2, engine=ENGINE),),
+        router=RouterConfig(prefill_policy="prefix", decode_policy="prefix", short_prompt_threshold=1000),
+        transfer=TransferConfig(kind="loopback"),
+    )
+    prompt = _prompts(1, seed=8, lo=33, hi=33)[0]
+
+    async def run():
+        cluster = await LocalCluster(cfg).start()
+        try:
+            warm = cluster.workers["decode-1"]  # fill decode-1's prefix cache behind the router's back
+            warm.generate_local(RequestSpec("warm", prompt, GREEDY))
+            while not warm.read("warm", 0, 5).finished:
+                pass
+            await cluster.router.refresh_loads()
+            hashes = cluster.router.prefix_hashes(prompt)
+            held = {wid: len(set(hashes) & w.stats.cached_block_hashes) for wid, w in cluster.router.workers.items()}
+            chosen = []
+            route = cluster.router.policy.route
+
+            def recording(*a, **kw):
+                decision = route(*a, **kw)
+                chosen.append(decision.decode_worker)
+                return decision
+
+            cluster.router.policy.route = recording
+            tokens, last = await _collect(cluster, "r", prompt)
+            return hashes, held, chosen, last
+        finally:
+            cluster.shutdown()
+
+    hashes, held, chosen, last = asyncio.run(run())
+    assert len(hashes) == 8 and held == {"decode-0": 0, "decode-1": 8}
+    assert chosen == ["decode-1"]
+    assert last.num_cached_tokens == 32

@@ -186,7 +186,7 @@ def test_malformed_and_extreme_requests(server):
             assert time.monotonic() < deadline, "requests left in flight"
             time.sleep(0.01)
         for wid, w in cluster.workers.items():
-            while (load := w.load())["free_kv_blocks"] != load["total_kv_blocks"]:
+            while (load := w.stats().engine).free_kv_blocks != load.total_kv_blocks:
                 assert time.monotonic() < deadline, f"{wid} leaked KV blocks: {load}"
                 time.sleep(0.01)
     finally:

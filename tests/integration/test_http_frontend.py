@@ -106,9 +106,9 @@ class Served:
         Release is asynchronous (aborts and transfer completions), so poll until a deadline."""
         deadline = time.monotonic() + timeout
         while True:
-            loads = {wid: w.load() for wid, w in self.cluster.workers.items()}
-            busy = [wid for wid, ld in loads.items() if ld["free_kv_blocks"] != ld["total_kv_blocks"]]
-            busy += [wid for wid, ld in loads.items() if ld["running_requests"]]
+            loads = {wid: w.stats().engine for wid, w in self.cluster.workers.items()}
+            busy = [wid for wid, ld in loads.items() if ld.free_kv_blocks != ld.total_kv_blocks]
+            busy += [wid for wid, ld in loads.items() if ld.running_requests]
             inflight = [label for label, (backend, _) in self.frontends.items() if backend.inflight]
             if not busy and not inflight and not self.cluster.router.requests:
                 return

@@ -58,10 +58,8 @@ class FuzzServer:
     def assert_idle(self, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
         while True:
-            loads = {wid: w.load() for wid, w in self.cluster.workers.items()}
-            full = all(
-                ld["free_kv_blocks"] == ld["total_kv_blocks"] and not ld["running_requests"] for ld in loads.values()
-            )
+            loads = {wid: w.stats().engine for wid, w in self.cluster.workers.items()}
+            full = all(ld.free_kv_blocks == ld.total_kv_blocks and not ld.running_requests for ld in loads.values())
             if full and not self.backend.inflight and not self.cluster.router.requests:
                 return
             assert time.monotonic() < deadline, f"not idle: {loads}, in flight {self.backend.inflight}"
@@ -101,7 +99,9 @@ IDS = st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=250)  # up to the
 TEXT_PROMPT = st.text(min_size=1, max_size=50)  # <= 4 bytes (byte-level tokens) per character
 VALID = {
     "model": st.sampled_from([MODEL, None]),
-    "max_tokens": st.one_of(st.integers(1, 32), st.sampled_from([2**20, 10**6, None])),
+    # small enough that any prompt here (< 252 tokens) leaves room: a larger explicit
+    # max_tokens than the context leaves is refused (test_max_tokens_beyond_the_context_is_400)
+    "max_tokens": st.one_of(st.integers(1, 4), st.none()),
     "temperature": st.one_of(st.floats(0, 100), st.sampled_from([0.0, 5e-324, 1e-300, 1e-30, 1e-5, 100.0])),
     "top_p": st.one_of(st.floats(0, 1, exclude_min=True), st.sampled_from([5e-324, 1e-300, 1e-40, 1e-7, 1.0])),
     "top_k": st.one_of(st.integers(-1, VOCAB + 5), HUGE_INTS.filter(lambda v: v > 0)),
@@ -137,7 +137,7 @@ VALID_CHAT = st.fixed_dictionaries(
     {"messages": st.lists(VALID_MESSAGE, min_size=1, max_size=4)},
     optional={
         **VALID,
-        "max_completion_tokens": st.integers(1, 32),
+        "max_completion_tokens": st.integers(1, 4),
         "logprobs": st.booleans(),
         "response_format": st.just({"type": "text"}),
     },
@@ -251,7 +251,7 @@ def test_fuzzed_bodies_get_well_formed_answers_and_leak_nothing(server):
     "body",
     [
         {"prompt": "x", "temperature": 1e-300},  # 1/temperature overflows fp32: must be served greedily
-        {"prompt": [VOCAB - 1] * 255, "max_tokens": 10**6, "ignore_eos": True},  # clamped to the context
+        {"prompt": [VOCAB - 1] * 255, "ignore_eos": True},  # the default max_tokens, clamped to 1 token left
         {"prompt": "x", "top_k": 10**12, "top_p": 5e-324, "seed": -(2**70)},
         {"messages": [{"role": "user", "content": "x" * 40}], "stream": True, "logprobs": True, "top_logprobs": 20},
     ],
@@ -261,4 +261,27 @@ def test_extreme_but_valid_requests_are_served(server, body):
     r = httpx.post(server.url + path, json=body, timeout=60)
     assert r.status_code == 200, r.text
     _check_answer(r, path)
+    server.assert_idle()
+
+
+@pytest.mark.parametrize(
+    "path, body, field",
+    [
+        ("/v1/completions", {"prompt": [VOCAB - 1] * 250, "max_tokens": 7}, "max_tokens"),  # 250 + 7 > 256
+        ("/v1/completions", {"prompt": "x", "max_tokens": 10**6}, "max_tokens"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2**20}, "max_tokens"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 300},
+            "max_completion_tokens",
+        ),
+    ],
+)
+def test_max_tokens_beyond_the_context_is_400(server, path, body, field):
+    """An explicit max_tokens that the prompt leaves no room for is refused, naming the field
+    the client sent (as OpenAI and vLLM do); nothing is silently clamped."""
+    r = httpx.post(server.url + path, json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == field and "context" in err["message"], err
     server.assert_idle()

@@ -25,8 +25,10 @@ from ray.cluster_utils import Cluster
 from cluster.config import PoolConfig, RouterConfig, ServeConfig, TransferConfig
 from cluster.control.controller import Controller, ControllerOptions
 from cluster.control.routing import RouteReason
+from cluster.frontends.grpc_server import server_info_message
+from cluster.frontends.service import ServerInfo
 from engine import LLM, SamplingParams
-from engine.runtime.streams import RequestSpec, StreamChunk
+from engine.types import RequestSpec, StreamChunk
 
 pytestmark = pytest.mark.integration
 
@@ -103,16 +105,16 @@ async def _poll(cond: Callable[[], bool], what: str, timeout: float = 60.0) -> N
 
 async def _assert_pools_full(c: Controller, timeout: float = 15.0) -> None:
     """Every worker's KV pool is full again. Prefill workers free blocks once their sender
-    reports the transfer done (asynchronously), so poll each load() until a deadline."""
+    reports the transfer done (asynchronously), so poll each stats() until a deadline."""
     deadline = time.monotonic() + timeout
     for wid, rec in c.workers.items():
         while True:
-            load = await rec.handle.call("load")
-            if load["free_kv_blocks"] == load["total_kv_blocks"] or time.monotonic() > deadline:
+            load = await rec.handle.stats()
+            if load.engine.free_kv_blocks == load.engine.total_kv_blocks or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.05)
-        assert load["free_kv_blocks"] == load["total_kv_blocks"], f"{wid} leaked KV blocks: {load}"
-        assert load["transfer_failures"] == 0 or wid.startswith("prefill"), load
+        assert load.engine.free_kv_blocks == load.engine.total_kv_blocks, f"{wid} leaked KV blocks: {load}"
+        assert load.transfer_failures == 0 or wid.startswith("prefill"), load
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +178,7 @@ def test_greedy_through_ray_equals_llm(ray_nodes, loop, tiny_checkpoint, referen
             reasons = _record_routes(c)
             got = await _generate_all(c, prompts, "r")
             await _assert_pools_full(c)
+            await c.router.refresh_loads()  # info() shows the last stats poll
             groups = {"during": _live_groups()}
             return got, reasons, c.info(), groups
         finally:
@@ -187,17 +190,21 @@ def test_greedy_through_ray_equals_llm(ray_nodes, loop, tiny_checkpoint, referen
     assert got == expected
     # one placement group held both workers' bundles while serving, removed at shutdown
     strategy = "STRICT_PACK" if kind == "shm" else "PACK"
-    assert info["placement"] == strategy
+    assert info.placement == strategy
     assert groups["during"] == [(strategy, [{"CPU": 0.5}, {"CPU": 0.5}], 0.0)], groups
     assert groups["after"] == [], groups
     # every long prompt crossed actors through the transport; short ones stayed local
     assert sorted(reasons) == sorted(
         RouteReason.SPLIT if len(p) >= SHORT else RouteReason.SHORT_PROMPT for p in prompts
     )
-    assert {w["worker_id"]: (w["role"], w["healthy"], w["restarts"]) for w in info["workers"]} == {
+    assert {w.worker_id: (w.role, w.healthy, w.restarts) for w in info.workers} == {
         "prefill-0": ("prefill", True, 0),
         "decode-0": ("decode", True, 0),
     }
+    # GetServerInfo of this controller's cluster shows each worker's real KV pool (all free again)
+    msg = server_info_message(ServerInfo(cluster=info, inflight=0, max_queue=8))
+    kv = {w.worker_id: (w.free_kv_blocks, w.total_kv_blocks) for w in msg.workers}
+    assert kv == {w: (ENGINE["num_blocks"], ENGINE["num_blocks"]) for w in ("prefill-0", "decode-0")}, kv
 
 
 def test_pools_land_on_nodes_carrying_their_resources(ray_nodes, loop, tiny_checkpoint, reference):
@@ -213,14 +220,14 @@ def test_pools_land_on_nodes_carrying_their_resources(ray_nodes, loop, tiny_chec
     async def run():
         c = await Controller(cfg, FAST).start()
         try:
-            actual = {wid: await rec.handle.call("node_id") for wid, rec in c.workers.items()}
+            actual = {wid: await rec.handle.node_id() for wid, rec in c.workers.items()}
             return actual, await _generate_all(c, prompts, "p"), c.info()
         finally:
             await c.shutdown()
 
     actual, got, info = loop.run_until_complete(run())
     assert actual == {"prefill-0": ray_nodes.head, "decode-0": ray_nodes.decode}
-    assert {w["worker_id"]: w["node_id"] for w in info["workers"]} == actual
+    assert {w.worker_id: w.node_id for w in info.workers} == actual
     assert got == reference("llama", prompts)
 
 
@@ -268,7 +275,7 @@ def test_saturated_prefill_promotes_a_decode_worker_to_mixed_and_back(ray_nodes,
         (during[0].worker_id, "mixed", "decode", "pressure_ended")
     ]
     assert reasons[-1] == RouteReason.SPLIT
-    assert {w["worker_id"]: w["current_role"] for w in info["workers"]} == {
+    assert {w.worker_id: w.current_role for w in info.workers} == {
         "prefill-0": "prefill",
         "decode-0": "decode",
         "decode-1": "decode",
@@ -350,7 +357,7 @@ def test_killed_actors_are_replaced_and_serve_again(ray_nodes, loop, tiny_checkp
 
     after_decode, after_prefill, info = loop.run_until_complete(run())
     assert after_decode == expected and after_prefill == expected
-    assert {w["worker_id"]: (w["healthy"], w["restarts"]) for w in info["workers"]} == {
+    assert {w.worker_id: (w.healthy, w.restarts) for w in info.workers} == {
         "prefill-0": (True, 1),
         "decode-0": (True, 1),
     }

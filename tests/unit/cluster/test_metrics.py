@@ -1,5 +1,5 @@
 """cluster.metrics.registry: request lifecycles update the right series; worker-side series pulled from
-the router's load reports stay monotonic across worker restarts; exposition endpoints."""
+the router's stats reports stay monotonic across worker restarts; exposition endpoints."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.config import RouterConfig
+from cluster.control.handles import DecodeHandle, PrefillHandle
 from cluster.control.router import Router
 from cluster.control.routing import NoWorkerAvailable, RoutingPolicy
 from cluster.frontends.service import Overloaded, RequestTimeout, ServingBackend
@@ -28,8 +29,9 @@ from cluster.metrics.workers import Kind, MetricDef, default_pool_of, poll_loads
 from engine.config import ModelConfig
 from engine.request import SamplingParams
 from engine.runtime.stats import TRANSFER_SECONDS_BUCKETS, CumulativeHistogram
-from engine.runtime.streams import StreamChunk
 from engine.tokenizer import Tokenizer
+from engine.types import StreamChunk, WorkerStats
+from tests.fakes import worker_stats
 
 
 class Clock:
@@ -205,41 +207,45 @@ def test_backend_records_finish_reasons_of_every_outcome(tiny):
 # ---------------------------------------------------------------- worker-side collector
 
 
-class NoHandle:
-    worker_id = "x"
+class NoCalls:
+    """An invoker for workers the collector must never call."""
 
-    async def call(self, method, *args):
+    async def invoke(self, fn, *args):
         raise AssertionError("the collector must not call workers")
 
 
-def report(started_at: float, preemptions: int, transfer_s: list[float], **kw) -> dict:
+def no_handle(wid: str) -> PrefillHandle | DecodeHandle:
+    return PrefillHandle(wid, NoCalls()) if wid.startswith("prefill") else DecodeHandle(wid, NoCalls())
+
+
+def report(started_at: float, preemptions: int, transfer_s: list[float], role: str = "prefill") -> WorkerStats:
     hist = CumulativeHistogram(TRANSFER_SECONDS_BUCKETS)
     for s in transfer_s:
         hist.observe(s)
-    base = {
-        "running_requests": 1,
-        "pending_requests": 3,
-        "pending_prompt_tokens": 40,
-        "free_kv_blocks": 25,
-        "total_kv_blocks": 100,
-        "transfers_in_flight": 0,
-        "transfer_failures": 0,
-        "started_at": started_at,
-        "preemptions": preemptions,
-        "prefix_cache_hits": 1,
-        "prefix_cache_queries": 2,
-        "transfer_bytes": 1000 * len(transfer_s),
-        "transfer_seconds": hist.report(),
-        "queue_seconds": CumulativeHistogram((0.1, 1.0)).report(),
-        "reserve_wait_seconds": CumulativeHistogram((0.1, 1.0)).report(),
-    }
-    return {**base, **kw}
+    return worker_stats(
+        role=role,
+        started_at=started_at,
+        engine={
+            "running_requests": 1,
+            "pending_prompt_tokens": 40,
+            "free_kv_blocks": 25,
+            "total_kv_blocks": 100,
+            "preemptions": preemptions,
+            "prefix_cache_hits": 1,
+            "prefix_cache_queries": 2,
+        },
+        pending_requests=3,
+        transfer_bytes=1000 * len(transfer_s),
+        transfer_seconds=hist.report(),
+        queue_seconds=CumulativeHistogram((0.1, 1.0)).report(),
+        reserve_wait_seconds=CumulativeHistogram((0.1, 1.0)).report(),
+    )
 
 
-def attached(stats: dict[str, dict]) -> tuple[Metrics, Router]:
+def attached(stats: dict[str, WorkerStats]) -> tuple[Metrics, Router]:
     router = Router(RoutingPolicy(RouterConfig()))
     for wid, st in stats.items():
-        router.add_worker(wid, NoHandle(), "prefill" if wid.startswith("prefill") else "decode")
+        router.add_worker(wid, no_handle(wid), "prefill" if wid.startswith("prefill") else "decode")
         router.workers[wid].stats = st
     m = Metrics("m")
     m.attach(router, transport="shm")
@@ -254,7 +260,7 @@ def scrape(m: Metrics) -> dict[tuple[str, frozenset], float]:
     return out
 
 
-def test_worker_series_come_from_the_load_reports():
+def test_worker_series_come_from_the_stats_reports():
     m, router = attached({"prefill-0": report(1.0, 2, [0.003, 0.2]), "decode-0": report(1.0, 0, [])})
     w = {"model": "m", "pool": "prefill", "worker": "prefill-0"}
     assert val(m, "splitserve_kv_cache_usage_ratio", pool="prefill", worker="prefill-0") == 0.75
@@ -280,7 +286,7 @@ def test_restart_keeps_exported_counters_and_buckets_monotonic():
     t = {**d, "transport": "shm"}
     assert m.sample_value("splitserve_preemptions_total", d) == 5
     # the worker is replaced: a fresh entry with no report yet, then a report counting from 0
-    router.add_worker("decode-0", NoHandle(), "decode")
+    router.add_worker("decode-0", no_handle("decode-0"), "decode")
     assert m.sample_value("splitserve_preemptions_total", d) == 5  # totals held, not dropped
     assert m.sample_value("splitserve_kv_cache_usage_ratio", d) is None  # no gauge without a report
     router.workers["decode-0"].stats = report(2.0, 1, [0.003])
@@ -299,18 +305,6 @@ def test_restart_keeps_exported_counters_and_buckets_monotonic():
     router.remove_worker("decode-0")
     assert m.sample_value("splitserve_preemptions_total", d) == 8
     assert m.sample_value("splitserve_kv_cache_usage_ratio", d) is None
-
-
-def test_restart_detected_from_a_counter_going_down_without_started_at():
-    stats = report(0.0, 5, [])
-    del stats["started_at"]
-    m, router = attached({"decode-0": stats})
-    d = {"model": "m", "pool": "decode", "worker": "decode-0"}
-    assert m.sample_value("splitserve_preemptions_total", d) == 5
-    again = {**stats, "preemptions": 2}
-    router.workers["decode-0"].stats = again
-    assert m.sample_value("splitserve_preemptions_total", d) == 7
-    assert m.sample_value("splitserve_worker_restarts_total", d) == 1
 
 
 def test_exported_names_match_what_a_full_scrape_exposes():

@@ -6,7 +6,7 @@ import pytest
 
 from decode_worker.build import build_decode_worker
 from engine import LLM, SamplingParams
-from engine.runtime.streams import RequestSpec
+from engine.types import EngineStopped, FirstToken, RequestSpec
 from kv_transfer import make_sender
 
 ENGINE = {"block_size": 4, "num_blocks": 16, "max_num_batched_tokens": 16}
@@ -36,10 +36,10 @@ def test_local_prefill_matches_llm(model):
         tokens, last = _drain(w, "r")
         assert tokens == LLM(model, **ENGINE).generate([prompt], PARAMS)[0].token_ids
         assert last.finish_reason == "length"
-        load = w.load()
-        assert load["free_kv_blocks"] == ENGINE["num_blocks"]
+        stats = w.stats()
+        assert stats.engine.free_kv_blocks == ENGINE["num_blocks"]
         # the local prefill was queued once (queue time), no KV reservation was waited for
-        assert load["queue_seconds"]["count"] == 1 and load["reserve_wait_seconds"]["count"] == 0
+        assert stats.queue_seconds.count == 1 and stats.reserve_wait_seconds.count == 0
     finally:
         w.shutdown()
 
@@ -48,10 +48,10 @@ def test_transfer_timeout_fails_request_and_frees_blocks(model):
     w = build_decode_worker(model, ENGINE, transport="loopback", transfer_timeout_s=0.2)
     try:
         w.start_transfer(RequestSpec("r", list(range(20)), PARAMS))
-        assert w.load()["free_kv_blocks"] == ENGINE["num_blocks"] - 5  # reserved before any byte
+        assert w.stats().engine.free_kv_blocks == ENGINE["num_blocks"] - 5  # reserved before any byte
         tokens, last = _drain(w, "r")  # no sender ever connects
         assert tokens == [] and last.finish_reason == "abort" and "timed out" in last.error
-        assert w.load()["free_kv_blocks"] == ENGINE["num_blocks"]
+        assert w.stats().engine.free_kv_blocks == ENGINE["num_blocks"]
     finally:
         w.shutdown()
 
@@ -62,13 +62,13 @@ def test_reservations_queue_fifo_when_pool_is_full(model):
         big = list(range(3, 43))  # 40 tokens = 10 of 16 blocks
         w.start_transfer(RequestSpec("a", big, PARAMS))
         w.start_transfer(RequestSpec("b", big, PARAMS))
-        assert w.load()["free_kv_blocks"] == 6  # "b" waits for room, holding nothing
-        assert w.load()["reserve_wait_seconds"]["count"] == 1  # only "a" got blocks so far
+        assert w.stats().engine.free_kv_blocks == 6  # "b" waits for room, holding nothing
+        assert w.stats().reserve_wait_seconds.count == 1  # only "a" got blocks so far
         w.abort("a")
-        assert w.load()["free_kv_blocks"] == 6  # "a"'s blocks went to "b"
-        assert w.load()["reserve_wait_seconds"]["count"] == 2
+        assert w.stats().engine.free_kv_blocks == 6  # "a"'s blocks went to "b"
+        assert w.stats().reserve_wait_seconds.count == 2
         w.abort("b")
-        assert w.load()["free_kv_blocks"] == ENGINE["num_blocks"]
+        assert w.stats().engine.free_kv_blocks == ENGINE["num_blocks"]
     finally:
         w.shutdown()
 
@@ -94,14 +94,14 @@ def test_transferred_request_decodes_from_received_kv(model):
         spec = RequestSpec("r", prompt, PARAMS)
         w.start_transfer(spec)
         sender = make_sender("loopback", w.engine.layout)
-        sender.connect(w.address)
+        sender.connect(w.kv_address())
         for layer, pages in blocks.items():
             sender.send("r", layer, 0, pages)
         sender.finish("r", len(blocks))
-        w.set_first_token("r", req.output_token_ids[0])
+        w.set_first_token("r", FirstToken(req.output_token_ids[0], None, 0))
         tokens, last = _drain(w, "r")
         assert tokens == expected and last.finish_reason == "length"
-        assert w.load()["free_kv_blocks"] == ENGINE["num_blocks"]
+        assert w.stats().engine.free_kv_blocks == ENGINE["num_blocks"]
     finally:
         w.shutdown()
 
@@ -117,7 +117,7 @@ def test_engine_crash_fails_open_streams_instead_of_hanging(model):
         w.generate_local(RequestSpec("r", list(range(5, 15)), PARAMS))
         tokens, last = _drain(w, "r")
         assert tokens == [] and last.finish_reason == "abort" and "injected step failure" in last.error
-        with pytest.raises(RuntimeError, match="engine loop stopped"):
-            w.load()
+        with pytest.raises(EngineStopped, match="engine loop stopped"):
+            w.ping()
     finally:
         w.shutdown()

@@ -24,7 +24,7 @@ import torch
 from engine import SamplingParams
 from engine.kv_cache.block_pool import BlockPool
 from engine.kv_cache.paged_cache import PagedKVCache
-from engine.runtime.streams import RequestSpec
+from engine.types import RequestSpec
 from kv_transfer import TransferStatus, make_receiver, make_sender
 from kv_transfer.base import tensor_checksum
 from kv_transfer.bytes_ops import checksum_pages, copy_pages_with_checksum, page_rows

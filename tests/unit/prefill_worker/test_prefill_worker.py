@@ -7,7 +7,7 @@ import torch
 
 from engine import SamplingParams
 from engine.request import RequestStatus
-from engine.runtime.streams import RequestSpec
+from engine.types import RequestSpec
 from kv_transfer.base import KVSender, TransferStatus
 from prefill_worker.build import build_prefill_worker
 
@@ -85,7 +85,7 @@ def test_pushed_pages_equal_the_cache(worker_and_log):
     w, _ = worker_and_log
     prompt = list(range(40, 63))  # 23 tokens: 6 pages, the last partly filled
     w.prefill(RequestSpec("r", prompt, PARAMS), "decode-addr")
-    got = w.engine.kv.block_ids("r")
+    got = w.engine.block_ids("r")
     assert got, "blocks must stay held until the sender reports DONE"
     assert w.engine.scheduler.prefilled["r"].status == RequestStatus.PREFILLED
     per_layer: dict[int, dict[int, torch.Tensor]] = {}
@@ -112,10 +112,10 @@ def test_blocks_released_once_sender_done(worker_and_log):
     w, _ = worker_and_log
     w.prefill(RequestSpec("r", list(range(20)), PARAMS), "decode-addr")
     w.loop.run(w._tick)
-    assert w.load()["free_kv_blocks"] < ENGINE["num_blocks"]  # held while the transfer runs
+    assert w.stats().engine.free_kv_blocks < ENGINE["num_blocks"]  # held while the transfer runs
     _sender(w).hold = False
     w.loop.run(w._tick)
-    assert w.load()["free_kv_blocks"] == ENGINE["num_blocks"]
+    assert w.stats().engine.free_kv_blocks == ENGINE["num_blocks"]
     assert w.engine.scheduler.prefilled == {}
 
 
@@ -136,13 +136,13 @@ def test_bad_request_raises_and_holds_nothing(worker_and_log):
     w, _ = worker_and_log
     with pytest.raises(ValueError, match="vocabulary"):
         w.prefill(RequestSpec("bad", [1, 10**7], PARAMS), "x")
-    assert w.load()["free_kv_blocks"] == ENGINE["num_blocks"]
+    assert w.stats().engine.free_kv_blocks == ENGINE["num_blocks"]
 
 
 def test_blocks_sent_by_reference_stay_pinned_until_the_transfer_settles(worker_and_log):
     w, _ = worker_and_log
     w.prefill(RequestSpec("r", list(range(20)), PARAMS), "decode-addr")  # 5 full pages
-    blocks = w.engine.kv.block_ids("r")
+    blocks = w.engine.block_ids("r")
     pool = w.engine.pool
     # the request's own reference plus one pin: freeing the request (a preemption, say)
     # would not return them to the free list while the receiver may still read them
@@ -150,15 +150,15 @@ def test_blocks_sent_by_reference_stay_pinned_until_the_transfer_settles(worker_
     _sender(w).hold = False
     w.loop.run(w._tick)
     assert [pool.ref_counts[b] for b in blocks] == [0] * len(blocks)
-    assert w.load()["free_kv_blocks"] == ENGINE["num_blocks"]
+    assert w.stats().engine.free_kv_blocks == ENGINE["num_blocks"]
 
 
 def test_abort_during_the_transfer_unpins_and_frees_everything(worker_and_log):
     w, _ = worker_and_log
     w.prefill(RequestSpec("r", list(range(20)), PARAMS), "decode-addr")
-    assert w.load()["free_kv_blocks"] < ENGINE["num_blocks"]
+    assert w.stats().engine.free_kv_blocks < ENGINE["num_blocks"]
     w.abort("r")  # sender never reports DONE (hold stays set)
-    assert w.load()["free_kv_blocks"] == ENGINE["num_blocks"]
+    assert w.stats().engine.free_kv_blocks == ENGINE["num_blocks"]
 
 
 def test_a_sender_whose_receiver_died_is_closed_and_replaced(worker_and_log):

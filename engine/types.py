@@ -1,0 +1,155 @@
+"""The data that crosses the worker boundary: request specs, stream chunks, stats, limits, errors.
+
+Every worker kind (prefill, decode; later attention and expert workers) speaks in these
+types, in-process and over Ray alike (they pickle). They are plain frozen dataclasses with
+no defaults for what a worker must report: a field a worker forgets is a TypeError at
+construction, never a silent 0. ``None`` is reserved for "does not apply to this role"
+(e.g. a decode worker sends no KV, so its ``transfer_bytes`` is None).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.request import Request, SamplingParams, TokenLogprobs
+
+# --------------------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """What crosses process boundaries to start a request (no tokenizer, no engine state).
+
+    ``prompt_token_ids`` are validated once, at the frontend, against ``WorkerLimits``."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+    def to_request(self) -> Request:
+        return Request(self.request_id, list(self.prompt_token_ids), self.params)
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    """A read of a request's output stream from some cursor on."""
+
+    token_ids: list[int]  # tokens from the requested cursor on
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    error: str | None = None  # set when the request failed (finish_reason "abort")
+    num_cached_tokens: int = 0  # prompt tokens served from a prefix cache (where it was prefilled)
+
+
+@dataclass(frozen=True)
+class FirstToken:
+    """The prefill worker's result that the decode worker needs to admit a transferred request."""
+
+    token_id: int
+    logprobs: TokenLogprobs | None
+    num_cached_tokens: int  # prefix-cache hits of the prefill, reported in the request's usage
+
+
+# --------------------------------------------------------------------------- reports
+
+
+@dataclass(frozen=True)
+class HistogramReport:
+    """A cumulative histogram: ``counts[i]`` observations <= ``bounds[i]`` (Prometheus
+    buckets); ``count`` is the +Inf bucket. Totals restart with the worker."""
+
+    bounds: tuple[float, ...]
+    counts: tuple[int, ...]
+    sum: float
+    count: int
+
+    def __post_init__(self) -> None:
+        if len(self.bounds) != len(self.counts):
+            raise ValueError(f"{len(self.bounds)} bounds but {len(self.counts)} counts")
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """What one EngineCore reports about its batch and KV pool (``EngineCore.stats()``)."""
+
+    running_requests: int  # in the running batch
+    waiting_requests: int  # queued for their (re)computation
+    free_kv_blocks: int  # allocatable now, including evictable prefix-cached blocks
+    total_kv_blocks: int
+    pending_prompt_tokens: int  # prompt tokens queued or partially prefilled
+    preemptions: int  # since start
+    prefix_cache_hits: int  # blocks, since start
+    prefix_cache_queries: int  # blocks, since start
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    """One worker's load and health report (``WorkerAPI.stats()``).
+
+    Counters and histograms restart from 0 with the worker; ``started_at`` (unix time)
+    identifies the incarnation. ``stale``: a long engine step kept the loop busy, so this is
+    the report taken after the last step instead of a fresh one."""
+
+    worker_id: str
+    role: str  # "prefill" | "decode" | "mixed"
+    started_at: float
+    stale: bool
+    engine: EngineStats
+    pending_requests: int  # accepted and not finished (queued, running, or waiting for KV)
+    transfers_in_flight: int  # KV transfers this worker is sending or receiving
+    transfer_failures: int  # transfers that failed or timed out, as seen by this worker
+    transfer_bytes: int | None  # payload bytes of completed transfers; None: not a KV sender
+    transfer_seconds: HistogramReport | None  # first chunk -> sender DONE; None: not a sender
+    queue_seconds: HistogramReport  # arrival -> first scheduled, for prompts prefilled here
+    reserve_wait_seconds: HistogramReport | None  # KV block reservation wait; None: not a receiver
+    cached_block_hashes: frozenset[int]  # prefix-cache hashes of full blocks held (prefix routing)
+
+
+@dataclass(frozen=True)
+class WorkerLimits:
+    """What a worker can serve; the frontend validates every request against these once."""
+
+    max_model_len: int  # prompt + generated tokens never exceed this
+    vocab_size: int
+    block_size: int  # tokens per KV block (prefix hashes are per full block)
+    num_kv_blocks: int  # the worker's whole KV pool: a request needing more can never run
+    max_num_batched_tokens: int  # per step
+    chunked_prefill: bool  # without it a prompt must fit max_num_batched_tokens
+
+    @property
+    def max_context_tokens(self) -> int:
+        """Longest context (prompt + output) this worker can ever hold."""
+        return min(self.max_model_len, self.num_kv_blocks * self.block_size)
+
+    def combine(self, other: WorkerLimits) -> WorkerLimits:
+        """Limits that satisfy both workers (a request may land on either)."""
+        if other.block_size != self.block_size:
+            raise ValueError(f"workers disagree on the KV block size: {self.block_size} vs {other.block_size}")
+        if other.vocab_size != self.vocab_size:
+            raise ValueError(f"workers disagree on the vocabulary size: {self.vocab_size} vs {other.vocab_size}")
+        return WorkerLimits(
+            max_model_len=min(self.max_model_len, other.max_model_len),
+            vocab_size=self.vocab_size,
+            block_size=self.block_size,
+            num_kv_blocks=min(self.num_kv_blocks, other.num_kv_blocks),
+            max_num_batched_tokens=min(self.max_num_batched_tokens, other.max_num_batched_tokens),
+            chunked_prefill=self.chunked_prefill and other.chunked_prefill,
+        )
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class EngineStopped(RuntimeError):
+    """The worker's engine loop is not running (it crashed, or the worker shut down): the
+    worker cannot serve anything. Callers treat the worker as unavailable."""
+
+
+class UnknownRequest(KeyError):
+    """A call named a request id the worker does not hold (finished, aborted, never sent)."""
+
+
+# Where a decode worker's KV receiver listens: transport-specific and opaque to everyone but
+# the transport (a Unix socket path for shm, (host, port) for grpc and torch).
+KVAddress = object

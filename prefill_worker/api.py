@@ -1,0 +1,21 @@
+"""PrefillAPI: what the control plane calls on a prefill worker (see engine.runtime.api)."""
+
+from __future__ import annotations
+
+import abc
+
+from engine.runtime.api import WorkerAPI
+from engine.types import KVAddress, RequestSpec, StreamChunk
+
+
+class PrefillAPI(WorkerAPI):
+    @abc.abstractmethod
+    def prefill(self, spec: RequestSpec, decode_address: KVAddress, timeout: float | None = None) -> StreamChunk:
+        """Compute the prompt and stream its KV to the decode worker listening at
+        ``decode_address``; returns once the first token is sampled (a chunk with that one
+        token, or a finished chunk if the request ended or failed). The KV may still be in
+        flight: the decode worker's own transfer poll says when it has landed."""
+
+    @abc.abstractmethod
+    def abort(self, request_id: str) -> None:
+        """Cancel the request here (queued, prefilling, or its transfer settling); frees its blocks."""

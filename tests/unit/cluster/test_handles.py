@@ -1,0 +1,137 @@
+"""The typed worker boundary: handles mirror the worker APIs method for method, the actor
+shells implement them, and failures arrive as typed exceptions."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+
+import pytest
+
+from cluster.control.handles import DecodeHandle, LocalInvoker, PrefillHandle, WorkerHandle, WorkerUnavailable
+from decode_worker.api import DecodeAPI
+from engine.runtime.api import WorkerAPI
+from engine.types import EngineStopped, UnknownRequest
+from prefill_worker.api import PrefillAPI
+
+HANDLES = [(WorkerHandle, WorkerAPI), (PrefillHandle, PrefillAPI), (DecodeHandle, DecodeAPI)]
+
+
+def _api_methods(api: type) -> dict[str, inspect.Signature]:
+    return {name: inspect.signature(getattr(api, name)) for name in sorted(api.__abstractmethods__)}
+
+
+@pytest.mark.parametrize("handle, api", HANDLES, ids=lambda c: c.__name__)
+def test_every_api_method_has_a_handle_method_with_the_same_parameters(handle, api):
+    methods = _api_methods(api)
+    assert methods, f"{api.__name__} declares no methods"
+    for name, sig in methods.items():
+        mirrored = getattr(handle, name, None)
+        assert mirrored is not None, f"{handle.__name__} lacks {name}"
+        assert inspect.iscoroutinefunction(mirrored), f"{handle.__name__}.{name} must be async"
+        got = inspect.signature(mirrored)
+        assert list(got.parameters) == list(sig.parameters), f"{handle.__name__}.{name}{got} vs {api.__name__}{sig}"
+        assert [p.default for p in got.parameters.values()] == [p.default for p in sig.parameters.values()]
+
+
+def test_handles_have_nothing_the_api_lacks():
+    for handle, api in HANDLES:
+        extra = {n for n, v in vars(handle).items() if inspect.iscoroutinefunction(v)} - set(_api_methods(api))
+        assert not extra, f"{handle.__name__} has methods outside {api.__name__}: {extra}"
+
+
+@pytest.mark.parametrize("api", [PrefillAPI, DecodeAPI], ids=lambda c: c.__name__)
+def test_workers_and_actor_shells_implement_the_api(api):
+    from decode_worker.actor import DecodeActor
+    from decode_worker.worker import DecodeWorker
+    from prefill_worker.actor import PrefillActor
+    from prefill_worker.worker import PrefillWorker
+
+    impls = {PrefillAPI: (PrefillWorker, PrefillActor), DecodeAPI: (DecodeWorker, DecodeActor)}[api]
+    for impl in impls:
+        cls = getattr(impl, "__ray_actor_class__", impl)  # the class under @ray.remote
+        assert issubclass(cls, api), f"{cls.__name__} does not derive from {api.__name__}"
+        assert not getattr(cls, "__abstractmethods__", None), f"{cls.__name__} leaves {cls.__abstractmethods__} open"
+        for name, sig in _api_methods(api).items():
+            got = inspect.signature(getattr(cls, name))
+            params = [p for p in got.parameters if not p.startswith("_ray")]  # Ray adds a tracing kwarg
+            assert params == list(sig.parameters), f"{cls.__name__}.{name}{got}"
+
+
+class FakeDecode(DecodeAPI):
+    """Records calls; ``read`` fails the way a worker does."""
+
+    def __init__(self, fail: BaseException | None = None):
+        self.calls: list[tuple] = []
+        self.fail = fail
+
+    def _do(self, *call):
+        self.calls.append(call)
+        if self.fail is not None:
+            raise self.fail
+
+    def ping(self):
+        self._do("ping")
+        return "d"
+
+    def stats(self):
+        raise NotImplementedError
+
+    def limits(self):
+        raise NotImplementedError
+
+    def node_id(self):
+        return "local"
+
+    def shutdown(self):
+        self._do("shutdown")
+
+    def kv_address(self):
+        return "addr"
+
+    def start_transfer(self, spec):
+        self._do("start_transfer", spec)
+
+    def set_first_token(self, request_id, first):
+        self._do("set_first_token", request_id, first)
+
+    def generate_local(self, spec):
+        self._do("generate_local", spec)
+
+    def read(self, request_id, cursor=0, timeout=1.0):
+        self._do("read", request_id, cursor, timeout)
+
+    def abort(self, request_id, reason="aborted"):
+        self._do("abort", request_id, reason)
+
+
+def test_local_handle_calls_the_worker_method_with_the_arguments():
+    w = FakeDecode()
+    h = DecodeHandle("d", LocalInvoker("d", w))
+    assert asyncio.run(h.ping()) == "d"
+    asyncio.run(h.read("r", 3, 0.5))
+    asyncio.run(h.abort("r"))
+    assert w.calls == [("ping",), ("read", "r", 3, 0.5), ("abort", "r", "aborted")]
+
+
+def test_a_stopped_engine_is_worker_unavailable_other_errors_pass_through():
+    down = DecodeHandle("d", LocalInvoker("d", FakeDecode(EngineStopped("engine loop stopped: boom"))))
+    with pytest.raises(WorkerUnavailable, match="worker d unavailable") as e:
+        asyncio.run(down.read("r"))
+    assert e.value.worker_id == "d"
+    unknown = DecodeHandle("d", LocalInvoker("d", FakeDecode(UnknownRequest("r"))))
+    with pytest.raises(UnknownRequest):
+        asyncio.run(unknown.read("r"))
+    refused = DecodeHandle("d", LocalInvoker("d", FakeDecode(ValueError("prompt: bad"))))
+    with pytest.raises(ValueError, match="prompt: bad"):
+        asyncio.run(refused.generate_local(None))
+
+
+def test_router_refuses_a_handle_of_the_wrong_kind():
+    from cluster.config import RouterConfig
+    from cluster.control.router import Router
+    from cluster.control.routing import RoutingPolicy
+
+    r = Router(RoutingPolicy(RouterConfig()))
+    with pytest.raises(TypeError, match="needs a PrefillHandle"):
+        r.add_worker("p", DecodeHandle("p", LocalInvoker("p", FakeDecode())), "prefill")
