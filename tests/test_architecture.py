@@ -77,6 +77,7 @@ def test_contracts_catch_violations(tmp_path: Path) -> None:
     for package in (*PACKAGES, *CLUSTER_SUBPACKAGES):
         _write(tmp_path, f"{package}.__init__", "")
     _write(tmp_path, "cluster.config", "")
+    _write(tmp_path, "cluster.serve", "")
     # allowed: actor shells and cluster may import ray; cluster may import everything below it
     _write(tmp_path, "prefill_worker.actor", "import ray\nimport prefill_worker.worker\n")
     _write(tmp_path, "prefill_worker.worker", "import engine.core\nimport kv_transfer.base\n")

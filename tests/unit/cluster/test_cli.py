@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from cluster.cli import (
+from cluster.cli import build_parser
+from cluster.serve import (
     DEMO_PROMPTS,
     TINY_ENGINE,
-    build_parser,
     cmd_serve,
     local_ray_resources,
     serve_config_from_args,
