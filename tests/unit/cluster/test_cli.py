@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from cluster.cli import build_parser
+from cluster.config import ConfigError, PoolConfig, ServeConfig
 from cluster.serve import (
     DEMO_PROMPTS,
     TINY_ENGINE,
@@ -16,7 +17,6 @@ from cluster.serve import (
     local_ray_resources,
     serve_config_from_args,
 )
-from cluster.config import ConfigError, PoolConfig, ServeConfig
 
 
 def _parse(*argv: str):
