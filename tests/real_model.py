@@ -38,3 +38,21 @@ def real_model_dir() -> str:
     from engine.models.gguf import resolve_model_path
 
     return resolve_model_path(real_model_gguf())
+
+
+# Chat questions the real-model tests render with the model's chat template.
+PROMPTS = (
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "Write a haiku about the sea.",
+    "What is 12 plus 30?",
+    "Explain in one sentence what a CPU does.",
+    "Give me a synonym for happy.",
+)
+
+
+def transformers_module():
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    return transformers

@@ -7,7 +7,7 @@
 2. Greedy decoding of ``engine.LLM`` on chat prompts (rendered with the model's template by
    transformers from the converted directory) is argmax-consistent at every generated token
    with transformers' full no-cache forward over prompt + generated tokens: each token is the
-   reference argmax, or within ``TIE`` logits of it. The reference is one forward per
+   reference argmax, or within 1e-3 logits of it (tests/correctness/full_forward.py). The reference is one forward per
    sequence, not cached ``generate`` (which departs from its own full forward on this model).
 3. The answer to "What is the capital of France?" names Paris.
 
@@ -25,50 +25,13 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.tokenizer import Tokenizer
+from tests.correctness.full_forward import check_argmax_consistent
 from tests.prereq import require
+from tests.real_model import PROMPTS, transformers_module
 
-PROMPTS = (
-    "What is the capital of France?",
-    "Name three primary colors.",
-    "Write a haiku about the sea.",
-    "What is 12 plus 30?",
-    "Explain in one sentence what a CPU does.",
-    "Give me a synonym for happy.",
-)
 MAX_NEW_TOKENS = 48
-TIE = 1e-3  # a generated token this close (in logits) to the reference argmax is a tie
 
 pytestmark = pytest.mark.slow
-
-
-def _transformers():
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    return transformers
-
-
-@pytest.fixture(scope="module")
-def hf_tokenizer(smollm2_dir: str):
-    return _transformers().AutoTokenizer.from_pretrained(smollm2_dir)
-
-
-@pytest.fixture(scope="module")
-def hf_model(smollm2_dir: str):
-    return _transformers().AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def chat_prompts(hf_tokenizer) -> list[list[int]]:
-    """Each prompt as one user turn in the model's chat template (chat_template.jinja), token ids."""
-    out = []
-    for text in PROMPTS:
-        rendered = hf_tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
-        )
-        assert rendered.endswith("<|im_start|>assistant\n") and "<|im_start|>user\n" + text in rendered
-        out.append(hf_tokenizer(rendered, add_special_tokens=False).input_ids)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +44,7 @@ def test_weights_match_transformers_gguf_loading(smollm2_gguf: str, hf_model, ch
         importlib.util.find_spec("accelerate") is not None,
         "transformers loads GGUF files only with accelerate installed (pip install accelerate)",
     )
-    transformers = _transformers()
+    transformers = transformers_module()
     directory, name = os.path.split(smollm2_gguf)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
     assert theirs.config.num_key_value_heads == hf_model.config.num_key_value_heads == 3
@@ -97,7 +60,7 @@ def test_weights_match_transformers_gguf_loading(smollm2_gguf: str, hf_model, ch
 
 def test_tokenizer_matches_transformers_gguf_tokenizer(smollm2_gguf: str, hf_tokenizer) -> None:
     directory, name = os.path.split(smollm2_gguf)
-    their_tokenizer = _transformers().AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    their_tokenizer = transformers_module().AutoTokenizer.from_pretrained(directory, gguf_file=name)
     engine_tokenizer = Tokenizer(smollm2_gguf)
     for text in (*PROMPTS, "In 2024, 12345 cats <|im_end|> ünïcödé\n\ttabs", "def f(x):\n    return x**2"):
         want = their_tokenizer(text, add_special_tokens=False).input_ids
@@ -110,27 +73,12 @@ def test_greedy_is_argmax_consistent_with_transformers_full_forward(
 ) -> None:
     params = SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0, ignore_eos=True)
     outs = llm.generate(chat_prompts, params)
-    exact = ties = 0
-    for prompt, out in zip(chat_prompts, outs, strict=True):
-        assert len(out.token_ids) == MAX_NEW_TOKENS
-        full = torch.tensor([prompt + out.token_ids])
-        with torch.inference_mode():
-            logits = hf_model(full).logits[0, len(prompt) - 1 : -1]  # [MAX_NEW_TOKENS, vocab]
-        best = logits.argmax(-1)
-        for pos, token in enumerate(out.token_ids):
-            if token == best[pos].item():
-                exact += 1
-                continue
-            gap = (logits[pos, best[pos]] - logits[pos, token]).item()
-            assert gap <= TIE, (
-                f"prompt {PROMPTS[chat_prompts.index(prompt)]!r}, generated token {pos}: engine {token} is {gap:.4g} logits below "
-                f"the reference argmax {best[pos].item()}"
-            )
-            ties += 1
-    record_property("exact", exact)
-    record_property("ties", ties)
-    print(f"argmax-consistent: {exact} exact + {ties} ties of {exact + ties} generated tokens")
-    assert exact + ties == len(PROMPTS) * MAX_NEW_TOKENS
+    assert all(len(o.token_ids) == MAX_NEW_TOKENS for o in outs)
+    agreement = check_argmax_consistent(hf_model, chat_prompts, [o.token_ids for o in outs], PROMPTS)
+    record_property("exact", agreement.exact)
+    record_property("ties", agreement.ties)
+    print(f"argmax-consistent: {agreement.exact} exact + {agreement.ties} ties of {agreement.total} generated tokens")
+    assert agreement.total == len(PROMPTS) * MAX_NEW_TOKENS
 
 
 def test_capital_of_france_is_paris(llm: LLM, chat_prompts) -> None:
