@@ -17,7 +17,6 @@ Blocks are freed on completion, abort, timeout and failure: ``stats()`` shows th
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -26,18 +25,14 @@ from decode_worker.api import DecodeAPI
 from engine.config import SchedulerMode
 from engine.engine import EngineCore
 from engine.request import Request
-from engine.runtime.loop import EngineLoop, StatsSnapshot
 from engine.runtime.stats import QUEUE_SECONDS_BUCKETS, CumulativeHistogram
-from engine.runtime.streams import OutputStream
+from engine.runtime.worker import RuntimeWorker, WorkerRuntime
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from engine.types import (
-    EngineStopped,
     FirstToken,
     KVAddress,
     RequestSpec,
     StreamChunk,
-    UnknownRequest,
-    WorkerLimits,
     WorkerStats,
 )
 from kv_transfer.base import KVReceiver, TransferStatus
@@ -53,7 +48,7 @@ class _Incoming:
     first: FirstToken | None = None  # the prefill's result, once the router forwards it
 
 
-class DecodeWorker(DecodeAPI):
+class DecodeWorker(RuntimeWorker, DecodeAPI):
     def __init__(
         self,
         engine: EngineCore,
@@ -68,24 +63,17 @@ class DecodeWorker(DecodeAPI):
         self.engine = engine
         self.receiver = receiver
         self.tokenizer = tokenizer
-        self.worker_id = worker_id
         self.role = role  # "decode", or "mixed" for a mixed pool's worker (reported in stats)
         self.transfer_timeout_s = transfer_timeout_s
         self._incoming: dict[str, _Incoming] = {}
         self._reserve_queue: deque[str] = deque()  # ids waiting for blocks, FIFO
-        self._streams: dict[str, OutputStream] = {}
-        self._streams_lock = threading.Lock()  # _streams is read by caller threads
-        self.started_at = time.time()  # metrics: load() totals restart from 0 with the worker
-        self.transfer_failures = 0
+        self.transfer_failures = 0  # metrics: stats() totals restart from 0 with the worker
         # metrics (loop thread only): arrival -> first scheduled of local prefills (short
         # prompts, mixed role), and start_transfer -> KV blocks reserved (admission queue)
         self.queue_seconds = CumulativeHistogram(QUEUE_SECONDS_BUCKETS)
         self.reserve_wait_seconds = CumulativeHistogram(QUEUE_SECONDS_BUCKETS)
         self._unscheduled: dict[str, Request] = {}  # local prefills not scheduled yet
-        self.loop = EngineLoop(self._step, engine.has_work, self._tick, name=worker_id, on_crash=self._fail_all)
-        self._stats = StatsSnapshot(self.loop, self._compute_stats)  # refreshed after every step
-        self.stats_wait_s = 0.5  # stats() waits this long for the loop before answering stale
-        self.loop.start()
+        self.runtime = WorkerRuntime(engine, worker_id, self._step, self._tick, self._compute_stats)
 
     # ------------------------------------------------------------ called from any thread
     def kv_address(self) -> KVAddress:
@@ -103,54 +91,25 @@ class DecodeWorker(DecodeAPI):
         self.loop.run(lambda: self._generate_local(spec))
 
     def read(self, request_id: str, cursor: int = 0, timeout: float | None = 1.0) -> StreamChunk:
-        with self._streams_lock:
-            stream = self._streams.get(request_id)
-        if stream is None:
-            raise UnknownRequest(f"unknown request {request_id!r} on {self.worker_id}")
-        chunk = stream.read(cursor, timeout)
+        chunk = self.runtime.streams.get(request_id).read(cursor, timeout)
         if chunk.finished:
-            with self._streams_lock:
-                self._streams.pop(request_id, None)
+            self.runtime.streams.close(request_id)
         return chunk
 
     def abort(self, request_id: str, reason: str = "aborted") -> None:
         self.loop.run(lambda: self._abort(request_id, reason))
 
-    def ping(self) -> str:
-        if self.loop.error is not None:
-            raise EngineStopped(f"{self.worker_id}: engine loop stopped: {self.loop.error!r}")
-        return self.worker_id
-
-    def stats(self) -> WorkerStats:
-        """Computed between engine steps; if a long step keeps the loop busy past
-        ``stats_wait_s``, the report taken after the last step (marked ``stale``)."""
-        return self._stats.get(self.stats_wait_s)
-
-    def limits(self) -> WorkerLimits:
-        return self.engine.limits()
-
-    def node_id(self) -> str:
-        return "local"
-
     def shutdown(self) -> None:
-        self.loop.stop()
+        self.runtime.stop()
         if self.receiver is not None:
             self.receiver.close()
 
     # ------------------------------------------------------------ loop thread only
-    def _fail_all(self, error: BaseException) -> None:
-        """The engine loop died: every open stream ends now with the error (no caller hangs)."""
-        for stream in list(self._streams.values()):
-            stream.fail(f"{self.worker_id} engine failed: {error!r}")
-
     def _new_request(self, spec: RequestSpec) -> Request:
         req = self.engine.prepare(spec.to_request())
         if self.tokenizer is not None and spec.params.stop:
             req.stop_checker = IncrementalDetokenizer(self.tokenizer, spec.params.stop)
-        with self._streams_lock:
-            if spec.request_id in self._streams:
-                raise ValueError(f"duplicate request id {spec.request_id!r}")
-            self._streams[spec.request_id] = OutputStream()
+        self.runtime.streams.open(spec.request_id)  # ValueError for a duplicate id
         return req
 
     def _start_transfer(self, spec: RequestSpec) -> None:
@@ -183,8 +142,7 @@ class DecodeWorker(DecodeAPI):
         try:
             self.engine.add_request(req)
         except ValueError:
-            with self._streams_lock:
-                self._streams.pop(req.request_id, None)
+            self.runtime.streams.close(req.request_id)
             raise
         self._unscheduled[req.request_id] = req
 
@@ -217,11 +175,10 @@ class DecodeWorker(DecodeAPI):
                     self.queue_seconds.observe(max(0.0, t0 - req.arrival_time))
         for req in result.outputs:
             self._publish(req)
-        self._stats.refresh()
+        self.runtime.snapshot.refresh()
 
     def _publish(self, req: Request) -> None:
-        with self._streams_lock:
-            stream = self._streams.get(req.request_id)
+        stream = self.runtime.streams.find(req.request_id)
         if stream is not None:
             stream.publish(req)
 
@@ -231,13 +188,11 @@ class DecodeWorker(DecodeAPI):
         if inc is not None and inc.reserved:
             self.receiver.cancel(rid)
         self.engine.abort(rid)
-        with self._streams_lock:
-            stream = self._streams.get(rid)
+        stream = self.runtime.streams.find(rid)
         if stream is not None:
             stream.fail(reason)
             if reason == "aborted":  # the caller cancelled: nobody will read the stream
-                with self._streams_lock:
-                    self._streams.pop(rid, None)
+                self.runtime.streams.close(rid)
         if reason != "aborted":
             log.error("%s: request %s failed: %s", self.worker_id, rid, reason)
         self._reserve_waiting()  # freed blocks go to the oldest queued transfer at once
@@ -247,7 +202,7 @@ class DecodeWorker(DecodeAPI):
         return WorkerStats(
             worker_id=self.worker_id,
             role=self.role,
-            started_at=self.started_at,
+            started_at=self.runtime.started_at,
             stale=False,
             engine=engine,
             pending_requests=engine.waiting_requests + engine.running_requests + len(self._incoming),

@@ -35,12 +35,12 @@ from dataclasses import dataclass, field
 from engine.config import SchedulerMode
 from engine.engine import EngineCore
 from engine.request import Request, RequestStatus
-from engine.runtime.loop import EngineLoop, StatsSnapshot
 from engine.runtime.stats import QUEUE_SECONDS_BUCKETS, TRANSFER_SECONDS_BUCKETS, CumulativeHistogram
 from engine.runtime.streams import OutputStream
+from engine.runtime.worker import RuntimeWorker, WorkerRuntime
 from engine.scheduler.output import SchedulerOutput
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
-from engine.types import EngineStopped, KVAddress, RequestSpec, StreamChunk, WorkerLimits, WorkerStats
+from engine.types import KVAddress, RequestSpec, StreamChunk, WorkerStats
 from kv_transfer.base import KVSender, TransferStatus
 from prefill_worker.api import PrefillAPI
 
@@ -61,7 +61,7 @@ class _Outgoing:
     pinned: dict[int, None] = field(default_factory=dict)
 
 
-class PrefillWorker(PrefillAPI):
+class PrefillWorker(RuntimeWorker, PrefillAPI):
     def __init__(
         self,
         engine: EngineCore,
@@ -74,25 +74,19 @@ class PrefillWorker(PrefillAPI):
         if engine.config.scheduler.mode != SchedulerMode.PREFILL_ONLY:
             raise ValueError("PrefillWorker needs an engine in prefill_only mode")
         self.engine = engine
-        self.worker_id = worker_id
         self.layerwise = layerwise
         self.tokenizer = tokenizer
         self.transfer_timeout_s = transfer_timeout_s
         self._sender_factory = sender_factory
         self._senders: dict[KVAddress, KVSender] = {}  # decode address -> connected sender
         self._out: dict[str, _Outgoing] = {}
-        self._streams: dict[str, OutputStream] = {}
         self._releasing: dict[str, _Outgoing] = {}  # PREFILLED, waiting for the sender
-        # metrics, reported by load(); totals restart from 0 with the worker (started_at tells)
-        self.started_at = time.time()
+        # metrics, reported by stats(); totals restart from 0 with the worker (started_at tells)
         self.transfer_failures = 0
         self.transfer_bytes = 0  # payload bytes of transfers that ended DONE
         self.transfer_seconds = CumulativeHistogram(TRANSFER_SECONDS_BUCKETS)  # first chunk -> sender DONE
         self.queue_seconds = CumulativeHistogram(QUEUE_SECONDS_BUCKETS)  # arrival -> first scheduled
-        self.loop = EngineLoop(self._step, engine.has_work, self._tick, name=worker_id, on_crash=self._fail_all)
-        self._stats = StatsSnapshot(self.loop, self._compute_stats)  # refreshed after every step
-        self.stats_wait_s = 0.5  # stats() waits this long for the loop before answering stale
-        self.loop.start()
+        self.runtime = WorkerRuntime(engine, worker_id, self._step, self._tick, self._compute_stats)
 
     # ------------------------------------------------------------ called from any thread
     def prefill(self, spec: RequestSpec, decode_address: KVAddress, timeout: float | None = None) -> StreamChunk:
@@ -102,33 +96,12 @@ class PrefillWorker(PrefillAPI):
     def abort(self, request_id: str) -> None:
         self.loop.run(lambda: self._abort(request_id))
 
-    def ping(self) -> str:
-        if self.loop.error is not None:
-            raise EngineStopped(f"{self.worker_id}: engine loop stopped: {self.loop.error!r}")
-        return self.worker_id
-
-    def stats(self) -> WorkerStats:
-        """Computed between engine steps; if a long step keeps the loop busy past
-        ``stats_wait_s``, the report taken after the last step (marked ``stale``)."""
-        return self._stats.get(self.stats_wait_s)
-
-    def limits(self) -> WorkerLimits:
-        return self.engine.limits()
-
-    def node_id(self) -> str:
-        return "local"
-
     def shutdown(self) -> None:
-        self.loop.stop()
+        self.runtime.stop()
         for s in self._senders.values():
             s.close()
 
     # ------------------------------------------------------------ loop thread only
-    def _fail_all(self, error: BaseException) -> None:
-        """The engine loop died: every open stream ends now with the error (no caller hangs)."""
-        for stream in list(self._streams.values()):
-            stream.fail(f"{self.worker_id} engine failed: {error!r}")
-
     def _add(self, spec: RequestSpec, decode_address: KVAddress) -> OutputStream:
         req = spec.to_request()
         if self.tokenizer is not None and spec.params.stop:
@@ -143,8 +116,7 @@ class PrefillWorker(PrefillAPI):
             sender.connect(decode_address)
             self._senders[decode_address] = sender
         self._out[req.request_id] = _Outgoing(sender, req)
-        stream = self._streams[req.request_id] = OutputStream()
-        return stream
+        return self.runtime.streams.open(req.request_id)
 
     def _push_layer(self, layer: int, out: SchedulerOutput) -> None:
         bs = self.engine.layout.block_size
@@ -217,8 +189,8 @@ class PrefillWorker(PrefillAPI):
             else:  # ended without a first token (e.g. aborted by the engine): nothing to wait for
                 self._unpin(o)
             o.sender.finish(rid, o.chunks)
-            self._streams.pop(rid).publish(req)
-        self._stats.refresh()
+            self.runtime.streams.close(rid).publish(req)
+        self.runtime.snapshot.refresh()
 
     def _drop_sender(self, address: KVAddress) -> None:
         sender = self._senders.pop(address)
@@ -256,7 +228,7 @@ class PrefillWorker(PrefillAPI):
             self.engine.abort(rid)
         if o is not None:
             self._unpin(o)
-        stream = self._streams.pop(rid, None)
+        stream = self.runtime.streams.close(rid)
         if stream is not None:
             stream.fail("aborted")
 
@@ -264,7 +236,7 @@ class PrefillWorker(PrefillAPI):
         return WorkerStats(
             worker_id=self.worker_id,
             role="prefill",
-            started_at=self.started_at,
+            started_at=self.runtime.started_at,
             stale=False,
             engine=self.engine.stats(),
             pending_requests=len(self._out),
