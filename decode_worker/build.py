@@ -7,7 +7,8 @@ from typing import Any
 from decode_worker.worker import DecodeWorker
 from engine.engine import EngineCore
 from engine.llm import build_engine_config
-from engine.tokenizer import Tokenizer
+from engine.models.gguf import resolve_model_path
+from engine.tokenizer import load_tokenizer
 from kv_transfer import make_receiver
 
 
@@ -21,7 +22,9 @@ def build_decode_worker(
     role: str = "decode",
 ) -> DecodeWorker:
     """``transport=None`` builds a worker without a receiver (mixed/colocated use only)."""
+    model = resolve_model_path(model)  # a .gguf converts once (cached); every later call reuses it
     opts = {k: v for k, v in (engine_options or {}).items() if k != "mode"}
+    skip_tokenizer_init = bool(opts.pop("skip_tokenizer_init", False))
     engine = EngineCore(build_engine_config(model, **opts, mode="decode_only"), progress=True)
     receiver = (
         None
@@ -31,7 +34,7 @@ def build_decode_worker(
     return DecodeWorker(
         engine,
         receiver,
-        tokenizer=Tokenizer(model),
+        tokenizer=load_tokenizer(model, skip_tokenizer_init),
         worker_id=worker_id,
         transfer_timeout_s=transfer_timeout_s,
         role=role,

@@ -6,7 +6,8 @@ from typing import Any
 
 from engine.engine import EngineCore
 from engine.llm import build_engine_config
-from engine.tokenizer import Tokenizer
+from engine.models.gguf import resolve_model_path
+from engine.tokenizer import load_tokenizer
 from kv_transfer import make_sender
 from prefill_worker.worker import PrefillWorker
 
@@ -20,7 +21,9 @@ def build_prefill_worker(
     layerwise: bool = True,
     transfer_timeout_s: float = 60.0,
 ) -> PrefillWorker:
+    model = resolve_model_path(model)  # a .gguf converts once (cached); every later call reuses it
     opts = {k: v for k, v in (engine_options or {}).items() if k != "mode"}
+    skip_tokenizer_init = bool(opts.pop("skip_tokenizer_init", False))
     if transport == "shm" and str(opts.get("device", "cpu")).split(":")[0] == "cpu":
         # the decode worker copies pages straight out of this cache (one copy, not two)
         opts.setdefault("kv_cache_shared", True)
@@ -28,7 +31,7 @@ def build_prefill_worker(
     return PrefillWorker(
         engine,
         lambda: make_sender(transport, engine.layout, **(transport_options or {})),
-        tokenizer=Tokenizer(model),
+        tokenizer=load_tokenizer(model, skip_tokenizer_init),
         layerwise=layerwise,
         worker_id=worker_id,
         transfer_timeout_s=transfer_timeout_s,

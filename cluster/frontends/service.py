@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import time
 import uuid
@@ -28,7 +29,9 @@ from typing import TYPE_CHECKING, Any
 from cluster.control.info import ClusterInfo, worker_info
 from cluster.control.router import Router
 from cluster.control.routing import NoWorkerAvailable
+from cluster.frontends.chat_template import read_tokenizer_config
 from engine.config import ModelConfig
+from engine.models.gguf import STAMP_FILE, resolve_model_path
 from engine.request import SamplingParams, TokenLogprobs
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from engine.types import RequestSpec, WorkerLimits
@@ -120,8 +123,25 @@ class ServingBackend:
 
     @staticmethod
     def from_model_dir(router: Router, model: str, **kw: Any) -> ServingBackend:
-        name = os.path.basename(os.path.normpath(model))
-        return ServingBackend(router, Tokenizer(model), ModelConfig.from_hf_dir(model), name, **kw)
+        """A backend for ``model``: a Hugging Face directory or a .gguf file (its cached conversion).
+
+        The served name is the directory's name, or the .gguf file's stem ("SmolLM2-135M-
+        Instruct.Q4_1"), also when ``model`` is the converted directory of a GGUF file.
+        ``tokenizer.config`` is the tokenizer config as transformers assembles it on load, chat
+        template files included (frontends/chat_template.py: ``read_tokenizer_config``), which
+        is where the OpenAI frontend reads the chat template from.
+        """
+        path = resolve_model_path(model)
+        source = model
+        stamp = os.path.join(path, STAMP_FILE)  # a GGUF conversion's: {"source": <.gguf path>, ...}
+        if path == model and os.path.isfile(stamp):
+            with open(stamp) as f:
+                source = str(json.load(f).get("source") or model)
+        name = os.path.basename(os.path.normpath(source))
+        name = name.removesuffix(".gguf") if source != path else name
+        tokenizer = Tokenizer(path)
+        tokenizer.config = read_tokenizer_config(path)
+        return ServingBackend(router, tokenizer, ModelConfig.from_hf_dir(path), name, **kw)
 
     # ------------------------------------------------------------ validation
     @property

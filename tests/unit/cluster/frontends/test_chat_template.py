@@ -215,3 +215,32 @@ def test_broken_template_files_are_errors_naming_the_file(tmp_path, tokenizer_js
     (d / "tokenizer_config.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"tokenizer_config\.json: invalid JSON"):
         read_tokenizer_config(str(d))
+
+
+def test_the_openai_server_finds_a_jinja_only_template_and_a_gguf_one(
+    tmp_path, tokenizer_json, tiny_checkpoint, monkeypatch
+):
+    """``ServingBackend.from_model_dir`` hands the OpenAI frontend the template files: a model with
+    only chat_template.jinja (the real SmolLM2 conversion's layout) no longer answers 400."""
+    from cluster.config import RouterConfig
+    from cluster.control.router import Router
+    from cluster.control.routing import RoutingPolicy
+    from cluster.frontends.http_server import OpenAIServer
+    from cluster.frontends.service import ServingBackend
+    from engine.models.gguf import resolve_model_path
+    from tests.unit.engine.gguf_export import export_gguf
+
+    router = Router(RoutingPolicy(RouterConfig()))
+    d = _model_dir(tmp_path / "m", tokenizer_json, jinja=_template("jinja"))
+    shutil.copy(Path(tiny_checkpoint("llama")) / "config.json", d / "config.json")
+    server = OpenAIServer(ServingBackend.from_model_dir(router, str(d)))
+    assert server.chat_template is not None
+    assert server.chat_template.render(MESSAGES) == _transformers_render(d)
+
+    monkeypatch.setenv("SPLITSERVE_CACHE", str(tmp_path / "cache"))
+    gguf = export_gguf(tiny_checkpoint("llama"), tmp_path / "tiny.gguf")
+    converted = resolve_model_path(str(gguf), progress=False)
+    for model in (converted, str(gguf)):
+        backend = ServingBackend.from_model_dir(router, model)
+        assert backend.model_name == "tiny"  # the GGUF file's stem, not the cache entry's name
+        assert OpenAIServer(backend).chat_template is not None
