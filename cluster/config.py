@@ -9,17 +9,24 @@ Shape (every key optional except ``model``; unknown keys are errors)::
     router: {prefill_policy: token_jsq, decode_policy: kv, short_prompt_threshold: 32}
     transfer: {kind: torch, layerwise: true, timeout_s: 30}
     grpc_port: 50051
-    http_port: 8000
-    metrics_port: 9090
+    http_port: 8000             # the OpenAI API, /health, and /metrics too
+    metrics_port: 9090          # a separate port serving only /metrics; null: none
     max_queue: 1024
     placement: auto             # placement group strategy for all workers (PLACEMENT_STRATEGIES)
+    security:                   # default: plaintext, no API key
+      tls: {cert: /tls/tls.crt, key: /tls/tls.key, ca: /tls/ca.crt}   # ca: mutual TLS
+      api_key_file: /secrets/api-key   # else $SPLITSERVE_API_KEY, else no key
+      protect_metrics: false           # true: /metrics needs the API key too
 
 Errors are ``ConfigError`` (a ``ValueError``) whose message starts with the dotted path of the
 bad field, e.g. ``pools[1].num_workers: must be >= 0, got -1``.
 
 Invariants of a constructed ``ServeConfig``:
 - pool names are unique and at least one worker is decode-capable (role decode or mixed);
-- nonzero ports are distinct (0 = pick a free port, for tests);
+- nonzero ports are distinct (0 = pick a free port, for tests; ``metrics_port`` None = no
+  separate metrics port);
+- every file named by ``security`` exists and loads (TLS cert/key/CA parse, the cert matches
+  its key, the API key file holds one key), checked once, here.
 - ``router.prefill_release_tokens < router.prefill_saturation_tokens`` (role-switch hysteresis).
 """
 
@@ -27,8 +34,10 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
@@ -42,6 +51,8 @@ TRANSFER_KINDS: tuple[str, ...] = ("loopback", "shm", "torch", "grpc")
 # STRICT_PACK for the node-local shm transport and PACK otherwise; "none" places each actor
 # on its own, by its resources only (no placement group).
 PLACEMENT_STRATEGIES: tuple[str, ...] = ("auto", "none", "PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+# The environment variable that holds the API key when security.api_key_file is not set.
+API_KEY_ENV = "SPLITSERVE_API_KEY"
 # Where `serve` and `profile` build the tiny random-weight Llama when no model is given.
 DEFAULT_TINY_DIR = os.path.join(os.path.expanduser("~"), ".cache", "splitserve", "tiny-llama")
 
@@ -145,6 +156,100 @@ class TransferConfig:
         _check(self.timeout_s > 0, "timeout_s", f"must be > 0, got {self.timeout_s}")
 
 
+def _is_api_key(text: str) -> bool:
+    """One token of visible ASCII (what fits ``authorization: Bearer <key>`` and gRPC metadata)."""
+    return bool(text) and all("!" <= ch <= "~" for ch in text)
+
+
+def read_api_key_file(path: str) -> str:
+    """The key in ``path`` (surrounding whitespace, e.g. a final newline, removed). Raises
+    ConfigError("api_key_file") when it cannot be read or does not hold one key; the message
+    never contains the file's content."""
+    try:
+        with open(path, encoding="ascii") as f:
+            key = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError("api_key_file", f"cannot read {path!r}: {type(e).__name__}: {e}") from None
+    _check(bool(key), "api_key_file", f"{path!r} is empty")
+    _check(_is_api_key(key), "api_key_file", f"{path!r} must hold one key of visible ASCII, without spaces")
+    return key
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """PEM files of a TLS server: the gRPC and HTTP frontends and the metrics port share them.
+
+    ``cert`` and ``key`` go together; with ``ca`` set, every client must present a certificate
+    signed by it (mutual TLS: the handshake fails without one). Paths are as the serving
+    process sees them. The files are loaded once here (so a bad PEM or a key that does not
+    match the certificate fails at startup, naming the field) and again by each server.
+    """
+
+    cert: str | None = None  # certificate chain the server presents
+    key: str | None = None  # private key of ``cert``
+    ca: str | None = None  # CA bundle for client certificates; set = mutual TLS
+
+    def __post_init__(self) -> None:
+        _check(self.cert is not None, "cert", "required: the server's PEM certificate chain (it goes with 'key')")
+        _check(self.key is not None, "key", "required: the PEM private key of 'cert'")
+        for name in ("cert", "key", "ca"):
+            path = getattr(self, name)
+            _check(path is None or os.path.isfile(path), name, f"no such file {path!r}")
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            ctx.load_cert_chain(self.cert, self.key)
+        except (ssl.SSLError, OSError) as e:
+            raise ConfigError("cert", f"{self.cert!r} with key {self.key!r} does not load: {e}") from None
+        if self.ca is not None:
+            try:
+                ctx.load_verify_locations(cafile=self.ca)
+            except (ssl.SSLError, OSError) as e:
+                raise ConfigError("ca", f"{self.ca!r} does not load as a PEM CA bundle: {e}") from None
+
+    @property
+    def mutual(self) -> bool:
+        return self.ca is not None
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """Transport security and the API key of every frontend (gRPC, HTTP, metrics port).
+
+    - ``tls``: None = plaintext. Set, gRPC, HTTP and the separate metrics port all serve TLS
+      with the same files (and all require client certificates when ``tls.ca`` is set).
+    - The API key: read from ``api_key_file`` (e.g. a mounted Kubernetes secret), else from the
+      ``$SPLITSERVE_API_KEY`` environment variable, else none (everything open). Setting both is
+      an error. The key itself is never a config field or a flag, so it stays out of command
+      lines, config dumps and logs. With a key, every SplitServe gRPC method and every /v1
+      route require it; gRPC health/reflection and HTTP /health never do.
+    - ``protect_metrics``: /metrics (on the HTTP port and on the metrics port) is open by
+      default, as Prometheus expects; True makes it require the API key too.
+    """
+
+    tls: TLSFiles | None = None
+    api_key_file: str | None = None
+    protect_metrics: bool = False
+
+    def __post_init__(self) -> None:
+        if self.api_key_file is not None:
+            _check(os.path.isfile(self.api_key_file), "api_key_file", f"no such file {self.api_key_file!r}")
+            read_api_key_file(self.api_key_file)  # validated once; read again when serving
+
+    def api_key(self, environ: Mapping[str, str] = os.environ) -> str | None:
+        """The API key the frontends require (None: no key). An empty $SPLITSERVE_API_KEY is unset.
+        Raises ConfigError naming the field when the sources conflict or the key is malformed,
+        or when ``protect_metrics`` is set without any key."""
+        from_env = environ.get(API_KEY_ENV) or None
+        if self.api_key_file is not None:
+            _check(from_env is None, "api_key_file", f"is set and so is ${API_KEY_ENV}: give the key one way")
+            return read_api_key_file(self.api_key_file)
+        if from_env is not None:
+            _check(_is_api_key(from_env), "", f"${API_KEY_ENV} must be one key of visible ASCII, without spaces")
+            return from_env
+        _check(not self.protect_metrics, "protect_metrics", f"needs an API key: set api_key_file or ${API_KEY_ENV}")
+        return None
+
+
 def _default_pools() -> tuple[PoolConfig, ...]:
     return (PoolConfig("prefill", "prefill", 1), PoolConfig("decode", "decode", 1))
 
@@ -157,11 +262,14 @@ class ServeConfig:
     transfer: TransferConfig = field(default_factory=TransferConfig)
     host: str = "0.0.0.0"
     grpc_port: int = 50051  # 0: pick a free port
-    http_port: int = 8000  # 0: pick a free port
-    metrics_port: int = 9090  # 0: pick a free port
+    http_port: int = 8000  # 0: pick a free port; serves /metrics too
+    # A separate port serving only the metrics (same TLS and protection as the HTTP port's
+    # /metrics). 0: pick a free port; None: no separate port.
+    metrics_port: int | None = 9090
     max_queue: int = 1024  # requests admitted but not finished; more are refused (RESOURCE_EXHAUSTED)
     request_timeout_s: float = 600.0  # a request not finished by then is aborted
     placement: str = "auto"  # one of PLACEMENT_STRATEGIES
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def __post_init__(self) -> None:
         _check(bool(self.model), "model", "must be a non-empty string")
@@ -184,12 +292,21 @@ class ServeConfig:
         ports: dict[int, str] = {}
         for name in ("grpc_port", "http_port", "metrics_port"):
             port = getattr(self, name)
+            if port is None and name == "metrics_port":
+                continue
             _check(0 <= port <= 65535, name, f"must be in [0, 65535], got {port}")
             _check(port == 0 or port not in ports, name, f"port {port} is also {ports.get(port)}")
             if port:
                 ports[port] = name
         _check(self.max_queue >= 1, "max_queue", f"must be >= 1, got {self.max_queue}")
         _check(self.request_timeout_s > 0, "request_timeout_s", f"must be > 0, got {self.request_timeout_s}")
+
+    def api_key(self, environ: Mapping[str, str] = os.environ) -> str | None:
+        """``security.api_key(environ)``, its errors named from the top (``security.api_key_file``)."""
+        try:
+            return self.security.api_key(environ)
+        except ConfigError as e:
+            raise e.under("security") from None
 
     def pool(self, name: str) -> PoolConfig:
         for p in self.pools:
@@ -256,7 +373,11 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             out[k] = _convert(val_tp, v, f"{path}.{k}")
         return out
     if origin in (types.UnionType, typing.Union):
-        raise TypeError(f"{path}: union annotations are not supported by the config loader")
+        args = typing.get_args(tp)
+        if len(args) != 2 or type(None) not in args:
+            raise TypeError(f"{path}: only 'X | None' unions are supported by the config loader")
+        (inner,) = (a for a in args if a is not type(None))
+        return None if value is None else _convert(inner, value, path)
     # scalars: bool is not an int here, an int is a fine float
     if tp is bool:
         ok = isinstance(value, bool)

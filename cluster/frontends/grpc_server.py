@@ -29,7 +29,9 @@ handler then ends the stream OK with a last message whose finish_reason is "abor
 
 Auth: with ``api_key`` set, every SplitServe method requires it (``authorization: Bearer``
 or ``x-api-key`` metadata) and answers UNAUTHENTICATED otherwise; health and reflection are
-separate services and stay open so probes and tooling need no key.
+separate services and stay open so probes and tooling need no key. With ``tls`` set the port
+serves TLS only; with ``tls.ca`` too, a client without a certificate signed by it fails the
+handshake (mutual TLS).
 """
 
 from __future__ import annotations
@@ -180,9 +182,8 @@ class GrpcFrontend:
         await server.start()
         self._server, self.port = server, port
         self._health_task = asyncio.create_task(self._health_loop())
-        log.info(
-            "gRPC frontend serving on %s:%d (tls=%s, api key=%s)", self.host, port, bool(self.tls), bool(self.api_key)
-        )
+        tls = "plaintext" if self.tls is None else "mutual TLS" if self.tls.mutual else "TLS"
+        log.info("gRPC frontend serving on %s:%d (%s, api key %s)", self.host, port, tls, bool(self.api_key))
         return port
 
     async def stop(self, grace: float | None = 1.0) -> None:

@@ -14,8 +14,11 @@ series carries ``model``.
 To add a metric, add one ``MetricDef`` line to REQUEST_METRICS (and record it in the
 tracker) or to WORKER_METRICS (with a ``source`` reading the stats() report).
 
-Exposition: ``start_metrics_server(metrics, port)`` (own HTTP thread) or
-``metrics_asgi_app(metrics)`` (mount in a FastAPI/Starlette app).
+Exposition: ``metrics_asgi_app(metrics)`` (an ASGI app; ``splitserve serve`` serves it on
+``/metrics`` of the HTTP port and on ServeConfig.metrics_port, with the frontends' TLS and
+optional API key: cluster/frontends/http_server.py MetricsEndpoint) or
+``start_metrics_server(metrics, port)`` (its own plaintext, unauthenticated HTTP thread, for
+tools and tests).
 """
 
 from __future__ import annotations

@@ -7,7 +7,16 @@ import json
 
 import pytest
 
-from cluster.config import ConfigError, PoolConfig, RouterConfig, ServeConfig, TransferConfig
+from cluster.config import (
+    API_KEY_ENV,
+    ConfigError,
+    PoolConfig,
+    RouterConfig,
+    SecurityConfig,
+    ServeConfig,
+    TLSFiles,
+    TransferConfig,
+)
 
 FULL = {
     "model": "/models/qwen3",
@@ -155,3 +164,86 @@ def test_configs_are_frozen_and_do_not_alias_caller_dicts():
         cfg.max_queue = 5  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.router.decode_policy = "jsq"  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------- metrics_port, security
+
+
+def test_metrics_port_null_means_no_separate_port():
+    cfg = ServeConfig.from_dict({"model": "m", "metrics_port": None, "http_port": 9090})
+    assert cfg.metrics_port is None and cfg.http_port == 9090  # no clash with a port that is not opened
+    assert ServeConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ConfigError, match=r"^metrics_port: must be int, got str"):
+        ServeConfig.from_dict({"model": "m", "metrics_port": "none"})
+
+
+@pytest.fixture
+def pki(tmp_path):
+    from tests.pki import write_pki
+
+    return write_pki(tmp_path)
+
+
+def _security(**fields) -> dict:
+    return {"model": "m", "security": fields}
+
+
+def test_security_section_is_parsed_and_round_trips(pki, tmp_path):
+    key = tmp_path / "key"
+    key.write_text("sk-abc\n")
+    cfg = ServeConfig.from_dict(
+        _security(tls={"cert": pki.server, "key": pki.server_key, "ca": pki.ca}, api_key_file=str(key))
+    )
+    assert cfg.security == SecurityConfig(TLSFiles(pki.server, pki.server_key, pki.ca), str(key), False)
+    assert cfg.security.tls.mutual and not TLSFiles(pki.server, pki.server_key).mutual
+    assert ServeConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert "sk-abc" not in repr(cfg) and "sk-abc" not in json.dumps(cfg.to_dict())  # a path, never the key
+    assert ServeConfig("m").security == SecurityConfig() and SecurityConfig().tls is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.security.protect_metrics = True  # type: ignore[misc]
+
+
+def test_security_errors_name_the_field(pki, tmp_path):
+    empty, two = tmp_path / "empty", tmp_path / "two"
+    empty.write_text("\n")
+    two.write_text("sk-one sk-two\n")
+    cases = [
+        (_security(tls={"key": pki.server_key}), r"^security\.tls\.cert: required"),
+        (_security(tls={"cert": pki.server}), r"^security\.tls\.key: required"),
+        (_security(tls={}), r"^security\.tls\.cert: required"),
+        (_security(tls={"cert": "/no/cert.pem", "key": pki.server_key}), r"^security\.tls\.cert: no such file"),
+        (_security(tls={"cert": pki.server, "key": pki.client_key}), r"^security\.tls\.cert: .* does not load"),
+        (_security(tls={"cert": pki.server, "key": pki.server_key, "ca": pki.server_key}), r"^security\.tls\.ca: "),
+        (_security(tls={"cert": pki.server, "key": pki.server_key, "crt": "x"}), r"^security\.tls\.crt: unknown key"),
+        (_security(api_key_file="/no/key"), r"^security\.api_key_file: no such file '/no/key'"),
+        (_security(api_key_file=str(empty)), r"^security\.api_key_file: .* is empty"),
+        (_security(api_key_file=str(two)), r"^security\.api_key_file: .* must hold one key"),
+        (_security(protect_metrics="yes"), r"^security\.protect_metrics: must be bool"),
+        (_security(api_key="sk-inline"), r"^security\.api_key: unknown key"),
+        ({"model": "m", "security": "tls"}, r"^security: must be a mapping"),
+    ]
+    for data, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            ServeConfig.from_dict(data)
+    with pytest.raises(ConfigError, match=r"^security\.api_key_file: .*must hold one key") as info:
+        ServeConfig.from_dict(_security(api_key_file=str(two)))
+    assert "sk-one" not in str(info.value)  # the file's content stays out of the message
+
+
+def test_api_key_sources(tmp_path):
+    key = tmp_path / "key"
+    key.write_text("  sk-file\n")
+    from_file = ServeConfig.from_dict(_security(api_key_file=str(key)))
+    assert from_file.api_key(environ={}) == "sk-file"
+    assert ServeConfig("m").api_key(environ={API_KEY_ENV: "sk-env"}) == "sk-env"
+    assert ServeConfig("m").api_key(environ={API_KEY_ENV: ""}) is None  # empty = unset
+    assert ServeConfig("m").api_key(environ={}) is None
+    with pytest.raises(ConfigError, match=rf"^security\.api_key_file: is set and so is \${API_KEY_ENV}"):
+        from_file.api_key(environ={API_KEY_ENV: "sk-env"})
+    with pytest.raises(ConfigError, match=rf"^security: \${API_KEY_ENV} must be one key") as info:
+        ServeConfig("m").api_key(environ={API_KEY_ENV: "sk env"})
+    assert "sk env" not in str(info.value)
+    protected = ServeConfig.from_dict(_security(protect_metrics=True))
+    with pytest.raises(ConfigError, match=r"^security\.protect_metrics: needs an API key"):
+        protected.api_key(environ={})
+    assert protected.api_key(environ={API_KEY_ENV: "sk-env"}) == "sk-env"
