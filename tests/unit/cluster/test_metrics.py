@@ -44,7 +44,8 @@ class Clock:
 
 def val(m: Metrics, name: str, **labels: str) -> float:
     v = m.sample_value(name, {"model": "m", **labels})
-    return 0.0 if v is None else v
+    assert v is not None, f"no sample {name} {labels}"
+    return v
 
 
 # ---------------------------------------------------------------- request lifecycle
