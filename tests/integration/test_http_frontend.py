@@ -102,11 +102,13 @@ class Served:
         return openai.OpenAI(base_url=self.url(label) + "/v1", api_key=key, max_retries=0, timeout=timeout)
 
     def assert_idle(self, timeout: float = 10.0) -> None:
-        """Every worker's KV pool back to full, nothing running or in flight anywhere.
-        Release is asynchronous (aborts and transfer completions), so poll until a deadline."""
+        """Every worker's KV pool back to full (all ENGINE["num_blocks"] blocks free: 0 of 0 is
+        not full), nothing running or in flight anywhere. Release is asynchronous (aborts and
+        transfer completions), so poll until a deadline."""
         deadline = time.monotonic() + timeout
         while True:
             loads = {wid: w.stats().engine for wid, w in self.cluster.workers.items()}
+            assert {ld.total_kv_blocks for ld in loads.values()} == {ENGINE["num_blocks"]}, loads
             busy = [wid for wid, ld in loads.items() if ld.free_kv_blocks != ld.total_kv_blocks]
             busy += [wid for wid, ld in loads.items() if ld.running_requests]
             inflight = [label for label, (backend, _) in self.frontends.items() if backend.inflight]
@@ -183,7 +185,22 @@ def test_completion_greedy_equals_engine_llm(served, reference, prompt_kind):
         12,
         len(ids) + 12,
     )
-    assert out.usage.prompt_tokens_details.cached_tokens >= 0
+    served.assert_idle()
+
+
+def test_usage_reports_the_prompt_tokens_served_from_the_prefix_cache(served):
+    """A repeated prompt is prefilled from the prefill worker's prefix cache: every full
+    block but the one holding the last prompt token (40 of 41 tokens here) is reported as
+    cached, the first time none is; streamed usage says the same."""
+    ids = [(11 * i) % 500 + 3 for i in range(41)]  # a prompt no other test sends
+    kw = dict(model=served.name, prompt=ids, max_tokens=1, temperature=0)
+    client = served.client()
+    first = client.completions.create(**kw).usage
+    again = client.completions.create(**kw).usage
+    streamed = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))[-1].usage
+    assert (first.prompt_tokens, first.prompt_tokens_details.cached_tokens) == (41, 0)
+    assert (again.prompt_tokens, again.prompt_tokens_details.cached_tokens) == (41, 40)
+    assert streamed.prompt_tokens_details.cached_tokens == 40
     served.assert_idle()
 
 
@@ -381,7 +398,9 @@ def test_error_bodies_for_malformed_requests(served):
 def test_chat_template_errors_are_400(served):
     client = served.client("strict")
     out = client.chat.completions.create(model=served.name, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
-    assert out.choices[0].message.content is not None
+    # the prompt is this frontend's template, rendered (not the model's own template)
+    rendered = served.main.tokenizer.encode("[user] hi\n[assistant] ", add_special_tokens=False)
+    assert out.usage.prompt_tokens == len(rendered) and isinstance(out.choices[0].message.content, str)
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=served.name, messages=[{"role": "assistant", "content": "hi"}])
     assert e.value.body["param"] == "messages" and "first message must come from the user" in e.value.body["message"]
