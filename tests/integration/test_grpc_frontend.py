@@ -159,13 +159,15 @@ def wait_until(cond: Callable[[], bool], timeout: float = 10.0, what: str = "con
 
 
 def assert_idle(srv: Served, *frontends: GrpcFrontend) -> None:
-    """No request left anywhere: frontends, backend, and every worker's KV pool back to full
-    (blocks are released asynchronously, so poll with a deadline)."""
+    """No request left anywhere: frontends, backend, and every worker's KV pool back to full,
+    all ENGINE["num_blocks"] blocks free (blocks are released asynchronously, so poll with a
+    deadline; a pool reporting 0 of 0 blocks is not full)."""
     for fe in (srv.frontend, *frontends):
         wait_until(lambda fe=fe: not fe.active, what="frontend requests to end")
     wait_until(lambda: srv.backend.inflight == 0, what="backend in-flight count to reach 0")
+    full = (ENGINE["num_blocks"], ENGINE["num_blocks"])
     for wid, w in srv.cluster.workers.items():
-        wait_until(lambda w=w: (lambda s: s.free_kv_blocks == s.total_kv_blocks)(w.stats().engine), what=f"{wid} pool")
+        wait_until(lambda w=w: ((s := w.stats().engine).free_kv_blocks, s.total_kv_blocks) == full, what=f"{wid} pool")
 
 
 # ---------------------------------------------------------------- round trips
@@ -278,7 +280,8 @@ def test_unauthenticated_without_the_key(served):
             assert len(c.generate([5, 6, 7], max_tokens=2).token_ids) == 2
         with grpc.insecure_channel(target) as ch:  # x-api-key works too; health needs no key
             stub = pb_grpc.SplitServeStub(ch)
-            assert stub.GetModelInfo(pb.ModelInfoRequest(), metadata=(("x-api-key", "s3cret"),)).vocab_size > 0
+            info = stub.GetModelInfo(pb.ModelInfoRequest(), metadata=(("x-api-key", "s3cret"),))
+            assert (info.vocab_size, info.max_model_len) == (512, MAX_LEN)  # the tiny checkpoint's
             health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
             assert health.status == health_pb2.HealthCheckResponse.SERVING
 
@@ -370,6 +373,9 @@ def test_request_id_can_be_reused_once_finished(served, reference):
         outs = [c.generate(PROMPTS[3], request_id="mine", **GREEDY) for _ in range(2)]
     assert [o.request_id for o in outs] == ["mine", "mine"]
     assert [o.token_ids for o in outs] == [reference[3].token_ids] * 2
+    # the second one is prefilled from the prefill worker's prefix cache: 9 full blocks of the
+    # 37-token prompt (the block holding its last token is computed); usage reports them
+    assert outs[1].usage.cached_tokens == 36
     assert_idle(served)
 
 
