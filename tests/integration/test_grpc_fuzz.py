@@ -179,15 +179,18 @@ def test_malformed_and_extreme_requests(server):
     try:
         prop()
         # still serving, and nothing leaked
-        ok = list(stub.Generate(pb.GenerateRequest(text="hello", sampling=pb.SamplingParams(max_tokens=5)), timeout=30))
-        assert sum(len(m.token_ids) for m in ok) == ok[-1].usage.completion_tokens >= 1
+        sampling = pb.SamplingParams(max_tokens=5, ignore_eos=True)
+        ok = list(stub.Generate(pb.GenerateRequest(text="hello", sampling=sampling), timeout=30))
+        assert sum(len(m.token_ids) for m in ok) == ok[-1].usage.completion_tokens == 5
+        assert ok[-1].finish_reason == "length"
         deadline = time.monotonic() + 10
         while frontend.active or backend.inflight:
             assert time.monotonic() < deadline, "requests left in flight"
-            time.sleep(0.01)
-        for wid, w in cluster.workers.items():
-            while (load := w.stats().engine).free_kv_blocks != load.total_kv_blocks:
+            time.sleep(0.01)  # poll interval
+        for wid, w in cluster.workers.items():  # every block free again (0 of 0 is not full)
+            while (load := w.stats().engine).free_kv_blocks != ENGINE["num_blocks"]:
                 assert time.monotonic() < deadline, f"{wid} leaked KV blocks: {load}"
-                time.sleep(0.01)
+                time.sleep(0.01)  # poll interval
+            assert load.total_kv_blocks == ENGINE["num_blocks"], load
     finally:
         channel.close()

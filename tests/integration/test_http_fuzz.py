@@ -59,6 +59,7 @@ class FuzzServer:
         deadline = time.monotonic() + timeout
         while True:
             loads = {wid: w.stats().engine for wid, w in self.cluster.workers.items()}
+            assert {ld.total_kv_blocks for ld in loads.values()} == {ENGINE["num_blocks"]}, loads  # not 0 of 0
             full = all(ld.free_kv_blocks == ld.total_kv_blocks and not ld.running_requests for ld in loads.values())
             if full and not self.backend.inflight and not self.cluster.router.requests:
                 return
@@ -241,8 +242,9 @@ def test_fuzzed_bodies_get_well_formed_answers_and_leak_nothing(server):
 
         post()
         server.assert_idle()
-        ok = http.post("/v1/completions", json={"model": MODEL, "prompt": "still serving?", "max_tokens": 4})
-        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
+        body = {"model": MODEL, "prompt": "still serving?", "max_tokens": 4, "ignore_eos": True}
+        ok = http.post("/v1/completions", json=body)
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4, ok.text
         assert http.get("/health").status_code == 200
     server.assert_idle()
 
@@ -261,6 +263,8 @@ def test_extreme_but_valid_requests_are_served(server, body):
     r = httpx.post(server.url + path, json=body, timeout=60)
     assert r.status_code == 200, r.text
     _check_answer(r, path)
+    if len(body.get("prompt", "")) == 255:  # exactly the one position the context has left
+        assert (r.json()["usage"]["completion_tokens"], r.json()["choices"][0]["finish_reason"]) == (1, "length")
     server.assert_idle()
 
 
