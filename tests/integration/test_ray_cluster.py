@@ -28,7 +28,7 @@ from cluster.control.routing import RouteReason
 from cluster.frontends.grpc_server import server_info_message
 from cluster.frontends.service import ServerInfo
 from engine import LLM, SamplingParams
-from engine.types import RequestSpec, StreamChunk
+from engine.types import RequestSpec, StreamChunk, WorkerStats
 
 pytestmark = pytest.mark.integration
 
@@ -103,18 +103,37 @@ async def _poll(cond: Callable[[], bool], what: str, timeout: float = 60.0) -> N
         await asyncio.sleep(0.05)
 
 
-async def _assert_pools_full(c: Controller, timeout: float = 15.0) -> None:
-    """Every worker's KV pool is full again. Prefill workers free blocks once their sender
-    reports the transfer done (asynchronously), so poll each stats() until a deadline."""
+async def _assert_pools_full(
+    c: Controller, num_blocks: int = ENGINE["num_blocks"], timeout: float = 15.0
+) -> dict[str, WorkerStats]:
+    """Every worker's KV pool is full again: all ``num_blocks`` free (a pool reporting 0 of 0
+    is not full). Prefill workers free blocks once their sender reports the transfer done
+    (asynchronously), so poll each stats() until a deadline. Returns the last reports."""
     deadline = time.monotonic() + timeout
+    loads = {}
     for wid, rec in c.workers.items():
         while True:
             load = await rec.handle.stats()
             if load.engine.free_kv_blocks == load.engine.total_kv_blocks or time.monotonic() > deadline:
                 break
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # poll interval
+        assert load.engine.total_kv_blocks == num_blocks, (
+            f"{wid} reports a pool of {load.engine.total_kv_blocks} blocks"
+        )
         assert load.engine.free_kv_blocks == load.engine.total_kv_blocks, f"{wid} leaked KV blocks: {load}"
-        assert load.transfer_failures == 0 or wid.startswith("prefill"), load
+        loads[wid] = load
+    return loads
+
+
+def _assert_no_transfer_failed(loads: dict[str, WorkerStats], kind: str) -> None:
+    """No worker saw a KV transfer fail (in a test that kills nothing)."""
+    failures = {wid: load.transfer_failures for wid, load in loads.items()}
+    if kind == "grpc" and failures.get("prefill-0"):
+        # the decode worker admits a DONE transfer and cancel()s its bookkeeping; when that
+        # happens before the Push handler builds its PushAck, status_for_ack() finds the
+        # tombstone and acks "cancelled by the receiver": the sender counts a failure
+        pytest.xfail(f"gRPC acks a completed transfer as failed: {failures}")
+    assert set(failures.values()) == {0}, failures
 
 
 @pytest.fixture(scope="module")
@@ -177,16 +196,16 @@ def test_greedy_through_ray_equals_llm(ray_nodes, loop, tiny_checkpoint, referen
         try:
             reasons = _record_routes(c)
             got = await _generate_all(c, prompts, "r")
-            await _assert_pools_full(c)
+            loads = await _assert_pools_full(c)
             await c.router.refresh_loads()  # info() shows the last stats poll
             groups = {"during": _live_groups()}
-            return got, reasons, c.info(), groups
+            return got, reasons, c.info(), groups, loads
         finally:
             await c.shutdown()
             if "groups" in locals():
                 groups["after"] = _live_groups()
 
-    got, reasons, info, groups = loop.run_until_complete(run())
+    got, reasons, info, groups, loads = loop.run_until_complete(run())
     assert got == expected
     # one placement group held both workers' bundles while serving, removed at shutdown
     strategy = "STRICT_PACK" if kind == "shm" else "PACK"
@@ -205,6 +224,9 @@ def test_greedy_through_ray_equals_llm(ray_nodes, loop, tiny_checkpoint, referen
     msg = server_info_message(ServerInfo(cluster=info, inflight=0, max_queue=8))
     kv = {w.worker_id: (w.free_kv_blocks, w.total_kv_blocks) for w in msg.workers}
     assert kv == {w: (ENGINE["num_blocks"], ENGINE["num_blocks"]) for w in ("prefill-0", "decode-0")}, kv
+    # none failed, one completed transfer per long prompt
+    _assert_no_transfer_failed(loads, kind)
+    assert loads["prefill-0"].transfer_seconds.count == sum(len(p) >= SHORT for p in prompts)
 
 
 def test_pools_land_on_nodes_carrying_their_resources(ray_nodes, loop, tiny_checkpoint, reference):
@@ -258,7 +280,7 @@ def test_saturated_prefill_promotes_a_decode_worker_to_mixed_and_back(ray_nodes,
             reasons = _record_routes(c)
             got = await _generate_all(c, burst, "b")
             promoted_during = list(c.router.policy.drain_events())
-            await _assert_pools_full(c)
+            _assert_no_transfer_failed(await _assert_pools_full(c), "shm")
             # the burst is over: the next arrival sees no pressure and the worker goes back
             got_after = await _generate_all(c, after, "a")
             return got, got_after, reasons, promoted_during, list(c.router.policy.drain_events()), c.info()
@@ -350,7 +372,8 @@ def test_killed_actors_are_replaced_and_serve_again(ray_nodes, loop, tiny_checkp
             reasons.clear()
             after_prefill = await _generate_all(c, prompts, "p")
             assert reasons.count(RouteReason.SPLIT) == sum(len(p) >= SHORT for p in prompts)
-            await _assert_pools_full(c)
+            # both workers were replaced and count from 0: nothing failed since
+            _assert_no_transfer_failed(await _assert_pools_full(c, engine["num_blocks"]), "shm")
             return after_decode, after_prefill, c.info()
         finally:
             await c.shutdown()
