@@ -79,6 +79,9 @@ def test_limits_and_cached_hashes(model):
     e.add_request(Request("a", list(range(3, 16)), SamplingParams(max_tokens=1, temperature=0.0)))
     while e.has_work():
         e.step()
-    from engine.kv_cache.manager import prefix_block_hashes
+    from engine.kv_cache.manager import hash_block
 
-    assert set(prefix_block_hashes(list(range(3, 16)), 4)) <= e.cached_block_hashes()
+    # the 3 full blocks of the 13-token prompt (the 14th token fills no 4th block), chained
+    h0 = hash_block(None, (3, 4, 5, 6))
+    h1 = hash_block(h0, (7, 8, 9, 10))
+    assert e.cached_block_hashes() == {h0, h1, hash_block(h1, (11, 12, 13, 14))}

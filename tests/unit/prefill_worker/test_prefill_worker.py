@@ -86,12 +86,13 @@ def test_pushed_pages_equal_the_cache(worker_and_log):
     prompt = list(range(40, 63))  # 23 tokens: 6 pages, the last partly filled
     w.prefill(RequestSpec("r", prompt, PARAMS), "decode-addr")
     got = w.engine.block_ids("r")
-    assert got, "blocks must stay held until the sender reports DONE"
+    assert len(got) == 6, "blocks must stay held until the sender reports DONE"
     assert w.engine.scheduler.prefilled["r"].status == RequestStatus.PREFILLED
     per_layer: dict[int, dict[int, torch.Tensor]] = {}
     for layer, first, pages in _sender(w).chunks["r"]:
         for j in range(pages.shape[0]):
             per_layer.setdefault(layer, {})[first + j] = pages[j]  # later chunks overwrite partial pages
+    assert sorted(per_layer) == list(range(w.engine.layout.num_layers)), "a layer was never sent"
     for layer, pages in per_layer.items():
         assert sorted(pages) == list(range(len(got)))
         expected = w.engine.cache.kv[layer, got]
@@ -112,7 +113,7 @@ def test_blocks_released_once_sender_done(worker_and_log):
     w, _ = worker_and_log
     w.prefill(RequestSpec("r", list(range(20)), PARAMS), "decode-addr")
     w.loop.run(w._tick)
-    assert w.stats().engine.free_kv_blocks < ENGINE["num_blocks"]  # held while the transfer runs
+    assert w.stats().engine.free_kv_blocks == ENGINE["num_blocks"] - 5  # 5 pages held while the transfer runs
     _sender(w).hold = False
     w.loop.run(w._tick)
     assert w.stats().engine.free_kv_blocks == ENGINE["num_blocks"]
@@ -156,7 +157,7 @@ def test_blocks_sent_by_reference_stay_pinned_until_the_transfer_settles(worker_
 def test_abort_during_the_transfer_unpins_and_frees_everything(worker_and_log):
     w, _ = worker_and_log
     w.prefill(RequestSpec("r", list(range(20)), PARAMS), "decode-addr")
-    assert w.stats().engine.free_kv_blocks < ENGINE["num_blocks"]
+    assert w.stats().engine.free_kv_blocks == ENGINE["num_blocks"] - 5
     w.abort("r")  # sender never reports DONE (hold stays set)
     assert w.stats().engine.free_kv_blocks == ENGINE["num_blocks"]
 
