@@ -366,7 +366,7 @@ def test_decode_only_reserve_admit():
 def test_decode_only_admit_finishing_immediately():
     sched = make_sched(num_blocks=4, mode=SchedulerMode.DECODE_ONLY)
     r = new_req("a", 5, max_tokens=1)
-    assert sched.reserve(r)
+    assert len(sched.reserve(r)) == 2  # the 5-token prompt's KV: 2 blocks of 4
     done = sched.admit("a", 42)
     assert done.finish_reason == FinishReason.LENGTH and done.output_token_ids == [42]
     assert_pool_full(sched)
