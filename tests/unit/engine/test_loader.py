@@ -94,7 +94,7 @@ def test_misshaped_tensor_is_an_error(llama, tmp_path):
 def test_no_weights_is_an_error(llama, tmp_path):
     path = copy_ckpt(llama, tmp_path / "empty")
     os.remove(os.path.join(path, "model.safetensors"))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=r"no \*\.safetensors files in"):
         load(path)
 
 

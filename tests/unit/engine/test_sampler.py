@@ -136,6 +136,7 @@ def test_invalid_params_rejected():
         {"logprobs": 21},
         {"stop": ("",)},
     ):
-        with pytest.raises(ValueError):
+        (field,) = bad
+        with pytest.raises(ValueError, match=field):  # the error names the field it refuses
             SamplingParams(**bad)
     assert SamplingParams(stop="x").stop == ("x",)

@@ -169,11 +169,11 @@ def test_stream_error_fails_expected_and_dooms_unexpected():
 
 def test_expect_validates_block_ids_and_duplicates():
     book, _ = _book()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"block ids must be unique and in \[0, 16\)"):
         book.expect("a", [0, 0])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"block ids must be unique and in \[0, 16\)"):
         book.expect("a", [16])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="no destination blocks"):
         book.expect("a", [])
     book.expect("a", [0])
     with pytest.raises(KVTransferError, match="already expected"):

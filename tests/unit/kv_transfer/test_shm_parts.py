@@ -100,7 +100,7 @@ def test_ring_slots_never_overlap_and_small_ones_stay_in_the_window(seed):
 
 def test_ring_refuses_bad_sizes_and_extra_credits():
     ring = Ring(4 * ALIGN, 2 * ALIGN)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=f"slot of {5 * ALIGN} bytes in a {4 * ALIGN}-byte arena"):
         ring.alloc(5 * ALIGN)
     assert ring.alloc(3 * ALIGN) == 0  # larger than the window: may use the whole arena
     assert ring.alloc(ALIGN) is None  # a small slot waits for room inside the window

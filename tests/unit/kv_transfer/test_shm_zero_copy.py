@@ -422,9 +422,19 @@ def test_bad_descriptors_fail_their_request_and_nothing_else():
             if not i % 2:
                 rx.expect(rid, [i])
             assert rx.poll(rid) is S.FAILED, rid
-        assert "outside the sender's" in rx.error("past-the-cache")
-        assert "carries 2 block ids" in rx.error("count-mismatch")
-        assert "not sealed" in rx.error("unsealed")
+        # each for its own reason, not merely FAILED
+        reasons = {
+            "past-the-cache": f"block id {SRC_BLOCKS} outside the sender's {SRC_BLOCKS} blocks",
+            "huge-id": f"block id {2**32 - 1} outside the sender's {SRC_BLOCKS} blocks",
+            "count-mismatch": "claims 3 pages but carries 2 block ids",
+            "no-pages": "claims 0 pages but carries 0 block ids",
+            "layer": f"descriptor for layer {LAYOUT.num_layers}, layout has {LAYOUT.num_layers} layers",
+            "unmapped": "descriptor names shared cache 7, only 2 mapped",
+            "unsealed": "not sealed",
+        }
+        assert {rid: reason in rx.error(rid) for rid, reason in reasons.items()} == dict.fromkeys(bad, True), {
+            rid: rx.error(rid) for rid in bad
+        }
         # the connection and the receiver survive: a good request on the same link lands
         blocks = list(range(20, 27))
         rx.expect("ok", blocks)
