@@ -11,6 +11,7 @@ import json
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cluster.cli import main
@@ -19,6 +20,7 @@ from cluster.control.local import LocalCluster
 from cluster.frontends.grpc_server import GrpcFrontend
 from cluster.frontends.http_server import HttpFrontend
 from cluster.frontends.service import ServingBackend
+from cluster.tools.bench.workloads import parse_workload
 from engine.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.integration
@@ -76,13 +78,17 @@ def bench(*argv: str) -> int:
     return main(["bench", "--disable-tqdm", *argv])
 
 
-def check_run(run: dict, n: int) -> None:
+def check_run(run: dict, n: int, seed: int = 0, warmup: int = 0) -> None:
     missing = [f for f in VLLM_FIELDS if f not in run]
     assert not missing, f"result lacks {missing}"
     assert run["completed"] == n and run["failed"] == 0, run["errors"]
     assert run["num_prompts"] == n
-    # random:16:8 (range ratio 0.5): prompts of 8..24 tokens, 4..12 output tokens, all generated (ignore_eos)
-    assert all(8 <= x <= 24 for x in run["input_lens"]) and all(4 <= x <= 12 for x in run["output_lens"])
+    # random:16:8 (range ratio 0.5): prompts of 8..24 tokens, 4..12 output tokens; the server
+    # counted each prompt and generated every token asked for (ignore_eos), request by request
+    asked = parse_workload("random:16:8").sample(warmup + n, np.random.default_rng(seed), vocab_size=512)[warmup:]
+    assert all(8 <= r.prompt_len <= 24 and 4 <= r.output_len <= 12 for r in asked)
+    assert run["input_lens"] == [r.prompt_len for r in asked]
+    assert run["output_lens"] == [r.output_len for r in asked]
     assert run["total_output_tokens"] == sum(run["output_lens"])
     assert run["total_input_tokens"] == sum(run["input_lens"])
     # each request's TTFT <= its E2E latency, so every order statistic is ordered the same way
@@ -100,7 +106,7 @@ def test_grpc_backend_with_goodput_and_warmup(servers, tmp_path: Path, capsys):
     )  # fmt: skip
     assert rc == 0
     run = json.loads(out.read_text())
-    check_run(run, N)
+    check_run(run, N, seed=3, warmup=2)
     assert run["max_concurrent_requests"] <= 4
     assert run["backend"] == "grpc" and run["goodput_slos_ms"] == {"ttft": 60000.0, "tpot": 60000.0}
     assert run["good_requests"] == N  # a minute per token: every request meets it
