@@ -46,7 +46,7 @@ def test_disaggregated_greedy_is_argmax_consistent(
         transfer=TransferConfig(kind=kind),
     )
 
-    async def run() -> list[list[int]]:
+    async def run() -> tuple[list[list[int]], list[int]]:
         cluster = await LocalCluster(cfg).start()
         try:
 
@@ -57,11 +57,15 @@ def test_disaggregated_greedy_is_argmax_consistent(
                     tokens += chunk.token_ids
                 return tokens
 
-            return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+            outputs = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+            # prompts queued for prefill on each worker: all on prefill-0, none on decode-0
+            queued = [cluster.workers[w].stats().queue_seconds.count for w in ("prefill-0", "decode-0")]
+            return outputs, queued
         finally:
             cluster.shutdown()
 
-    outputs = asyncio.run(run())
+    outputs, queued = asyncio.run(run())
+    assert queued == [N_PROMPTS, 0], "a prompt was not prefilled by the prefill worker: it did not cross the transport"
     assert all(len(o) == MAX_NEW_TOKENS for o in outputs)
     agreement = check_argmax_consistent(hf_model, prompts, outputs, [f"{kind}: {p!r}" for p in PROMPTS[:N_PROMPTS]])
     equal = sum(a == b for out, ref in zip(outputs, colocated) for a, b in zip(out, ref))
