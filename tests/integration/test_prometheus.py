@@ -158,7 +158,12 @@ def test_prometheus_scrapes_requests_and_worker_series(prometheus, tiny_checkpoi
             await check(queued % "prefill-0", lambda r: scalar(r) == num_split)
             await check(queued % "decode-0", lambda r: scalar(r) == len(prompts) - num_split)
             await check("sum(splitserve_kv_reserve_wait_seconds_count)", lambda r: scalar(r) == num_split)
-            await check('sum(splitserve_kv_transfer_bytes_total{transport="loopback"})', lambda r: (scalar(r) or 0) > 0)
+            # every page of every split prompt crossed once (budget 32: no chunk ends mid-page)
+            layout = cluster.workers["prefill-0"].engine.layout
+            pages = sum(-(-len(p) // ENGINE["block_size"]) for p in prompts if len(p) >= SHORT)
+            sent = pages * layout.num_layers * layout.page_bytes
+            assert cluster.workers["prefill-0"].stats().transfer_bytes == sent
+            await check('sum(splitserve_kv_transfer_bytes_total{transport="loopback"})', lambda r: scalar(r) == sent)
             await check('splitserve_worker_role{worker="decode-0", role="decode"}', lambda r: scalar(r) == 1)
             # the deploy recording rules run against the live series
             await check("model:splitserve_requests:rate5m", lambda r: (scalar(r) or 0) > 0)
