@@ -312,9 +312,10 @@ def test_models_and_health(served):
     assert [m.id for m in models.data] == [served.name] and models.data[0].object == "model"
     card = served.client().models.retrieve(served.name)
     assert card.id == served.name
-    # extra fields a client sizes requests with: the same numbers the engine validates against
-    assert card.model_extra["vocab_size"] == served.main.model_config.vocab_size > 0
-    assert card.model_extra["max_model_len"] == served.main.max_model_len > 0
+    # extra fields a client sizes requests with: the tiny checkpoint's vocabulary and context
+    # (config.json: vocab_size 512, max_position_embeddings 2048; the 2400-slot KV pool is larger)
+    assert (card.model_extra["vocab_size"], card.model_extra["max_model_len"]) == (512, 2048)
+    assert (served.main.model_config.vocab_size, served.main.max_model_len) == (512, 2048)  # what it validates against
     with httpx.Client(base_url=served.url()) as http:
         assert http.get("/health").status_code == 200
         assert http.get("/v1/models/not-a-model").status_code == 404
