@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import threading
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 
+from engine import parallel
 from engine.parallel import (
     AllOf,
     CommunicationError,
@@ -247,12 +249,32 @@ def test_one_micro_batch_is_the_plain_sequential_path() -> None:
     assert kinds == ["compute", "issue", "wait"] * 3
 
 
-def test_overlap_stats_accumulate_and_compute_only_stages_pass_values_through() -> None:
+def test_overlap_stats_accumulate_and_compute_only_stages_pass_values_through(monkeypatch) -> None:
+    """A fake clock advanced 1 s per compute call and 10 s per blocking wait: the stats
+    attribute exactly the compute to compute_s and the exposed communication to wait_s."""
+    now = [0.0]
+    monkeypatch.setattr(parallel, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+
+    def tick(seconds: float, value: Any) -> Any:
+        now[0] += seconds
+        return value
+
+    class Blocking:  # a communication still in flight: its wait blocks for 10 s
+        def __init__(self, value: Any):
+            self.value = value
+
+        def wait(self) -> Any:
+            return tick(10.0, self.value)
+
     stats = OverlapStats()
-    stages = [Stage(lambda i, x: x * 2), Stage(lambda i, x: x + i, lambda i, y: AllOf(Ready(y), Ready(-y)))]
+    stages = [
+        Stage(lambda i, x: tick(1.0, x * 2)),
+        Stage(lambda i, x: tick(1.0, x + i), lambda i, y: AllOf(Ready(y), Blocking(-y))),
+    ]
     assert run_overlapped([1, 10], stages, stats) == [[2, -2], [21, -21]]
+    assert (stats.runs, stats.compute_s, stats.wait_s) == (1, 4.0, 20.0)  # 2 x 2 computes, 2 waits
     run_overlapped([1], stages, stats)
-    assert stats.runs == 2 and stats.compute_s > 0 and stats.wait_s >= 0
+    assert (stats.runs, stats.compute_s, stats.wait_s) == (2, 6.0, 30.0)
 
 
 # ============================================================================ split rules
