@@ -178,7 +178,9 @@ def test_aborts_and_cancels_return_pools_to_full(tiny_checkpoint):
     # cancelled mid-stream: at least the two tokens read, far from the LONG budget, not finished
     assert all(2 <= got < LONG.max_tokens and not finished for got, finished in results[::3]), results[::3]
     assert len(gone) == 4 and inflight == {}
-    assert all(len(t) == GREEDY.max_tokens and last.finish_reason == "length" for t, last in results[1::3])
+    finished = [r for i, r in enumerate(results) if i % 3]  # every request not cancelled (8 of 12)
+    assert len(finished) == 8
+    assert all(len(t) == GREEDY.max_tokens and last.finish_reason == "length" for t, last in finished)
 
 
 def test_corrupted_transfer_fails_loudly_and_frees_blocks(tiny_checkpoint):
