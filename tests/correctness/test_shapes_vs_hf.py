@@ -61,8 +61,11 @@ def _check_parsed(cfg: ModelConfig, family: str, overrides: dict) -> None:
         assert cfg.tie_word_embeddings
     if "num_experts_per_tok" in overrides:
         assert cfg.moe is not None and cfg.moe.top_k == overrides["num_experts_per_tok"]
-    if "mlp_only_layers" in overrides or "decoder_sparse_step" in overrides:
-        assert cfg.moe is not None and cfg.moe.dense_layers
+    if "mlp_only_layers" in overrides:
+        assert cfg.moe is not None and cfg.moe.dense_layers == tuple(overrides["mlp_only_layers"])
+    if "decoder_sparse_step" in overrides:  # transformers: layer i is sparse iff (i + 1) % step == 0
+        step = overrides["decoder_sparse_step"]
+        assert cfg.moe is not None and cfg.moe.dense_layers == tuple(i for i in range(cfg.num_layers) if (i + 1) % step)
     if family == "llama3":
         assert cfg.rope.kind == "llama3"
     if "rope_parameters" in overrides:
