@@ -64,7 +64,9 @@ class ReceiverBook:
         self._early: dict[str, _Early] = {}
         self._early_bytes = 0
         self._doomed: OrderedDict[str, str] = OrderedDict()  # not yet expected, already failed
-        self._tombstones: OrderedDict[str, None] = OrderedDict()
+        # cancelled ids -> whether the transfer was DONE when cancelled (the decode worker
+        # cancels a request's bookkeeping once it has admitted it: that is no failure)
+        self._tombstones: OrderedDict[str, bool] = OrderedDict()
         self._terminal: deque[str] = deque()
         self._scatter = PageScatter(cache) if PageScatter.supports(cache) else None
 
@@ -102,10 +104,10 @@ class ReceiverBook:
 
     def cancel(self, request_id: str) -> None:
         with self._lock:
-            self._reqs.pop(request_id, None)
+            req = self._reqs.pop(request_id, None)
             self._drop_early(request_id)
             self._doomed.pop(request_id, None)
-            self._tombstone(request_id)
+            self._tombstone(request_id, done=req is not None and req.status is TransferStatus.DONE)
 
     # ------------------------------------------------------------------- transport side
     def on_chunk(self, chunk: KVChunk) -> None:
@@ -199,6 +201,8 @@ class ReceiverBook:
         """(ok, message) summarising the request for a sender-facing acknowledgement."""
         with self._lock:
             if request_id in self._tombstones:
+                if self._tombstones[request_id]:  # admitted, then forgotten: a completed transfer
+                    return True, TransferStatus.DONE.value
                 return False, f"request {request_id!r} was cancelled by the receiver"
             if request_id in self._doomed:
                 return False, self._doomed[request_id]
@@ -309,7 +313,7 @@ class ReceiverBook:
             req = self._reqs.get(old)
             if req is not None and req.status.terminal:
                 del self._reqs[old]
-                self._tombstone(old)
+                self._tombstone(old, done=req.status is TransferStatus.DONE)
 
     def _room_for(self, rid: str, nbytes: int) -> bool:
         """Whether the early buffer can take ``nbytes`` more; if not, doom ``rid``."""
@@ -350,8 +354,8 @@ class ReceiverBook:
         while len(self._doomed) > _MAX_TOMBSTONES:
             self._doomed.popitem(last=False)
 
-    def _tombstone(self, rid: str) -> None:
-        self._tombstones[rid] = None
+    def _tombstone(self, rid: str, done: bool = False) -> None:
+        self._tombstones[rid] = done
         self._tombstones.move_to_end(rid)
         while len(self._tombstones) > _MAX_TOMBSTONES:
             self._tombstones.popitem(last=False)

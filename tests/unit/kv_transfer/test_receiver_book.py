@@ -158,6 +158,26 @@ def test_cancel_drops_state_and_late_chunks():
     assert book.poll("a") is S.BOOTSTRAPPING
 
 
+def test_ack_after_the_receiver_forgot_a_done_transfer_is_ok():
+    """The decode worker admits a DONE request and cancel()s its bookkeeping; a sender's ack
+    built after that must still say the transfer succeeded (it did), while a request cancelled
+    before it was DONE is acked as cancelled."""
+    book, _ = _book()
+    src = pages_for(LAYOUT, "done", 1)
+    book.expect("done", [3])
+    chunks = _all_layers("done", 0, src)
+    for c in chunks:
+        book.on_chunk(c)
+    book.on_finish("done", len(chunks))
+    book.cancel("done")  # admitted: the worker forgets the transfer
+    assert book.status_for_ack("done") == (True, "done")
+    book.expect("cut", [4])
+    book.on_chunk(KVChunk.seal("cut", 0, 0, src[0]))
+    book.cancel("cut")  # aborted mid-transfer
+    ok, message = book.status_for_ack("cut")
+    assert not ok and message == "request 'cut' was cancelled by the receiver"
+
+
 def test_stream_error_fails_expected_and_dooms_unexpected():
     book, _ = _book()
     book.expect("a", [0])
