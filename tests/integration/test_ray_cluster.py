@@ -352,7 +352,9 @@ def test_killed_actors_are_replaced_and_serve_again(ray_nodes, loop, tiny_checkp
             assert rest[-1].finish_reason == "abort" and "unavailable" in rest[-1].error, rest[-1]
             assert sum(len(ch.token_ids) for ch in rest) + 1 < long_params.max_tokens
 
-            await _poll(lambda: c.workers["decode-0"].restarts == 1, "decode-0 replaced")
+            await _poll(
+                lambda: c.workers["decode-0"].restarts == 1, "decode-0 replaced", timeout=180
+            )  # a new actor loads its model
             await c.wait_replaced("decode-0", timeout=60)
             assert c.workers["decode-0"].address != old_address  # a new receiver
             assert c.router.workers["decode-0"].healthy
@@ -362,7 +364,7 @@ def test_killed_actors_are_replaced_and_serve_again(ray_nodes, loop, tiny_checkp
             assert reasons.count(RouteReason.SPLIT) == sum(len(p) >= SHORT for p in prompts)
 
             ray.kill(c.workers["prefill-0"].actor, no_restart=True)
-            await _poll(lambda: c.workers["prefill-0"].restarts == 1, "prefill-0 replaced")
+            await _poll(lambda: c.workers["prefill-0"].restarts == 1, "prefill-0 replaced", timeout=180)
             await c.wait_replaced("prefill-0", timeout=60)
             reasons.clear()
             after_prefill = await _generate_all(c, prompts, "p")
