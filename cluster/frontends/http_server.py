@@ -5,7 +5,8 @@ GET /v1/models/{id}, GET /health (200 when a decode-capable worker is healthy, e
 never needs the API key, for load-balancer probes), GET /metrics (the Prometheus exposition,
 when the app is given the Metrics; open by default, as Prometheus expects, or behind the API
 key with ``protect_metrics``). ``MetricsFrontend`` serves the same endpoint on a port of its
-own (ServeConfig.metrics_port). TLS and mutual TLS: ``tls=TLSFiles(...)`` (AsgiServer).
+own (cluster/frontends/metrics_endpoint.py). TLS and mutual TLS: ``tls=TLSFiles(...)``
+(cluster/frontends/asgi_server.py).
 
 Status codes (body ``{"error": {message, type, param, code}}``): 400 invalid request
 (``param`` names the field; malformed JSON and wrong types included), 401 API key missing or
@@ -26,30 +27,30 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
-from cluster.frontends.auth import TLSFiles, api_key_from_headers, check_api_key, uvicorn_ssl_options
+from cluster.frontends.asgi_server import AsgiServer
+from cluster.frontends.auth import TLSFiles, api_key_from_headers, check_api_key
 from cluster.frontends.chat_template import ChatTemplate, ChatTemplateError
+from cluster.frontends.metrics_endpoint import MetricsEndpoint
 from cluster.frontends.openai_api import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
+    UNAUTHORIZED,
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
     ResponseBuilder,
     backend_error,
+    error_response,
     invalid,
     parse_request,
     read_json_body,
@@ -65,7 +66,7 @@ from cluster.frontends.service import (
     ServingBackend,
     Usage,
 )
-from cluster.metrics.registry import Metrics, metrics_asgi_app
+from cluster.metrics.registry import Metrics
 from engine.request import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -74,10 +75,6 @@ T = TypeVar("T")
 
 class ClientGone(Exception):
     """The client closed the connection before the answer was ready."""
-
-
-def error_response(err: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
 
 def _sse(obj: Any) -> str:
@@ -291,26 +288,6 @@ class OpenAIServer:
 _STATUS_TYPES = {401: "authentication_error", 404: "invalid_request_error", 405: "invalid_request_error"}
 
 
-class MetricsEndpoint:
-    """ASGI app answering with the Prometheus exposition of ``metrics``. With ``api_key`` set,
-    a scrape without it (``Authorization: Bearer <key>`` or ``x-api-key``) gets 401.
-
-    An app object rather than a function, so Starlette routes it as an app, not an endpoint."""
-
-    def __init__(self, metrics: Metrics, api_key: str | None = None):
-        self._exposition = metrics_asgi_app(metrics)
-        self._api_key = api_key
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self._api_key and not check_api_key(self._api_key, api_key_from_headers(Headers(scope=scope).items())):
-            await error_response(_UNAUTHORIZED, {"www-authenticate": "Bearer"})(scope, receive, send)
-            return
-        await self._exposition(scope, receive, send)
-
-
-_UNAUTHORIZED = ApiError(401, "missing or incorrect API key", "authentication_error", code="invalid_api_key")
-
-
 def create_app(
     backend: ServingBackend,
     api_key: str | None = None,
@@ -329,7 +306,7 @@ def create_app(
 
     def authorize(request: Request) -> None:
         if api_key and not check_api_key(api_key, api_key_from_headers(request.headers.items())):
-            raise _UNAUTHORIZED
+            raise UNAUTHORIZED
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, e: ApiError) -> JSONResponse:
@@ -386,86 +363,6 @@ def create_app(
     return app
 
 
-class _EmbeddedServer(uvicorn.Server):
-    """uvicorn.Server that leaves signal handling to the process that embeds it."""
-
-    def capture_signals(self):  # type: ignore[override]
-        return nullcontext()
-
-
-class AsgiServer:
-    """Serves one ASGI app with uvicorn inside the caller's event loop, plaintext or TLS.
-
-    Lifecycle: ``port = await start()`` (binds first, so port 0 picks a free port and the
-    bound one is returned) -> serving as a task of the running loop -> ``await stop()``
-    (stops accepting, lets open responses finish for up to ``graceful_shutdown_s``, then
-    cancels them, which aborts their requests). With ``tls``, every connection is TLS; with
-    ``tls.ca`` too, the handshake requires a client certificate signed by that CA.
-    """
-
-    def __init__(
-        self,
-        app: Any,
-        host: str,
-        port: int,
-        tls: TLSFiles | None = None,
-        graceful_shutdown_s: float = 5.0,
-        name: str = "HTTP server",
-    ):
-        self.app = app
-        self.host = host
-        self.port = port
-        self.tls = tls
-        self.graceful_shutdown_s = graceful_shutdown_s
-        self.name = name
-        self._server: _EmbeddedServer | None = None
-        self._task: asyncio.Task | None = None
-
-    @property
-    def scheme(self) -> str:
-        return "http" if self.tls is None else "https"
-
-    async def start(self, startup_timeout_s: float = 30.0) -> int:
-        if self._task is not None:
-            raise RuntimeError(f"{self.name} already started")
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.create_server((self.host, self.port), family=family)
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            self.app,
-            lifespan="off",
-            log_config=None,
-            access_log=False,
-            timeout_graceful_shutdown=self.graceful_shutdown_s,
-            **uvicorn_ssl_options(self.tls),
-        )
-        self._server = _EmbeddedServer(config)
-        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name=f"{self.name}-{self.port}")
-        deadline = time.monotonic() + startup_timeout_s
-        while not self._server.started:  # uvicorn sets `started` once its listener is up
-            if self._task.done():
-                self._task.result()  # re-raise the startup failure
-                raise RuntimeError(f"{self.name}: uvicorn exited during startup")
-            if time.monotonic() > deadline:
-                await self.stop()
-                raise TimeoutError(f"{self.name} did not start within {startup_timeout_s}s")
-            await asyncio.sleep(0.01)
-        tls = "plaintext" if self.tls is None else "mutual TLS" if self.tls.mutual else "TLS"
-        log.info("%s listening on %s:%d (%s)", self.name, self.host, self.port, tls)
-        return self.port
-
-    async def stop(self) -> None:
-        if self._server is None or self._task is None:
-            return
-        self._server.should_exit = True
-        try:
-            await self._task
-        except SystemExit as e:  # uvicorn exits this way on startup failure
-            raise RuntimeError(f"{self.name} failed: exit code {e.code}") from None
-        finally:
-            self._server = self._task = None
-
-
 class HttpFrontend(AsgiServer):
     """Serves ``create_app(backend, api_key, metrics, protect_metrics)`` (see AsgiServer)."""
 
@@ -484,21 +381,4 @@ class HttpFrontend(AsgiServer):
         super().__init__(app, host, port, tls, graceful_shutdown_s, "OpenAI HTTP frontend")
 
 
-class MetricsFrontend(AsgiServer):
-    """The separate metrics port (ServeConfig.metrics_port): ``MetricsEndpoint(metrics,
-    api_key)`` at every path, with the same TLS as the other frontends."""
-
-    def __init__(
-        self,
-        metrics: Metrics,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        tls: TLSFiles | None = None,
-        api_key: str | None = None,
-    ):
-        super().__init__(
-            MetricsEndpoint(metrics, api_key), host, port, tls, graceful_shutdown_s=1.0, name="metrics endpoint"
-        )
-
-
-__all__ = ["AsgiServer", "HttpFrontend", "MetricsEndpoint", "MetricsFrontend", "create_app"]
+__all__ = ["HttpFrontend", "OpenAIServer", "create_app"]

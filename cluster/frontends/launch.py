@@ -153,7 +153,8 @@ async def start_frontends(cfg: ServeConfig, controller: Any, say: Callable[[str]
     anything when the API key sources conflict. On a bind failure the frontends already
     started are stopped again before the error propagates."""
     from cluster.frontends.grpc_server import GrpcFrontend
-    from cluster.frontends.http_server import HttpFrontend, MetricsFrontend
+    from cluster.frontends.http_server import HttpFrontend
+    from cluster.frontends.metrics_endpoint import MetricsFrontend
     from cluster.frontends.service import ServingBackend
     from cluster.metrics.registry import Metrics
 

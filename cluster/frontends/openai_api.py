@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
+from starlette.responses import JSONResponse
 
 from cluster.frontends.service import Delta, InvalidRequest, NoWorkerAvailable, Overloaded, RequestTimeout, Usage
 from engine.request import TokenLogprobs
@@ -45,6 +46,13 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def error_response(err: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+UNAUTHORIZED = ApiError(401, "missing or incorrect API key", "authentication_error", code="invalid_api_key")
 
 
 def invalid(param: str | None, message: str, code: str | None = None) -> ApiError:
