@@ -10,6 +10,9 @@ against the rest of the deployment:
 - CMD (no ENTRYPOINT) is token for token the ``splitserve serve`` command of the KubeRay head, and
   its ``--config`` path is where the Dockerfile copies deploy/serve-config.yaml;
 - every Ray container runs the image ``splitserve:<pyproject version>``;
+- the default model is baked in: ``SPLITSERVE_CACHE`` is an absolute path, owned by the image's
+  user, and a RUN after ``pip install .`` fetches the GGUF and converts it there (so no pod
+  fetches or converts at run time);
 - .dockerignore keeps the package sources in the build context and .venv / .git / tests out.
 Each check has a negative test on a mutated Dockerfile / .dockerignore.
 """
@@ -128,10 +131,33 @@ def check_dockerfile(text: str, cfg: ServeConfig, rc: dict, pyproject: dict) -> 
     if not any(c[-2:] == ["deploy/serve-config.yaml", config_path] for c in copies):
         fail(f"deploy/serve-config.yaml is not copied to the CMD's --config path {config_path}")
 
+    check_baked_model(instrs, runs, user)
+
     image = f"splitserve:{pyproject['project']['version']}"
     for group, template in ray_templates(rc).items():
         if template["spec"]["containers"][0]["image"] != image:
             fail(f"group {group} runs {template['spec']['containers'][0]['image']!r}, expected {image!r}")
+
+
+def check_baked_model(instrs: list[tuple[str, str]], runs: list[str], user: str) -> None:
+    """SPLITSERVE_CACHE is a fixed absolute path the image's user owns, and the default model
+    is fetched and converted into it after the package is installed."""
+    env: dict[str, str] = {}
+    for kind, args in instrs:
+        if kind == "ENV":
+            env.update(tok.split("=", 1) for tok in shlex.split(args) if "=" in tok)
+    cache = env.get("SPLITSERVE_CACHE")
+    if not cache or not cache.startswith("/"):
+        fail(f"ENV SPLITSERVE_CACHE must be an absolute path in the image, got {cache!r}")
+    owner = user.split(":")[0]
+    if not any(
+        re.search(rf"\bchown {owner}\S* .*(\$SPLITSERVE_CACHE|\$\{{SPLITSERVE_CACHE\}}|{re.escape(cache)})", r)
+        for r in runs
+    ):
+        fail(f"no RUN gives the model cache {cache} to the image user {owner} (chown)")
+    install = next(i for i, r in enumerate(runs) if re.search(r"\bpip install\b.* \.( |$)", r))
+    if not any("fetch_model(" in r and "resolve_model_path(" in r for r in runs[install + 1 :]):
+        fail("no RUN after `pip install .` bakes the default model (fetch_model + resolve_model_path)")
 
 
 def dockerignored(path: str, patterns: list[str]) -> bool:
@@ -217,6 +243,10 @@ DOCKERFILE_MUTATIONS = [
     ("-c /home/ray/ray-pin.txt . \\", "-c constraints.txt . \\", "constraints.txt"),
     ("-c /home/ray/ray-pin.txt . \\", "-c /home/ray/ray-pin.txt splitserve \\", "pip install ."),
     ("/etc/splitserve/serve-config.yaml\nRUN", "/etc/serve.yaml\nRUN", "--config path"),
+    ("SPLITSERVE_CACHE=/opt/splitserve/cache", "SPLITSERVE_HOME=/opt/splitserve/cache", "absolute path"),
+    ("SPLITSERVE_CACHE=/opt/splitserve/cache", "SPLITSERVE_CACHE=cache", "absolute path"),
+    ('chown 1000:100 /home/ray/splitserve "$SPLITSERVE_CACHE"', "chown 1000:100 /home/ray/splitserve", "(chown)"),
+    ("resolve_model_path(fetch_model())", "fetch_model()", "bakes the default model"),
 ]
 
 
