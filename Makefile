@@ -32,7 +32,8 @@ system-deps:
 test: install system-deps
 	$(PYTHON) -m pytest -q -ra
 
-# One offline generation through the CLI (`splitserve serve --once`, cluster/cli.py).
+# Serve the default model (SmolLM2-135M-Instruct, fetched once) on a local Ray cluster, stream
+# the demo questions' answers and exit: `splitserve serve --once` (cluster/serve.py).
 run: install
 	$(PYTHON) -m cluster serve --once
 
