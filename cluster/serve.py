@@ -302,6 +302,34 @@ def resolve_model(cfg: ServeConfig) -> ServeConfig:
     return dataclasses.replace(cfg, model=path)
 
 
+@dataclass(frozen=True)
+class TextSide:
+    """What the driver reads of the model to turn text into token ids (the demo, the frontends)."""
+
+    tokenizer: Any  # engine.tokenizer.Tokenizer
+    chat_template: Any  # cluster.frontends.chat_template.ChatTemplate, None when the model has none
+
+
+def load_text_side(model_dir: str) -> TextSide:
+    """The tokenizer and chat template of ``model_dir``, read on the driver before Ray starts,
+    so a missing tokenizer.json or a broken template is one line (ServeFailure), not a failure
+    after the workers loaded. The frontends read the same files (ServingBackend.from_model_dir)."""
+    import jinja2
+
+    from cluster.frontends.chat_template import ChatTemplate
+    from engine.tokenizer import Tokenizer
+
+    try:
+        tokenizer = Tokenizer(model_dir)
+    except Exception as e:  # FileNotFoundError (no tokenizer.json); tokenizers raises bare Exceptions
+        raise ServeFailure(f"model {model_dir!r}: cannot load its tokenizer: {_one_line(str(e))}", 2) from None
+    try:
+        template = ChatTemplate.from_model_dir(model_dir)
+    except (OSError, ValueError, jinja2.TemplateError) as e:
+        raise ServeFailure(f"model {model_dir!r}: bad chat template: {_one_line(str(e))}", 2) from None
+    return TextSide(tokenizer, template)
+
+
 # ---------------------------------------------------------------------------- ports and Ray
 def check_ports_free(cfg: ServeConfig) -> None:
     """Fail (ServeFailure naming the field and its flag) when a configured port cannot be bound
@@ -431,12 +459,13 @@ def _run(args: argparse.Namespace) -> int:
     except ModelIntegrityError as e:
         raise ServeFailure(f"model download rejected: {_one_line(str(e))}", 1) from None
     cfg = resolve_model(cfg)
+    text = load_text_side(cfg.model)
     check_ports_free(cfg)
     import ray
 
     try:
         start_ray(cfg, args)
-        asyncio.run(_serve(cfg, args))
+        asyncio.run(_serve(cfg, args, text))
     except KeyboardInterrupt:
         _say("stopped.")
         return 130
@@ -449,16 +478,13 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve(cfg: ServeConfig, args: argparse.Namespace) -> None:
+async def _serve(cfg: ServeConfig, args: argparse.Namespace, text: TextSide) -> None:
     from cluster.control.controller import Controller
-    from cluster.frontends.chat_template import ChatTemplate
-    from engine.tokenizer import Tokenizer
 
     # SIGTERM (Kubernetes stopping the pod) takes the Ctrl-C path: cancel, then shut down
     with contextlib.suppress(NotImplementedError, RuntimeError):  # not main thread / platform
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
-    tokenizer = Tokenizer(cfg.model)
-    template = ChatTemplate.from_model_dir(cfg.model)
+    tokenizer, template = text.tokenizer, text.chat_template
     controller = Controller(cfg, progress=_say)
     frontends = None
     try:

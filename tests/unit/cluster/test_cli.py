@@ -4,6 +4,7 @@ failures reach the user: one line on stderr, a non-zero status, no traceback (no
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -263,7 +264,15 @@ def _failure_cases(tiny_model: str, tmp: Path, held_port: int) -> list[tuple[lis
     cuda.write_text("pools:\n  - {name: decode, role: decode, engine: {device: cuda}}\n")
     not_gguf = tmp / "weights.bin"
     not_gguf.write_bytes(b"not a model")
+    no_tokenizer = tmp / "no-tokenizer"
+    shutil.copytree(tiny_model, no_tokenizer)
+    (no_tokenizer / "tokenizer.json").unlink()
+    bad_template = tmp / "bad-template"
+    shutil.copytree(tiny_model, bad_template)
+    (bad_template / "chat_template.jinja").write_text("{% for m in messages %}")
     return [
+        (["--model", str(no_tokenizer)], 2, "cannot load its tokenizer: no tokenizer.json"),
+        (["--model", str(bad_template)], 2, "bad chat template"),
         (["--model", str(tmp / "missing")], 2, "does not exist"),
         (["--model", str(not_gguf)], 2, "not a GGUF file"),
         (["--model", str(tmp)], 2, "no config.json"),
