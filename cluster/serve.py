@@ -454,6 +454,7 @@ def _run(args: argparse.Namespace) -> int:
         check_address_reachable(args.address)
     try:
         cfg = serve_config_from_args(args, default_model)
+        cfg.api_key()  # the key's sources are checked now, not after Ray and the workers started
     except ConfigError as e:
         raise ServeFailure(f"config error: {_one_line(str(e))}", 2) from None
     except ModelIntegrityError as e:

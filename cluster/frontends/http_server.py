@@ -40,7 +40,7 @@ from starlette.types import Receive, Scope, Send
 
 from cluster.frontends.asgi_server import AsgiServer
 from cluster.frontends.auth import TLSFiles, api_key_from_headers, check_api_key
-from cluster.frontends.chat_template import ChatTemplate, ChatTemplateError
+from cluster.frontends.chat_template import ChatTemplateError
 from cluster.frontends.metrics_endpoint import MetricsEndpoint
 from cluster.frontends.openai_api import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
@@ -143,7 +143,7 @@ class OpenAIServer:
     def __init__(self, backend: ServingBackend):
         self.backend = backend
         self.created = int(time.time())
-        self.chat_template = ChatTemplate.from_tokenizer_config(backend.tokenizer.config)
+        self.chat_template = backend.chat_template
 
     # ------------------------------------------------------------ preparing requests
     def _check_model(self, model: str | None) -> None:

@@ -20,7 +20,6 @@ or $SPLITSERVE_API_KEY (cluster.config.SecurityConfig), and is never printed or 
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -160,17 +159,15 @@ async def start_frontends(cfg: ServeConfig, controller: Any, say: Callable[[str]
 
     api_key = cfg.api_key()
     security = cfg.security
-    name = os.path.basename(os.path.normpath(cfg.model))
-    metrics = Metrics(name)
-    metrics.attach(controller.router, transport=cfg.transfer.kind)
     backend = ServingBackend.from_model_dir(
         controller.router,
         cfg.model,
         max_queue=cfg.max_queue,
         request_timeout_s=cfg.request_timeout_s,
         info=controller.info,
-        metrics=metrics,
     )
+    metrics = backend.metrics = Metrics(backend.model_name)  # series carry the served model's name
+    metrics.attach(controller.router, transport=cfg.transfer.kind)
     metrics_key = api_key if security.protect_metrics else None
     grpc = GrpcFrontend(backend, cfg.host, cfg.grpc_port, api_key=api_key, tls=security.tls)
     http = HttpFrontend(

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from cluster.control.info import ClusterInfo, worker_info
 from cluster.control.router import Router
 from cluster.control.routing import NoWorkerAvailable
-from cluster.frontends.chat_template import read_tokenizer_config
+from cluster.frontends.chat_template import ChatTemplate
 from engine.config import ModelConfig
 from engine.models.gguf import STAMP_FILE, resolve_model_path
 from engine.request import SamplingParams, TokenLogprobs
@@ -109,8 +109,10 @@ class ServingBackend:
         request_timeout_s: float = 600.0,
         info: Callable[[], ClusterInfo] | None = None,
         metrics: Metrics | None = None,
+        chat_template: ChatTemplate | None = None,
     ):
         self.router = router
+        self.chat_template = chat_template  # None: the model has none (chat requests get 400)
         self.tokenizer = tokenizer
         self.model_config = model_config
         self.model_name = model_name
@@ -127,9 +129,7 @@ class ServingBackend:
 
         The served name is the directory's name, or the .gguf file's stem ("SmolLM2-135M-
         Instruct.Q4_1"), also when ``model`` is the converted directory of a GGUF file.
-        ``tokenizer.config`` is the tokenizer config as transformers assembles it on load, chat
-        template files included (frontends/chat_template.py: ``read_tokenizer_config``), which
-        is where the OpenAI frontend reads the chat template from.
+        The chat template is read as transformers reads it (frontends/chat_template.py).
         """
         path = resolve_model_path(model)
         source = model
@@ -139,9 +139,10 @@ class ServingBackend:
                 source = str(json.load(f).get("source") or model)
         name = os.path.basename(os.path.normpath(source))
         name = name.removesuffix(".gguf") if source != path else name
-        tokenizer = Tokenizer(path)
-        tokenizer.config = read_tokenizer_config(path)
-        return ServingBackend(router, tokenizer, ModelConfig.from_hf_dir(path), name, **kw)
+        template = ChatTemplate.from_model_dir(path)
+        return ServingBackend(
+            router, Tokenizer(path), ModelConfig.from_hf_dir(path), name, chat_template=template, **kw
+        )
 
     # ------------------------------------------------------------ validation
     @property

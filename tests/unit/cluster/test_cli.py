@@ -282,6 +282,7 @@ def _failure_cases(tiny_model: str, tmp: Path, held_port: int) -> list[tuple[lis
         (["--model", tiny_model, "--address", f"127.0.0.1:{_closed_port()}"], 1, "cannot reach the Ray cluster"),
         (["--model", tiny_model, "--address", "no-port-here"], 2, "expected 'auto' or host:port"),
         (["--model", tiny_model, "--http-port", str(held_port)], 2, f"{held_port} (http_port): Address already in use"),
+        (["--model", tiny_model, "--protect-metrics"], 2, "security.protect_metrics: needs an API key"),
     ]
 
 
