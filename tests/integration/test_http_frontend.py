@@ -22,7 +22,7 @@ import pytest
 
 from cluster.config import PoolConfig, RouterConfig, ServeConfig, TransferConfig
 from cluster.control.local import LocalCluster
-from cluster.frontends.chat_template import ChatTemplate, ChatTemplateError
+from cluster.frontends.chat_template import ChatTemplate, ChatTemplateError, read_tokenizer_config
 from cluster.frontends.http_server import HttpFrontend
 from cluster.frontends.service import ServingBackend
 from engine import LLM, SamplingParams
@@ -88,9 +88,12 @@ class Served:
 
     def backend(self, template: str | None = None, **kw: Any) -> RecordingBackend:
         tok = Tokenizer(self.model)
-        if template is not None:
-            tok.config = {**tok.config, "chat_template": template}
-        return RecordingBackend(self.cluster.router, tok, ModelConfig.from_hf_dir(self.model), self.name, **kw)
+        chat = ChatTemplate.from_model_dir(self.model)
+        if template is not None:  # the model's special tokens, another template
+            chat = ChatTemplate.from_tokenizer_config({**read_tokenizer_config(self.model), "chat_template": template})
+        return RecordingBackend(
+            self.cluster.router, tok, ModelConfig.from_hf_dir(self.model), self.name, chat_template=chat, **kw
+        )
 
     def call(self, coro: Any, timeout: float = 60.0) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
