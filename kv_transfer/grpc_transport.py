@@ -85,7 +85,7 @@ class _Servicer(pb_grpc.KVTransferServicer):
                 return pb.PushAck(ok=False, message=f"empty or broken stream: {e}")
             if part is not None:
                 self._deliver(rid, *part)  # the book reports it as truncated
-            book.on_stream_error({rid}, f"{type(e).__name__}: {e}")  # grpc errors often have empty str()
+            book.on_stream_error({rid}, str(e) or type(e).__name__)  # a gRPC error may have an empty str()
         if rid is None:
             return pb.PushAck(ok=False, message="empty stream")
         ok, message = book.status_for_ack(rid)
