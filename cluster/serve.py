@@ -44,6 +44,7 @@ from typing import Any
 
 import yaml
 
+from cluster.argtypes import non_negative_float, non_negative_int, positive_int
 from cluster.config import DEFAULT_TINY_DIR, PLACEMENT_STRATEGIES, TRANSFER_KINDS, ConfigError, ServeConfig
 from cluster.control.info import ClusterInfo
 from cluster.frontends.launch import add_frontend_flags, apply_frontend_flags, start_frontends
@@ -86,27 +87,6 @@ class ModelChoice:
 
 
 # ---------------------------------------------------------------------------- parser
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
 def add_serve_parser(sub: Any) -> None:
     p = sub.add_parser(
         "serve",
@@ -125,15 +105,15 @@ def add_serve_parser(sub: Any) -> None:
         help="join this Ray cluster ('auto' or host:port) instead of starting a local one "
         "(without it, serve always starts its own, whatever Ray runs on this machine or RAY_ADDRESS says)",
     )
-    p.add_argument("--num-cpus", type=_non_negative_float, help="CPUs of the local Ray instance (default: enough)")
-    p.add_argument("--prefill", type=_non_negative_int, metavar="N", help="workers in the 'prefill' pool")
-    p.add_argument("--decode", type=_non_negative_int, metavar="N", help="workers in the 'decode' pool")
+    p.add_argument("--num-cpus", type=non_negative_float, help="CPUs of the local Ray instance (default: enough)")
+    p.add_argument("--prefill", type=non_negative_int, metavar="N", help="workers in the 'prefill' pool")
+    p.add_argument("--decode", type=non_negative_int, metavar="N", help="workers in the 'decode' pool")
     p.add_argument(
         "--transport",
         choices=RAY_KINDS,
         help="KV transport (default: the config's transfer.kind, else shm; shm needs a single node)",
     )
-    p.add_argument("--num-cpus-per-worker", type=_non_negative_float, metavar="F", help="Ray CPUs of every worker")
+    p.add_argument("--num-cpus-per-worker", type=non_negative_float, metavar="F", help="Ray CPUs of every worker")
     p.add_argument(
         "--placement",
         choices=PLACEMENT_STRATEGIES,
@@ -148,7 +128,7 @@ def add_serve_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--max-tokens",
-        type=_positive_int,
+        type=positive_int,
         default=DEMO_MAX_TOKENS,
         help="at most this many tokens per demo prompt (default: %(default)s; generation stops at EOS)",
     )

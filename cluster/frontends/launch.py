@@ -23,14 +23,8 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
+from cluster.argtypes import port
 from cluster.config import API_KEY_ENV, ConfigError, ServeConfig
-
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be in [0, 65535], got {value}")
-    return value
 
 
 class _RefuseKeyOnCommandLine(argparse.Action):
@@ -46,12 +40,12 @@ def add_frontend_flags(p: argparse.ArgumentParser) -> None:
     """The serve flags of the frontends (each overrides the config field it names)."""
     g = p.add_argument_group("frontends")
     g.add_argument("--host", help="address the frontends bind (default: the config's, else 0.0.0.0)")
-    g.add_argument("--grpc-port", type=_port, metavar="PORT", help="gRPC port (0: pick a free one)")
+    g.add_argument("--grpc-port", type=port, metavar="PORT", help="gRPC port (0: pick a free one)")
     g.add_argument(
-        "--http-port", type=_port, metavar="PORT", help="OpenAI-compatible HTTP port, also /metrics (0: pick one)"
+        "--http-port", type=port, metavar="PORT", help="OpenAI-compatible HTTP port, also /metrics (0: pick one)"
     )
     m = g.add_mutually_exclusive_group()
-    m.add_argument("--metrics-port", type=_port, metavar="PORT", help="separate Prometheus metrics port (0: pick one)")
+    m.add_argument("--metrics-port", type=port, metavar="PORT", help="separate Prometheus metrics port (0: pick one)")
     m.add_argument(
         "--no-metrics-port",
         action="store_true",

@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from cluster.argtypes import positive_int
 from cluster.tools.sim.model import ProfileTable
 
 DEFAULT_PREFILL_TOKENS = (16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -205,13 +206,6 @@ def profile_engine(
 
 
 # ---------------------------------------------------------------------------- CLI
-def _ints(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
 def add_profile_parser(sub: Any) -> None:
     p = sub.add_parser(
         "profile",
@@ -221,19 +215,21 @@ def add_profile_parser(sub: Any) -> None:
     )
     p.add_argument("--model", help="HF safetensors directory (default: a tiny random Llama)")
     p.add_argument("--out", default="profile.json", metavar="FILE.json", help="output (default: %(default)s)")
-    p.add_argument("--prefill-tokens", type=_ints, nargs="+", metavar="N", help="prompt chunk sizes to time")
-    p.add_argument("--batch-sizes", type=_ints, nargs="+", metavar="N", help="decode batch sizes to time")
-    p.add_argument("--context-lens", type=_ints, nargs="+", metavar="N", help="decode context lengths to time")
+    p.add_argument("--prefill-tokens", type=positive_int, nargs="+", metavar="N", help="prompt chunk sizes to time")
+    p.add_argument("--batch-sizes", type=positive_int, nargs="+", metavar="N", help="decode batch sizes to time")
+    p.add_argument("--context-lens", type=positive_int, nargs="+", metavar="N", help="decode context lengths to time")
     p.add_argument("--quick", action="store_true", help="a small grid (about a minute on a laptop CPU)")
-    p.add_argument("--reps", type=_ints, default=5, help="prefill repetitions per point (default: %(default)s)")
-    p.add_argument("--decode-steps", type=_ints, default=5, help="timed decode steps per point (default: %(default)s)")
-    p.add_argument("--threads", type=_ints, default=1, help="torch intra-op threads (default: %(default)s)")
+    p.add_argument("--reps", type=positive_int, default=5, help="prefill repetitions per point (default: %(default)s)")
+    p.add_argument(
+        "--decode-steps", type=positive_int, default=5, help="timed decode steps per point (default: %(default)s)"
+    )
+    p.add_argument("--threads", type=positive_int, default=1, help="torch intra-op threads (default: %(default)s)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
-    p.add_argument("--block-size", type=_ints, default=16, help="KV block size (default: %(default)s)")
-    p.add_argument("--num-blocks", type=_ints, help="KV blocks of a serving instance (default: 1 GB worth)")
-    p.add_argument("--max-num-batched-tokens", type=_ints, default=2048, help="serving token budget per step")
-    p.add_argument("--max-num-seqs", type=_ints, default=256, help="serving limit on running requests")
+    p.add_argument("--block-size", type=positive_int, default=16, help="KV block size (default: %(default)s)")
+    p.add_argument("--num-blocks", type=positive_int, help="KV blocks of a serving instance (default: 1 GB worth)")
+    p.add_argument("--max-num-batched-tokens", type=positive_int, default=2048, help="serving token budget per step")
+    p.add_argument("--max-num-seqs", type=positive_int, default=256, help="serving limit on running requests")
     p.set_defaults(func=cmd_profile)
 
 

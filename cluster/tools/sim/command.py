@@ -17,28 +17,8 @@ import json
 import sys
 from typing import Any
 
+from cluster.argtypes import non_negative_int, positive_float, positive_int
 from cluster.config import ROUTING_POLICIES, ConfigError, RouterConfig
-
-
-def _pos_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
-def _nonneg_int(text: str) -> int:
-    v = int(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
-
-
-def _pos_float(text: str) -> float:
-    v = float(text)
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return v
 
 
 def add_sim_parser(sub: Any) -> None:
@@ -54,32 +34,32 @@ def add_sim_parser(sub: Any) -> None:
     )
     p.add_argument("--workload", default="conversation", help="code | conversation | trace CSV (default: %(default)s)")
     p.add_argument(
-        "--rate", type=_pos_float, metavar="R", help="Poisson arrivals at R req/s (default: replay the trace)"
+        "--rate", type=positive_float, metavar="R", help="Poisson arrivals at R req/s (default: replay the trace)"
     )
     p.add_argument(
-        "--duration", type=_pos_float, default=60.0, metavar="S", help="arrival window (default: %(default)s)"
+        "--duration", type=positive_float, default=60.0, metavar="S", help="arrival window (default: %(default)s)"
     )
-    p.add_argument("--num-requests", type=_pos_int, metavar="N", help="at most N requests")
-    p.add_argument("--prefill", type=_nonneg_int, default=1, metavar="N", help="prefill instances (default: 1)")
-    p.add_argument("--decode", type=_nonneg_int, default=1, metavar="M", help="decode instances (default: 1)")
-    p.add_argument("--mixed", type=_nonneg_int, default=0, metavar="K", help="mixed instances (default: 0)")
-    p.add_argument("--slo-ttft", type=_pos_float, metavar="MS", help="TTFT SLO in milliseconds")
-    p.add_argument("--slo-tpot", type=_pos_float, metavar="MS", help="TPOT SLO in milliseconds")
+    p.add_argument("--num-requests", type=positive_int, metavar="N", help="at most N requests")
+    p.add_argument("--prefill", type=non_negative_int, default=1, metavar="N", help="prefill instances (default: 1)")
+    p.add_argument("--decode", type=non_negative_int, default=1, metavar="M", help="decode instances (default: 1)")
+    p.add_argument("--mixed", type=non_negative_int, default=0, metavar="K", help="mixed instances (default: 0)")
+    p.add_argument("--slo-ttft", type=positive_float, metavar="MS", help="TTFT SLO in milliseconds")
+    p.add_argument("--slo-tpot", type=positive_float, metavar="MS", help="TPOT SLO in milliseconds")
     p.add_argument("--sweep-ratio", action="store_true", help="plan the prefill:decode split of --instances")
-    p.add_argument("--instances", type=_pos_int, metavar="N", help="instances to split (--sweep-ratio)")
-    p.add_argument("--target-rate", type=_pos_float, metavar="R", help="req/s to plan for (--sweep-ratio)")
+    p.add_argument("--instances", type=positive_int, metavar="N", help="instances to split (--sweep-ratio)")
+    p.add_argument("--target-rate", type=positive_float, metavar="R", help="req/s to plan for (--sweep-ratio)")
     p.add_argument("--prefill-policy", choices=ROUTING_POLICIES, default="token_jsq")
     p.add_argument("--decode-policy", choices=ROUTING_POLICIES, default="kv")
-    p.add_argument("--short-prompt-threshold", type=_nonneg_int, default=32, metavar="N")
-    p.add_argument("--max-mixed-workers", type=_nonneg_int, default=1, metavar="N", help="role switching (0: off)")
-    p.add_argument("--link-gbps", type=_pos_float, default=100.0, help="KV link per prefill instance (Gbit/s)")
+    p.add_argument("--short-prompt-threshold", type=non_negative_int, default=32, metavar="N")
+    p.add_argument("--max-mixed-workers", type=non_negative_int, default=1, metavar="N", help="role switching (0: off)")
+    p.add_argument("--link-gbps", type=positive_float, default=100.0, help="KV link per prefill instance (Gbit/s)")
     p.add_argument("--link-latency-us", type=float, default=20.0, help="per-transfer latency (us)")
     p.add_argument("--whole-cache", action="store_true", help="send the KV after the prefill (not layer-wise)")
-    p.add_argument("--num-blocks", type=_pos_int, help="KV blocks per instance (default: the table's)")
-    p.add_argument("--max-num-batched-tokens", type=_pos_int, help="token budget per step (default: the table's)")
-    p.add_argument("--max-num-seqs", type=_pos_int, help="running requests per instance (default: the table's)")
-    p.add_argument("--max-prompt", type=_pos_int, help="clip prompt lengths (e.g. to a small model's context)")
-    p.add_argument("--max-output", type=_pos_int, help="clip output lengths")
+    p.add_argument("--num-blocks", type=positive_int, help="KV blocks per instance (default: the table's)")
+    p.add_argument("--max-num-batched-tokens", type=positive_int, help="token budget per step (default: the table's)")
+    p.add_argument("--max-num-seqs", type=positive_int, help="running requests per instance (default: the table's)")
+    p.add_argument("--max-prompt", type=positive_int, help="clip prompt lengths (e.g. to a small model's context)")
+    p.add_argument("--max-output", type=positive_int, help="clip output lengths")
     p.add_argument("--dispatch-ms", type=float, default=0.0, help="routing/RPC delay per request (ms)")
     p.add_argument("--time-scale", type=float, default=1.0, help="multiply every step time of the table (calibration)")
     p.add_argument("--token-overhead-ms", type=float, default=0.0, help="serving cost per streamed token (calibration)")
