@@ -8,13 +8,11 @@ their own) or through raw stubs where the SDK would refuse the input first.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import pytest
@@ -39,6 +37,7 @@ from cluster.frontends.service import Delta, ServingBackend, Usage
 from engine import LLM, SamplingParams
 from protos import splitserve_pb2 as pb
 from protos import splitserve_pb2_grpc as pb_grpc
+from tests.pki import write_pki
 
 pytestmark = pytest.mark.integration
 
@@ -465,67 +464,19 @@ def test_health_and_reflection_answer(served):
         assert "temperature" in gen.input_type.fields_by_name["sampling"].message_type.fields_by_name
 
 
-def _write_pki(d: Path) -> dict[str, str]:
-    """A CA, a server cert for localhost/127.0.0.1 and a client cert, all signed by the CA."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "splitserve test CA")])
-
-    def cert(subject: str, key, issuer_key, ca: bool, san=None):
-        b = (
-            x509.CertificateBuilder()
-            .subject_name(ca_name if ca else x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-            .issuer_name(ca_name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        )
-        if san:
-            b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
-        return b.sign(issuer_key, hashes.SHA256())
-
-    import ipaddress
-
-    server_key, client_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    san = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    items = {
-        "ca": cert("ca", ca_key, ca_key, True),
-        "server": cert("localhost", server_key, ca_key, False, san),
-        "client": cert("client", client_key, ca_key, False),
-    }
-    paths = {}
-    for name, c in items.items():
-        paths[name] = str(d / f"{name}.pem")
-        Path(paths[name]).write_bytes(c.public_bytes(serialization.Encoding.PEM))
-    for name, k in (("server_key", server_key), ("client_key", client_key)):
-        paths[name] = str(d / f"{name}.pem")
-        pem = k.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-        Path(paths[name]).write_bytes(pem)
-    return paths
-
-
 def test_tls_and_mutual_tls_round_trip(served, tmp_path):
-    pki = _write_pki(tmp_path)
-    with extra_frontend(served, tls=TLSFiles(pki["server"], pki["server_key"])) as (_, port):
-        with Client(f"localhost:{port}", tls=TLSConfig(ca=pki["ca"])) as c:
+    pki = write_pki(tmp_path)
+    with extra_frontend(served, tls=TLSFiles(pki.server, pki.server_key)) as (_, port):
+        with Client(f"localhost:{port}", tls=TLSConfig(ca=pki.ca)) as c:
             assert len(c.generate([5, 6, 7], max_tokens=3).token_ids) == 3
         with Client(f"localhost:{port}", max_retries=0) as c, pytest.raises(Unavailable):
             c.generate([5, 6, 7], max_tokens=3)  # plaintext client, TLS server
-    mtls = TLSFiles(pki["server"], pki["server_key"], ca=pki["ca"])
+    mtls = TLSFiles(pki.server, pki.server_key, ca=pki.ca)
     with extra_frontend(served, tls=mtls) as (_, port):
-        full = TLSConfig(ca=pki["ca"], cert=pki["client"], key=pki["client_key"])
+        full = TLSConfig(ca=pki.ca, cert=pki.client, key=pki.client_key)
         with Client(f"localhost:{port}", tls=full) as c:
             assert len(c.generate([5, 6, 7], max_tokens=3).token_ids) == 3
-        with Client(f"localhost:{port}", tls=TLSConfig(ca=pki["ca"]), max_retries=0, timeout=10) as c:
+        with Client(f"localhost:{port}", tls=TLSConfig(ca=pki.ca), max_retries=0, timeout=10) as c:
             with pytest.raises(Unavailable):  # no client certificate: the handshake fails
                 c.generate([5, 6, 7], max_tokens=3)
     assert_idle(served)
