@@ -17,6 +17,10 @@ Shape (every key optional except ``model``; unknown keys are errors)::
       tls: {cert: /tls/tls.crt, key: /tls/tls.key, ca: /tls/ca.crt}   # ca: mutual TLS
       api_key_file: /secrets/api-key   # else $SPLITSERVE_API_KEY, else no key
       protect_metrics: false           # true: /metrics needs the API key too
+    state:                      # default: in memory (one node, nothing survives a restart)
+      redis_url: redis://splitserve-redis:6379/1      # journal, worker registry, prefix index
+      password_file: /secrets/redis-password          # else $SPLITSERVE_REDIS_PASSWORD
+    failover: {max_retries: 3, wait_for_worker_s: 120}
 
 Errors are ``ConfigError`` (a ``ValueError``) whose message starts with the dotted path of the
 bad field, e.g. ``pools[1].num_workers: must be >= 0, got -1``.
@@ -28,6 +32,8 @@ Invariants of a constructed ``ServeConfig``:
 - every file named by ``security`` exists and loads (TLS cert/key/CA parse, the cert matches
   its key, the API key file holds one key), checked once, here.
 - ``router.prefill_release_tokens < router.prefill_saturation_tokens`` (role-switch hysteresis).
+- ``state.password_file`` exists and holds one password; a password is given at most one way
+  (file, $SPLITSERVE_REDIS_PASSWORD, or the URL).
 """
 
 from __future__ import annotations
@@ -53,6 +59,9 @@ TRANSFER_KINDS: tuple[str, ...] = ("loopback", "shm", "torch", "grpc")
 PLACEMENT_STRATEGIES: tuple[str, ...] = ("auto", "none", "PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 # The environment variable that holds the API key when security.api_key_file is not set.
 API_KEY_ENV = "SPLITSERVE_API_KEY"
+# The environment variable that holds the Redis password when state.password_file is not set.
+REDIS_PASSWORD_ENV = "SPLITSERVE_REDIS_PASSWORD"
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 # Where `serve` and `profile` build the tiny random-weight Llama when no model is given.
 DEFAULT_TINY_DIR = os.path.join(os.path.expanduser("~"), ".cache", "splitserve", "tiny-llama")
 
@@ -161,18 +170,25 @@ def _is_api_key(text: str) -> bool:
     return bool(text) and all("!" <= ch <= "~" for ch in text)
 
 
+def read_secret_file(path: str, field_name: str, what: str) -> str:
+    """The one token of visible ASCII in ``path`` (a final newline removed). Raises
+    ConfigError(field_name) when it cannot be read or holds anything else; the message never
+    contains the file's content."""
+    try:
+        with open(path, encoding="ascii") as f:
+            secret = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(field_name, f"cannot read {path!r}: {type(e).__name__}: {e}") from None
+    _check(bool(secret), field_name, f"{path!r} is empty")
+    _check(_is_api_key(secret), field_name, f"{path!r} must hold one {what} of visible ASCII, without spaces")
+    return secret
+
+
 def read_api_key_file(path: str) -> str:
     """The key in ``path`` (surrounding whitespace, e.g. a final newline, removed). Raises
     ConfigError("api_key_file") when it cannot be read or does not hold one key; the message
     never contains the file's content."""
-    try:
-        with open(path, encoding="ascii") as f:
-            key = f.read().strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError("api_key_file", f"cannot read {path!r}: {type(e).__name__}: {e}") from None
-    _check(bool(key), "api_key_file", f"{path!r} is empty")
-    _check(_is_api_key(key), "api_key_file", f"{path!r} must hold one key of visible ASCII, without spaces")
-    return key
+    return read_secret_file(path, "api_key_file", "key")
 
 
 @dataclass(frozen=True)
@@ -250,6 +266,114 @@ class SecurityConfig:
         return None
 
 
+@dataclass(frozen=True)
+class StateConfig:
+    """Where the control plane keeps its state (cluster/control/state/): the request journal
+    (what Resume and failover continue from), the worker registry and the prefix index.
+
+    ``redis_url`` None: in memory, in the serving process (one node; a restart forgets it).
+    Set: Redis (``redis://host:port/db``, ``rediss://`` for TLS), so the journal and the prefix
+    index survive a restart of the serving process. Redis going away never stops serving: the
+    store turns "degraded" (health says so, a metric counts it, one warning is logged), writes
+    are dropped until it reconnects by itself, and live requests' journals are rewritten then.
+
+    The password: ``password_file`` (e.g. a mounted Kubernetes secret), else
+    $SPLITSERVE_REDIS_PASSWORD, else the URL's own (``redis://:pw@host``, which shows in ``ps``),
+    else none. Giving it two ways is an error.
+    """
+
+    redis_url: str | None = None
+    password_file: str | None = None
+    key_prefix: str = "splitserve"  # every key the store writes starts with "<key_prefix>:"
+    journal_ttl_s: float = 3600.0  # a request's journal expires this long after its last write
+    # Entries of one request's journal stream (one per streamed chunk); the stream is trimmed
+    # beyond it (XADD MAXLEN ~), after which that request can no longer be resumed (an
+    # explicit error says so). Keep it above the longest max_tokens served.
+    journal_max_entries: int = 100_000
+    memory_max_records: int = 10_000  # in-memory backend: journals kept (oldest finished dropped first)
+    heartbeat_ttl_s: float = 10.0  # a worker-registry entry not refreshed this long has expired
+    op_timeout_s: float = 0.5  # a Redis round trip slower than this counts as Redis being down
+    reconnect_interval_s: float = 1.0  # while degraded, Redis is pinged this often
+
+    def __post_init__(self) -> None:
+        if self.redis_url is not None:
+            _check(
+                self.redis_url.startswith(REDIS_SCHEMES),
+                "redis_url",
+                f"must start with one of {list(REDIS_SCHEMES)}, got {self.redis_url!r}",
+            )
+        if self.password_file is not None:
+            _check(self.redis_url is not None, "password_file", "is set but redis_url is not")
+            _check(os.path.isfile(self.password_file), "password_file", f"no such file {self.password_file!r}")
+            read_secret_file(self.password_file, "password_file", "password")
+        _check(bool(self.key_prefix) and ":" not in self.key_prefix, "key_prefix", "must be non-empty, without ':'")
+        for name in ("journal_ttl_s", "heartbeat_ttl_s", "op_timeout_s", "reconnect_interval_s"):
+            _check(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
+        _check(self.journal_max_entries >= 16, "journal_max_entries", f"must be >= 16, got {self.journal_max_entries}")
+        _check(self.memory_max_records >= 1, "memory_max_records", f"must be >= 1, got {self.memory_max_records}")
+
+    def password(self, environ: Mapping[str, str] = os.environ) -> str | None:
+        """The Redis password (None: none, or the URL's own). Raises ConfigError naming the
+        field when it is given two ways or is malformed."""
+        from_env = environ.get(REDIS_PASSWORD_ENV) or None
+        in_url = self.redis_url is not None and _url_has_password(self.redis_url)
+        if self.password_file is not None:
+            _check(from_env is None, "password_file", f"is set and so is ${REDIS_PASSWORD_ENV}: give it one way")
+            _check(not in_url, "password_file", "is set and redis_url holds a password too: give it one way")
+            return read_secret_file(self.password_file, "password_file", "password")
+        if from_env is not None:
+            _check(not in_url, "redis_url", f"holds a password and so does ${REDIS_PASSWORD_ENV}: give it one way")
+            _check(_is_api_key(from_env), "", f"${REDIS_PASSWORD_ENV} must be one password of visible ASCII")
+            return from_env
+        return None
+
+
+def _url_has_password(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    return bool(urlsplit(url).password)
+
+
+@dataclass(frozen=True)
+class FailoverConfig:
+    """How the router keeps requests alive across worker failures (cluster/control/failover.py).
+
+    A request whose worker dies (or whose KV transfer fails) is placed again, on a worker that
+    can serve it, with its prompt plus the tokens generated so far re-prefilled there; its
+    stream continues with no token missing or repeated. Every re-placement counts against
+    ``max_retries``; past it the request ends with an explicit error.
+    """
+
+    max_retries: int = 3  # re-placements of one request before it fails with an explicit error
+    # A failed-over request with no worker to go to (e.g. the only decode worker died) waits
+    # this long for one (its replacement) before it fails.
+    wait_for_worker_s: float = 120.0
+    # New requests the router places on one worker at once; with every candidate at this bound
+    # a request is refused (RESOURCE_EXHAUSTED / 429, with Retry-After). Failed-over requests
+    # are exempt: they were accepted already.
+    max_inflight_per_worker: int = 256
+    # Each worker's own bound on requests it holds (its queues included); a request past it is
+    # refused by the worker (queue.Full) and placed elsewhere. Must leave room for failed-over
+    # requests above ``max_inflight_per_worker``.
+    worker_max_pending: int = 512
+    retry_after_s: int = 1  # Retry-After (seconds) sent with every refusal
+
+    def __post_init__(self) -> None:
+        _check(self.max_retries >= 0, "max_retries", f"must be >= 0, got {self.max_retries}")
+        _check(self.wait_for_worker_s >= 0, "wait_for_worker_s", f"must be >= 0, got {self.wait_for_worker_s}")
+        _check(
+            self.max_inflight_per_worker >= 1,
+            "max_inflight_per_worker",
+            f"must be >= 1, got {self.max_inflight_per_worker}",
+        )
+        _check(
+            self.worker_max_pending >= self.max_inflight_per_worker,
+            "worker_max_pending",
+            f"must be >= max_inflight_per_worker ({self.max_inflight_per_worker}), got {self.worker_max_pending}",
+        )
+        _check(self.retry_after_s >= 1, "retry_after_s", f"must be >= 1, got {self.retry_after_s}")
+
+
 def _default_pools() -> tuple[PoolConfig, ...]:
     return (PoolConfig("prefill", "prefill", 1), PoolConfig("decode", "decode", 1))
 
@@ -270,6 +394,8 @@ class ServeConfig:
     request_timeout_s: float = 600.0  # a request not finished by then is aborted
     placement: str = "auto"  # one of PLACEMENT_STRATEGIES
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    state: StateConfig = field(default_factory=StateConfig)
+    failover: FailoverConfig = field(default_factory=FailoverConfig)
 
     def __post_init__(self) -> None:
         _check(bool(self.model), "model", "must be a non-empty string")

@@ -5,6 +5,9 @@
 #   g++          g++                    the native CPU kernel (engine/native), built through
 #   ninja-build  ninja                  torch.utils.cpp_extension; tests/unit/engine/test_cpu_paged_decode.py
 #   python3-dev  Python.h               the same build, for a Debian python3 (checked for PYTHON)
+#   redis-server redis-server           the state store's Redis backend: tests/redis_server.py starts a
+#                                       real server on a free port (tests/unit/cluster/state/,
+#                                       the failover and journal integration tests)
 #
 # Idempotent and quick when everything is present. Installs through apt-get as root (or with
 # password-less sudo), with services kept from auto-starting (tests start their own instances).
@@ -20,6 +23,7 @@ need_binary prometheus prometheus
 need_binary prometheus promtool
 need_binary g++ g++
 need_binary ninja-build ninja
+need_binary redis-server redis-server
 if ! "$PYTHON" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
   missing+=(python3-dev)
 fi
