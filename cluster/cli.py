@@ -4,6 +4,7 @@
     splitserve bench    load generator (cluster/tools/bench/command.py)
     splitserve profile  step-time tables of this machine (cluster/tools/profile.py)
     splitserve sim      cluster simulator (cluster/tools/sim/command.py)
+    splitserve draft    build a self-draft model for speculative decoding (cluster/tools/draft.py)
 
 Each subcommand registers itself with an ``add_<name>_parser(subparsers)`` that sets
 ``func``; ``main`` parses and dispatches. Importing this module imports no Ray.
@@ -17,6 +18,7 @@ from typing import Any
 
 from cluster.serve import add_serve_parser
 from cluster.tools.bench.command import add_bench_parser
+from cluster.tools.draft import add_draft_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     _add_profile(sub)
     _add_sim(sub)
+    add_draft_parser(sub)
     return ap
 
 
