@@ -213,6 +213,29 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class KernelConfig:
+    """Which CPU kernels the model runs (engine/native: csrc/linear.cpp, csrc/fused_ops.cpp).
+
+    The native path covers dense models without q/k norm (Llama, Mistral, Qwen2) on CPU in
+    float32 / bfloat16 / float16 (``stream_linear`` takes float32 and bfloat16 weights; float16
+    linears stay on torch). Everything else runs the torch ops of engine/models.
+    """
+
+    # None: native kernels when the model is on CPU, the model is covered and the kernels build
+    # (a failed build logs one warning and runs the torch ops); True: require them (an error
+    # otherwise); False: torch ops only.
+    native: bool | None = None
+    # Linears with at most this many rows (tokens of the step) stream their weight once through
+    # the native kernel; larger ones use oneDNN / MKL (0: never). 16 is where oneDNN catches up
+    # on the 2-core dev machine (benchmarks/linear_kernels.py).
+    stream_linear_max_rows: int = 16
+
+    def __post_init__(self) -> None:
+        if self.stream_linear_max_rows < 0:
+            raise ValueError(f"stream_linear_max_rows must be >= 0, got {self.stream_linear_max_rows}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
     model_path: str
@@ -225,6 +248,7 @@ class EngineConfig:
     # allocate the KV cache in a memfd another process can map (CPU only): lets the shm KV
     # transport's receiver copy pages straight out of this cache (see PagedKVCache)
     kv_cache_shared: bool = False
+    kernels: KernelConfig = field(default_factory=KernelConfig)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "float16", "bfloat16"):

@@ -96,7 +96,7 @@ class EngineCore:
         self.pool = BlockPool(num_blocks, config.cache.enable_prefix_caching)
         self.kv = KVCacheManager(self.pool, config.cache.block_size)
         self.scheduler = Scheduler(config.scheduler, config.cache, self.kv)
-        self.runner = ModelRunner(self.model, config.cache.block_size, config.device)
+        self.runner = ModelRunner(self.model, config.cache.block_size, config.device, config.kernels)
         log.info("engine ready: %s, %d KV blocks of %d tokens", mc.architecture, num_blocks, config.cache.block_size)
 
     # ------------------------------------------------------------ requests

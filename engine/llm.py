@@ -11,7 +11,7 @@ import dataclasses
 import itertools
 from dataclasses import dataclass
 
-from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from engine.config import CacheConfig, EngineConfig, KernelConfig, ModelConfig, SchedulerConfig
 from engine.engine import EngineCore
 from engine.models.gguf import resolve_model_path
 from engine.request import Request, SamplingParams, TokenLogprobs
@@ -20,6 +20,8 @@ from engine.tokenizer import IncrementalDetokenizer, TokenizerNotLoadedError, lo
 _CACHE_FIELDS = {f.name for f in dataclasses.fields(CacheConfig)}
 _SCHED_FIELDS = {f.name for f in dataclasses.fields(SchedulerConfig)}
 _ENGINE_FIELDS = {"attention_backend", "max_model_len", "kv_cache_shared"}
+# KernelConfig fields under their LLM option names
+_KERNEL_OPTIONS = {"native_kernels": "native", "stream_linear_max_rows": "stream_linear_max_rows"}
 
 
 @dataclass
@@ -34,11 +36,13 @@ class CompletionOutput:
 
 
 def build_engine_config(model: str, dtype: str = "float32", device: str = "cpu", **options) -> EngineConfig:
-    """EngineConfig from flat keyword options (CacheConfig / SchedulerConfig field names).
+    """EngineConfig from flat keyword options: CacheConfig / SchedulerConfig field names,
+    ``attention_backend`` / ``max_model_len`` / ``kv_cache_shared``, and ``native_kernels`` /
+    ``stream_linear_max_rows`` (KernelConfig's ``native`` / ``stream_linear_max_rows``).
 
     ``model`` is a HF directory or a .gguf file; ``model_path`` is the directory it resolves to.
     """
-    unknown = set(options) - _CACHE_FIELDS - _SCHED_FIELDS - _ENGINE_FIELDS
+    unknown = set(options) - _CACHE_FIELDS - _SCHED_FIELDS - _ENGINE_FIELDS - set(_KERNEL_OPTIONS)
     if unknown:
         raise TypeError(f"unknown engine options: {sorted(unknown)}")
     path = resolve_model_path(model)
@@ -47,6 +51,7 @@ def build_engine_config(model: str, dtype: str = "float32", device: str = "cpu",
         model_path=path,
         cache=CacheConfig(**{k: v for k, v in options.items() if k in _CACHE_FIELDS}),
         scheduler=SchedulerConfig(**{k: v for k, v in options.items() if k in _SCHED_FIELDS}),
+        kernels=KernelConfig(**{_KERNEL_OPTIONS[k]: v for k, v in options.items() if k in _KERNEL_OPTIONS}),
         dtype=dtype,
         device=device,
         **{k: v for k, v in options.items() if k in _ENGINE_FIELDS},

@@ -10,7 +10,10 @@ import itertools
 
 import torch
 
+from engine import native
 from engine.attention.backend import AttentionMetadata
+from engine.config import KernelConfig
+from engine.models.layers import NativeKernels
 from engine.models.llama import DecoderLM, LayerHook
 from engine.request import TokenLogprobs
 from engine.sampler import sample
@@ -53,11 +56,37 @@ class StepInputs:
         self.sample_rows = torch.tensor(rows, dtype=torch.long, device=device)
 
 
+def native_kernels_for(model: DecoderLM, device: torch.device, config: KernelConfig) -> NativeKernels | None:
+    """The native kernels ``model`` should run with under ``config`` (None: torch ops).
+
+    ``config.native`` None takes them where they apply (CPU, a covered model, the kernels
+    built: a failed build has logged its warning); True raises where they do not.
+    """
+    if config.native is False:
+        return None
+    why = None
+    if device.type != "cpu":
+        why = f"the model is on {device}, not the CPU"
+    elif not model.native_capable:
+        why = f"{model.cfg.architecture} has MoE or q/k-norm layers, which the native path does not cover"
+    module = None if why else native.load()
+    if module is None:
+        if config.native:
+            raise RuntimeError(
+                f"KernelConfig.native=True but {why or 'the native kernels failed to build (see the log)'}"
+            )
+        return None
+    return NativeKernels(module, config.stream_linear_max_rows)
+
+
 class ModelRunner:
-    def __init__(self, model: DecoderLM, block_size: int, device: str | torch.device):
+    def __init__(
+        self, model: DecoderLM, block_size: int, device: str | torch.device, kernels: KernelConfig | None = None
+    ):
         self.model = model
         self.block_size = block_size
         self.device = torch.device(device)
+        model.set_native_kernels(native_kernels_for(model, self.device, kernels or KernelConfig()))
 
     @torch.inference_mode()
     def execute(

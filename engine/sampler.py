@@ -43,6 +43,8 @@ def sample(
 ) -> tuple[list[int], list[TokenLogprobs | None]]:
     """logits: [N, V] fp32 -> (one token per row, logprobs per row or None)."""
     tokens = logits.argmax(dim=-1).tolist()
+    if all(p.temperature < _MIN_TEMPERATURE and p.logprobs is None for p in params):
+        return tokens, [None] * len(params)  # all greedy without logprobs: the argmax is the answer
     for i, p in enumerate(params):
         if p.temperature < _MIN_TEMPERATURE:  # greedy; tiny temperatures would overflow to NaN
             continue

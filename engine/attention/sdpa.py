@@ -129,8 +129,11 @@ class TorchSDPABackend:
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         # q: [T, H, D]; k, v: [T, Hkv, D]
-        self.cache.write(layer, meta.slot_mapping, k, v)
         k_cache, v_cache = self.cache.layer(layer)  # [num_blocks, bs, Hkv, D]
+        if self._native is not None and k.is_contiguous() and v.is_contiguous():
+            self._native.write_kv(k_cache, v_cache, meta.slot_mapping, k, v)  # PagedKVCache.write, one call
+        else:
+            self.cache.write(layer, meta.slot_mapping, k, v)
         plans = self._plans(meta)
         if len(plans) == 1 and plans[0].identity:
             return self._attend(plans[0], q, k_cache, v_cache).reshape(q.shape)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +41,50 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     ):
         return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
     return F.linear(x, w, b)
+
+
+@dataclass(frozen=True)
+class NativeKernels:
+    """The compiled CPU kernels of engine/native (``csrc/linear.cpp``, ``csrc/fused_ops.cpp``)
+    as the model calls them; a model without one runs the torch ops above and below.
+
+    ``max_rows``: ``linear`` streams the weight once through ``stream_linear`` when x has at most
+    this many rows (decode batches), and goes through ``linear`` (oneDNN / MKL) above it; 0 never
+    streams. The cut is a fixed number, not a per-call measurement, so the kernel a step uses
+    (hence its rounding) depends only on the step's shape, never on timing noise: see
+    ``benchmarks/linear_kernels.py`` for the measurements behind the default (EngineConfig).
+    """
+
+    module: ModuleType
+    max_rows: int
+
+    def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [T, in], w: [out, in] -> [T, out]."""
+        if x.shape[0] <= self.max_rows and w.dtype in _STREAM_DTYPES:
+            return self.module.stream_linear(x, w, b)
+        return linear(x, w, b)
+
+    def rms_norm(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+        """x: [T, hidden] -> norm(x), as ``RMSNorm.forward`` computes it."""
+        return self.module.rms_norm(x, norm.weight, norm.eps)
+
+    def add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+        """x += delta (in place; x: [T, hidden] contiguous), then norm(x)."""
+        return self.module.add_rms_norm(x, delta, norm.weight, norm.eps)
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """gate_up: [T, 2I] -> silu(gate) * up [T, I]."""
+        return self.module.silu_mul(gate_up)
+
+    def rope_split_qkv(
+        self, qkv: torch.Tensor, rope: RotaryEmbedding, positions: torch.Tensor, heads: int, kv_heads: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """qkv: [T, (H + 2 Hkv) D] -> dense q [T, H, D], k [T, Hkv, D] (rotated), v [T, Hkv, D]."""
+        q, k, v = self.module.rope_split_qkv(qkv, rope.cos, rope.sin, positions, heads, kv_heads)
+        return q, k, v
+
+
+_STREAM_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class RMSNorm(nn.Module):
@@ -120,3 +166,7 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = linear(x, self.gate_up).chunk(2, dim=-1)
         return linear(F.silu(gate) * up, self.down)
+
+    def forward_native(self, x: torch.Tensor, k: NativeKernels) -> torch.Tensor:
+        """``forward`` through the native kernels (x: [T, hidden])."""
+        return k.linear(k.silu_mul(k.linear(x, self.gate_up)), self.down)

@@ -15,7 +15,7 @@ from torch import nn
 
 from engine.attention.backend import AttentionBackend, AttentionMetadata
 from engine.config import ModelConfig
-from engine.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, linear
+from engine.models.layers import GatedMLP, NativeKernels, RMSNorm, RotaryEmbedding, linear
 from engine.models.moe import LocalExpertDispatcher, LocalExperts, MoEBlock
 from engine.moe import ExpertDispatcher
 
@@ -57,6 +57,21 @@ class Attention(nn.Module):
         o = backend.forward(self.layer, q, k, v.contiguous(), meta)  # [T, H, D]
         return linear(o.reshape(t, self.h * self.d), self.o)
 
+    def forward_native(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rope: RotaryEmbedding,
+        backend: AttentionBackend,
+        meta: AttentionMetadata,
+        kn: NativeKernels,
+    ) -> torch.Tensor:
+        """``forward`` through the native kernels (no q/k norm). x: [T, hidden]; positions: [T]."""
+        t = x.shape[0]
+        q, k, v = kn.rope_split_qkv(kn.linear(x, self.qkv, self.qkv_bias), rope, positions, self.h, self.hkv)
+        o = backend.forward(self.layer, q, k, v, meta)  # [T, H, D]
+        return kn.linear(o.reshape(t, self.h * self.d), self.o)
+
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, mlp: nn.Module):
@@ -85,6 +100,9 @@ class DecoderLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.rope = RotaryEmbedding(cfg.rope, cfg.head_dim, max_positions)
         self.backend: AttentionBackend | None = None
+        # Native CPU kernels (``set_native_kernels``); None runs the torch ops. The native path
+        # covers dense layers without q/k norm; MoE and Qwen3 layers keep the torch path.
+        self.native: NativeKernels | None = None
 
     def _make_mlp(self, layer: int) -> nn.Module:
         moe = self.cfg.moe
@@ -99,6 +117,17 @@ class DecoderLM(nn.Module):
     def set_attention_backend(self, backend: AttentionBackend) -> None:
         self.backend = backend
 
+    def set_native_kernels(self, kernels: NativeKernels | None) -> None:
+        """Run ``forward`` through the native CPU kernels (None: the torch ops). Only models
+        whose every layer is dense and without q/k norm take them (see ``native_capable``)."""
+        if kernels is not None and not self.native_capable:
+            raise ValueError(f"{self.cfg.architecture}: the native kernel path needs dense layers without q/k norm")
+        self.native = kernels
+
+    @property
+    def native_capable(self) -> bool:
+        return self.cfg.moe is None and not self.cfg.qk_norm
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -108,6 +137,8 @@ class DecoderLM(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, hidden]."""
         x = F.embedding(input_ids, self.embed)
+        if self.native is not None:
+            return self._forward_native(x, positions, meta, layer_hook, self.native)
         rope = self.rope.tables(positions, x.dtype)  # gathered once, shared by every layer
         for i, layer in enumerate(self.layers):
             x = x + layer.attn(layer.input_norm(x), rope, self.backend, meta)
@@ -116,7 +147,30 @@ class DecoderLM(nn.Module):
                 layer_hook(i)
         return self.norm(x)
 
+    def _forward_native(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        layer_hook: LayerHook | None,
+        kn: NativeKernels,
+    ) -> torch.Tensor:
+        """``forward``'s loop with each residual add fused into the next norm: x (the residual
+        stream, [T, hidden]) is updated in place; h is the normed input of the next sublayer."""
+        layers = self.layers
+        h = kn.rms_norm(x, layers[0].input_norm)
+        for i, layer in enumerate(layers):
+            a = layer.attn.forward_native(h, positions, self.rope, self.backend, meta, kn)
+            h = kn.add_rms_norm(x, a, layer.post_attn_norm)
+            m = layer.mlp.forward_native(h, kn)
+            h = kn.add_rms_norm(x, m, layers[i + 1].input_norm if i + 1 < len(layers) else self.norm)
+            if layer_hook is not None:
+                layer_hook(i)
+        return h
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> fp32 logits [N, vocab]."""
         w = self.embed if self.lm_head is None else self.lm_head
+        if self.native is not None:
+            return self.native.linear(hidden, w).float()
         return linear(hidden, w).float()

@@ -1,9 +1,9 @@
-"""Compile ``csrc/*.cpp`` once per machine with ``torch.utils.cpp_extension.load`` and cache it.
+"""Compile ``csrc/*.cpp`` (with ``csrc/*.h``) once per machine with ``torch.utils.cpp_extension.load`` and cache it.
 
 Lifecycle: the first ``load()`` in a process builds (or reuses) the extension and memoises the
 result (module or None) for the life of the process; nothing is compiled at import time.
 
-Build directory: ``$XDG_CACHE_HOME|~/.cache/splitserve/native/<key>``, key = hash of the sources,
+Build directory: ``$XDG_CACHE_HOME|~/.cache/splitserve/native/<key>``, key = hash of the sources and headers,
 compile flags, torch and Python versions and the CPU's feature flags (``-march=native``
 binaries must not be shared between different CPUs through a shared home). The sources are
 copied into ``<key>/src`` so the ninja file never changes between checkouts or installs that
@@ -61,18 +61,21 @@ def _load_uncached() -> ModuleType | None:
         log.info("native CPU kernels disabled by SPLITSERVE_NATIVE=0")
         return None
     sources = sorted(CSRC.glob("*.cpp"))
+    headers = sorted(CSRC.glob("*.h"))
     errors = []
     for flags in FLAG_SETS:
         try:
-            return _build(sources, flags)
+            return _build(sources, headers, flags)
         except Exception as e:  # compiler missing, compile error, import error: fall back
             errors.append(f"{' '.join(flags)}: {type(e).__name__}: {str(e).strip()[-2000:]}")
+            if os.environ.get("CI") == "true":  # CI has g++ and OpenMP: a failed build is a bug
+                raise RuntimeError(f"native CPU kernels failed to build under CI=true:\n{errors[-1]}") from e
     log.warning("native CPU kernels unavailable, using the torch fallback:\n%s", "\n".join(errors))
     return None
 
 
 def build_dir(sources: list[Path], flags: list[str]) -> Path:
-    """Cache directory for this (sources, flags, torch, Python, CPU) combination."""
+    """Cache directory for this (sources and headers, flags, torch, Python, CPU) combination."""
     import torch
 
     h = hashlib.sha256()
@@ -95,11 +98,11 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def _build(sources: list[Path], flags: list[str]) -> ModuleType:
+def _build(sources: list[Path], headers: list[Path], flags: list[str]) -> ModuleType:
     global _announced
     from torch.utils import cpp_extension
 
-    directory = build_dir(sources, flags)
+    directory = build_dir(sources + headers, flags)
     src_dir = directory / "src"
     src_dir.mkdir(parents=True, exist_ok=True)
     with open(directory / "build.flock", "w") as lock_file:
@@ -107,11 +110,12 @@ def _build(sources: list[Path], flags: list[str]) -> ModuleType:
         try:
             (directory / "lock").unlink(missing_ok=True)  # torch's baton, stale if we got here
             copies = []
-            for src in sources:
+            for src in sources + headers:
                 dst = src_dir / src.name
                 if not dst.exists() or dst.read_bytes() != src.read_bytes():
                     shutil.copyfile(src, dst)
-                copies.append(str(dst))
+                if src in sources:
+                    copies.append(str(dst))
             if not (directory / f"{NAME}.so").exists() and not _announced:
                 print("compiling native CPU kernels (once, ~30 s)...", file=sys.stderr, flush=True)
                 _announced = True

@@ -19,6 +19,8 @@
 
 #include <torch/extension.h>
 
+#include "kernels.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -262,6 +264,10 @@ void dispatch_head_dim(const at::Tensor& q, const at::Tensor& k_cache, const at:
   }
 }
 
+}  // namespace
+
+namespace splitserve {
+
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                         const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
                         int64_t sliding_window) {
@@ -299,10 +305,4 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
   return out;
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode", &paged_decode, "Paged decode attention over the KV cache pages (CPU)", py::arg("q"),
-        py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("seq_lens"), py::arg("scale"),
-        py::arg("sliding_window") = -1, py::call_guard<py::gil_scoped_release>());
-}
+}  // namespace splitserve

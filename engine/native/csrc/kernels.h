@@ -1,0 +1,29 @@
+// The native CPU kernels of splitserve_native (bindings.cpp exposes them to Python).
+// Shapes and contracts are stated at each definition; every function checks its inputs with
+// TORCH_CHECK and runs on torch's intra-op threads (at::parallel_for).
+#pragma once
+
+#include <torch/extension.h>
+
+#include <optional>
+
+namespace splitserve {
+
+// paged_decode.cpp: decode attention straight from the KV cache pages.
+at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                        const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
+                        int64_t sliding_window);
+
+// linear.cpp: weight-streaming linear for few rows (decode batches).
+at::Tensor stream_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias);
+
+// fused_ops.cpp: element-wise / row-wise ops of the decoder layer, fused.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
+at::Tensor add_rms_norm(at::Tensor& x, const at::Tensor& delta, const at::Tensor& w, double eps);
+std::vector<at::Tensor> rope_split_qkv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                                       const at::Tensor& positions, int64_t heads, int64_t kv_heads);
+at::Tensor silu_mul(const at::Tensor& gate_up);
+void write_kv(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& k,
+              const at::Tensor& v);
+
+}  // namespace splitserve
