@@ -94,10 +94,16 @@ def sampling_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> to
     Greedy rows: one-hot at the argmax. Others: softmax(truncate(logits / temperature)),
     computed row by row with the sampler's operations so seeded draws match it bit for bit.
     """
-    out = torch.empty_like(logits)
+    out = torch.zeros_like(logits)
+    plain = [i for i, p in enumerate(params) if not is_greedy(p) and p.top_k <= 0 and p.top_p >= 1.0]
+    if plain:  # temperature only: one batched softmax (row for row the same values as the sampler's)
+        temps = torch.tensor([params[i].temperature for i in plain], dtype=logits.dtype, device=logits.device)
+        out[plain] = torch.softmax(logits[plain] / temps[:, None], dim=-1)
+    done = set(plain)
     for i, p in enumerate(params):
+        if i in done:
+            continue
         if is_greedy(p):
-            out[i].zero_()
             out[i, int(logits[i].argmax())] = 1.0
         else:
             out[i] = torch.softmax(_truncate(logits[i] / p.temperature, p.top_k, p.top_p), dim=-1)
@@ -247,7 +253,8 @@ def verify_rejection(logits: torch.Tensor, inputs: Sequence[VerifyInput]) -> lis
         inp = inputs[i]
         if inp.params.seed is None:
             continue
-        g = gens.get(row) or token_generator(inp.params, inp.token_index + m, dev)
+        # a rejected row reuses the generator that drew its uniform; the bonus row gets its own
+        g = gens[row] if row in gens else token_generator(inp.params, inp.token_index + m, dev)
         out_tokens[i].append(int(torch.multinomial(dists[n], 1, generator=g).item()))
     return out_tokens
 

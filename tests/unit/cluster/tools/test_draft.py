@@ -121,3 +121,32 @@ def test_default_layers():
     assert self_draft.default_draft_layers(30) == 8
     assert self_draft.default_draft_layers(2) == 1
     assert self_draft.default_draft_layers(4) == 1
+
+
+@pytest.mark.slow
+def test_self_draft_of_the_real_model(tmp_path):
+    """SmolLM2-135M's 4-layer self-draft is its truncated forward (transformers), and a
+    speculative greedy run with it emits the plain greedy output."""
+    from engine.config import ModelConfig
+    from engine.spec.draft import DraftProposer
+    from engine.spec.offline import speculative_generate
+    from engine.spec.paged_model import PagedModel
+    from tests.real_model import real_model_dir
+
+    target = real_model_dir()
+    out = str(tmp_path / "smol-4")
+    assert main(["draft", "--from", target, "--layers", "4", "--out", out]) == 0
+    prompt = [1, 9690, 198, 2683, 314, 253, 5356, 30]  # any ids: the comparison is numeric
+    want, want_lp = truncated_hf_greedy(target, 4, prompt, 3)
+    got = LLM(out, skip_tokenizer_init=True, num_blocks=16, block_size=16).generate(
+        [prompt], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, logprobs=0)
+    )[0]
+    assert got.token_ids == want
+    assert [lp.logprob for lp in got.logprobs] == pytest.approx(want_lp, abs=1e-3)
+
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    plain = speculative_generate(PagedModel.load(target, 256, 8, 16), None, [prompt], params, 0)
+    draft = DraftProposer.load(out, ModelConfig.from_hf_dir(target), 256, 8, 16, target_path=target)
+    spec = speculative_generate(PagedModel.load(target, 256, 8, 16), draft, [prompt], params, 3)
+    assert spec.outputs == plain.outputs
+    assert spec.stats.proposed > 0

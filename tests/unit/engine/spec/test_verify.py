@@ -178,6 +178,7 @@ def ragged_k(i: int, done: int) -> int:
     return (i + done) % 4  # 0..3, changing per request and per step
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("deterministic", [False, True], ids=["sampled-drafts", "deterministic-drafts"])
 def test_rejection_sampling_preserves_the_target_distribution(deterministic):
     torch.manual_seed(0)
@@ -197,6 +198,7 @@ def test_seeded_requests_preserve_the_target_distribution():
     assert chi_square_pvalue(samples, p) > 1e-3
 
 
+@pytest.mark.slow
 def test_the_chi_square_test_catches_wrong_verifiers():
     p, q = chain(5, 1, 1.5), chain(5, 2, 1.5)
 
