@@ -42,6 +42,7 @@ class DecodeActor(DecodeAPI):
         worker_id: str = "decode-0",
         transfer_timeout_s: float = 60.0,
         role: str = "decode",
+        max_pending: int = 512,
     ):
         # torch threads = this actor's Ray CPU share
         self.num_threads = set_threads_for_cpu_share(ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0))
@@ -56,6 +57,7 @@ class DecodeActor(DecodeAPI):
             worker_id=worker_id,
             transfer_timeout_s=transfer_timeout_s,
             role=role,
+            max_pending=max_pending,
         )
 
     # ------------------------------------------------------------ control group
@@ -80,14 +82,14 @@ class DecodeActor(DecodeAPI):
         return ray.get_runtime_context().get_node_id()
 
     # ------------------------------------------------------------ requests
-    def start_transfer(self, spec: RequestSpec) -> None:
-        self.worker.start_transfer(spec)
+    def start_transfer(self, spec: RequestSpec, emitted: tuple[int, ...] = ()) -> None:
+        self.worker.start_transfer(spec, emitted)
 
     def set_first_token(self, request_id: str, first: FirstToken) -> None:
         self.worker.set_first_token(request_id, first)
 
-    def generate_local(self, spec: RequestSpec) -> None:
-        self.worker.generate_local(spec)
+    def generate_local(self, spec: RequestSpec, emitted: tuple[int, ...] = ()) -> None:
+        self.worker.generate_local(spec, emitted)
 
     def read(self, request_id: str, cursor: int = 0, timeout: float | None = 1.0) -> StreamChunk:
         return self.worker.read(request_id, cursor, timeout)

@@ -3,6 +3,14 @@
 A transferred request: ``start_transfer`` (reserve blocks, expect the KV) ->
 ``set_first_token`` (the prefill's result) -> ``read`` from cursor 1 until finished.
 A request prefilled here (short prompt, mixed role): ``generate_local`` -> ``read`` from 0.
+
+Failover: ``emitted`` are tokens the request already generated on a worker that failed. They
+are re-prefilled after the prompt and count as output (``max_tokens``, stop strings and
+seeded sampling continue from them); the request's stream holds them first, so a transferred
+continuation is read from ``len(emitted) + 1`` and a local one from ``len(emitted)``.
+
+Bounds: a worker holds at most its ``max_pending`` requests (waiting for blocks or KV,
+queued, running); one more is refused with ``queue.Full``, never queued without bound.
 """
 
 from __future__ import annotations
@@ -12,6 +20,11 @@ import abc
 from engine.runtime.api import WorkerAPI
 from engine.types import FirstToken, KVAddress, RequestSpec, StreamChunk
 
+# How a stream that failed for its KV transfer begins its error (``StreamChunk.error``): the
+# router tells a failed transfer (retried with a fresh one) from other failures by these.
+KV_TRANSFER_FAILED = "KV transfer failed"
+KV_TRANSFER_TIMED_OUT = "KV transfer timed out"
+
 
 class DecodeAPI(WorkerAPI):
     @abc.abstractmethod
@@ -19,17 +32,19 @@ class DecodeAPI(WorkerAPI):
         """Where prefill workers send this worker's KV (its receiver's address)."""
 
     @abc.abstractmethod
-    def start_transfer(self, spec: RequestSpec) -> None:
-        """Prepare to receive ``spec``'s prompt KV: reserve blocks (queued FIFO while the pool
-        is full) and open the request's stream."""
+    def start_transfer(self, spec: RequestSpec, emitted: tuple[int, ...] = ()) -> None:
+        """Prepare to receive the KV of ``spec``'s prompt (and of ``emitted``): reserve blocks
+        (queued FIFO while the pool is full) and open the request's stream. Raises queue.Full
+        at the worker's bound."""
 
     @abc.abstractmethod
     def set_first_token(self, request_id: str, first: FirstToken) -> None:
         """The prefill worker's first token; the request is admitted once its KV has landed."""
 
     @abc.abstractmethod
-    def generate_local(self, spec: RequestSpec) -> None:
-        """Prefill and decode ``spec`` here (no transfer)."""
+    def generate_local(self, spec: RequestSpec, emitted: tuple[int, ...] = ()) -> None:
+        """Prefill (prompt + ``emitted``) and decode ``spec`` here (no transfer). Raises
+        queue.Full at the worker's bound."""
 
     @abc.abstractmethod
     def read(self, request_id: str, cursor: int = 0, timeout: float | None = 1.0) -> StreamChunk:

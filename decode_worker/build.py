@@ -20,6 +20,7 @@ def build_decode_worker(
     worker_id: str = "decode-0",
     transfer_timeout_s: float = 60.0,
     role: str = "decode",
+    max_pending: int = 512,
 ) -> DecodeWorker:
     """``transport=None`` builds a worker without a receiver (mixed/colocated use only)."""
     model = resolve_model_path(model)  # a .gguf converts once (cached); every later call reuses it
@@ -38,4 +39,5 @@ def build_decode_worker(
         worker_id=worker_id,
         transfer_timeout_s=transfer_timeout_s,
         role=role,
+        max_pending=max_pending,
     )

@@ -12,19 +12,30 @@ transferred request goes through:
 Short prompts skip all that: ``generate_local(spec)`` prefills here (no transfer).
 Callers read tokens with ``read(rid, cursor, timeout)`` (each token once, in order).
 Blocks are freed on completion, abort, timeout and failure: ``stats()`` shows the pool.
+
+Failover continuations (``emitted``, see decode_worker.api) are built by ``_new_request`` as
+the request they continue: prompt + emitted output, the stop-string checker fed the emitted
+tokens, placeholder logprobs for them (the stream's logprobs stay aligned with its tokens;
+readers start past them). A transferred continuation receives the KV of prompt + emitted;
+``engine.admit`` recomputes the emitted positions once more (it counts only the prompt as
+computed), which costs that many tokens of one step and changes nothing else.
+
+Bound: ``_active`` holds every request accepted and not yet finished or aborted; at
+``max_pending`` of them a new one is refused with queue.Full.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import time
 from collections import deque
 from dataclasses import dataclass
 
-from decode_worker.api import DecodeAPI
+from decode_worker.api import KV_TRANSFER_FAILED, KV_TRANSFER_TIMED_OUT, DecodeAPI
 from engine.config import SchedulerMode
 from engine.engine import EngineCore
-from engine.request import Request
+from engine.request import Request, TokenLogprobs
 from engine.runtime.stats import QUEUE_SECONDS_BUCKETS, CumulativeHistogram
 from engine.runtime.worker import RuntimeWorker, WorkerRuntime
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -57,6 +68,7 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
         worker_id: str = "decode-0",
         transfer_timeout_s: float = 60.0,
         role: str = "decode",
+        max_pending: int = 512,
     ):
         if engine.config.scheduler.mode != SchedulerMode.DECODE_ONLY:
             raise ValueError("DecodeWorker needs an engine in decode_only mode")
@@ -65,6 +77,10 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
         self.tokenizer = tokenizer
         self.role = role  # "decode", or "mixed" for a mixed pool's worker (reported in stats)
         self.transfer_timeout_s = transfer_timeout_s
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be >= 1, got {max_pending}")
+        self.max_pending = max_pending
+        self._active: set[str] = set()  # accepted, not finished or aborted (loop thread)
         self._incoming: dict[str, _Incoming] = {}
         self._reserve_queue: deque[str] = deque()  # ids waiting for blocks, FIFO
         self.transfer_failures = 0  # metrics: stats() totals restart from 0 with the worker
@@ -79,16 +95,16 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
     def kv_address(self) -> KVAddress:
         return None if self.receiver is None else self.receiver.address
 
-    def start_transfer(self, spec: RequestSpec) -> None:
+    def start_transfer(self, spec: RequestSpec, emitted: tuple[int, ...] = ()) -> None:
         if self.receiver is None:
             raise RuntimeError(f"{self.worker_id} has no KV receiver")
-        self.loop.run(lambda: self._start_transfer(spec))
+        self.loop.run(lambda: self._start_transfer(spec, emitted))
 
     def set_first_token(self, request_id: str, first: FirstToken) -> None:
         self.loop.run(lambda: self._set_first_token(request_id, first))
 
-    def generate_local(self, spec: RequestSpec) -> None:
-        self.loop.run(lambda: self._generate_local(spec))
+    def generate_local(self, spec: RequestSpec, emitted: tuple[int, ...] = ()) -> None:
+        self.loop.run(lambda: self._generate_local(spec, emitted))
 
     def read(self, request_id: str, cursor: int = 0, timeout: float | None = 1.0) -> StreamChunk:
         chunk = self.runtime.streams.get(request_id).read(cursor, timeout)
@@ -105,15 +121,25 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
             self.receiver.close()
 
     # ------------------------------------------------------------ loop thread only
-    def _new_request(self, spec: RequestSpec) -> Request:
+    def _new_request(self, spec: RequestSpec, emitted: tuple[int, ...]) -> Request:
+        if len(self._active) >= self.max_pending:
+            raise queue.Full(f"{self.worker_id} holds {len(self._active)} requests, its bound (max_pending)")
         req = self.engine.prepare(spec.to_request())
         if self.tokenizer is not None and spec.params.stop:
             req.stop_checker = IncrementalDetokenizer(self.tokenizer, spec.params.stop)
+        if emitted:
+            req.output_token_ids = list(emitted)
+            if req.stop_checker is not None:
+                for t in emitted:
+                    req.stop_checker.append(t)
+            if spec.params.logprobs is not None:  # never read: readers start past the emitted tokens
+                req.logprobs = [TokenLogprobs(t, 0.0) for t in emitted]
         self.runtime.streams.open(spec.request_id)  # ValueError for a duplicate id
+        self._active.add(spec.request_id)
         return req
 
-    def _start_transfer(self, spec: RequestSpec) -> None:
-        req = self._new_request(spec)
+    def _start_transfer(self, spec: RequestSpec, emitted: tuple[int, ...]) -> None:
+        req = self._new_request(spec, emitted)
         self._incoming[req.request_id] = _Incoming(req, time.monotonic() + self.transfer_timeout_s)
         self._reserve_queue.append(req.request_id)
         self._reserve_waiting()
@@ -124,7 +150,12 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
             if inc is None:  # aborted while queued
                 self._reserve_queue.popleft()
                 continue
-            blocks = self.engine.reserve(inc.req)
+            try:
+                blocks = self.engine.reserve(inc.req)
+            except ValueError as e:  # it can never fit this pool: fail it, not the loop
+                self._reserve_queue.popleft()
+                self._abort(inc.req.request_id, f"cannot reserve KV blocks: {e}")
+                continue
             if blocks is None:
                 return
             self._reserve_queue.popleft()
@@ -137,12 +168,13 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
         if inc is not None:
             inc.first = first
 
-    def _generate_local(self, spec: RequestSpec) -> None:
-        req = self._new_request(spec)
+    def _generate_local(self, spec: RequestSpec, emitted: tuple[int, ...]) -> None:
+        req = self._new_request(spec, emitted)
         try:
             self.engine.add_request(req)
         except ValueError:
             self.runtime.streams.close(req.request_id)
+            self._active.discard(req.request_id)
             raise
         self._unscheduled[req.request_id] = req
 
@@ -160,10 +192,10 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
                 self._publish(self.engine.admit(rid, inc.first.token_id))
             elif st == TransferStatus.FAILED:
                 self.transfer_failures += 1
-                self._abort(rid, f"KV transfer failed: {self.receiver.error(rid)}")
+                self._abort(rid, f"{KV_TRANSFER_FAILED}: {self.receiver.error(rid)}")
             elif now > inc.deadline:
                 self.transfer_failures += 1
-                self._abort(rid, f"KV transfer timed out after {self.transfer_timeout_s}s ({st.value})")
+                self._abort(rid, f"{KV_TRANSFER_TIMED_OUT} after {self.transfer_timeout_s}s ({st.value})")
 
     def _step(self) -> None:
         t0 = time.monotonic()  # step() schedules first: requests it picks up were scheduled now
@@ -178,11 +210,14 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
         self.runtime.snapshot.refresh()
 
     def _publish(self, req: Request) -> None:
+        if req.is_finished:
+            self._active.discard(req.request_id)
         stream = self.runtime.streams.find(req.request_id)
         if stream is not None:
             stream.publish(req)
 
     def _abort(self, rid: str, reason: str) -> None:
+        self._active.discard(rid)
         self._unscheduled.pop(rid, None)
         inc = self._incoming.pop(rid, None)
         if inc is not None and inc.reserved:

@@ -37,6 +37,7 @@ class PrefillActor(PrefillAPI):
         worker_id: str = "prefill-0",
         layerwise: bool = True,
         transfer_timeout_s: float = 60.0,
+        max_pending: int = 512,
     ):
         # torch threads = this actor's Ray CPU share
         self.num_threads = set_threads_for_cpu_share(ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0))
@@ -48,6 +49,7 @@ class PrefillActor(PrefillAPI):
             worker_id=worker_id,
             layerwise=layerwise,
             transfer_timeout_s=transfer_timeout_s,
+            max_pending=max_pending,
         )
 
     # ------------------------------------------------------------ control group
@@ -68,8 +70,10 @@ class PrefillActor(PrefillAPI):
         return ray.get_runtime_context().get_node_id()
 
     # ------------------------------------------------------------ requests
-    def prefill(self, spec: RequestSpec, decode_address: KVAddress, timeout: float | None = None) -> StreamChunk:
-        return self.worker.prefill(spec, decode_address, timeout)
+    def prefill(
+        self, spec: RequestSpec, decode_address: KVAddress, timeout: float | None = None, emitted: tuple[int, ...] = ()
+    ) -> StreamChunk:
+        return self.worker.prefill(spec, decode_address, timeout, emitted)
 
     def abort(self, request_id: str) -> None:
         self.worker.abort(request_id)

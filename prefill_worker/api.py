@@ -1,4 +1,8 @@
-"""PrefillAPI: what the control plane calls on a prefill worker (see engine.runtime.api)."""
+"""PrefillAPI: what the control plane calls on a prefill worker (see engine.runtime.api).
+
+``emitted`` (failover): tokens the request already generated on a worker that failed; they
+are prefilled after the prompt and count as output (see decode_worker.api). A worker holds
+at most its ``max_pending`` requests; one more is refused with ``queue.Full``."""
 
 from __future__ import annotations
 
@@ -10,11 +14,13 @@ from engine.types import KVAddress, RequestSpec, StreamChunk
 
 class PrefillAPI(WorkerAPI):
     @abc.abstractmethod
-    def prefill(self, spec: RequestSpec, decode_address: KVAddress, timeout: float | None = None) -> StreamChunk:
-        """Compute the prompt and stream its KV to the decode worker listening at
-        ``decode_address``; returns once the first token is sampled (a chunk with that one
-        token, or a finished chunk if the request ended or failed). The KV may still be in
-        flight: the decode worker's own transfer poll says when it has landed."""
+    def prefill(
+        self, spec: RequestSpec, decode_address: KVAddress, timeout: float | None = None, emitted: tuple[int, ...] = ()
+    ) -> StreamChunk:
+        """Compute the prompt (and ``emitted``) and stream its KV to the decode worker
+        listening at ``decode_address``; returns once the next token is sampled (a chunk with
+        that one token, or a finished chunk if the request ended or failed). The KV may still
+        be in flight: the decode worker's own transfer poll says when it has landed."""
 
     @abc.abstractmethod
     def abort(self, request_id: str) -> None:

@@ -20,6 +20,7 @@ def build_prefill_worker(
     worker_id: str = "prefill-0",
     layerwise: bool = True,
     transfer_timeout_s: float = 60.0,
+    max_pending: int = 512,
 ) -> PrefillWorker:
     model = resolve_model_path(model)  # a .gguf converts once (cached); every later call reuses it
     opts = {k: v for k, v in (engine_options or {}).items() if k != "mode"}
@@ -35,4 +36,5 @@ def build_prefill_worker(
         layerwise=layerwise,
         worker_id=worker_id,
         transfer_timeout_s=transfer_timeout_s,
+        max_pending=max_pending,
     )

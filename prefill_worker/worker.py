@@ -23,18 +23,27 @@ held until the transfer settles (sender DONE / FAILED / transfer timeout), so a 
 request's blocks are not reused while the receiver may still read them. An abort unpins at
 once: the receiver may then read reused bytes for the aborted request only, which fail its
 checksum (loudly) and are never admitted.
+
+Failover continuations (``emitted``, see prefill_worker.api) are prefilled as the request they
+continue: prompt + emitted output (stop-string checker fed the emitted tokens, placeholder
+logprobs for them), so the KV sent covers prompt + emitted and ``prefill`` returns the next
+token alone (read from the stream at ``len(emitted)``).
+
+Bound: at ``max_pending`` requests being prefilled (``_out``) a new one is refused with
+queue.Full; requests whose KV is settling are bounded by the transfer timeout.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine.config import SchedulerMode
 from engine.engine import EngineCore
-from engine.request import Request, RequestStatus
+from engine.request import Request, RequestStatus, TokenLogprobs
 from engine.runtime.stats import QUEUE_SECONDS_BUCKETS, TRANSFER_SECONDS_BUCKETS, CumulativeHistogram
 from engine.runtime.streams import OutputStream
 from engine.runtime.worker import RuntimeWorker, WorkerRuntime
@@ -70,6 +79,7 @@ class PrefillWorker(RuntimeWorker, PrefillAPI):
         layerwise: bool = True,
         worker_id: str = "prefill-0",
         transfer_timeout_s: float = 60.0,
+        max_pending: int = 512,
     ):
         if engine.config.scheduler.mode != SchedulerMode.PREFILL_ONLY:
             raise ValueError("PrefillWorker needs an engine in prefill_only mode")
@@ -77,6 +87,9 @@ class PrefillWorker(RuntimeWorker, PrefillAPI):
         self.layerwise = layerwise
         self.tokenizer = tokenizer
         self.transfer_timeout_s = transfer_timeout_s
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be >= 1, got {max_pending}")
+        self.max_pending = max_pending
         self._sender_factory = sender_factory
         self._senders: dict[KVAddress, KVSender] = {}  # decode address -> connected sender
         self._out: dict[str, _Outgoing] = {}
@@ -89,9 +102,11 @@ class PrefillWorker(RuntimeWorker, PrefillAPI):
         self.runtime = WorkerRuntime(engine, worker_id, self._step, self._tick, self._compute_stats)
 
     # ------------------------------------------------------------ called from any thread
-    def prefill(self, spec: RequestSpec, decode_address: KVAddress, timeout: float | None = None) -> StreamChunk:
-        stream = self.loop.run(lambda: self._add(spec, decode_address))
-        return stream.read(0, timeout)
+    def prefill(
+        self, spec: RequestSpec, decode_address: KVAddress, timeout: float | None = None, emitted: tuple[int, ...] = ()
+    ) -> StreamChunk:
+        stream = self.loop.run(lambda: self._add(spec, decode_address, emitted))
+        return stream.read(len(emitted), timeout)
 
     def abort(self, request_id: str) -> None:
         self.loop.run(lambda: self._abort(request_id))
@@ -102,10 +117,19 @@ class PrefillWorker(RuntimeWorker, PrefillAPI):
             s.close()
 
     # ------------------------------------------------------------ loop thread only
-    def _add(self, spec: RequestSpec, decode_address: KVAddress) -> OutputStream:
+    def _add(self, spec: RequestSpec, decode_address: KVAddress, emitted: tuple[int, ...]) -> OutputStream:
+        if len(self._out) >= self.max_pending:
+            raise queue.Full(f"{self.worker_id} is prefilling {len(self._out)} requests, its bound (max_pending)")
         req = spec.to_request()
         if self.tokenizer is not None and spec.params.stop:
             req.stop_checker = IncrementalDetokenizer(self.tokenizer, spec.params.stop)
+        if emitted:
+            req.output_token_ids = list(emitted)
+            if req.stop_checker is not None:
+                for t in emitted:
+                    req.stop_checker.append(t)
+            if spec.params.logprobs is not None:  # never read: prefill() reads past them
+                req.logprobs = [TokenLogprobs(t, 0.0) for t in emitted]
         self.engine.add_request(req)  # raises ValueError for a bad request
         sender = self._senders.get(decode_address)
         if sender is not None and sender.link_error is not None:

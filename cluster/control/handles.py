@@ -10,7 +10,8 @@ with the same parameters.
 
 Errors are typed: ``WorkerUnavailable`` when the worker cannot serve (its actor died, or
 its engine loop stopped: ``EngineStopped``); every other exception the worker raises
-(ValueError for a refused request, UnknownRequest, ...) reaches the caller unchanged.
+(ValueError for a refused request, queue.Full at the worker's bound, UnknownRequest, ...)
+reaches the caller unchanged.
 """
 
 from __future__ import annotations
@@ -112,8 +113,10 @@ class WorkerHandle:
 class PrefillHandle(WorkerHandle):
     api = PrefillAPI
 
-    async def prefill(self, spec: RequestSpec, decode_address: KVAddress, timeout: float | None = None) -> StreamChunk:
-        return await self.invoker.invoke(PrefillAPI.prefill, spec, decode_address, timeout)
+    async def prefill(
+        self, spec: RequestSpec, decode_address: KVAddress, timeout: float | None = None, emitted: tuple[int, ...] = ()
+    ) -> StreamChunk:
+        return await self.invoker.invoke(PrefillAPI.prefill, spec, decode_address, timeout, emitted)
 
     async def abort(self, request_id: str) -> None:
         return await self.invoker.invoke(PrefillAPI.abort, request_id)
@@ -125,14 +128,14 @@ class DecodeHandle(WorkerHandle):
     async def kv_address(self) -> KVAddress:
         return await self.invoker.invoke(DecodeAPI.kv_address)
 
-    async def start_transfer(self, spec: RequestSpec) -> None:
-        return await self.invoker.invoke(DecodeAPI.start_transfer, spec)
+    async def start_transfer(self, spec: RequestSpec, emitted: tuple[int, ...] = ()) -> None:
+        return await self.invoker.invoke(DecodeAPI.start_transfer, spec, emitted)
 
     async def set_first_token(self, request_id: str, first: FirstToken) -> None:
         return await self.invoker.invoke(DecodeAPI.set_first_token, request_id, first)
 
-    async def generate_local(self, spec: RequestSpec) -> None:
-        return await self.invoker.invoke(DecodeAPI.generate_local, spec)
+    async def generate_local(self, spec: RequestSpec, emitted: tuple[int, ...] = ()) -> None:
+        return await self.invoker.invoke(DecodeAPI.generate_local, spec, emitted)
 
     async def read(self, request_id: str, cursor: int = 0, timeout: float | None = 1.0) -> StreamChunk:
         return await self.invoker.invoke(DecodeAPI.read, request_id, cursor, timeout)

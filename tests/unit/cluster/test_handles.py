@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import queue
 
 import pytest
 
@@ -89,14 +90,14 @@ class FakeDecode(DecodeAPI):
     def kv_address(self):
         return "addr"
 
-    def start_transfer(self, spec):
-        self._do("start_transfer", spec)
+    def start_transfer(self, spec, emitted=()):
+        self._do("start_transfer", spec, emitted)
 
     def set_first_token(self, request_id, first):
         self._do("set_first_token", request_id, first)
 
-    def generate_local(self, spec):
-        self._do("generate_local", spec)
+    def generate_local(self, spec, emitted=()):
+        self._do("generate_local", spec, emitted)
 
     def read(self, request_id, cursor=0, timeout=1.0):
         self._do("read", request_id, cursor, timeout)
@@ -125,6 +126,9 @@ def test_a_stopped_engine_is_worker_unavailable_other_errors_pass_through():
     refused = DecodeHandle("d", LocalInvoker("d", FakeDecode(ValueError("prompt: bad"))))
     with pytest.raises(ValueError, match="prompt: bad"):
         asyncio.run(refused.generate_local(None))
+    full = DecodeHandle("d", LocalInvoker("d", FakeDecode(queue.Full("d holds 4 requests"))))
+    with pytest.raises(queue.Full, match="holds 4"):
+        asyncio.run(full.generate_local(None, (1, 2)))
 
 
 def test_router_refuses_a_handle_of_the_wrong_kind():
