@@ -4,17 +4,27 @@ For tests and single-process use; the Ray controller builds the same workers as 
 Worker ids are ``<pool name>-<index>``. Mixed-pool workers are DecodeWorkers that prefill
 locally; they also get a KV receiver so a prefill worker can still hand them requests.
 
-Lifecycle: ``LocalCluster(config)`` builds the workers -> ``await start()`` collects their
-limits and a first stats report -> ``router.generate(...)`` -> ``shutdown()``.
+Lifecycle: ``LocalCluster(config)`` builds the workers and the state store ->
+``await start()`` starts the store, loads the router's prefix index, collects the workers'
+limits and a first stats report -> ``router.generate(...)`` -> ``shutdown()`` (the workers)
+and ``await close_store()``; ``await stop()`` does both.
+
+Faults, for tests of the failover path: ``await kill_worker(wid)`` stops a worker and tells
+the router it is lost (what the Ray controller does when an actor dies);
+``replace_worker(wid)`` builds a fresh one under the same id (what the controller's
+replacement does).
 """
 
 from __future__ import annotations
 
-from cluster.config import ServeConfig
+from typing import Any
+
+from cluster.config import PoolConfig, ServeConfig
 from cluster.control.handles import local_decode, local_prefill
 from cluster.control.info import ClusterInfo, pool_info, worker_info
 from cluster.control.router import Router
 from cluster.control.routing import RoutingPolicy
+from cluster.control.state import StateStore, make_state_store
 from decode_worker.build import build_decode_worker
 from decode_worker.worker import DecodeWorker
 from prefill_worker.build import build_prefill_worker
@@ -22,39 +32,79 @@ from prefill_worker.worker import PrefillWorker
 
 
 class LocalCluster:
-    def __init__(self, config: ServeConfig, read_timeout_s: float = 1.0):
+    def __init__(
+        self,
+        config: ServeConfig,
+        read_timeout_s: float = 1.0,
+        store: StateStore | None = None,
+        transport_options: dict[str, Any] | None = None,
+    ):
         self.config = config
+        self.transport_options = dict(transport_options or {})
         self.workers: dict[str, PrefillWorker | DecodeWorker] = {}
         self.pool_of: dict[str, str] = {}  # worker id -> pool name
-        self.router = Router(RoutingPolicy(config.router), read_timeout_s=read_timeout_s)
-        t = config.transfer
+        self.store = store if store is not None else make_state_store(config.state)
+        self.router = Router(
+            RoutingPolicy(config.router), read_timeout_s=read_timeout_s, failover=config.failover, store=self.store
+        )
+        self.killed: set[str] = set()
         for pool in config.pools:
             for i in range(pool.num_workers):
-                wid = f"{pool.name}-{i}"
-                if pool.role == "prefill":
-                    pw = build_prefill_worker(
-                        config.model,
-                        pool.engine,
-                        t.kind,
-                        worker_id=wid,
-                        layerwise=t.layerwise,
-                        transfer_timeout_s=t.timeout_s,
-                    )
-                    self.router.add_worker(wid, local_prefill(wid, pw), pool.role)
-                    self.workers[wid] = pw
-                else:
-                    dw = build_decode_worker(
-                        config.model, pool.engine, t.kind, worker_id=wid, transfer_timeout_s=t.timeout_s, role=pool.role
-                    )
-                    self.router.add_worker(wid, local_decode(wid, dw), pool.role, dw.kv_address())
-                    self.workers[wid] = dw
-                self.pool_of[wid] = pool.name
+                self._build(f"{pool.name}-{i}", pool)
+
+    def _build(self, wid: str, pool: PoolConfig) -> None:
+        t = self.config.transfer
+        bound = self.config.failover.worker_max_pending
+        if pool.role == "prefill":
+            pw = build_prefill_worker(
+                self.config.model,
+                pool.engine,
+                t.kind,
+                self.transport_options or None,
+                worker_id=wid,
+                layerwise=t.layerwise,
+                transfer_timeout_s=t.timeout_s,
+                max_pending=bound,
+            )
+            self.router.add_worker(wid, local_prefill(wid, pw), pool.role)
+            self.workers[wid] = pw
+        else:
+            dw = build_decode_worker(
+                self.config.model,
+                pool.engine,
+                t.kind,
+                worker_id=wid,
+                transfer_timeout_s=t.timeout_s,
+                role=pool.role,
+                max_pending=bound,
+            )
+            self.router.add_worker(wid, local_decode(wid, dw), pool.role, dw.kv_address())
+            self.workers[wid] = dw
+        self.pool_of[wid] = pool.name
 
     async def start(self) -> LocalCluster:
+        await self.store.start()
+        await self.router.start()
         await self.router.collect_limits()
         await self.router.refresh_loads()
         return self
 
+    # ------------------------------------------------------------ faults (tests)
+    async def kill_worker(self, worker_id: str) -> None:
+        """Stop ``worker_id`` (its engine loop ends; calls to it fail) and declare it lost."""
+        self.workers[worker_id].shutdown()
+        self.killed.add(worker_id)
+        await self.router.worker_lost(worker_id, "killed")
+
+    def replace_worker(self, worker_id: str) -> None:
+        """A fresh worker under ``worker_id`` (new engine, empty KV pool, new KV address)."""
+        old = self.workers[worker_id]
+        if worker_id not in self.killed:
+            old.shutdown()
+        self.killed.discard(worker_id)
+        self._build(worker_id, self.config.pool(self.pool_of[worker_id]))
+
+    # ------------------------------------------------------------ introspection
     def info(self) -> ClusterInfo:
         return ClusterInfo(
             model=self.config.model,
@@ -71,5 +121,13 @@ class LocalCluster:
         )
 
     def shutdown(self) -> None:
-        for w in self.workers.values():
-            w.shutdown()
+        for wid, w in self.workers.items():
+            if wid not in self.killed:
+                w.shutdown()
+
+    async def close_store(self) -> None:
+        await self.store.close()
+
+    async def stop(self) -> None:
+        self.shutdown()
+        await self.close_store()

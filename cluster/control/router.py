@@ -1,36 +1,77 @@
-"""Router: places each request on a prefill and a decode worker and streams its tokens back.
+"""Router: places each request on workers, streams its tokens back, and keeps it alive when a
+worker fails (cluster/control/failover.py).
 
-Per request (``generate``):
-    route (RoutingPolicy on the current load snapshot; the prompt's full-block prefix hashes
-           feed the "prefix" policy, hashed exactly as the engine's prefix cache does)
-    SPLIT:  decode.start_transfer -> prefill.prefill (returns the first token, yielded at
-            once) -> decode.set_first_token -> decode.read from cursor 1 until finished
-    local:  decode.generate_local -> decode.read from cursor 0 until finished
-Tokens reach the caller in order, each once (cursor reads). A worker that fails before the
-first token is marked unhealthy and the request is re-routed (``max_retries``); after the
-first token a failure ends the request with finish_reason "abort" and the error. A caller
-that stops iterating (cancel, disconnect) aborts the request on both workers, which frees
-its KV blocks.
+Per request (``generate``) a RequestLedger (cluster/control/ledger.py) holds what it emitted
+so far; each placement ("attempt") continues it from there:
+
+    route  RoutingPolicy on the load snapshot, for the context so far (prompt + emitted); the
+           prefix policy reads the PrefixIndex (hashed exactly as the engine's prefix cache)
+    SPLIT: decode.start_transfer(spec, emitted) -> prefill.prefill(spec, emitted) returns the
+           next token (yielded at once) -> decode.set_first_token -> decode.read from cursor
+           len(emitted) + 1 until finished
+    local: decode.generate_local(spec, emitted) -> decode.read from len(emitted)
+
+A placement fails (AttemptFailed: a worker unavailable or declared lost, a KV transfer that
+failed its checksum or broke, a worker at its bound); the request is placed again, up to
+``FailoverConfig.max_retries`` times, with every token emitted so far re-prefilled on the new
+workers, and the caller's stream goes on: no token twice, none missing (the ledger's cursor
+spans placements). With no worker to go to (the only decode worker died) a failed-over
+request waits up to ``wait_for_worker_s`` for one (its replacement). Past the retries: before
+any token reached the caller, NoWorkerAvailable (safe to retry); after, a last chunk with
+finish_reason "abort" and an error naming the attempts. A caller that stops iterating
+(cancel, disconnect) aborts the request on its workers, which frees its KV blocks.
+
+Journal: every token goes to the state store before it is yielded (write-ahead), so a client's
+cursor never runs ahead of the journal; ``follow`` lets a Resume read a live request by
+cursor. After a store outage the live requests' journals are rewritten (``_resync``), and so
+are those that ended during it (at most ``UNSYNCED_MAX``), so a finished request is never
+mistaken for one in flight and generated again.
+
+Bounds: a new request goes only to workers below ``max_inflight_per_worker`` requests placed
+by this router (WorkersBusy when none is); failed-over requests are exempt (they were
+accepted already); each worker also refuses past its own ``max_pending`` (queue.Full).
 
 Load snapshots: the router counts its own in-flight requests and prompt tokens per worker
-(exact, updated per request) and takes KV block counts and cached prefix hashes from
-periodic ``stats()`` polls. ``limits`` (set once every worker reported its ``limits()``)
-is what the frontend validates requests against: the strictest of all workers.
+(exact, updated per request) and takes KV block counts from periodic ``stats()`` polls, whose
+cached prefix hashes also feed the PrefixIndex. ``limits`` (set once every worker reported
+its ``limits()``) is what the frontend validates requests against: the strictest of all.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+import queue
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import TypeVar
 
+from cluster.config import FailoverConfig
+from cluster.control.failover import AttemptFailed, FailoverStats, FailureCause, classify_stream_error
 from cluster.control.handles import DecodeHandle, PrefillHandle, WorkerUnavailable
-from cluster.control.routing import NoWorkerAvailable, RouteDecision, RoutingPolicy, WorkerLoad
+from cluster.control.ledger import RequestLedger
+from cluster.control.routing import NoWorkerAvailable, RouteDecision, RoutingPolicy, WorkerLoad, WorkersBusy
+from cluster.control.state import InMemoryStateStore, JournalEnd, JournalRecord, RouteRecord, StateStore
+from cluster.control.state.prefix_index import PrefixIndex
 from engine.kv_cache.manager import prefix_block_hashes
-from engine.types import FirstToken, KVAddress, RequestSpec, StreamChunk, WorkerLimits, WorkerStats
+from engine.types import (
+    FirstToken,
+    KVAddress,
+    RequestSpec,
+    StreamChunk,
+    UnknownRequest,
+    WorkerLimits,
+    WorkerStats,
+)
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+UNSYNCED_MAX = 10_000  # ledgers that ended during a store outage, kept to be journaled after it
+WAIT_POLL_S = 0.5  # a waiting failover re-checks the workers at least this often
 
 
 @dataclass
@@ -44,6 +85,10 @@ class WorkerEntry:
     stats: WorkerStats | None = None  # last stats() report; None until the first poll
 
     @property
+    def worker_id(self) -> str:
+        return self.handle.worker_id
+
+    @property
     def decode(self) -> DecodeHandle:
         assert isinstance(self.handle, DecodeHandle), f"{self.handle.worker_id} is not decode-capable"
         return self.handle
@@ -54,14 +99,59 @@ class WorkerEntry:
         return self.handle
 
 
+@dataclass(eq=False)  # compared and hashed by identity (the router keeps a set of them)
+class Attempt:
+    """One placement of a request. ``depends``: the workers it waits on now (prefill and
+    decode until the first token, then decode alone); ``lost`` resolves to (worker id,
+    reason) when the controller declares one of them lost."""
+
+    number: int
+    worker_rid: str  # the request's id on the workers of this placement
+    decision: RouteDecision
+    decode: WorkerEntry
+    prefill: WorkerEntry | None
+    lost: asyncio.Future
+    depends: set[str] = field(default_factory=set)
+    finished: bool = False  # the workers ended the request themselves (nothing to abort)
+
+
 class Router:
-    def __init__(self, policy: RoutingPolicy, read_timeout_s: float = 1.0, max_retries: int = 2):
+    def __init__(
+        self,
+        policy: RoutingPolicy,
+        read_timeout_s: float = 1.0,
+        failover: FailoverConfig | None = None,
+        store: StateStore | None = None,
+    ):
         self.policy = policy
         self.workers: dict[str, WorkerEntry] = {}
         self.read_timeout_s = read_timeout_s
-        self.max_retries = max_retries
-        self.requests: dict[str, RouteDecision] = {}  # in flight
+        self.failover = failover or FailoverConfig()
+        self.store = store if store is not None else InMemoryStateStore()
+        self.requests: dict[str, RequestLedger] = {}  # in flight, by the router's request id
+        self.by_key: dict[str, RequestLedger] = {}  # in flight, by journal key
         self.limits: WorkerLimits | None = None  # the strictest of every worker's limits()
+        self.prefix_index = PrefixIndex()
+        self.stats = FailoverStats()
+        self._attempts: set[Attempt] = set()  # placements in progress (worker_lost scans them)
+        self._unsynced: deque[RequestLedger] = deque(maxlen=UNSYNCED_MAX)
+        self._changed: asyncio.Event | None = None  # set when a worker joins or turns healthy
+        self._seq = itertools.count(1)
+        self.store.on_reconnect(self._resync)
+
+    # ------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Load the prefix index the store kept (a restarted router routes by prefix before
+        the first stats poll). A store that cannot be read now leaves it empty."""
+        from cluster.control.state import StoreUnavailable
+
+        try:
+            saved = await self.store.prefix_load()
+        except StoreUnavailable as e:
+            log.warning("prefix index not loaded (%s): it refills from the workers' stats", e)
+            return
+        for wid, hashes in saved.items():
+            self.prefix_index.replace(wid, hashes)
 
     # ------------------------------------------------------------ membership and load
     def add_worker(
@@ -71,6 +161,7 @@ class Router:
         if not isinstance(handle, want):
             raise TypeError(f"worker {worker_id} of role {role!r} needs a {want.__name__}, got {type(handle).__name__}")
         self.workers[worker_id] = WorkerEntry(handle, role, address)
+        self._signal_change()
 
     async def collect_limits(self) -> WorkerLimits:
         """Ask every worker for its limits and keep the strictest (``self.limits``)."""
@@ -97,9 +188,29 @@ class Router:
         if w is not None and not w.healthy:
             log.info("worker %s healthy again", worker_id)
             w.healthy = True
+            self._signal_change()
+
+    async def worker_lost(self, worker_id: str, reason: str) -> None:
+        """The controller (the liveness authority) gave ``worker_id`` up: dead, hung, or being
+        replaced. It leaves routing and the prefix index, and every placement waiting on it
+        fails over now instead of waiting for a call to time out."""
+        self.mark_unhealthy(worker_id)
+        for attempt in list(self._attempts):
+            if worker_id in attempt.depends and not attempt.lost.done():
+                attempt.lost.set_result((worker_id, reason))
+        if worker_id in self.prefix_index.workers():
+            self.prefix_index.drop(worker_id)
+        await self.store.prefix_drop(worker_id)
+
+    def _signal_change(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
 
     async def refresh_loads(self) -> None:
-        """Poll every worker's stats(); a worker that does not answer is marked unhealthy."""
+        """Poll every worker's stats(); a worker that does not answer is marked unhealthy.
+        Each report's cached prefix hashes replace the worker's entry in the prefix index
+        (written through to the state store when they changed)."""
 
         async def one(wid: str, w: WorkerEntry) -> None:
             try:
@@ -107,12 +218,17 @@ class Router:
             except (WorkerUnavailable, TimeoutError) as e:
                 log.warning("stats poll of %s failed: %s", wid, e)
                 self.mark_unhealthy(wid)
+                return
+            if self.prefix_index.replace(wid, w.stats.cached_block_hashes):
+                await self.store.prefix_replace(wid, w.stats.cached_block_hashes)
 
         await asyncio.gather(*(one(wid, w) for wid, w in list(self.workers.items())))
 
-    def snapshot(self) -> list[WorkerLoad]:
+    def snapshot(self, bounded: bool = True) -> list[WorkerLoad]:
         """The routing policy's view: the router's own exact counts, the last stats() report
-        for the rest. A worker not polled yet reports no KV room and no cached prefixes."""
+        for KV room, the prefix index for cached prefixes. A worker not polled yet reports no
+        KV room. ``bounded``: workers at ``max_inflight_per_worker`` are not accepting."""
+        cap = self.failover.max_inflight_per_worker
         loads = []
         for wid, w in self.workers.items():
             st = w.stats
@@ -126,7 +242,8 @@ class Router:
                     running_requests=max(st.engine.running_requests if st else 0, w.inflight),
                     free_kv_blocks=st.engine.free_kv_blocks if st else 0,
                     total_kv_blocks=st.engine.total_kv_blocks if st else 0,
-                    cached_prefix_hashes=st.cached_block_hashes if st else frozenset(),
+                    cached_prefix_hashes=self.prefix_index.hashes_of(wid),
+                    accepting=not bounded or w.inflight < cap,
                 )
             )
         return loads
@@ -139,76 +256,203 @@ class Router:
         return prefix_block_hashes(prompt_token_ids, self.limits.block_size)
 
     # ------------------------------------------------------------ requests
-    async def generate(self, spec: RequestSpec) -> AsyncIterator[StreamChunk]:
+    def live(self, key: str) -> RequestLedger | None:
+        """The in-flight request journaled under ``key`` in this router, if any."""
+        return self.by_key.get(key)
+
+    async def generate(
+        self,
+        spec: RequestSpec,
+        *,
+        key: str | None = None,
+        origin: str = "router",
+        resume: JournalRecord | None = None,
+    ) -> AsyncIterator[StreamChunk]:
         """Stream a request's output; the last chunk has ``finished=True``.
 
-        Raises ValueError for an invalid request, NoWorkerAvailable when nothing can serve.
+        ``key``: the journal key clients resume by (default: ``spec.request_id``). ``resume``:
+        the journal of a request whose process died; it continues after its tokens (which are
+        not yielded again). Raises ValueError for an invalid request or a key in flight,
+        NoWorkerAvailable when nothing can serve, WorkersBusy at the in-flight bounds.
         """
         rid = spec.request_id
+        key = key or rid
         if rid in self.requests:
             raise ValueError(f"request id {rid!r} is already in flight")
-        attempt = 0
-        hashes = self.prefix_hashes(spec.prompt_token_ids) if self.policy.uses_prefix_hashes else []
+        if key in self.by_key:
+            raise ValueError(f"request {key!r} is already in flight")
+        ledger = RequestLedger(key, spec, origin, resume)
+        self.requests[rid] = ledger
+        self.by_key[key] = ledger
+        try:
+            if resume is None:
+                await self.store.journal_start(ledger.journal_spec)
+            async for chunk in self._serve(ledger):
+                yield chunk
+        finally:
+            self.requests.pop(rid, None)
+            if self.by_key.get(key) is ledger:
+                del self.by_key[key]
+            if not ledger.finished:  # the caller stopped iterating, or an exception ends it
+                await self._end(
+                    ledger, JournalEnd("abort", "cancelled before it finished", ledger.num_cached_tokens or 0)
+                )
+
+    async def follow(self, key: str, cursor: int) -> AsyncIterator[StreamChunk]:
+        """A live request's chunks from ``cursor`` on (Resume of a request still running
+        here). KeyError when ``key`` is not in flight here; ValueError for a cursor past the
+        tokens emitted so far."""
+        ledger = self.by_key[key]
+        async for chunk in ledger.follow(cursor):
+            yield chunk
+
+    async def _serve(self, ledger: RequestLedger) -> AsyncIterator[StreamChunk]:
+        failures = 0
+        last: AttemptFailed | None = None
         while True:
-            decision = self.policy.route(len(spec.prompt_token_ids), self.snapshot(), hashes)
-            d = self.workers[decision.decode_worker]
-            p = self.workers[decision.prefill_worker] if decision.prefill_worker else None
-            self.requests[rid] = decision
-            finished = False
-            d.inflight += 1
-            # a local prefill (short prompt, mixed worker) counts as pending prompt tokens on the
-            # decode worker until its first token arrives, so token_jsq sees mixed workers' load
-            local_tokens = 0 if p is not None else len(spec.prompt_token_ids)
-            d.prompt_tokens += local_tokens
             try:
+                attempt = await self._place(ledger, failover=last is not None or ledger.resumed, number=failures)
+            except (NoWorkerAvailable, WorkersBusy) as e:
+                if last is None and not ledger.resumed:
+                    raise  # nothing was accepted yet: the caller's refusal
+                cause = last.cause if last is not None else FailureCause.WORKER_LOST
+                yield await self._give_up(ledger, failures, cause, f"no worker can continue it: {e}")
+                return
+            try:
+                async for chunk in self._run(ledger, attempt):
+                    out = await self._emit(ledger, chunk)
+                    yield out
+                    if out.finished:
+                        return
+                raise AssertionError(f"attempt {attempt.number} of {ledger.key} ended without a finished chunk")
+            except AttemptFailed as f:
+                failures += 1
+                last = f
+                ledger.failed_at = time.monotonic()
+                ledger.last_cause = f.cause.value
+                self.stats.failover(f.cause)
+                if f.cause in (FailureCause.WORKER_LOST,):
+                    self.mark_unhealthy(f.worker_id)
+                retry = failures <= self.failover.max_retries
+                log.warning(
+                    "request %s: %s (placement %d, %d tokens emitted): %s",
+                    ledger.key,
+                    f,
+                    attempt.number + 1,
+                    len(ledger.token_ids),
+                    ("retrying with a fresh transfer" if f.cause is FailureCause.KV_CHECKSUM else "placing it again")
+                    if retry
+                    else f"giving up after {failures} failed placements",
+                )
+                if not retry:
+                    yield await self._give_up(ledger, failures, f.cause, str(f))
+                    return
+            finally:
+                await self._settle(attempt)
+
+    async def _place(self, ledger: RequestLedger, failover: bool, number: int) -> Attempt:
+        """Route the request's context so far. A first placement uses the in-flight bounds and
+        fails at once; a failover ignores them and waits up to ``wait_for_worker_s`` for a
+        worker (e.g. the replacement of the only decode worker)."""
+        tokens = list(ledger.spec.prompt_token_ids) + ledger.token_ids
+        hashes = self.prefix_hashes(tokens) if self.policy.uses_prefix_hashes else []
+        deadline = time.monotonic() + (self.failover.wait_for_worker_s if failover else 0.0)
+        waited = False
+        while True:
+            if self._changed is None:
+                self._changed = asyncio.Event()
+            changed = self._changed
+            try:
+                decision = self.policy.route(len(tokens), self.snapshot(bounded=not failover), hashes)
+                break
+            except (NoWorkerAvailable, WorkersBusy):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise
+                if not waited:
+                    waited = True
+                    self.stats.waits += 1
+                    log.warning("request %s waits up to %.0fs for a worker to continue on", ledger.key, remaining)
+                self.stats.waiting += 1
                 try:
-                    cursor, first = await self._start(spec, d, p)
-                except WorkerUnavailable as e:
-                    self.mark_unhealthy(e.worker_id)
-                    attempt += 1
-                    if attempt > self.max_retries:
-                        raise NoWorkerAvailable(f"request {rid} failed on {attempt} workers: {e}") from e
-                    continue  # nothing reached the caller yet: place it again
-                if first is not None:
-                    finished = first.finished
-                    yield first  # the first token reaches the caller before the decode hand-off
-                    if finished:
-                        return
-                    lp = first.logprobs[0] if first.logprobs else None
-                    try:
-                        await d.decode.set_first_token(rid, FirstToken(first.token_ids[0], lp, first.num_cached_tokens))
-                    except WorkerUnavailable as e:
-                        self.mark_unhealthy(e.worker_id)
-                        finished = True
-                        yield StreamChunk([], finished=True, finish_reason="abort", error=str(e))
-                        return
-                async for chunk in self._read(spec, d, cursor):
+                    await asyncio.wait_for(changed.wait(), min(remaining, WAIT_POLL_S))
+                except TimeoutError:
+                    pass
+                finally:
+                    self.stats.waiting -= 1
+        worker_rid = ledger.spec.request_id if number == 0 else f"{ledger.spec.request_id}#{next(self._seq)}"
+        d = self.workers[decision.decode_worker]
+        p = self.workers[decision.prefill_worker] if decision.prefill_worker else None
+        attempt = Attempt(number, worker_rid, decision, d, p, asyncio.get_running_loop().create_future())
+        attempt.depends = {d.worker_id} | ({p.worker_id} if p is not None else set())
+        self._attempts.add(attempt)
+        route = RouteRecord(
+            len(ledger.routes), decision.prefill_worker, decision.decode_worker, decision.reason.value,
+            len(ledger.token_ids), ledger.last_cause,
+        )  # fmt: skip
+        ledger.routes.append(route)
+        await self.store.journal_route(ledger.key, route)
+        return attempt
+
+    async def _run(self, ledger: RequestLedger, attempt: Attempt) -> AsyncIterator[StreamChunk]:
+        """The placement's new tokens (each chunk holds only tokens past the ledger's end).
+        Raises AttemptFailed when it fails; the caller settles it (aborts on its workers)."""
+        spec = RequestSpec(attempt.worker_rid, ledger.spec.prompt_token_ids, ledger.spec.params)
+        emitted = tuple(ledger.token_ids)
+        d, p = attempt.decode, attempt.prefill
+        d.inflight += 1
+        # a local prefill counts as pending prompt tokens on the decode worker until its first
+        # token arrives, so token_jsq sees mixed workers' load
+        local_tokens = 0 if p is not None else ledger.context_len
+        d.prompt_tokens += local_tokens
+        try:
+            if p is None:
+                await self._call(attempt, d.decode.generate_local(spec, emitted), d)
+                cursor = len(emitted)
+            else:
+                first = await self._prefill(attempt, spec, emitted, d, p)
+                attempt.depends = {d.worker_id}  # the prefill worker's part is done
+                if first.error is not None:
+                    raise AttemptFailed(classify_stream_error(first.error), p.worker_id, first.error)
+                yield first  # the first token reaches the caller before the decode hand-off
+                if first.finished:
+                    return  # _settle aborts the reservation on the decode worker
+                lp = first.logprobs[0] if first.logprobs else None
+                ft = FirstToken(first.token_ids[0], lp, first.num_cached_tokens)
+                await self._call(attempt, d.decode.set_first_token(spec.request_id, ft), d)
+                cursor = len(emitted) + 1
+            while True:
+                chunk = await self._call(attempt, d.decode.read(spec.request_id, cursor, self.read_timeout_s), d)
+                if chunk.token_ids:
                     d.prompt_tokens -= local_tokens
                     local_tokens = 0
-                    finished = chunk.finished
+                if chunk.error is not None:
+                    attempt.finished = True  # the worker ended it (and freed its blocks)
+                    if chunk.token_ids:  # generated before the failure: valid, the caller gets them
+                        yield StreamChunk(chunk.token_ids, chunk.logprobs, num_cached_tokens=chunk.num_cached_tokens)
+                    raise AttemptFailed(classify_stream_error(chunk.error), d.worker_id, chunk.error)
+                cursor += len(chunk.token_ids)
+                if chunk.finished:
+                    attempt.finished = True
+                if chunk.token_ids or chunk.finished:
                     yield chunk
-                return
-            finally:
-                d.prompt_tokens -= local_tokens
-                d.inflight -= 1
-                self.requests.pop(rid, None)
-                if not finished:  # cancelled, failed or re-routed: free its blocks everywhere
-                    await self._abort_on(rid, d, p)
+                if chunk.finished:
+                    return
+        finally:
+            d.prompt_tokens -= local_tokens
+            d.inflight -= 1
 
-    async def _start(self, spec: RequestSpec, d: WorkerEntry, p: WorkerEntry | None) -> tuple[int, StreamChunk | None]:
-        """Start the request; returns (decode read cursor, first-token chunk if prefilled remotely)."""
-        rid = spec.request_id
-        if p is None:
-            await d.decode.generate_local(spec)
-            return 0, None
-        n = len(spec.prompt_token_ids)
+    async def _prefill(
+        self, attempt: Attempt, spec: RequestSpec, emitted: tuple[int, ...], d: WorkerEntry, p: WorkerEntry
+    ) -> StreamChunk:
+        n = len(spec.prompt_token_ids) + len(emitted)
         p.inflight += 1
         p.prompt_tokens += n
         # the decode worker reserves blocks while the prefill runs (its receiver buffers any
         # chunk that arrives first), so the reservation round trip is off the TTFT path
-        reserve = asyncio.ensure_future(d.decode.start_transfer(spec))
+        reserve = asyncio.ensure_future(self._call(attempt, d.decode.start_transfer(spec, emitted), d))
         try:
-            first = await p.prefill.prefill(spec, d.address)
+            first = await self._call(attempt, p.prefill.prefill(spec, d.address, None, emitted), p)
         except BaseException:
             await asyncio.gather(reserve, return_exceptions=True)  # settle before the caller aborts
             raise
@@ -216,30 +460,102 @@ class Router:
             p.inflight -= 1
             p.prompt_tokens -= n
         await reserve
-        if first.finished:
-            await d.decode.abort(rid)
-        return 1, first
+        return first
 
-    async def _read(self, spec: RequestSpec, d: WorkerEntry, cursor: int) -> AsyncIterator[StreamChunk]:
-        rid = spec.request_id
-        while True:
-            try:
-                chunk = await d.decode.read(rid, cursor, self.read_timeout_s)
-            except WorkerUnavailable as e:
-                self.mark_unhealthy(e.worker_id)
-                yield StreamChunk([], finished=True, finish_reason="abort", error=str(e))
-                return
-            cursor += len(chunk.token_ids)
-            if chunk.token_ids or chunk.finished:
-                yield chunk
-            if chunk.finished:
-                return
+    async def _call(self, attempt: Attempt, aw: Awaitable[T], worker: WorkerEntry) -> T:
+        """Await one worker call of ``attempt``; raises AttemptFailed when it fails or when a
+        worker the attempt depends on is declared lost first."""
+        if attempt.lost.done():  # never talk to a worker the controller gave up on
+            if asyncio.iscoroutine(aw):
+                aw.close()
+            elif isinstance(aw, asyncio.Future):
+                aw.cancel()
+            wid, reason = attempt.lost.result()
+            raise AttemptFailed(FailureCause.WORKER_LOST, wid, f"declared lost by the controller: {reason}")
+        fut = asyncio.ensure_future(aw)
+        try:
+            await asyncio.wait({fut, attempt.lost}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            fut.cancel()
+            raise
+        if not fut.done():
+            fut.cancel()
+            wid, reason = attempt.lost.result()
+            raise AttemptFailed(FailureCause.WORKER_LOST, wid, f"declared lost by the controller: {reason}")
+        try:
+            return fut.result()
+        except AttemptFailed:
+            raise
+        except WorkerUnavailable as e:
+            raise AttemptFailed(FailureCause.WORKER_LOST, e.worker_id, str(e)) from e
+        except queue.Full as e:
+            raise AttemptFailed(FailureCause.WORKER_FULL, worker.worker_id, str(e) or "at its bound") from e
+        except UnknownRequest as e:
+            raise AttemptFailed(FailureCause.STREAM_FAILED, worker.worker_id, f"lost the request: {e}") from e
 
-    async def _abort_on(self, rid: str, d: WorkerEntry, p: WorkerEntry | None) -> None:
-        for w in (p, d):
+    async def _settle(self, attempt: Attempt) -> None:
+        """Unless its workers ended the request themselves, abort it there (frees KV blocks)."""
+        self._attempts.discard(attempt)
+        if attempt.finished:
+            return
+        for w in (attempt.prefill, attempt.decode):
             if w is None:
                 continue
             try:
-                await w.handle.abort(rid)
+                await w.handle.abort(attempt.worker_rid)
             except Exception as e:  # the worker may be gone; its blocks went with it
-                log.debug("abort of %s on %s: %s", rid, w.handle.worker_id, e)
+                log.debug("abort of %s on %s: %s", attempt.worker_rid, w.worker_id, e)
+
+    async def _emit(self, ledger: RequestLedger, chunk: StreamChunk) -> StreamChunk:
+        """Journal ``chunk``'s tokens (write-ahead), append them to the ledger, and return the
+        chunk the caller gets (its usage is the first prefill's prefix-cache hits)."""
+        if ledger.num_cached_tokens is None and (chunk.token_ids or chunk.finished):
+            ledger.num_cached_tokens = min(chunk.num_cached_tokens, len(ledger.spec.prompt_token_ids))
+        if chunk.token_ids:
+            cursor = ledger.stage(chunk.token_ids)
+            await self.store.journal_tokens(ledger.key, cursor, chunk.token_ids)
+            ledger.append(chunk.token_ids, chunk.logprobs)
+            if ledger.failed_at is not None:
+                self.stats.recovered(time.monotonic() - ledger.failed_at)
+                ledger.failed_at = None
+        cached = ledger.num_cached_tokens or 0
+        if chunk.finished:
+            await self._end(ledger, JournalEnd(chunk.finish_reason or "abort", chunk.error, cached))
+        return StreamChunk(
+            chunk.token_ids,
+            chunk.logprobs,
+            finished=chunk.finished,
+            finish_reason=chunk.finish_reason,
+            error=chunk.error,
+            num_cached_tokens=cached,
+        )
+
+    async def _give_up(self, ledger: RequestLedger, failures: int, cause: FailureCause, why: str) -> StreamChunk:
+        """The request's last chunk after its retries: an explicit error. When nothing reached
+        the caller yet it is a refusal instead (raised: NoWorkerAvailable, or WorkersBusy when
+        the workers were full), which is safe to retry."""
+        self.stats.gave_up(cause)
+        error = f"request {ledger.key} failed on {failures} placements: {why}"
+        log.error("%s", error)
+        await self._end(ledger, JournalEnd("abort", error, ledger.num_cached_tokens or 0))
+        if not ledger.token_ids and not ledger.resumed:
+            raise (WorkersBusy if cause is FailureCause.WORKER_FULL else NoWorkerAvailable)(error)
+        return StreamChunk([], finished=True, finish_reason="abort", error=error, num_cached_tokens=0)
+
+    async def _end(self, ledger: RequestLedger, end: JournalEnd) -> None:
+        if ledger.finished:
+            return
+        ledger.finish(end)
+        await self.store.journal_finish(ledger.key, end)
+        if not self.store.health().ok:  # the store dropped it: journal it after the outage
+            self._unsynced.append(ledger)
+
+    async def _resync(self) -> None:
+        """The store is back after an outage: rewrite every live request's journal, and those
+        that ended during the outage, each as one write."""
+        ledgers = [*self._unsynced, *self.by_key.values()]
+        self._unsynced.clear()
+        for ledger in ledgers:
+            await self.store.journal_rewrite(ledger.record())
+        if ledgers:
+            log.info("state store back: rewrote %d request journals", len(ledgers))

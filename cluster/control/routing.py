@@ -10,12 +10,14 @@ reserve KV blocks and receive layers while the prefill is still running.
 ``RoutingPolicy.route(prompt_len, loads)``:
 1. ``observe(loads)`` updates the role-switch state (below).
 2. Decode-capable = healthy workers whose current role is decode or mixed. None: raise
-   ``NoWorkerAvailable``.
+   ``NoWorkerAvailable``. Only those ``accepting`` (below their in-flight bound) are chosen;
+   none accepting: raise ``WorkersBusy``.
 3. ``prompt_len < short_prompt_threshold``: prefill on the chosen decode worker itself
    (``prefill_worker=None``, reason SHORT_PROMPT, no transfer).
 4. Prefill-capable = healthy workers whose current role is prefill or mixed. None: prefill
    locally on a decode worker (reason NO_PREFILL_WORKER) or, if
-   ``fallback_local_prefill`` is off, raise ``NoWorkerAvailable``.
+   ``fallback_local_prefill`` is off, raise ``NoWorkerAvailable``. Some, none accepting:
+   raise ``WorkersBusy`` (a busy pool is not a reason to prefill elsewhere).
 5. The prefill policy picks among prefill-capable workers. A mixed worker runs the whole
    request itself (``prefill_worker=None``, ``decode_worker`` = it, reason MIXED); a prefill
    worker is paired with the decode policy's pick (reason SPLIT).
@@ -59,6 +61,11 @@ class NoWorkerAvailable(RuntimeError):
     """No healthy worker can take the request (the frontend maps this to UNAVAILABLE)."""
 
 
+class WorkersBusy(RuntimeError):
+    """Every healthy worker that could take the request is at its in-flight bound (the
+    frontend maps this to RESOURCE_EXHAUSTED / 429 with Retry-After)."""
+
+
 @dataclass(frozen=True)
 class WorkerLoad:
     """One worker's load as last reported. ``role`` is its configured pool role."""
@@ -73,6 +80,8 @@ class WorkerLoad:
     total_kv_blocks: int = 0
     # Hashes of the full KV blocks the worker has cached (prefix caching), for "prefix".
     cached_prefix_hashes: frozenset[int] = frozenset()
+    # Below its in-flight bound: may be given a new request (role switching ignores this).
+    accepting: bool = True
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -176,11 +185,14 @@ class RoutingPolicy:
         decoders = [w for w in healthy if self._roles[w.worker_id] in ("decode", "mixed")]
         if not decoders:
             raise NoWorkerAvailable(self._none_message("decode-capable (decode or mixed)", loads))
+        decoders = self._accepting("decode-capable", decoders)
         cfg = self.config
         if prompt_len < cfg.short_prompt_threshold:
             d = self._choose("decode", cfg.decode_policy, decoders, prefix_hashes)
             return RouteDecision(None, d.worker_id, RouteReason.SHORT_PROMPT)
         prefillers = [w for w in healthy if self._roles[w.worker_id] in ("prefill", "mixed")]
+        if prefillers:
+            prefillers = self._accepting("prefill-capable", prefillers)
         if not prefillers:
             if not cfg.fallback_local_prefill:
                 raise NoWorkerAvailable(self._none_message("prefill-capable (prefill or mixed)", loads))
@@ -239,8 +251,10 @@ class RoutingPolicy:
     # ------------------------------------------------------------------ internals
 
     def _switch(self, wid: str, new_role: str, reason: str) -> RoleSwitch:
-        # only decode workers are ever promoted, so a switch is decode -> mixed or mixed -> back
-        if new_role == "mixed":
+        # only decode workers are ever promoted, so a switch is decode -> mixed (a promotion)
+        # or mixed -> back; a promoted worker reconfigured into a mixed pool leaves the
+        # promoted set like any demotion (its configured role makes it mixed from now on)
+        if reason == "prefill_saturated":
             self._promoted.add(wid)
             old = "decode"
         else:
@@ -284,6 +298,14 @@ class RoutingPolicy:
         else:
             scores = {}
         return min(cands, key=lambda w: (*key(w, scores.get(w.worker_id, 0)), worker_id_key(w.worker_id)))
+
+    @staticmethod
+    def _accepting(what: str, cands: list[WorkerLoad]) -> list[WorkerLoad]:
+        accepting = [w for w in cands if w.accepting]
+        if not accepting:
+            ids = sorted((w.worker_id for w in cands), key=worker_id_key)
+            raise WorkersBusy(f"every healthy {what} worker is at its in-flight bound: {ids}")
+        return accepting
 
     def _none_message(self, what: str, loads: Sequence[WorkerLoad]) -> str:
         unhealthy = sorted((w.worker_id for w in loads if not w.healthy), key=worker_id_key)

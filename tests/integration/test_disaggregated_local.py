@@ -178,7 +178,10 @@ def test_aborts_and_cancels_return_pools_to_full(tiny_checkpoint):
     assert all(len(t) == GREEDY.max_tokens and last.finish_reason == "length" for t, last in finished)
 
 
-def test_corrupted_transfer_fails_loudly_and_frees_blocks(tiny_checkpoint):
+def test_corrupted_transfer_fails_loudly_and_frees_blocks(tiny_checkpoint, reference):
+    """Every transfer corrupted: each one is retried with a fresh transfer (failover), and
+    after the bounded retries the stream ends with an explicit error naming the checksum.
+    The tokens the caller got on the way (each placement's prefill sampled one) are right."""
     prompt = _prompts(1, seed=4, lo=30)[0]
 
     async def run():
@@ -202,7 +205,10 @@ def test_corrupted_transfer_fails_loudly_and_frees_blocks(tiny_checkpoint):
     tokens, last = asyncio.run(run())
     assert last.finished and last.finish_reason == "abort"
     assert "checksum" in (last.error or "").lower()
-    assert len(tokens) == 1  # only the prefill's first token reached the caller
+    retries = ServeConfig(model="m").failover.max_retries
+    assert f"failed on {retries + 1} placements" in last.error
+    # one token per placement (its prefill's), each the continuation of the ones before
+    assert tokens == reference("llama", [prompt])[0][: retries + 1]
 
 
 def _flip_first_byte(chunk):

@@ -74,6 +74,14 @@ class InMemoryStateStore(StateStore):
         if (j := self._touch(key)) is not None:
             j.end = end
 
+    async def journal_rewrite(self, record: JournalRecord) -> None:
+        key = record.spec.key
+        self._journals.pop(key, None)
+        self._journals[key] = _Journal(
+            record.spec, list(record.token_ids), list(record.routes), record.end, written_at=self._clock()
+        )
+        self._evict()
+
     async def journal_load(self, key: str) -> JournalRecord | None:
         j = self._live(key)
         if j is None:

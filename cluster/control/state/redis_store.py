@@ -237,16 +237,29 @@ class RedisStateStore(StateStore):
             ("expire", (f"{stream}:spec", ttl), {}),
         ]
 
-    async def journal_start(self, spec: JournalSpec) -> None:
+    def _start_ops(self, spec: JournalSpec) -> list[Op]:
         stream = self._jkey(spec.key)
         ttl = int(self.config.journal_ttl_s) or 1
-        await self._write(
-            [
-                ("delete", (stream,), {}),
-                ("set", (f"{stream}:spec", json.dumps(spec.to_json())), {"ex": ttl}),
-                ("zadd", (self._inflight, {spec.key: spec.created_at}), {}),
-            ]
-        )
+        return [
+            ("delete", (stream,), {}),
+            ("set", (f"{stream}:spec", json.dumps(spec.to_json())), {"ex": ttl}),
+            ("zadd", (self._inflight, {spec.key: spec.created_at}), {}),
+        ]
+
+    async def journal_start(self, spec: JournalSpec) -> None:
+        await self._write(self._start_ops(spec))
+
+    async def journal_rewrite(self, record: JournalRecord) -> None:
+        key = record.spec.key
+        ops = self._start_ops(record.spec)
+        for route in record.routes:
+            ops += self._append(key, {"k": "r", "v": json.dumps(route.to_json())})
+        if record.token_ids:
+            ops += self._append(key, {"k": "t", "c": 0, "v": ",".join(map(str, record.token_ids))})
+        if record.end is not None:
+            ops += self._append(key, {"k": "f", "v": json.dumps(record.end.to_json())})
+            ops.append(("zrem", (self._inflight, key), {}))
+        await self._write(ops)
 
     async def journal_route(self, key: str, route: RouteRecord) -> None:
         await self._write(self._append(key, {"k": "r", "v": json.dumps(route.to_json())}))

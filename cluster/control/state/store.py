@@ -204,6 +204,11 @@ class StateStore(abc.ABC):
     async def journal_finish(self, key: str, end: JournalEnd) -> None: ...
 
     @abc.abstractmethod
+    async def journal_rewrite(self, record: JournalRecord) -> None:
+        """Replace ``record.spec.key``'s journal with ``record`` as one write (after an outage:
+        the writer of a live request rewrites what the store may have dropped)."""
+
+    @abc.abstractmethod
     async def journal_load(self, key: str) -> JournalRecord | None:
         """The record, or None when there is none (never written, or expired). Raises
         StoreUnavailable when the backend cannot be read now."""

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cluster.config import ROUTING_POLICIES, RouterConfig
-from cluster.control.routing import NoWorkerAvailable, RouteReason, RoutingPolicy, WorkerLoad
+from cluster.control.routing import NoWorkerAvailable, RouteReason, RoutingPolicy, WorkerLoad, WorkersBusy
 
 LONG = 1000  # prompt length above every short_prompt_threshold used here
 
@@ -219,6 +219,27 @@ def test_hysteresis_no_flapping_then_demotion_when_pressure_ends():
         assert r.observe(snapshot(tokens)) == []
     assert r.route(LONG, snapshot(500)).reason is RouteReason.SPLIT
     assert [e.seq for e in r.drain_events()] == [0, 1]
+
+
+def test_a_promoted_worker_reconfigured_as_mixed_leaves_the_promoted_set():
+    """Found by the property test below: the reconfiguration was recorded as a promotion."""
+    r = policy(**SWITCH)
+    r.observe(snapshot(2000))
+    assert r.promoted() == {"d1"}
+    [ev] = r.observe([P("p0"), WorkerLoad("d1", "mixed", total_kv_blocks=100, free_kv_blocks=100)])
+    assert (ev.worker_id, ev.old_role, ev.new_role, ev.reason) == ("d1", "mixed", "mixed", "reconfigured")
+    assert r.promoted() == frozenset() and r.roles()["d1"] == "mixed"
+
+
+def test_workers_at_their_bound_are_skipped_and_all_busy_is_workers_busy():
+    r = policy()
+    assert r.route(LONG, [P("p0"), D("d0", accepting=False), D("d1")]).decode_worker == "d1"
+    with pytest.raises(WorkersBusy, match=r"decode-capable worker is at its in-flight bound: \['d0'\]"):
+        r.route(4, [D("d0", accepting=False), D("d1", healthy=False)])
+    # a busy prefill pool refuses: it is no reason to prefill on the decode worker
+    with pytest.raises(WorkersBusy, match="prefill-capable"):
+        r.route(LONG, [P("p0", accepting=False), D("d0")])
+    assert r.route(LONG, [P("p0", healthy=False), D("d0")]).reason is RouteReason.NO_PREFILL_WORKER
 
 
 def test_pressure_is_the_least_loaded_prefill_worker():
