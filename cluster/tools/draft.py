@@ -5,7 +5,8 @@
 
 MODEL is a Hugging Face directory or a .gguf file; DIR becomes an ordinary checkpoint
 directory (engine/models/self_draft.py: first N layers, final norm, head, tokenizer files),
-written atomically. ``--layers`` defaults to a quarter of the target's layers.
+written atomically. ``--layers`` defaults to 80 % of the target's layers (24 of 30 for
+SmolLM2-135M; engine/models/self_draft.py ``default_draft_layers`` says why).
 
 ``--measure`` then runs greedy speculative decoding offline (engine/spec/offline.py) with the
 new draft proposing K tokens per step for the full target, one prompt at a time, on a few
@@ -48,7 +49,7 @@ def add_draft_parser(sub: Any) -> None:
         "Hugging Face checkpoint directory usable as speculative_config's draft model.",
     )
     p.add_argument("--from", dest="source", required=True, metavar="MODEL", help="target: HF directory or .gguf")
-    p.add_argument("--layers", type=positive_int, metavar="N", help="layers kept (default: a quarter of the target's)")
+    p.add_argument("--layers", type=positive_int, metavar="N", help="layers kept (default: 80%% of the target's)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist, unless --force)")
     p.add_argument("--force", action="store_true", help="replace DIR when it holds a self-draft")
     p.add_argument("--measure", action="store_true", help="measure greedy acceptance against the target afterwards")

@@ -42,9 +42,10 @@ pages (or ``import_kv`` copies them), and ``commit`` records their tokens. For a
 (the target's first N layers) the layout equals the target's except ``num_layers``, so a
 transport can even send the draft's pages as N extra layers. Why not recompute the draft
 prompt on the decode worker: that is a prompt prefill inside the decode batch, the very
-interference disaggregation removes, while the draft's bytes are only N_draft/N_target of
-the target's (27 % for an 8-of-30-layer SmolLM2 self-draft) on a link that carries the
-target's anyway. The recompute path still exists as the fallback that needs no code: a
+interference disaggregation removes. Shipping costs bytes instead, in the same proportion
+(a self-draft of N of L layers adds N/L to the target's KV bytes; the layers' compute it
+saves is in that proportion too), on a link that already carries the target's pages and that
+the decode worker does not wait on while it decodes other requests. The recompute path still exists as the fallback that needs no code: a
 request whose draft KV did not arrive (a prefill pool without the draft, a failed draft
 transfer) is caught up by its first ``propose`` (round 0 computes whatever prefix is missing);
 ``stats.catch_up_tokens`` makes that cost visible.

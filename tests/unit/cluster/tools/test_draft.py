@@ -103,8 +103,8 @@ def test_bad_arguments_are_one_line_errors(tiny_checkpoint, tmp_path, capsys):
 def test_existing_output_is_replaced_only_with_force_and_only_if_a_self_draft(tiny_checkpoint, tmp_path, capsys):
     target = tiny_checkpoint("llama", num_hidden_layers=4)
     out = str(tmp_path / "d")
-    assert main(["draft", "--from", target, "--out", out]) == 0  # default: a quarter of 4 layers
-    assert json.loads(open(os.path.join(out, "config.json")).read())["num_hidden_layers"] == 1
+    assert main(["draft", "--from", target, "--out", out]) == 0  # default: 80 % of 4 layers
+    assert json.loads(open(os.path.join(out, "config.json")).read())["num_hidden_layers"] == 3
     assert main(["draft", "--from", target, "--layers", "2", "--out", out]) == 2
     assert "already exists (pass force to replace a self-draft)" in capsys.readouterr().err
     assert main(["draft", "--from", target, "--layers", "2", "--out", out, "--force"]) == 0
@@ -118,9 +118,9 @@ def test_existing_output_is_replaced_only_with_force_and_only_if_a_self_draft(ti
 
 
 def test_default_layers():
-    assert self_draft.default_draft_layers(30) == 8
+    assert self_draft.default_draft_layers(30) == 24
     assert self_draft.default_draft_layers(2) == 1
-    assert self_draft.default_draft_layers(4) == 1
+    assert self_draft.default_draft_layers(4) == 3
 
 
 @pytest.mark.slow
