@@ -20,9 +20,16 @@ Timeouts: ``timeout`` (per call, else the client's default, else none) bounds th
 including retries; the server receives the remaining time as the gRPC deadline and aborts
 the request when it passes. Retries: only UNAVAILABLE, only while no message of the stream
 has arrived (nothing was generated for the caller yet), at most ``max_retries`` times with
-exponential backoff (``backoff_s * 2**attempt``, jittered, capped at 2 s). Leaving a stream
-early (break, close, garbage collection) cancels the call, which aborts the request.
-Errors are SplitServeError subclasses chosen by status code.
+exponential backoff (``backoff_s * 2**attempt``, jittered, capped at 2 s), or after the
+server's ``retry-after`` when it sent one. Leaving a stream early (break, close, garbage
+collection) cancels the call, which aborts the request. Errors are SplitServeError
+subclasses chosen by status code; ``retry_after_s`` is the server's Retry-After (refusals).
+
+Resume: ``resume(request_id, cursor)`` continues a request whose stream was lost from the
+``cursor`` tokens received (chunks from index ``cursor`` on; see the .proto). ``stream(...,
+resume=True)`` does it by itself: when the stream breaks with UNAVAILABLE after chunks
+arrived (the server restarted, the connection broke), it resumes at the tokens received,
+within the same ``max_retries``, so the caller sees one stream with no token repeated.
 
 A stream's chunks carry contiguous ``index`` ranges; the server may merge deltas that queued
 up into one chunk. ``abort(request_id)`` ends a stream started with that ``request_id``: its
@@ -49,12 +56,14 @@ _MAX_BACKOFF_S = 2.0
 
 # ---------------------------------------------------------------- errors
 class SplitServeError(Exception):
-    """A call ended with a non-OK gRPC status."""
+    """A call ended with a non-OK gRPC status. ``retry_after_s``: the server's Retry-After
+    (trailing metadata "retry-after") on refusals, else None."""
 
-    def __init__(self, code: grpc.StatusCode, message: str):
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_s: float | None = None):
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
+        self.retry_after_s = retry_after_s
 
 
 class InvalidArgument(SplitServeError):
@@ -89,6 +98,10 @@ class Cancelled(SplitServeError):
     pass
 
 
+class NotFound(SplitServeError):
+    pass
+
+
 _ERRORS: dict[grpc.StatusCode, type[SplitServeError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
@@ -97,12 +110,39 @@ _ERRORS: dict[grpc.StatusCode, type[SplitServeError]] = {
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
     grpc.StatusCode.CANCELLED: Cancelled,
+    grpc.StatusCode.NOT_FOUND: NotFound,
 }
+
+
+def _trailing(e: grpc.RpcError, name: str) -> str | None:
+    trailing = getattr(e, "trailing_metadata", None)
+    try:
+        items = trailing() if callable(trailing) else ()
+    except Exception:  # a call that failed before any metadata (connection refused)
+        items = ()
+    for key, value in items or ():
+        if key == name:
+            return value
+    return None
+
+
+def _retry_after(e: grpc.RpcError) -> float | None:
+    """The server's "retry-after" trailing metadata (seconds), if it sent one."""
+    value = _trailing(e, "retry-after")
+    try:
+        return None if value is None else max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+def _request_failed(e: grpc.RpcError) -> bool:
+    """The request itself failed (its retries ran out on the server): resuming replays that."""
+    return _trailing(e, "splitserve-request-failed") == "true"
 
 
 def _error(e: grpc.RpcError) -> SplitServeError:
     code = e.code()
-    return _ERRORS.get(code, SplitServeError)(code, e.details() or "")
+    return _ERRORS.get(code, SplitServeError)(code, e.details() or "", _retry_after(e))
 
 
 # ---------------------------------------------------------------- results
@@ -164,6 +204,18 @@ class Completion:
 
 
 # ---------------------------------------------------------------- wire helpers
+class _Cursor:
+    """Where a stream is: its request id (from the first chunk) and the tokens received."""
+
+    def __init__(self, start: int = 0):
+        self.request_id: str | None = None
+        self.tokens = start
+
+    def saw(self, chunk: Chunk) -> None:
+        self.request_id = chunk.request_id
+        self.tokens = chunk.index + len(chunk.token_ids)
+
+
 def _request(prompt: str | Sequence[int], request_id: str | None, sampling: dict) -> pb.GenerateRequest:
     unknown = set(sampling) - SAMPLING_FIELDS
     if unknown:
@@ -243,6 +295,9 @@ class _Policy:
         if e.code() != grpc.StatusCode.UNAVAILABLE or received or self.attempt >= self.max_retries:
             return None
         delay = min(self.backoff_s * 2**self.attempt, _MAX_BACKOFF_S) * random.uniform(0.5, 1.0)
+        after = _retry_after(e)
+        if after is not None:
+            delay = max(delay, after)
         remaining = self.remaining()
         if remaining is not None and delay >= remaining:
             return None
@@ -285,26 +340,43 @@ class Client(_Base):
         self._stub = pb_grpc.SplitServeStub(self._channel)
 
     def stream(
-        self, prompt: str | Sequence[int], *, request_id: str | None = None, timeout: float | None = None, **sampling
+        self,
+        prompt: str | Sequence[int],
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+        resume: bool = False,
+        **sampling,
     ) -> Iterator[Chunk]:
-        """Chunks as they arrive. Bad arguments raise here, not at the first ``next()``."""
-        return self._stream(_request(prompt, request_id, sampling), self._policy(timeout))
+        """Chunks as they arrive. Bad arguments raise here, not at the first ``next()``.
+        ``resume``: continue through Resume when the stream breaks after chunks arrived."""
+        return self._stream(_request(prompt, request_id, sampling), self._policy(timeout), resume)
 
-    def _stream(self, req: pb.GenerateRequest, policy: _Policy) -> Iterator[Chunk]:
+    def resume(self, request_id: str, cursor: int = 0, timeout: float | None = None) -> Iterator[Chunk]:
+        """The request's chunks from token ``cursor`` on (it continues, or is replayed)."""
+        return self._stream(pb.ResumeRequest(request_id=request_id, cursor=cursor), self._policy(timeout), True)
+
+    def _stream(self, req, policy: _Policy, resume: bool) -> Iterator[Chunk]:
+        at = _Cursor(req.cursor if isinstance(req, pb.ResumeRequest) else 0)
         while True:
-            call = self._stub.Generate(req, timeout=policy.remaining(), metadata=self._metadata)
+            method = self._stub.Resume if isinstance(req, pb.ResumeRequest) else self._stub.Generate
+            call = method(req, timeout=policy.remaining(), metadata=self._metadata)
             received = False
             try:
                 for msg in call:
                     received = True
-                    yield _chunk(msg)
+                    chunk = _chunk(msg)
+                    at.saw(chunk)
+                    yield chunk
                 return
             except grpc.RpcError as e:
-                delay = policy.retry_delay(e, received)
+                delay = policy.retry_delay(e, received and not (resume and not _request_failed(e)))
                 if delay is None:
                     raise _error(e) from e
             finally:
                 call.cancel()  # no-op once the call ended; aborts the request if we leave early
+            if at.request_id is not None:  # chunks arrived: continue after them, never repeat them
+                req = pb.ResumeRequest(request_id=at.request_id, cursor=at.tokens)
             time.sleep(delay)
 
     def generate(self, prompt: str | Sequence[int], **kw) -> Completion:
@@ -362,26 +434,43 @@ class AsyncClient(_Base):
         self._stub = pb_grpc.SplitServeStub(self._channel)
 
     def stream(
-        self, prompt: str | Sequence[int], *, request_id: str | None = None, timeout: float | None = None, **sampling
+        self,
+        prompt: str | Sequence[int],
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+        resume: bool = False,
+        **sampling,
     ) -> AsyncIterator[Chunk]:
-        """``async for chunk in client.stream(...)``. Bad arguments raise here."""
-        return self._stream(_request(prompt, request_id, sampling), self._policy(timeout))
+        """``async for chunk in client.stream(...)``. Bad arguments raise here. ``resume``: as
+        in Client.stream."""
+        return self._stream(_request(prompt, request_id, sampling), self._policy(timeout), resume)
 
-    async def _stream(self, req: pb.GenerateRequest, policy: _Policy) -> AsyncIterator[Chunk]:
+    def resume(self, request_id: str, cursor: int = 0, timeout: float | None = None) -> AsyncIterator[Chunk]:
+        """The request's chunks from token ``cursor`` on (it continues, or is replayed)."""
+        return self._stream(pb.ResumeRequest(request_id=request_id, cursor=cursor), self._policy(timeout), True)
+
+    async def _stream(self, req, policy: _Policy, resume: bool) -> AsyncIterator[Chunk]:
+        at = _Cursor(req.cursor if isinstance(req, pb.ResumeRequest) else 0)
         while True:
-            call = self._stub.Generate(req, timeout=policy.remaining(), metadata=self._metadata)
+            method = self._stub.Resume if isinstance(req, pb.ResumeRequest) else self._stub.Generate
+            call = method(req, timeout=policy.remaining(), metadata=self._metadata)
             received = False
             try:
                 async for msg in call:
                     received = True
-                    yield _chunk(msg)
+                    chunk = _chunk(msg)
+                    at.saw(chunk)
+                    yield chunk
                 return
             except grpc.RpcError as e:
-                delay = policy.retry_delay(e, received)
+                delay = policy.retry_delay(e, received and not (resume and not _request_failed(e)))
                 if delay is None:
                     raise _error(e) from e
             finally:
                 call.cancel()
+            if at.request_id is not None:
+                req = pb.ResumeRequest(request_id=at.request_id, cursor=at.tokens)
             await asyncio.sleep(delay)
 
     async def generate(self, prompt: str | Sequence[int], **kw) -> Completion:
@@ -426,6 +515,7 @@ __all__ = [
     "Completion",
     "DeadlineExceeded",
     "InvalidArgument",
+    "NotFound",
     "ResourceExhausted",
     "SplitServeError",
     "TLSConfig",

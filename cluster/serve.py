@@ -2,6 +2,7 @@
 
     splitserve serve [--model DIR|FILE.gguf] [--config FILE] [--address ADDR] [--prefill N --decode N]
                      [--transport shm|grpc|torch] [--num-cpus-per-worker F]
+                     [--redis URL [--redis-password-file FILE]]
                      [--prompt TEXT ...] [--max-tokens N] [--once] [frontend flags]
 
 Steps, each failing with one line on stderr and a non-zero status (``ServeFailure``), never a
@@ -14,6 +15,10 @@ traceback:
    (engine/models/gguf.py) and every worker gets the converted directory, so no actor
    converts; each pool's engine options are checked against it;
 3. the ports are checked free, before anything slow starts;
+   ``--redis URL`` keeps the state store (request journal for Resume, worker registry, prefix
+   index) in Redis (``state.redis_url``); its password comes from ``--redis-password-file``
+   or $SPLITSERVE_REDIS_PASSWORD, never a flag. A wrong password fails the start (status 2);
+   an unreachable Redis does not (serving goes on without durability, reconnecting);
 4. Ray: without ``--address`` a new local instance (``address="local"``), even when another
    Ray cluster runs on this machine; ``--address`` joins one (checked reachable first);
 5. the pools start as actors under a Controller, the worker layout is printed and the demo
@@ -45,7 +50,14 @@ from typing import Any
 import yaml
 
 from cluster.argtypes import non_negative_float, non_negative_int, positive_int
-from cluster.config import DEFAULT_TINY_DIR, PLACEMENT_STRATEGIES, TRANSFER_KINDS, ConfigError, ServeConfig
+from cluster.config import (
+    DEFAULT_TINY_DIR,
+    PLACEMENT_STRATEGIES,
+    REDIS_PASSWORD_ENV,
+    TRANSFER_KINDS,
+    ConfigError,
+    ServeConfig,
+)
 from cluster.control.info import ClusterInfo
 from cluster.frontends.launch import add_frontend_flags, apply_frontend_flags, start_frontends
 
@@ -133,6 +145,21 @@ def add_serve_parser(sub: Any) -> None:
         help="at most this many tokens per demo prompt (default: %(default)s; generation stops at EOS)",
     )
     p.add_argument("--once", action="store_true", help="exit after the demo prompts instead of serving")
+    r = p.add_argument_group(
+        "state store",
+        "request journal (Resume after a restart), worker registry, prefix index; default: in memory",
+    )
+    r.add_argument(
+        "--redis",
+        metavar="URL",
+        help="keep them in Redis: redis://host:port/db or rediss:// (state.redis_url); serving goes on "
+        "without durability while it is unreachable",
+    )
+    r.add_argument(
+        "--redis-password-file",
+        metavar="FILE",
+        help=f"file holding the Redis password, e.g. a mounted secret (state.password_file; else ${REDIS_PASSWORD_ENV})",
+    )
     add_frontend_flags(p)
     p.set_defaults(func=cmd_serve)
 
@@ -195,6 +222,17 @@ def serve_config_from_args(args: argparse.Namespace, default_model: Callable[[],
     data["transfer"] = transfer
     if args.placement:
         data["placement"] = args.placement
+    redis_url, redis_pw = getattr(args, "redis", None), getattr(args, "redis_password_file", None)
+    if redis_url is not None or redis_pw is not None:
+        state = data.get("state") or {}
+        if not isinstance(state, dict):
+            raise ConfigError("state", f"must be a mapping, got {type(state).__name__}")
+        state = dict(state)
+        if redis_url is not None:
+            state["redis_url"] = redis_url
+        if redis_pw is not None:
+            state["password_file"] = redis_pw
+        data["state"] = state
     apply_frontend_flags(data, args)
     cfg = ServeConfig.from_dict(data)
     if cfg.transfer.kind not in RAY_KINDS:
@@ -435,6 +473,10 @@ def _run(args: argparse.Namespace) -> int:
     try:
         cfg = serve_config_from_args(args, default_model)
         cfg.api_key()  # the key's sources are checked now, not after Ray and the workers started
+        try:
+            cfg.state.password()  # ... and the Redis password's
+        except ConfigError as e:
+            raise e.under("state") from None
     except ConfigError as e:
         raise ServeFailure(f"config error: {_one_line(str(e))}", 2) from None
     except ModelIntegrityError as e:
@@ -461,6 +503,7 @@ def _run(args: argparse.Namespace) -> int:
 
 async def _serve(cfg: ServeConfig, args: argparse.Namespace, text: TextSide) -> None:
     from cluster.control.controller import Controller
+    from cluster.control.state.redis_store import StoreConfigError
 
     # SIGTERM (Kubernetes stopping the pod) takes the Ctrl-C path: cancel, then shut down
     with contextlib.suppress(NotImplementedError, RuntimeError):  # not main thread / platform
@@ -473,6 +516,8 @@ async def _serve(cfg: ServeConfig, args: argparse.Namespace, text: TextSide) -> 
             await controller.start()
         except RuntimeError as e:  # a pool failed to start: the message names the workers and causes
             raise ServeFailure(summarize_start_failure(str(e)), 1) from None
+        except StoreConfigError as e:  # e.g. Redis refused the password
+            raise ServeFailure(f"state store: {_one_line(str(e))}", 2) from None
         _print_layout(controller.info())
         prompts = args.prompts or list(DEMO_PROMPTS)
         await run_demo(controller, tokenizer, template, prompts, args.max_tokens, noise=cfg.model == DEFAULT_TINY_DIR)

@@ -92,6 +92,14 @@ class GenerateResponse(_message.Message):
     usage: Usage
     def __init__(self, request_id: _Optional[str] = ..., index: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
 
+class ResumeRequest(_message.Message):
+    __slots__ = ("request_id", "cursor")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CURSOR_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    cursor: int
+    def __init__(self, request_id: _Optional[str] = ..., cursor: _Optional[int] = ...) -> None: ...
+
 class AbortRequest(_message.Message):
     __slots__ = ("request_id",)
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -159,15 +167,19 @@ class PoolInfo(_message.Message):
     def __init__(self, role: _Optional[str] = ..., num_workers: _Optional[int] = ..., num_healthy: _Optional[int] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("workers", "pools", "inflight", "max_queue", "details_json")
+    __slots__ = ("workers", "pools", "inflight", "max_queue", "details_json", "state_store", "state_store_status")
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     POOLS_FIELD_NUMBER: _ClassVar[int]
     INFLIGHT_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
     DETAILS_JSON_FIELD_NUMBER: _ClassVar[int]
+    STATE_STORE_FIELD_NUMBER: _ClassVar[int]
+    STATE_STORE_STATUS_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
     pools: _containers.RepeatedCompositeFieldContainer[PoolInfo]
     inflight: int
     max_queue: int
     details_json: str
-    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., pools: _Optional[_Iterable[_Union[PoolInfo, _Mapping]]] = ..., inflight: _Optional[int] = ..., max_queue: _Optional[int] = ..., details_json: _Optional[str] = ...) -> None: ...
+    state_store: str
+    state_store_status: str
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., pools: _Optional[_Iterable[_Union[PoolInfo, _Mapping]]] = ..., inflight: _Optional[int] = ..., max_queue: _Optional[int] = ..., details_json: _Optional[str] = ..., state_store: _Optional[str] = ..., state_store_status: _Optional[str] = ...) -> None: ...

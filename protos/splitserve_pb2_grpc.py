@@ -39,6 +39,11 @@ class SplitServeStub:
                 request_serializer=protos_dot_splitserve__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=protos_dot_splitserve__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Resume = channel.unary_stream(
+                '/splitserve.v1.SplitServe/Resume',
+                request_serializer=protos_dot_splitserve__pb2.ResumeRequest.SerializeToString,
+                response_deserializer=protos_dot_splitserve__pb2.GenerateResponse.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/splitserve.v1.SplitServe/Abort',
                 request_serializer=protos_dot_splitserve__pb2.AbortRequest.SerializeToString,
@@ -67,8 +72,15 @@ class SplitServeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Resume(self, request, context):
+        """Continues a request from a cursor (see above): the same messages as Generate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Abort(self, request, context):
-        """Ends an in-flight Generate of this server; its stream ends with finish_reason "abort".
+        """Ends an in-flight Generate (or Resume) of this server; its stream ends with finish_reason "abort".
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -92,6 +104,11 @@ def add_SplitServeServicer_to_server(servicer, server):
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
                     request_deserializer=protos_dot_splitserve__pb2.GenerateRequest.FromString,
+                    response_serializer=protos_dot_splitserve__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Resume': grpc.unary_stream_rpc_method_handler(
+                    servicer.Resume,
+                    request_deserializer=protos_dot_splitserve__pb2.ResumeRequest.FromString,
                     response_serializer=protos_dot_splitserve__pb2.GenerateResponse.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
@@ -136,6 +153,33 @@ class SplitServe:
             target,
             '/splitserve.v1.SplitServe/Generate',
             protos_dot_splitserve__pb2.GenerateRequest.SerializeToString,
+            protos_dot_splitserve__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/splitserve.v1.SplitServe/Resume',
+            protos_dot_splitserve__pb2.ResumeRequest.SerializeToString,
             protos_dot_splitserve__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,

@@ -26,11 +26,21 @@ Health watcher, every ``health_interval_s``:
   ``ping_timeout_s``: marked unhealthy; replaced after ``max_missed_pings`` misses in a row.
   An unhealthy worker that answers ``ping`` and ``stats`` again is marked healthy.
 - ``router.refresh_loads()`` updates the stats (KV blocks, cached prefixes) routing uses.
-Replacement kills the old actor, starts a new one with the same worker id and options,
-waits until it is ready (retrying with backoff while that fails), re-registers it (a decode
-replacement has a new KV address) and bumps the worker's ``restarts`` counter. Requests
-that were streaming from a dead decode worker end with finish_reason "abort"; requests
-still waiting on a dead prefill worker are re-routed by the Router.
+Replacement first tells the router the worker is lost (``Router.worker_lost``: every request
+placed on it fails over now, re-prefilled with its tokens so far on another worker, or waits
+for this replacement when no other can serve it; cluster/control/failover.py) and removes it
+from the worker registry; then it kills the old actor, starts a new one with the same worker
+id and options, waits until it is ready (retrying with backoff while that fails),
+re-registers it (a decode replacement has a new KV address) and bumps the worker's
+``restarts`` counter.
+
+State store (cluster/control/state/, ``ServeConfig.state``): started before any actor (a
+wrong Redis password fails the start), closed by ``shutdown``. The health check stays the
+liveness authority; the worker registry publishes its verdicts: each round writes a
+heartbeat for every worker that answered its ping (an entry expires ``heartbeat_ttl_s``
+after the last one, e.g. when this controller died), a worker being replaced is removed at
+once, and its replacement appears at the first round after it is ready. A worker that
+misses pings keeps its last heartbeat until it expires or the controller gives it up.
 """
 
 from __future__ import annotations
@@ -50,6 +60,7 @@ from cluster.control.info import ClusterInfo, pool_info, worker_info
 from cluster.control.placement import WorkerPlacement
 from cluster.control.router import Router
 from cluster.control.routing import RoutingPolicy
+from cluster.control.state import WorkerRegistration, make_state_store
 from decode_worker.actor import DecodeActor
 from engine.types import KVAddress
 from prefill_worker.actor import PrefillActor
@@ -118,7 +129,13 @@ class Controller:
             )
         self.config = config
         self.options = options or ControllerOptions()
-        self.router = Router(RoutingPolicy(config.router), read_timeout_s=self.options.read_timeout_s)
+        self.store = make_state_store(config.state)
+        self.router = Router(
+            RoutingPolicy(config.router),
+            read_timeout_s=self.options.read_timeout_s,
+            failover=config.failover,
+            store=self.store,
+        )
         self.workers: dict[str, WorkerRecord] = {}
         self._progress = progress or (lambda msg: log.info("%s", msg))
         self._watcher: asyncio.Task | None = None
@@ -133,6 +150,9 @@ class Controller:
             raise RuntimeError("controller already started")
         if not ray.is_initialized():
             raise RuntimeError("ray is not initialised: call ray.init() (or join a cluster) first")
+        await self.store.start()  # StoreConfigError (e.g. a wrong Redis password) before any actor
+        health = self.store.health()
+        self._progress(f"state store: {health.backend} ({health.status}: {health.detail})")
         self._warn_if_short_of_resources()
         slots = [(f"{p.name}-{i}", p) for p in self.config.pools for i in range(p.num_workers)]
         self._progress(
@@ -183,8 +203,10 @@ class Controller:
             raise
         for rec in self.workers.values():
             self.router.add_worker(rec.worker_id, rec.handle, rec.role, rec.address)
+        await self.router.start()
         await self.router.collect_limits()
         await self.router.refresh_loads()
+        await self.store.heartbeat([self._registration(r) for r in self.workers.values()])
         self._watcher = asyncio.create_task(self._watch(), name="splitserve-health")
         return self
 
@@ -201,6 +223,8 @@ class Controller:
         self._remove_placement()
         for wid in list(self.workers):
             self.router.remove_worker(wid)
+            await self.store.deregister(wid)
+        await self.store.close()
 
     def _remove_placement(self) -> None:
         if self._placement is not None:
@@ -233,6 +257,7 @@ class Controller:
             pools=pools,
             workers=workers,
             requests_in_flight=len(self.router.requests),
+            state=self.store.health(),
         )
 
     # ------------------------------------------------------------ actors
@@ -249,13 +274,14 @@ class Controller:
             **(self._placement.actor_options(wid) if self._placement is not None else {}),
         }
         t = self.config.transfer
+        bound = self.config.failover.worker_max_pending
         if pool.role == "prefill":
             return PrefillActor.options(**placement).remote(
-                self.config.model, engine, t.kind, None, wid, t.layerwise, t.timeout_s
+                self.config.model, engine, t.kind, None, wid, t.layerwise, t.timeout_s, bound
             )
         # decode and mixed workers both decode; mixed ones also prefill locally (as LocalCluster)
         return DecodeActor.options(**placement).remote(
-            self.config.model, engine, t.kind, None, wid, t.timeout_s, pool.role
+            self.config.model, engine, t.kind, None, wid, t.timeout_s, pool.role, bound
         )
 
     async def _wait_ready(self, handle: PrefillHandle | DecodeHandle, pool: PoolConfig) -> tuple[KVAddress | None, str]:
@@ -290,12 +316,26 @@ class Controller:
             await asyncio.sleep(self.options.health_interval_s)
 
     async def check_health(self) -> None:
-        """One watcher round: ping every worker not being replaced, then refresh loads."""
+        """One watcher round: ping every worker not being replaced, heartbeat those that
+        answered into the worker registry, then refresh loads."""
         live = [r for wid, r in self.workers.items() if wid not in self._replacing]
-        await asyncio.gather(*(self._check(r) for r in live))
+        answered = await asyncio.gather(*(self._check(r) for r in live))
+        await self.store.heartbeat([self._registration(r) for r, ok in zip(live, answered) if ok])
         await self.router.refresh_loads()
 
-    async def _check(self, rec: WorkerRecord) -> None:
+    def _registration(self, rec: WorkerRecord) -> WorkerRegistration:
+        return WorkerRegistration(
+            worker_id=rec.worker_id,
+            role=rec.role,
+            pool=rec.pool.name,
+            address=None if rec.address is None else str(rec.address),
+            node_id=rec.node_id,
+            incarnation=rec.started_at,
+            heartbeat_at=time.time(),
+        )
+
+    async def _check(self, rec: WorkerRecord) -> bool:
+        """Ping one worker; True when it answered (its registry heartbeat is due)."""
         wid, timeout = rec.worker_id, self.options.ping_timeout_s
         try:
             await asyncio.wait_for(rec.handle.ping(), timeout)
@@ -304,6 +344,7 @@ class Controller:
                 await asyncio.wait_for(rec.handle.stats(), timeout)  # the engine loop answers too
                 self.router.mark_healthy(wid)
             rec.missed_pings = 0
+            return True
         except TimeoutError:
             rec.missed_pings += 1
             self.router.mark_unhealthy(wid)
@@ -311,6 +352,7 @@ class Controller:
                 self._begin_replace(rec, f"missed {rec.missed_pings} pings of {timeout}s")
         except Exception as e:  # WorkerUnavailable (dead actor, crashed loop) or a broken actor
             self._begin_replace(rec, str(e) if isinstance(e, WorkerUnavailable) else f"ping failed: {e!r}")
+        return False
 
     def _begin_replace(self, rec: WorkerRecord, reason: str) -> None:
         if rec.worker_id in self._replacing or self._closing:
@@ -318,11 +360,16 @@ class Controller:
         log.error("worker %s failed (%s): replacing it", rec.worker_id, reason)
         rec.last_failure = reason
         self.router.mark_unhealthy(rec.worker_id)
-        self._replacing[rec.worker_id] = asyncio.create_task(self._replace(rec), name=f"replace-{rec.worker_id}")
+        self._replacing[rec.worker_id] = asyncio.create_task(
+            self._replace(rec, reason), name=f"replace-{rec.worker_id}"
+        )
 
-    async def _replace(self, rec: WorkerRecord) -> None:
+    async def _replace(self, rec: WorkerRecord, reason: str) -> None:
         wid = rec.worker_id
         try:
+            # its requests fail over now (or wait for this replacement); the registry drops it
+            await self.router.worker_lost(wid, reason)
+            await self.store.deregister(wid)
             while not self._closing:
                 ray.kill(rec.actor, no_restart=True)  # it may be hung rather than dead
                 actor = self._spawn(wid, rec.pool)

@@ -13,6 +13,7 @@ from typing import Any
 
 from cluster.config import PoolConfig
 from cluster.control.router import Router
+from cluster.control.state import StoreHealth
 from engine.types import WorkerStats
 
 
@@ -51,6 +52,7 @@ class ClusterInfo:
     pools: tuple[PoolInfo, ...]
     workers: tuple[WorkerInfo, ...]
     requests_in_flight: int
+    state: StoreHealth  # the state store: backend, durable, ok or degraded (and why)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able view (cached block hashes shown as a count)."""

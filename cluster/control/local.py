@@ -118,6 +118,7 @@ class LocalCluster:
                 for wid in self.workers
             ),
             requests_in_flight=len(self.router.requests),
+            state=self.store.health(),
         )
 
     def shutdown(self) -> None:

@@ -54,7 +54,14 @@ from cluster.control.failover import AttemptFailed, FailoverStats, FailureCause,
 from cluster.control.handles import DecodeHandle, PrefillHandle, WorkerUnavailable
 from cluster.control.ledger import RequestLedger
 from cluster.control.routing import NoWorkerAvailable, RouteDecision, RoutingPolicy, WorkerLoad, WorkersBusy
-from cluster.control.state import InMemoryStateStore, JournalEnd, JournalRecord, RouteRecord, StateStore
+from cluster.control.state import (
+    CANCELLED,
+    InMemoryStateStore,
+    JournalEnd,
+    JournalRecord,
+    RouteRecord,
+    StateStore,
+)
 from cluster.control.state.prefix_index import PrefixIndex
 from engine.kv_cache.manager import prefix_block_hashes
 from engine.types import (
@@ -72,6 +79,10 @@ T = TypeVar("T")
 
 UNSYNCED_MAX = 10_000  # ledgers that ended during a store outage, kept to be journaled after it
 WAIT_POLL_S = 0.5  # a waiting failover re-checks the workers at least this often
+
+
+class RequestInFlight(ValueError):
+    """``generate`` named a request id or journal key that is in flight in this router."""
 
 
 @dataclass
@@ -271,22 +282,25 @@ class Router:
         """Stream a request's output; the last chunk has ``finished=True``.
 
         ``key``: the journal key clients resume by (default: ``spec.request_id``). ``resume``:
-        the journal of a request whose process died; it continues after its tokens (which are
-        not yielded again). Raises ValueError for an invalid request or a key in flight,
+        the journal of a request whose process died or whose caller cancelled it; it continues
+        after its tokens (which are not yielded again). Raises ValueError for an invalid request, RequestInFlight for an id
+        or key in flight,
         NoWorkerAvailable when nothing can serve, WorkersBusy at the in-flight bounds.
         """
         rid = spec.request_id
         key = key or rid
         if rid in self.requests:
-            raise ValueError(f"request id {rid!r} is already in flight")
+            raise RequestInFlight(f"request id {rid!r} is already in flight")
         if key in self.by_key:
-            raise ValueError(f"request {key!r} is already in flight")
+            raise RequestInFlight(f"request {key!r} is already in flight")
         ledger = RequestLedger(key, spec, origin, resume)
         self.requests[rid] = ledger
         self.by_key[key] = ledger
         try:
             if resume is None:
                 await self.store.journal_start(ledger.journal_spec)
+            elif resume.finished:  # it was cancelled: in flight again
+                await self.store.journal_reopen(key)
             async for chunk in self._serve(ledger):
                 yield chunk
         finally:
@@ -294,9 +308,7 @@ class Router:
             if self.by_key.get(key) is ledger:
                 del self.by_key[key]
             if not ledger.finished:  # the caller stopped iterating, or an exception ends it
-                await self._end(
-                    ledger, JournalEnd("abort", "cancelled before it finished", ledger.num_cached_tokens or 0)
-                )
+                await self._end(ledger, JournalEnd("abort", CANCELLED, ledger.num_cached_tokens or 0))
 
     async def follow(self, key: str, cursor: int) -> AsyncIterator[StreamChunk]:
         """A live request's chunks from ``cursor`` on (Resume of a request still running

@@ -8,18 +8,23 @@ requests) and stops serving. A stopped frontend is not started again; make a new
 Status codes (the contract is in the .proto header):
 - backend exceptions map one to one: InvalidRequest -> INVALID_ARGUMENT (message names the
   field), Overloaded -> RESOURCE_EXHAUSTED, RequestTimeout -> DEADLINE_EXCEEDED,
-  NoWorkerAvailable -> UNAVAILABLE; a request id already in flight -> ALREADY_EXISTS; request
-  bytes that do not parse -> INVALID_ARGUMENT (we deserialize ourselves: a failing
-  deserializer inside grpc would answer INTERNAL);
-- a request that fails after it started streaming (``Delta.error``: a worker died or its KV
-  transfer failed) ends the stream with UNAVAILABLE and the error. The tokens already sent
+  NoWorkerAvailable and JournalUnavailable -> UNAVAILABLE, UnknownRequestId -> NOT_FOUND; a
+  request id already in flight (here, or journaled by a server that restarted) ->
+  ALREADY_EXISTS; request bytes that do not parse -> INVALID_ARGUMENT (we deserialize
+  ourselves: a failing deserializer inside grpc would answer INTERNAL). Refusals
+  (RESOURCE_EXHAUSTED, UNAVAILABLE before anything was streamed) carry the trailing metadata
+  ``retry-after: <seconds>``;
+- a request that fails after it started streaming (``Delta.error``: its workers failed past
+  the failover retries) ends the stream with UNAVAILABLE, the error, and the trailing
+  metadata ``splitserve-request-failed: true`` (so the SDK does not resume it). The tokens already sent
   are valid, but the completion is cut short, so an OK status would hide the failure;
 - anything else is a bug and answers INTERNAL (the fuzz test asserts it never happens).
 
 Request lifecycle inside ``_generate``: the call's remaining deadline becomes the backend's
 ``timeout_s``. The request runs under a fresh server-made id whatever ``request_id`` the
-caller chose (that one only names it for Abort and in responses): callers may reuse ids, and
-workers keep per-id state for a while after a request finishes. The backend generator is
+caller chose (that one names it for Abort, Resume and in responses, and is its journal key):
+callers may reuse ids once a request finished, and workers keep per-id state for a while
+after a request finishes. ``Resume`` streams ``ServingBackend.resume`` the same way. The backend generator is
 drained by a separate "pump" task into a queue that the handler writes out; the generator is
 closed only by the pump, once, and closing it aborts the request on every worker. A client
 cancel or an expired deadline cancels the handler task (grpc does that, sometimes twice),
@@ -40,6 +45,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -50,17 +56,23 @@ from cluster.frontends.auth import TLSFiles, api_key_from_headers, check_api_key
 from cluster.frontends.service import (
     Delta,
     InvalidRequest,
+    JournalUnavailable,
     NoWorkerAvailable,
     Overloaded,
+    RequestIdInFlight,
     RequestTimeout,
     ServerInfo,
     ServingBackend,
+    UnknownRequestId,
 )
 from protos import splitserve_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["SplitServe"].full_name  # "splitserve.v1.SplitServe"
+# Trailing metadata of a stream that ended UNAVAILABLE because the request failed (its retries
+# ran out), not because the server or connection went away: resuming it would replay the failure.
+FAILED_METADATA = "splitserve-request-failed"
 _OPTIONAL_SAMPLING = ("max_tokens", "temperature", "top_k", "top_p", "seed", "ignore_eos", "logprobs")
 _TOKENIZE_IN_THREAD_CHARS = 8192  # longer text prompts are tokenized off the event loop
 
@@ -107,17 +119,37 @@ class _Pump:
             await gen.aclose()
 
 
-def _status_of(rid: str, e: BaseException) -> tuple[grpc.StatusCode, str]:
+@dataclass(frozen=True)
+class _Status:
+    """How a call ends with an error: code, message, and for refusals Retry-After seconds."""
+
+    code: grpc.StatusCode
+    message: str
+    retry_after_s: int | None = None
+    failed: bool = False  # the request itself failed (after its retries): resuming replays the failure
+
+    def trailing(self) -> tuple[tuple[str, str], ...]:
+        out = () if self.retry_after_s is None else (("retry-after", str(self.retry_after_s)),)
+        return (*out, (FAILED_METADATA, "true")) if self.failed else out
+
+
+def _status_of(rid: str, e: BaseException, retry_after_s: int) -> _Status:
     if isinstance(e, InvalidRequest):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(e)
+        return _Status(grpc.StatusCode.INVALID_ARGUMENT, str(e))
     if isinstance(e, Overloaded):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
+        return _Status(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), e.retry_after_s)
     if isinstance(e, RequestTimeout):
-        return grpc.StatusCode.DEADLINE_EXCEEDED, str(e)
+        return _Status(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
     if isinstance(e, NoWorkerAvailable):
-        return grpc.StatusCode.UNAVAILABLE, str(e)
+        return _Status(grpc.StatusCode.UNAVAILABLE, str(e), retry_after_s)
+    if isinstance(e, JournalUnavailable):
+        return _Status(grpc.StatusCode.UNAVAILABLE, str(e), e.retry_after_s)
+    if isinstance(e, UnknownRequestId):
+        return _Status(grpc.StatusCode.NOT_FOUND, str(e))
+    if isinstance(e, RequestIdInFlight):
+        return _Status(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {e}")
     log.error("Generate %s failed", rid, exc_info=e)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
+    return _Status(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
 
 
 class _Health(health.aio.HealthServicer):
@@ -211,6 +243,9 @@ class GrpcFrontend:
                 "Generate": grpc.unary_stream_rpc_method_handler(
                     self._generate, response_serializer=pb.GenerateResponse.SerializeToString
                 ),
+                "Resume": grpc.unary_stream_rpc_method_handler(
+                    self._resume, response_serializer=pb.GenerateResponse.SerializeToString
+                ),
                 "Abort": unary(self._abort, response_serializer=pb.AbortResponse.SerializeToString),
                 "GetModelInfo": unary(self._model_info, response_serializer=pb.ModelInfo.SerializeToString),
                 "GetServerInfo": unary(self._server_info, response_serializer=pb.ServerInfo.SerializeToString),
@@ -265,14 +300,51 @@ class GrpcFrontend:
         rid = req.request_id or internal
         if rid in self.active:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {rid!r} is already in flight")
+        if req.request_id and await self.backend.in_flight(rid):  # e.g. journaled before a restart
+            await context.abort(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"request_id: {rid!r} is already in flight (continue it with Resume)",
+            )
         remaining = context.time_remaining()
         timeout_s = None if remaining is None else max(remaining, 1e-3)  # 0 would mean "no timeout"
-        pump = _Pump(self.backend.generate(ids, params, internal, timeout_s))
+        gen = self.backend.generate(ids, params, internal, timeout_s, journal_key=rid, origin="grpc")
+        await self._stream(gen, rid, internal, len(ids), 0, context, register=True)
+
+    async def _resume(self, data: bytes, context: grpc.aio.ServicerContext) -> None:
+        req = await self._parse(pb.ResumeRequest, data, context)
+        rid = req.request_id
+        if not rid:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: must not be empty")
+        remaining = context.time_remaining()
+        timeout_s = None if remaining is None else max(remaining, 1e-3)
+        try:
+            resumed = await self.backend.resume(rid, req.cursor, timeout_s)
+        except Exception as e:  # NOT_FOUND, INVALID_ARGUMENT, UNAVAILABLE, ... (a bug: INTERNAL)
+            status = _status_of(rid, e, self.backend.retry_after_s)
+            await context.abort(status.code, status.message, trailing_metadata=status.trailing())
+        # a follower of a request another call of this server streams does not take its name
+        await self._stream(
+            resumed.deltas, rid, rid, resumed.prompt_tokens, req.cursor, context, register=rid not in self.active
+        )
+
+    async def _stream(
+        self,
+        gen: AsyncIterator[Delta],
+        rid: str,
+        internal: str,
+        prompt_len: int,
+        start: int,
+        context: grpc.aio.ServicerContext,
+        register: bool,
+    ) -> None:
+        """Pump ``gen`` into the call (module docstring); ``start``: the first token's index."""
+        pump = _Pump(gen)
         self._pumps.add(pump.task)
         pump.task.add_done_callback(self._pumps.discard)
-        self.active[rid] = pump
+        if register:
+            self.active[rid] = pump
         try:
-            status, finished, sent = await self._write_out(pump, rid, internal, context)
+            status, finished, sent = await self._write_out(pump, rid, internal, start, context)
         finally:
             # No await here: grpc may cancel this task more than once (client cancel, deadline).
             # The pump aborts the request on every worker as it unwinds.
@@ -280,15 +352,16 @@ class GrpcFrontend:
             if self.active.get(rid) is pump:
                 del self.active[rid]
         if status is not None:
-            await context.abort(*status)
+            await context.abort(status.code, status.message, trailing_metadata=status.trailing())
         if not finished:  # stopped by Abort (or the backend ended without a finish): say so
-            usage = pb.Usage(prompt_tokens=len(ids), completion_tokens=sent)
-            await context.write(pb.GenerateResponse(request_id=rid, index=sent, finish_reason="abort", usage=usage))
+            end = pb.Usage(prompt_tokens=prompt_len, completion_tokens=start + sent)
+            await context.write(
+                pb.GenerateResponse(request_id=rid, index=start + sent, finish_reason="abort", usage=end)
+            )
 
-    @staticmethod
     async def _write_out(
-        pump: _Pump, rid: str, internal: str, context: grpc.aio.ServicerContext
-    ) -> tuple[tuple[grpc.StatusCode, str] | None, bool, int]:
+        self, pump: _Pump, rid: str, internal: str, start: int, context: grpc.aio.ServicerContext
+    ) -> tuple[_Status | None, bool, int]:
         """Write the pump's deltas to the call; returns (error status, finished, tokens sent)."""
         sent = 0
         held = None  # an item taken from the queue while coalescing, handled next
@@ -306,14 +379,12 @@ class GrpcFrontend:
                         break
                     item = _merge(item, nxt)
             if not isinstance(item, Delta):
-                status = None if item is _ABORTED or item is _END else _status_of(f"{rid} ({internal})", item)
-                return status, False, sent
+                if item is _ABORTED or item is _END:
+                    return None, False, sent
+                return _status_of(f"{rid} ({internal})", item, self.backend.retry_after_s), False, sent
             if item.error is not None:
-                return (
-                    (grpc.StatusCode.UNAVAILABLE, f"request {rid} failed after {sent} tokens: {item.error}"),
-                    False,
-                    sent,
-                )
+                message = f"request {rid} failed after {start + sent} tokens: {item.error}"
+                return _Status(grpc.StatusCode.UNAVAILABLE, message, failed=True), False, sent
             await context.write(_response(rid, item))
             sent += len(item.token_ids)
             if item.finish_reason is not None:
@@ -385,6 +456,8 @@ def server_info_message(info: ServerInfo) -> pb.ServerInfo:
         inflight=info.inflight,
         max_queue=info.max_queue,
         details_json=json.dumps(cluster.to_json(), default=str, sort_keys=True),
+        state_store=cluster.state.backend,
+        state_store_status=cluster.state.status,
     )
     pools: dict[str, pb.PoolInfo] = {}
     for w in cluster.workers:

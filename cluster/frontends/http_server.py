@@ -1,8 +1,14 @@
 """OpenAI-compatible HTTP frontend: FastAPI app over a ServingBackend, served by uvicorn.
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models,
-GET /v1/models/{id}, GET /health (200 when a decode-capable worker is healthy, else 503;
-never needs the API key, for load-balancer probes), GET /metrics (the Prometheus exposition,
+GET /v1/models/{id}, GET /v1/resume/{id}?cursor=N (an extension: continue a streamed
+completion whose stream was lost, from the N tokens received; ``id`` is the response id
+(``cmpl-...``, ``chatcmpl-...``, also the ``x-request-id`` header) or a gRPC request_id; an
+SSE stream of the request's own chunk format whose text starts at token N; 404 when the
+journal has no such request; ServingBackend.resume), GET /health (200 when a decode-capable
+worker is healthy, else 503; the body's ``status`` is "ok", or "degraded" while the state
+store is unreachable and serving goes on without durability; never needs the API key, for
+load-balancer probes), GET /metrics (the Prometheus exposition,
 when the app is given the Metrics; open by default, as Prometheus expects, or behind the API
 key with ``protect_metrics``). ``MetricsFrontend`` serves the same endpoint on a port of its
 own (cluster/frontends/metrics_endpoint.py). TLS and mutual TLS: ``tls=TLSFiles(...)``
@@ -10,8 +16,9 @@ own (cluster/frontends/metrics_endpoint.py). TLS and mutual TLS: ``tls=TLSFiles(
 
 Status codes (body ``{"error": {message, type, param, code}}``): 400 invalid request
 (``param`` names the field; malformed JSON and wrong types included), 401 API key missing or
-wrong, 404 unknown model or path, 408 request deadline passed, 429 Overloaded, 503
-NoWorkerAvailable or a worker failed mid-request.
+wrong, 404 unknown model, path or (Resume) request, 408 request deadline passed, 429
+Overloaded, 503 NoWorkerAvailable, the journal unreadable, or a request that failed
+mid-stream after its retries. 429 and the 503 refusals carry ``Retry-After`` (seconds).
 
 Request lifecycle (both endpoints): parse + validate -> tokenize -> ServingBackend.generate.
 Non-streaming: the deltas are collected while watching for client disconnect. Streaming:
@@ -60,10 +67,12 @@ from cluster.frontends.openai_api import (
 from cluster.frontends.service import (
     Delta,
     InvalidRequest,
+    JournalUnavailable,
     NoWorkerAvailable,
     Overloaded,
     RequestTimeout,
     ServingBackend,
+    UnknownRequestId,
     Usage,
 )
 from cluster.metrics.registry import Metrics
@@ -210,7 +219,9 @@ class OpenAIServer:
 
     # ------------------------------------------------------------ serving
     async def serve(self, request: Request, p: Prepared, stream: bool, include_usage: bool) -> Response:
-        gen = self.backend.generate(p.prompt_ids, p.params, request_id=p.request_id)
+        gen = self.backend.generate(
+            p.prompt_ids, p.params, request_id=p.request_id, journal_key=p.request_id, origin=p.out.kind
+        )
         out = p.out
         headers = {"x-request-id": out.response_id}
         try:
@@ -241,11 +252,17 @@ class OpenAIServer:
         return out.response("".join(text), ids, lps, last.finish_reason, last.usage or Usage())
 
     async def _events(
-        self, first: Delta | None, gen: AsyncIterator[Delta], out: ResponseBuilder, include_usage: bool
+        self,
+        first: Delta | None,
+        gen: AsyncIterator[Delta],
+        out: ResponseBuilder,
+        include_usage: bool,
+        role: bool = True,
     ) -> AsyncIterator[str]:
-        """SSE events for one request; closing this iterator closes (aborts) ``gen``."""
+        """SSE events for one request; closing this iterator closes (aborts) ``gen``. ``role``:
+        a chat stream opens with the assistant role (not a resumed one, past its start)."""
         try:
-            if out.kind == "chat":
+            if out.kind == "chat" and role:
                 yield _sse(out.chunk({"role": "assistant", "content": ""}, None, None, include_usage))
             d = first
             while d is not None:
@@ -263,11 +280,42 @@ class OpenAIServer:
                 try:
                     d = await anext(gen, None)
                 except Exception as e:  # the status line is sent: report it in the stream
-                    yield _sse(backend_error(e).body())
+                    yield _sse(backend_error(e, self.backend.retry_after_s).body())
                     break
             yield "data: [DONE]\n\n"
         finally:
             await gen.aclose()  # type: ignore[attr-defined]
+
+    async def resume(self, request: Request, response_id: str, cursor: int) -> Response:
+        """An SSE stream of the request's chunks from token ``cursor`` on (module docstring)."""
+        key = response_id
+        for prefix in ("chatcmpl-", "cmpl-"):
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+                break
+        resumed = await self.backend.resume(key, cursor)
+        kind = "chat" if resumed.origin == "chat" else "completion"
+        tok = self.backend.tokenizer
+        out = ResponseBuilder(
+            kind,  # type: ignore[arg-type]
+            response_id,
+            self.backend.model_name,
+            int(time.time()),
+            token_text=lambda t: tok.decode([t], skip_special_tokens=False),
+            token_ids=True,
+        )
+        gen = resumed.deltas
+        try:
+            first = await run_unless_disconnected(request.receive, anext(gen, None))
+        except ClientGone:
+            await gen.aclose()
+            return Response(status_code=499)
+        except BaseException:
+            await gen.aclose()
+            raise
+        return EventStream(
+            self._events(first, gen, out, include_usage=True, role=cursor == 0), headers={"x-request-id": response_id}
+        )
 
     # ------------------------------------------------------------ info
     def models(self) -> dict:
@@ -322,9 +370,9 @@ def create_app(
         return error_response(ApiError(e.status_code, str(e.detail), kind), dict(e.headers or {}))
 
     async def _backend(_: Request, e: Exception) -> JSONResponse:
-        return error_response(backend_error(e))
+        return error_response(backend_error(e, backend.retry_after_s))
 
-    for exc in (InvalidRequest, Overloaded, NoWorkerAvailable, RequestTimeout):
+    for exc in (InvalidRequest, Overloaded, NoWorkerAvailable, RequestTimeout, UnknownRequestId, JournalUnavailable):
         app.add_exception_handler(exc, _backend)
     app.add_exception_handler(Exception, _backend)  # a bug: 500 with the OpenAI body, logged
 
@@ -340,6 +388,15 @@ def create_app(
         req = parse_request(ChatCompletionRequest, await read_json_body(request, max_body_bytes))
         return await server.serve(request, server.prepare_chat(req), req.stream, req.include_usage)
 
+    @app.get("/v1/resume/{response_id:path}")
+    async def resume(request: Request, response_id: str, cursor: str = "0") -> Response:
+        authorize(request)
+        try:
+            n = int(cursor)
+        except ValueError:
+            raise invalid("cursor", f"must be an integer >= 0, got {cursor!r}") from None
+        return await server.resume(request, response_id, n)
+
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
         authorize(request)
@@ -353,9 +410,16 @@ def create_app(
 
     @app.get("/health")
     async def health() -> Response:
-        if backend.healthy():
-            return JSONResponse({"status": "ok"})
-        err = ApiError(503, "no healthy decode worker", "server_error", code="service_unavailable")
+        h = backend.health()
+        if h.serving:  # degraded (the state store unreachable) still serves: 200
+            return JSONResponse({"status": h.status, "state_store": h.state_store, "detail": h.detail})
+        err = ApiError(
+            503,
+            "no healthy decode worker",
+            "server_error",
+            code="service_unavailable",
+            retry_after_s=backend.retry_after_s,
+        )
         return error_response(err)
 
     if metrics is not None:

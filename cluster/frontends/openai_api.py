@@ -25,7 +25,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from cluster.frontends.service import Delta, InvalidRequest, NoWorkerAvailable, Overloaded, RequestTimeout, Usage
+from cluster.frontends.service import (
+    Delta,
+    InvalidRequest,
+    JournalUnavailable,
+    NoWorkerAvailable,
+    Overloaded,
+    RequestTimeout,
+    UnknownRequestId,
+    Usage,
+)
 from engine.request import TokenLogprobs
 
 log = logging.getLogger(__name__)
@@ -36,20 +45,32 @@ log = logging.getLogger(__name__)
 class ApiError(Exception):
     """An error answered with the OpenAI body ``{"error": {message, type, param, code}}``."""
 
-    def __init__(self, status: int, message: str, type_: str, param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after_s: int | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type_
         self.param = param
         self.code = code
+        self.retry_after_s = retry_after_s  # a refusal: sent as the Retry-After header
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 def error_response(err: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+    headers = dict(headers or {})
+    if err.retry_after_s is not None:
+        headers["retry-after"] = str(err.retry_after_s)
+    return JSONResponse(err.body(), status_code=err.status, headers=headers or None)
 
 
 UNAUTHORIZED = ApiError(401, "missing or incorrect API key", "authentication_error", code="invalid_api_key")
@@ -60,16 +81,22 @@ def invalid(param: str | None, message: str, code: str | None = None) -> ApiErro
     return ApiError(400, text, "invalid_request_error", param, code)
 
 
-def backend_error(e: Exception) -> ApiError:
-    """ServingBackend's exceptions as OpenAI errors; anything else is a bug: 500, logged."""
+def backend_error(e: Exception, retry_after_s: int = 1) -> ApiError:
+    """ServingBackend's exceptions as OpenAI errors; anything else is a bug: 500, logged.
+    Refusals (429, 503 before anything was streamed) carry ``retry_after_s`` (Retry-After)."""
     if isinstance(e, ApiError):
         return e
     if isinstance(e, InvalidRequest):
         return invalid(e.field, str(e).removeprefix(f"{e.field}: "))
     if isinstance(e, Overloaded):
-        return ApiError(429, str(e), "rate_limit_error", code="rate_limit_exceeded")
+        return ApiError(429, str(e), "rate_limit_error", code="rate_limit_exceeded", retry_after_s=e.retry_after_s)
     if isinstance(e, NoWorkerAvailable):
-        return ApiError(503, str(e) or "no worker available", "server_error", code="service_unavailable")
+        message = str(e) or "no worker available"
+        return ApiError(503, message, "server_error", code="service_unavailable", retry_after_s=retry_after_s)
+    if isinstance(e, JournalUnavailable):
+        return ApiError(503, str(e), "server_error", code="journal_unavailable", retry_after_s=e.retry_after_s)
+    if isinstance(e, UnknownRequestId):
+        return ApiError(404, str(e), "invalid_request_error", "request_id", "request_not_found")
     if isinstance(e, RequestTimeout):
         return ApiError(408, str(e), "timeout_error", code="timeout")
     log.exception("unexpected error while serving a request", exc_info=e)

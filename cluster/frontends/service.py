@@ -6,7 +6,19 @@ length, KV capacity), admits it under a bounded in-flight limit, runs it through
 Router, turns token ids into text deltas (cutting at stop strings exactly as the decode
 worker does) and enforces the request deadline. Frontends map its exceptions to status
 codes: InvalidRequest -> INVALID_ARGUMENT / 400, Overloaded -> RESOURCE_EXHAUSTED / 429,
-NoWorkerAvailable -> UNAVAILABLE / 503, RequestTimeout -> DEADLINE_EXCEEDED / 408.
+NoWorkerAvailable -> UNAVAILABLE / 503, RequestTimeout -> DEADLINE_EXCEEDED / 408,
+UnknownRequestId -> NOT_FOUND / 404, JournalUnavailable -> UNAVAILABLE / 503. Every refusal
+(Overloaded, NoWorkerAvailable, JournalUnavailable) carries ``retry_after_s``, which the
+frontends send as Retry-After.
+
+Resume (``resume(key, cursor)``): a client that lost its stream continues from its cursor
+(the number of tokens it received). The request is found by its journal key (the id the
+client knows): still running here, it is followed live; finished, its tokens are replayed
+from the journal (never generated again); in the journal but not running (the serving
+process restarted, or the client's disconnect cancelled it), it is continued on the workers
+with its journaled tokens re-prefilled (the router journals tokens before they reach any
+client, so the cursor is never past them). Replayed tokens carry no logprobs (the journal
+keeps token ids only).
 
 This is the one place a request is validated; workers assert, they do not re-validate.
 ``max_tokens``: an explicit value whose prompt + max_tokens exceeds the context is refused
@@ -27,14 +39,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from cluster.control.info import ClusterInfo, worker_info
-from cluster.control.router import Router
-from cluster.control.routing import NoWorkerAvailable
+from cluster.control.router import RequestInFlight, Router
+from cluster.control.routing import NoWorkerAvailable, WorkersBusy
+from cluster.control.state import CANCELLED, StoreUnavailable
 from cluster.frontends.chat_template import ChatTemplate
 from engine.config import ModelConfig
 from engine.models.gguf import STAMP_FILE, resolve_model_path
 from engine.request import SamplingParams, TokenLogprobs
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
-from engine.types import RequestSpec, WorkerLimits
+from engine.types import RequestSpec, StreamChunk, WorkerLimits
 
 if TYPE_CHECKING:
     from cluster.metrics.registry import Metrics
@@ -49,11 +62,34 @@ class InvalidRequest(ValueError):
 
 
 class Overloaded(RuntimeError):
-    pass
+    """Refused: the server or its workers are at their bounds; retry after ``retry_after_s``."""
+
+    def __init__(self, message: str, retry_after_s: int = 1):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class RequestTimeout(TimeoutError):
     pass
+
+
+class UnknownRequestId(KeyError):
+    """Resume named a request the journal does not hold (never started, or expired)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown request"
+
+
+class JournalUnavailable(RuntimeError):
+    """The journal cannot be read now (its store is degraded); retry after ``retry_after_s``."""
+
+    def __init__(self, message: str, retry_after_s: int = 1):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RequestIdInFlight(ValueError):
+    """Generate named a request id that is still in flight (here, or per the journal)."""
 
 
 @dataclass
@@ -85,6 +121,33 @@ class ServerInfo:
     max_queue: int  # in-flight limit; more are refused as overloaded
 
 
+@dataclass(frozen=True)
+class Resumed:
+    """A resumed request: where it came from, and its deltas from ``cursor`` on."""
+
+    key: str
+    origin: str  # who started it: "grpc" | "completion" | "chat" | "router"
+    prompt_tokens: int
+    cursor: int  # index of the first token of ``deltas``
+    source: str  # "live" | "replayed" | "continued"
+    deltas: AsyncIterator[Delta]
+
+
+@dataclass(frozen=True)
+class Health:
+    """What /health and the gRPC health service report."""
+
+    serving: bool  # a decode-capable worker is healthy
+    state_store: str  # "ok" | "degraded" (serving without durability)
+    detail: str  # the state store's one line
+
+    @property
+    def status(self) -> str:
+        if not self.serving:
+            return "unavailable"
+        return "ok" if self.state_store == "ok" else "degraded"
+
+
 @dataclass
 class Delta:
     """One streamed piece of a completion; the last one has ``finish_reason`` set."""
@@ -110,8 +173,10 @@ class ServingBackend:
         info: Callable[[], ClusterInfo] | None = None,
         metrics: Metrics | None = None,
         chat_template: ChatTemplate | None = None,
+        retry_after_s: int = 1,
     ):
         self.router = router
+        self.retry_after_s = retry_after_s  # sent with every refusal (Retry-After)
         self.chat_template = chat_template  # None: the model has none (chat requests get 400)
         self.tokenizer = tokenizer
         self.model_config = model_config
@@ -249,24 +314,148 @@ class ServingBackend:
         params: SamplingParams,
         request_id: str | None = None,
         timeout_s: float | None = None,
+        journal_key: str | None = None,
+        origin: str = "router",
     ) -> AsyncIterator[Delta]:
         """Run one request; deltas in order, the last with finish_reason and usage.
 
-        Leaving the iteration early (client cancel) aborts the request everywhere.
+        ``journal_key``: the id clients resume it by (default: its request id); ``origin``:
+        who started it ("grpc" | "completion" | "chat"), for Resume's rendering. Leaving the
+        iteration early (client cancel) aborts the request everywhere.
         """
+        self._admit()
+        rid = request_id or self.new_request_id()
+        spec = RequestSpec(rid, prompt_ids, params)
+        gen = self.router.generate(spec, key=journal_key or rid, origin=origin)
+        async for delta in self._deltas(gen, rid, len(prompt_ids), params, timeout_s, prior=[], track=True):
+            yield delta
+
+    async def resume(self, key: str, cursor: int, timeout_s: float | None = None) -> Resumed:
+        """The request journaled under ``key`` from token ``cursor`` on (module docstring):
+        looked up now, streamed by iterating ``Resumed.deltas``.
+
+        Raises UnknownRequestId, InvalidRequest("cursor") for a cursor past what was
+        generated (or "request_id" for a trimmed journal), JournalUnavailable while the
+        journal cannot be read, Overloaded when a continuation finds the server full. The
+        deltas raise what ``generate``'s do.
+        """
+        if isinstance(cursor, bool) or not isinstance(cursor, int) or cursor < 0:
+            raise InvalidRequest("cursor", f"must be an integer >= 0, got {cursor!r}")
+        stats = self.router.stats
+        record = None
+        ledger = self.router.live(key)
+        if ledger is None:
+            try:
+                record = await self.router.store.journal_load(key)
+            except StoreUnavailable as e:
+                raise JournalUnavailable(f"the request journal cannot be read now: {e}", self.retry_after_s) from e
+            ledger = self.router.live(key)  # it may have been resumed by someone else meanwhile
+        if ledger is not None:
+            if cursor > len(ledger.token_ids):
+                raise InvalidRequest("cursor", f"{cursor} is past the {len(ledger.token_ids)} tokens generated so far")
+            stats.resumed["live"] += 1
+            spec = ledger.spec
+            prompt_len = len(spec.prompt_token_ids)
+            gen = self._follow(ledger, key, cursor)
+            deltas = self._deltas(gen, key, prompt_len, spec.params, timeout_s, ledger.token_ids[:cursor])
+            return Resumed(key, ledger.origin, prompt_len, cursor, "live", deltas)
+        if record is None:
+            raise UnknownRequestId(f"request_id: no request {key!r} in the journal (never started, or expired)")
+        if not record.complete:
+            raise InvalidRequest("request_id", f"the journal of {key!r} was trimmed (state.journal_max_entries)")
+        tokens = list(record.token_ids)
+        if cursor > len(tokens):
+            raise InvalidRequest("cursor", f"{cursor} is past the {len(tokens)} tokens generated")
+        spec = record.spec
+        prompt_len = len(spec.prompt_token_ids)
+        if record.completed:
+            end = record.end
+            head = StreamChunk(
+                tokens[cursor:], [], True, end.finish_reason, end.error, num_cached_tokens=end.num_cached_tokens
+            )
+            stats.resumed["replayed"] += 1
+            deltas = self._deltas(_one(head), key, prompt_len, spec.params, timeout_s, tokens[:cursor])
+            return Resumed(key, spec.origin, prompt_len, cursor, "replayed", deltas)
+        self._admit()
+        stats.resumed["continued"] += 1
+        run = RequestSpec(self.new_request_id(), list(spec.prompt_token_ids), spec.params)
+        gen = self.router.generate(run, key=key, origin=spec.origin, resume=record)
+        head = StreamChunk(tokens[cursor:])
+        chunks = _chain(head, gen) if head.token_ids else gen
+        deltas = self._deltas(
+            chunks, key, prompt_len, spec.params, timeout_s, tokens[:cursor], track=True, untracked=len(tokens) - cursor
+        )
+        return Resumed(key, spec.origin, prompt_len, cursor, "continued", deltas)
+
+    async def _follow(self, ledger: Any, key: str, cursor: int) -> AsyncIterator[StreamChunk]:
+        """A live request from ``cursor`` on. If its owner goes away meanwhile (the call that
+        started it was cancelled: the client that lost it is likely the one resuming), the
+        follower takes it over: it is continued from its tokens so far."""
+        async for chunk in self.router.follow(key, cursor):
+            cursor += len(chunk.token_ids)
+            if not (chunk.finished and chunk.error == CANCELLED):
+                yield chunk
+                if chunk.finished:
+                    return
+                continue
+            if chunk.token_ids:
+                yield StreamChunk(chunk.token_ids, chunk.logprobs, num_cached_tokens=chunk.num_cached_tokens)
+            self.router.stats.resumed["continued"] += 1
+            spec = ledger.spec
+            run = RequestSpec(self.new_request_id(), list(spec.prompt_token_ids), spec.params)
+            gen = self.router.generate(run, key=key, origin=ledger.origin, resume=ledger.record())
+            try:
+                async for chunk in gen:
+                    yield chunk
+            finally:
+                await gen.aclose()
+            return
+
+    async def in_flight(self, key: str) -> bool:
+        """Whether a request journaled under ``key`` is in flight: running here, or started
+        by a process that died before it ended (Resume continues it). A journal that cannot
+        be read counts as not in flight (serving goes on without it)."""
+        if self.router.live(key) is not None:
+            return True
+        try:
+            record = await self.router.store.journal_load(key)
+        except StoreUnavailable:
+            return False
+        return record is not None and not record.finished
+
+    def _admit(self) -> None:
         if self.inflight >= self.max_queue:
             if self.metrics is not None:
                 self.metrics.rejected("overloaded")
-            raise Overloaded(f"server at capacity ({self.max_queue} requests in flight); retry later")
-        rid = request_id or self.new_request_id()
-        spec = RequestSpec(rid, prompt_ids, params)
+            raise Overloaded(
+                f"server at capacity ({self.max_queue} requests in flight); retry later", self.retry_after_s
+            )
+
+    async def _deltas(
+        self,
+        gen: AsyncIterator[StreamChunk],
+        rid: str,
+        prompt_len: int,
+        params: SamplingParams,
+        timeout_s: float | None,
+        prior: list[int],
+        track: bool = False,
+        untracked: int = 0,
+    ) -> AsyncIterator[Delta]:
+        """Deltas of a chunk stream that starts at token ``len(prior)`` (text from there on,
+        stop strings cut as the worker does); enforces the deadline; closes ``gen`` at the end
+        (which aborts the request unless it finished). ``track``: count it as an admitted
+        request (in flight, metrics), except its first ``untracked`` tokens (replayed)."""
         detok = IncrementalDetokenizer(self.tokenizer, params.stop)
+        for t in prior:
+            detok.append(t)
         deadline = time.monotonic() + min(timeout_s or self.request_timeout_s, self.request_timeout_s)
-        usage = Usage(prompt_tokens=len(prompt_ids))
-        self.inflight += 1
-        tracker = self.metrics.track(len(prompt_ids)) if self.metrics is not None else None
+        usage = Usage(prompt_tokens=prompt_len, completion_tokens=len(prior))
+        tracker = None
+        if track:
+            self.inflight += 1
+            tracker = self.metrics.track(prompt_len) if self.metrics is not None else None
         outcome = "cancelled"  # unless set below: the caller stopped iterating
-        gen = self.router.generate(spec)
         try:
             while True:
                 remaining = deadline - time.monotonic()
@@ -282,10 +471,18 @@ class ServingBackend:
                     return
                 except TimeoutError as e:
                     raise RequestTimeout(f"request {rid} exceeded its deadline") from e
+                except RequestInFlight as e:
+                    raise RequestIdInFlight(str(e)) from e
+                except WorkersBusy as e:
+                    if self.metrics is not None:
+                        self.metrics.rejected("workers_busy")
+                    raise Overloaded(str(e), self.retry_after_s) from e
                 except ValueError as e:
                     raise InvalidRequest("prompt", str(e)) from e
                 if tracker is not None:
-                    tracker.tokens(len(chunk.token_ids))
+                    counted = max(0, len(chunk.token_ids) - untracked)
+                    untracked = max(0, untracked - len(chunk.token_ids))
+                    tracker.tokens(counted)
                 before = len(detok.text)
                 for t in chunk.token_ids:
                     detok.append(t)
@@ -313,14 +510,21 @@ class ServingBackend:
             outcome = "error"
             raise
         finally:
-            if tracker is not None:
-                tracker.finish(outcome, usage.cached_tokens)
-            self.inflight -= 1
+            if track:
+                if tracker is not None:
+                    tracker.finish(outcome, usage.cached_tokens)
+                self.inflight -= 1
             await gen.aclose()  # aborts on the workers unless the request finished
 
     # ------------------------------------------------------------ info
     def healthy(self) -> bool:
         return any(w.healthy and w.role in ("decode", "mixed") for w in self.router.workers.values())
+
+    def health(self) -> Health:
+        """Serving (a decode-capable worker is healthy) and the state store's state: a
+        degraded store still serves, without durability."""
+        h = self.router.store.health()
+        return Health(self.healthy(), h.status, h.detail)
 
     def model_info(self) -> ModelInfo:
         c = self.model_config
@@ -349,6 +553,7 @@ class ServingBackend:
             pools=(),
             workers=tuple(worker_info(r, wid, w.role, w.role) for wid, w in r.workers.items()),
             requests_in_flight=len(r.requests),
+            state=r.store.health(),
         )
 
 
@@ -356,9 +561,28 @@ def _num(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and v == v  # rejects NaN
 
 
+async def _one(chunk: StreamChunk) -> AsyncIterator[StreamChunk]:
+    yield chunk
+
+
+async def _chain(head: StreamChunk, gen: AsyncIterator[StreamChunk]) -> AsyncIterator[StreamChunk]:
+    """``head`` (tokens replayed from the journal), then ``gen``; closing it closes ``gen``."""
+    try:
+        yield head
+        async for chunk in gen:
+            yield chunk
+    finally:
+        await gen.aclose()
+
+
 __all__ = [
     "Delta",
+    "Health",
     "InvalidRequest",
+    "JournalUnavailable",
+    "RequestIdInFlight",
+    "Resumed",
+    "UnknownRequestId",
     "ModelInfo",
     "NoWorkerAvailable",
     "Overloaded",

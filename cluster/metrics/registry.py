@@ -10,6 +10,9 @@ series carries ``model``.
   ``finish()`` once at the end, whatever the end.
 - Worker-side series (``metrics_collect.WORKER_METRICS``) are pulled at scrape time from the
   router's cached ``stats()`` reports once ``attach(router, transport)`` was called.
+- Reliability series (``reliability.RELIABILITY_METRICS``: failovers, retries given up,
+  recovery time, resumes, the state store's health) are pulled at scrape time from the same
+  router after ``attach``.
 
 To add a metric, add one ``MetricDef`` line to REQUEST_METRICS (and record it in the
 tracker) or to WORKER_METRICS (with a ``source`` reading the stats() report).
@@ -32,6 +35,7 @@ import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from cluster.control.router import Router
+from cluster.metrics.reliability import RELIABILITY_METRICS, ReliabilityCollector
 from cluster.metrics.workers import WORKER_METRICS, Kind, MetricDef, WorkerCollector, default_pool_of, poll_loads
 
 # ``_created`` series double every counter and histogram and nothing here reads them.
@@ -55,7 +59,7 @@ M = ("model",)
 # fmt: off
 REQUEST_METRICS: tuple[MetricDef, ...] = (
     MetricDef("splitserve_requests", C, f"Admitted requests by how they ended: {' | '.join(FINISH_REASONS)}.", (*M, "finish_reason")),
-    MetricDef("splitserve_requests_rejected", C, "Requests refused before admission (reason: overloaded).", (*M, "reason")),
+    MetricDef("splitserve_requests_rejected", C, "Requests refused before admission (reason: overloaded = the frontend's max_queue, workers_busy = every worker at its in-flight bound).", (*M, "reason")),
     MetricDef("splitserve_requests_slo_met", C, "Completed requests whose TTFT and TPOT both met the SLO (goodput).", M),
     MetricDef("splitserve_requests_in_flight", G, "Requests admitted by the frontend and not finished.", M),
     MetricDef("splitserve_prompt_tokens", C, "Prompt tokens of requests whose prefill finished (first token out).", M),
@@ -88,7 +92,7 @@ class SLO:
 
 
 def all_metric_defs() -> tuple[MetricDef, ...]:
-    return REQUEST_METRICS + WORKER_METRICS
+    return REQUEST_METRICS + WORKER_METRICS + RELIABILITY_METRICS
 
 
 def exported_names() -> frozenset[str]:
@@ -152,6 +156,7 @@ class Metrics:
             raise RuntimeError("Metrics.attach() was already called")
         self.collector = WorkerCollector(router, self.model, transport, pool_of)
         self.registry.register(self.collector)
+        self.registry.register(ReliabilityCollector(router, self.model))
         return self.collector
 
     # ------------------------------------------------------------ exposition
@@ -277,6 +282,7 @@ def metrics_asgi_app(metrics: Metrics) -> Any:
 __all__ = [
     "COMPLETED",
     "FINISH_REASONS",
+    "RELIABILITY_METRICS",
     "REQUEST_METRICS",
     "SLO",
     "WORKER_METRICS",

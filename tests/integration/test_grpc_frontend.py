@@ -135,7 +135,7 @@ class Recording:
     def __getattr__(self, name):
         return getattr(self._real, name)
 
-    async def generate(self, ids, params, request_id=None, timeout_s=None):
+    async def generate(self, ids, params, request_id=None, timeout_s=None, **kw):
         self.timeouts.append(timeout_s)
         finished = False
         try:
@@ -143,7 +143,7 @@ class Recording:
                 for d in self.script:
                     yield d
                 return
-            async for d in self._real.generate(ids, params, request_id, timeout_s):
+            async for d in self._real.generate(ids, params, request_id, timeout_s, **kw):
                 finished = d.finish_reason is not None
                 yield d
         finally:

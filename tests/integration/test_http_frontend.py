@@ -48,10 +48,10 @@ class RecordingBackend(ServingBackend):
         super().__init__(*args, **kwargs)
         self.outcomes: dict[str, str] = {}
 
-    async def generate(self, prompt_ids, params, request_id=None, timeout_s=None):
+    async def generate(self, prompt_ids, params, request_id=None, timeout_s=None, **kw):
         finished = False
         try:
-            async for delta in super().generate(prompt_ids, params, request_id, timeout_s):
+            async for delta in super().generate(prompt_ids, params, request_id, timeout_s, **kw):
                 finished = delta.finish_reason is not None
                 yield delta
         finally:

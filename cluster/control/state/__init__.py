@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from cluster.config import StateConfig
 from cluster.control.state.memory import InMemoryStateStore
 from cluster.control.state.store import (
+    CANCELLED,
     JournalEnd,
     JournalRecord,
     JournalSpec,
@@ -31,6 +32,7 @@ def make_state_store(config: StateConfig, environ: Mapping[str, str] | None = No
 
 
 __all__ = [
+    "CANCELLED",
     "InMemoryStateStore",
     "JournalEnd",
     "JournalRecord",

@@ -74,6 +74,10 @@ class InMemoryStateStore(StateStore):
         if (j := self._touch(key)) is not None:
             j.end = end
 
+    async def journal_reopen(self, key: str) -> None:
+        if (j := self._touch(key)) is not None:
+            j.end = None
+
     async def journal_rewrite(self, record: JournalRecord) -> None:
         key = record.spec.key
         self._journals.pop(key, None)

@@ -8,6 +8,7 @@ Keys (``P`` = ``StateConfig.key_prefix``; every key expires, nothing needs a swe
                                    {k: r, v: <RouteRecord JSON>}
                                    {k: t, c: <cursor>, v: "t0,t1,..."}
                                    {k: f, v: <JournalEnd JSON>}
+                                   {k: o}  reopened: the end before it no longer holds
                                    trimmed past journal_max_entries (XADD MAXLEN ~)
     P:inflight             ZSET    keys of journals without an end (score: created_at)
     P:worker:<id>          STRING  WorkerRegistration (JSON)                  TTL heartbeat_ttl_s
@@ -35,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -249,6 +251,11 @@ class RedisStateStore(StateStore):
     async def journal_start(self, spec: JournalSpec) -> None:
         await self._write(self._start_ops(spec))
 
+    async def journal_reopen(self, key: str) -> None:
+        ops = self._append(key, {"k": "o"})
+        ops.append(("zadd", (self._inflight, {key: time.time()}), {}))
+        await self._write(ops)
+
     async def journal_rewrite(self, record: JournalRecord) -> None:
         key = record.spec.key
         ops = self._start_ops(record.spec)
@@ -293,6 +300,8 @@ class RedisStateStore(StateStore):
                 routes.append(RouteRecord.from_json(json.loads(fields["v"])))
             elif kind == "f":
                 end = JournalEnd.from_json(json.loads(fields["v"]))
+            elif kind == "o":
+                end = None
         tokens, complete = assemble_tokens(pieces)
         return JournalRecord(spec, tokens, tuple(routes), end, complete)
 

@@ -36,6 +36,10 @@ from typing import Any
 
 from engine.request import SamplingParams
 
+# The error of a request that ended because its caller went away (a cancel, a disconnect, an
+# Abort): not a completion, so Resume continues it from its journal instead of replaying it.
+CANCELLED = "cancelled before it finished"
+
 
 class StoreUnavailable(RuntimeError):
     """The store's backend cannot be reached now (a read that needs it cannot be answered)."""
@@ -125,6 +129,12 @@ class JournalRecord:
     def finished(self) -> bool:
         return self.end is not None
 
+    @property
+    def completed(self) -> bool:
+        """It ended for a reason other than its caller leaving (stop, length, a failure):
+        Resume replays it. A cancelled one (or one still in flight) is continued instead."""
+        return self.end is not None and self.end.error != CANCELLED
+
 
 @dataclass(frozen=True)
 class WorkerRegistration:
@@ -202,6 +212,10 @@ class StateStore(abc.ABC):
 
     @abc.abstractmethod
     async def journal_finish(self, key: str, end: JournalEnd) -> None: ...
+
+    @abc.abstractmethod
+    async def journal_reopen(self, key: str) -> None:
+        """A cancelled request is continued: its end no longer holds (it is in flight again)."""
 
     @abc.abstractmethod
     async def journal_rewrite(self, record: JournalRecord) -> None:

@@ -141,7 +141,7 @@ class FakeRouter:
         self.script = script
         self.workers: dict = {}
 
-    async def generate(self, spec) -> AsyncIterator[StreamChunk]:
+    async def generate(self, spec, **kw) -> AsyncIterator[StreamChunk]:
         if isinstance(self.script, BaseException):
             raise self.script
         if self.script == "hang":

@@ -1,0 +1,250 @@
+"""Resume and Retry-After through the real frontends (gRPC SDK and OpenAI HTTP over localhost
+sockets) in front of an in-process LocalCluster: a request followed live from a cursor, a
+cancelled one continued, a finished one replayed (never generated again), unknown ids and
+bad cursors refused; refusals carry Retry-After; a degraded state store is reported by
+/health and GetServerInfo while serving goes on."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+from cluster.client import Client, InvalidArgument, NotFound, ResourceExhausted
+from cluster.config import PoolConfig, RouterConfig, ServeConfig, StateConfig, TransferConfig
+from cluster.control.local import LocalCluster
+from cluster.frontends.grpc_server import GrpcFrontend
+from cluster.frontends.http_server import HttpFrontend
+from cluster.frontends.service import ServingBackend
+from engine import LLM, SamplingParams
+from tests.redis_server import RedisServer
+
+pytestmark = pytest.mark.integration
+
+ENGINE = {"block_size": 4, "num_blocks": 256, "max_num_batched_tokens": 16}
+N = 40
+GREEDY = dict(max_tokens=N, temperature=0.0, ignore_eos=True)
+PROMPT = [(5 * j) % 400 + 3 for j in range(21)]
+
+
+class LoopThread:
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="resume-test-loop", daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float = 60.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+class Served:
+    def __init__(self, model: str, state: StateConfig | None = None, max_queue: int = 64):
+        config = ServeConfig(
+            model=model,
+            pools=(
+                PoolConfig("prefill", "prefill", 1, engine=ENGINE),
+                PoolConfig("decode", "decode", 1, engine=ENGINE),
+            ),
+            router=RouterConfig(short_prompt_threshold=8),
+            transfer=TransferConfig(kind="loopback"),
+            state=state or StateConfig(),
+        )
+        self.lt = LoopThread()
+
+        async def up():
+            cluster = await LocalCluster(config).start()
+            backend = ServingBackend.from_model_dir(cluster.router, model, max_queue=max_queue)
+            grpc_fe, http_fe = GrpcFrontend(backend, port=0), HttpFrontend(backend, port=0)
+            return cluster, backend, grpc_fe, http_fe, await grpc_fe.start(), await http_fe.start()
+
+        self.cluster, self.backend, self.grpc, self.http, gport, hport = self.lt.run(up())
+        self.target = f"127.0.0.1:{gport}"
+        self.base = f"http://127.0.0.1:{self.http.port}"
+
+    def close(self) -> None:
+        self.lt.run(self.http.stop())
+        self.lt.run(self.grpc.stop(grace=0))
+        self.lt.run(self.cluster.stop())
+        self.lt.close()
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    return tiny_checkpoint("llama", max_position_embeddings=512)
+
+
+@pytest.fixture(scope="module")
+def served(model):
+    s = Served(model)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def expected(model):
+    return LLM(model, **ENGINE).generate([PROMPT], SamplingParams(**GREEDY))[0].token_ids
+
+
+def _sse_tokens(text: str) -> tuple[list[int], list[dict]]:
+    events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+    return [t for e in events for c in e.get("choices", []) for t in c.get("token_ids", [])], events
+
+
+def test_resume_follows_a_live_stream_from_its_cursor(served, expected):
+    with Client(served.target) as a, Client(served.target) as b:
+        stream = a.stream(PROMPT, request_id="live-1", **GREEDY)
+        got = []
+        for chunk in stream:
+            got += chunk.token_ids
+            if len(got) >= 5:
+                break  # keep the call open but stop reading; resume from another client
+        tail = [t for ch in b.resume("live-1", 3) for t in ch.token_ids]
+        stream.close()
+    assert tail == expected[3:]
+    assert served.cluster.router.stats.resumed["live"] >= 1
+
+
+def test_a_cancelled_request_is_continued_and_a_finished_one_replayed(served, expected):
+    router = served.cluster.router
+    with Client(served.target) as c:
+        stream = c.stream(PROMPT, request_id="cut-1", **GREEDY)
+        got = []
+        for chunk in stream:
+            got += chunk.token_ids
+            if len(got) >= 7:
+                break
+        stream.close()  # the client lost its stream: the request is cancelled on the workers
+        continued_before = router.stats.resumed["continued"]
+        chunks = list(c.resume("cut-1", len(got)))
+        assert router.stats.resumed["continued"] == continued_before + 1
+        assert chunks[0].index == len(got)
+        assert got + [t for ch in chunks for t in ch.token_ids] == expected
+        assert chunks[-1].finish_reason == "length" and chunks[-1].usage.completion_tokens == N
+        # finished now: replayed from the journal, whatever the cursor; nothing is generated
+        placements = len(served.lt.run(served.cluster.store.journal_load("cut-1")).routes)
+        counts = dict(router.stats.resumed)
+        replay = list(c.resume("cut-1", 10))
+        assert [t for ch in replay for t in ch.token_ids] == expected[10:]
+        assert replay[-1].finish_reason == "length"
+        assert router.stats.resumed == {**counts, "replayed": counts["replayed"] + 1}
+        assert len(served.lt.run(served.cluster.store.journal_load("cut-1")).routes) == placements
+
+
+def test_sdk_stream_with_resume_continues_across_a_frontend_restart(served, expected):
+    """The gRPC frontend stops mid-stream (its calls are cancelled: the request is aborted on
+    the workers) and a new one serves the same port: the SDK resumes at the tokens received
+    and the caller sees one stream, no token repeated or missing."""
+    from tests.redis_server import free_port
+
+    port = free_port()
+    first = GrpcFrontend(served.backend, port=port)
+    served.lt.run(first.start())
+    second = None
+    before = served.cluster.router.stats.resumed["continued"]
+    try:
+        with Client(f"127.0.0.1:{port}", backoff_s=0.2, max_retries=10) as c:
+            got = []
+            for chunk in c.stream(PROMPT, request_id="sdk-1", resume=True, **GREEDY):
+                got += chunk.token_ids
+                if len(got) >= 4 and second is None:
+                    served.lt.run(first.stop(grace=0))
+                    second = GrpcFrontend(served.backend, port=port)
+                    served.lt.run(second.start())
+        assert got == expected
+        assert served.cluster.router.stats.resumed["continued"] == before + 1
+    finally:
+        served.lt.run(first.stop(grace=0))
+        if second is not None:
+            served.lt.run(second.stop(grace=0))
+
+
+def test_unknown_ids_and_bad_cursors_are_refused(served, expected):
+    with Client(served.target) as c:
+        with pytest.raises(NotFound, match="no request 'never' in the journal"):
+            list(c.resume("never", 0))
+        list(c.stream(PROMPT, request_id="short-1", max_tokens=3, temperature=0.0, ignore_eos=True))
+        with pytest.raises(InvalidArgument, match="cursor: 9 is past the 3 tokens") as e:
+            list(c.resume("short-1", 9))
+        assert e.value.field == "cursor"
+
+
+def test_http_resume_of_a_cancelled_completion(served, expected):
+    body = {
+        "prompt": PROMPT,
+        "max_tokens": N,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+        "return_token_ids": True,
+    }
+    with httpx.Client(base_url=served.base, timeout=60) as http:
+        got, rid = [], None
+        with http.stream("POST", "/v1/completions", json=body) as r:
+            rid = r.headers["x-request-id"]
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    got += json.loads(line[6:])["choices"][0].get("token_ids", [])
+                if len(got) >= 6:
+                    break  # closing the response cancels the request
+        r = http.get(f"/v1/resume/{rid}", params={"cursor": len(got)})
+        assert r.status_code == 200 and r.headers["x-request-id"] == rid
+        tail, events = _sse_tokens(r.text)
+        assert got + tail == expected
+        assert events[-2]["choices"][0]["finish_reason"] == "length" and r.text.endswith("data: [DONE]\n\n")
+        assert events[-1]["usage"]["completion_tokens"] == N
+        missing = http.get("/v1/resume/cmpl-req-nope")
+        assert missing.status_code == 404 and missing.json()["error"]["param"] == "request_id"
+
+
+def test_refusals_carry_retry_after(model):
+    s = Served(model, max_queue=1)
+    try:
+        with Client(s.target, max_retries=0) as c, httpx.Client(base_url=s.base, timeout=60) as http:
+            stream = c.stream(PROMPT, **GREEDY)
+            next(stream)  # one request in flight: the server is at max_queue
+            with pytest.raises(ResourceExhausted) as e:
+                list(c.stream(PROMPT, max_tokens=2))
+            assert e.value.retry_after_s == 1.0
+            r = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2})
+            assert r.status_code == 429 and r.headers["retry-after"] == "1"
+            stream.close()
+    finally:
+        s.close()
+
+
+def test_degraded_state_store_keeps_serving_and_says_so(model, expected):
+    redis = RedisServer()
+    s = Served(model, StateConfig(redis_url=redis.url, op_timeout_s=0.3, reconnect_interval_s=0.2))
+    try:
+        with Client(s.target) as c, httpx.Client(base_url=s.base, timeout=60) as http:
+            assert http.get("/health").json()["status"] == "ok"
+            info = c.server_info()
+            assert (info.state_store, info.state_store_status) == ("redis", "ok")
+            redis.stop()
+            out = c.generate(PROMPT, **GREEDY)  # serving goes on without durability
+            assert out.token_ids == expected
+            h = http.get("/health")
+            assert h.status_code == 200 and h.json()["status"] == "degraded" and "unreachable" in h.json()["detail"]
+            assert c.server_info().state_store_status == "degraded"
+            metrics = s.cluster.store.health()
+            assert metrics.outages == 1 and metrics.dropped_writes > 0
+            redis.start()  # it comes back by itself; live journals are rewritten
+            deadline = time.monotonic() + 10
+            while http.get("/health").json()["status"] != "ok":
+                assert time.monotonic() < deadline, "the state store never reconnected"
+                time.sleep(0.1)  # poll interval while the store reconnects
+            assert c.generate(PROMPT, request_id="after", **GREEDY).token_ids == expected
+            rec = s.lt.run(s.cluster.store.journal_load("after"))
+            assert rec.token_ids == tuple(expected) and rec.end.finish_reason == "length"
+    finally:
+        s.close()
+        redis.close()
