@@ -58,7 +58,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.config import ModelConfig
+from engine.config import KernelConfig, ModelConfig
 from engine.kv_cache.block_pool import NoFreeBlocks
 from engine.kv_cache.layout import KVLayout
 from engine.models.gguf import resolve_model_path
@@ -120,13 +120,16 @@ class DraftProposer:
         device: str = "cpu",
         target_path: str | None = None,
         backend_factory: BackendFactory | None = None,
+        kernels: KernelConfig | None = None,
         progress: bool = False,
     ) -> DraftProposer:
         """Load the draft checkpoint after checking it against the target (vocabulary, and
         the tokenizer when ``target_path`` is given). ``num_blocks`` pages of draft KV."""
         path = resolve_model_path(draft_path, progress=progress)
         check_draft_compatible(target, ModelConfig.from_hf_dir(path), target_path, path)
-        paged = PagedModel.load(path, max_model_len, num_blocks, block_size, dtype, device, backend_factory, progress)
+        paged = PagedModel.load(
+            path, max_model_len, num_blocks, block_size, dtype, device, backend_factory, kernels, progress
+        )
         return DraftProposer(paged)
 
     # ------------------------------------------------------------ reports

@@ -18,7 +18,8 @@ frees the pages past it) -> ``release`` (frees everything). For a handoff betwee
 
 Forward inputs are built by the engine's own ``StepInputs`` (engine/model_runner.py) from a
 SchedulerOutput of ``ScheduledRequest`` entries, so the attention metadata is exactly the
-engine's. Tensor shapes: logits [B, V] fp32 (the last new row of each sequence) or
+engine's, and the CPU kernels are chosen as the runner chooses them (``KernelConfig``,
+``native_kernels_for``). Tensor shapes: logits [B, V] fp32 (the last new row of each sequence) or
 [sum(new tokens), V] with ``all_rows``.
 """
 
@@ -30,11 +31,11 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.attention.backend import AttentionBackend
-from engine.config import ModelConfig
+from engine.config import KernelConfig, ModelConfig
 from engine.kv_cache.block_pool import BlockPool, NoFreeBlocks
 from engine.kv_cache.layout import KVLayout
 from engine.kv_cache.paged_cache import PagedKVCache
-from engine.model_runner import StepInputs
+from engine.model_runner import StepInputs, native_kernels_for
 from engine.models.gguf import resolve_model_path
 from engine.models.llama import DecoderLM
 from engine.models.loader import load_model
@@ -70,6 +71,7 @@ class PagedModel:
         dtype: str = "float32",
         device: str = "cpu",
         backend_factory: BackendFactory | None = None,
+        kernels: KernelConfig | None = None,
     ):
         self.model = model
         self.config = config
@@ -78,6 +80,8 @@ class PagedModel:
         self.cache = PagedKVCache(self.layout, num_blocks, device)
         self.backend = (backend_factory or sdpa_backend)(self.cache, config.sliding_window)
         self.model.set_attention_backend(self.backend)
+        # the same CPU kernel choice as the engine's ModelRunner (native where they apply)
+        self.model.set_native_kernels(native_kernels_for(model, self.device, kernels or KernelConfig()))
         self.pool = BlockPool(num_blocks, enable_prefix_caching=False)
         self.block_size = block_size
         self._seqs: dict[str, _Seq] = {}
@@ -91,13 +95,14 @@ class PagedModel:
         dtype: str = "float32",
         device: str = "cpu",
         backend_factory: BackendFactory | None = None,
+        kernels: KernelConfig | None = None,
         progress: bool = False,
     ) -> PagedModel:
         """Load a checkpoint (HF directory or .gguf) with ``num_blocks`` pages of KV."""
         path = resolve_model_path(path, progress=progress)
         config = ModelConfig.from_hf_dir(path)
         model = load_model(path, config, getattr(torch, dtype), device, max_model_len, progress=progress)
-        return PagedModel(model, config, num_blocks, block_size, dtype, device, backend_factory)
+        return PagedModel(model, config, num_blocks, block_size, dtype, device, backend_factory, kernels)
 
     # ------------------------------------------------------------ capacity
     @property
