@@ -1,9 +1,10 @@
 // Fused element-wise and row-wise ops of the decoder layer: each replaces 3-8 torch ops (and
-// their temporaries) with one pass over the data. Rows are split over torch's intra-op threads.
+// their temporaries) with one pass over the data.
 //
 // Numerics follow the Hugging Face Llama modules op by op: math in fp32, and for 16-bit dtypes
 // every intermediate that HF materialises in the model dtype is rounded to it at the same place
 // (so bf16 results stay within rounding of transformers', not merely of an fp32 reference).
+// Rows are split over ChunkPool (chunk_pool.h), in ranges of at least 16K elements.
 //
 //   rms_norm(x [T, H], w [H], eps) -> [T, H]:  w * to_dtype(x * rsqrt(mean(x^2) + eps))
 //   add_rms_norm(x [T, H], delta [T, H], w, eps) -> [T, H]:  x += delta (in place, x's dtype),
@@ -25,6 +26,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "chunk_pool.h"
 #include "kernels.h"
 
 namespace {
@@ -59,6 +61,14 @@ inline float exp_nonpos(float x) {
 
 // Rows per task: enough work per task that small steps (batch-1 decode) stay on one thread.
 inline int64_t row_grain(int64_t row_elems) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(row_elems, 1)); }
+
+// fn(t0, t1) over [0, T) in row ranges of at least `grain` rows, on ChunkPool (chunk_pool.h).
+template <typename F>
+void parallel_rows(int64_t T, int64_t grain, const F& fn) {
+  const int64_t per = std::max(grain, (T + splitserve::ChunkPool::kMaxChunks - 1) / splitserve::ChunkPool::kMaxChunks);
+  const int64_t chunks = (T + per - 1) / per;
+  splitserve::ChunkPool::get().run(chunks, [&](int64_t c) { fn(c * per, std::min(T, (c + 1) * per)); });
+}
 
 template <typename scalar_t>
 inline void norm_row(const scalar_t* x, const scalar_t* w, scalar_t* out, int64_t H, float eps) {
@@ -105,7 +115,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* wp = w.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, T, row_grain(H), [&](int64_t t0, int64_t t1) {
+    parallel_rows(T, row_grain(H), [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) norm_row(xp + t * ldx, wp, op + t * H, H, static_cast<float>(eps));
     });
   });
@@ -124,7 +134,7 @@ at::Tensor add_rms_norm(at::Tensor& x, const at::Tensor& delta, const at::Tensor
     const scalar_t* dp = delta.data_ptr<scalar_t>();
     const scalar_t* wp = w.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, T, row_grain(H), [&](int64_t t0, int64_t t1) {
+    parallel_rows(T, row_grain(H), [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         scalar_t* row = xp + t * H;
         const scalar_t* d = dp + t * ldd;
@@ -161,7 +171,7 @@ std::vector<at::Tensor> rope_split_qkv(const at::Tensor& qkv, const at::Tensor& 
     scalar_t* vp = v.data_ptr<scalar_t>();
     const float* cp = cos.data_ptr<float>();
     const float* sp = sin.data_ptr<float>();
-    at::parallel_for(0, T, row_grain((heads + 2 * kv_heads) * D), [&](int64_t t0, int64_t t1) {
+    parallel_rows(T, row_grain((heads + 2 * kv_heads) * D), [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const float* c = cp + pos[t] * D;
         const float* s = sp + pos[t] * D;
@@ -192,7 +202,7 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate_up.scalar_type(), "silu_mul", [&] {
     const scalar_t* src = gate_up.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, T, row_grain(2 * I), [&](int64_t t0, int64_t t1) {
+    parallel_rows(T, row_grain(2 * I), [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const scalar_t* g = src + t * ld;
         silu_mul_row(g, g + I, op + t * I, I);

@@ -14,7 +14,8 @@
 // row's output does not depend on what it is batched with, nor on the run. Accumulation is
 // fp32; bfloat16 weights are widened exactly (bf16 -> fp32 is a shift).
 //
-// Blocks are claimed in chunks by torch's intra-op threads (at::parallel_for, one task each). Without AVX-512 the same
+// Blocks are claimed in chunks of kChunkBlocks by the caller and ChunkPool's helpers (torch's
+// thread count; no barrier that a descheduled thread could stall, see chunk_pool.h). Without AVX-512 the same
 // tiling runs as plain loops (GCC vectorises them at -O3); the accumulation order then differs.
 
 #include <torch/extension.h>
@@ -22,10 +23,10 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 
+#include "chunk_pool.h"
 #include "kernels.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -141,18 +142,13 @@ template <typename wt, typename yt>
 void stream_linear_impl(const float* x, int64_t M, int64_t K, const wt* w, int64_t ldw, int64_t N,
                         const float* bias, yt* y) {
   const int64_t blocks = (N + NB - 1) / NB;
-  const int64_t chunks = (blocks + kChunkBlocks - 1) / kChunkBlocks;
-  std::atomic<int64_t> next{0};
-  // One task per thread; each claims chunks of kChunkBlocks blocks from `next` until none are
-  // left, so a thread the OS preempts (a shared machine) delays one chunk, not half the matrix.
-  const int64_t tasks = std::min<int64_t>(at::get_num_threads(), chunks);
-  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
+  const int64_t per_chunk = std::max(kChunkBlocks, (blocks + splitserve::ChunkPool::kMaxChunks - 1) /
+                                                       splitserve::ChunkPool::kMaxChunks);
+  const int64_t chunks = (blocks + per_chunk - 1) / per_chunk;
+  splitserve::ChunkPool::get().run(chunks, [&](int64_t c) {
     float out[MR * NB];
-    for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < chunks;
-         c = next.fetch_add(1, std::memory_order_relaxed)) {
-      for (int64_t b = c * kChunkBlocks; b < std::min(blocks, (c + 1) * kChunkBlocks); ++b) {
-        block(x, M, K, w, ldw, N, bias, y, b * NB, out);
-      }
+    for (int64_t b = c * per_chunk; b < std::min(blocks, (c + 1) * per_chunk); ++b) {
+      block(x, M, K, w, ldw, N, bias, y, b * NB, out);
     }
   });
 }

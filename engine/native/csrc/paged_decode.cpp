@@ -8,9 +8,9 @@
 // max(0, seq_lens[b] - sliding_window) .. seq_lens[b] - 1; key t lives in page
 // block_tables[b, t / block_size], row t % block_size.
 //
-// Work split: one task per (b, slice of HS kv heads), parallelised with at::parallel_for (so it
-// follows torch.set_num_threads). HS = Hkv unless B is too small to keep the threads busy
-// (head_slices), so a task usually reads whole [Hkv, D] token rows: each page's K and V are
+// Work split: one task per (b, slice of HS kv heads), run by ChunkPool (chunk_pool.h: the
+// caller plus torch.get_num_threads() - 1 helpers, no end-of-region barrier). HS = Hkv unless
+// B is too small to keep the threads busy (head_slices), so a task usually reads whole [Hkv, D] token rows: each page's K and V are
 // streamed sequentially, once. A task walks its keys in chunks of kChunk tokens for all
 // GROUP = H / Hkv query heads of each kv head (each K/V row is loaded once per group), with an
 // online softmax in fp32: per chunk, scores -> new running max -> rescale -> P @ V.
@@ -19,6 +19,7 @@
 
 #include <torch/extension.h>
 
+#include "chunk_pool.h"
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
@@ -139,8 +140,12 @@ void paged_decode_impl(const at::Tensor& q, const at::Tensor& k_cache, const at:
   const int64_t sl = seq_lens.stride(0);
 
   std::atomic<bool> bad_block{false};
-  // One task = (sequence b, slice of HS kv heads); tasks of a sequence are adjacent.
-  at::parallel_for(0, B * slices, 1, [&](int64_t begin, int64_t end) {
+  // One task = (sequence b, slice of HS kv heads); tasks of a sequence are adjacent. Tasks are
+  // grouped into chunks (about 4 per thread) that ChunkPool hands out (see chunk_pool.h).
+  const int64_t ntasks = B * slices;
+  const int64_t per = std::max<int64_t>(1, ntasks / (4 * at::get_num_threads()));
+  splitserve::ChunkPool::get().run((ntasks + per - 1) / per, [&](int64_t chunk) {
+    const int64_t begin = chunk * per, end = std::min(ntasks, begin + per);
     // Per-thread scratch, reused across this thread's tasks. Layouts:
     // qf/acc [QH, D] (query head hh * G + g), scores [QH, kChunk], tile [kUnroll, D].
     std::vector<float> qf(QH * D), acc(QH * D), scores(QH * kChunk), m(QH), l(QH), tile(kUnroll * D);

@@ -199,3 +199,19 @@ def test_native_selection(mod, tiny_checkpoint):
     assert llm.engine.model.native.max_rows == 0
     with pytest.raises(TypeError, match="unknown engine options"):
         LLM(tiny_checkpoint("llama"), native_kernel=True)
+
+
+def test_kernels_called_from_several_threads_at_once(mod):
+    """ChunkPool runs one job at a time; concurrent callers (GIL released) get correct results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(700, 96, generator=g)
+    xs = [torch.randn(3, 96, generator=g) for _ in range(8)]
+    want = [mod.stream_linear(x, w) for x in xs]
+
+    def call(i: int) -> bool:
+        return all(torch.equal(mod.stream_linear(xs[i], w), want[i]) for _ in range(30))
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(call, range(8)))
