@@ -227,7 +227,8 @@ class Router:
             try:
                 w.stats = await asyncio.wait_for(w.handle.stats(), timeout=5.0)
             except (WorkerUnavailable, TimeoutError) as e:
-                log.warning("stats poll of %s failed: %s", wid, e)
+                if w.healthy:  # said once; the controller decides what happens to it
+                    log.warning("stats poll of %s failed: %s", wid, _first_line(e))
                 self.mark_unhealthy(wid)
                 return
             if self.prefix_index.replace(wid, w.stats.cached_block_hashes):
@@ -571,3 +572,9 @@ class Router:
             await self.store.journal_rewrite(ledger.record())
         if ledgers:
             log.info("state store back: rewrote %d request journals", len(ledgers))
+
+
+def _first_line(e: BaseException) -> str:
+    """An error on one line (Ray's carry a page of explanation after the first)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

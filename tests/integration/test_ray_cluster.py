@@ -338,19 +338,23 @@ def test_killed_actors_are_replaced_and_serve_again(ray_nodes, loop, tiny_checkp
     prompts = _prompts((4, 10, 30), seed=3)
     expected = reference("llama", prompts)
     long_params = SamplingParams(max_tokens=900, temperature=0.0, ignore_eos=True)
+    long_prompt = _prompts((12,), seed=4)[0]
+    long_expected = LLM(tiny_checkpoint("llama"), **engine).generate([long_prompt], long_params)[0].token_ids
 
     async def run():
         c = await Controller(cfg, FAST).start()
         try:
             old_address = c.workers["decode-0"].address
-            # a request streaming from the decode worker when it dies ends with "abort"
-            stream = c.router.generate(RequestSpec("long", _prompts((12,), seed=4)[0], long_params))
+            # a request streaming from the decode worker when it dies waits for the replacement
+            # and continues there (its tokens so far re-prefilled): nothing lost, nothing repeated
+            stream = c.router.generate(RequestSpec("long", long_prompt, long_params))
             first = await anext(stream)
             assert first.token_ids and not first.finished
             ray.kill(c.workers["decode-0"].actor, no_restart=True)
             rest = [chunk async for chunk in stream]
-            assert rest[-1].finish_reason == "abort" and "unavailable" in rest[-1].error, rest[-1]
-            assert sum(len(ch.token_ids) for ch in rest) + 1 < long_params.max_tokens
+            assert rest[-1].finish_reason == "length" and rest[-1].error is None, rest[-1]
+            long_tokens = first.token_ids + [t for ch in rest for t in ch.token_ids]
+            assert c.router.stats.failovers["worker_lost"] == 1 and c.router.stats.waits == 1
 
             await _poll(
                 lambda: c.workers["decode-0"].restarts == 1, "decode-0 replaced", timeout=180
@@ -371,11 +375,12 @@ def test_killed_actors_are_replaced_and_serve_again(ray_nodes, loop, tiny_checkp
             assert reasons.count(RouteReason.SPLIT) == sum(len(p) >= SHORT for p in prompts)
             # both workers were replaced and count from 0: nothing failed since
             _assert_no_transfer_failed(await _assert_pools_full(c, engine["num_blocks"]))
-            return after_decode, after_prefill, c.info()
+            return long_tokens, after_decode, after_prefill, c.info()
         finally:
             await c.shutdown()
 
-    after_decode, after_prefill, info = loop.run_until_complete(run())
+    long_tokens, after_decode, after_prefill, info = loop.run_until_complete(run())
+    assert long_tokens == long_expected
     assert after_decode == expected and after_prefill == expected
     assert {w.worker_id: (w.healthy, w.restarts) for w in info.workers} == {
         "prefill-0": (True, 1),
