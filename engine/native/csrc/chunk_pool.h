@@ -9,7 +9,8 @@
 // were claimed: a helper that is not running claims nothing and the caller does its share.
 //
 // Lifecycle: one process-wide pool, created on first use and never destroyed (its helpers are
-// detached; they sleep in a futex wait between jobs after a short spin). The pool grows to
+// detached; between jobs they spin ~4000 pauses (tens of us: the Python gap between two
+// kernels of a step), then sleep in a futex wait). The pool grows to
 // at::get_num_threads() - 1 helpers, the largest count seen; with one thread the caller runs
 // every chunk inline. After fork() the child has no helpers and the caller runs every chunk.
 //
@@ -65,7 +66,7 @@ class ChunkPool {
     signal_.notify_all();
     work();
     for (int64_t spins = 0; done_.load(std::memory_order_acquire) < chunks; ++spins) {
-      if (spins < 4096) {
+      if (spins < 1024) {
         SPLITSERVE_PAUSE();
       } else {
         std::this_thread::yield();  // a helper was descheduled mid-chunk: let it run
@@ -100,7 +101,7 @@ class ChunkPool {
   void helper_loop() {
     uint32_t seen = signal_.load(std::memory_order_acquire);
     for (;;) {
-      for (int spins = 0; spins < 20000 && signal_.load(std::memory_order_acquire) == seen; ++spins) SPLITSERVE_PAUSE();
+      for (int spins = 0; spins < 4000 && signal_.load(std::memory_order_acquire) == seen; ++spins) SPLITSERVE_PAUSE();
       signal_.wait(seen, std::memory_order_acquire);  // returns at once if it changed
       seen = signal_.load(std::memory_order_acquire);
       work();
