@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from decode_worker.api import KV_TRANSFER_FAILED, KV_TRANSFER_TIMED_OUT, DecodeAPI
 from engine.config import SchedulerMode
 from engine.engine import EngineCore
-from engine.request import Request, TokenLogprobs
+from engine.request import Request, RequestStatus, TokenLogprobs
 from engine.runtime.stats import QUEUE_SECONDS_BUCKETS, CumulativeHistogram
 from engine.runtime.worker import RuntimeWorker, WorkerRuntime
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -127,19 +127,18 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
         req = self.engine.prepare(spec.to_request())
         if self.tokenizer is not None and spec.params.stop:
             req.stop_checker = IncrementalDetokenizer(self.tokenizer, spec.params.stop)
-        if emitted:
-            req.output_token_ids = list(emitted)
-            if req.stop_checker is not None:
-                for t in emitted:
-                    req.stop_checker.append(t)
-            if spec.params.logprobs is not None:  # never read: readers start past the emitted tokens
-                req.logprobs = [TokenLogprobs(t, 0.0) for t in emitted]
-        self.runtime.streams.open(spec.request_id)  # ValueError for a duplicate id
-        self._active.add(spec.request_id)
+        replay_emitted(req, emitted)
+        stream = self.runtime.streams.open(spec.request_id)  # ValueError for a duplicate id
+        if req.is_finished:  # the emitted tokens already ended it: nothing to compute
+            stream.publish(req)
+        else:
+            self._active.add(spec.request_id)
         return req
 
     def _start_transfer(self, spec: RequestSpec, emitted: tuple[int, ...]) -> None:
         req = self._new_request(spec, emitted)
+        if req.is_finished:
+            return
         self._incoming[req.request_id] = _Incoming(req, time.monotonic() + self.transfer_timeout_s)
         self._reserve_queue.append(req.request_id)
         self._reserve_waiting()
@@ -170,6 +169,8 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
 
     def _generate_local(self, spec: RequestSpec, emitted: tuple[int, ...]) -> None:
         req = self._new_request(spec, emitted)
+        if req.is_finished:
+            return
         try:
             self.engine.add_request(req)
         except ValueError:
@@ -249,3 +250,18 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
             reserve_wait_seconds=self.reserve_wait_seconds.report(),
             cached_block_hashes=self.engine.cached_block_hashes(),
         )
+
+
+def replay_emitted(req: Request, emitted: tuple[int, ...]) -> None:
+    """Give ``req`` the tokens a failed placement already generated, as the engine would have:
+    appended to its output through ``Request.append_token`` (max_tokens, EOS, stop ids, stop
+    strings and the context limit checked, the stop-string checker fed), with placeholder
+    logprobs (never read: readers start past them). When they already end it (the end was
+    generated but never delivered), ``req`` is finished with that reason."""
+    for t in emitted:
+        reason = req.append_token(t)
+        if reason is not None:
+            req.status, req.finish_reason = RequestStatus.FINISHED, reason
+            break
+    if emitted and req.params.logprobs is not None:
+        req.logprobs = [TokenLogprobs(t, 0.0) for t in req.output_token_ids]

@@ -120,16 +120,15 @@ class PrefillWorker(RuntimeWorker, PrefillAPI):
     def _add(self, spec: RequestSpec, decode_address: KVAddress, emitted: tuple[int, ...]) -> OutputStream:
         if len(self._out) >= self.max_pending:
             raise queue.Full(f"{self.worker_id} is prefilling {len(self._out)} requests, its bound (max_pending)")
-        req = spec.to_request()
+        req = self.engine.prepare(spec.to_request())
         if self.tokenizer is not None and spec.params.stop:
             req.stop_checker = IncrementalDetokenizer(self.tokenizer, spec.params.stop)
-        if emitted:
-            req.output_token_ids = list(emitted)
-            if req.stop_checker is not None:
-                for t in emitted:
-                    req.stop_checker.append(t)
-            if spec.params.logprobs is not None:  # never read: prefill() reads past them
-                req.logprobs = [TokenLogprobs(t, 0.0) for t in emitted]
+        replay_emitted(req, emitted)
+        if req.is_finished:  # the emitted tokens already ended it: nothing to prefill or send
+            stream = self.runtime.streams.open(req.request_id)
+            self.runtime.streams.close(req.request_id)
+            stream.publish(req)
+            return stream
         self.engine.add_request(req)  # raises ValueError for a bad request
         sender = self._senders.get(decode_address)
         if sender is not None and sender.link_error is not None:
@@ -272,3 +271,18 @@ class PrefillWorker(RuntimeWorker, PrefillAPI):
             reserve_wait_seconds=None,
             cached_block_hashes=self.engine.cached_block_hashes(),
         )
+
+
+def replay_emitted(req: Request, emitted: tuple[int, ...]) -> None:
+    """Give ``req`` the tokens a failed placement already generated, as the engine would have
+    (decode_worker/worker.py has the twin: workers of different kinds share no module above
+    the engine): appended through ``Request.append_token`` (max_tokens, EOS, stop ids, stop
+    strings, the context limit; the stop-string checker fed), placeholder logprobs (prefill()
+    reads past them). When they already end it, ``req`` is finished with that reason."""
+    for t in emitted:
+        reason = req.append_token(t)
+        if reason is not None:
+            req.status, req.finish_reason = RequestStatus.FINISHED, reason
+            break
+    if emitted and req.params.logprobs is not None:
+        req.logprobs = [TokenLogprobs(t, 0.0) for t in req.output_token_ids]

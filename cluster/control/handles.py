@@ -40,7 +40,9 @@ class WorkerUnavailable(RuntimeError):
     """The worker cannot serve: its actor is gone or its engine loop stopped."""
 
     def __init__(self, worker_id: str, cause: BaseException | str):
-        super().__init__(f"worker {worker_id} unavailable: {cause}")
+        # the first line: Ray's errors carry a page of generic advice after it
+        text = str(cause).strip()
+        super().__init__(f"worker {worker_id} unavailable: {text.splitlines()[0] if text else type(cause).__name__}")
         self.worker_id = worker_id
 
 

@@ -292,7 +292,8 @@ class Router:
         key = key or rid
         if rid in self.requests:
             raise RequestInFlight(f"request id {rid!r} is already in flight")
-        if key in self.by_key:
+        existing = self.by_key.get(key)
+        if existing is not None and not existing.finished:  # a finished one is on its way out
             raise RequestInFlight(f"request {key!r} is already in flight")
         ledger = RequestLedger(key, spec, origin, resume)
         self.requests[rid] = ledger
@@ -305,19 +306,20 @@ class Router:
             async for chunk in self._serve(ledger):
                 yield chunk
         finally:
-            self.requests.pop(rid, None)
-            if self.by_key.get(key) is ledger:
-                del self.by_key[key]
+            # ended (and journaled so) before it leaves: a Resume that finds it meanwhile sees
+            # how it ended, and a cancelled one may be continued under the same key at once
             if not ledger.finished:  # the caller stopped iterating, or an exception ends it
                 await self._end(ledger, JournalEnd("abort", CANCELLED, ledger.num_cached_tokens or 0))
+            if self.requests.get(rid) is ledger:
+                del self.requests[rid]
+            if self.by_key.get(key) is ledger:
+                del self.by_key[key]
 
-    async def follow(self, key: str, cursor: int) -> AsyncIterator[StreamChunk]:
+    def follow(self, key: str, cursor: int) -> AsyncIterator[StreamChunk]:
         """A live request's chunks from ``cursor`` on (Resume of a request still running
-        here). KeyError when ``key`` is not in flight here; ValueError for a cursor past the
-        tokens emitted so far."""
-        ledger = self.by_key[key]
-        async for chunk in ledger.follow(cursor):
-            yield chunk
+        here). KeyError (now) when ``key`` is not in flight here; ValueError (at the first
+        chunk) for a cursor past the tokens emitted so far."""
+        return self.by_key[key].follow(cursor)
 
     async def _serve(self, ledger: RequestLedger) -> AsyncIterator[StreamChunk]:
         failures = 0

@@ -391,7 +391,7 @@ class ServingBackend:
         """A live request from ``cursor`` on. If its owner goes away meanwhile (the call that
         started it was cancelled: the client that lost it is likely the one resuming), the
         follower takes it over: it is continued from its tokens so far."""
-        async for chunk in self.router.follow(key, cursor):
+        async for chunk in ledger.follow(cursor):
             cursor += len(chunk.token_ids)
             if not (chunk.finished and chunk.error == CANCELLED):
                 yield chunk
@@ -400,10 +400,15 @@ class ServingBackend:
                 continue
             if chunk.token_ids:
                 yield StreamChunk(chunk.token_ids, chunk.logprobs, num_cached_tokens=chunk.num_cached_tokens)
+            record = ledger.record()
+            # tokens journaled (staged) but never delivered: the owner was cancelled between
+            # the journal write and the delivery; the continuation starts after them
+            if len(record.token_ids) > cursor:
+                yield StreamChunk(list(record.token_ids[cursor:]))
             self.router.stats.resumed["continued"] += 1
             spec = ledger.spec
             run = RequestSpec(self.new_request_id(), list(spec.prompt_token_ids), spec.params)
-            gen = self.router.generate(run, key=key, origin=ledger.origin, resume=ledger.record())
+            gen = self.router.generate(run, key=key, origin=ledger.origin, resume=record)
             try:
                 async for chunk in gen:
                     yield chunk

@@ -16,8 +16,9 @@ Keys (``P`` = ``StateConfig.key_prefix``; every key expires, nothing needs a swe
     P:prefix:<worker id>   SET     prefix hashes the worker holds             TTL journal_ttl_s
     P:prefix-workers       SET     worker ids with a prefix set
 
-Every TTL is refreshed by each write to its key, so a request's journal expires
-``journal_ttl_s`` after its last token and an in-flight one never does while it streams.
+A journal's TTL is refreshed by its routes and end, and by its tokens at most every
+``min(60 s, journal_ttl_s / 10)`` (one command per token instead of three), so it expires
+between ``journal_ttl_s`` and 1.1 x that after its last write, and never while it streams.
 
 Writes go through one writer task (group commit): every write queued while a round trip is in
 flight goes out in the next pipeline, so many streams cost one round trip per batch, not per
@@ -99,6 +100,8 @@ class RedisStateStore(StateStore):
         self._writer: asyncio.Task | None = None
         self._reconnector: asyncio.Task | None = None
         self._prefix_written: dict[str, frozenset[int]] = {}  # what Redis holds per worker, as we wrote it
+        self._refreshed: dict[str, float] = {}  # journal key -> monotonic time of its last TTL refresh
+        self._ttl_refresh_s = min(60.0, config.journal_ttl_s / 10)
         self._closed = False
 
     # ------------------------------------------------------------ lifecycle
@@ -230,16 +233,22 @@ class RedisStateStore(StateStore):
     def _jkey(self, key: str) -> str:
         return f"{self._p}:journal:{key}"
 
-    def _append(self, key: str, fields: dict[str, Any]) -> list[Op]:
+    def _append(self, key: str, fields: dict[str, Any], refresh: bool = False) -> list[Op]:
+        """XADD to the key's stream; its TTL (and its spec's) is refreshed with it when
+        ``refresh`` or when the last refresh is older than ``_ttl_refresh_s`` (so a token
+        costs one command, not three, and a journal still expires between ``journal_ttl_s``
+        and ``journal_ttl_s + _ttl_refresh_s`` after its last write)."""
         stream = self._jkey(key)
-        ttl = int(self.config.journal_ttl_s) or 1
-        return [
-            ("xadd", (stream, fields), {"maxlen": self.config.journal_max_entries, "approximate": True}),
-            ("expire", (stream, ttl), {}),
-            ("expire", (f"{stream}:spec", ttl), {}),
-        ]
+        ops: list[Op] = [("xadd", (stream, fields), {"maxlen": self.config.journal_max_entries, "approximate": True})]
+        now = time.monotonic()
+        if refresh or now - self._refreshed.get(key, -1e18) >= self._ttl_refresh_s:
+            ttl = int(self.config.journal_ttl_s) or 1
+            ops += [("expire", (stream, ttl), {}), ("expire", (f"{stream}:spec", ttl), {})]
+            self._refreshed[key] = now
+        return ops
 
     def _start_ops(self, spec: JournalSpec) -> list[Op]:
+        self._refreshed.pop(spec.key, None)  # its first append sets the new stream's TTL
         stream = self._jkey(spec.key)
         ttl = int(self.config.journal_ttl_s) or 1
         return [
@@ -269,13 +278,14 @@ class RedisStateStore(StateStore):
         await self._write(ops)
 
     async def journal_route(self, key: str, route: RouteRecord) -> None:
-        await self._write(self._append(key, {"k": "r", "v": json.dumps(route.to_json())}))
+        await self._write(self._append(key, {"k": "r", "v": json.dumps(route.to_json())}, refresh=True))
 
     async def journal_tokens(self, key: str, cursor: int, token_ids: Sequence[int]) -> None:
         await self._write(self._append(key, {"k": "t", "c": cursor, "v": ",".join(map(str, token_ids))}))
 
     async def journal_finish(self, key: str, end: JournalEnd) -> None:
-        ops = self._append(key, {"k": "f", "v": json.dumps(end.to_json())})
+        ops = self._append(key, {"k": "f", "v": json.dumps(end.to_json())}, refresh=True)
+        self._refreshed.pop(key, None)
         ops.append(("zrem", (self._inflight, key), {}))
         await self._write(ops)
 

@@ -130,3 +130,24 @@ def test_the_workers_refuse_past_their_bound(model):
     finally:
         p.shutdown()
         d.shutdown()
+
+
+def test_emitted_tokens_that_already_end_the_request_end_it_at_once(model):
+    """The end was generated but never delivered (the placement failed in between): the
+    continuation finishes at once with the same reason, computing nothing."""
+    expected = LLM(model, **ENGINE).generate([PROMPT], GREEDY)[0].token_ids
+    eos = LLM(model, **ENGINE).engine.config.model.eos_token_ids[0]
+    d = build_decode_worker(model, ENGINE, transport="loopback")
+    p = build_prefill_worker(model, ENGINE, transport="loopback")
+    try:
+        d.generate_local(RequestSpec("full", PROMPT, GREEDY), tuple(expected))  # all max_tokens of them
+        tokens, last = _drain(d, "full", len(expected))
+        assert tokens == [] and last.finish_reason == "length"
+        stop = SamplingParams(max_tokens=12, temperature=0.0)  # EOS counts (no ignore_eos)
+        first = p.prefill(RequestSpec("eos", PROMPT, stop), d.kv_address(), 30, (expected[0], eos))
+        assert first.token_ids == [] and first.finished and first.finish_reason == "stop"
+        assert d.stats().engine.free_kv_blocks == p.stats().engine.free_kv_blocks == ENGINE["num_blocks"]
+        assert d.stats().pending_requests == 0 and p.stats().pending_requests == 0
+    finally:
+        p.shutdown()
+        d.shutdown()
