@@ -420,13 +420,13 @@ class ServingBackend:
         """Whether a request journaled under ``key`` is in flight: running here, or started
         by a process that died before it ended (Resume continues it). A journal that cannot
         be read counts as not in flight (serving goes on without it)."""
-        if self.router.live(key) is not None:
-            return True
+        ledger = self.router.live(key)
+        if ledger is not None:
+            return not ledger.finished
         try:
-            record = await self.router.store.journal_load(key)
+            return await self.router.store.journal_in_flight(key)
         except StoreUnavailable:
             return False
-        return record is not None and not record.finished
 
     def _admit(self) -> None:
         if self.inflight >= self.max_queue:

@@ -151,6 +151,10 @@ def test_chaos_kills_under_load_lose_nothing(tiny_checkpoint):
                     await asyncio.sleep(0.05)  # poll interval
                 pools[wid] = (st.free_kv_blocks, st.total_kv_blocks)
             restarts = {wid: rec.restarts for wid, rec in c.workers.items()}
+            # the worker registry (heartbeats of the health check) lists each current incarnation
+            await c.check_health()
+            registry = {w.worker_id: w.incarnation for w in await c.store.live_workers()}
+            assert registry == {wid: rec.started_at for wid, rec in c.workers.items()}, registry
             return outcomes, kills, pools, restarts, metrics, c.router.stats
         finally:
             await c.shutdown()

@@ -92,6 +92,10 @@ class InMemoryStateStore(StateStore):
             return None
         return JournalRecord(j.spec, tuple(j.tokens), tuple(j.routes), j.end)
 
+    async def journal_in_flight(self, key: str) -> bool:
+        j = self._live(key)
+        return j is not None and j.end is None
+
     async def journal_unfinished(self) -> list[str]:
         self._expire()
         return [k for k, j in self._journals.items() if j.end is None]

@@ -315,6 +315,13 @@ class RedisStateStore(StateStore):
         tokens, complete = assemble_tokens(pieces)
         return JournalRecord(spec, tokens, tuple(routes), end, complete)
 
+    async def journal_in_flight(self, key: str) -> bool:
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.zscore(self._inflight, key)
+        pipe.exists(f"{self._jkey(key)}:spec")
+        score, exists = await self._read(pipe.execute())
+        return score is not None and bool(exists)
+
     async def journal_unfinished(self) -> list[str]:
         keys = await self._read(self._redis.zrange(self._inflight, 0, -1))
         if not keys:

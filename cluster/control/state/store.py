@@ -228,6 +228,11 @@ class StateStore(abc.ABC):
         StoreUnavailable when the backend cannot be read now."""
 
     @abc.abstractmethod
+    async def journal_in_flight(self, key: str) -> bool:
+        """Whether ``key``'s journal exists and has no end (cheaper than loading it).
+        Raises StoreUnavailable when the backend cannot be read now."""
+
+    @abc.abstractmethod
     async def journal_unfinished(self) -> list[str]:
         """Keys of journals without an end (requests in flight, or whose process died).
         Raises StoreUnavailable when the backend cannot be read now."""

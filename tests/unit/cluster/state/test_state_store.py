@@ -69,10 +69,12 @@ def test_journal_round_trip(store_config):
             await store.journal_tokens("k1", 1, [12, 13, 14])  # a rewrite that extends: harmless
             mid = await store.journal_load("k1")
             unfinished = await store.journal_unfinished()
+            assert await store.journal_in_flight("k1") and not await store.journal_in_flight("nope")
             await store.journal_route("k1", RouteRecord(1, None, "decode-1", "short_prompt", 4, "worker_lost"))
             await store.journal_tokens("k1", 4, [15])
             await store.journal_finish("k1", JournalEnd("length", None, 2))
             done = await store.journal_load("k1")
+            assert not await store.journal_in_flight("k1")
             return mid, unfinished, done, await store.journal_unfinished()
         finally:
             await store.close()
