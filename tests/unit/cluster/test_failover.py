@@ -8,6 +8,7 @@ new router (a restart) and a finished one is replayed, never generated again."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 
 import pytest
@@ -309,3 +310,44 @@ def test_journal_follow_and_resume_in_a_new_router(model, reference):
     assert list(record.token_ids) + continued == expected[0]  # nothing repeated, nothing missing
     assert final.token_ids == tuple(expected[0]) and final.end.finish_reason == "length"
     assert done.token_ids == tuple(expected[1]) and done.end.finish_reason == "length"
+
+
+def test_prefill_failing_mid_transfer_retries_on_the_other_prefill_worker(model, reference):
+    """The prefill worker fails while it streams a request's KV: its link to the decode
+    worker breaks in the middle of the layer-wise push, which either crashes its engine loop
+    (the worker is dead: worker_lost) or fails the transfer on the decode side (kv_transfer),
+    depending on which thread meets the error first. Either way the request is placed again on
+    the other prefill worker, nothing is duplicated, and the half-received blocks are freed."""
+    prompt = _prompts(1, seed=6, lo=36, hi=36)[0]
+    pushed: list[int] = []
+
+    def die_on_the_third_chunk(chunk):
+        if chunk.request_id == "victim":
+            pushed.append(chunk.layer)
+            if len(pushed) == 3:
+                raise RuntimeError("injected death mid-transfer")
+        return chunk
+
+    async def run():
+        cfg = dataclasses.replace(
+            _config(model, decode=1, prefill=2), transfer=TransferConfig("loopback", timeout_s=1.0)
+        )
+        cluster = await LocalCluster(cfg, transport_options={"fault_hook": die_on_the_third_chunk}).start()
+        try:
+            cluster.router.policy.config = RouterConfig(
+                short_prompt_threshold=SHORT, decode_policy="jsq", prefill_policy="round_robin"
+            )
+            s = Stream(cluster, "victim", prompt)
+            last = await s.task
+            dead = [wid for wid, w in cluster.workers.items() if w.loop.error is not None]
+            cluster.killed.update(dead)  # what the controller would replace
+            _assert_pools_full(cluster)
+            return s, last, cluster.router.stats, dead, await cluster.store.journal_load("victim")
+        finally:
+            await cluster.stop()
+
+    s, last, stats, dead, record = asyncio.run(run())
+    assert s.tokens == reference([prompt])[0] and last.finish_reason == "length"
+    cause = "worker_lost" if dead == ["prefill-0"] else "kv_transfer"
+    assert dead in ([], ["prefill-0"]) and stats.failovers[cause] == 1 and sum(stats.failovers.values()) == 1
+    assert [(r.prefill_worker, r.cause) for r in record.routes] == [("prefill-0", None), ("prefill-1", cause)]
