@@ -50,6 +50,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -180,7 +181,8 @@ class VLLMSystem:
     def __init__(self, python: str, path: str):
         env = {**os.environ, **VLLM_ENV}
         env.pop("PYTHONPATH", None)
-        self.log = open(RESULTS_DIR / ".vllm_runner.log", "a")  # vLLM's own output, for debugging
+        # vLLM's own output, for debugging a failed start
+        self.log = open(os.path.join(tempfile.gettempdir(), "splitserve_vllm_runner.log"), "a")
         self.proc = subprocess.Popen(
             [python, str(PEERS / "vllm_runner.py"), path, "--max-num-seqs", "64"],
             stdin=subprocess.PIPE,
