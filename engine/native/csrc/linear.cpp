@@ -65,13 +65,20 @@ inline __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
 }
 
 // y[i, j] for i < ROWS (rows of x at x + i * K), j < NB (weight rows w[j]); out[i * NB + j].
+// pf: the next block's weights (NB * K contiguous elements) or null. Each 16-wide k step
+// prefetches its share of them, so the next block streams from memory while this one is
+// computed (the other row tiles of this block then read it from L1, not from memory).
 template <int ROWS, typename wt>
-inline void tile(const float* x, int64_t K, const wt* const* w, float* out) {
+inline void tile(const float* x, int64_t K, const wt* const* w, float* out, const char* pf) {
+  constexpr int64_t kLines = NB * static_cast<int64_t>(sizeof(wt)) / 4;  // cache lines per k step
   __m512 acc[ROWS][NB];
   for (int i = 0; i < ROWS; ++i)
     for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
+    if (pf != nullptr) {
+      for (int64_t l = 0; l < kLines; ++l) _mm_prefetch(pf + ((k >> 4) * kLines + l) * 64, _MM_HINT_T0);
+    }
     __m512 wv[NB];
     for (int j = 0; j < NB; ++j) wv[j] = load16(w[j] + k);
     for (int i = 0; i < ROWS; ++i) {
@@ -97,7 +104,7 @@ inline float widen(float v) { return v; }
 inline float widen(at::BFloat16 v) { return static_cast<float>(v); }
 
 template <int ROWS, typename wt>
-inline void tile(const float* x, int64_t K, const wt* const* w, float* out) {
+inline void tile(const float* x, int64_t K, const wt* const* w, float* out, const char*) {
   float acc[ROWS][NB][16] = {};
   for (int64_t k0 = 0; k0 < K; k0 += 16) {
     const int64_t len = std::min<int64_t>(16, K - k0);
@@ -122,14 +129,17 @@ inline void block(const float* x, int64_t M, int64_t K, const wt* w, int64_t ldw
   const int64_t valid = std::min(NB, N - n0);
   const wt* rows[NB];
   for (int64_t j = 0; j < NB; ++j) rows[j] = w + std::min(n0 + j, N - 1) * ldw;  // tail: repeat the last row
+  // the next block's rows form one contiguous region when w is a dense [N, K] matrix
+  const char* next = (ldw == K && n0 + 2 * NB <= N) ? reinterpret_cast<const char*>(w + (n0 + NB) * ldw) : nullptr;
   for (int64_t m0 = 0; m0 < M; m0 += MR) {
     const int64_t mr = std::min(MR, M - m0);
     const float* xm = x + m0 * K;
+    const char* pf = m0 == 0 ? next : nullptr;
     switch (mr) {
-      case 4: tile<4>(xm, K, rows, out); break;
-      case 3: tile<3>(xm, K, rows, out); break;
-      case 2: tile<2>(xm, K, rows, out); break;
-      default: tile<1>(xm, K, rows, out); break;
+      case 4: tile<4>(xm, K, rows, out, pf); break;
+      case 3: tile<3>(xm, K, rows, out, pf); break;
+      case 2: tile<2>(xm, K, rows, out, pf); break;
+      default: tile<1>(xm, K, rows, out, pf); break;
     }
     for (int64_t i = 0; i < mr; ++i) {
       yt* dst = y + (m0 + i) * N + n0;
