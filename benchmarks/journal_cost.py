@@ -33,6 +33,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -173,6 +174,39 @@ def summarize_e2e(rows: list[dict]) -> list[dict]:
     return table
 
 
+def plot(result: dict, path: Path) -> None:
+    """Left: the store alone, µs of wall time per journaled token by concurrent writers.
+    Right: end to end, Redis over in-memory ms/token per model and concurrency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for kind in ("memory", "redis"):
+        rows = [r for r in result["store"] if r["store"] == kind]
+        a.plot([r["writers"] for r in rows], [r["us_per_token"] for r in rows], marker="o", label=kind)
+    a.set_xscale("log", base=2)
+    a.set_yscale("log")
+    a.set_xlabel("concurrent streams")
+    a.set_ylabel("us of wall time per journaled token")
+    a.set_title("the store alone", fontsize=9)
+    a.legend(fontsize=8)
+    labels, ratios = [], []
+    for name, e in result.get("e2e", {}).items():
+        for t in e["table"]:
+            labels.append(f"{name.removesuffix('-Instruct')}\nc={t['concurrency']}")
+            ratios.append(t["ratio"])
+    b.bar(range(len(ratios)), ratios)
+    b.axhline(1.0, color="black", linewidth=0.8)
+    b.set_xticks(range(len(ratios)), labels, fontsize=7)
+    b.set_ylabel("Redis / in-memory, ms per token")
+    b.set_title("end to end (Router, LocalCluster)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -181,7 +215,11 @@ def main() -> None:
     ap.add_argument("--appends", type=int, default=2000)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--plot", metavar="JSON", help="only draw the PNG of an earlier run's results")
     args = ap.parse_args()
+    if args.plot:
+        plot(json.loads(Path(args.plot).read_text()), Path(args.plot).with_suffix(".png"))
+        return
     if args.quick:
         args.appends, args.rounds, args.output_len = 300, 2, 32
     from benchmarks.common import RESULTS_DIR, machine_description
@@ -189,6 +227,7 @@ def main() -> None:
     load_before = os.getloadavg()
     proc, url = start_redis()
     result: dict = {"machine": machine_description(), "load_before": load_before}
+    tiny_dir = None
     try:
         store_rows = []
         for writers in args.writers:
@@ -202,7 +241,8 @@ def main() -> None:
 
         rng = random.Random(0)
         prompts = [[rng.randrange(3, 500) for _ in range(rng.randint(16, 48))] for _ in range(8)]
-        models = {"tiny-llama": (build_tiny_checkpoint(REPO / ".bench-tiny-journal", family="llama"), {
+        tiny_dir = Path(tempfile.mkdtemp(prefix="journal-cost-"))
+        models = {"tiny-llama": (build_tiny_checkpoint(tiny_dir / "tiny", family="llama"), {
             "block_size": 16, "num_blocks": 256})}  # fmt: skip
         if args.real:
             from cluster.model_store import fetch_model
@@ -220,11 +260,14 @@ def main() -> None:
     finally:
         proc.kill()
         proc.wait()
+        if tiny_dir is not None:
+            shutil.rmtree(tiny_dir, ignore_errors=True)
     result["load_after"] = os.getloadavg()
     print(f"load average before {load_before[0]:.2f}, after {result['load_after'][0]:.2f}")
     out = RESULTS_DIR / f"journal_cost{'_quick' if args.quick else ''}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
+    plot(result, out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -78,6 +78,9 @@ class Row:
     lost: int
     recovery_s: float | None
     detail: str
+    # per request: seconds from the start of the scenario to each token's arrival, and the fault's time
+    traces: list[list[float]] | None = None
+    fault_s: float | None = None
 
 
 # ---------------------------------------------------------------- model and reference
@@ -167,6 +170,7 @@ def ray_scenario(
     async def run():
         c = await Controller(_ray_config(model.dir, prefill, decode), options).start()
         try:
+            t0 = time.monotonic()
             outs = [[] for _ in prompts]
             arrivals = [[] for _ in prompts]
             ends: list = [None] * len(prompts)
@@ -184,12 +188,13 @@ def ray_scenario(
             after = [next((t for t in ts if t > killed_at), None) for ts in arrivals]
             hit = list(affected)
             recovery = max((after[i] - killed_at for i in hit if after[i] is not None), default=None)
-            return outs, ends, hit, recovery, dict(c.router.stats.failovers)
+            traces = [[t - t0 for t in ts] for ts in arrivals]
+            return outs, ends, hit, recovery, dict(c.router.stats.failovers), traces, killed_at - t0
         finally:
             await c.shutdown()
 
     try:
-        outs, ends, hit, recovery, failovers = asyncio.run(run())
+        outs, ends, hit, recovery, failovers, traces, fault_s = asyncio.run(run())
     finally:
         ray.shutdown()
     correct = sum(
@@ -199,7 +204,9 @@ def ray_scenario(
     )
     errors = sum(1 for e in ends if e is not None and e.error is not None)
     lost = sum(1 for e in ends if e is None)
-    return Row(name, "", len(hit), correct, len(prompts), errors, lost, recovery, f"failovers {failovers}")
+    return Row(
+        name, "", len(hit), correct, len(prompts), errors, lost, recovery, f"failovers {failovers}", traces, fault_s
+    )
 
 
 def decode_kill(model: Model, decoders: int) -> Row:
@@ -552,6 +559,30 @@ def table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
+def plot(rows: list[Row], path: Path) -> None:
+    """Tokens received over time per stream, the fault marked: one panel per scenario."""
+    if not rows:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(rows), figsize=(5 * len(rows), 3.6), squeeze=False)
+    for ax, r in zip(axes[0], rows):
+        for i, ts in enumerate(r.traces or []):
+            ax.step(ts, range(1, len(ts) + 1), where="post", label=f"stream {i}")
+        ax.axvline(r.fault_s, color="red", linestyle="--", label="SIGKILL")
+        rec = "" if r.recovery_s is None else f", recovered in {r.recovery_s:.2f} s"
+        ax.set_title(f"{r.scenario}{rec}", fontsize=9)
+        ax.set_xlabel("seconds")
+        ax.set_ylabel("tokens received")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scenario", nargs="+", choices=sorted(FAULTS), default=list(FAULTS))
@@ -569,8 +600,14 @@ def main() -> None:
                       "wall_s": time.monotonic() - t0})  # fmt: skip
         rows.append(row)
         print(f"{name}: {row}", flush=True)
-    print(table(rows))
     out = RESULTS_DIR / "reliability.json"
+    if out.exists() and set(args.scenario) != set(FAULTS):  # a partial run: keep the other scenarios' rows
+        old = json.loads(out.read_text())
+        kept = [Row(**r) for r in old["rows"] if r["scenario"] not in args.scenario]
+        loads = [x for x in old["loads"] if x["scenario"] not in args.scenario] + loads
+        rows = sorted(kept + rows, key=lambda r: list(FAULTS).index(r.scenario))
+    print(table(rows))
+    plot([r for r in rows if r.traces], RESULTS_DIR / "reliability.png")
     out.write_text(
         json.dumps({"machine": machine_description(), "rows": [asdict(r) for r in rows], "loads": loads}, indent=2)
         + "\n"

@@ -110,7 +110,8 @@ class Soak:
                     async with httpx.AsyncClient(base_url=http_base, timeout=self.args.watchdog) as h:
                         r = await h.post("/v1/completions", json=body)
                     if stream:
-                        events = [json.loads(x[6:]) for x in r.text.splitlines() if x.startswith("data: {")]
+                        # SSE lines end at \n only (str.splitlines would also split inside the JSON)
+                        events = [json.loads(x[6:]) for x in r.text.split("\n") if x.startswith("data: {")]
                         ids = [t for e in events for ch in e["choices"] for t in ch.get("token_ids", [])]
                         fin = [ch["finish_reason"] for e in events for ch in e["choices"] if ch["finish_reason"]]
                         ok = r.status_code == 200 and len(ids) == n and fin == ["length"]
@@ -188,6 +189,7 @@ def main() -> None:
     ap.add_argument("--max-prompt", type=int, default=64)
     ap.add_argument("--watchdog", type=float, default=120.0)
     ap.add_argument("--real", action="store_true", help="SmolLM2-135M-Instruct instead of the tiny Llama")
+    ap.add_argument("--tag", default="", help="results/soak<_tag>.json (e.g. a variant of the environment)")
     args = ap.parse_args()
     from benchmarks.common import RESULTS_DIR, machine_description
 
@@ -275,6 +277,7 @@ def main() -> None:
     result = {
         "machine": machine_description(),
         "args": vars(args),
+        "ray_env": {k: v for k, v in os.environ.items() if k.startswith("RAY_")},
         "load_before": load_before,
         "load_after": os.getloadavg(),
         "requests": sum(soak.outcomes.values()),
@@ -289,7 +292,7 @@ def main() -> None:
         "rss_growth_per_process_mib": growth,
         "samples": samples,
     }
-    name = "soak_real" if args.real else "soak"
+    name = ("soak_real" if args.real else "soak") + (f"_{args.tag}" if args.tag else "")
     (RESULTS_DIR / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     try:
         import matplotlib

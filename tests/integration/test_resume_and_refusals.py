@@ -95,7 +95,8 @@ def expected(model):
 
 
 def _sse_tokens(text: str) -> tuple[list[int], list[dict]]:
-    events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+    # SSE lines end at \n only (str.splitlines would also split inside the JSON at \x85, \u2028, ...)
+    events = [json.loads(line[6:]) for line in text.split("\n") if line.startswith("data: {")]
     return [t for e in events for c in e.get("choices", []) for t in c.get("token_ids", [])], events
 
 
