@@ -16,7 +16,7 @@ from engine.config import KernelConfig
 from engine.models.layers import NativeKernels
 from engine.models.llama import DecoderLM, LayerHook
 from engine.request import TokenLogprobs
-from engine.sampler import sample
+from engine.sampler import plain_greedy, sample
 from engine.scheduler.output import SchedulerOutput
 
 
@@ -99,7 +99,13 @@ class ModelRunner:
         if not sampling:
             return {}, {}
         logits = self.model.compute_logits(hidden[inputs.sample_rows])
-        tokens, lps = sample(logits, [s.params for s in sampling], [s.num_output_tokens for s in sampling])
+        params = [s.params for s in sampling]
+        if self.model.native is not None and plain_greedy(params):
+            # the native argmax (torch.argmax's tie rule) runs without an OpenMP region, whose
+            # spinning worker thread slows the rest of a small step on a busy machine
+            tokens, lps = self.model.native.argmax(logits).tolist(), [None] * len(params)
+        else:
+            tokens, lps = sample(logits, params, [s.num_output_tokens for s in sampling])
         sampled = {s.request_id: [t] for s, t in zip(sampling, tokens, strict=True)}
         logprobs = {s.request_id: lp for s, lp in zip(sampling, lps, strict=True) if lp is not None}
         return sampled, logprobs

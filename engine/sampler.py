@@ -38,13 +38,18 @@ def _generator(params: SamplingParams, token_index: int, device) -> torch.Genera
     return g
 
 
+def plain_greedy(params: list[SamplingParams]) -> bool:
+    """True when every row is greedy without logprobs: the argmax of each row is the answer."""
+    return all(p.temperature < _MIN_TEMPERATURE and p.logprobs is None for p in params)
+
+
 def sample(
     logits: torch.Tensor, params: list[SamplingParams], token_indices: list[int]
 ) -> tuple[list[int], list[TokenLogprobs | None]]:
     """logits: [N, V] fp32 -> (one token per row, logprobs per row or None)."""
     tokens = logits.argmax(dim=-1).tolist()
-    if all(p.temperature < _MIN_TEMPERATURE and p.logprobs is None for p in params):
-        return tokens, [None] * len(params)  # all greedy without logprobs: the argmax is the answer
+    if plain_greedy(params):
+        return tokens, [None] * len(params)
     for i, p in enumerate(params):
         if p.temperature < _MIN_TEMPERATURE:  # greedy; tiny temperatures would overflow to NaN
             continue

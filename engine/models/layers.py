@@ -72,6 +72,10 @@ class NativeKernels:
         """x += delta (in place; x: [T, hidden] contiguous), then norm(x)."""
         return self.module.add_rms_norm(x, delta, norm.weight, norm.eps)
 
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits: [N, V] fp32 -> int64 [N], the first index of each row's maximum."""
+        return self.module.argmax_rows(logits)
+
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """gate_up: [T, 2I] -> silu(gate) * up [T, I]."""
         return self.module.silu_mul(gate_up)

@@ -6,6 +6,7 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using splitserve::add_rms_norm;
+  using splitserve::argmax_rows;
   using splitserve::paged_decode;
   using splitserve::rms_norm;
   using splitserve::rope_split_qkv;
@@ -26,6 +27,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("qkv"), py::arg("cos"), py::arg("sin"), py::arg("positions"), py::arg("heads"), py::arg("kv_heads"),
         nogil);
   m.def("silu_mul", &silu_mul, "silu(gate) * up of [T, 2I] -> [T, I]", py::arg("gate_up"), nogil);
+  m.def("argmax_rows", &argmax_rows, "first index of each row's maximum (float32 [N, V] -> int64 [N])",
+        py::arg("logits"), nogil);
   m.def("write_kv", &write_kv, "store the step's K/V rows at their cache slots", py::arg("k_cache"),
         py::arg("v_cache"), py::arg("slots"), py::arg("k"), py::arg("v"), nogil);
 }

@@ -13,6 +13,8 @@
 //       tables, positions [T] int64, H, Hkv) -> [q [T, H, D], k [T, Hkv, D], v [T, Hkv, D]],
 //       dense; q and k rotated: y = x * cos + rotate_half(x) * sin (cos/sin cast to the dtype)
 //   silu_mul(gate_up [T, 2I]) -> [T, I]:  silu(gate) * up
+//   argmax_rows(logits [N, V] fp32) -> int64 [N]: the first index of each row's maximum
+//       (torch.argmax's tie rule; rows must not hold NaN)
 //   write_kv(k_cache, v_cache [num_blocks, bs, Hkv, D] views (each token row of Hkv * D
 //       elements contiguous), slots [T] int64, k, v [T, Hkv, D]): token t's K/V rows go to
 //       block slots[t] / bs, row slots[t] % bs (PagedKVCache.write in one call)
@@ -285,6 +287,60 @@ void write_kv(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slots,
     std::memcpy(kc + off, kp + t * row * elem, row * elem);
     std::memcpy(vc + off, vp + t * row * elem, row * elem);
   }
+}
+
+at::Tensor argmax_rows(const at::Tensor& logits) {
+  TORCH_CHECK(logits.device().is_cpu() && logits.scalar_type() == at::kFloat, "argmax_rows: CPU float32 logits only");
+  TORCH_CHECK(logits.dim() == 2 && logits.size(1) > 0 && logits.stride(1) == 1,
+              "argmax_rows: logits must be [N, V] with unit stride along V");
+  const int64_t N = logits.size(0), V = logits.size(1), ld = logits.stride(0);
+  at::Tensor out = at::empty({N}, logits.options().dtype(at::kLong));
+  const float* lp = logits.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  // one row per chunk: each row is 100-200 KB, enough work for a helper
+  splitserve::ChunkPool::get().run(N, [&](int64_t n) {
+    const float* row = lp + n * ld;
+    float best = row[0];
+    int64_t arg = 0;
+    int64_t i = 1;
+#if defined(__AVX512F__)
+    if (V >= 32) {
+      // per lane: the first maximum among indices = lane (mod 16); then the smallest index
+      // among the lanes that hold the row's maximum
+      __m512 vbest = _mm512_loadu_ps(row);
+      __m512i varg = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+      __m512i vidx = varg;
+      const __m512i step = _mm512_set1_epi32(16);
+      for (i = 16; i + 16 <= V; i += 16) {
+        vidx = _mm512_add_epi32(vidx, step);
+        const __m512 v = _mm512_loadu_ps(row + i);
+        const __mmask16 gt = _mm512_cmp_ps_mask(v, vbest, _CMP_GT_OQ);
+        vbest = _mm512_mask_blend_ps(gt, vbest, v);
+        varg = _mm512_mask_blend_epi32(gt, varg, vidx);
+      }
+      alignas(64) float bv[16];
+      alignas(64) int32_t ba[16];
+      _mm512_store_ps(bv, vbest);
+      _mm512_store_si512(ba, varg);
+      best = bv[0];
+      arg = ba[0];
+      for (int l = 1; l < 16; ++l) {
+        if (bv[l] > best || (bv[l] == best && ba[l] < arg)) {
+          best = bv[l];
+          arg = ba[l];
+        }
+      }
+    }
+#endif
+    for (; i < V; ++i) {
+      if (row[i] > best) {
+        best = row[i];
+        arg = i;
+      }
+    }
+    op[n] = arg;
+  });
+  return out;
 }
 
 }  // namespace splitserve

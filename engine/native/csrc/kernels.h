@@ -23,6 +23,7 @@ at::Tensor add_rms_norm(at::Tensor& x, const at::Tensor& delta, const at::Tensor
 std::vector<at::Tensor> rope_split_qkv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
                                        const at::Tensor& positions, int64_t heads, int64_t kv_heads);
 at::Tensor silu_mul(const at::Tensor& gate_up);
+at::Tensor argmax_rows(const at::Tensor& logits);
 void write_kv(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& k,
               const at::Tensor& v);
 

@@ -215,3 +215,14 @@ def test_kernels_called_from_several_threads_at_once(mod):
 
     with ThreadPoolExecutor(4) as pool:
         assert all(pool.map(call, range(8)))
+
+
+def test_argmax_rows_matches_torch_argmax_including_ties(mod):
+    g = torch.Generator().manual_seed(7)
+    for v in (1, 15, 16, 31, 32, 47, 1000, 49152):
+        x = torch.randint(0, 4, (6, v), generator=g).float()  # many ties: the first index must win
+        assert torch.equal(mod.argmax_rows(x), x.argmax(-1)), v
+    x = torch.randn(9, 4097, generator=g)
+    x[2, 4096] = x[4, 0] = x[5, 17] = x[5, 33] = 1e9
+    assert torch.equal(mod.argmax_rows(x), x.argmax(-1))
+    assert torch.equal(mod.argmax_rows(x[:, :2000]), x[:, :2000].argmax(-1))  # strided rows
