@@ -150,6 +150,11 @@ class UnknownRequest(KeyError):
     """A call named a request id the worker does not hold (finished, aborted, never sent)."""
 
 
+class PeerUnreachable(ConnectionError):
+    """A worker could not open its KV link to a peer's address: the peer (a decode worker's
+    KV receiver) is gone or not listening. Nothing was admitted for the request."""
+
+
 # Where a decode worker's KV receiver listens: transport-specific and opaque to everyone but
 # the transport (a Unix socket path for shm, (host, port) for grpc and torch).
 KVAddress = object

@@ -43,13 +43,14 @@ from dataclasses import dataclass, field
 
 from engine.config import SchedulerMode
 from engine.engine import EngineCore
+from engine.kv_cache.layout import KVLayoutMismatch
 from engine.request import Request, RequestStatus, TokenLogprobs
 from engine.runtime.stats import QUEUE_SECONDS_BUCKETS, TRANSFER_SECONDS_BUCKETS, CumulativeHistogram
 from engine.runtime.streams import OutputStream
 from engine.runtime.worker import RuntimeWorker, WorkerRuntime
 from engine.scheduler.output import SchedulerOutput
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
-from engine.types import KVAddress, RequestSpec, StreamChunk, WorkerStats
+from engine.types import KVAddress, PeerUnreachable, RequestSpec, StreamChunk, WorkerStats
 from kv_transfer.base import KVSender, TransferStatus
 from prefill_worker.api import PrefillAPI
 
@@ -129,17 +130,33 @@ class PrefillWorker(RuntimeWorker, PrefillAPI):
             self.runtime.streams.close(req.request_id)
             stream.publish(req)
             return stream
+        sender = self._sender_to(decode_address)  # before the engine holds any block for it
         self.engine.add_request(req)  # raises ValueError for a bad request
+        self._out[req.request_id] = _Outgoing(sender, req)
+        return self.runtime.streams.open(req.request_id)
+
+    def _sender_to(self, decode_address: KVAddress) -> KVSender:
+        """The open link to ``decode_address``, connected now if there is none (or its
+        receiver went away). A receiver that cannot be reached raises PeerUnreachable; one
+        whose KV layout differs raises KVLayoutMismatch (a configuration error, not a fault)."""
         sender = self._senders.get(decode_address)
         if sender is not None and sender.link_error is not None:
             self._drop_sender(decode_address)  # its receiver is gone (restarted?): reconnect
             sender = None
         if sender is None:
             sender = self._sender_factory()
-            sender.connect(decode_address)
+            try:
+                sender.connect(decode_address)
+            except KVLayoutMismatch:
+                sender.close()
+                raise
+            except Exception as e:
+                sender.close()
+                raise PeerUnreachable(
+                    f"{self.worker_id}: no KV link to {decode_address}: {type(e).__name__}: {e}"
+                ) from e
             self._senders[decode_address] = sender
-        self._out[req.request_id] = _Outgoing(sender, req)
-        return self.runtime.streams.open(req.request_id)
+        return sender
 
     def _push_layer(self, layer: int, out: SchedulerOutput) -> None:
         bs = self.engine.layout.block_size

@@ -20,6 +20,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
+from cluster.control.errors import one_line
 from decode_worker.api import DecodeAPI
 from engine.runtime.api import WorkerAPI
 from engine.types import (
@@ -40,9 +41,7 @@ class WorkerUnavailable(RuntimeError):
     """The worker cannot serve: its actor is gone or its engine loop stopped."""
 
     def __init__(self, worker_id: str, cause: BaseException | str):
-        # the first line: Ray's errors carry a page of generic advice after it
-        text = str(cause).strip()
-        super().__init__(f"worker {worker_id} unavailable: {text.splitlines()[0] if text else type(cause).__name__}")
+        super().__init__(f"worker {worker_id} unavailable: {one_line(cause)}")
         self.worker_id = worker_id
 
 

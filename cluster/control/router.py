@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from cluster.config import FailoverConfig
+from cluster.control.errors import one_line
 from cluster.control.failover import AttemptFailed, FailoverStats, FailureCause, classify_stream_error
 from cluster.control.handles import DecodeHandle, PrefillHandle, WorkerUnavailable
 from cluster.control.ledger import RequestLedger
@@ -67,6 +68,7 @@ from engine.kv_cache.manager import prefix_block_hashes
 from engine.types import (
     FirstToken,
     KVAddress,
+    PeerUnreachable,
     RequestSpec,
     StreamChunk,
     UnknownRequest,
@@ -228,7 +230,7 @@ class Router:
                 w.stats = await asyncio.wait_for(w.handle.stats(), timeout=5.0)
             except (WorkerUnavailable, TimeoutError) as e:
                 if w.healthy:  # said once; the controller decides what happens to it
-                    log.warning("stats poll of %s failed: %s", wid, _first_line(e))
+                    log.warning("stats poll of %s failed: %s", wid, one_line(e))
                 self.mark_unhealthy(wid)
                 return
             if self.prefix_index.replace(wid, w.stats.cached_block_hashes):
@@ -507,6 +509,10 @@ class Router:
             raise AttemptFailed(FailureCause.WORKER_FULL, worker.worker_id, str(e) or "at its bound") from e
         except UnknownRequest as e:
             raise AttemptFailed(FailureCause.STREAM_FAILED, worker.worker_id, f"lost the request: {e}") from e
+        except PeerUnreachable as e:
+            # the prefill worker cannot reach the decode worker's KV receiver, which a live
+            # decode worker always runs: it is gone (killed, not yet replaced)
+            raise AttemptFailed(FailureCause.WORKER_LOST, attempt.decode.worker_id, str(e)) from e
 
     async def _settle(self, attempt: Attempt) -> None:
         """Unless its workers ended the request themselves, abort it there (frees KV blocks)."""
@@ -574,9 +580,3 @@ class Router:
             await self.store.journal_rewrite(ledger.record())
         if ledgers:
             log.info("state store back: rewrote %d request journals", len(ledgers))
-
-
-def _first_line(e: BaseException) -> str:
-    """An error on one line (Ray's carry a page of explanation after the first)."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -101,17 +101,31 @@ def _sse_tokens(text: str) -> tuple[list[int], list[dict]]:
 
 
 def test_resume_follows_a_live_stream_from_its_cursor(served, expected):
+    # The decode worker's engine loop is held (a blocking call queued on its thread) from the
+    # 5th token until the resumed stream has its first chunk, so the request is still being
+    # generated when Resume arrives however slow the machine: a live follow, never a replay.
+    decode = served.cluster.workers["decode-0"]
+    hold = threading.Event()
+    live_before = served.cluster.router.stats.resumed["live"]
     with Client(served.target) as a, Client(served.target) as b:
         stream = a.stream(PROMPT, request_id="live-1", **GREEDY)
         got = []
-        for chunk in stream:
-            got += chunk.token_ids
-            if len(got) >= 5:
-                break  # keep the call open but stop reading; resume from another client
-        tail = [t for ch in b.resume("live-1", 3) for t in ch.token_ids]
+        try:
+            for chunk in stream:
+                got += chunk.token_ids
+                if len(got) >= 5:
+                    held = decode.loop.call(hold.wait)  # at most one more step runs
+                    break  # keep the call open but stop reading; resume from another client
+            resumed = b.resume("live-1", 3)
+            first = next(resumed)
+            assert served.cluster.router.stats.resumed["live"] == live_before + 1
+            assert len(first.token_ids) < N - 3  # the request had not finished
+        finally:
+            hold.set()
+        held.result(10)
+        tail = first.token_ids + [t for ch in resumed for t in ch.token_ids]
         stream.close()
     assert tail == expected[3:]
-    assert served.cluster.router.stats.resumed["live"] >= 1
 
 
 def test_a_cancelled_request_is_continued_and_a_finished_one_replayed(served, expected):

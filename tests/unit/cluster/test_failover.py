@@ -351,3 +351,29 @@ def test_prefill_failing_mid_transfer_retries_on_the_other_prefill_worker(model,
     cause = "worker_lost" if dead == ["prefill-0"] else "kv_transfer"
     assert dead in ([], ["prefill-0"]) and stats.failovers[cause] == 1 and sum(stats.failovers.values()) == 1
     assert [(r.prefill_worker, r.cause) for r in record.routes] == [("prefill-0", None), ("prefill-1", cause)]
+
+
+def test_a_decode_worker_whose_kv_receiver_is_gone_is_failed_over(model, reference):
+    """The prefill worker cannot open a KV link to the decode worker chosen (its receiver
+    is gone: the process died and the router has not noticed). That placement fails as
+    worker_lost of the decode worker, which leaves the rotation, and the request completes on
+    the other one; the prefill worker holds nothing for the failed placement."""
+    prompt = _prompts(1, seed=7, lo=30, hi=30)[0]
+
+    async def run():
+        cluster = await LocalCluster(_config(model, decode=2)).start()
+        try:
+            cluster.workers["decode-0"].receiver.close()  # jsq's tie goes to decode-0
+            s = Stream(cluster, "r", prompt)
+            last = await s.task
+            _assert_pools_full(cluster)
+            record = await cluster.store.journal_load("r")
+            return s, last, cluster.router.stats, record, cluster.router.workers["decode-0"].healthy
+        finally:
+            await cluster.stop()
+
+    s, last, stats, record, healthy = asyncio.run(run())
+    assert s.tokens == reference([prompt])[0] and last.finish_reason == "length" and last.error is None
+    assert stats.failovers["worker_lost"] == 1 and sum(stats.failovers.values()) == 1
+    assert [(r.decode_worker, r.cause) for r in record.routes] == [("decode-0", None), ("decode-1", "worker_lost")]
+    assert not healthy

@@ -7,7 +7,7 @@ import torch
 
 from engine import SamplingParams
 from engine.request import RequestStatus
-from engine.types import RequestSpec
+from engine.types import PeerUnreachable, RequestSpec
 from kv_transfer.base import KVSender, TransferStatus
 from prefill_worker.build import build_prefill_worker
 
@@ -29,7 +29,11 @@ class RecordingSender(KVSender):
         self.broken: str | None = None  # set by a test: the receiver "died"
         self.closed = False
 
+    refuse = False  # set by a test: no receiver listens at the peer's address
+
     def connect(self, peer):
+        if self.refuse:
+            raise ConnectionRefusedError(111, "Connection refused")
         self.peer = peer
 
     def send(self, request_id, layer, first_page, pages):
@@ -53,14 +57,26 @@ class RecordingSender(KVSender):
         self.closed = True
 
 
+def _logged(fn, log, entry):
+    def wrapper(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        log.append(entry)
+        return out
+
+    return wrapper
+
+
 @pytest.fixture
 def worker_and_log(tiny_checkpoint):
     log: list = []
     w = build_prefill_worker(tiny_checkpoint("llama"), ENGINE, transport="loopback", worker_id="p")
     w._sender_factory = lambda: RecordingSender(w.engine.layout, log)
-    # probe: record when each layer's MLP runs, to check sends interleave with compute
+    # probe: record when each layer's MLP runs, to check sends interleave with compute. Both the
+    # torch path (mlp.forward) and the native-kernel path (mlp.forward_native) are wrapped, so the
+    # probe sees the MLP whichever path this machine's CPU takes.
     for i, layer in enumerate(w.engine.model.layers):
-        layer.mlp.register_forward_hook(lambda *_, i=i: log.append(("mlp", i)))
+        for name in ("forward", "forward_native"):
+            setattr(layer.mlp, name, _logged(getattr(layer.mlp, name), log, ("mlp", i)))
     yield w, log
     w.shutdown()
 
@@ -178,3 +194,17 @@ def test_a_sender_whose_receiver_died_is_closed_and_replaced(worker_and_log):
     w.abort("s")
     w.loop.run(w._tick)
     assert new.closed and w._senders == {}
+
+
+def test_an_unreachable_decode_worker_is_a_typed_error_and_holds_nothing(worker_and_log, monkeypatch):
+    w, _ = worker_and_log
+    monkeypatch.setattr(RecordingSender, "refuse", True)
+    with pytest.raises(PeerUnreachable, match="no KV link to gone-addr: ConnectionRefusedError"):
+        w.prefill(RequestSpec("r", list(range(20)), PARAMS), "gone-addr")
+    assert w._senders == {} and w._out == {}
+    assert w.stats().engine.free_kv_blocks == ENGINE["num_blocks"]
+    assert w.stats().engine.running_requests == w.stats().engine.waiting_requests == 0
+    assert w.stats().pending_requests == 0
+    # the next request, to a reachable receiver, is served
+    monkeypatch.setattr(RecordingSender, "refuse", False)
+    assert len(w.prefill(RequestSpec("s", list(range(20)), PARAMS), "decode-addr").token_ids) == 1
