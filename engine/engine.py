@@ -14,23 +14,30 @@ scheduler, the block pool or the KV manager. Request lifecycle through it:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from engine.attention.backend import AttentionBackend
-from engine.config import EngineConfig
+from engine.config import EngineConfig, ModelConfig
 from engine.kv_cache.block_pool import BlockPool
 from engine.kv_cache.layout import KVLayout
 from engine.kv_cache.manager import KVCacheManager
 from engine.kv_cache.paged_cache import PagedKVCache
 from engine.model_runner import ModelRunner
+from engine.models.gguf import resolve_model_path
 from engine.models.loader import load_model
 from engine.moe import ExpertDispatcher
-from engine.request import Request
+from engine.request import Request, TokenLogprobs
 from engine.scheduler.output import SchedulerOutput
 from engine.scheduler.scheduler import Scheduler
+from engine.spec.draft import DraftProposer
+from engine.spec.ngram import NgramProposer
+from engine.spec.proposer import Proposer
+from engine.spec.smartspec import SpeculationPolicy
+from engine.spec.speculator import SpecStats, Speculator, make_speculator
 from engine.types import EngineStats, WorkerLimits
 
 log = logging.getLogger(__name__)
@@ -71,6 +78,12 @@ class EngineCore:
 
     Plug-ins arrive by constructor injection: ``dispatcher`` (expert-parallel MoE) and
     ``attention_backend`` (e.g. remote attention); the defaults run everything locally.
+
+    Speculative decoding (``config.speculative``): the proposer it names (the n-gram lookup,
+    or a draft model loaded here with its own paged KV of as many blocks as the target's, so
+    whatever the target admits the draft can hold; sized from ``max_kv_memory_gb`` the two
+    pools split the memory in proportion to their bytes per token), and the policy it names.
+    ``proposer`` / ``policy`` replace them (tests inject oracles).
     """
 
     def __init__(
@@ -79,15 +92,33 @@ class EngineCore:
         dispatcher: ExpertDispatcher | None = None,
         attention_backend: AttentionBackend | None = None,
         progress: bool = False,
+        proposer: Proposer | None = None,
+        policy: SpeculationPolicy | None = None,
     ):
         self.config = config
         mc = config.model
+        spec = config.speculative
+        if spec is None and (proposer is not None or policy is not None):
+            raise ValueError("a proposer or speculation policy was given but EngineConfig.speculative is None")
         dtype = getattr(torch, config.dtype)
         self.model = load_model(config.model_path, mc, dtype, config.device, config.max_model_len, dispatcher, progress)
         self.layout = KVLayout(config.dtype, config.cache.block_size, mc.num_layers, mc.num_kv_heads, mc.head_dim)
-        num_blocks = config.cache.num_blocks or PagedKVCache.blocks_for_memory(
-            self.layout, config.cache.max_kv_memory_gb
-        )
+        draft_path = draft_config = None
+        if spec is not None and spec.method == "draft_model" and proposer is None:
+            draft_path = resolve_model_path(spec.model, progress=progress)
+            draft_config = ModelConfig.from_hf_dir(draft_path)
+        kv_gb = config.cache.max_kv_memory_gb
+        if draft_config is not None:  # the draft's pool takes its share of the KV memory
+            draft_layout = KVLayout(
+                config.dtype,
+                config.cache.block_size,
+                draft_config.num_layers,
+                draft_config.num_kv_heads,
+                draft_config.head_dim,
+            )
+            t, d = (x.page_bytes * x.num_layers for x in (self.layout, draft_layout))
+            kv_gb *= t / (t + d)
+        num_blocks = config.cache.num_blocks or PagedKVCache.blocks_for_memory(self.layout, kv_gb)
         self.cache = PagedKVCache(self.layout, num_blocks, config.device, shared=config.kv_cache_shared)
         self.backend = attention_backend or make_attention_backend(
             config.attention_backend, self.cache, mc.sliding_window
@@ -97,6 +128,29 @@ class EngineCore:
         self.kv = KVCacheManager(self.pool, config.cache.block_size)
         self.scheduler = Scheduler(config.scheduler, config.cache, self.kv)
         self.runner = ModelRunner(self.model, config.cache.block_size, config.device, config.kernels)
+        self.speculator: Speculator | None = None
+        if spec is not None:
+            if proposer is None and draft_path is not None:
+                proposer = DraftProposer.load(
+                    draft_path,
+                    mc,
+                    config.max_model_len,
+                    num_blocks,
+                    config.cache.block_size,
+                    config.dtype,
+                    config.device,
+                    target_path=config.model_path,
+                    backend_factory=lambda cache, window: make_attention_backend(
+                        config.attention_backend, cache, window
+                    ),
+                    kernels=config.kernels,
+                    progress=progress,
+                )
+            elif proposer is None:
+                proposer = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
+            self.speculator = make_speculator(
+                spec, proposer, config.max_model_len, config.scheduler.max_num_batched_tokens, policy
+            )
         log.info("engine ready: %s, %d KV blocks of %d tokens", mc.architecture, num_blocks, config.cache.block_size)
 
     # ------------------------------------------------------------ requests
@@ -128,7 +182,10 @@ class EngineCore:
     def abort(self, request_id: str) -> Request | None:
         """Cancel a request wherever it is (waiting, running, prefilled, reserved); frees its
         blocks. None if unknown."""
-        return self.scheduler.abort(request_id)
+        req = self.scheduler.abort(request_id)
+        if req is not None and self.speculator is not None:
+            self.speculator.forget(request_id)
+        return req
 
     def reserve(self, req: Request) -> list[int] | None:
         """decode_only: take blocks for ``req``'s prompt KV, computed elsewhere, before it
@@ -161,6 +218,8 @@ class EngineCore:
     # ------------------------------------------------------------ the step
     def step(self, layer_hook: StepLayerHook | None = None) -> StepResult:
         """One iteration: schedule -> run -> update."""
+        if self.speculator is not None:
+            return self._speculative_step(self.speculator, layer_hook)
         out = self.scheduler.schedule()
         if out.is_empty:
             return StepResult(self.scheduler.take_finished_in_schedule(), list(out.preempted))
@@ -172,6 +231,59 @@ class EngineCore:
             if lp is not None:
                 req.logprobs.append(lp)
         return StepResult(changed, list(out.preempted))
+
+    def _speculative_step(self, spec: Speculator, layer_hook: StepLayerHook | None) -> StepResult:
+        """propose -> schedule -> run (score + verify when drafts were scheduled, the plain
+        sampling path otherwise) -> update -> tell the proposer and policy (speculator.py)."""
+        start = time.perf_counter()
+        s = self.scheduler
+        spec.propose(s.running, self._pending_prompt_tokens())
+        out = s.schedule()
+        for rid in out.preempted:
+            spec.preempted(rid)
+        if out.is_empty:
+            done = s.take_finished_in_schedule()
+            spec.end_step(out, [*s.running, *done], None)
+            for req in done:
+                spec.forget(req.request_id)
+            return StepResult(done, list(out.preempted))
+        hook = None if layer_hook is None else (lambda layer: layer_hook(layer, out))
+        logprobs: dict[str, list[TokenLogprobs]]
+        if out.num_draft_tokens:
+            sampled, logprobs = spec.verify(out, self.runner.score(out, hook))
+        else:
+            sampled, one = self.runner.execute(out, hook)
+            logprobs = {rid: [lp] for rid, lp in one.items()}
+        before = {
+            sr.request_id: len(r.output_token_ids) for sr in out.scheduled if (r := s.requests.get(sr.request_id))
+        }
+        changed = s.update(out, sampled)
+        for req in changed:
+            lps = logprobs.get(req.request_id)
+            if lps is not None:  # one per token update() appended (a finish may cut the run)
+                req.logprobs.extend(lps[: len(req.output_token_ids) - before.get(req.request_id, 0)])
+        spec.end_step(out, [*s.running, *changed], time.perf_counter() - start)
+        for req in changed:
+            if req.is_finished:
+                spec.forget(req.request_id)
+        return StepResult(changed, list(out.preempted))
+
+    def _pending_prompt_tokens(self) -> int:
+        s = self.scheduler
+        pending = sum(r.num_tokens - r.num_computed_tokens for r in s.waiting)
+        return pending + sum(
+            r.num_tokens - r.num_computed_tokens for r in s.running if r.num_computed_tokens < r.num_tokens - 1
+        )
+
+    def set_cluster_pressure(self, pressure: float) -> None:
+        """Queueing at the decode pool (>= 0) from the router: SmartSpec counts each second
+        of speculative work (1 + pressure) seconds. Ignored without speculation."""
+        if self.speculator is not None:
+            self.speculator.set_cluster_pressure(pressure)
+
+    def spec_stats(self) -> SpecStats | None:
+        """Speculative decoding counters and the draft KV pool (None without speculation)."""
+        return None if self.speculator is None else self.speculator.stats()
 
     def has_work(self) -> bool:
         return self.scheduler.has_work

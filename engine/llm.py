@@ -1,6 +1,7 @@
 """Offline API: ``LLM(model=dir_or_gguf, ...).generate(prompts, SamplingParams(...))``.
 
 ``model`` is a Hugging Face directory or a .gguf file (converted once, see engine/models/gguf.py).
+``speculative_config`` (vLLM's keys, engine/spec/config.py) turns on speculative decoding.
 With ``skip_tokenizer_init=True`` no tokenizer is loaded: prompts must be token ids, stop
 strings are rejected, and ``CompletionOutput.text`` is "".
 """
@@ -10,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from dataclasses import dataclass
+from typing import Any
 
-from engine.config import CacheConfig, EngineConfig, KernelConfig, ModelConfig, SchedulerConfig
+from engine.config import CacheConfig, EngineConfig, KernelConfig, ModelConfig, SchedulerConfig, SpeculativeConfig
 from engine.engine import EngineCore
 from engine.models.gguf import resolve_model_path
 from engine.request import Request, SamplingParams, TokenLogprobs
@@ -35,10 +37,18 @@ class CompletionOutput:
     num_cached_tokens: int
 
 
-def build_engine_config(model: str, dtype: str = "float32", device: str = "cpu", **options) -> EngineConfig:
+def build_engine_config(
+    model: str,
+    dtype: str = "float32",
+    device: str = "cpu",
+    speculative_config: SpeculativeConfig | dict[str, Any] | None = None,
+    **options,
+) -> EngineConfig:
     """EngineConfig from flat keyword options: CacheConfig / SchedulerConfig field names,
     ``attention_backend`` / ``max_model_len`` / ``kv_cache_shared``, and ``native_kernels`` /
     ``stream_linear_max_rows`` (KernelConfig's ``native`` / ``stream_linear_max_rows``).
+    ``speculative_config``: a SpeculativeConfig or vLLM's dict form
+    (``SpeculativeConfig.from_dict``), None for plain decoding.
 
     ``model`` is a HF directory or a .gguf file; ``model_path`` is the directory it resolves to.
     """
@@ -54,6 +64,11 @@ def build_engine_config(model: str, dtype: str = "float32", device: str = "cpu",
         kernels=KernelConfig(**{_KERNEL_OPTIONS[k]: v for k, v in options.items() if k in _KERNEL_OPTIONS}),
         dtype=dtype,
         device=device,
+        speculative=(
+            SpeculativeConfig.from_dict(speculative_config)
+            if isinstance(speculative_config, dict)
+            else speculative_config
+        ),
         **{k: v for k, v in options.items() if k in _ENGINE_FIELDS},
     )
 
@@ -65,10 +80,12 @@ class LLM:
         dtype: str = "float32",
         device: str = "cpu",
         skip_tokenizer_init: bool = False,
+        speculative_config: SpeculativeConfig | dict[str, Any] | None = None,
         **options,
     ):
         path = resolve_model_path(model)
-        self.engine = EngineCore(build_engine_config(path, dtype, device, **options), progress=True)
+        config = build_engine_config(path, dtype, device, speculative_config, **options)
+        self.engine = EngineCore(config, progress=True)
         self.tokenizer = load_tokenizer(path, skip_tokenizer_init)
         self._ids = itertools.count()
 

@@ -1,7 +1,8 @@
 """ModelRunner: turns a SchedulerOutput into tensors, runs the model, samples.
 
 Per step it builds input_ids/positions/slot_mapping [T] and AttentionMetadata once; every
-layer reuses them. Only rows of requests with ``sample=True`` reach the lm_head.
+layer reuses them. Only rows of requests with ``sample=True`` reach the lm_head: ``execute`` samples their last
+row; ``score`` (speculative steps) returns the logits of their last k + 1 rows unsampled.
 """
 
 from __future__ import annotations
@@ -109,3 +110,19 @@ class ModelRunner:
         sampled = {s.request_id: [t] for s, t in zip(sampling, tokens, strict=True)}
         logprobs = {s.request_id: lp for s, lp in zip(sampling, lps, strict=True) if lp is not None}
         return sampled, logprobs
+
+    @torch.inference_mode()
+    def score(self, out: SchedulerOutput, layer_hook: LayerHook | None = None) -> torch.Tensor:
+        """Run one speculative step without sampling: fp32 logits of the last
+        ``num_draft_tokens + 1`` rows of every ``sample`` entry, in scheduled order
+        ([sum over them of (k_i + 1), V]); the verifier (engine/spec/verify.py) picks the tokens."""
+        inputs = StepInputs(out, self.block_size, self.device)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, layer_hook)
+        ends = inputs.meta.query_start_loc[1:]
+        rows = [
+            r
+            for s, end in zip(out.scheduled, ends, strict=True)
+            if s.sample
+            for r in range(end - 1 - s.num_draft_tokens, end)
+        ]
+        return self.model.compute_logits(hidden[torch.tensor(rows, dtype=torch.long, device=self.device)])

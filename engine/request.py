@@ -37,6 +37,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top logprobs to return per token (0 = only the chosen one)
+    # speculative decoding may propose draft tokens for this request (an engine without a
+    # speculative config ignores it; False: always one token per step)
+    allow_speculation: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -92,6 +95,10 @@ class Request:
     num_preemptions: int = 0
     stop_checker: StopStringChecker | None = None
     max_model_len: int | None = None  # context cap: prompt + output never exceed it
+    # speculative decoding: the draft tokens proposed for the next step (continuing
+    # all_token_ids; never part of it). Set by the engine before schedule(), consumed by that
+    # step (the scheduler may verify fewer or drop them), cleared after it.
+    draft_token_ids: list[int] = field(default_factory=list)
 
     @property
     def all_token_ids(self) -> list[int]:

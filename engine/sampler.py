@@ -30,11 +30,17 @@ def _truncate(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return logits
 
 
+def token_seed(seed: int, token_index: int) -> int:
+    """The generator seed of output token ``token_index`` of a request seeded ``seed`` (the
+    speculative verifier, engine/spec/verify.py, draws the same token from the same seed)."""
+    return (seed * 1_000_003 + token_index) & 0x7FFF_FFFF_FFFF_FFFF
+
+
 def _generator(params: SamplingParams, token_index: int, device) -> torch.Generator | None:
     if params.seed is None:
         return None
     g = torch.Generator(device=device)
-    g.manual_seed((params.seed * 1_000_003 + token_index) & 0x7FFF_FFFF_FFFF_FFFF)
+    g.manual_seed(token_seed(params.seed, token_index))
     return g
 
 

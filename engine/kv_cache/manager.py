@@ -103,6 +103,30 @@ class KVCacheManager:
             hashes.append(parent)
             self.pool.cache(blocks[i], parent)
 
+    def truncate(self, request_id: str, num_tokens: int) -> None:
+        """Keep only the blocks covering positions [0, num_tokens); free those past them.
+
+        Speculative rollback: the slots of rejected draft tokens are past the request's
+        computed tokens; blocks holding only such slots go back to the pool (a block that
+        also holds kept positions stays and its rejected slots are overwritten by later
+        tokens). A cached (hashed) block is never past the computed tokens: dropping one is
+        a bug and raises.
+        """
+        blocks = self.blocks.get(request_id)
+        if blocks is None:
+            raise KeyError(f"truncate: request {request_id!r} holds no blocks")
+        keep = self.blocks_needed(num_tokens)
+        if len(blocks) <= keep:
+            return
+        if len(self._hashes.get(request_id, ())) > keep:
+            raise RuntimeError(
+                f"truncate: request {request_id!r} to {num_tokens} tokens would drop cached blocks "
+                f"({len(self._hashes[request_id])} cached, keeping {keep})"
+            )
+        dropped = blocks[keep:]
+        del blocks[keep:]
+        self.pool.free(list(reversed(dropped)))
+
     def free(self, request_id: str) -> None:
         blocks = self.blocks.pop(request_id, [])
         self._hashes.pop(request_id, None)

@@ -10,12 +10,17 @@ from engine.request import SamplingParams
 @dataclass(frozen=True)
 class ScheduledRequest:
     request_id: str
-    token_ids: list[int]  # tokens whose K/V this step computes (a prompt chunk, or 1 for decode)
+    # tokens whose K/V this step computes: a prompt chunk, or 1 for decode, followed by
+    # ``num_draft_tokens`` draft tokens to verify
+    token_ids: list[int]
     start_pos: int  # position of token_ids[0] == request.num_computed_tokens before the step
     block_ids: list[int]  # the request's whole block table (covers start_pos + len(token_ids))
     sample: bool  # this step reaches the end of the known tokens: sample the next token
     params: SamplingParams
     num_output_tokens: int  # tokens generated so far (seeds per-token sampling deterministically)
+    # speculative decoding: the last num_draft_tokens of token_ids are drafts (k); the step
+    # scores the last k + 1 rows and emits 1..k+1 tokens. 0: a plain entry (sample: one row).
+    num_draft_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -30,6 +35,10 @@ class SchedulerOutput:
     @property
     def num_tokens(self) -> int:
         return sum(s.num_tokens for s in self.scheduled)
+
+    @property
+    def num_draft_tokens(self) -> int:
+        return sum(s.num_draft_tokens for s in self.scheduled)
 
     @property
     def is_empty(self) -> bool:

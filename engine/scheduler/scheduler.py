@@ -6,6 +6,10 @@ budget, ``max_num_seqs`` and free blocks allow. When a running request cannot ge
 the newest running request is preempted by recompute: its blocks are freed and it goes back
 to the front of the waiting queue with ``num_computed_tokens = 0``.
 
+Speculative decoding: a running request at its decode step (one uncomputed token) whose
+``draft_token_ids`` the engine set is scheduled with up to k of them after that token (within
+the token budget; dropped, never preempting anyone, when the blocks for them are missing).
+
 Modes (SchedulerConfig.mode):
 - mixed: prompts and decodes in one engine;
 - prefill_only: a request whose prompt completes becomes PREFILLED with its first token and
@@ -96,7 +100,12 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = min(req.num_tokens - req.num_computed_tokens, budget)
-            while not self.kv.allocate(req, n):
+            # draft tokens ride on a pure decode entry (its one uncomputed token), within budget
+            k = min(len(req.draft_token_ids), budget - n) if req.draft_token_ids and n == 1 else 0
+            while not self.kv.allocate(req, n + k):
+                if k:  # drop the drafts before preempting anyone
+                    k = 0
+                    continue
                 victim = self.running.pop()
                 if victim is req and not self.running and not self.prefilled and not self.reserved:
                     # alone and still no room: the pool cannot hold this context at all
@@ -108,8 +117,8 @@ class Scheduler:
                 if victim is req:
                     break
             else:
-                scheduled.append(self._entry(req, n))
-                budget -= n
+                scheduled.append(self._entry(req, n, k))
+                budget -= n + k
                 i += 1
         if not preempted:
             budget = self._schedule_waiting(budget, scheduled)
@@ -140,9 +149,11 @@ class Scheduler:
             budget -= n
         return budget
 
-    def _entry(self, req: Request, n: int) -> ScheduledRequest:
+    def _entry(self, req: Request, n: int, num_drafts: int = 0) -> ScheduledRequest:
         start = req.num_computed_tokens
         tokens = req.all_token_ids[start : start + n]
+        if num_drafts:
+            tokens += req.draft_token_ids[:num_drafts]
         return ScheduledRequest(
             request_id=req.request_id,
             token_ids=tokens,
@@ -151,11 +162,13 @@ class Scheduler:
             sample=start + n == req.num_tokens,
             params=req.params,
             num_output_tokens=len(req.output_token_ids),
+            num_draft_tokens=num_drafts,
         )
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req.request_id)
         req.num_computed_tokens = 0
+        req.draft_token_ids = []
         req.num_preemptions += 1
         req.status = RequestStatus.WAITING
         self.num_preemptions += 1
@@ -165,14 +178,21 @@ class Scheduler:
     def update(self, output: SchedulerOutput, sampled: dict[str, list[int]]) -> list[Request]:
         """Apply one step's results; returns the requests that gained tokens or finished.
 
-        ``sampled[request_id]`` lists the tokens accepted for the request this step (one for
-        plain decoding; a speculative verifier may accept several).
+        ``sampled[request_id]`` lists the tokens emitted for the request this step: one for a
+        plain entry; for an entry with k draft tokens the m accepted drafts and one more token
+        (1 <= m + 1 <= k + 1). The K/V of the rejected drafts' slots is rolled back: the
+        request's computed tokens grow by 1 + m, blocks past them are freed, and only then
+        are full blocks hashed (a block holding a rejected draft's K/V is never cached).
         """
         changed = self.take_finished_in_schedule()
         for sr in output.scheduled:
             req = self.requests.get(sr.request_id)
             if req is None or req.status != RequestStatus.RUNNING:
                 continue  # aborted while the step ran
+            if sr.num_draft_tokens:
+                self._update_speculative(req, sr, sampled[sr.request_id])
+                changed.append(req)
+                continue
             req.num_computed_tokens += sr.num_tokens
             self.kv.cache_full_blocks(req)
             if not sr.sample:
@@ -187,6 +207,22 @@ class Scheduler:
                 if self.config.mode == SchedulerMode.PREFILL_ONLY:
                     self._to_prefilled(req)
         return changed
+
+    def _update_speculative(self, req: Request, sr: ScheduledRequest, tokens: list[int]) -> None:
+        accepted = len(tokens) - 1
+        if not 0 <= accepted <= sr.num_draft_tokens:
+            raise ValueError(
+                f"request {sr.request_id!r}: {len(tokens)} tokens emitted for {sr.num_draft_tokens} draft tokens"
+            )
+        for tok in tokens:  # appended first: the accepted drafts' ids are what gets hashed below
+            reason = req.append_token(tok)
+            if reason is not None:
+                self._finish(req, reason)  # frees every block, rejected slots included
+                return
+        # the last known token and the accepted drafts now have K/V; the emitted last token not
+        req.num_computed_tokens += sr.num_tokens - sr.num_draft_tokens + accepted
+        self.kv.truncate(req.request_id, req.num_tokens)
+        self.kv.cache_full_blocks(req)
 
     def take_finished_in_schedule(self) -> list[Request]:
         """Requests schedule() finished (LENGTH at pool capacity) since the last call."""

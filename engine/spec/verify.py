@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.request import SamplingParams, TokenLogprobs
+from engine.sampler import token_seed
 
 GREEDY_TEMPERATURE = 1e-5  # engine/sampler.py's _MIN_TEMPERATURE: below it a request is greedy
 TARGET_STREAM = 0  # the sampler's stream: seed_for(seed, t) is exactly its generator seed
@@ -54,8 +55,9 @@ _STREAM_SALT = 0x9E37_79B9_7F4A_7C15  # odd 64-bit constant: streams map seeds a
 
 def seed_for(seed: int, token_index: int, stream: int = TARGET_STREAM) -> int:
     """The generator seed of output token ``token_index`` of a request seeded ``seed``."""
-    base = seed * 1_000_003 + token_index
-    return (base if stream == TARGET_STREAM else base ^ (stream * _STREAM_SALT)) & _SEED_MASK
+    if stream == TARGET_STREAM:
+        return token_seed(seed, token_index)
+    return ((seed * 1_000_003 + token_index) ^ (stream * _STREAM_SALT)) & _SEED_MASK
 
 
 def token_generator(
