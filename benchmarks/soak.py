@@ -181,6 +181,10 @@ class Soak:
                 self.outcomes[f"{kind}:LOST"] += 1
 
 
+def _actor(title: str) -> str:
+    return title.split(".", 1)[0] if title.startswith("ray::") else title
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=10.0)
@@ -243,7 +247,9 @@ def main() -> None:
 
     def sample(t0: float) -> dict:
         procs = session_pids(session) | {serve.pid: "driver"}
-        per = {f"{name}:{pid}": rss_mib(pid) for pid, name in procs.items()}
+        # a Ray worker's title names the task it runs ("ray::DecodeActor.start_transfer"):
+        # keyed by the actor, so one process keeps one key across samples
+        per = {f"{_actor(name)}:{pid}": rss_mib(pid) for pid, name in procs.items()}
         per = {k: v for k, v in per.items() if v is not None}
         return {"t": time.monotonic() - t0, "total_mib": sum(per.values()), "per_process": per}
 
