@@ -35,7 +35,8 @@ from dataclasses import dataclass
 from decode_worker.api import KV_TRANSFER_FAILED, KV_TRANSFER_TIMED_OUT, DecodeAPI
 from engine.config import SchedulerMode
 from engine.engine import EngineCore
-from engine.request import Request, RequestStatus, TokenLogprobs
+from engine.request import Request
+from engine.runtime.continuation import replay_emitted
 from engine.runtime.stats import QUEUE_SECONDS_BUCKETS, CumulativeHistogram
 from engine.runtime.worker import RuntimeWorker, WorkerRuntime
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -250,18 +251,3 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
             reserve_wait_seconds=self.reserve_wait_seconds.report(),
             cached_block_hashes=self.engine.cached_block_hashes(),
         )
-
-
-def replay_emitted(req: Request, emitted: tuple[int, ...]) -> None:
-    """Give ``req`` the tokens a failed placement already generated, as the engine would have:
-    appended to its output through ``Request.append_token`` (max_tokens, EOS, stop ids, stop
-    strings and the context limit checked, the stop-string checker fed), with placeholder
-    logprobs (never read: readers start past them). When they already end it (the end was
-    generated but never delivered), ``req`` is finished with that reason."""
-    for t in emitted:
-        reason = req.append_token(t)
-        if reason is not None:
-            req.status, req.finish_reason = RequestStatus.FINISHED, reason
-            break
-    if emitted and req.params.logprobs is not None:
-        req.logprobs = [TokenLogprobs(t, 0.0) for t in req.output_token_ids]

@@ -44,7 +44,8 @@ from dataclasses import dataclass, field
 from engine.config import SchedulerMode
 from engine.engine import EngineCore
 from engine.kv_cache.layout import KVLayoutMismatch
-from engine.request import Request, RequestStatus, TokenLogprobs
+from engine.request import Request, RequestStatus
+from engine.runtime.continuation import replay_emitted
 from engine.runtime.stats import QUEUE_SECONDS_BUCKETS, TRANSFER_SECONDS_BUCKETS, CumulativeHistogram
 from engine.runtime.streams import OutputStream
 from engine.runtime.worker import RuntimeWorker, WorkerRuntime
@@ -288,18 +289,3 @@ class PrefillWorker(RuntimeWorker, PrefillAPI):
             reserve_wait_seconds=None,
             cached_block_hashes=self.engine.cached_block_hashes(),
         )
-
-
-def replay_emitted(req: Request, emitted: tuple[int, ...]) -> None:
-    """Give ``req`` the tokens a failed placement already generated, as the engine would have
-    (decode_worker/worker.py has the twin: workers of different kinds share no module above
-    the engine): appended through ``Request.append_token`` (max_tokens, EOS, stop ids, stop
-    strings, the context limit; the stop-string checker fed), placeholder logprobs (prefill()
-    reads past them). When they already end it, ``req`` is finished with that reason."""
-    for t in emitted:
-        reason = req.append_token(t)
-        if reason is not None:
-            req.status, req.finish_reason = RequestStatus.FINISHED, reason
-            break
-    if emitted and req.params.logprobs is not None:
-        req.logprobs = [TokenLogprobs(t, 0.0) for t in req.output_token_ids]

@@ -68,3 +68,16 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _fresh_worker_stats():
+    """In-process workers answer ``stats()`` fresh, never with the stale after-step report:
+    tests assert exact counts (pending requests, free blocks) right after a call, and on a
+    loaded machine a step can outlast the serving default (engine/runtime/worker.py)."""
+    import engine.runtime.worker as worker
+
+    before = worker.STATS_WAIT_S
+    worker.STATS_WAIT_S = 60.0
+    yield
+    worker.STATS_WAIT_S = before

@@ -20,6 +20,10 @@ from engine.runtime.loop import EngineLoop, StatsSnapshot
 from engine.runtime.streams import OutputStream
 from engine.types import EngineStopped, UnknownRequest, WorkerLimits, WorkerStats
 
+# How long ``stats()`` waits for the loop thread before answering with the report taken after
+# the last step (marked stale): a load report must not wait out a long step. In-process tests
+# raise it (tests/conftest.py) so a count they assert is never a stale one on a loaded machine.
+STATS_WAIT_S = 0.5
 
 class StreamRegistry:
     """Open output streams by request id; read by caller threads, written by the loop thread."""
@@ -76,7 +80,7 @@ class WorkerRuntime:
         self.streams = StreamRegistry(worker_id)
         self.loop = EngineLoop(step, engine.has_work, tick, name=worker_id, on_crash=self._fail_all)
         self.snapshot = StatsSnapshot(self.loop, compute_stats)  # the worker refreshes it after each step
-        self.stats_wait_s = 0.5  # stats() waits this long for the loop before answering stale
+        self.stats_wait_s = STATS_WAIT_S  # stats() waits this long for the loop before answering stale
         self.loop.start()
 
     def ping(self) -> str:
