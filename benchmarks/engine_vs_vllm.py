@@ -46,8 +46,10 @@ Writes benchmarks/results/engine_vs_vllm.{json,png} (--quick: engine_vs_vllm_qui
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -191,7 +193,9 @@ class VLLMSystem:
             text=True,
             env=env,
             cwd="/tmp",  # not the repo: its engine/ must not shadow anything vLLM imports
+            start_new_session=True,  # its own process group: kill() reaches vLLM's workers too
         )
+        atexit.register(self.kill)  # also when this benchmark is interrupted or killed by SIGTERM
         self.load_s = self._read("@@READY ")["load_s"]
 
     def _read(self, prefix: str) -> dict:
@@ -214,9 +218,17 @@ class VLLMSystem:
         try:
             self.proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+            self.kill()
         self.log.close()
+
+    def kill(self) -> None:
+        """SIGKILL the runner's process group (vLLM's EngineCore and worker processes)."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
 
 
 def peer_python(install: bool) -> tuple[str | None, str]:
@@ -556,4 +568,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the atexit cleanup on SIGTERM
     main()
