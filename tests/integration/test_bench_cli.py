@@ -78,14 +78,15 @@ def bench(*argv: str) -> int:
     return main(["bench", "--disable-tqdm", *argv])
 
 
-def check_run(run: dict, n: int, seed: int = 0, warmup: int = 0) -> None:
+def check_run(run: dict, n: int, seed: int = 0) -> None:
     missing = [f for f in VLLM_FIELDS if f not in run]
     assert not missing, f"result lacks {missing}"
     assert run["completed"] == n and run["failed"] == 0, run["errors"]
     assert run["num_prompts"] == n
     # random:16:8 (range ratio 0.5): prompts of 8..24 tokens, 4..12 output tokens; the server
     # counted each prompt and generated every token asked for (ignore_eos), request by request
-    asked = parse_workload("random:16:8").sample(warmup + n, np.random.default_rng(seed), vocab_size=512)[warmup:]
+    # (the warm-up requests are drawn apart: the measured ones are the workload's first n)
+    asked = parse_workload("random:16:8").sample(n, np.random.default_rng(seed), vocab_size=512)
     assert all(8 <= r.prompt_len <= 24 and 4 <= r.output_len <= 12 for r in asked)
     assert run["input_lens"] == [r.prompt_len for r in asked]
     assert run["output_lens"] == [r.output_len for r in asked]
@@ -106,7 +107,8 @@ def test_grpc_backend_with_goodput_and_warmup(servers, tmp_path: Path, capsys):
     )  # fmt: skip
     assert rc == 0
     run = json.loads(out.read_text())
-    check_run(run, N, seed=3, warmup=2)
+    check_run(run, N, seed=3)
+    assert run["warmup_run"]["completed"] == 2 and run["warmup"] == 2
     assert run["max_concurrent_requests"] <= 4
     assert run["backend"] == "grpc" and run["goodput_slos_ms"] == {"ttft": 60000.0, "tpot": 60000.0}
     assert run["good_requests"] == N  # a minute per token: every request meets it

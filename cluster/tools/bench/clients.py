@@ -91,6 +91,7 @@ class GrpcBenchClient(BenchClient):
             if chunk.usage is not None:
                 rec.prompt_len = chunk.usage.prompt_tokens or rec.prompt_len
                 rec.output_len = chunk.usage.completion_tokens
+                rec.cached_tokens = chunk.usage.cached_tokens
             reason = chunk.finish_reason or reason
         return reason
 
@@ -137,6 +138,9 @@ def apply_completion_event(event: dict, rec: RequestRecord, now: float) -> str |
     if isinstance(usage, dict):
         rec.prompt_len = usage.get("prompt_tokens") or rec.prompt_len
         rec.output_len = usage.get("completion_tokens", rec.output_len)
+        details = usage.get("prompt_tokens_details")
+        if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+            rec.cached_tokens = details["cached_tokens"]
     rec.end = now
     return reason
 

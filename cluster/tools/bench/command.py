@@ -53,7 +53,12 @@ def add_bench_parser(sub: Any) -> None:
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of arrival gaps: 1 Poisson, <1 burstier")
     p.add_argument("--sweep", metavar="R1,R2,...", help="one run per request rate, e.g. 1,2,4,inf")
     p.add_argument("--max-concurrency", type=int, help="requests in flight at most")
-    p.add_argument("--warmup", type=int, default=0, help="unmeasured requests sent first (default: 0)")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="unmeasured requests sent before the first rate, reported apart (default: %(default)s; 0: none)",
+    )
     p.add_argument("--duration", type=float, metavar="S", help="send no request after S seconds")
     p.add_argument("--trace-speedup", type=float, default=1.0, help="trace workloads: replay this many times faster")
     p.add_argument("--goodput", nargs="+", metavar="NAME:MS", help="SLOs, e.g. ttft:500 tpot:50 (also e2el)")
@@ -192,6 +197,10 @@ def format_summary(run: dict) -> str:
         _line("Maximum request concurrency", run.get("max_concurrency") or "unbounded"),
         _line("Benchmark duration (s)", run["duration"]),
         _line("Total input tokens", run["total_input_tokens"]),
+        _line(
+            "  of which prefix-cached",
+            "not reported" if run.get("cached_input_tokens") is None else run["cached_input_tokens"],
+        ),
         _line("Total generated tokens", run["total_output_tokens"]),
         _line("Request throughput (req/s)", run["request_throughput"]),
     ]

@@ -34,6 +34,7 @@ class RequestRecord:
     chunks: list[tuple[float, int]] = field(default_factory=list)  # (arrival time, tokens in the chunk)
     end: float = 0.0  # time the stream ended
     output_len: int = 0  # tokens generated (server usage, else counted from the chunks)
+    cached_tokens: int | None = None  # prompt tokens the server's prefix cache served (None: not reported)
     success: bool = False
     error: str = ""
 
@@ -166,6 +167,10 @@ def summarize(
         "completed": len(ok),
         "failed": len(records) - len(ok),
         "total_input_tokens": total_in,
+        # prompt tokens answered from the server's prefix cache (None: the server reports none)
+        "cached_input_tokens": None
+        if any(r.cached_tokens is None for r in ok)
+        else sum(r.cached_tokens or 0 for r in ok),
         "total_output_tokens": total_out,
         "request_throughput": len(ok) / duration_s,
         "request_goodput": good / duration_s if good is not None else None,

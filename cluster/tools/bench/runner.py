@@ -1,17 +1,26 @@
 """Drives a benchmark: workload -> warm-up -> one timed run per request rate -> result dicts.
 
 Lifecycle of ``run_bench``: ask the server for its model info (vocabulary size and context
-length, used to draw and clip synthetic prompts), sample the workload once (every rate of a
-sweep replays the same requests), run the warm-up requests (any failure aborts the
-benchmark: a server that cannot answer them would only produce a table of errors), then for
-each rate send the requests on the arrival schedule and summarise them. Each result dict has
-``vllm bench serve``'s keys plus the run's configuration.
+length, used to draw and clip synthetic prompts), sample the workload once, run the warm-up
+requests (shaped like the first measured ones with fresh random prompts; unmeasured,
+reported apart; any failure aborts the benchmark: a server that cannot
+answer them would only produce a table of errors), then for each rate send the requests on
+the arrival schedule and summarise them. Each result dict has ``vllm bench serve``'s keys
+plus the run's configuration, the warm-up's summary and the prompt tokens the server's
+prefix cache answered.
+
+Every rate of a sweep sends the same lengths and output lengths, but synthetic prompts
+(token ids drawn from the server's vocabulary) get fresh contents per rate: replaying the same prompts would let the server's
+prefix cache answer most of the prefill from the second rate on, and TTFT would fall as
+the rate rises. Text prompts (jsonl) cannot be redrawn: they repeat, and
+``cached_input_tokens`` shows how much the cache answered.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
 import time
@@ -30,6 +39,9 @@ from cluster.tools.bench.workloads import BenchRequest, Workload, clip_to_contex
 
 log = logging.getLogger(__name__)
 DEFAULT_VOCAB = 256  # synthetic ids below this exist in every byte-level BPE vocabulary
+
+
+WARMUP_STREAM = 2**31 - 1  # the warm-up's random stream: np.random.default_rng([seed, WARMUP_STREAM])
 
 
 class BenchError(RuntimeError):
@@ -65,28 +77,63 @@ async def run_bench(client: BenchClient, cfg: BenchConfig, say: Callable[[str], 
         raise BenchError(f"cannot reach the {client.name} server: {type(e).__name__}: {e}") from e
     vocab = cfg.vocab_size or info.vocab_size or DEFAULT_VOCAB
     rng = np.random.default_rng(cfg.seed)
-    wanted = cfg.load.num_requests + cfg.load.warmup
-    requests = cfg.workload.sample(wanted, rng, scale=cfg.scale, vocab_size=vocab)
+    requests = cfg.workload.sample(cfg.load.num_requests, rng, scale=cfg.scale, vocab_size=vocab)
     max_len = cfg.max_model_len or info.max_model_len
     if max_len:
         requests, clipped = clip_to_context(requests, max_len)
         if clipped:
             say(f"clipped {clipped} of {len(requests)} requests to the model's context of {max_len} tokens")
-    warmup, measured = requests[: cfg.load.warmup], requests[cfg.load.warmup :]
-    if not measured:
-        raise BenchError(f"the workload has {len(requests)} requests, all used for warm-up")
+    measured = requests
+    warmup = warmup_requests(measured, cfg.load.warmup, np.random.default_rng([cfg.seed, WARMUP_STREAM]), vocab)
+    warmup_summary = None
     if warmup:
-        await run_warmup(client, warmup, cfg.sampling, cfg.load.max_concurrency)
+        warmup_summary = await run_warmup(client, warmup, cfg.sampling, cfg.load.max_concurrency)
+        say(
+            f"warm-up: {warmup_summary['completed']} requests in {warmup_summary['duration']:.2f} s "
+            f"(TTFT median {warmup_summary['median_ttft_ms']:.0f} ms), not measured"
+        )
+    # a file's prompts are the user's: only synthetic (drawn) token-id prompts are redrawn
+    fresh = cfg.workload.kind != "jsonl" and all(isinstance(r.prompt, list) for r in measured)
+    if len(cfg.rates) > 1 and not fresh:
+        say(
+            "the file's prompts repeat at every rate: the server's prefix cache may answer them (see cached_input_tokens)"
+        )
     results = []
     for i, rate in enumerate(cfg.rates):
         load = replace(cfg.load, request_rate=rate)
         desc = "trace replay" if cfg.workload.timed else f"rate {rate:g} req/s"
         run_rng = np.random.default_rng([cfg.seed, i])
-        records, duration = await run_once(client, measured, load, cfg.sampling, run_rng, cfg.show_progress, desc)
+        reqs = (
+            measured
+            if i == 0 or not fresh
+            else redraw_prompts(measured, np.random.default_rng([cfg.seed, i, 1]), vocab)
+        )
+        records, duration = await run_once(client, reqs, load, cfg.sampling, run_rng, cfg.show_progress, desc)
         result = summarize(records, duration, cfg.slos, cfg.percentiles)
         result.update(_header(cfg, load, info, len(records)))
+        result["fresh_prompts"] = fresh or i == 0
+        result["warmup_run"] = warmup_summary
         results.append(result)
     return results
+
+
+def warmup_requests(
+    measured: list[BenchRequest], n: int, rng: np.random.Generator, vocab_size: int
+) -> list[BenchRequest]:
+    """``n`` warm-up requests shaped like the first measured ones (their prompt and output
+    lengths, cycled), with prompts of fresh random token ids: they warm the server (first
+    steps, batch shapes) but leave nothing in its prefix cache that a measured prompt would
+    find, and they take no request out of a trace or a file."""
+    return [
+        BenchRequest(rng.integers(1, vocab_size, max(r.prompt_len, 1)).tolist(), max(r.prompt_len, 1), r.output_len)
+        for r in itertools.islice(itertools.cycle(measured), n)
+    ]
+
+
+def redraw_prompts(reqs: list[BenchRequest], rng: np.random.Generator, vocab_size: int) -> list[BenchRequest]:
+    """The same requests with new token ids (same lengths): a sweep's next rate must not find
+    its prompts in the server's prefix cache."""
+    return [replace(r, prompt=rng.integers(1, vocab_size, len(r.prompt)).tolist()) for r in reqs]
 
 
 def _header(cfg: BenchConfig, load: LoadConfig, info: Any, sent: int) -> dict:
@@ -111,17 +158,23 @@ def _header(cfg: BenchConfig, load: LoadConfig, info: Any, sent: int) -> dict:
 
 async def run_warmup(
     client: BenchClient, reqs: list[BenchRequest], sampling: dict[str, Any], max_concurrency: int | None
-) -> None:
+) -> dict:
+    """Send the warm-up requests; their summary (completed, duration, latencies)."""
     sem = asyncio.Semaphore(max_concurrency or len(reqs))
 
     async def one(req: BenchRequest) -> RequestRecord:
         async with sem:
             return await client.send(req, sampling)
 
+    t0 = time.perf_counter()
     records = await asyncio.gather(*(one(r) for r in reqs))
+    duration = max(time.perf_counter() - t0, 1e-9)
     failed = [r for r in records if not r.success]
     if failed:
         raise BenchError(f"{len(failed)} of {len(records)} warm-up requests failed; first: {failed[0].error}")
+    full = summarize(list(records), duration, percentiles=(50.0,))
+    keep = ("completed", "duration", "total_input_tokens", "total_output_tokens", "median_ttft_ms", "median_e2el_ms")
+    return {k: full[k] for k in keep}
 
 
 async def run_once(

@@ -62,6 +62,10 @@ def test_warmup_runs_first_and_is_not_measured():
     [run] = asyncio.run(run_bench(client, cfg(num_requests=5, warmup=3, max_concurrency=2), say=lambda _: None))
     assert len(client.sent) == 8 and run["completed"] == 5 and run["num_prompts"] == 5
     assert run["warmup"] == 3 and run["model_id"] == "fake-model"
+    warm, measured = client.sent[:3], client.sent[3:]
+    # shaped like the first measured requests, with prompts of their own
+    assert [(len(r.prompt), r.output_len) for r in warm] == [(len(r.prompt), r.output_len) for r in measured[:3]]
+    assert not {tuple(r.prompt) for r in warm} & {tuple(r.prompt) for r in measured}
     assert run["total_output_tokens"] == 5 * 4 and run["output_lens"] == [4] * 5
     assert 0 < run["median_ttft_ms"] < run["median_e2el_ms"] < 1000 and run["mean_tpot_ms"] > 0
 
@@ -114,12 +118,47 @@ def test_requests_waiting_for_a_slot_past_the_duration_are_not_sent():
     assert len(records) == 1 == len(client.sent) and duration >= 0.1
 
 
-def test_sweep_replays_the_same_requests_at_each_rate():
+def test_sweep_sends_fresh_prompts_of_the_same_lengths_at_each_rate():
     client = Fake()
-    runs = asyncio.run(run_bench(client, cfg(num_requests=6, rates=(math.inf, 200.0))))
-    assert [r["request_rate"] for r in runs] == ["inf", 200.0]
-    assert [r["completed"] for r in runs] == [6, 6]
-    assert [r.prompt for r in client.sent[:6]] == [r.prompt for r in client.sent[6:]]
+    runs = asyncio.run(run_bench(client, cfg("random:24:4:0.5", num_requests=6, rates=(math.inf, 200.0, 100.0))))
+    assert [r["request_rate"] for r in runs] == ["inf", 200.0, 100.0]
+    assert [r["completed"] for r in runs] == [6, 6, 6] and all(r["fresh_prompts"] for r in runs)
+    by_rate = [client.sent[i : i + 6] for i in (0, 6, 12)]
+    # the same lengths and outputs (one workload), in the same order ...
+    shapes = [[(len(r.prompt), r.output_len) for r in rate] for rate in by_rate]
+    assert shapes[0] == shapes[1] == shapes[2] and len({n for n, _ in shapes[0]}) > 1
+    # ... but no prompt of one rate starts like a prompt of another (a prefix cache finds nothing)
+    heads = [{tuple(r.prompt[:8]) for r in rate} for rate in by_rate]
+    assert not (heads[0] & heads[1]) and not (heads[0] & heads[2]) and not (heads[1] & heads[2])
+    assert all(0 < t < 100 for rate in by_rate for r in rate for t in r.prompt)  # the server's vocab
+
+
+def test_a_files_prompts_repeat_across_rates_and_say_so(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(f'{{"prompt": "hello {i}", "output_tokens": 3}}\n' for i in range(4)))
+    said: list[str] = []
+    client = Fake()
+    runs = asyncio.run(run_bench(client, cfg(f"jsonl:{path}", num_requests=4, rates=(math.inf, 50.0)), say=said.append))
+    assert [r.prompt for r in client.sent[:4]] == [r.prompt for r in client.sent[4:]]
+    assert [r["fresh_prompts"] for r in runs] == [True, False]
+    assert any("prompts repeat at every rate" in line for line in said)
+
+
+def test_the_warmup_is_reported_apart_and_cached_tokens_are_summed():
+    class Cached(Fake):
+        async def _stream(self, req, sampling, rec):
+            reason = await super()._stream(req, sampling, rec)
+            rec.cached_tokens = len(req.prompt) // 2  # what a server's usage reports
+            return reason
+
+    said: list[str] = []
+    client = Cached()
+    [run] = asyncio.run(run_bench(client, cfg(num_requests=5, warmup=2), say=said.append))
+    assert run["warmup_run"]["completed"] == 2 and run["warmup_run"]["total_output_tokens"] == 2 * 4
+    assert run["warmup_run"]["median_ttft_ms"] > 0 and any(line.startswith("warm-up: 2 requests") for line in said)
+    assert run["cached_input_tokens"] == 5 * 4  # 5 measured prompts of 8 tokens, half cached each
+    [plain] = asyncio.run(run_bench(Fake(), cfg(num_requests=2), say=lambda _: None))
+    assert plain["cached_input_tokens"] is None and plain["warmup_run"] is None  # not reported: not 0
 
 
 def test_synthetic_prompts_use_the_server_vocab_and_fit_its_context():
