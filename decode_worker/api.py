@@ -18,12 +18,9 @@ from __future__ import annotations
 import abc
 
 from engine.runtime.api import WorkerAPI
-from engine.types import FirstToken, KVAddress, RequestSpec, StreamChunk
+from engine.types import KV_TRANSFER_FAILED, KV_TRANSFER_TIMED_OUT, FirstToken, KVAddress, RequestSpec, StreamChunk
 
-# How a stream that failed for its KV transfer begins its error (``StreamChunk.error``): the
-# router tells a failed transfer (retried with a fresh one) from other failures by these.
-KV_TRANSFER_FAILED = "KV transfer failed"
-KV_TRANSFER_TIMED_OUT = "KV transfer timed out"
+__all__ = ["KV_TRANSFER_FAILED", "KV_TRANSFER_TIMED_OUT", "DecodeAPI"]
 
 
 class DecodeAPI(WorkerAPI):

@@ -140,6 +140,12 @@ class WorkerLimits:
 
 # --------------------------------------------------------------------------- errors
 
+# How a stream that failed for its KV transfer begins its error (``StreamChunk.error``), on
+# either side of the transfer: the router tells a failed transfer (retried with a fresh one)
+# from other failures by these.
+KV_TRANSFER_FAILED = "KV transfer failed"
+KV_TRANSFER_TIMED_OUT = "KV transfer timed out"
+
 
 class EngineStopped(RuntimeError):
     """The worker's engine loop is not running (it crashed, or the worker shut down): the

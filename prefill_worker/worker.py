@@ -44,18 +44,23 @@ from dataclasses import dataclass, field
 from engine.config import SchedulerMode
 from engine.engine import EngineCore
 from engine.kv_cache.layout import KVLayoutMismatch
+from engine.kv_cache.paged_cache import PagedKVCache
 from engine.request import Request, RequestStatus
 from engine.runtime.continuation import replay_emitted
 from engine.runtime.stats import QUEUE_SECONDS_BUCKETS, TRANSFER_SECONDS_BUCKETS, CumulativeHistogram
 from engine.runtime.streams import OutputStream
 from engine.runtime.worker import RuntimeWorker, WorkerRuntime
-from engine.scheduler.output import SchedulerOutput
+from engine.scheduler.output import ScheduledRequest, SchedulerOutput
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
-from engine.types import KVAddress, PeerUnreachable, RequestSpec, StreamChunk, WorkerStats
-from kv_transfer.base import KVSender, TransferStatus
+from engine.types import KV_TRANSFER_FAILED, KVAddress, PeerUnreachable, RequestSpec, StreamChunk, WorkerStats
+from kv_transfer.base import KVSender, KVTransferError, TransferStatus
 from prefill_worker.api import PrefillAPI
 
 log = logging.getLogger(__name__)
+
+# A send to a receiver that went away: the transports raise KVTransferError ("link is
+# broken"), a socket error may surface as is.
+LINK_ERRORS = (KVTransferError, OSError)
 
 
 @dataclass
@@ -68,6 +73,9 @@ class _Outgoing:
     first_sent: float | None = None  # monotonic time of the first chunk queued (metrics)
     nbytes: int = 0  # payload bytes queued so far (metrics)
     queued: bool = True  # not yet scheduled once (metrics: queue time)
+    # set when a send to its receiver failed (the link broke): nothing more is sent, and the
+    # request alone fails after the step (its blocks freed, its stream failed with this)
+    failed: str | None = None
     # blocks sent by reference, each holding one extra pool reference until the transfer settles
     pinned: dict[int, None] = field(default_factory=dict)
 
@@ -164,25 +172,32 @@ class PrefillWorker(RuntimeWorker, PrefillAPI):
         cache = self.engine.cache
         for sr in out.scheduled:
             o = self._out.get(sr.request_id)
-            if o is None:
+            if o is None or o.failed is not None:
                 continue
-            end = sr.start_pos + sr.num_tokens  # tokens in the cache once this step is done
-            last = (end - 1) // bs
-            first = min(o.next_page, sr.start_pos // bs)
-            # pages [first, fixed) never change again; a partial last page of a non-final
-            # chunk does (the next chunk appends to it): copy it now
-            fixed = last + 1 if sr.sample or end % bs == 0 else last
-            if fixed > first:
-                self._sent(o, fixed - first)
-                self._pin(o, sr.block_ids[first:fixed])
-                o.sender.send_blocks(sr.request_id, layer, first, cache, sr.block_ids[first:fixed])
-                o.chunks += 1
-            if fixed <= last:
-                self._sent(o, 1)
-                o.sender.send(sr.request_id, layer, last, cache.kv[layer, sr.block_ids[last : last + 1]])  # a copy
-                o.chunks += 1
-            if layer == self.engine.layout.num_layers - 1:
-                o.next_page = end // bs
+            try:
+                self._push_request_layer(layer, sr, o, bs, cache)
+            except LINK_ERRORS as e:  # this request's receiver is gone; the step goes on
+                o.failed = f"{KV_TRANSFER_FAILED}: {type(e).__name__}: {e}"
+
+    def _push_request_layer(self, layer: int, sr: ScheduledRequest, o: _Outgoing, bs: int, cache: PagedKVCache) -> None:
+        """Send what layer ``layer`` of this step made final of request ``sr`` (see _push_layer)."""
+        end = sr.start_pos + sr.num_tokens  # tokens in the cache once this step is done
+        last = (end - 1) // bs
+        first = min(o.next_page, sr.start_pos // bs)
+        # pages [first, fixed) never change again; a partial last page of a non-final
+        # chunk does (the next chunk appends to it): copy it now
+        fixed = last + 1 if sr.sample or end % bs == 0 else last
+        if fixed > first:
+            self._sent(o, fixed - first)
+            self._pin(o, sr.block_ids[first:fixed])
+            o.sender.send_blocks(sr.request_id, layer, first, cache, sr.block_ids[first:fixed])
+            o.chunks += 1
+        if fixed <= last:
+            self._sent(o, 1)
+            o.sender.send(sr.request_id, layer, last, cache.kv[layer, sr.block_ids[last : last + 1]])  # a copy
+            o.chunks += 1
+        if layer == self.engine.layout.num_layers - 1:
+            o.next_page = end // bs
 
     def _push_all(self, rid: str, o: _Outgoing) -> None:
         blocks = self.engine.block_ids(rid)  # the prompt is done: none of them changes again
@@ -219,19 +234,41 @@ class PrefillWorker(RuntimeWorker, PrefillAPI):
                 o.next_page = 0  # its blocks were freed: the recompute resends from the start
         for req in result.outputs:
             rid = req.request_id
-            o = self._out.pop(rid, None)
-            if o is None:
+            o = self._out.get(rid)
+            if o is None or o.failed is not None:
                 continue
-            if req.status == RequestStatus.PREFILLED:
-                if not self.layerwise:
+            try:
+                if req.status == RequestStatus.PREFILLED and not self.layerwise:
                     self._push_all(rid, o)
+                o.sender.finish(rid, o.chunks)
+            except LINK_ERRORS as e:
+                o.failed = f"{KV_TRANSFER_FAILED}: {type(e).__name__}: {e}"
+                continue
+            del self._out[rid]
+            if req.status == RequestStatus.PREFILLED:
                 o.deadline = time.monotonic() + self.transfer_timeout_s
                 self._releasing[rid] = o
             else:  # ended without a first token (e.g. aborted by the engine): nothing to wait for
                 self._unpin(o)
-            o.sender.finish(rid, o.chunks)
             self.runtime.streams.close(rid).publish(req)
+        for rid, o in [(rid, o) for rid, o in self._out.items() if o.failed is not None]:
+            self._fail_transfer(rid, o)
         self.runtime.snapshot.refresh()
+
+    def _fail_transfer(self, rid: str, o: _Outgoing) -> None:
+        """The request's link broke: it alone ends, its blocks freed and its stream failed with
+        a KV-transfer error (the router places it again); other requests are untouched."""
+        del self._out[rid]
+        if o.req.status == RequestStatus.PREFILLED:
+            self.engine.release(rid)
+        else:
+            self.engine.abort(rid)
+        self._unpin(o)
+        self.transfer_failures += 1
+        log.warning("request %s: %s", rid, o.failed)
+        stream = self.runtime.streams.close(rid)
+        if stream is not None:
+            stream.fail(o.failed or KV_TRANSFER_FAILED)
 
     def _drop_sender(self, address: KVAddress) -> None:
         sender = self._senders.pop(address)

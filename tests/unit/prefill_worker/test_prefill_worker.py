@@ -7,8 +7,8 @@ import torch
 
 from engine import SamplingParams
 from engine.request import RequestStatus
-from engine.types import PeerUnreachable, RequestSpec
-from kv_transfer.base import KVSender, TransferStatus
+from engine.types import KV_TRANSFER_FAILED, PeerUnreachable, RequestSpec
+from kv_transfer.base import KVSender, KVTransferError, TransferStatus
 from prefill_worker.build import build_prefill_worker
 
 ENGINE = {"block_size": 4, "num_blocks": 64, "max_num_batched_tokens": 8}
@@ -36,7 +36,11 @@ class RecordingSender(KVSender):
             raise ConnectionRefusedError(111, "Connection refused")
         self.peer = peer
 
+    fail_sends_to: str | None = None  # set by a test: sends to this peer raise (its link broke)
+
     def send(self, request_id, layer, first_page, pages):
+        if self.fail_sends_to is not None and self.peer == self.fail_sends_to:
+            raise KVTransferError("link is broken: receiver connection lost: ConnectionResetError")
         self.log.append(("send", layer))
         self.chunks.setdefault(request_id, []).append((layer, first_page, pages.clone()))
 
@@ -208,3 +212,28 @@ def test_an_unreachable_decode_worker_is_a_typed_error_and_holds_nothing(worker_
     # the next request, to a reachable receiver, is served
     monkeypatch.setattr(RecordingSender, "refuse", False)
     assert len(w.prefill(RequestSpec("s", list(range(20)), PARAMS), "decode-addr").token_ids) == 1
+
+
+def test_a_broken_link_fails_its_request_alone_and_the_worker_goes_on(worker_and_log, monkeypatch):
+    """A receiver dies mid-transfer: sends to it raise. Only the requests going there fail
+    (a KV-transfer error on their stream, blocks freed); the engine loop and a request to
+    another receiver in the same steps are unaffected."""
+    w, _ = worker_and_log
+    monkeypatch.setattr(RecordingSender, "fail_sends_to", "dead-addr")
+
+    def both():  # on the loop thread: prefilled in the same steps
+        return (
+            w._add(RequestSpec("gone", list(range(20)), PARAMS), "dead-addr", ()),
+            w._add(RequestSpec("ok", list(range(30, 50)), PARAMS), "live-addr", ()),
+        )
+
+    gone, ok = w.loop.run(both)
+    failed, served = gone.read(0, 30), ok.read(0, 30)
+    assert failed.error is not None and failed.error.startswith(KV_TRANSFER_FAILED) and failed.token_ids == []
+    assert "link is broken" in failed.error
+    assert served.error is None and len(served.token_ids) == 1
+    assert w.loop.error is None and w.stats().transfer_failures == 1
+    live = w._senders["live-addr"]
+    live.hold = False
+    w.loop.run(w._tick)
+    assert w.stats().engine.free_kv_blocks == ENGINE["num_blocks"] and w._out == {} and w._releasing == {}
