@@ -1,6 +1,10 @@
 """Offline measurement (not a test): engine.LLM greedy decoding with and without speculation.
 
-    python -m engine.spec.measure --model DIR_OR_GGUF [--method ngram|draft_model]
+(Beside engine/spec/, not in it: it drives engine.LLM, which imports engine.engine, which
+imports engine.spec, so inside engine/spec it would close an import cycle. Its place is
+benchmarks/.)
+
+    python -m engine.spec_measure --model DIR_OR_GGUF [--method ngram|draft_model]
         [--draft DIR] [--k 4] [--policy fixed|smartspec] [--max-tokens 128] [--batch 1]
         [--repeats 3] [--threads 1] [--json OUT]
 
