@@ -1,11 +1,15 @@
 """Chaos: random SIGKILLs of prefill and decode worker processes under steady load with random
 cancels and deadlines, through the Ray controller and the ServingBackend (what the frontends
-call), on a local Ray instance with the tiny model and the shm transport.
+call), on a local Ray instance with the real model (SmolLM2-135M-Instruct, fp32) and the
+shm transport.
 
 Invariants checked at the end:
-- every request ends complete (its tokens equal engine.LLM's greedy output: argmax-consistent,
-  so no token was duplicated or lost across failovers), or cancelled / timed out by the test
-  (its tokens a prefix of that output), or with an explicit error after the retries;
+- every request ends complete, or cancelled / timed out by the test, or with an explicit
+  error after the retries. A complete output equals the reference, and a partial one is a
+  prefix of it, so no token was duplicated or lost across failovers. The reference of each
+  prompt is engine.LLM's greedy output, checked argmax-consistent (ties within 1e-3 logits)
+  with transformers' full no-cache forward over prompt + output, so every served token is
+  argmax-consistent with transformers;
 - every worker's KV pool is full again (the replacements' included);
 - the metrics agree with what the clients saw: requests by finish reason, tokens streamed,
   requests given up; and failovers happened (the kills hit requests in flight).
@@ -25,12 +29,15 @@ from dataclasses import dataclass, field
 
 import pytest
 import ray
+import torch
 
 from cluster.config import FailoverConfig, PoolConfig, RouterConfig, ServeConfig, TransferConfig
 from cluster.control.controller import Controller, ControllerOptions
 from cluster.frontends.service import NoWorkerAvailable, Overloaded, RequestTimeout, ServingBackend
 from cluster.metrics.registry import Metrics
 from engine import LLM, SamplingParams
+from tests.correctness.full_forward import check_argmax_consistent
+from tests.real_model import real_model_dir, transformers_module
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -91,8 +98,8 @@ async def _pid(controller: Controller, wid: str) -> int:
     return await controller.workers[wid].actor.__ray_call__.remote(lambda self: os.getpid())
 
 
-def test_chaos_kills_under_load_lose_nothing(tiny_checkpoint):
-    model = tiny_checkpoint("llama")
+def test_chaos_kills_under_load_lose_nothing():
+    model = real_model_dir()
     prompts, max_tokens = _pool(SEED)
     llm = LLM(model, **ENGINE)
     reference = [
@@ -100,6 +107,9 @@ def test_chaos_kills_under_load_lose_nothing(tiny_checkpoint):
         for p, n in zip(prompts, max_tokens)
     ]
     del llm
+    hf = transformers_module().AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    check_argmax_consistent(hf, prompts, reference, [f"prompt {i}" for i in range(len(prompts))])
+    del hf
     cfg = ServeConfig(
         model=model,
         pools=(
