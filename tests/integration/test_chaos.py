@@ -185,6 +185,7 @@ def test_chaos_kills_under_load_lose_nothing():
             assert o.tokens == ref[: len(o.tokens)], f"prompt {o.prompt} ({o.kind}): wrong tokens {o}"
         if o.kind == "failed":
             assert "failed on" in (o.error or "") and "placements" in o.error, o.error
+    print(f"chaos: {len(outcomes)} requests {by_kind}, kills {kills}, failovers {dict(stats.failovers)}")
     # every kill was recovered and every pool is full again
     assert len(kills) >= 4, kills
     assert sum(restarts.values()) == len(kills), (restarts, kills)
