@@ -37,7 +37,7 @@ from engine.config import SchedulerMode
 from engine.engine import EngineCore
 from engine.request import Request
 from engine.runtime.continuation import replay_emitted
-from engine.runtime.stats import QUEUE_SECONDS_BUCKETS, CumulativeHistogram
+from engine.runtime.stats import QUEUE_SECONDS_BUCKETS, TRANSFER_SECONDS_BUCKETS, CumulativeHistogram
 from engine.runtime.worker import RuntimeWorker, WorkerRuntime
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from engine.types import (
@@ -89,6 +89,9 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
         # prompts, mixed role), and start_transfer -> KV blocks reserved (admission queue)
         self.queue_seconds = CumulativeHistogram(QUEUE_SECONDS_BUCKETS)
         self.reserve_wait_seconds = CumulativeHistogram(QUEUE_SECONDS_BUCKETS)
+        self.handoff_seconds = CumulativeHistogram(TRANSFER_SECONDS_BUCKETS)
+        # admitted transferred requests not yet decoded once -> their prefill's end (wall clock)
+        self._handoff_from: dict[str, float] = {}
         self._unscheduled: dict[str, Request] = {}  # local prefills not scheduled yet
         self.runtime = WorkerRuntime(engine, worker_id, self._step, self._tick, self._compute_stats)
 
@@ -191,6 +194,8 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
                 if inc.first.logprobs is not None:
                     inc.req.logprobs.append(inc.first.logprobs)
                 inc.req.num_cached_tokens = inc.first.num_cached_tokens  # the prefill's prefix hits
+                if inc.first.prefilled_at is not None:
+                    self._handoff_from[rid] = inc.first.prefilled_at
                 self._publish(self.engine.admit(rid, inc.first.token_id))
             elif st == TransferStatus.FAILED:
                 self.transfer_failures += 1
@@ -201,7 +206,12 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
 
     def _step(self) -> None:
         t0 = time.monotonic()  # step() schedules first: requests it picks up were scheduled now
+        wall0 = time.time()
         result = self.engine.step()
+        if self._handoff_from:
+            for req in result.outputs:  # decoded in this step; the first time for those listed
+                if (prefilled_at := self._handoff_from.pop(req.request_id, None)) is not None:
+                    self.handoff_seconds.observe(max(0.0, wall0 - prefilled_at))
         for rid, req in list(self._unscheduled.items()):
             if req.num_cached_tokens >= 0 or req.is_finished:  # set when first scheduled
                 del self._unscheduled[rid]
@@ -220,6 +230,7 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
 
     def _abort(self, rid: str, reason: str) -> None:
         self._active.discard(rid)
+        self._handoff_from.pop(rid, None)
         self._unscheduled.pop(rid, None)
         inc = self._incoming.pop(rid, None)
         if inc is not None and inc.reserved:
@@ -249,5 +260,6 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
             transfer_seconds=None,
             queue_seconds=self.queue_seconds.report(),
             reserve_wait_seconds=self.reserve_wait_seconds.report(),
+            handoff_seconds=self.handoff_seconds.report(),
             cached_block_hashes=self.engine.cached_block_hashes(),
         )

@@ -40,6 +40,9 @@ class StreamChunk:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     error: str | None = None  # set when the request failed (finish_reason "abort")
     num_cached_tokens: int = 0  # prompt tokens served from a prefix cache (where it was prefilled)
+    # wall-clock time (time.time()) the prefill worker finished the prompt; set on a prefill
+    # worker's chunks only (the start of the KV hand-off, see FirstToken.prefilled_at)
+    prefilled_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,10 @@ class FirstToken:
     token_id: int
     logprobs: TokenLogprobs | None
     num_cached_tokens: int  # prefix-cache hits of the prefill, reported in the request's usage
+    # StreamChunk.prefilled_at of the prefill: the decode worker measures the hand-off (prefill
+    # end -> its first decode step) from it. Wall clocks: exact on one node, skewed by the
+    # clock offset across nodes. None: not measured.
+    prefilled_at: float | None = None
 
 
 # --------------------------------------------------------------------------- reports
@@ -103,6 +110,9 @@ class WorkerStats:
     transfer_seconds: HistogramReport | None  # first chunk -> sender DONE; None: not a sender
     queue_seconds: HistogramReport  # arrival -> first scheduled, for prompts prefilled here
     reserve_wait_seconds: HistogramReport | None  # KV block reservation wait; None: not a receiver
+    # KV hand-off: the prefill worker's end of prompt -> the start of this worker's first decode
+    # step of the request (transfer tail, admission, scheduling); None: not a receiver
+    handoff_seconds: HistogramReport | None
     cached_block_hashes: frozenset[int]  # prefix-cache hashes of full blocks held (prefix routing)
 
 

@@ -245,12 +245,14 @@ class PrefillWorker(RuntimeWorker, PrefillAPI):
                 o.failed = f"{KV_TRANSFER_FAILED}: {type(e).__name__}: {e}"
                 continue
             del self._out[rid]
+            stream = self.runtime.streams.close(rid)
             if req.status == RequestStatus.PREFILLED:
                 o.deadline = time.monotonic() + self.transfer_timeout_s
                 self._releasing[rid] = o
+                stream.prefilled_at = time.time()  # the hand-off starts (decode worker's clock too)
             else:  # ended without a first token (e.g. aborted by the engine): nothing to wait for
                 self._unpin(o)
-            self.runtime.streams.close(rid).publish(req)
+            stream.publish(req)
         for rid, o in [(rid, o) for rid, o in self._out.items() if o.failed is not None]:
             self._fail_transfer(rid, o)
         self.runtime.snapshot.refresh()
@@ -324,5 +326,6 @@ class PrefillWorker(RuntimeWorker, PrefillAPI):
             transfer_seconds=self.transfer_seconds.report(),
             queue_seconds=self.queue_seconds.report(),
             reserve_wait_seconds=None,
+            handoff_seconds=None,
             cached_block_hashes=self.engine.cached_block_hashes(),
         )

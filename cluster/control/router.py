@@ -435,7 +435,7 @@ class Router:
                 if first.finished:
                     return  # _settle aborts the reservation on the decode worker
                 lp = first.logprobs[0] if first.logprobs else None
-                ft = FirstToken(first.token_ids[0], lp, first.num_cached_tokens)
+                ft = FirstToken(first.token_ids[0], lp, first.num_cached_tokens, first.prefilled_at)
                 await self._call(attempt, d.decode.set_first_token(spec.request_id, ft), d)
                 cursor = len(emitted) + 1
             while True:

@@ -22,6 +22,7 @@ class OutputStream:
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.num_cached_tokens = 0
+        self.prefilled_at: float | None = None  # a prefill worker's streams: see StreamChunk
 
     @property
     def finished(self) -> bool:
@@ -54,4 +55,5 @@ class OutputStream:
                 finish_reason=self.finish_reason,
                 error=self.error,
                 num_cached_tokens=self.num_cached_tokens,
+                prefilled_at=self.prefilled_at,
             )

@@ -158,6 +158,7 @@ def test_prometheus_scrapes_requests_and_worker_series(prometheus, tiny_checkpoi
             await check(queued % "prefill-0", lambda r: scalar(r) == num_split)
             await check(queued % "decode-0", lambda r: scalar(r) == len(prompts) - num_split)
             await check("sum(splitserve_kv_reserve_wait_seconds_count)", lambda r: scalar(r) == num_split)
+            await check("sum(splitserve_kv_handoff_seconds_count)", lambda r: scalar(r) == num_split)  # one each
             # every page of every split prompt crossed once (budget 32: no chunk ends mid-page)
             layout = cluster.workers["prefill-0"].engine.layout
             pages = sum(-(-len(p) // ENGINE["block_size"]) for p in prompts if len(p) >= SHORT)

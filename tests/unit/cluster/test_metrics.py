@@ -240,6 +240,7 @@ def report(started_at: float, preemptions: int, transfer_s: list[float], role: s
         transfer_seconds=hist.report(),
         queue_seconds=CumulativeHistogram((0.1, 1.0)).report(),
         reserve_wait_seconds=CumulativeHistogram((0.1, 1.0)).report(),
+        handoff_seconds=CumulativeHistogram((0.1, 1.0)).report(),
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from decode_worker.build import build_decode_worker
@@ -98,10 +100,14 @@ def test_transferred_request_decodes_from_received_kv(model):
         for layer, pages in blocks.items():
             sender.send("r", layer, 0, pages)
         sender.finish("r", len(blocks))
-        w.set_first_token("r", FirstToken(req.output_token_ids[0], None, 0))
+        prefilled_at = time.time() - 0.25  # the prefill "ended" 250 ms ago
+        w.set_first_token("r", FirstToken(req.output_token_ids[0], None, 0, prefilled_at))
         tokens, last = _drain(w, "r")
         assert tokens == expected and last.finish_reason == "length"
         assert w.stats().engine.free_kv_blocks == ENGINE["num_blocks"]
+        # the hand-off, measured once: from the prefill's end to the request's first decode step
+        handoff = w.stats().handoff_seconds
+        assert handoff.count == 1 and 0.25 <= handoff.sum < time.time() - prefilled_at
     finally:
         w.shutdown()
 

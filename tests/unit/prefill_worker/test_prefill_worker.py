@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -92,8 +94,10 @@ def _sender(w) -> RecordingSender:
 def test_layer_k_is_pushed_before_layer_k_plus_1_is_computed(worker_and_log):
     w, log = worker_and_log
     prompt = list(range(10, 30))  # 20 tokens, budget 8 -> 3 chunks
+    before = time.time()
     first = w.prefill(RequestSpec("r", prompt, PARAMS), "decode-addr")
     assert len(first.token_ids) == 1
+    assert before <= first.prefilled_at <= time.time()  # the hand-off's start, for the decode worker
     layers = w.engine.layout.num_layers
     # every step: mlp 0, send 0, mlp 1, send 1, ... (transfer overlaps the next layers' compute)
     step = [e for i in range(layers) for e in (("mlp", i), ("send", i))]
