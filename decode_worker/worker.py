@@ -94,6 +94,8 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
         self._handoff_from: dict[str, float] = {}
         self._unscheduled: dict[str, Request] = {}  # local prefills not scheduled yet
         self.runtime = WorkerRuntime(engine, worker_id, self._step, self._tick, self._compute_stats)
+        if receiver is not None:  # a finished transfer is admitted at once, not on the next idle poll
+            receiver.on_terminal = self.runtime.loop.wake
 
     # ------------------------------------------------------------ called from any thread
     def kv_address(self) -> KVAddress:

@@ -194,6 +194,10 @@ class KVReceiver(abc.ABC):
         check_layouts(layout, cache.layout, "receiver's own cache")
         self.layout = layout
         self.cache = cache
+        # Called (from a transport thread, with the receiver's lock held: it must only signal,
+        # e.g. EngineLoop.wake) each time a request's transfer becomes DONE or FAILED, so the
+        # owner polls at once instead of on its next idle period. None: nobody to tell.
+        self.on_terminal: Callable[[], None] | None = None
 
     @property
     @abc.abstractmethod

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,7 +56,14 @@ class _Early:
 
 
 class ReceiverBook:
-    def __init__(self, layout: KVLayout, cache: PagedKVCache, max_unexpected_bytes: int = 64 << 20):
+    def __init__(
+        self,
+        layout: KVLayout,
+        cache: PagedKVCache,
+        max_unexpected_bytes: int = 64 << 20,
+        on_terminal: Callable[[], None] | None = None,
+    ):
+        self.on_terminal = on_terminal  # called when a request becomes DONE or FAILED (lock held)
         self.layout = layout
         self.cache = cache
         self.max_unexpected_bytes = max_unexpected_bytes
@@ -308,6 +316,8 @@ class ReceiverBook:
 
     def _retire(self, rid: str) -> None:
         self._terminal.append(rid)
+        if self.on_terminal is not None:
+            self.on_terminal()
         while len(self._terminal) > _MAX_TERMINAL:
             old = self._terminal.popleft()
             req = self._reqs.get(old)
@@ -367,7 +377,11 @@ class BookedReceiver(KVReceiver):
 
     def __init__(self, layout: KVLayout, cache: PagedKVCache, max_unexpected_bytes: int = 64 << 20):
         super().__init__(layout, cache)
-        self.book = ReceiverBook(layout, cache, max_unexpected_bytes)
+        self.book = ReceiverBook(layout, cache, max_unexpected_bytes, on_terminal=self._terminal_reached)
+
+    def _terminal_reached(self) -> None:
+        if self.on_terminal is not None:
+            self.on_terminal()
 
     def expect(self, request_id: str, block_ids: list[int]) -> None:
         self.book.expect(request_id, block_ids)

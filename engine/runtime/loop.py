@@ -38,6 +38,7 @@ class EngineLoop:
         self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
         self._cv = threading.Condition()
         self._stopping = False
+        self._woken = False  # wake() since the last idle wait began (under _cv)
         self.idle_poll_s = idle_poll_s
         self.error: BaseException | None = None  # a step that raised stops the loop
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -56,6 +57,13 @@ class EngineLoop:
             self._calls.append((fn, fut))
             self._cv.notify()
         return fut
+
+    def wake(self) -> None:
+        """End an idle wait now (any thread): something ``tick`` polls has changed, e.g. a KV
+        transfer finished, and should not wait out ``idle_poll_s``."""
+        with self._cv:
+            self._woken = True  # seen by the loop even if it is not waiting yet (no lost wake-up)
+            self._cv.notify()
 
     def run(self, fn: Callable[[], Any], timeout: float | None = None) -> Any:
         """``call(fn)`` and wait for its result."""
@@ -99,8 +107,9 @@ class EngineLoop:
                     self._step()
                     continue
                 with self._cv:
-                    if not self._calls and not self._stopping:
+                    if not self._calls and not self._stopping and not self._woken:
                         self._cv.wait(self.idle_poll_s)
+                    self._woken = False
         except BaseException as e:
             log.exception("engine loop crashed")
             self.error = e

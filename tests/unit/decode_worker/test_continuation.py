@@ -119,7 +119,9 @@ def test_the_workers_refuse_past_their_bound(model):
             d.generate_local(RequestSpec("c", PROMPT, GREEDY))
         d.abort("a")  # room again
         d.generate_local(RequestSpec("c", PROMPT, GREEDY))
-        assert d.stats().pending_requests == 2
+        # counted on the loop thread: at most one step ran since, and c needs 2 prefill steps
+        # (23 prompt tokens, budget 16) and 11 decode steps to finish
+        assert d.loop.run(lambda: d._compute_stats().pending_requests) == 2
 
         def two_at_once():  # on the loop thread: nothing is prefilled between the two
             p._add(RequestSpec("p1", PROMPT, GREEDY), d.kv_address(), ())

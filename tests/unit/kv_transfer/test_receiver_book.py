@@ -198,3 +198,20 @@ def test_expect_validates_block_ids_and_duplicates():
     book.expect("a", [0])
     with pytest.raises(KVTransferError, match="already expected"):
         book.expect("a", [1])
+
+
+def test_on_terminal_is_called_once_per_request_that_ends():
+    cache = PagedKVCache(LAYOUT, 16)
+    ended: list[str] = []
+    book = ReceiverBook(LAYOUT, cache, 1 << 20, on_terminal=lambda: ended.append("x"))
+    src = pages_for(LAYOUT, "a", 1)
+    book.expect("a", [0])
+    chunks = _all_layers("a", 0, src)
+    for c in chunks:
+        book.on_chunk(c)
+    assert ended == []  # transferring: nothing to tell yet
+    book.on_finish("a", len(chunks))
+    assert book.poll("a") is S.DONE and ended == ["x"]
+    book.expect("b", [1])
+    book.on_finish("b", 0)  # a finish with no chunk: FAILED
+    assert book.poll("b") is S.FAILED and ended == ["x", "x"]

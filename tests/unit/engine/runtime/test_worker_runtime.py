@@ -39,3 +39,31 @@ def test_fail_all_wakes_every_waiting_reader():
         t.join(10)
     assert len(got) == 3 and all(c.finished and c.finish_reason == "abort" and "boom" in c.error for c in got)
     assert streams[0].token_ids == [7]  # what was delivered stays delivered
+
+
+def test_wake_ends_an_idle_wait_at_once():
+    import threading
+    import time
+
+    from engine.runtime.loop import EngineLoop
+
+    ticks: list[float] = []
+    ticked = threading.Condition()
+
+    def tick():
+        with ticked:
+            ticks.append(time.monotonic())
+            ticked.notify_all()
+
+    def ticks_beyond(n: int, timeout: float) -> bool:
+        with ticked:
+            return ticked.wait_for(lambda: len(ticks) > n, timeout)
+
+    loop = EngineLoop(step=lambda: None, has_work=lambda: False, tick=tick, idle_poll_s=600.0).start()
+    try:
+        assert ticks_beyond(0, 30)  # the first round ran; the loop now idles for 10 minutes
+        n = len(ticks)
+        loop.wake()
+        assert ticks_beyond(n, 30), "wake() did not end the idle wait"
+    finally:
+        loop.stop()
