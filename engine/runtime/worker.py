@@ -25,6 +25,7 @@ from engine.types import EngineStopped, UnknownRequest, WorkerLimits, WorkerStat
 # raise it (tests/conftest.py) so a count they assert is never a stale one on a loaded machine.
 STATS_WAIT_S = 0.5
 
+
 class StreamRegistry:
     """Open output streams by request id; read by caller threads, written by the loop thread."""
 
