@@ -1,0 +1,468 @@
+"""Tensor parallelism for the dense Llama-family models, with TokenWeave overlap.
+
+One rank of a TP group holds a ``DecoderLM`` built for its *local* shapes (its query / KV
+heads, its share of the MLP's intermediate size, its slice of the vocabulary) and runs it with
+an injected ``Communicator``; the model never sees a process group (like gpt-fast).
+
+Partition (W = world size, r = rank; Megatron-style):
+- q/k/v and gate/up are column-parallel: rank r holds heads [r*H/W, (r+1)*H/W) of q and
+  [r*Hkv/W, (r+1)*Hkv/W) of k/v, and rows [r*I/W, (r+1)*I/W) of gate and of up.
+- o and down are row-parallel: rank r holds the matching input columns, so its output is a
+  partial sum [T, hidden] that an all-reduce (or reduce-scatter + all-gather) completes.
+- Embedding and lm_head are vocab-parallel: rank r holds rows [r*Vs, min((r+1)*Vs, V)) with
+  Vs = ceil(V / W), zero-padded to Vs rows (the documented uneven split: only the last
+  rank(s) carry padding). The embedding is a partial sum (a token's row lives on one rank);
+  logits are all-gathered and the padding columns dropped.
+- Norms, rope and q/k norms are replicated.
+Query heads, KV heads and the intermediate size must divide by W (``TPDivisibilityError``
+names the numbers and the degrees that would work). MoE families are refused: their experts
+need sharding or replication across ranks (see ``plan_shard``).
+
+Two forward paths, same math, different reduction order:
+- ``sequential``: per sublayer ``x = x + all_reduce(partial)``, the residual stream [T, hidden]
+  replicated on every rank.
+- TokenWeave (``TokenWeaveConfig.enabled`` and T >= ``min_tokens``): each all-reduce + RMSNorm
+  becomes reduce-scatter -> residual add + RMSNorm on this rank's token shard -> all-gather of
+  the normed shard (the fused AR-RMSNorm); the residual stream stays sharded by tokens
+  ([t / W, hidden] per micro-batch). The batch's tokens are cut into two micro-batches whose
+  sizes are multiples of W (engine.parallel.aligned_split), and the stages run through
+  engine.parallel.run_overlapped, so one micro-batch's collective is in flight while the other
+  computes. Tokens are padded at the end to a multiple of W; padding tokens come last in causal
+  order, so no real token attends to them, and their outputs are dropped.
+
+Attention: a simple causal attention over the whole prompt, on this rank's heads, without the
+paged KV cache (``PrefixAttention``). With two micro-batches the second attends to the first's
+keys/values, which the schedule computed before it (chunked-prefill semantics). Integration
+with the paged cache and the engine step is not part of this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from engine.config import ModelConfig
+from engine.models.gguf import resolve_model_path
+from engine.models.layers import RMSNorm, linear
+from engine.models.llama import DecoderLM
+from engine.models.loader import FAMILY_RULES, WeightLoadError, _destination, safetensors_files
+from engine.models.weight_rules import IGNORED, Rule
+from engine.parallel import (
+    AllOf,
+    Communicator,
+    OverlapStats,
+    Pending,
+    Ready,
+    Stage,
+    TokenSplit,
+    aligned_split,
+    run_overlapped,
+)
+
+
+class TPDivisibilityError(ValueError):
+    """A tensor-parallel degree that the model cannot be split by."""
+
+
+# ============================================================================ the partition
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """What rank ``rank`` of ``world_size`` holds of a model (see the module docstring)."""
+
+    rank: int
+    world_size: int
+    heads: int  # local query heads
+    kv_heads: int  # local KV heads
+    intermediate: int  # local rows of gate (and of up)
+    vocab: int  # the full vocabulary V
+    vocab_shard: int  # Vs = ceil(V / W): local embedding / lm_head rows (padded)
+
+    @property
+    def vocab_start(self) -> int:
+        return min(self.rank * self.vocab_shard, self.vocab)
+
+    @property
+    def vocab_end(self) -> int:
+        return min((self.rank + 1) * self.vocab_shard, self.vocab)
+
+    def local_config(self, cfg: ModelConfig) -> ModelConfig:
+        """The ModelConfig whose DecoderLM has exactly this rank's parameter shapes."""
+        return dataclasses.replace(
+            cfg,
+            num_heads=self.heads,
+            num_kv_heads=self.kv_heads,
+            intermediate_size=self.intermediate,
+            vocab_size=self.vocab_shard,
+        )
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def plan_shard(cfg: ModelConfig, rank: int, world_size: int) -> ShardPlan:
+    """The shard of rank ``rank``; raises TPDivisibilityError for a degree the model cannot take.
+
+    MoE (not implemented): experts would be either replicated with each expert's MLP split
+    like GatedMLP (gate/up column-, down row-parallel; the router replicated), or placed whole
+    on ranks (expert parallelism, tokens all-to-all'ed by the ExpertDispatcher)."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"tensor parallel: rank {rank} / world size {world_size} is not a valid rank")
+    if cfg.moe is not None:
+        raise TPDivisibilityError(
+            f"{cfg.architecture}: tensor parallelism covers the dense families only (MoE experts are not sharded yet)"
+        )
+    problems = []
+    for what, n in (
+        ("query heads (num_heads)", cfg.num_heads),
+        ("KV heads (num_kv_heads)", cfg.num_kv_heads),
+        ("MLP intermediate_size", cfg.intermediate_size),
+    ):
+        if n % world_size:
+            problems.append(f"{what}={n}")
+    if problems:
+        ok = [
+            d
+            for d in _divisors(math.gcd(cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size))
+            if d <= cfg.num_kv_heads
+        ]
+        raise TPDivisibilityError(
+            f"tensor_parallel={world_size} does not divide {', '.join(problems)} of {cfg.architecture} "
+            f"({cfg.num_heads} query / {cfg.num_kv_heads} KV heads, intermediate {cfg.intermediate_size}); "
+            f"degrees that divide all of them: {ok}"
+        )
+    return ShardPlan(
+        rank=rank,
+        world_size=world_size,
+        heads=cfg.num_heads // world_size,
+        kv_heads=cfg.num_kv_heads // world_size,
+        intermediate=cfg.intermediate_size // world_size,
+        vocab=cfg.vocab_size,
+        vocab_shard=-(-cfg.vocab_size // world_size),
+    )
+
+
+# (dim, start, stop) of the full tensor that the local parameter holds; None = replicated
+Slice = tuple[int, int, int] | None
+
+
+def _source_slice(cfg: ModelConfig, plan: ShardPlan, target: str, rule: Rule | None) -> Slice:
+    """The part of a full (checkpoint-shaped) tensor that this rank loads into ``target``.
+    For qkv / gate_up targets ``rule`` says which fused part (q, k, v / gate, up) the tensor is."""
+    r, d = plan.rank, cfg.head_dim
+    if target in ("embed", "lm_head"):
+        return (0, plan.vocab_start, plan.vocab_end)
+    if target.endswith(".attn.qkv") or target.endswith(".attn.qkv_bias"):
+        assert rule is not None and rule.qkv is not None
+        n = (plan.heads if rule.qkv == "q" else plan.kv_heads) * d
+        return (0, r * n, (r + 1) * n)
+    if target.endswith(".attn.o"):
+        n = plan.heads * d
+        return (1, r * n, (r + 1) * n)
+    if target.endswith(".mlp.gate_up"):
+        assert rule is not None and rule.half is not None
+        n = plan.intermediate
+        return (0, r * n, (r + 1) * n)
+    if target.endswith(".mlp.down"):
+        n = plan.intermediate
+        return (1, r * n, (r + 1) * n)
+    return None
+
+
+def _take(t: Any, s: Slice) -> torch.Tensor:
+    """t: a tensor or a safetensors slice (reads only the selected bytes)."""
+    if s is None:
+        return t[:] if not isinstance(t, torch.Tensor) else t
+    dim, a, b = s
+    return t[a:b] if dim == 0 else t[:, a:b]
+
+
+def load_tp_shard(path: str, cfg: ModelConfig, plan: ShardPlan, max_positions: int, dtype: torch.dtype) -> DecoderLM:
+    """This rank's DecoderLM (local shapes, CPU), filled from the HF checkpoint at ``path``
+    reading only its slices of the sharded tensors (safetensors ``get_slice``)."""
+    path = resolve_model_path(path)
+    local = plan.local_config(cfg)
+    with torch.device("meta"):
+        model = DecoderLM(local, max_positions)
+    model = model.to_empty(device="cpu").to(dtype)
+    model.rope.__init__(cfg.rope, cfg.head_dim, max_positions)  # buffers: rebuild in fp32
+    params = dict(model.named_parameters())
+    for name in ("embed", "lm_head"):
+        if name in params:
+            with torch.no_grad():
+                params[name].zero_()  # the padding rows of an uneven vocab split stay zero
+    loaded: dict[str, int] = {}
+    rules = FAMILY_RULES[cfg.family]
+    for file in safetensors_files(path):
+        with safe_open(file, "pt", device="cpu") as f:
+            for name in f.keys():
+                if IGNORED.match(name):
+                    continue
+                short = name.removeprefix("model.")
+                if short == "lm_head.weight" and cfg.tie_word_embeddings:
+                    continue
+                rule, m = next(((r, m) for r in rules if (m := r.match(short)) is not None), (None, None))
+                if rule is None or m is None:
+                    raise WeightLoadError(f"unexpected checkpoint tensor {name!r} for architecture {cfg.architecture}")
+                target = rule.target.format(*m.groups())
+                if target not in params:
+                    raise WeightLoadError(f"checkpoint tensor {name!r} maps to unknown parameter {target!r}")
+                src = _take(f.get_slice(name), _source_slice(cfg, plan, target, rule))
+                dst = _destination(local, params[target], rule, m)
+                if target in ("embed", "lm_head"):
+                    dst = dst[: src.shape[0]]
+                if dst.shape != src.shape:
+                    raise WeightLoadError(f"{name!r} rank {plan.rank}: shard {tuple(src.shape)} != {tuple(dst.shape)}")
+                with torch.no_grad():
+                    dst.copy_(src)
+                loaded[target] = loaded.get(target, 0) + src.numel()
+    missing = [
+        n
+        for n, p in params.items()
+        if loaded.get(n, 0)
+        != (p.shape[1] * (plan.vocab_end - plan.vocab_start) if n in ("embed", "lm_head") else p.numel())
+    ]
+    if missing:
+        raise WeightLoadError(f"checkpoint {path!r} did not provide: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    return model.eval()
+
+
+def shard_model(full: DecoderLM, plan: ShardPlan) -> DecoderLM:
+    """This rank's DecoderLM cut from a full in-memory one (same dtype and device)."""
+    cfg = full.cfg
+    plan_cfg = plan.local_config(cfg)
+    with torch.device("meta"):
+        model = DecoderLM(plan_cfg, full.rope.cos.shape[0])
+    model = model.to_empty(device=full.embed.device).to(full.embed.dtype)
+    model.rope.__init__(cfg.rope, cfg.head_dim, full.rope.cos.shape[0])
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    inter = cfg.intermediate_size
+    parts = {
+        "q": Rule("", "", qkv="q"),
+        "k": Rule("", "", qkv="k"),
+        "v": Rule("", "", qkv="v"),
+        "gate": Rule("", "", half=0),
+        "up": Rule("", "", half=1),
+    }
+    full_params = dict(full.named_parameters())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            src = full_params[name].data
+            if name.endswith(".attn.qkv") or name.endswith(".attn.qkv_bias"):
+                pieces = {"q": src[:q], "k": src[q : q + kv], "v": src[q + kv :]}
+                local = [_take(pieces[k], _source_slice(cfg, plan, name, parts[k])) for k in "qkv"]
+                p.copy_(torch.cat(local, 0))
+            elif name.endswith(".mlp.gate_up"):
+                pieces = {"gate": src[:inter], "up": src[inter:]}
+                p.copy_(torch.cat([_take(pieces[k], _source_slice(cfg, plan, name, parts[k])) for k in ("gate", "up")]))
+            elif name in ("embed", "lm_head"):
+                rows = _take(src, _source_slice(cfg, plan, name, None))
+                p.zero_()
+                p[: rows.shape[0]].copy_(rows)
+            else:
+                p.copy_(_take(src, _source_slice(cfg, plan, name, None)))
+    return model.eval()
+
+
+# ============================================================================ attention
+
+
+class PrefixAttention:
+    """Causal attention of one sequence over its whole prompt, on this rank's heads, without
+    a paged cache: the AttentionBackend the TP forward passes to each layer's Attention.
+
+    Lifecycle: one instance per forward. Micro-batches arrive at each layer in token order
+    (run_overlapped guarantees it); the keys/values of earlier micro-batches are kept per
+    layer, so a later one attends to them (``start`` checks the order)."""
+
+    def __init__(self, sliding_window: int | None):
+        self.sliding_window = sliding_window
+        self.keys: dict[int, list[torch.Tensor]] = {}
+        self.values: dict[int, list[torch.Tensor]] = {}
+        self.start = 0  # first position of the micro-batch about to run (set by the caller)
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Any) -> torch.Tensor:
+        """q: [t, h, D], k/v: [t, hkv, D] at positions [start, start + t) -> [t, h, D]."""
+        ks, vs = self.keys.setdefault(layer, []), self.values.setdefault(layer, [])
+        seen = sum(x.shape[0] for x in ks)
+        if seen != self.start:
+            raise RuntimeError(f"PrefixAttention layer {layer}: micro-batch at {self.start} after {seen} keys")
+        ks.append(k)
+        vs.append(v)
+        kk = torch.cat(ks) if len(ks) > 1 else k  # [S, hkv, D], S = start + t
+        vv = torch.cat(vs) if len(vs) > 1 else v
+        t, s = q.shape[0], kk.shape[0]
+        qpos = torch.arange(self.start, self.start + t)[:, None]
+        kpos = torch.arange(s)[None, :]
+        mask = kpos <= qpos  # [t, S]
+        if self.sliding_window is not None:
+            mask &= kpos > qpos - self.sliding_window
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1), kk.transpose(0, 1), vv.transpose(0, 1), attn_mask=mask, enable_gqa=True
+        )  # [h, t, D]
+        return o.transpose(0, 1)
+
+
+# ============================================================================ the TP model
+
+
+@dataclass(frozen=True)
+class TokenWeaveConfig:
+    """TokenWeave's switch and threshold. Below ``min_tokens`` tokens the sequential path runs
+    (two micro-batches cost more than the overlap saves: see benchmarks/tensor_parallel.py)."""
+
+    enabled: bool = True
+    min_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        if self.min_tokens < 0:
+            raise ValueError(f"TokenWeaveConfig.min_tokens must be >= 0, got {self.min_tokens}")
+
+
+class TPModel:
+    """One rank of a tensor-parallel dense model: a local-shaped DecoderLM + a communicator.
+
+    Every rank of the group calls ``forward`` / ``compute_logits`` with the same tokens at the
+    same time (collectives pair by issue order). Inference only (no autograd)."""
+
+    def __init__(self, shard: DecoderLM, plan: ShardPlan, comm: Communicator, tokenweave: TokenWeaveConfig):
+        if comm.world_size != plan.world_size or comm.rank != plan.rank:
+            raise ValueError(
+                f"TPModel: communicator is rank {comm.rank}/{comm.world_size}, the shard plan {plan.rank}/{plan.world_size}"
+            )
+        self.model, self.plan, self.comm, self.tokenweave = shard, plan, comm, tokenweave
+        self.cfg = shard.cfg  # local shapes
+        self.stats = OverlapStats()  # TokenWeave runs: compute vs exposed communication
+
+    @classmethod
+    def load(
+        cls,
+        path: str,
+        comm: Communicator,
+        tokenweave: TokenWeaveConfig | None = None,
+        dtype: torch.dtype = torch.float32,
+        max_positions: int | None = None,
+    ) -> TPModel:
+        """Rank ``comm.rank``'s shard of the HF checkpoint (or .gguf) at ``path``."""
+        path = resolve_model_path(path)
+        cfg = ModelConfig.from_hf_dir(path)
+        plan = plan_shard(cfg, comm.rank, comm.world_size)
+        shard = load_tp_shard(path, cfg, plan, max_positions or cfg.max_position_embeddings, dtype)
+        return cls(shard, plan, comm, tokenweave or TokenWeaveConfig())
+
+    @classmethod
+    def from_full(cls, full: DecoderLM, comm: Communicator, tokenweave: TokenWeaveConfig | None = None) -> TPModel:
+        plan = plan_shard(full.cfg, comm.rank, comm.world_size)
+        return cls(shard_model(full, plan), plan, comm, tokenweave or TokenWeaveConfig())
+
+    # ------------------------------------------------------------------ pieces
+    def _embed_partial(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids: [t] -> this rank's partial embedding [t, hidden] (zero rows for other ranks' ids)."""
+        p = self.plan
+        local = ids - p.vocab_start
+        mine = (local >= 0) & (local < p.vocab_end - p.vocab_start)
+        x = F.embedding(torch.where(mine, local, 0), self.model.embed)
+        return x * mine[:, None].to(x.dtype)
+
+    def uses_tokenweave(self, num_tokens: int) -> bool:
+        w = self.plan.world_size
+        return self.tokenweave.enabled and w > 1 and num_tokens >= max(self.tokenweave.min_tokens, 2 * w)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids: [T] (one sequence, positions 0..T-1) -> final hidden states [T, hidden]."""
+        if self.uses_tokenweave(input_ids.shape[0]):
+            return self._forward_tokenweave(input_ids)
+        return self._forward_sequential(input_ids)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, hidden] -> fp32 logits [N, V], gathered from the vocab shards."""
+        m = self.model
+        w = m.embed if m.lm_head is None else m.lm_head
+        local = linear(hidden, w).float()  # [N, Vs]
+        gathered = self.comm.all_gather(local.t().contiguous())  # [W * Vs, N]
+        return gathered[: self.plan.vocab].t()
+
+    # ------------------------------------------------------------------ sequential TP
+    def _forward_sequential(self, ids: torch.Tensor) -> torch.Tensor:
+        m, comm = self.model, self.comm
+        positions = torch.arange(ids.shape[0])
+        x = comm.all_reduce(self._embed_partial(ids))
+        rope = m.rope.tables(positions, x.dtype)
+        attn = PrefixAttention(m.cfg.sliding_window)
+        for layer in m.layers:
+            x = x + comm.all_reduce(layer.attn(layer.input_norm(x), rope, attn, None))
+            x = x + comm.all_reduce(layer.mlp(layer.post_attn_norm(x)))
+        return m.norm(x)
+
+    # ------------------------------------------------------------------ TokenWeave
+    def _forward_tokenweave(self, ids: torch.Tensor) -> torch.Tensor:
+        # Residual shard of a micro-batch of t tokens on rank r: rows [r*t/W, (r+1)*t/W), the
+        # rows reduce-scatter hands this rank; all-gather puts them back at the same place.
+        m, comm, w = self.model, self.comm, self.plan.world_size
+        n = ids.shape[0]
+        padded = -(-n // w) * w
+        if padded > m.rope.cos.shape[0]:
+            raise ValueError(f"TokenWeave: {n} tokens padded to {padded} exceed the rope table ({m.rope.cos.shape[0]})")
+        ids = F.pad(ids, (0, padded - n))  # padding tokens come last in causal order
+        sizes = TokenSplit(micro_batches=2, rule=aligned_split(w)).sizes(padded)
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        parts = list(torch.split(ids, sizes))
+        dtype = m.embed.dtype
+        ropes = [m.rope.tables(torch.arange(s, s + t), dtype) for s, t in zip(starts, sizes, strict=True)]
+        attn = PrefixAttention(m.cfg.sliding_window)
+
+        def fused_norm(norm: RMSNorm, first: bool) -> Stage:
+            """Residual add + RMSNorm on the local token shard, then all-gather the normed shard.
+            In: [reduced shard, residual shard] (first: the reduced embedding alone)."""
+
+            def compute(i: int, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
+                xs = y if first else y[0] + y[1]  # residual shard [t / W, hidden]
+                return norm(xs), xs
+
+            def communicate(i: int, y: tuple[torch.Tensor, torch.Tensor]) -> Pending[list[torch.Tensor]]:
+                return AllOf(comm.all_gather_async(y[0]), Ready(y[1]))
+
+            return Stage(compute, communicate, "norm+all_gather")
+
+        def sublayer(fn: Any, name: str) -> Stage:
+            """In: [normed h [t, hidden], residual shard]; fn(i, h) -> partial sum [t, hidden]."""
+
+            def compute(i: int, y: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                return fn(i, y[0]), y[1]
+
+            def communicate(i: int, y: tuple[torch.Tensor, torch.Tensor]) -> Pending[list[torch.Tensor]]:
+                return AllOf(comm.reduce_scatter_async(y[0]), Ready(y[1]))
+
+            return Stage(compute, communicate, name)
+
+        def attention(layer: Any) -> Any:
+            def fn(i: int, h: torch.Tensor) -> torch.Tensor:
+                attn.start = starts[i]
+                return layer.attn(h, ropes[i], attn, None)
+
+            return fn
+
+        stages = [
+            Stage(lambda i, x: self._embed_partial(x), lambda i, y: comm.reduce_scatter_async(y), "embed"),
+            fused_norm(m.layers[0].input_norm, first=True),
+        ]
+        for j, layer in enumerate(m.layers):
+            nxt = m.layers[j + 1].input_norm if j + 1 < len(m.layers) else m.norm
+            stages += [
+                sublayer(attention(layer), f"attn{j}"),
+                fused_norm(layer.post_attn_norm, first=False),
+                sublayer(lambda i, h, mlp=layer.mlp: mlp(h), f"mlp{j}"),
+                fused_norm(nxt, first=False),
+            ]
+        outs = run_overlapped(parts, stages, self.stats)
+        return torch.cat([o[0] for o in outs])[:n]

@@ -1,0 +1,170 @@
+"""engine/models/tensor_parallel.py: the shard plan and its errors, sharding a full model
+against loading the shards from a checkpoint, TP=1 against transformers, and a rank that dies
+mid-forward (spawned gloo ranks, tests/unit/engine/tp_ranks.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from engine.config import ModelConfig, MoEConfig
+from engine.models.loader import load_model
+from engine.models.tensor_parallel import (
+    PrefixAttention,
+    TokenWeaveConfig,
+    TPDivisibilityError,
+    TPModel,
+    load_tp_shard,
+    plan_shard,
+    shard_model,
+)
+from engine.parallel import LocalCommunicator
+from tests.unit.engine.tp_ranks import run_tp_ranks, tp_die_mid_forward
+
+WIDE = {"num_attention_heads": 16, "num_key_value_heads": 8, "hidden_size": 128, "intermediate_size": 256}
+
+
+@pytest.fixture
+def wide_llama(tiny_checkpoint) -> str:
+    """Random-weight Llama, 16 query / 8 KV heads, vocab 515 (uneven at TP=2)."""
+    return tiny_checkpoint("llama", vocab_size=515, **WIDE)
+
+
+def _cfg(**kw) -> ModelConfig:
+    from engine.config import RopeConfig
+
+    base = dict(
+        architecture="LlamaForCausalLM",
+        family="llama",
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_layers=2,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=128,
+        rope=RopeConfig(),
+    )
+    return ModelConfig(**{**base, **kw})
+
+
+def test_plan_splits_heads_mlp_and_vocab() -> None:
+    plans = [plan_shard(_cfg(), r, 3) for r in range(3)]  # SmolLM2's shape at TP=3
+    assert [(p.heads, p.kv_heads, p.intermediate, p.vocab_shard) for p in plans] == [(3, 1, 512, 16384)] * 3
+    assert [(p.vocab_start, p.vocab_end) for p in plans] == [(0, 16384), (16384, 32768), (32768, 49152)]
+    local = plans[1].local_config(_cfg())
+    assert (local.num_heads, local.num_kv_heads, local.intermediate_size, local.vocab_size) == (3, 1, 512, 16384)
+    # uneven vocab: ceil-sized shards, the last one short (padded with zero rows)
+    uneven = [plan_shard(_cfg(vocab_size=10), r, 3) for r in range(3)]
+    assert [(p.vocab_start, p.vocab_end, p.vocab_shard) for p in uneven] == [(0, 4, 4), (4, 8, 4), (8, 10, 4)]
+
+
+@pytest.mark.parametrize(
+    ("kw", "world", "message"),
+    [
+        (
+            {},
+            2,
+            r"tensor_parallel=2 does not divide query heads \(num_heads\)=9, KV heads \(num_kv_heads\)=3 .*"
+            r"degrees that divide all of them: \[1, 3\]",
+        ),
+        ({}, 9, r"tensor_parallel=9 does not divide KV heads \(num_kv_heads\)=3, MLP intermediate_size=1536"),
+        ({"num_heads": 16, "num_kv_heads": 8, "intermediate_size": 100}, 8, r"MLP intermediate_size=100"),
+    ],
+)
+def test_indivisible_degrees_are_refused_naming_the_numbers(kw: dict, world: int, message: str) -> None:
+    with pytest.raises(TPDivisibilityError, match=message):
+        plan_shard(_cfg(**kw), 0, world)
+
+
+def test_moe_and_bad_ranks_are_refused() -> None:
+    moe = _cfg(
+        num_heads=8, num_kv_heads=4, moe=MoEConfig(num_experts=4, top_k=2, intermediate_size=64, norm_topk_prob=True)
+    )
+    with pytest.raises(TPDivisibilityError, match="dense families only"):
+        plan_shard(moe, 0, 2)
+    with pytest.raises(ValueError, match="rank 2 / world size 2"):
+        plan_shard(_cfg(), 2, 2)
+    with pytest.raises(ValueError, match="communicator is rank 0/1, the shard plan 0/3"):
+        TPModel(None, plan_shard(_cfg(), 0, 3), LocalCommunicator(), TokenWeaveConfig())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="min_tokens must be >= 0"):
+        TokenWeaveConfig(min_tokens=-1)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_sharding_a_full_model_equals_loading_the_shards(tiny_checkpoint, family: str) -> None:
+    ckpt = tiny_checkpoint(family, vocab_size=515, tie_word_embeddings=family == "qwen2", **WIDE)
+    cfg = ModelConfig.from_hf_dir(ckpt)
+    full = load_model(ckpt, cfg, torch.float32, "cpu", 64)
+    for rank in range(2):
+        plan = plan_shard(cfg, rank, 2)
+        cut, read = shard_model(full, plan), load_tp_shard(ckpt, cfg, plan, 64, torch.float32)
+        cut_params, read_params = dict(cut.named_parameters()), dict(read.named_parameters())
+        assert cut_params.keys() == read_params.keys()
+        for name, p in cut_params.items():
+            assert torch.equal(p, read_params[name]), name
+        # the vocab shard holds the right rows; the padding row (515 = 2 * 258 - 1) is zero
+        assert torch.equal(
+            read.embed[: plan.vocab_end - plan.vocab_start], full.embed[plan.vocab_start : plan.vocab_end]
+        )
+        if rank == 1:
+            assert torch.count_nonzero(read.embed[-1]) == 0
+
+
+def test_tp1_full_forward_matches_transformers(wide_llama: str) -> None:
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(wide_llama, dtype=torch.float32).eval()
+    ids = torch.randint(0, 515, (40,), generator=torch.Generator().manual_seed(0))
+    for tokenweave in (False, True):  # world size 1: TokenWeave never engages
+        model = TPModel.load(wide_llama, LocalCommunicator(), TokenWeaveConfig(enabled=tokenweave, min_tokens=0))
+        logits = model.compute_logits(model.forward(ids))
+        with torch.inference_mode():
+            want = hf(ids[None]).logits[0]
+        torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4)
+        assert model.stats.runs == 0
+
+
+def test_prefix_attention_refuses_micro_batches_out_of_order() -> None:
+    attn = PrefixAttention(sliding_window=None)
+    q = torch.zeros(4, 2, 8)
+    attn.start = 0
+    attn.forward(0, q, q[:, :1], q[:, :1], None)
+    attn.start = 8  # 4 keys seen, a micro-batch claiming position 8 skipped one
+    with pytest.raises(RuntimeError, match="micro-batch at 8 after 4 keys"):
+        attn.forward(0, q, q[:, :1], q[:, :1], None)
+
+
+def test_prefix_attention_split_equals_unsplit_with_a_sliding_window() -> None:
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(10, n, 8, generator=g) for n in (4, 2, 2))
+    whole = PrefixAttention(sliding_window=3).forward(0, q, k, v, None)
+    split = PrefixAttention(sliding_window=3)
+    parts = []
+    for a, b in ((0, 6), (6, 10)):
+        split.start = a
+        parts.append(split.forward(0, q[a:b], k[a:b], v[a:b], None))
+    torch.testing.assert_close(torch.cat(parts), whole)
+
+
+@pytest.mark.parametrize(
+    "tokenweave", [pytest.param(False, marks=pytest.mark.slow), True], ids=["sequential", "tokenweave"]
+)
+def test_a_rank_that_dies_mid_forward_fails_the_others_within_the_timeout(wide_llama: str, tokenweave: bool) -> None:
+    timeout_s = 3.0
+    prompt = list(range(3, 67))
+    outcomes = run_tp_ranks(tp_die_mid_forward, 2, wide_llama, prompt, tokenweave, 1, 1, timeout_s=timeout_s)
+    dead, survivor = outcomes[1], outcomes[0]
+    assert dead.exitcode == 3 and dead.error is None, dead
+    assert survivor.error is not None and survivor.error.startswith("CommunicationError"), survivor
+    assert "'tp' rank 0/2" in survivor.error
+    assert survivor.seconds < timeout_s + 5.0, survivor.seconds
+
+
+def test_tokenweave_config_is_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        TokenWeaveConfig().enabled = False  # type: ignore[misc]
