@@ -1,0 +1,326 @@
+"""Prefill time at TP=2 (two processes, one gloo group, one torch thread each): compute only,
+communication only, sequential TP and TokenWeave, by prompt length.
+
+    .venv/bin/python benchmarks/tensor_parallel.py                 # ~3 min on 2 cores
+    .venv/bin/python benchmarks/tensor_parallel.py --quick         # 256 and 1024 tokens, 3 rounds
+    # results: benchmarks/results/tensor_parallel.{json,png}
+
+The model is a random-weight Llama of SmolLM2-135M's width with 16 query / 8 KV heads
+(hidden 576, head_dim 36, intermediate 1536, vocab 49152, ``--layers`` layers, fp32), so it
+splits at TP=2. Both ranks build the same weights from one seed and keep their shard
+(engine.models.tensor_parallel.TPModel.from_full). One prefill = forward over the prompt +
+the logits of its last token (vocab-parallel head, gathered).
+
+Modes, interleaved round by round (each round runs every mode once per length), median over
+rounds, timed on rank 0 between two barriers:
+- ``compute``: the sequential TP forward with every collective replaced by a local stand-in
+  of the right shape (no communication): the compute a rank does.
+- ``compute_split``: the TokenWeave forward with the same stand-ins: compute of two
+  micro-batches (shows what the split itself costs).
+- ``comm``: only the collectives of sequential TP (1 + 2 * layers all-reduces of [T, hidden]
+  and the logits all-gather), back to back. Its wall time and its process CPU time (every
+  thread of rank 0, user + system, i.e. gloo's copying and the kernel's TCP work) give the
+  free fraction f = (comm wall - comm CPU) / comm wall: the share of communication that does
+  not need this rank's core and so can hide under compute.
+- ``sequential``: TP with blocking all-reduces (TokenWeaveConfig(enabled=False)).
+- ``tokenweave``: TP with the fused reduce-scatter / RMSNorm / all-gather and two overlapped
+  micro-batches (TokenWeaveConfig(min_tokens=0)).
+
+Derived per length: ideal gain = sequential - max(compute, comm); recovered = (sequential -
+tokenweave) / (f * ideal gain), the share of the achievable gain TokenWeave gets; a length
+where tokenweave >= sequential does not pay. Per-layer times are the forward's time / layers
+(the embedding and head are one collective each). The 1-minute load average is recorded per
+round: the 2 cores are shared, so compare modes within a round, not across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from engine.parallel import Communicator, Pending, Ready  # noqa: E402
+
+MODES = ("compute", "compute_split", "comm", "sequential", "tokenweave")
+
+
+class ComputeOnlyCommunicator(Communicator):
+    """Rank ``rank`` of ``world_size`` with no peers: every collective returns at once a
+    tensor of the shape the real one would (reduce-scatter: this rank's rows of its own input;
+    all-gather: its input repeated), so the model does exactly its compute."""
+
+    def __init__(self, rank: int, world_size: int):
+        self._rank, self._world = rank, world_size
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._world
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def _start_all_reduce(self, x: torch.Tensor) -> Pending[torch.Tensor]:
+        return Ready(x)
+
+    def _start_reduce_scatter(self, x: torch.Tensor) -> Pending[torch.Tensor]:
+        n = x.shape[0] // self._world
+        return Ready(x[self._rank * n : (self._rank + 1) * n].contiguous())
+
+    def _start_all_gather(self, x: torch.Tensor) -> Pending[torch.Tensor]:
+        return Ready(x.repeat(self._world, *([1] * (x.dim() - 1))))
+
+    def _start_all_to_all(self, x, send_splits, recv_splits):
+        raise NotImplementedError("not used by the TP forward")
+
+    def _start_send(self, x, dst, tag):
+        raise NotImplementedError("not used by the TP forward")
+
+    def _start_recv(self, out, src, tag):
+        raise NotImplementedError("not used by the TP forward")
+
+
+def build_full_model(layers: int, seed: int):
+    """The random-weight 16/8-head Llama every rank builds identically."""
+    from engine.config import ModelConfig, RopeConfig
+    from engine.models.llama import DecoderLM
+
+    cfg = ModelConfig(
+        architecture="LlamaForCausalLM",
+        family="llama",
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_layers=layers,
+        num_heads=16,
+        num_kv_heads=8,
+        head_dim=36,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=4096,
+        rope=RopeConfig(theta=100000.0),
+    )
+    torch.manual_seed(seed)
+    model = DecoderLM(cfg, 4096)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.05)
+    return model.eval()
+
+
+def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: Any) -> None:
+    torch.set_num_threads(1)
+    from engine.models.tensor_parallel import TokenWeaveConfig, TPModel
+    from engine.parallel import TorchDistCommunicator
+    from engine.runtime.groups import GroupSpec, join_group
+
+    spec = GroupSpec("tp-bench", rank, world, "127.0.0.1", port, "gloo", 120.0, local_host="127.0.0.1")
+    comm = TorchDistCommunicator(join_group(spec), timeout_s=120.0, name="tp-bench")
+    full = build_full_model(args.layers, args.seed)
+    hidden = full.cfg.hidden_size
+    local = ComputeOnlyCommunicator(rank, world)
+    models = {
+        "compute": TPModel.from_full(full, local, TokenWeaveConfig(enabled=False)),
+        "compute_split": TPModel.from_full(full, local, TokenWeaveConfig(min_tokens=0)),
+        "sequential": TPModel.from_full(full, comm, TokenWeaveConfig(enabled=False)),
+        "tokenweave": TPModel.from_full(full, comm, TokenWeaveConfig(min_tokens=0)),
+    }
+    del full
+    vocab_shard = models["sequential"].plan.vocab_shard
+    barrier = torch.zeros(1)
+
+    def prefill(model: TPModel, ids: torch.Tensor) -> None:
+        h = model.forward(ids)
+        model.compute_logits(h[-1:])
+
+    def comm_only(n: int) -> None:
+        x = torch.ones(n, hidden)
+        for _ in range(1 + 2 * args.layers):
+            x = comm.all_reduce(x)
+        comm.all_gather(torch.ones(vocab_shard, 1))
+
+    g = torch.Generator().manual_seed(args.seed)
+    prompts = {n: torch.randint(0, 49152, (n,), generator=g) for n in args.lengths}
+    for n in args.lengths[:1]:  # warm-up: first calls allocate and fault pages in
+        for m in ("sequential", "tokenweave"):
+            prefill(models[m], prompts[n])
+    rows: list[dict[str, Any]] = []
+    for rnd in range(args.rounds):
+        load = os.getloadavg()[0]
+        for n in args.lengths:
+            for mode in MODES:
+                comm.all_reduce(barrier)
+                w0, c0 = time.perf_counter(), time.process_time()
+                if mode == "comm":
+                    comm_only(n)
+                else:
+                    prefill(models[mode], prompts[n])
+                wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+                comm.all_reduce(barrier)
+                rows.append({"round": rnd, "tokens": n, "mode": mode, "wall_s": wall, "cpu_s": cpu, "load1": load})
+        if rank == 0:
+            print(f"round {rnd + 1}/{args.rounds} done (load {load:.2f})", flush=True)
+    out.put((rank, rows))
+
+
+def summarise(rows: list[dict[str, Any]], layers: int) -> list[dict[str, Any]]:
+    out = []
+    for n in sorted({r["tokens"] for r in rows}):
+        med = {m: statistics.median(r["wall_s"] for r in rows if r["tokens"] == n and r["mode"] == m) for m in MODES}
+        comm_rows = [r for r in rows if r["tokens"] == n and r["mode"] == "comm"]
+        comm_cpu = statistics.median(r["cpu_s"] for r in comm_rows)
+        f = max(0.0, (med["comm"] - comm_cpu) / med["comm"])
+        ideal = med["sequential"] - max(med["compute"], med["comm"])
+        gain = med["sequential"] - med["tokenweave"]
+        # per round: tokenweave / sequential of the same round (noise that hits a round hits both)
+        ratios = []
+        for rnd in sorted({r["round"] for r in rows}):
+            by = {r["mode"]: r["wall_s"] for r in rows if r["tokens"] == n and r["round"] == rnd}
+            ratios.append(by["tokenweave"] / by["sequential"])
+        out.append(
+            {
+                "tokens": n,
+                **{f"{m}_ms": med[m] * 1e3 for m in MODES},
+                **{f"{m}_per_layer_ms": med[m] * 1e3 / layers for m in MODES},
+                "comm_cpu_ms": comm_cpu * 1e3,
+                "free_fraction": f,
+                "ideal_gain_ms": ideal * 1e3,
+                "achievable_gain_ms": f * ideal * 1e3,
+                "tokenweave_gain_ms": gain * 1e3,
+                "recovered": gain / (f * ideal) if f * ideal > 0 else None,
+                "tokenweave_over_sequential_median": statistics.median(ratios),
+                "tokenweave_over_sequential_per_round": ratios,
+                "pays": med["tokenweave"] < med["sequential"],
+            }
+        )
+    return out
+
+
+def table(summary: list[dict[str, Any]]) -> str:
+    lines = [
+        "| tokens | compute ms | compute split ms | comm ms (CPU ms) | f | sequential ms | TokenWeave ms "
+        "| TW / seq | ideal gain ms | f x ideal ms | recovered |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in summary:
+        rec = "n/a" if s["recovered"] is None else f"{s['recovered']:.0%}"
+        lines.append(
+            f"| {s['tokens']} | {s['compute_ms']:.1f} | {s['compute_split_ms']:.1f} | {s['comm_ms']:.1f} "
+            f"({s['comm_cpu_ms']:.1f}) | {s['free_fraction']:.2f} | {s['sequential_ms']:.1f} | {s['tokenweave_ms']:.1f} "
+            f"| {s['tokenweave_over_sequential_median']:.3f} | {s['ideal_gain_ms']:.1f} | {s['achievable_gain_ms']:.1f} | {rec} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(summary: list[dict[str, Any]], layers: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.6))
+    tokens = [s["tokens"] for s in summary]
+    for m, style in (
+        ("compute", "o--"),
+        ("compute_split", "x--"),
+        ("comm", "^--"),
+        ("sequential", "s-"),
+        ("tokenweave", "D-"),
+    ):
+        a1.plot(tokens, [s[f"{m}_per_layer_ms"] for s in summary], style, label=m)
+    a1.set_xscale("log", base=2)
+    a1.set_yscale("log")
+    a1.set_xlabel("prompt tokens")
+    a1.set_ylabel(f"ms per layer (forward / {layers}, median)")
+    a1.set_title("TP=2 prefill, gloo on CPU")
+    a1.legend(fontsize=8)
+    a2.plot(tokens, [s["tokenweave_over_sequential_median"] for s in summary], "D-", label="TokenWeave / sequential")
+    a2.plot(
+        tokens,
+        [max(s["compute_ms"], s["comm_ms"]) / s["sequential_ms"] for s in summary],
+        "k:",
+        label="ideal: max(compute, comm) / sequential",
+    )
+    a2.plot(
+        tokens,
+        [1 - s["achievable_gain_ms"] / s["sequential_ms"] for s in summary],
+        "g--",
+        label="achievable: 1 - f x ideal gain / sequential",
+    )
+    a2.axhline(1.0, color="grey", lw=0.8)
+    a2.set_xscale("log", base=2)
+    a2.set_xlabel("prompt tokens")
+    a2.set_ylabel("time relative to sequential TP")
+    a2.set_title("what overlap recovers")
+    a2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--lengths", default="64,128,256,512,1024,2048", help="prompt lengths (tokens)")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="256 and 1024 tokens, 3 rounds")
+    ap.add_argument("--out", default="tensor_parallel", help="results name under benchmarks/results/")
+    args = ap.parse_args()
+    if args.quick:
+        args.lengths, args.rounds = "256,1024", 3
+    args.lengths = [int(x) for x in args.lengths.split(",")]
+
+    import multiprocessing as mp
+
+    from benchmarks.common import RESULTS_DIR, machine_description
+    from engine.runtime.groups import free_port
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port("127.0.0.1")
+    load_start = os.getloadavg()
+    procs = [ctx.Process(target=rank_main, args=(r, 2, port, args, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(q.get() for _ in procs)
+    for p in procs:
+        p.join()
+    load_end = os.getloadavg()
+    summary = summarise(results[0], args.layers)
+    print(table(summary))
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "command": "benchmarks/tensor_parallel.py " + " ".join(sys.argv[1:]),
+        "machine": machine_description(),
+        "model": "random Llama: hidden 576, 16 q / 8 KV heads (head_dim 36), intermediate 1536, vocab 49152, fp32",
+        "layers": args.layers,
+        "world_size": 2,
+        "rounds": args.rounds,
+        "load_avg_start": load_start,
+        "load_avg_end": load_end,
+        "summary": summary,
+        "runs": results[0],
+    }
+    (RESULTS_DIR / f"{args.out}.json").write_text(json.dumps(doc, indent=1))
+    plot(summary, args.layers, RESULTS_DIR / f"{args.out}.png")
+    print(f"load average start {load_start}, end {load_end}; wrote {RESULTS_DIR / args.out}.{{json,png}}")
+
+
+if __name__ == "__main__":
+    main()
