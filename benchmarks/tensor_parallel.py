@@ -25,10 +25,14 @@ rounds, timed on rank 0 between two barriers:
 - ``sequential``: TP with blocking all-reduces (TokenWeaveConfig(enabled=False)).
 - ``tokenweave``: TP with the fused reduce-scatter / RMSNorm / all-gather and two overlapped
   micro-batches (TokenWeaveConfig(min_tokens=0)).
+- ``tokenweave_ar``: the same split and overlap with all-reduce + RMSNorm instead of the fused
+  form (TokenWeaveConfig(fused_norm=False)): gloo's reduce-scatter costs as much as its
+  all-reduce, so the fused form moves ~1.5x the bytes' time on CPU.
 
 Derived per length: ideal gain = sequential - max(compute, comm); recovered = (sequential -
-tokenweave) / (f * ideal gain), the share of the achievable gain TokenWeave gets; a length
-where tokenweave >= sequential does not pay. Per-layer times are the forward's time / layers
+tokenweave) / (f * ideal gain), the share of the achievable gain TokenWeave gets (both
+variants); a length where tokenweave >= sequential does not pay. TW / seq is the median over
+rounds of each round's own ratio. Per-layer times are the forward's time / layers
 (the embedding and head are one collective each). The 1-minute load average is recorded per
 round: the 2 cores are shared, so compare modes within a round, not across runs.
 """
@@ -51,7 +55,7 @@ import torch  # noqa: E402
 
 from engine.parallel import Communicator, Pending, Ready  # noqa: E402
 
-MODES = ("compute", "compute_split", "comm", "sequential", "tokenweave")
+MODES = ("compute", "compute_split", "comm", "sequential", "tokenweave", "tokenweave_ar")
 
 
 class ComputeOnlyCommunicator(Communicator):
@@ -140,6 +144,7 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: A
         "compute_split": TPModel.from_full(full, local, TokenWeaveConfig(min_tokens=0)),
         "sequential": TPModel.from_full(full, comm, TokenWeaveConfig(enabled=False)),
         "tokenweave": TPModel.from_full(full, comm, TokenWeaveConfig(min_tokens=0)),
+        "tokenweave_ar": TPModel.from_full(full, comm, TokenWeaveConfig(min_tokens=0, fused_norm=False)),
     }
     del full
     vocab_shard = models["sequential"].plan.vocab_shard
@@ -158,7 +163,7 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: A
     g = torch.Generator().manual_seed(args.seed)
     prompts = {n: torch.randint(0, 49152, (n,), generator=g) for n in args.lengths}
     for n in args.lengths[:1]:  # warm-up: first calls allocate and fault pages in
-        for m in ("sequential", "tokenweave"):
+        for m in ("sequential", "tokenweave", "tokenweave_ar"):
             prefill(models[m], prompts[n])
     rows: list[dict[str, Any]] = []
     for rnd in range(args.rounds):
@@ -187,43 +192,51 @@ def summarise(rows: list[dict[str, Any]], layers: int) -> list[dict[str, Any]]:
         comm_cpu = statistics.median(r["cpu_s"] for r in comm_rows)
         f = max(0.0, (med["comm"] - comm_cpu) / med["comm"])
         ideal = med["sequential"] - max(med["compute"], med["comm"])
-        gain = med["sequential"] - med["tokenweave"]
-        # per round: tokenweave / sequential of the same round (noise that hits a round hits both)
-        ratios = []
-        for rnd in sorted({r["round"] for r in rows}):
-            by = {r["mode"]: r["wall_s"] for r in rows if r["tokens"] == n and r["round"] == rnd}
-            ratios.append(by["tokenweave"] / by["sequential"])
-        out.append(
-            {
-                "tokens": n,
-                **{f"{m}_ms": med[m] * 1e3 for m in MODES},
-                **{f"{m}_per_layer_ms": med[m] * 1e3 / layers for m in MODES},
-                "comm_cpu_ms": comm_cpu * 1e3,
-                "free_fraction": f,
-                "ideal_gain_ms": ideal * 1e3,
-                "achievable_gain_ms": f * ideal * 1e3,
-                "tokenweave_gain_ms": gain * 1e3,
-                "recovered": gain / (f * ideal) if f * ideal > 0 else None,
-                "tokenweave_over_sequential_median": statistics.median(ratios),
-                "tokenweave_over_sequential_per_round": ratios,
-                "pays": med["tokenweave"] < med["sequential"],
+        row: dict[str, Any] = {
+            "tokens": n,
+            **{f"{m}_ms": med[m] * 1e3 for m in MODES},
+            **{f"{m}_per_layer_ms": med[m] * 1e3 / layers for m in MODES},
+            "comm_cpu_ms": comm_cpu * 1e3,
+            "free_fraction": f,
+            "ideal_gain_ms": ideal * 1e3,
+            "achievable_gain_ms": f * ideal * 1e3,
+        }
+        for tw in ("tokenweave", "tokenweave_ar"):
+            gain = med["sequential"] - med[tw]
+            # per round: tw / sequential of the same round (noise that hits a round hits both)
+            ratios = []
+            for rnd in sorted({r["round"] for r in rows}):
+                by = {r["mode"]: r["wall_s"] for r in rows if r["tokens"] == n and r["round"] == rnd}
+                ratios.append(by[tw] / by["sequential"])
+            row |= {
+                f"{tw}_gain_ms": gain * 1e3,
+                f"{tw}_recovered": gain / (f * ideal) if f * ideal > 0 else None,
+                f"{tw}_over_sequential_median": statistics.median(ratios),
+                f"{tw}_over_sequential_per_round": ratios,
+                f"{tw}_pays": med[tw] < med["sequential"],
             }
-        )
+        out.append(row)
     return out
 
 
 def table(summary: list[dict[str, Any]]) -> str:
     lines = [
         "| tokens | compute ms | compute split ms | comm ms (CPU ms) | f | sequential ms | TokenWeave ms "
-        "| TW / seq | ideal gain ms | f x ideal ms | recovered |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| TW / seq | TW-allreduce ms | TW-AR / seq | ideal gain ms | f x ideal ms | recovered TW | recovered TW-AR |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def pct(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.0%}"
+
     for s in summary:
-        rec = "n/a" if s["recovered"] is None else f"{s['recovered']:.0%}"
         lines.append(
             f"| {s['tokens']} | {s['compute_ms']:.1f} | {s['compute_split_ms']:.1f} | {s['comm_ms']:.1f} "
-            f"({s['comm_cpu_ms']:.1f}) | {s['free_fraction']:.2f} | {s['sequential_ms']:.1f} | {s['tokenweave_ms']:.1f} "
-            f"| {s['tokenweave_over_sequential_median']:.3f} | {s['ideal_gain_ms']:.1f} | {s['achievable_gain_ms']:.1f} | {rec} |"
+            f"({s['comm_cpu_ms']:.1f}) | {s['free_fraction']:.2f} | {s['sequential_ms']:.1f} "
+            f"| {s['tokenweave_ms']:.1f} | {s['tokenweave_over_sequential_median']:.3f} "
+            f"| {s['tokenweave_ar_ms']:.1f} | {s['tokenweave_ar_over_sequential_median']:.3f} "
+            f"| {s['ideal_gain_ms']:.1f} | {s['achievable_gain_ms']:.1f} "
+            f"| {pct(s['tokenweave_recovered'])} | {pct(s['tokenweave_ar_recovered'])} |"
         )
     return "\n".join(lines)
 
@@ -242,6 +255,7 @@ def plot(summary: list[dict[str, Any]], layers: int, path: Path) -> None:
         ("comm", "^--"),
         ("sequential", "s-"),
         ("tokenweave", "D-"),
+        ("tokenweave_ar", "v-"),
     ):
         a1.plot(tokens, [s[f"{m}_per_layer_ms"] for s in summary], style, label=m)
     a1.set_xscale("log", base=2)
@@ -251,6 +265,9 @@ def plot(summary: list[dict[str, Any]], layers: int, path: Path) -> None:
     a1.set_title("TP=2 prefill, gloo on CPU")
     a1.legend(fontsize=8)
     a2.plot(tokens, [s["tokenweave_over_sequential_median"] for s in summary], "D-", label="TokenWeave / sequential")
+    a2.plot(
+        tokens, [s["tokenweave_ar_over_sequential_median"] for s in summary], "v-", label="TokenWeave-AR / sequential"
+    )
     a2.plot(
         tokens,
         [max(s["compute_ms"], s["comm_ms"]) / s["sequential_ms"] for s in summary],

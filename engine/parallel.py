@@ -26,6 +26,7 @@ import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -363,6 +364,39 @@ class TorchDistCommunicator(Communicator):
 
     def _start_recv(self, out: torch.Tensor, src: int, tag: int) -> Pending[torch.Tensor]:
         return self._issue(f"recv from {src}", lambda: self.group.recv([out], src, tag), out, out)
+
+
+# ============================================================================ communication worker
+
+
+class _FuturePending(Generic[T]):
+    def __init__(self, future: Future[T]):
+        self._future = future
+
+    def wait(self) -> T:
+        return self._future.result()  # re-raises the job's exception (e.g. CommunicationError)
+
+
+class CommWorker:
+    """One thread that runs submitted jobs one at a time, in submission order: a
+    "communication stream" for chains of collectives with a little compute between them,
+    such as TokenWeave's fused AR-RMSNorm (reduce-scatter -> RMSNorm on the token shard ->
+    all-gather), which must overlap the caller's compute as one unit.
+
+    Ordering invariant: while jobs that issue collectives on a communicator are in flight,
+    only this worker issues collectives on it (so every rank issues them in the same order:
+    the order of its deterministic submissions). A job's blocking ops are bounded by the
+    communicator's timeout, so ``wait()`` never hangs on a dead peer; it re-raises what the
+    job raised. Lifecycle: created by its owner, ``close()`` joins the thread."""
+
+    def __init__(self, name: str = "comm"):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+
+    def submit(self, job: Callable[[], T]) -> Pending[T]:
+        return _FuturePending(self._pool.submit(job))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
 
 
 # ============================================================================ overlap schedule

@@ -26,8 +26,10 @@ Two forward paths, same math, different reduction order:
   the normed shard (the fused AR-RMSNorm); the residual stream stays sharded by tokens
   ([t / W, hidden] per micro-batch). The batch's tokens are cut into two micro-batches whose
   sizes are multiples of W (engine.parallel.aligned_split), and the stages run through
-  engine.parallel.run_overlapped, so one micro-batch's collective is in flight while the other
-  computes. Tokens are padded at the end to a multiple of W; padding tokens come last in causal
+  engine.parallel.run_overlapped. Each fused AR-RMSNorm runs as one job on a communication
+  thread (engine.parallel.CommWorker, the CPU stand-in for TokenWeave's fused kernel on a few
+  SMs), so one micro-batch's reduce-scatter, norm and all-gather run while the other
+  micro-batch computes. Tokens are padded at the end to a multiple of W; padding tokens come last in causal
   order, so no real token attends to them, and their outputs are dropped.
 
 Attention: a simple causal attention over the whole prompt, on this rank's heads, without the
@@ -54,11 +56,10 @@ from engine.models.llama import DecoderLM
 from engine.models.loader import FAMILY_RULES, WeightLoadError, _destination, safetensors_files
 from engine.models.weight_rules import IGNORED, Rule
 from engine.parallel import (
-    AllOf,
     Communicator,
+    CommWorker,
     OverlapStats,
     Pending,
-    Ready,
     Stage,
     TokenSplit,
     aligned_split,
@@ -281,34 +282,46 @@ class PrefixAttention:
 
     Lifecycle: one instance per forward. Micro-batches arrive at each layer in token order
     (run_overlapped guarantees it); the keys/values of earlier micro-batches are kept per
-    layer, so a later one attends to them (``start`` checks the order)."""
+    layer, so a later one attends to them (``start`` checks the order).
+
+    Queries run in chunks whose boundaries are the multiples of ``CHUNK`` positions, each
+    chunk against the keys up to its end: the score matrix stays [h, CHUNK, S] (cache
+    friendly) and the work done for a token does not depend on how the batch was split into
+    micro-batches, as long as the split points are multiples of CHUNK (TokenWeave aligns them)."""
+
+    CHUNK = 128
 
     def __init__(self, sliding_window: int | None):
         self.sliding_window = sliding_window
-        self.keys: dict[int, list[torch.Tensor]] = {}
-        self.values: dict[int, list[torch.Tensor]] = {}
+        self.keys: dict[int, torch.Tensor] = {}  # layer -> [S, hkv, D], every position so far
+        self.values: dict[int, torch.Tensor] = {}
         self.start = 0  # first position of the micro-batch about to run (set by the caller)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Any) -> torch.Tensor:
         """q: [t, h, D], k/v: [t, hkv, D] at positions [start, start + t) -> [t, h, D]."""
-        ks, vs = self.keys.setdefault(layer, []), self.values.setdefault(layer, [])
-        seen = sum(x.shape[0] for x in ks)
+        seen = self.keys[layer].shape[0] if layer in self.keys else 0
         if seen != self.start:
             raise RuntimeError(f"PrefixAttention layer {layer}: micro-batch at {self.start} after {seen} keys")
-        ks.append(k)
-        vs.append(v)
-        kk = torch.cat(ks) if len(ks) > 1 else k  # [S, hkv, D], S = start + t
-        vv = torch.cat(vs) if len(vs) > 1 else v
-        t, s = q.shape[0], kk.shape[0]
-        qpos = torch.arange(self.start, self.start + t)[:, None]
-        kpos = torch.arange(s)[None, :]
-        mask = kpos <= qpos  # [t, S]
-        if self.sliding_window is not None:
-            mask &= kpos > qpos - self.sliding_window
-        o = F.scaled_dot_product_attention(
-            q.transpose(0, 1), kk.transpose(0, 1), vv.transpose(0, 1), attn_mask=mask, enable_gqa=True
-        )  # [h, t, D]
-        return o.transpose(0, 1)
+        if seen:
+            k, v = torch.cat((self.keys[layer], k)), torch.cat((self.values[layer], v))
+        self.keys[layer], self.values[layer] = k, v  # [S, hkv, D], S = start + t
+        out = torch.empty_like(q)
+        pos, end_all = self.start, self.start + q.shape[0]
+        while pos < end_all:
+            end = min((pos // self.CHUNK + 1) * self.CHUNK, end_all)
+            lo = 0 if self.sliding_window is None else max(0, pos - self.sliding_window + 1)
+            qpos = torch.arange(pos, end)[:, None]
+            kpos = torch.arange(lo, end)[None, :]
+            mask = kpos <= qpos  # [c, end - lo]
+            if self.sliding_window is not None:
+                mask &= kpos > qpos - self.sliding_window
+            qc = q[pos - self.start : end - self.start].transpose(0, 1)  # [h, c, D]
+            o = F.scaled_dot_product_attention(
+                qc, k[lo:end].transpose(0, 1), v[lo:end].transpose(0, 1), attn_mask=mask, enable_gqa=True
+            )  # [h, c, D]
+            out[pos - self.start : end - self.start] = o.transpose(0, 1)
+            pos = end
+        return out
 
 
 # ============================================================================ the TP model
@@ -317,10 +330,15 @@ class PrefixAttention:
 @dataclass(frozen=True)
 class TokenWeaveConfig:
     """TokenWeave's switch and threshold. Below ``min_tokens`` tokens the sequential path runs
-    (two micro-batches cost more than the overlap saves: see benchmarks/tensor_parallel.py)."""
+    (two micro-batches cost more than the overlap saves: see benchmarks/tensor_parallel.py).
+    ``fused_norm``: each all-reduce + RMSNorm is reduce-scatter -> RMSNorm on the token shard ->
+    all-gather (TokenWeave's fused AR-RMSNorm); False keeps all-reduce + RMSNorm on every
+    token (still split and overlapped), which costs less on gloo, whose reduce-scatter takes
+    as long as its all-reduce."""
 
     enabled: bool = True
     min_tokens: int = 256
+    fused_norm: bool = True
 
     def __post_init__(self) -> None:
         if self.min_tokens < 0:
@@ -341,6 +359,7 @@ class TPModel:
         self.model, self.plan, self.comm, self.tokenweave = shard, plan, comm, tokenweave
         self.cfg = shard.cfg  # local shapes
         self.stats = OverlapStats()  # TokenWeave runs: compute vs exposed communication
+        self._comm_worker: CommWorker | None = None  # started by the first TokenWeave forward
 
     @classmethod
     def load(
@@ -406,63 +425,85 @@ class TPModel:
 
     # ------------------------------------------------------------------ TokenWeave
     def _forward_tokenweave(self, ids: torch.Tensor) -> torch.Tensor:
-        # Residual shard of a micro-batch of t tokens on rank r: rows [r*t/W, (r+1)*t/W), the
-        # rows reduce-scatter hands this rank; all-gather puts them back at the same place.
-        m, comm, w = self.model, self.comm, self.plan.world_size
+        """Per micro-batch the stages are: embedding, then per layer attention and MLP; each
+        stage's compute yields a partial sum that one job on the communication worker turns
+        into the next stage's input (``_ar_norm``), so the job of micro-batch 0 runs while
+        micro-batch 1 computes, and the other way round. The main thread issues no
+        collective until every job was waited (CommWorker's ordering invariant)."""
+        m, w = self.model, self.plan.world_size
         n = ids.shape[0]
         padded = -(-n // w) * w
         if padded > m.rope.cos.shape[0]:
             raise ValueError(f"TokenWeave: {n} tokens padded to {padded} exceed the rope table ({m.rope.cos.shape[0]})")
         ids = F.pad(ids, (0, padded - n))  # padding tokens come last in causal order
-        sizes = TokenSplit(micro_batches=2, rule=aligned_split(w)).sizes(padded)
+        # split point: a multiple of W (reduce-scatter) and, when the batch allows, of the
+        # attention chunk (the same attention work as unsplit)
+        multiple = math.lcm(w, PrefixAttention.CHUNK)
+        multiple = multiple if padded >= 2 * multiple else w
+        sizes = TokenSplit(micro_batches=2, rule=aligned_split(multiple)).sizes(padded)
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
-        parts = list(torch.split(ids, sizes))
         dtype = m.embed.dtype
         ropes = [m.rope.tables(torch.arange(s, s + t), dtype) for s, t in zip(starts, sizes, strict=True)]
         attn = PrefixAttention(m.cfg.sliding_window)
+        worker = self._worker()
 
-        def fused_norm(norm: RMSNorm, first: bool) -> Stage:
-            """Residual add + RMSNorm on the local token shard, then all-gather the normed shard.
-            In: [reduced shard, residual shard] (first: the reduced embedding alone)."""
+        def communicate(norm: RMSNorm) -> Any:
+            def issue(i: int, y: tuple[torch.Tensor, torch.Tensor | None]) -> Pending[Any]:
+                return worker.submit(lambda: self._ar_norm(y[0], y[1], norm))
 
-            def compute(i: int, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
-                xs = y if first else y[0] + y[1]  # residual shard [t / W, hidden]
-                return norm(xs), xs
-
-            def communicate(i: int, y: tuple[torch.Tensor, torch.Tensor]) -> Pending[list[torch.Tensor]]:
-                return AllOf(comm.all_gather_async(y[0]), Ready(y[1]))
-
-            return Stage(compute, communicate, "norm+all_gather")
-
-        def sublayer(fn: Any, name: str) -> Stage:
-            """In: [normed h [t, hidden], residual shard]; fn(i, h) -> partial sum [t, hidden]."""
-
-            def compute(i: int, y: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-                return fn(i, y[0]), y[1]
-
-            def communicate(i: int, y: tuple[torch.Tensor, torch.Tensor]) -> Pending[list[torch.Tensor]]:
-                return AllOf(comm.reduce_scatter_async(y[0]), Ready(y[1]))
-
-            return Stage(compute, communicate, name)
+            return issue
 
         def attention(layer: Any) -> Any:
-            def fn(i: int, h: torch.Tensor) -> torch.Tensor:
+            def compute(i: int, y: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
                 attn.start = starts[i]
-                return layer.attn(h, ropes[i], attn, None)
+                return layer.attn(y[0], ropes[i], attn, None), y[1]
 
-            return fn
+            return compute
 
-        stages = [
-            Stage(lambda i, x: self._embed_partial(x), lambda i, y: comm.reduce_scatter_async(y), "embed"),
-            fused_norm(m.layers[0].input_norm, first=True),
-        ]
+        def mlp(layer: Any) -> Any:
+            def compute(i: int, y: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                return layer.mlp(y[0]), y[1]
+
+            return compute
+
+        stages = [Stage(lambda i, x: (self._embed_partial(x), None), communicate(m.layers[0].input_norm), "embed")]
         for j, layer in enumerate(m.layers):
             nxt = m.layers[j + 1].input_norm if j + 1 < len(m.layers) else m.norm
             stages += [
-                sublayer(attention(layer), f"attn{j}"),
-                fused_norm(layer.post_attn_norm, first=False),
-                sublayer(lambda i, h, mlp=layer.mlp: mlp(h), f"mlp{j}"),
-                fused_norm(nxt, first=False),
+                Stage(attention(layer), communicate(layer.post_attn_norm), f"attn{j}"),
+                Stage(mlp(layer), communicate(nxt), f"mlp{j}"),
             ]
-        outs = run_overlapped(parts, stages, self.stats)
-        return torch.cat([o[0] for o in outs])[:n]
+        outs = run_overlapped(list(torch.split(ids, sizes)), stages, self.stats)
+        return torch.cat([h for h, _ in outs])[:n]
+
+    def _ar_norm(
+        self, partial: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused AR-RMSNorm of one micro-batch of t tokens, on the communication worker.
+        partial: [t, hidden] this rank's partial sum; residual: the residual stream (None: the
+        embedding, which starts it) -> (norm(residual + sum of partials) [t, hidden], the new
+        residual).
+
+        fused_norm: reduce-scatter -> residual add + RMSNorm on this rank's token shard ->
+        all-gather of the normed shard; the residual stays sharded ([t / W, hidden]: rows
+        [r*t/W, (r+1)*t/W), which reduce-scatter hands rank r and all-gather puts back).
+        Otherwise: all-reduce, then add + norm on all t rows (residual [t, hidden])."""
+        comm = self.comm
+        if self.tokenweave.fused_norm:
+            x = comm.reduce_scatter(partial)
+            x = x if residual is None else x + residual
+            return comm.all_gather(norm(x)), x
+        x = comm.all_reduce(partial)
+        x = x if residual is None else x + residual
+        return norm(x), x
+
+    def _worker(self) -> CommWorker:
+        if self._comm_worker is None:
+            self._comm_worker = CommWorker(f"tp{self.plan.rank}-comm")
+        return self._comm_worker
+
+    def close(self) -> None:
+        """Stops the communication worker (TokenWeave); the model stays usable."""
+        if self._comm_worker is not None:
+            self._comm_worker.close()
+            self._comm_worker = None

@@ -139,16 +139,26 @@ def test_prefix_attention_refuses_micro_batches_out_of_order() -> None:
         attn.forward(0, q, q[:, :1], q[:, :1], None)
 
 
-def test_prefix_attention_split_equals_unsplit_with_a_sliding_window() -> None:
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("chunk", [128, 4])
+def test_prefix_attention_matches_masked_attention_however_split(window: int | None, chunk: int) -> None:
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(10, n, 8, generator=g) for n in (4, 2, 2))
-    whole = PrefixAttention(sliding_window=3).forward(0, q, k, v, None)
-    split = PrefixAttention(sliding_window=3)
-    parts = []
-    for a, b in ((0, 6), (6, 10)):
-        split.start = a
-        parts.append(split.forward(0, q[a:b], k[a:b], v[a:b], None))
-    torch.testing.assert_close(torch.cat(parts), whole)
+    pos = torch.arange(10)
+    mask = pos[None, :] <= pos[:, None]
+    if window is not None:
+        mask &= pos[None, :] > pos[:, None] - window
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, enable_gqa=True
+    ).transpose(0, 1)
+    for cuts in ((0, 10), (0, 6, 10), (0, 3, 4, 10)):  # split points on and off chunk boundaries
+        attn = PrefixAttention(sliding_window=window)
+        attn.CHUNK = chunk
+        parts = []
+        for a, b in zip(cuts, cuts[1:]):
+            attn.start = a
+            parts.append(attn.forward(0, q[a:b], k[a:b], v[a:b], None))
+        torch.testing.assert_close(torch.cat(parts), want, msg=f"cuts {cuts}")
 
 
 @pytest.mark.parametrize(

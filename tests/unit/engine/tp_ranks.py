@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import time
 import traceback
@@ -48,9 +49,12 @@ def _child(fn: Callable[..., Any], rank: int, world_size: int, port: int, timeou
         comm = TorchDistCommunicator(join_group(spec), timeout_s=timeout_s, name="tp")
         t0 = time.monotonic()
         value = fn(comm, *args)
-        out.put((rank, value, None, time.monotonic() - t0))
+        report = (rank, value, None, time.monotonic() - t0)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which asserts on it
-        out.put((rank, None, f"{type(e).__name__}: {e}\n{traceback.format_exc()}", time.monotonic() - t0))
+        report = (rank, None, f"{type(e).__name__}: {e}\n{traceback.format_exc()}", time.monotonic() - t0)
+    # plain pickle bytes: torch's queue reductions would share tensors through file
+    # descriptors that die with this process
+    out.put(pickle.dumps(report))
 
 
 def run_tp_ranks(
@@ -74,7 +78,7 @@ def run_tp_ranks(
     end = time.monotonic() + deadline_s
     while len(reported) < world_size and time.monotonic() < end:
         try:
-            rank, value, error, seconds = out.get(timeout=0.2)
+            rank, value, error, seconds = pickle.loads(out.get(timeout=0.2))
             reported[rank] = (value, error, seconds)
         except queue.Empty:
             # every rank that has not reported is dead: nothing more can come
@@ -103,8 +107,9 @@ def die() -> None:
 
 def tp_logits(comm, ckpts: list[str], prompts: list[list[int]], min_tokens: int) -> dict[str, Any] | None:
     """Per checkpoint, the full-forward logits [len(prompt), V] of every prompt with TokenWeave
-    off and on (``min_tokens``: its threshold). Rank 0 returns {ckpt: {"off": [...], "on":
-    [...], "tokenweave_runs": n}}; other ranks None (they computed the same gathered logits)."""
+    off, on (fused AR-RMSNorm) and on with all-reduce (``min_tokens``: its threshold). Rank 0
+    returns {ckpt: {mode: [logits per prompt], f"{mode}_tokenweave_runs": n}}; other ranks
+    None (they computed the same gathered logits)."""
     import torch
 
     from engine.models.tensor_parallel import TokenWeaveConfig, TPModel
@@ -112,11 +117,12 @@ def tp_logits(comm, ckpts: list[str], prompts: list[list[int]], min_tokens: int)
     result: dict[str, Any] = {}
     for ckpt in ckpts:
         per: dict[str, Any] = {}
-        for mode in ("off", "on"):
-            model = TPModel.load(ckpt, comm, TokenWeaveConfig(enabled=mode == "on", min_tokens=min_tokens))
+        for mode in ("off", "on", "on_allreduce"):
+            tw = TokenWeaveConfig(enabled=mode != "off", min_tokens=min_tokens, fused_norm=mode == "on")
+            model = TPModel.load(ckpt, comm, tw)
             per[mode] = [model.compute_logits(model.forward(torch.tensor(p))) for p in prompts]
-            if mode == "on":
-                per["tokenweave_runs"] = model.stats.runs
+            per[f"{mode}_tokenweave_runs"] = model.stats.runs
+            model.close()
         result[ckpt] = per
     return result if comm.rank == 0 else None
 
