@@ -56,10 +56,12 @@ from engine.models.llama import DecoderLM
 from engine.models.loader import FAMILY_RULES, WeightLoadError, _destination, safetensors_files
 from engine.models.weight_rules import IGNORED, Rule
 from engine.parallel import (
+    AllOf,
     Communicator,
     CommWorker,
     OverlapStats,
     Pending,
+    Ready,
     Stage,
     TokenSplit,
     aligned_split,
@@ -426,11 +428,16 @@ class TPModel:
     # ------------------------------------------------------------------ TokenWeave
     def _forward_tokenweave(self, ids: torch.Tensor) -> torch.Tensor:
         """Per micro-batch the stages are: embedding, then per layer attention and MLP; each
-        stage's compute yields a partial sum that one job on the communication worker turns
-        into the next stage's input (``_ar_norm``), so the job of micro-batch 0 runs while
-        micro-batch 1 computes, and the other way round. The main thread issues no
-        collective until every job was waited (CommWorker's ordering invariant)."""
-        m, w = self.model, self.plan.world_size
+        stage's compute yields a partial sum [t, hidden] whose reduction (and the RMSNorm after
+        it) overlaps the other micro-batch's compute.
+
+        fused_norm: the reduction is one job on the communication worker (``_fused_ar_norm``:
+        reduce-scatter -> norm on the token shard -> all-gather), so the job of micro-batch 0
+        runs while micro-batch 1 computes, and the other way round; the main thread issues no
+        collective until every job was waited (CommWorker's ordering invariant).
+        Otherwise: an async all-reduce issued by the main thread; the residual add and norm run
+        at the start of the next stage's compute (no extra thread)."""
+        m, w, comm = self.model, self.plan.world_size, self.comm
         n = ids.shape[0]
         padded = -(-n // w) * w
         if padded > m.rope.cos.shape[0]:
@@ -445,57 +452,78 @@ class TPModel:
         dtype = m.embed.dtype
         ropes = [m.rope.tables(torch.arange(s, s + t), dtype) for s, t in zip(starts, sizes, strict=True)]
         attn = PrefixAttention(m.cfg.sliding_window)
-        worker = self._worker()
+        parts = list(torch.split(ids, sizes))
 
-        def communicate(norm: RMSNorm) -> Any:
-            def issue(i: int, y: tuple[torch.Tensor, torch.Tensor | None]) -> Pending[Any]:
-                return worker.submit(lambda: self._ar_norm(y[0], y[1], norm))
+        def attend(layer: Any, i: int, h: torch.Tensor) -> torch.Tensor:
+            attn.start = starts[i]
+            return layer.attn(h, ropes[i], attn, None)
 
-            return issue
+        if self.tokenweave.fused_norm:
+            # state between stages: (normed input [t, hidden], residual shard [t / W, hidden])
+            worker = self._worker()
 
-        def attention(layer: Any) -> Any:
-            def compute(i: int, y: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-                attn.start = starts[i]
-                return layer.attn(y[0], ropes[i], attn, None), y[1]
+            def reduce(norm: RMSNorm) -> Any:
+                def issue(i: int, y: tuple[torch.Tensor, torch.Tensor | None]) -> Pending[Any]:
+                    return worker.submit(lambda: self._fused_ar_norm(y[0], y[1], norm))
 
-            return compute
+                return issue
 
-        def mlp(layer: Any) -> Any:
-            def compute(i: int, y: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-                return layer.mlp(y[0]), y[1]
+            stages = [Stage(lambda i, x: (self._embed_partial(x), None), reduce(m.layers[0].input_norm), "embed")]
+            for j, layer in enumerate(m.layers):
+                nxt = m.layers[j + 1].input_norm if j + 1 < len(m.layers) else m.norm
+                stages += [
+                    Stage(
+                        lambda i, y, layer=layer: (attend(layer, i, y[0]), y[1]),
+                        reduce(layer.post_attn_norm),
+                        f"attn{j}",
+                    ),
+                    Stage(lambda i, y, layer=layer: (layer.mlp(y[0]), y[1]), reduce(nxt), f"mlp{j}"),
+                ]
+            outs = run_overlapped(parts, stages, self.stats)
+            return torch.cat([h for h, _ in outs])[:n]
 
-            return compute
+        # state between stages: (reduced partial sum [t, hidden], residual [t, hidden] or None)
+        def add_norm(y: list[Any], norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+            x = y[0] if y[1] is None else y[1] + y[0]  # the residual stream after the sublayer
+            return norm(x), x
 
-        stages = [Stage(lambda i, x: (self._embed_partial(x), None), communicate(m.layers[0].input_norm), "embed")]
-        for j, layer in enumerate(m.layers):
-            nxt = m.layers[j + 1].input_norm if j + 1 < len(m.layers) else m.norm
-            stages += [
-                Stage(attention(layer), communicate(layer.post_attn_norm), f"attn{j}"),
-                Stage(mlp(layer), communicate(nxt), f"mlp{j}"),
-            ]
-        outs = run_overlapped(list(torch.split(ids, sizes)), stages, self.stats)
-        return torch.cat([h for h, _ in outs])[:n]
+        def all_reduce(i: int, y: tuple[torch.Tensor, torch.Tensor | None]) -> Pending[list[Any]]:
+            return AllOf(comm.all_reduce_async(y[0]), Ready(y[1]))
 
-    def _ar_norm(
+        def attn_stage(layer: Any) -> Stage:
+            def compute(i: int, y: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+                h, x = add_norm(y, layer.input_norm)
+                return attend(layer, i, h), x
+
+            return Stage(compute, all_reduce, "attn")
+
+        def mlp_stage(layer: Any) -> Stage:
+            def compute(i: int, y: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+                h, x = add_norm(y, layer.post_attn_norm)
+                return layer.mlp(h), x
+
+            return Stage(compute, all_reduce, "mlp")
+
+        stages = [Stage(lambda i, x: (self._embed_partial(x), None), all_reduce, "embed")]
+        for layer in m.layers:
+            stages += [attn_stage(layer), mlp_stage(layer)]
+        outs = run_overlapped(parts, stages, self.stats)
+        return torch.cat([add_norm(y, m.norm)[0] for y in outs])[:n]
+
+    def _fused_ar_norm(
         self, partial: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fused AR-RMSNorm of one micro-batch of t tokens, on the communication worker.
-        partial: [t, hidden] this rank's partial sum; residual: the residual stream (None: the
-        embedding, which starts it) -> (norm(residual + sum of partials) [t, hidden], the new
-        residual).
+        """TokenWeave's fused AR-RMSNorm of one micro-batch of t tokens, on the communication
+        worker. partial: [t, hidden] this rank's partial sum; residual: this rank's residual
+        shard [t / W, hidden] (None: the embedding, which starts it) -> (norm(residual + sum of
+        partials) [t, hidden], the new residual shard).
 
-        fused_norm: reduce-scatter -> residual add + RMSNorm on this rank's token shard ->
-        all-gather of the normed shard; the residual stays sharded ([t / W, hidden]: rows
-        [r*t/W, (r+1)*t/W), which reduce-scatter hands rank r and all-gather puts back).
-        Otherwise: all-reduce, then add + norm on all t rows (residual [t, hidden])."""
-        comm = self.comm
-        if self.tokenweave.fused_norm:
-            x = comm.reduce_scatter(partial)
-            x = x if residual is None else x + residual
-            return comm.all_gather(norm(x)), x
-        x = comm.all_reduce(partial)
+        reduce-scatter -> residual add + RMSNorm on this rank's token shard -> all-gather of the
+        normed shard; the residual stays sharded: rows [r*t/W, (r+1)*t/W), which reduce-scatter
+        hands rank r and all-gather puts back."""
+        x = self.comm.reduce_scatter(partial)
         x = x if residual is None else x + residual
-        return norm(x), x
+        return self.comm.all_gather(norm(x)), x
 
     def _worker(self) -> CommWorker:
         if self._comm_worker is None:
