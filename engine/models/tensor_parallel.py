@@ -14,9 +14,10 @@ Partition (W = world size, r = rank; Megatron-style):
   rank(s) carry padding). The embedding is a partial sum (a token's row lives on one rank);
   logits are all-gathered and the padding columns dropped.
 - Norms, rope and q/k norms are replicated.
-Query heads, KV heads and the intermediate size must divide by W (``TPDivisibilityError``
-names the numbers and the degrees that would work). MoE families are refused: their experts
-need sharding or replication across ranks (see ``plan_shard``).
+- MoE (Mixtral, Qwen2/3-MoE): every rank holds every expert with 1/W of its intermediate rows
+  (experts sharded like the dense MLP, router replicated; see ``plan_shard``).
+Query heads, KV heads and the (expert) intermediate sizes must divide by W
+(``TPDivisibilityError`` names the numbers and the degrees that would work).
 
 Two forward paths, same math, different reduction order:
 - ``sequential``: per sublayer ``x = x + all_reduce(partial)``, the residual stream [T, hidden]
@@ -97,13 +98,22 @@ class ShardPlan:
         return min((self.rank + 1) * self.vocab_shard, self.vocab)
 
     def local_config(self, cfg: ModelConfig) -> ModelConfig:
-        """The ModelConfig whose DecoderLM has exactly this rank's parameter shapes."""
+        """The ModelConfig whose DecoderLM has exactly this rank's parameter shapes (MoE: every
+        expert, and the shared expert, with 1/W of its intermediate rows)."""
+        moe = cfg.moe
+        if moe is not None:
+            moe = dataclasses.replace(
+                moe,
+                intermediate_size=moe.intermediate_size // self.world_size,
+                shared_intermediate_size=moe.shared_intermediate_size // self.world_size,
+            )
         return dataclasses.replace(
             cfg,
             num_heads=self.heads,
             num_kv_heads=self.kv_heads,
             intermediate_size=self.intermediate,
             vocab_size=self.vocab_shard,
+            moe=moe,
         )
 
 
@@ -114,29 +124,29 @@ def _divisors(n: int) -> list[int]:
 def plan_shard(cfg: ModelConfig, rank: int, world_size: int) -> ShardPlan:
     """The shard of rank ``rank``; raises TPDivisibilityError for a degree the model cannot take.
 
-    MoE (not implemented): experts would be either replicated with each expert's MLP split
-    like GatedMLP (gate/up column-, down row-parallel; the router replicated), or placed whole
-    on ranks (expert parallelism, tokens all-to-all'ed by the ExpertDispatcher)."""
+    MoE: every rank holds every expert, each expert's MLP split like GatedMLP (gate/up
+    column-, down row-parallel: 1/W of its intermediate rows), the router (and Qwen2-MoE's
+    shared-expert gate) replicated. Every rank routes the same tokens the same way, and the
+    block's output (sum of weighted expert outputs + gated shared expert) is linear in the
+    split dimension, so one all-reduce completes it, as for a dense MLP. (The alternative,
+    whole experts per rank with tokens all-to-all'ed, is expert parallelism: expert_router.)"""
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"tensor parallel: rank {rank} / world size {world_size} is not a valid rank")
-    if cfg.moe is not None:
-        raise TPDivisibilityError(
-            f"{cfg.architecture}: tensor parallelism covers the dense families only (MoE experts are not sharded yet)"
-        )
-    problems = []
-    for what, n in (
+    sizes = [
         ("query heads (num_heads)", cfg.num_heads),
         ("KV heads (num_kv_heads)", cfg.num_kv_heads),
         ("MLP intermediate_size", cfg.intermediate_size),
-    ):
+    ]
+    if cfg.moe is not None:
+        sizes.append(("expert intermediate_size", cfg.moe.intermediate_size))
+        if cfg.moe.shared_intermediate_size:
+            sizes.append(("shared expert intermediate_size", cfg.moe.shared_intermediate_size))
+    problems = []
+    for what, n in sizes:
         if n % world_size:
             problems.append(f"{what}={n}")
     if problems:
-        ok = [
-            d
-            for d in _divisors(math.gcd(cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size))
-            if d <= cfg.num_kv_heads
-        ]
+        ok = [d for d in _divisors(math.gcd(*(n for _, n in sizes))) if d <= cfg.num_kv_heads]
         raise TPDivisibilityError(
             f"tensor_parallel={world_size} does not divide {', '.join(problems)} of {cfg.architecture} "
             f"({cfg.num_heads} query / {cfg.num_kv_heads} KV heads, intermediate {cfg.intermediate_size}); "
@@ -170,13 +180,19 @@ def _source_slice(cfg: ModelConfig, plan: ShardPlan, target: str, rule: Rule | N
     if target.endswith(".attn.o"):
         n = plan.heads * d
         return (1, r * n, (r + 1) * n)
-    if target.endswith(".mlp.gate_up"):
-        assert rule is not None and rule.half is not None
+    if target.endswith(".mlp.gate_up") or target.endswith(".mlp.down"):
         n = plan.intermediate
-        return (0, r * n, (r + 1) * n)
-    if target.endswith(".mlp.down"):
-        n = plan.intermediate
-        return (1, r * n, (r + 1) * n)
+        return (0, r * n, (r + 1) * n) if target.endswith("gate_up") else (1, r * n, (r + 1) * n)
+    moe = cfg.moe
+    if moe is not None and (target.endswith(".mlp.experts.w13") or target.endswith(".mlp.experts.w2")):
+        # one expert's [I, H] gate or up, or its [H, I] down (the loader's per-expert names)
+        if rule is None or rule.expert is None:
+            raise WeightLoadError(f"{target}: tensor parallelism loads per-expert tensors only, not fused stacks")
+        n = moe.intermediate_size // plan.world_size
+        return (0, r * n, (r + 1) * n) if target.endswith("w13") else (1, r * n, (r + 1) * n)
+    if moe is not None and (target.endswith(".mlp.shared.gate_up") or target.endswith(".mlp.shared.down")):
+        n = moe.shared_intermediate_size // plan.world_size
+        return (0, r * n, (r + 1) * n) if target.endswith("gate_up") else (1, r * n, (r + 1) * n)
     return None
 
 
@@ -247,7 +263,6 @@ def shard_model(full: DecoderLM, plan: ShardPlan) -> DecoderLM:
     model = model.to_empty(device=full.embed.device).to(full.embed.dtype)
     model.rope.__init__(cfg.rope, cfg.head_dim, full.rope.cos.shape[0])
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    inter = cfg.intermediate_size
     parts = {
         "q": Rule("", "", qkv="q"),
         "k": Rule("", "", qkv="k"),
@@ -263,9 +278,21 @@ def shard_model(full: DecoderLM, plan: ShardPlan) -> DecoderLM:
                 pieces = {"q": src[:q], "k": src[q : q + kv], "v": src[q + kv :]}
                 local = [_take(pieces[k], _source_slice(cfg, plan, name, parts[k])) for k in "qkv"]
                 p.copy_(torch.cat(local, 0))
-            elif name.endswith(".mlp.gate_up"):
-                pieces = {"gate": src[:inter], "up": src[inter:]}
+            elif name.endswith(".mlp.gate_up") or name.endswith(".mlp.shared.gate_up"):
+                half = src.shape[0] // 2
+                pieces = {"gate": src[:half], "up": src[half:]}
                 p.copy_(torch.cat([_take(pieces[k], _source_slice(cfg, plan, name, parts[k])) for k in ("gate", "up")]))
+            elif name.endswith(".mlp.experts.w13") or name.endswith(".mlp.experts.w2"):
+                rule = Rule("", "", expert=0, half=0)
+                for e in range(src.shape[0]):  # per expert, as the checkpoint stores them
+                    if name.endswith("w13"):
+                        half = src.shape[1] // 2
+                        gate, up = (
+                            _take(x, _source_slice(cfg, plan, name, rule)) for x in (src[e, :half], src[e, half:])
+                        )
+                        p[e].copy_(torch.cat((gate, up)))
+                    else:
+                        p[e].copy_(_take(src[e], _source_slice(cfg, plan, name, rule)))
             elif name in ("embed", "lm_head"):
                 rows = _take(src, _source_slice(cfg, plan, name, None))
                 p.zero_()

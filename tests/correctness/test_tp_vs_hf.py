@@ -22,7 +22,15 @@ from tests.unit.engine.tp_ranks import run_tp_ranks, tp_greedy, tp_logits
 WIDE = {"num_attention_heads": 16, "num_key_value_heads": 8, "hidden_size": 128, "intermediate_size": 256}
 # family -> extra overrides: qwen2 with tied embeddings (vocab-parallel head = the embedding).
 # All in one spawn of the ranks (a spawn costs seconds on a 2-core machine).
-DENSE = {"llama": {}, "qwen2": {"tie_word_embeddings": True}, "qwen3": {}, "mistral": {}}
+# MoE: experts split by intermediate rows on every rank (Mixtral; Qwen2-MoE with its shared expert).
+FAMILIES = {
+    "llama": {},
+    "qwen2": {"tie_word_embeddings": True},
+    "qwen3": {},
+    "mistral": {},
+    "mixtral": {},
+    "qwen2_moe": {},
+}
 VOCAB = 515  # odd: the vocab split at TP=2 is uneven (258 + 257, one padding row)
 
 
@@ -38,9 +46,9 @@ def _assert_argmax_consistent(label: str, got: torch.Tensor, ref: torch.Tensor) 
     return int((got == best).sum())
 
 
-def test_tp2_dense_families_are_argmax_consistent_with_transformers(tiny_checkpoint) -> None:
+def test_tp2_dense_and_moe_families_are_argmax_consistent_with_transformers(tiny_checkpoint) -> None:
     transformers = transformers_module()
-    ckpts = {f: tiny_checkpoint(f, vocab_size=VOCAB, **WIDE, **extra) for f, extra in DENSE.items()}
+    ckpts = {f: tiny_checkpoint(f, vocab_size=VOCAB, **WIDE, **extra) for f, extra in FAMILIES.items()}
     prompts = random_prompts(seed=7, lengths=(37, 96, 300))  # ids < hf_ref.VOCAB <= VOCAB; 300: split at 128
     out = run_tp_ranks(tp_logits, 2, list(ckpts.values()), prompts, 8, timeout_s=30.0)
     assert all(o.ok for o in out), [o.error for o in out]
@@ -64,7 +72,7 @@ def test_tp2_dense_families_are_argmax_consistent_with_transformers(tiny_checkpo
                 torch.testing.assert_close(logits, off, rtol=1e-4, atol=1e-4)
             positions += len(p)
             equal_tp1 += int((off.argmax(-1) == one.argmax(-1)).sum())
-    print(f"TP=2 tiny dense families: argmax equal to TP=1 at {equal_tp1}/{positions} positions")
+    print(f"TP=2 tiny dense + MoE families: argmax equal to TP=1 at {equal_tp1}/{positions} positions")
     assert equal_tp1 >= positions - 2  # random weights: a rare near-tie may flip
 
 

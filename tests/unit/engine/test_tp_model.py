@@ -81,12 +81,20 @@ def test_indivisible_degrees_are_refused_naming_the_numbers(kw: dict, world: int
         plan_shard(_cfg(**kw), 0, world)
 
 
-def test_moe_and_bad_ranks_are_refused() -> None:
-    moe = _cfg(
-        num_heads=8, num_kv_heads=4, moe=MoEConfig(num_experts=4, top_k=2, intermediate_size=64, norm_topk_prob=True)
-    )
-    with pytest.raises(TPDivisibilityError, match="dense families only"):
-        plan_shard(moe, 0, 2)
+def test_moe_experts_are_split_and_their_sizes_checked() -> None:
+    moe = MoEConfig(num_experts=4, top_k=2, intermediate_size=64, norm_topk_prob=True, shared_intermediate_size=96)
+    plan = plan_shard(_cfg(num_heads=8, num_kv_heads=4, moe=moe), 1, 4)
+    local = plan.local_config(_cfg(num_heads=8, num_kv_heads=4, moe=moe))
+    assert local.moe is not None
+    assert (local.moe.num_experts, local.moe.intermediate_size, local.moe.shared_intermediate_size) == (4, 16, 24)
+    odd = dataclasses.replace(moe, intermediate_size=66)
+    with pytest.raises(
+        TPDivisibilityError, match=r"expert intermediate_size=66 .*degrees that divide all of them: \[1, 2\]"
+    ):
+        plan_shard(_cfg(num_heads=8, num_kv_heads=4, moe=odd), 0, 4)
+
+
+def test_bad_ranks_are_refused() -> None:
     with pytest.raises(ValueError, match="rank 2 / world size 2"):
         plan_shard(_cfg(), 2, 2)
     with pytest.raises(ValueError, match="communicator is rank 0/1, the shard plan 0/3"):
@@ -95,7 +103,7 @@ def test_moe_and_bad_ranks_are_refused() -> None:
         TokenWeaveConfig(min_tokens=-1)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mixtral", "qwen2_moe"])
 def test_sharding_a_full_model_equals_loading_the_shards(tiny_checkpoint, family: str) -> None:
     ckpt = tiny_checkpoint(family, vocab_size=515, tie_word_embeddings=family == "qwen2", **WIDE)
     cfg = ModelConfig.from_hf_dir(ckpt)
