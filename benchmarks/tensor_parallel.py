@@ -15,8 +15,8 @@ Modes, interleaved round by round (each round runs every mode once per length), 
 rounds, timed on rank 0 between two barriers:
 - ``compute``: the sequential TP forward with every collective replaced by a local stand-in
   of the right shape (no communication): the compute a rank does.
-- ``compute_split``: the TokenWeave forward with the same stand-ins: compute of two
-  micro-batches (shows what the split itself costs).
+- ``compute_split``: the TokenWeave forward (all-reduce variant, no extra thread) with the
+  same stand-ins: compute of two micro-batches (shows what the split itself costs).
 - ``comm``: only the collectives of sequential TP (1 + 2 * layers all-reduces of [T, hidden]
   and the logits all-gather), back to back. Its wall time and its process CPU time (every
   thread of rank 0, user + system, i.e. gloo's copying and the kernel's TCP work) give the
@@ -141,7 +141,7 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: A
     local = ComputeOnlyCommunicator(rank, world)
     models = {
         "compute": TPModel.from_full(full, local, TokenWeaveConfig(enabled=False)),
-        "compute_split": TPModel.from_full(full, local, TokenWeaveConfig(min_tokens=0)),
+        "compute_split": TPModel.from_full(full, local, TokenWeaveConfig(min_tokens=0, fused_norm=False)),
         "sequential": TPModel.from_full(full, comm, TokenWeaveConfig(enabled=False)),
         "tokenweave": TPModel.from_full(full, comm, TokenWeaveConfig(min_tokens=0)),
         "tokenweave_ar": TPModel.from_full(full, comm, TokenWeaveConfig(min_tokens=0, fused_norm=False)),
@@ -171,6 +171,8 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: A
         for n in args.lengths:
             for mode in MODES:
                 comm.all_reduce(barrier)
+                stats = None if mode == "comm" else models[mode].stats
+                waited = 0.0 if stats is None else stats.wait_s
                 w0, c0 = time.perf_counter(), time.process_time()
                 if mode == "comm":
                     comm_only(n)
@@ -178,7 +180,18 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: A
                     prefill(models[mode], prompts[n])
                 wall, cpu = time.perf_counter() - w0, time.process_time() - c0
                 comm.all_reduce(barrier)
-                rows.append({"round": rnd, "tokens": n, "mode": mode, "wall_s": wall, "cpu_s": cpu, "load1": load})
+                exposed = 0.0 if stats is None else stats.wait_s - waited  # TokenWeave: waits in the schedule
+                rows.append(
+                    {
+                        "round": rnd,
+                        "tokens": n,
+                        "mode": mode,
+                        "wall_s": wall,
+                        "cpu_s": cpu,
+                        "exposed_wait_s": exposed,
+                        "load1": load,
+                    }
+                )
         if rank == 0:
             print(f"round {rnd + 1}/{args.rounds} done (load {load:.2f})", flush=True)
     out.put((rank, rows))
@@ -208,7 +221,9 @@ def summarise(rows: list[dict[str, Any]], layers: int) -> list[dict[str, Any]]:
             for rnd in sorted({r["round"] for r in rows}):
                 by = {r["mode"]: r["wall_s"] for r in rows if r["tokens"] == n and r["round"] == rnd}
                 ratios.append(by[tw] / by["sequential"])
+            exposed = statistics.median(r["exposed_wait_s"] for r in rows if r["tokens"] == n and r["mode"] == tw)
             row |= {
+                f"{tw}_exposed_wait_ms": exposed * 1e3,
                 f"{tw}_gain_ms": gain * 1e3,
                 f"{tw}_recovered": gain / (f * ideal) if f * ideal > 0 else None,
                 f"{tw}_over_sequential_median": statistics.median(ratios),
