@@ -178,9 +178,10 @@ def test_a_rank_that_dies_mid_forward_fails_the_others_within_the_timeout(wide_l
     outcomes = run_tp_ranks(tp_die_mid_forward, 2, wide_llama, prompt, tokenweave, 1, 1, timeout_s=timeout_s)
     dead, survivor = outcomes[1], outcomes[0]
     assert dead.exitcode == 3 and dead.error is None, dead
-    assert survivor.error is not None and survivor.error.startswith("CommunicationError"), survivor
-    assert "'tp' rank 0/2" in survivor.error
-    assert survivor.seconds < timeout_s + 5.0, survivor.seconds
+    assert survivor.ok, survivor
+    error, seconds = survivor.value
+    assert error.startswith("CommunicationError") and "'tp' rank 0/2" in error, error
+    assert seconds < timeout_s + 2.0, seconds  # a closed peer fails at once; a silent one within the timeout
 
 
 def test_tokenweave_config_is_frozen() -> None:

@@ -153,9 +153,10 @@ def tp_greedy(comm, ckpt: str, prompts: list[list[int]], max_new: int, min_token
     return result if comm.rank == 0 else None
 
 
-def tp_die_mid_forward(comm, ckpt: str, prompt: list[int], tokenweave: bool, die_rank: int, layer: int) -> float:
+def tp_die_mid_forward(comm, ckpt: str, prompt: list[int], tokenweave: bool, die_rank: int, layer: int) -> tuple:
     """Rank ``die_rank`` dies when it reaches layer ``layer``'s MLP; every other rank runs the
-    forward and must fail: returns the seconds it took (raises what the forward raised)."""
+    forward, which must fail: returns ("<ExceptionType>: message", seconds from the start of
+    the forward to the failure)."""
     import torch
 
     from engine.models.tensor_parallel import TokenWeaveConfig, TPModel
@@ -163,5 +164,9 @@ def tp_die_mid_forward(comm, ckpt: str, prompt: list[int], tokenweave: bool, die
     model = TPModel.load(ckpt, comm, TokenWeaveConfig(enabled=tokenweave, min_tokens=4))
     if comm.rank == die_rank:
         model.model.layers[layer].mlp.forward = lambda x: die()
-    model.forward(torch.tensor(prompt))  # the survivors must raise here
+    t0 = time.monotonic()
+    try:
+        model.forward(torch.tensor(prompt))  # the survivors must raise here
+    except Exception as e:  # noqa: BLE001 - the parent asserts on what it was
+        return f"{type(e).__name__}: {e}", time.monotonic() - t0
     raise AssertionError("the forward finished although a rank died")
