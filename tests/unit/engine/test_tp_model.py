@@ -184,6 +184,20 @@ def test_a_rank_that_dies_mid_forward_fails_the_others_within_the_timeout(wide_l
     assert seconds < timeout_s + 2.0, seconds  # a closed peer fails at once; a silent one within the timeout
 
 
+@pytest.mark.slow
+def test_a_rank_that_hangs_mid_forward_fails_the_others_within_the_timeout(wide_llama: str) -> None:
+    timeout_s = 2.0
+    prompt = list(range(3, 67))
+    outcomes = run_tp_ranks(tp_die_mid_forward, 2, wide_llama, prompt, True, 1, 1, timeout_s + 3.0, timeout_s=timeout_s)
+    for o in outcomes:  # the hung rank fails too once it goes on: its peer left the group
+        assert o.ok, o
+        error, seconds = o.value
+        assert error.startswith("CommunicationError"), error
+    error, seconds = outcomes[0].value
+    assert "timed out" in error or "Timed out" in error, error
+    assert 0.8 * timeout_s < seconds < timeout_s + 2.0, seconds
+
+
 def test_tokenweave_config_is_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         TokenWeaveConfig().enabled = False  # type: ignore[misc]

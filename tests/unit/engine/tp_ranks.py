@@ -153,17 +153,21 @@ def tp_greedy(comm, ckpt: str, prompts: list[list[int]], max_new: int, min_token
     return result if comm.rank == 0 else None
 
 
-def tp_die_mid_forward(comm, ckpt: str, prompt: list[int], tokenweave: bool, die_rank: int, layer: int) -> tuple:
-    """Rank ``die_rank`` dies when it reaches layer ``layer``'s MLP; every other rank runs the
-    forward, which must fail: returns ("<ExceptionType>: message", seconds from the start of
-    the forward to the failure)."""
+def tp_die_mid_forward(
+    comm, ckpt: str, prompt: list[int], tokenweave: bool, die_rank: int, layer: int, hang_s: float = 0.0
+) -> tuple:
+    """Rank ``die_rank`` dies when it reaches layer ``layer``'s MLP (``hang_s`` > 0: it hangs
+    there that long instead, then goes on); every other rank runs the forward, which must fail:
+    returns ("<ExceptionType>: message", seconds from the start of the forward to the failure)."""
     import torch
 
     from engine.models.tensor_parallel import TokenWeaveConfig, TPModel
 
     model = TPModel.load(ckpt, comm, TokenWeaveConfig(enabled=tokenweave, min_tokens=4))
     if comm.rank == die_rank:
-        model.model.layers[layer].mlp.forward = lambda x: die()
+        mlp = model.model.layers[layer].mlp
+        run = mlp.forward
+        mlp.forward = lambda x: (time.sleep(hang_s), run(x))[1] if hang_s else die()
     t0 = time.monotonic()
     try:
         model.forward(torch.tensor(prompt))  # the survivors must raise here
