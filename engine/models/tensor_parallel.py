@@ -358,15 +358,17 @@ class PrefixAttention:
 
 @dataclass(frozen=True)
 class TokenWeaveConfig:
-    """TokenWeave's switch and threshold. Below ``min_tokens`` tokens the sequential path runs
-    (two micro-batches cost more than the overlap saves: see benchmarks/tensor_parallel.py).
+    """TokenWeave's switch and threshold. Below ``min_tokens`` tokens the sequential path runs:
+    two micro-batches cost more than the overlap saves. Measured at TP=2 over gloo on the 2-core
+    CPU box (benchmarks/tensor_parallel.py, SmolLM2-width 16/8-head model, load ~3): TokenWeave
+    was slower than sequential TP up to 1024 tokens and paid from 2048, hence the default.
     ``fused_norm``: each all-reduce + RMSNorm is reduce-scatter -> RMSNorm on the token shard ->
-    all-gather (TokenWeave's fused AR-RMSNorm); False keeps all-reduce + RMSNorm on every
-    token (still split and overlapped), which costs less on gloo, whose reduce-scatter takes
-    as long as its all-reduce."""
+    all-gather (TokenWeave's fused AR-RMSNorm, run on a communication thread); False keeps
+    all-reduce + RMSNorm on every token (still split and overlapped, no extra thread), which
+    measured faster on gloo, whose reduce-scatter takes as long as its all-reduce."""
 
     enabled: bool = True
-    min_tokens: int = 256
+    min_tokens: int = 2048
     fused_norm: bool = True
 
     def __post_init__(self) -> None:

@@ -5,6 +5,7 @@ mid-forward (spawned gloo ranks, tests/unit/engine/tp_ranks.py)."""
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from engine.models.tensor_parallel import (
     plan_shard,
     shard_model,
 )
-from engine.parallel import LocalCommunicator
+from engine.parallel import Communicator, LocalCommunicator, Ready
 from tests.unit.engine.tp_ranks import run_tp_ranks, tp_die_mid_forward
 
 WIDE = {"num_attention_heads": 16, "num_key_value_heads": 8, "hidden_size": 128, "intermediate_size": 256}
@@ -196,6 +197,60 @@ def test_a_rank_that_hangs_mid_forward_fails_the_others_within_the_timeout(wide_
     error, seconds = outcomes[0].value
     assert "timed out" in error or "Timed out" in error, error
     assert 0.8 * timeout_s < seconds < timeout_s + 2.0, seconds
+
+
+class CountingStandIn(Communicator):
+    """Rank 0 of 2 with no peer: collectives return tensors of the right shape at once and
+    are counted by name (the model's compute runs; the values are not a real TP result)."""
+
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+
+    rank = 0  # type: ignore[assignment]
+    world_size = 2  # type: ignore[assignment]
+    device = torch.device("cpu")  # type: ignore[assignment]
+
+    def _start_all_reduce(self, x):
+        self.calls["all_reduce"] += 1
+        return Ready(x)
+
+    def _start_reduce_scatter(self, x):
+        self.calls["reduce_scatter"] += 1
+        return Ready(x[: x.shape[0] // 2].contiguous())
+
+    def _start_all_gather(self, x):
+        self.calls["all_gather"] += 1
+        return Ready(torch.cat([x, x]))
+
+    def _start_all_to_all(self, x, send_splits, recv_splits):
+        raise AssertionError("not used")
+
+    def _start_send(self, x, dst, tag):
+        raise AssertionError("not used")
+
+    def _start_recv(self, out, src, tag):
+        raise AssertionError("not used")
+
+
+@pytest.mark.parametrize(
+    ("tokens", "config", "want"),
+    [
+        (31, TokenWeaveConfig(min_tokens=32), {"all_reduce": 5}),  # below the threshold: sequential
+        (32, TokenWeaveConfig(min_tokens=32), {"reduce_scatter": 10, "all_gather": 10}),  # 2 x (1 + 2 x 2 layers)
+        (32, TokenWeaveConfig(min_tokens=32, fused_norm=False), {"all_reduce": 10}),
+        (4000, TokenWeaveConfig(enabled=False), {"all_reduce": 5}),
+        (3, TokenWeaveConfig(min_tokens=0), {"all_reduce": 5}),  # fewer than 2 x W tokens: never split
+    ],
+)
+def test_the_threshold_and_switch_pick_the_path(wide_llama: str, tokens: int, config: TokenWeaveConfig, want) -> None:
+    comm = CountingStandIn()
+    cfg = ModelConfig.from_hf_dir(wide_llama)
+    model = TPModel.from_full(load_model(wide_llama, cfg, torch.float32, "cpu", 4096), comm, config)
+    hidden = model.forward(torch.arange(tokens) % 500)
+    assert hidden.shape == (tokens, cfg.hidden_size)
+    assert dict(comm.calls) == want
+    assert model.stats.runs == (1 if "reduce_scatter" in want or want.get("all_reduce") == 10 else 0)
+    model.close()
 
 
 def test_tokenweave_config_is_frozen() -> None:
