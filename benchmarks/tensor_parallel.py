@@ -310,6 +310,12 @@ def plot(summary: list[dict[str, Any]], layers: int, path: Path) -> None:
         "g--",
         label="achievable: 1 - f x ideal gain / sequential",
     )
+    a2.plot(
+        tokens,
+        [1 - s["free_fraction_interference"] * s["ideal_gain_ms"] / s["sequential_ms"] for s in summary],
+        "r--",
+        label="achievable with f by interference",
+    )
     a2.axhline(1.0, color="grey", lw=0.8)
     a2.set_xscale("log", base=2)
     a2.set_xlabel("prompt tokens")
