@@ -33,6 +33,12 @@ rounds, timed on rank 0 between two barriers:
   form (TokenWeaveConfig(fused_norm=False)): gloo's reduce-scatter costs as much as its
   all-reduce, so the fused form moves ~1.5x the bytes' time on CPU.
 
+With ``--link-gbps`` > 0 (default 0.2) four more modes run the same over ``LinkDelay``, which
+stretches every collective to the time a ring over a link of that bandwidth takes by sleeping
+(no core used): ``comm_link``, ``sequential_link``, ``tokenweave_link``, ``tokenweave_ar_link``.
+There f = 1 by construction, so they measure the schedule itself: recovered_link =
+(sequential_link - tokenweave_link) / (sequential_link - max(compute, comm_link)).
+
 Derived per length: ideal gain = sequential - max(compute, comm); recovered = (sequential -
 tokenweave) / (f * ideal gain), the share of the achievable gain TokenWeave gets (both
 variants); a length where tokenweave >= sequential does not pay. TW / seq is the median over
@@ -61,6 +67,8 @@ import torch  # noqa: E402
 from engine.parallel import Communicator, Pending, Ready  # noqa: E402
 
 MODES = ("compute", "compute_split", "comm", "compute_with_comm", "sequential", "tokenweave", "tokenweave_ar")
+# the same over a free link (LinkDelay): its time needs no core, f = 1 by construction
+LINK_MODES = ("comm_link", "sequential_link", "tokenweave_link", "tokenweave_ar_link")
 
 
 class ComputeOnlyCommunicator(Communicator):
@@ -92,6 +100,65 @@ class ComputeOnlyCommunicator(Communicator):
 
     def _start_all_gather(self, x: torch.Tensor) -> Pending[torch.Tensor]:
         return Ready(x.repeat(self._world, *([1] * (x.dim() - 1))))
+
+    def _start_all_to_all(self, x, send_splits, recv_splits):
+        raise NotImplementedError("not used by the TP forward")
+
+    def _start_send(self, x, dst, tag):
+        raise NotImplementedError("not used by the TP forward")
+
+    def _start_recv(self, out, src, tag):
+        raise NotImplementedError("not used by the TP forward")
+
+
+class _Due:
+    """A Pending that is not done before ``due`` (perf_counter seconds): sleeps out the rest."""
+
+    def __init__(self, inner: Pending[Any], due: float):
+        self.inner, self.due = inner, due
+
+    def wait(self) -> Any:
+        result = self.inner.wait()
+        left = self.due - time.perf_counter()
+        if left > 0:
+            time.sleep(left)
+        return result
+
+
+class LinkDelay(Communicator):
+    """Wraps a real communicator and makes every collective last at least as long as a ring
+    over a link of ``gbps`` GB/s would take (all-reduce 2(W-1)/W, reduce-scatter and
+    all-gather (W-1)/W of the full tensor's bytes). The extra time is a sleep: it needs no core,
+    like a GPU's copy engines or NVLink, so it shows what the schedule hides when
+    communication is free to overlap (f = 1), apart from this box's CPU contention."""
+
+    def __init__(self, inner: Communicator, gbps: float):
+        self.inner, self.bytes_per_s = inner, gbps * 1e9
+
+    @property
+    def rank(self) -> int:
+        return self.inner.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.inner.world_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.inner.device
+
+    def _after(self, pending: Pending[Any], full_bytes: float, factor: float) -> Pending[Any]:
+        w = self.world_size
+        return _Due(pending, time.perf_counter() + factor * (w - 1) / w * full_bytes / self.bytes_per_s)
+
+    def _start_all_reduce(self, x: torch.Tensor) -> Pending[torch.Tensor]:
+        return self._after(self.inner.all_reduce_async(x), x.numel() * x.element_size(), 2.0)
+
+    def _start_reduce_scatter(self, x: torch.Tensor) -> Pending[torch.Tensor]:
+        return self._after(self.inner.reduce_scatter_async(x), x.numel() * x.element_size(), 1.0)
+
+    def _start_all_gather(self, x: torch.Tensor) -> Pending[torch.Tensor]:
+        return self._after(self.inner.all_gather_async(x), x.numel() * x.element_size() * self.world_size, 1.0)
 
     def _start_all_to_all(self, x, send_splits, recv_splits):
         raise NotImplementedError("not used by the TP forward")
@@ -151,6 +218,14 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: A
         "tokenweave": TPModel.from_full(full, comm, TokenWeaveConfig(min_tokens=0)),
         "tokenweave_ar": TPModel.from_full(full, comm, TokenWeaveConfig(min_tokens=0, fused_norm=False)),
     }
+    link = LinkDelay(comm, args.link_gbps) if args.link_gbps > 0 else None
+    if link is not None:
+        models |= {
+            "sequential_link": TPModel.from_full(full, link, TokenWeaveConfig(enabled=False)),
+            "tokenweave_link": TPModel.from_full(full, link, TokenWeaveConfig(min_tokens=0)),
+            "tokenweave_ar_link": TPModel.from_full(full, link, TokenWeaveConfig(min_tokens=0, fused_norm=False)),
+        }
+    modes = MODES + (LINK_MODES if link is not None else ())
     del full
     vocab_shard = models["sequential"].plan.vocab_shard
     barrier = torch.zeros(1)
@@ -159,11 +234,11 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: A
         h = model.forward(ids)
         model.compute_logits(h[-1:])
 
-    def comm_only(n: int) -> None:
+    def comm_only(n: int, via: Communicator = comm) -> None:
         x = torch.ones(n, hidden)
         for _ in range(1 + 2 * args.layers):
-            x = comm.all_reduce(x)
-        comm.all_gather(torch.ones(vocab_shard, 1))
+            x = via.all_reduce(x)
+        via.all_gather(torch.ones(vocab_shard, 1))
 
     g = torch.Generator().manual_seed(args.seed)
     prompts = {n: torch.randint(0, 49152, (n,), generator=g) for n in args.lengths}
@@ -174,13 +249,16 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: A
     for rnd in range(args.rounds):
         load = os.getloadavg()[0]
         for n in args.lengths:
-            for mode in MODES:
+            for mode in modes:
                 comm.all_reduce(barrier)
-                stats = None if mode in ("comm", "compute_with_comm") else models[mode].stats
+                stats = None if mode in ("comm", "comm_link", "compute_with_comm") else models[mode].stats
                 waited = 0.0 if stats is None else stats.wait_s
                 w0, c0 = time.perf_counter(), time.process_time()
                 if mode == "comm":
                     comm_only(n)
+                elif mode == "comm_link":
+                    assert link is not None
+                    comm_only(n, link)
                 elif mode == "compute_with_comm":  # the comm-only sequence on a thread meanwhile
                     background = threading.Thread(target=comm_only, args=(n,))
                     background.start()
@@ -244,6 +322,19 @@ def summarise(rows: list[dict[str, Any]], layers: int) -> list[dict[str, Any]]:
                 f"{tw}_over_sequential_per_round": ratios,
                 f"{tw}_pays": med[tw] < med["sequential"],
             }
+        if any(r["mode"] == "comm_link" for r in rows):
+            lk = {
+                m: statistics.median(r["wall_s"] for r in rows if r["tokens"] == n and r["mode"] == m)
+                for m in LINK_MODES
+            }
+            ideal_link = lk["sequential_link"] - max(med["compute"], lk["comm_link"])
+            row |= {f"{m}_ms": lk[m] * 1e3 for m in LINK_MODES} | {"ideal_gain_link_ms": ideal_link * 1e3}
+            for tw in ("tokenweave_link", "tokenweave_ar_link"):
+                gain = lk["sequential_link"] - lk[tw]
+                row |= {
+                    f"{tw}_recovered": gain / ideal_link if ideal_link > 0 else None,
+                    f"{tw}_over_sequential": lk[tw] / lk["sequential_link"],
+                }
         out.append(row)
     return out
 
@@ -268,6 +359,23 @@ def table(summary: list[dict[str, Any]]) -> str:
             f"| {s['ideal_gain_ms']:.1f} | {s['achievable_gain_ms']:.1f} "
             f"| {pct(s['tokenweave_recovered'])} | {pct(s['tokenweave_ar_recovered'])} |"
         )
+    if "comm_link_ms" in summary[0]:
+        lines += [
+            "",
+            "Over the free link (LinkDelay; f = 1):",
+            "",
+            "| tokens | compute ms | comm ms | sequential ms | TokenWeave ms | TW / seq | TW-allreduce ms "
+            "| TW-AR / seq | ideal gain ms | recovered TW | recovered TW-AR |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for s in summary:
+            lines.append(
+                f"| {s['tokens']} | {s['compute_ms']:.1f} | {s['comm_link_ms']:.1f} | {s['sequential_link_ms']:.1f} "
+                f"| {s['tokenweave_link_ms']:.1f} | {s['tokenweave_link_over_sequential']:.3f} "
+                f"| {s['tokenweave_ar_link_ms']:.1f} | {s['tokenweave_ar_link_over_sequential']:.3f} "
+                f"| {s['ideal_gain_link_ms']:.1f} | {pct(s['tokenweave_link_recovered'])} "
+                f"| {pct(s['tokenweave_ar_link_recovered'])} |"
+            )
     return "\n".join(lines)
 
 
@@ -316,6 +424,15 @@ def plot(summary: list[dict[str, Any]], layers: int, path: Path) -> None:
         "r--",
         label="achievable with f by interference",
     )
+    if "comm_link_ms" in summary[0]:
+        for tw, style in (("tokenweave_link", "D:"), ("tokenweave_ar_link", "v:")):
+            a2.plot(tokens, [s[f"{tw}_over_sequential"] for s in summary], style, label=f"{tw} / sequential_link")
+        a2.plot(
+            tokens,
+            [max(s["compute_ms"], s["comm_link_ms"]) / s["sequential_link_ms"] for s in summary],
+            "k-.",
+            label="free link ideal",
+        )
     a2.axhline(1.0, color="grey", lw=0.8)
     a2.set_xscale("log", base=2)
     a2.set_xlabel("prompt tokens")
@@ -332,6 +449,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--link-gbps",
+        type=float,
+        default=0.2,
+        help="also run over a free link of this many GB/s (LinkDelay; 0: skip). 0.2 makes communication "
+        "about a third of compute at 1024 tokens, as TP all-reduces are on GPUs with NVLink",
+    )
     ap.add_argument("--quick", action="store_true", help="256 and 1024 tokens, 3 rounds")
     ap.add_argument("--out", default="tensor_parallel", help="results name under benchmarks/results/")
     args = ap.parse_args()
@@ -363,6 +487,7 @@ def main() -> None:
         "machine": machine_description(),
         "model": "random Llama: hidden 576, 16 q / 8 KV heads (head_dim 36), intermediate 1536, vocab 49152, fp32",
         "layers": args.layers,
+        "link_gbps": args.link_gbps,
         "world_size": 2,
         "rounds": args.rounds,
         "load_avg_start": load_start,
