@@ -1,4 +1,4 @@
-"""Tensor parallelism for the dense Llama-family models, with TokenWeave overlap.
+"""Tensor parallelism for the Llama-family models (dense and MoE), with TokenWeave overlap.
 
 One rank of a TP group holds a ``DecoderLM`` built for its *local* shapes (its query / KV
 heads, its share of the MLP's intermediate size, its slice of the vocabulary) and runs it with
@@ -20,18 +20,19 @@ Query heads, KV heads and the (expert) intermediate sizes must divide by W
 (``TPDivisibilityError`` names the numbers and the degrees that would work).
 
 Two forward paths, same math, different reduction order:
-- ``sequential``: per sublayer ``x = x + all_reduce(partial)``, the residual stream [T, hidden]
+- sequential: per sublayer ``x = x + all_reduce(partial)``, the residual stream [T, hidden]
   replicated on every rank.
-- TokenWeave (``TokenWeaveConfig.enabled`` and T >= ``min_tokens``): each all-reduce + RMSNorm
-  becomes reduce-scatter -> residual add + RMSNorm on this rank's token shard -> all-gather of
-  the normed shard (the fused AR-RMSNorm); the residual stream stays sharded by tokens
-  ([t / W, hidden] per micro-batch). The batch's tokens are cut into two micro-batches whose
-  sizes are multiples of W (engine.parallel.aligned_split), and the stages run through
-  engine.parallel.run_overlapped. Each fused AR-RMSNorm runs as one job on a communication
-  thread (engine.parallel.CommWorker, the CPU stand-in for TokenWeave's fused kernel on a few
-  SMs), so one micro-batch's reduce-scatter, norm and all-gather run while the other
-  micro-batch computes. Tokens are padded at the end to a multiple of W; padding tokens come last in causal
-  order, so no real token attends to them, and their outputs are dropped.
+- TokenWeave (``TokenWeaveConfig.enabled`` and T >= ``min_tokens``): the batch's tokens are cut
+  into two micro-batches (split point a multiple of W, and of the attention chunk when the
+  batch allows: engine.parallel.aligned_split) and the stages run through
+  engine.parallel.run_overlapped, so one micro-batch's reduction runs while the other
+  computes. With ``fused_norm`` (default) each all-reduce + RMSNorm becomes reduce-scatter ->
+  residual add + RMSNorm on this rank's token shard -> all-gather of the normed shard (the
+  fused AR-RMSNorm; the residual stream stays sharded by tokens, [t / W, hidden] per
+  micro-batch), run as one job on a communication thread (engine.parallel.CommWorker, the CPU
+  stand-in for TokenWeave's fused kernel on a few SMs). Without it: async all-reduce, add +
+  norm on every token. Tokens are padded at the end to a multiple of W; padding tokens come
+  last in causal order, so no real token attends to them, and their outputs are dropped.
 
 Attention: a simple causal attention over the whole prompt, on this rank's heads, without the
 paged KV cache (``PrefixAttention``). With two micro-batches the second attends to the first's
