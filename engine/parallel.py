@@ -393,7 +393,15 @@ class CommWorker:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
 
     def submit(self, job: Callable[[], T]) -> Pending[T]:
-        return _FuturePending(self._pool.submit(job))
+        """Queues ``job``; it runs under the caller's grad and inference modes (thread-local in
+        torch: a bare worker thread would record autograd graphs for an inference caller)."""
+        grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+        def run() -> T:
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                return job()
+
+        return _FuturePending(self._pool.submit(run))
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

@@ -378,7 +378,7 @@ class TokenWeaveConfig:
 
 
 class TPModel:
-    """One rank of a tensor-parallel dense model: a local-shaped DecoderLM + a communicator.
+    """One rank of a tensor-parallel model (dense or MoE): a local-shaped DecoderLM + a communicator.
 
     Every rank of the group calls ``forward`` / ``compute_logits`` with the same tokens at the
     same time (collectives pair by issue order). Inference only (no autograd)."""

@@ -35,6 +35,21 @@ def test_jobs_run_one_at_a_time_in_submission_order_off_the_calling_thread() -> 
     worker.close()
 
 
+def test_jobs_run_under_the_callers_grad_and_inference_modes() -> None:
+    worker = CommWorker("t")
+    w = torch.ones(3, requires_grad=True)
+
+    def modes() -> tuple[bool, bool, bool]:
+        return torch.is_grad_enabled(), torch.is_inference_mode_enabled(), (w * 2).requires_grad
+
+    with torch.inference_mode():
+        assert worker.submit(modes).wait() == (False, True, False)
+    with torch.no_grad():
+        assert worker.submit(modes).wait() == (False, False, False)
+    assert worker.submit(modes).wait() == (True, False, True)
+    worker.close()
+
+
 def test_a_failed_job_raises_at_wait_and_the_worker_goes_on() -> None:
     worker = CommWorker("t")
 

@@ -248,6 +248,7 @@ def test_the_threshold_and_switch_pick_the_path(wide_llama: str, tokens: int, co
     model = TPModel.from_full(load_model(wide_llama, cfg, torch.float32, "cpu", 4096), comm, config)
     hidden = model.forward(torch.arange(tokens) % 500)
     assert hidden.shape == (tokens, cfg.hidden_size)
+    assert not hidden.requires_grad and hidden.grad_fn is None  # the comm thread ran in inference mode too
     assert dict(comm.calls) == want
     assert model.stats.runs == (1 if "reduce_scatter" in want or want.get("all_reduce") == 10 else 0)
     model.close()
