@@ -35,6 +35,13 @@ maximise the step's goodput: expected emitted tokens per second of step time. Th
    (1 + p) seconds, T = T0 + (1 + p) * T_spec, so speculation backs off before the queue
    grows. A chosen speculation must beat k = 0 by ``min_gain`` (hysteresis against noise).
 
+   Probing (``probe_interval`` N > 0; make_policy uses PROBE_INTERVAL): once speculation is
+   off (every choice k = 0 although some candidate could speculate) the estimates that
+   turned it off get no new data (no verified drafts: the acceptance and the draft-row
+   coefficient freeze), so a noisy burst of step times could keep it off for good. After N
+   consecutive such decisions the next one gives k = 1 to every candidate that can
+   speculate: one step in N + 1 verifies one draft row per request, refreshing both.
+
    Cold start: the first ``warmup_steps`` decisions cycle k through 0..K for every request
    (capped by its max_k), so the step-time fit sees speculative and plain steps before it
    decides anything.
@@ -60,6 +67,10 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from engine.spec.config import SpeculativeConfig
+
+# make_policy's probe interval: at most one step in 33 verifies one draft row per request
+# while speculation is off (module docstring, part 3)
+PROBE_INTERVAL = 32
 
 FEATURES = ("intercept", "num_tokens", "num_draft_tokens", "context_tokens", "draft_rounds")
 
@@ -292,6 +303,7 @@ class SmartSpecPolicy:
         num_speculative_tokens: int,
         acceptance_priors: Mapping[str, float],
         warmup_steps: int | None = None,
+        probe_interval: int = 0,
         min_gain: float = 0.02,
         step_model: StepTimeModel | None = None,
         acceptance: AcceptanceTracker | None = None,
@@ -304,6 +316,10 @@ class SmartSpecPolicy:
         self.pressure = 0.0
         self.k_counts = [0] * (self.K + 1)  # chosen-k histogram (metrics)
         self._decisions = 0
+        if probe_interval < 0:
+            raise ValueError(f"probe_interval must be >= 0, got {probe_interval}")
+        self.probe_interval = probe_interval  # 0: never probe
+        self._off_streak = 0  # consecutive decisions with speculation off although possible
 
     def set_cluster_pressure(self, pressure: float) -> None:
         self.pressure = _check_pressure(pressure)
@@ -327,6 +343,13 @@ class SmartSpecPolicy:
             out = {c.request_id: min(k, cap) for c, cap in zip(cands, caps, strict=True)}
         else:
             out = self._goodput_choice(step, caps)
+            if max(caps) > 0 and not any(out.values()):
+                self._off_streak += 1
+                if self.probe_interval and self._off_streak > self.probe_interval:
+                    out = {c.request_id: min(1, cap) for c, cap in zip(cands, caps, strict=True)}
+                    self._off_streak = 0
+            else:
+                self._off_streak = 0
         self._decisions += 1
         for k in out.values():
             self.k_counts[k] += 1
@@ -372,4 +395,6 @@ def make_policy(config: SpeculativeConfig) -> SpeculationPolicy:
     """The policy ``config.policy`` names, with the method's acceptance prior."""
     if config.policy == "fixed":
         return FixedPolicy(config.num_speculative_tokens)
-    return SmartSpecPolicy(config.num_speculative_tokens, {config.method: config.acceptance_prior})
+    return SmartSpecPolicy(
+        config.num_speculative_tokens, {config.method: config.acceptance_prior}, probe_interval=PROBE_INTERVAL
+    )

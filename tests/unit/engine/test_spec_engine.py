@@ -262,11 +262,12 @@ def record_choices(policy) -> dict[str, list[int]]:
     return chosen
 
 
-@pytest.mark.parametrize("timing", ["fixed-cost", "measured"])
-def test_smartspec_gives_accepted_requests_a_larger_k(target_dir, long_reference, timing):
+def test_smartspec_gives_accepted_requests_a_larger_k(target_dir, long_reference):
+    """Step times from a fixed cost model: with the machine's measured ones the choice depends
+    on how busy the shared test box is (under load the fit priced draft rows out entirely)."""
     good, bad = PROMPTS[1], PROMPTS[4]
     proposer = ScriptedProposer(long_reference, always_right=[good], always_wrong=[bad])
-    step_model = FixedCostModel([10e-3, 0.2e-3, 0.1e-3, 0.0, 0.0]) if timing == "fixed-cost" else None
+    step_model = FixedCostModel([10e-3, 0.2e-3, 0.1e-3, 0.0, 0.0])
     policy = SmartSpecPolicy(6, {"scripted": 0.5}, warmup_steps=4, step_model=step_model)
     chosen = record_choices(policy)
     engine = spec_engine(target_dir, SpeculativeConfig("ngram", 6), proposer=proposer, policy=policy)
@@ -275,12 +276,11 @@ def test_smartspec_gives_accepted_requests_a_larger_k(target_dir, long_reference
     assert outs == [long_reference[tuple(good)][:60], long_reference[tuple(bad)][:60]]
     k_good, k_bad = (chosen[f"req-{i}"][4:] for i in range(2))
     mean = lambda ks: sum(ks) / len(ks)  # noqa: E731
-    print(f"{timing}: mean k accepted {mean(k_good):.2f}, rejected {mean(k_bad):.2f}")
+    print(f"mean k accepted {mean(k_good):.2f}, rejected {mean(k_bad):.2f}")
     assert mean(k_good) > mean(k_bad) + 1
-    if timing == "fixed-cost":
-        # all in on the accepted request; the rejected one's k falls as its estimate does (it is
-        # shrunk towards the proposer's, which the accepted request keeps high)
-        assert max(k_good) == 6 and mean(k_bad[-5:]) < 1.5 and k_bad[-1] == 0
+    # all in on the accepted request; the rejected one's k falls as its estimate does (it is
+    # shrunk towards the proposer's, which the accepted request keeps high)
+    assert max(k_good) == 6 and mean(k_bad[-5:]) < 1.5 and k_bad[-1] == 0
     assert_pools_full(engine)
 
 
@@ -297,6 +297,22 @@ def test_smartspec_turns_speculation_off_under_pressure(target_dir, reference):
     engine.set_cluster_pressure(0.0)
     run(engine, [p])
     assert max(chosen["req-1"]) > 0
+
+
+def test_smartspec_probes_while_speculation_is_off(target_dir, reference):
+    """Draft rows priced out: k = 0, except one k = 1 probe after every probe_interval
+    decisions with speculation off, which keeps verifying (and learning) acceptance."""
+    p = PROMPTS[1]
+    cost = FixedCostModel([10e-3, 1e-3, 1.0, 0, 0])
+    policy = SmartSpecPolicy(4, {"scripted": 0.5}, warmup_steps=0, step_model=cost, probe_interval=3)
+    chosen = record_choices(policy)
+    proposer = ScriptedProposer(reference, always_right=[p])
+    engine = spec_engine(target_dir, SpeculativeConfig("ngram", 4), proposer=proposer, policy=policy)
+    assert run(engine, [p]) == [reference[tuple(p)]]
+    assert chosen["req-0"][:12] == [0, 0, 0, 1] * 3
+    st = engine.spec_stats()
+    assert st.proposed_tokens == st.accepted_tokens > 0
+    assert policy.acceptance.estimate("req-0", "scripted") > 0.5  # probes kept the estimate learning
 
 
 def test_the_draft_pool_shares_the_kv_memory(target_dir, draft_dir):
