@@ -41,8 +41,9 @@ There f = 1 by construction, so they measure the schedule itself: recovered_link
 
 Derived per length: ideal gain = sequential - max(compute, comm); recovered = (sequential -
 tokenweave) / (f * ideal gain), the share of the achievable gain TokenWeave gets (both
-variants); a length where tokenweave >= sequential does not pay. TW / seq is the median over
-rounds of each round's own ratio. Per-layer times are the forward's time / layers
+variants); a length where tokenweave >= sequential does not pay. TW / seq and recovered are
+computed within each round (all terms from the same round) and summarised by their median
+over rounds; the ms columns are medians per mode. Per-layer times are the forward's time / layers
 (the embedding and head are one collective each). The 1-minute load average is recorded per
 round: the 2 cores are shared, so compare modes within a round, not across runs.
 """
@@ -285,17 +286,36 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: A
     out.put((rank, rows))
 
 
+def _per_round(rows: list[dict[str, Any]], n: int) -> list[dict[str, float]]:
+    """Each round's wall times by mode at n tokens (modes of one round ran back to back)."""
+    rounds = sorted({r["round"] for r in rows})
+    return [{r["mode"]: r["wall_s"] for r in rows if r["tokens"] == n and r["round"] == k} for k in rounds]
+
+
+def _recovered(seq: float, tw: float, compute: float, comm: float, f: float) -> float | None:
+    """(seq - tw) / (f * (seq - max(compute, comm))); None where no gain is achievable."""
+    achievable = f * (seq - max(compute, comm))
+    return (seq - tw) / achievable if achievable > 0 else None
+
+
+def _median_or_none(xs: list[float | None]) -> float | None:
+    vals = [x for x in xs if x is not None]
+    return statistics.median(vals) if vals else None
+
+
 def summarise(rows: list[dict[str, Any]], layers: int) -> list[dict[str, Any]]:
+    """Medians per mode, and per-round ratios (both terms from the same round, so load that hits
+    a round hits both) summarised by their median: TW / seq and recovered."""
     out = []
     for n in sorted({r["tokens"] for r in rows}):
         med = {m: statistics.median(r["wall_s"] for r in rows if r["tokens"] == n and r["mode"] == m) for m in MODES}
-        comm_rows = [r for r in rows if r["tokens"] == n and r["mode"] == "comm"]
-        comm_cpu = statistics.median(r["cpu_s"] for r in comm_rows)
+        comm_cpu = statistics.median(r["cpu_s"] for r in rows if r["tokens"] == n and r["mode"] == "comm")
         f = max(0.0, (med["comm"] - comm_cpu) / med["comm"])
         # interference: how much of the communication's time compute really gets to hide
         both = med["compute_with_comm"] - med["compute"]
         f_interference = min(1.0, max(0.0, 1.0 - both / med["comm"]))
         ideal = med["sequential"] - max(med["compute"], med["comm"])
+        rounds = _per_round(rows, n)
         row: dict[str, Any] = {
             "tokens": n,
             **{f"{m}_ms": med[m] * 1e3 for m in MODES},
@@ -307,20 +327,17 @@ def summarise(rows: list[dict[str, Any]], layers: int) -> list[dict[str, Any]]:
             "achievable_gain_ms": f * ideal * 1e3,
         }
         for tw in ("tokenweave", "tokenweave_ar"):
-            gain = med["sequential"] - med[tw]
-            # per round: tw / sequential of the same round (noise that hits a round hits both)
-            ratios = []
-            for rnd in sorted({r["round"] for r in rows}):
-                by = {r["mode"]: r["wall_s"] for r in rows if r["tokens"] == n and r["round"] == rnd}
-                ratios.append(by[tw] / by["sequential"])
+            ratios = [by[tw] / by["sequential"] for by in rounds]
             exposed = statistics.median(r["exposed_wait_s"] for r in rows if r["tokens"] == n and r["mode"] == tw)
             row |= {
                 f"{tw}_exposed_wait_ms": exposed * 1e3,
-                f"{tw}_gain_ms": gain * 1e3,
-                f"{tw}_recovered": gain / (f * ideal) if f * ideal > 0 else None,
+                f"{tw}_gain_ms": (med["sequential"] - med[tw]) * 1e3,
+                f"{tw}_recovered": _median_or_none(
+                    [_recovered(by["sequential"], by[tw], by["compute"], by["comm"], f) for by in rounds]
+                ),
                 f"{tw}_over_sequential_median": statistics.median(ratios),
                 f"{tw}_over_sequential_per_round": ratios,
-                f"{tw}_pays": med[tw] < med["sequential"],
+                f"{tw}_pays": statistics.median(ratios) < 1.0,
             }
         if any(r["mode"] == "comm_link" for r in rows):
             lk = {
@@ -330,10 +347,14 @@ def summarise(rows: list[dict[str, Any]], layers: int) -> list[dict[str, Any]]:
             ideal_link = lk["sequential_link"] - max(med["compute"], lk["comm_link"])
             row |= {f"{m}_ms": lk[m] * 1e3 for m in LINK_MODES} | {"ideal_gain_link_ms": ideal_link * 1e3}
             for tw in ("tokenweave_link", "tokenweave_ar_link"):
-                gain = lk["sequential_link"] - lk[tw]
                 row |= {
-                    f"{tw}_recovered": gain / ideal_link if ideal_link > 0 else None,
-                    f"{tw}_over_sequential": lk[tw] / lk["sequential_link"],
+                    f"{tw}_recovered": _median_or_none(
+                        [
+                            _recovered(by["sequential_link"], by[tw], by["compute"], by["comm_link"], 1.0)
+                            for by in rounds
+                        ]
+                    ),
+                    f"{tw}_over_sequential": statistics.median(by[tw] / by["sequential_link"] for by in rounds),
                 }
         out.append(row)
     return out
