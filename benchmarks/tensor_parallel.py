@@ -203,6 +203,8 @@ def build_full_model(layers: int, seed: int):
 
 def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: Any) -> None:
     torch.set_num_threads(1)
+    if args.switch_interval_ms > 0:  # how soon a thread waiting for the GIL gets it (default 5 ms)
+        sys.setswitchinterval(args.switch_interval_ms / 1e3)
     from engine.models.tensor_parallel import TokenWeaveConfig, TPModel
     from engine.parallel import TorchDistCommunicator
     from engine.runtime.groups import GroupSpec, join_group
@@ -471,6 +473,12 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
+        "--switch-interval-ms",
+        type=float,
+        default=0.0,
+        help="sys.setswitchinterval in the ranks (0: Python's default, 5 ms)",
+    )
+    ap.add_argument(
         "--link-gbps",
         type=float,
         default=0.2,
@@ -509,6 +517,7 @@ def main() -> None:
         "model": "random Llama: hidden 576, 16 q / 8 KV heads (head_dim 36), intermediate 1536, vocab 49152, fp32",
         "layers": args.layers,
         "link_gbps": args.link_gbps,
+        "switch_interval_ms": args.switch_interval_ms or 1e3 * sys.getswitchinterval(),
         "world_size": 2,
         "rounds": args.rounds,
         "load_avg_start": load_start,
