@@ -205,15 +205,23 @@ def _take(t: Any, s: Slice) -> torch.Tensor:
     return t[a:b] if dim == 0 else t[:, a:b]
 
 
-def load_tp_shard(path: str, cfg: ModelConfig, plan: ShardPlan, max_positions: int, dtype: torch.dtype) -> DecoderLM:
-    """This rank's DecoderLM (local shapes, CPU), filled from the HF checkpoint at ``path``
-    reading only its slices of the sharded tensors (safetensors ``get_slice``)."""
+def load_tp_shard(
+    path: str,
+    cfg: ModelConfig,
+    plan: ShardPlan,
+    max_positions: int,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+) -> DecoderLM:
+    """This rank's DecoderLM (local shapes, on ``device``), filled from the HF checkpoint at
+    ``path`` reading only its slices of the sharded tensors (safetensors ``get_slice``)."""
     path = resolve_model_path(path)
     local = plan.local_config(cfg)
     with torch.device("meta"):
         model = DecoderLM(local, max_positions)
-    model = model.to_empty(device="cpu").to(dtype)
+    model = model.to_empty(device=device).to(dtype)
     model.rope.__init__(cfg.rope, cfg.head_dim, max_positions)  # buffers: rebuild in fp32
+    model.rope.to(device)
     params = dict(model.named_parameters())
     for name in ("embed", "lm_head"):
         if name in params:
@@ -235,7 +243,7 @@ def load_tp_shard(path: str, cfg: ModelConfig, plan: ShardPlan, max_positions: i
                 target = rule.target.format(*m.groups())
                 if target not in params:
                     raise WeightLoadError(f"checkpoint tensor {name!r} maps to unknown parameter {target!r}")
-                src = _take(f.get_slice(name), _source_slice(cfg, plan, target, rule))
+                src = _take(f.get_slice(name), _source_slice(cfg, plan, target, rule)).to(device)
                 dst = _destination(local, params[target], rule, m)
                 if target in ("embed", "lm_head"):
                     dst = dst[: src.shape[0]]
@@ -263,6 +271,7 @@ def shard_model(full: DecoderLM, plan: ShardPlan) -> DecoderLM:
         model = DecoderLM(plan_cfg, full.rope.cos.shape[0])
     model = model.to_empty(device=full.embed.device).to(full.embed.dtype)
     model.rope.__init__(cfg.rope, cfg.head_dim, full.rope.cos.shape[0])
+    model.rope.to(full.embed.device)
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     parts = {
         "q": Rule("", "", qkv="q"),
@@ -340,8 +349,8 @@ class PrefixAttention:
         while pos < end_all:
             end = min((pos // self.CHUNK + 1) * self.CHUNK, end_all)
             lo = 0 if self.sliding_window is None else max(0, pos - self.sliding_window + 1)
-            qpos = torch.arange(pos, end)[:, None]
-            kpos = torch.arange(lo, end)[None, :]
+            qpos = torch.arange(pos, end, device=q.device)[:, None]
+            kpos = torch.arange(lo, end, device=q.device)[None, :]
             mask = kpos <= qpos  # [c, end - lo]
             if self.sliding_window is not None:
                 mask &= kpos > qpos - self.sliding_window
@@ -402,11 +411,12 @@ class TPModel:
         dtype: torch.dtype = torch.float32,
         max_positions: int | None = None,
     ) -> TPModel:
-        """Rank ``comm.rank``'s shard of the HF checkpoint (or .gguf) at ``path``."""
+        """Rank ``comm.rank``'s shard of the HF checkpoint (or .gguf) at ``path``, on the
+        communicator's device (CUDA under NCCL: written for it, untested without a GPU)."""
         path = resolve_model_path(path)
         cfg = ModelConfig.from_hf_dir(path)
         plan = plan_shard(cfg, comm.rank, comm.world_size)
-        shard = load_tp_shard(path, cfg, plan, max_positions or cfg.max_position_embeddings, dtype)
+        shard = load_tp_shard(path, cfg, plan, max_positions or cfg.max_position_embeddings, dtype, comm.device)
         return cls(shard, plan, comm, tokenweave or TokenWeaveConfig())
 
     @classmethod
@@ -446,7 +456,7 @@ class TPModel:
     # ------------------------------------------------------------------ sequential TP
     def _forward_sequential(self, ids: torch.Tensor) -> torch.Tensor:
         m, comm = self.model, self.comm
-        positions = torch.arange(ids.shape[0])
+        positions = torch.arange(ids.shape[0], device=ids.device)
         x = comm.all_reduce(self._embed_partial(ids))
         rope = m.rope.tables(positions, x.dtype)
         attn = PrefixAttention(m.cfg.sliding_window)
@@ -480,7 +490,9 @@ class TPModel:
         sizes = TokenSplit(micro_batches=2, rule=aligned_split(multiple)).sizes(padded)
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
         dtype = m.embed.dtype
-        ropes = [m.rope.tables(torch.arange(s, s + t), dtype) for s, t in zip(starts, sizes, strict=True)]
+        ropes = [
+            m.rope.tables(torch.arange(s, s + t, device=ids.device), dtype) for s, t in zip(starts, sizes, strict=True)
+        ]
         attn = PrefixAttention(m.cfg.sliding_window)
         parts = list(torch.split(ids, sizes))
 
