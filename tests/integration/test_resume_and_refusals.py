@@ -21,6 +21,7 @@ from cluster.frontends.grpc_server import GrpcFrontend
 from cluster.frontends.http_server import HttpFrontend
 from cluster.frontends.service import ServingBackend
 from engine import LLM, SamplingParams
+from engine.engine import StepResult
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -101,57 +102,98 @@ def _sse_tokens(text: str) -> tuple[list[int], list[dict]]:
 
 
 def test_resume_follows_a_live_stream_from_its_cursor(served, expected):
-    # The decode worker's engine loop is held (a blocking call queued on its thread) from the
-    # 5th token until the resumed stream has its first chunk, so the request is still being
-    # generated when Resume arrives however slow the machine: a live follow, never a replay.
+    # The decode worker generates nothing past the 5th token until the resumed stream has its
+    # first chunk, so the request is still being generated when Resume arrives however slow
+    # or fast the machine: a live follow, never a replay.
     decode = served.cluster.workers["decode-0"]
-    hold = threading.Event()
+    paused = threading.Event()
+    real_step = _pause_at(decode, 5, paused)
     live_before = served.cluster.router.stats.resumed["live"]
-    with Client(served.target) as a, Client(served.target) as b:
-        stream = a.stream(PROMPT, request_id="live-1", **GREEDY)
-        got = []
-        try:
+    try:
+        with Client(served.target) as a, Client(served.target) as b:
+            stream = a.stream(PROMPT, request_id="live-1", **GREEDY)
+            got = []
             for chunk in stream:
                 got += chunk.token_ids
                 if len(got) >= 5:
-                    held = decode.loop.call(hold.wait)  # at most one more step runs
                     break  # keep the call open but stop reading; resume from another client
             resumed = b.resume("live-1", 3)
             first = next(resumed)
             assert served.cluster.router.stats.resumed["live"] == live_before + 1
-            assert len(first.token_ids) < N - 3  # the request had not finished
-        finally:
-            hold.set()
-        held.result(10)
-        tail = first.token_ids + [t for ch in resumed for t in ch.token_ids]
-        stream.close()
+            assert first.token_ids == expected[3:5]  # what was generated so far, from the cursor
+            paused.clear()
+            tail = first.token_ids + [t for ch in resumed for t in ch.token_ids]
+            stream.close()
+    finally:
+        paused.clear()
+        decode.engine.step = real_step
     assert tail == expected[3:]
+
+
+def _pause_at(worker, tokens: int, paused: threading.Event):
+    """Set ``paused`` (once) when a request on ``worker`` has ``tokens`` output tokens; while it is
+    set the worker's engine steps do nothing (no token is generated, whatever the machine's
+    speed), but its loop still runs calls between them (an abort goes through). Returns the
+    real step, to put back."""
+    real = worker.engine.step
+    armed = [True]  # pauses once: clearing ``paused`` lets generation run to the end
+
+    def step(*args, **kwargs):
+        if paused.is_set():
+            return StepResult()
+        result = real(*args, **kwargs)
+        if armed[0] and any(len(r.output_token_ids) >= tokens for r in result.outputs):
+            armed[0] = False
+            paused.set()
+        return result
+
+    worker.engine.step = step
+    return real
 
 
 def test_a_cancelled_request_is_continued_and_a_finished_one_replayed(served, expected):
     router = served.cluster.router
-    with Client(served.target) as c:
-        stream = c.stream(PROMPT, request_id="cut-1", **GREEDY)
-        got = []
-        for chunk in stream:
-            got += chunk.token_ids
-            if len(got) >= 7:
-                break
-        stream.close()  # the client lost its stream: the request is cancelled on the workers
-        continued_before = router.stats.resumed["continued"]
-        chunks = list(c.resume("cut-1", len(got)))
-        assert router.stats.resumed["continued"] == continued_before + 1
-        assert chunks[0].index == len(got)
-        assert got + [t for ch in chunks for t in ch.token_ids] == expected
-        assert chunks[-1].finish_reason == "length" and chunks[-1].usage.completion_tokens == N
-        # finished now: replayed from the journal, whatever the cursor; nothing is generated
-        placements = len(served.lt.run(served.cluster.store.journal_load("cut-1")).routes)
-        counts = dict(router.stats.resumed)
-        replay = list(c.resume("cut-1", 10))
-        assert [t for ch in replay for t in ch.token_ids] == expected[10:]
-        assert replay[-1].finish_reason == "length"
-        assert router.stats.resumed == {**counts, "replayed": counts["replayed"] + 1}
-        assert len(served.lt.run(served.cluster.store.journal_load("cut-1")).routes) == placements
+    decode = served.cluster.workers["decode-0"]
+    paused = threading.Event()
+    real_step = _pause_at(decode, 7, paused)  # nothing past token 7 until it is cancelled
+    try:
+        with Client(served.target) as c:
+            stream = c.stream(PROMPT, request_id="cut-1", **GREEDY)
+            got = []
+            for chunk in stream:
+                got += chunk.token_ids
+                if len(got) >= 7:
+                    break
+            stream.close()  # the client lost its stream: the request is cancelled on the workers
+            deadline = time.monotonic() + 30
+            while "cut-1" in router.by_key:  # the router ends it (journaled as cancelled)
+                assert time.monotonic() < deadline, "the cancellation never reached the router"
+                time.sleep(0.01)  # poll interval
+            paused.clear()
+            _check_continued_then_replayed(served, c, got, expected)
+    finally:
+        paused.clear()
+        decode.engine.step = real_step
+
+
+def _check_continued_then_replayed(served, c, got: list[int], expected: list[int]) -> None:
+    """Resume of the cancelled "cut-1" continues it from ``got``; once finished, a Resume
+    replays it from the journal and generates nothing."""
+    router = served.cluster.router
+    continued_before = router.stats.resumed["continued"]
+    chunks = list(c.resume("cut-1", len(got)))
+    assert router.stats.resumed["continued"] == continued_before + 1
+    assert chunks[0].index == len(got)
+    assert got + [t for ch in chunks for t in ch.token_ids] == expected
+    assert chunks[-1].finish_reason == "length" and chunks[-1].usage.completion_tokens == N
+    # finished now: replayed from the journal, whatever the cursor; nothing is generated
+    placements = len(served.lt.run(served.cluster.store.journal_load("cut-1")).routes)
+    counts = dict(router.stats.resumed)
+    replay = list(c.resume("cut-1", 10))
+    assert [t for ch in replay for t in ch.token_ids] == expected[10:]
+    assert replay[-1].finish_reason == "length"
+    assert router.stats.resumed == {**counts, "replayed": counts["replayed"] + 1}
+    assert len(served.lt.run(served.cluster.store.journal_load("cut-1")).routes) == placements
 
 
 def test_sdk_stream_with_resume_continues_across_a_frontend_restart(served, expected):
@@ -165,6 +207,9 @@ def test_sdk_stream_with_resume_continues_across_a_frontend_restart(served, expe
     served.lt.run(first.start())
     second = None
     before = sum(served.cluster.router.stats.resumed.values())
+    decode = served.cluster.workers["decode-0"]
+    paused = threading.Event()
+    real_step = _pause_at(decode, 4, paused)  # the stream is cut mid-way, not after its end
     try:
         with Client(f"127.0.0.1:{port}", backoff_s=0.2, max_retries=10) as c:
             got = []
@@ -174,11 +219,14 @@ def test_sdk_stream_with_resume_continues_across_a_frontend_restart(served, expe
                     served.lt.run(first.stop(grace=0))
                     second = GrpcFrontend(served.backend, port=port)
                     served.lt.run(second.start())
+                    paused.clear()
         assert got == expected
         # exactly one Resume: "continued" when the frontend's cancellation aborted the request
-        # on the workers first, "live" (or "replayed") when the SDK came back before that
+        # on the workers first, "live" when the SDK came back before that
         assert sum(served.cluster.router.stats.resumed.values()) == before + 1
     finally:
+        paused.clear()
+        decode.engine.step = real_step
         served.lt.run(first.stop(grace=0))
         if second is not None:
             served.lt.run(second.stop(grace=0))
