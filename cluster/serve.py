@@ -145,6 +145,13 @@ def add_serve_parser(sub: Any) -> None:
         help="at most this many tokens per demo prompt (default: %(default)s; generation stops at EOS)",
     )
     p.add_argument("--once", action="store_true", help="exit after the demo prompts instead of serving")
+    p.add_argument(
+        "--speculative-config",
+        metavar="JSON",
+        help='speculative decoding on the decode and mixed pools, vLLM-style: {"method": "ngram" | '
+        '"draft_model", "model": DIR, "num_speculative_tokens": K, "policy": "smartspec" | "fixed"} '
+        "(each pool's engine.speculative_config)",
+    )
     r = p.add_argument_group(
         "state store",
         "request journal (Resume after a restart), worker registry, prefix index; default: in memory",
@@ -214,6 +221,18 @@ def serve_config_from_args(args: argparse.Namespace, default_model: Callable[[],
     if args.num_cpus_per_worker is not None:
         for p in pools:
             p["num_cpus"] = args.num_cpus_per_worker
+    spec_flag = getattr(args, "speculative_config", None)
+    if spec_flag is not None:
+        from engine.config import SpeculativeConfig
+
+        try:
+            spec = SpeculativeConfig.from_json(spec_flag).to_dict()
+        except (TypeError, ValueError) as e:
+            raise ConfigError("--speculative-config", str(e)) from None
+        for p in pools:
+            if p.get("role", p.get("name")) in ("decode", "mixed"):
+                p["engine"] = {**(p.get("engine") or {}), "speculative_config": spec}
+    _check_speculation(pools)
     data["pools"] = pools
     transfer = dict(data.get("transfer") or {})
     if args.transport:
@@ -242,6 +261,25 @@ def serve_config_from_args(args: argparse.Namespace, default_model: Callable[[],
             "(set it in the config or pass --transport)",
         )
     return cfg
+
+
+def _check_speculation(pools: list[dict[str, Any]]) -> None:
+    """Each pool's ``engine.speculative_config``, checked before Ray starts. Speculation runs
+    where tokens are decoded (decode and mixed pools; a decode worker's draft model builds its
+    own prompt KV): a prefill pool takes none."""
+    from engine.config import SpeculativeConfig
+
+    for i, p in enumerate(pools):
+        engine = p.get("engine") or {}
+        if not isinstance(engine, dict) or engine.get("speculative_config") is None:
+            continue
+        where = f"pools[{i}].engine.speculative_config"
+        if p.get("role", p.get("name")) == "prefill":
+            raise ConfigError(where, "a prefill pool does not decode: configure speculation on decode or mixed pools")
+        try:
+            SpeculativeConfig.from_dict(engine["speculative_config"])
+        except (TypeError, ValueError) as e:
+            raise ConfigError(where, str(e)) from None
 
 
 def local_ray_resources(cfg: ServeConfig, num_cpus: float | None) -> tuple[int, dict[str, float]]:

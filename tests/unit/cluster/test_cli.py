@@ -394,3 +394,37 @@ def test_demo_prompts_go_through_the_chat_template(tiny_model):
     text = template.render([{"role": "user", "content": "Hi?"}], add_generation_prompt=True)
     assert demo_prompt_ids(tok, template, "Hi?") == tok.encode(text, add_special_tokens=False)
     assert demo_prompt_ids(tok, None, "Hi?") == tok.encode("Hi?")
+
+
+def test_speculative_config_flag_goes_to_the_decoding_pools(tmp_path):
+    spec = '{"method": "ngram", "num_speculative_tokens": 3, "policy": "smartspec"}'
+    cfg = serve_config_from_args(_parse("serve", "--model", "/m", "--speculative-config", spec), _Tiny())
+    by_role = {p.role: p.engine.get("speculative_config") for p in cfg.pools}
+    assert by_role["prefill"] is None  # the prefill pool does not decode
+    assert by_role["decode"]["method"] == "ngram" and by_role["decode"]["num_speculative_tokens"] == 3
+    assert by_role["decode"]["policy"] == "smartspec"
+
+
+@pytest.mark.parametrize(
+    "spec, field",
+    [
+        ('{"method": "ngram"', "--speculative-config: speculative_config is not valid JSON"),
+        ('{"method": "ngram", "num_speculative_tokens": 99}', "num_speculative_tokens"),
+        ('{"method": "eagle", "num_speculative_tokens": 2}', "method"),
+    ],
+)
+def test_bad_speculative_config_is_refused_before_ray_starts(spec, field):
+    with pytest.raises(ConfigError, match=field):
+        serve_config_from_args(_parse("serve", "--model", "/m", "--speculative-config", spec), _Tiny())
+
+
+def test_a_prefill_pool_takes_no_speculation(tmp_path):
+    path = tmp_path / "serve.yaml"
+    path.write_text(
+        "model: /m\n"
+        "pools:\n"
+        "  - {name: prefill, role: prefill, engine: {speculative_config: {method: ngram, num_speculative_tokens: 2}}}\n"
+        "  - {name: decode, role: decode}\n"
+    )
+    with pytest.raises(ConfigError, match=r"pools\[0\].engine.speculative_config: a prefill pool does not decode"):
+        serve_config_from_args(_parse("serve", "--config", str(path)), _Tiny())

@@ -1,0 +1,84 @@
+"""Speculative decoding in disaggregated serving (LocalCluster: prefill worker -> KV transfer ->
+decode worker whose engine speculates), with the n-gram proposer and a draft model, fixed k
+and SmartSpec: greedy output equal to engine.LLM without speculation, proposals made and
+accepted, every KV pool (the decode worker's draft pool included) full again.
+
+The decode worker's draft model builds its own prompt KV when the request is admitted (the
+prefill worker sends the target's KV only): the draft is small, so that costs less than
+shipping a second cache; see DESIGN.md."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from cluster.config import PoolConfig, RouterConfig, ServeConfig, TransferConfig
+from cluster.control.local import LocalCluster
+from engine import LLM, SamplingParams
+from engine.types import RequestSpec
+
+ENGINE = {"block_size": 4, "num_blocks": 256, "max_num_batched_tokens": 32}
+GREEDY = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+# repetitive prompts: the n-gram lookup finds continuations in them
+PROMPTS = [[5, 6, 7, 8, 9] * 6, [11, 12, 13] * 8 + [40, 41], [300 + (i % 7) for i in range(26)]]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    return tiny_checkpoint("llama")
+
+
+@pytest.fixture(scope="module")
+def plain(model):
+    return [o.token_ids for o in LLM(model, **ENGINE).generate(PROMPTS, GREEDY)]
+
+
+def _spec(model: str, method: str, policy: str) -> dict:
+    spec = {"method": method, "num_speculative_tokens": 3, "policy": policy}
+    return {**spec, "model": model} if method == "draft_model" else spec  # the target as its own draft
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+@pytest.mark.parametrize("policy", ["fixed", "smartspec"])
+def test_speculating_decode_worker_matches_plain_decoding(model, plain, method, policy):
+    cfg = ServeConfig(
+        model=model,
+        pools=(
+            PoolConfig("prefill", "prefill", 1, engine=ENGINE),
+            PoolConfig("decode", "decode", 1, engine={**ENGINE, "speculative_config": _spec(model, method, policy)}),
+        ),
+        router=RouterConfig(short_prompt_threshold=4),  # every prompt is prefilled on the prefill worker
+        transfer=TransferConfig(kind="loopback"),
+    )
+
+    async def run():
+        cluster = await LocalCluster(cfg).start()
+        try:
+
+            async def one(i: int, prompt: list[int]) -> list[int]:
+                tokens: list[int] = []
+                async for chunk in cluster.router.generate(RequestSpec(f"r{i}", prompt, GREEDY)):
+                    assert chunk.error is None, chunk.error
+                    tokens += chunk.token_ids
+                return tokens
+
+            outputs = await asyncio.gather(*(one(i, p) for i, p in enumerate(PROMPTS)))
+            decode, prefill = cluster.workers["decode-0"], cluster.workers["prefill-0"]
+            for _ in range(200):  # the prefill worker frees its blocks once each transfer settles
+                if prefill.stats().engine.free_kv_blocks == ENGINE["num_blocks"]:
+                    break
+                prefill.loop.run(lambda: None)
+            return outputs, decode.engine.spec_stats(), decode.stats(), prefill.stats()
+        finally:
+            await cluster.stop()
+
+    outputs, spec, decode_stats, prefill_stats = asyncio.run(run())
+    assert outputs == plain  # every token the target's argmax: equal to decoding without speculation
+    assert spec.method == method and spec.policy == policy
+    assert spec.proposed_tokens > 0 and spec.accepted_tokens > 0  # it did speculate, and drafts were taken
+    assert spec.accepted_tokens <= spec.proposed_tokens
+    assert decode_stats.engine.free_kv_blocks == decode_stats.engine.total_kv_blocks == ENGINE["num_blocks"]
+    assert prefill_stats.engine.free_kv_blocks == ENGINE["num_blocks"]
+    if method == "draft_model":
+        assert spec.draft_kv is not None and spec.draft_kv.free_blocks == spec.draft_kv.total_blocks > 0
