@@ -37,7 +37,12 @@ from engine.config import SchedulerMode
 from engine.engine import EngineCore
 from engine.request import Request
 from engine.runtime.continuation import replay_emitted
-from engine.runtime.stats import QUEUE_SECONDS_BUCKETS, TRANSFER_SECONDS_BUCKETS, CumulativeHistogram
+from engine.runtime.stats import (
+    QUEUE_SECONDS_BUCKETS,
+    TRANSFER_SECONDS_BUCKETS,
+    CumulativeHistogram,
+    speculation_report,
+)
 from engine.runtime.worker import RuntimeWorker, WorkerRuntime
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from engine.types import (
@@ -263,5 +268,6 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
             queue_seconds=self.queue_seconds.report(),
             reserve_wait_seconds=self.reserve_wait_seconds.report(),
             handoff_seconds=self.handoff_seconds.report(),
+            speculation=speculation_report(self.engine),
             cached_block_hashes=self.engine.cached_block_hashes(),
         )

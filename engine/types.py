@@ -91,6 +91,15 @@ class EngineStats:
 
 
 @dataclass(frozen=True)
+class SpeculationReport:
+    """A speculating worker's draft counters since start (engine/spec/: ``SpecStats``)."""
+
+    proposed_tokens: int  # draft tokens verified by the target model
+    accepted_tokens: int  # of those, accepted (emitted)
+    chosen_k: HistogramReport  # the speculation length the policy chose, per request and step
+
+
+@dataclass(frozen=True)
 class WorkerStats:
     """One worker's load and health report (``WorkerAPI.stats()``).
 
@@ -113,6 +122,7 @@ class WorkerStats:
     # KV hand-off: the prefill worker's end of prompt -> the start of this worker's first decode
     # step of the request (transfer tail, admission, scheduling); None: not a receiver
     handoff_seconds: HistogramReport | None
+    speculation: SpeculationReport | None  # None: the worker does not speculate
     cached_block_hashes: frozenset[int]  # prefix-cache hashes of full blocks held (prefix routing)
 
 

@@ -327,5 +327,6 @@ class PrefillWorker(RuntimeWorker, PrefillAPI):
             queue_seconds=self.queue_seconds.report(),
             reserve_wait_seconds=None,
             handoff_seconds=None,
+            speculation=None,  # the prompt is prefilled here; speculation runs where tokens are decoded
             cached_block_hashes=self.engine.cached_block_hashes(),
         )

@@ -45,6 +45,7 @@ def worker_stats(worker_id: str = "decode-0", role: str = "decode", **overrides:
         queue_seconds=EMPTY_HISTOGRAM,
         reserve_wait_seconds=None if role == "prefill" else EMPTY_HISTOGRAM,
         handoff_seconds=None if role == "prefill" else EMPTY_HISTOGRAM,
+        speculation=None,
         cached_block_hashes=frozenset(),
     )
     return dataclasses.replace(base, **overrides)

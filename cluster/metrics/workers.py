@@ -109,6 +109,9 @@ WORKER_METRICS: tuple[MetricDef, ...] = (
     MetricDef("splitserve_prefill_queue_time_seconds", H, "Time a request waited to be prefilled (on a prefill worker, or on a decode/mixed worker prefilling it locally) before its first scheduling.", WORKER, source=lambda s: s.queue_seconds),
     MetricDef("splitserve_kv_reserve_wait_seconds", H, "Time a disaggregated request waited on its decode worker for KV blocks to receive into.", WORKER, source=lambda s: s.reserve_wait_seconds),
     MetricDef("splitserve_kv_handoff_seconds", H, "KV hand-off of a disaggregated request: from the end of its prefill to the start of its first decode step on the decode worker.", WORKER, source=lambda s: s.handoff_seconds),
+    MetricDef("splitserve_spec_draft_tokens", C, "Draft tokens a speculating worker verified with the target model.", WORKER, source=lambda s: s.speculation.proposed_tokens if s.speculation else None),
+    MetricDef("splitserve_spec_accepted_tokens", C, "Draft tokens the target model accepted (emitted).", WORKER, source=lambda s: s.speculation.accepted_tokens if s.speculation else None),
+    MetricDef("splitserve_spec_chosen_k", H, "Speculation length the policy chose, per request and step (0: no speculation).", WORKER, source=lambda s: s.speculation.chosen_k if s.speculation else None),
     MetricDef("splitserve_worker_start_time_seconds", G, "Unix time the worker (this incarnation) started.", WORKER, source=lambda s: s.started_at),
     # computed from router state, not from a stats() field (see WorkerCollector.collect)
     MetricDef("splitserve_worker_role", G, "1 for the worker's current role (a promoted decode worker is 'mixed'), 0 for the others.", (*WORKER, "role")),

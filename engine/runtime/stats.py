@@ -5,7 +5,12 @@ reports its histograms on its engine loop thread only.
 
 from __future__ import annotations
 
-from engine.types import HistogramReport
+from typing import TYPE_CHECKING
+
+from engine.types import HistogramReport, SpeculationReport
+
+if TYPE_CHECKING:
+    from engine.engine import EngineCore
 
 # Bucket upper bounds (seconds).
 QUEUE_SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -31,3 +36,19 @@ class CumulativeHistogram:
 
     def report(self) -> HistogramReport:
         return HistogramReport(self.bounds, tuple(self.counts), self.sum, self.count)
+
+
+def speculation_report(engine: EngineCore) -> SpeculationReport | None:
+    """The engine's speculation counters as a worker reports them (None: no speculation)."""
+    st = engine.spec_stats()
+    if st is None:
+        return None
+    counts = list(st.k_counts)
+    cumulative = [sum(counts[: k + 1]) for k in range(len(counts))]
+    chosen = HistogramReport(
+        bounds=tuple(float(k) for k in range(len(counts))),
+        counts=tuple(cumulative),
+        sum=float(sum(k * c for k, c in enumerate(counts))),
+        count=sum(counts),
+    )
+    return SpeculationReport(st.proposed_tokens, st.accepted_tokens, chosen)

@@ -15,6 +15,7 @@ import pytest
 
 from cluster.config import PoolConfig, RouterConfig, ServeConfig, TransferConfig
 from cluster.control.local import LocalCluster
+from cluster.metrics.registry import Metrics
 from engine import LLM, SamplingParams
 from engine.types import RequestSpec
 
@@ -69,11 +70,14 @@ def test_speculating_decode_worker_matches_plain_decoding(model, plain, method, 
                 if prefill.stats().engine.free_kv_blocks == ENGINE["num_blocks"]:
                     break
                 prefill.loop.run(lambda: None)
-            return outputs, decode.engine.spec_stats(), decode.stats(), prefill.stats()
+            metrics = Metrics("spec")
+            metrics.attach(cluster.router, transport="loopback")
+            await cluster.router.refresh_loads()  # the reports the metrics read
+            return outputs, decode.engine.spec_stats(), decode.stats(), prefill.stats(), metrics
         finally:
             await cluster.stop()
 
-    outputs, spec, decode_stats, prefill_stats = asyncio.run(run())
+    outputs, spec, decode_stats, prefill_stats, metrics = asyncio.run(run())
     assert outputs == plain  # every token the target's argmax: equal to decoding without speculation
     assert spec.method == method and spec.policy == policy
     assert spec.proposed_tokens > 0 and spec.accepted_tokens > 0  # it did speculate, and drafts were taken
@@ -82,3 +86,17 @@ def test_speculating_decode_worker_matches_plain_decoding(model, plain, method, 
     assert prefill_stats.engine.free_kv_blocks == ENGINE["num_blocks"]
     if method == "draft_model":
         assert spec.draft_kv is not None and spec.draft_kv.free_blocks == spec.draft_kv.total_blocks > 0
+    # the worker reports its counters and the chosen-k histogram; the router exports them
+    report = decode_stats.speculation
+    assert (report.proposed_tokens, report.accepted_tokens) == (spec.proposed_tokens, spec.accepted_tokens)
+    assert report.chosen_k.count == sum(spec.k_counts) and report.chosen_k.counts[-1] == sum(spec.k_counts)
+    assert prefill_stats.speculation is None
+    d = {"model": "spec", "pool": "decode", "worker": "decode-0"}
+    assert metrics.sample_value("splitserve_spec_draft_tokens_total", d) == spec.proposed_tokens
+    assert metrics.sample_value("splitserve_spec_accepted_tokens_total", d) == spec.accepted_tokens
+    assert metrics.sample_value("splitserve_spec_chosen_k_bucket", {**d, "le": "0.0"}) == spec.k_counts[0]
+    assert metrics.sample_value("splitserve_spec_chosen_k_count", d) == sum(spec.k_counts)
+    assert (
+        metrics.sample_value("splitserve_spec_draft_tokens_total", {**d, "pool": "prefill", "worker": "prefill-0"})
+        is None
+    )

@@ -4,6 +4,7 @@ the router's stats reports stay monotonic across worker restarts; exposition end
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import urllib.request
 from collections.abc import AsyncIterator
 
@@ -30,7 +31,7 @@ from engine.config import ModelConfig
 from engine.request import SamplingParams
 from engine.runtime.stats import TRANSFER_SECONDS_BUCKETS, CumulativeHistogram
 from engine.tokenizer import Tokenizer
-from engine.types import StreamChunk, WorkerStats
+from engine.types import HistogramReport, SpeculationReport, StreamChunk, WorkerStats
 from tests.fakes import worker_stats
 
 
@@ -241,6 +242,7 @@ def report(started_at: float, preemptions: int, transfer_s: list[float], role: s
         queue_seconds=CumulativeHistogram((0.1, 1.0)).report(),
         reserve_wait_seconds=CumulativeHistogram((0.1, 1.0)).report(),
         handoff_seconds=CumulativeHistogram((0.1, 1.0)).report(),
+        speculation=None,
     )
 
 
@@ -310,7 +312,15 @@ def test_restart_keeps_exported_counters_and_buckets_monotonic():
 
 
 def test_exported_names_match_what_a_full_scrape_exposes():
-    m, router = attached({"prefill-0": report(1.0, 1, [0.01]), "decode-0": report(1.0, 0, [])})
+    speculating = dataclasses.replace(
+        report(1.0, 0, []),
+        speculation=SpeculationReport(3, 2, HistogramReport((0.0, 1.0), (1, 2), 1.0, 2)),
+    )
+    m, router = attached({"prefill-0": report(1.0, 1, [0.01]), "decode-0": speculating})
+    assert (
+        m.sample_value("splitserve_spec_accepted_tokens_total", {"model": "m", "pool": "decode", "worker": "decode-0"})
+        == 2
+    )
     m.track(4).finish("cancelled")
     tr = m.track(4)
     tr.tokens(2)
