@@ -1,10 +1,6 @@
-"""Offline measurement (not a test): engine.LLM greedy decoding with and without speculation.
+"""Benchmark (not a test): engine.LLM greedy decoding with and without speculation.
 
-(Beside engine/spec/, not in it: it drives engine.LLM, which imports engine.engine, which
-imports engine.spec, so inside engine/spec it would close an import cycle. Its place is
-benchmarks/.)
-
-    python -m engine.spec_measure --model DIR_OR_GGUF [--method ngram|draft_model]
+    .venv/bin/python benchmarks/speculation.py --model DIR_OR_GGUF [--method ngram|draft_model]
         [--draft DIR] [--k 4] [--policy fixed|smartspec] [--max-tokens 128] [--batch 1]
         [--repeats 3] [--threads 1] [--json OUT]
 
@@ -24,12 +20,16 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from engine.llm import LLM
-from engine.request import SamplingParams
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.llm import LLM  # noqa: E402
+from engine.request import SamplingParams  # noqa: E402
 
 TEXT = (
     "When in the Course of human events, it becomes necessary for one people to dissolve the political "
