@@ -13,7 +13,7 @@ Imports only grpc, the generated protos and the standard library, so it can ship
             ...
 
 Sampling keywords are the SamplingParams fields of the proto (max_tokens, temperature,
-top_k, top_p, seed, stop, stop_token_ids, ignore_eos, logprobs); unknown ones raise
+top_k, top_p, seed, stop, stop_token_ids, ignore_eos, logprobs, allow_speculation); unknown ones raise
 TypeError, values the wire format cannot carry raise InvalidArgument before any call.
 
 Timeouts: ``timeout`` (per call, else the client's default, else none) bounds the whole call

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protos/splitserve.proto\x12\rsplitserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xac\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x17\n\nignore_eos\x18\x08 \x01(\x08H\x05\x88\x01\x01\x12\x15\n\x08logprobs\x18\t \x01(\x05H\x06\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x0b\n\t_logprobs\"\x9e\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x17.splitserve.v1.TokenIdsH\x00\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\tB\x08\n\x06prompt\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"Y\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12&\n\x03top\x18\x03 \x03(\x0b\x32\x19.splitserve.v1.TopLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xc1\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\x12-\n\x08logprobs\x18\x05 \x03(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12#\n\x05usage\x18\x07 \x01(\x0b\x32\x14.splitserve.v1.Usage\"3\n\rResumeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\x04\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x12\n\x10ModelInfoRequest\"\x9b\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x13\n\x0bhidden_size\x18\x06 \x01(\r\x12\x15\n\reos_token_ids\x18\x07 \x03(\x05\"\x13\n\x11ServerInfoRequest\"\x97\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x14\n\x0c\x63urrent_role\x18\x03 \x01(\t\x12\x0f\n\x07healthy\x18\x04 \x01(\x08\x12\x10\n\x08inflight\x18\x05 \x01(\r\x12\x16\n\x0e\x66ree_kv_blocks\x18\x06 \x01(\x04\x12\x17\n\x0ftotal_kv_blocks\x18\x07 \x01(\x04\"B\n\x08PoolInfo\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x13\n\x0bnum_workers\x18\x02 \x01(\r\x12\x13\n\x0bnum_healthy\x18\x03 \x01(\r\"\xcc\x01\n\nServerInfo\x12*\n\x07workers\x18\x01 \x03(\x0b\x32\x19.splitserve.v1.WorkerInfo\x12&\n\x05pools\x18\x02 \x03(\x0b\x32\x17.splitserve.v1.PoolInfo\x12\x10\n\x08inflight\x18\x03 \x01(\r\x12\x11\n\tmax_queue\x18\x04 \x01(\r\x12\x14\n\x0c\x64\x65tails_json\x18\x05 \x01(\t\x12\x13\n\x0bstate_store\x18\x06 \x01(\t\x12\x1a\n\x12state_store_status\x18\x07 \x01(\t2\x83\x03\n\nSplitServe\x12M\n\x08Generate\x12\x1e.splitserve.v1.GenerateRequest\x1a\x1f.splitserve.v1.GenerateResponse0\x01\x12I\n\x06Resume\x12\x1c.splitserve.v1.ResumeRequest\x1a\x1f.splitserve.v1.GenerateResponse0\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.splitserve.v1.AbortRequest\x1a\x1c.splitserve.v1.AbortResponse\x12I\n\x0cGetModelInfo\x12\x1f.splitserve.v1.ModelInfoRequest\x1a\x18.splitserve.v1.ModelInfo\x12L\n\rGetServerInfo\x12 .splitserve.v1.ServerInfoRequest\x1a\x19.splitserve.v1.ServerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protos/splitserve.proto\x12\rsplitserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xe2\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x17\n\nignore_eos\x18\x08 \x01(\x08H\x05\x88\x01\x01\x12\x15\n\x08logprobs\x18\t \x01(\x05H\x06\x88\x01\x01\x12\x1e\n\x11\x61llow_speculation\x18\n \x01(\x08H\x07\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\x14\n\x12_allow_speculation\"\x9e\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x17.splitserve.v1.TokenIdsH\x00\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\tB\x08\n\x06prompt\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"Y\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12&\n\x03top\x18\x03 \x03(\x0b\x32\x19.splitserve.v1.TopLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xc1\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\x12-\n\x08logprobs\x18\x05 \x03(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12#\n\x05usage\x18\x07 \x01(\x0b\x32\x14.splitserve.v1.Usage\"3\n\rResumeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\x04\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x12\n\x10ModelInfoRequest\"\x9b\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x13\n\x0bhidden_size\x18\x06 \x01(\r\x12\x15\n\reos_token_ids\x18\x07 \x03(\x05\"\x13\n\x11ServerInfoRequest\"\x97\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x14\n\x0c\x63urrent_role\x18\x03 \x01(\t\x12\x0f\n\x07healthy\x18\x04 \x01(\x08\x12\x10\n\x08inflight\x18\x05 \x01(\r\x12\x16\n\x0e\x66ree_kv_blocks\x18\x06 \x01(\x04\x12\x17\n\x0ftotal_kv_blocks\x18\x07 \x01(\x04\"B\n\x08PoolInfo\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x13\n\x0bnum_workers\x18\x02 \x01(\r\x12\x13\n\x0bnum_healthy\x18\x03 \x01(\r\"\xcc\x01\n\nServerInfo\x12*\n\x07workers\x18\x01 \x03(\x0b\x32\x19.splitserve.v1.WorkerInfo\x12&\n\x05pools\x18\x02 \x03(\x0b\x32\x17.splitserve.v1.PoolInfo\x12\x10\n\x08inflight\x18\x03 \x01(\r\x12\x11\n\tmax_queue\x18\x04 \x01(\r\x12\x14\n\x0c\x64\x65tails_json\x18\x05 \x01(\t\x12\x13\n\x0bstate_store\x18\x06 \x01(\t\x12\x1a\n\x12state_store_status\x18\x07 \x01(\t2\x83\x03\n\nSplitServe\x12M\n\x08Generate\x12\x1e.splitserve.v1.GenerateRequest\x1a\x1f.splitserve.v1.GenerateResponse0\x01\x12I\n\x06Resume\x12\x1c.splitserve.v1.ResumeRequest\x1a\x1f.splitserve.v1.GenerateResponse0\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.splitserve.v1.AbortRequest\x1a\x1c.splitserve.v1.AbortResponse\x12I\n\x0cGetModelInfo\x12\x1f.splitserve.v1.ModelInfoRequest\x1a\x18.splitserve.v1.ModelInfo\x12L\n\rGetServerInfo\x12 .splitserve.v1.ServerInfoRequest\x1a\x19.splitserve.v1.ServerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,35 +34,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=42
   _globals['_TOKENIDS']._serialized_end=65
   _globals['_SAMPLINGPARAMS']._serialized_start=68
-  _globals['_SAMPLINGPARAMS']._serialized_end=368
-  _globals['_GENERATEREQUEST']._serialized_start=371
-  _globals['_GENERATEREQUEST']._serialized_end=529
-  _globals['_TOPLOGPROB']._serialized_start=531
-  _globals['_TOPLOGPROB']._serialized_end=578
-  _globals['_TOKENLOGPROB']._serialized_start=580
-  _globals['_TOKENLOGPROB']._serialized_end=669
-  _globals['_USAGE']._serialized_start=671
-  _globals['_USAGE']._serialized_end=751
-  _globals['_GENERATERESPONSE']._serialized_start=754
-  _globals['_GENERATERESPONSE']._serialized_end=947
-  _globals['_RESUMEREQUEST']._serialized_start=949
-  _globals['_RESUMEREQUEST']._serialized_end=1000
-  _globals['_ABORTREQUEST']._serialized_start=1002
-  _globals['_ABORTREQUEST']._serialized_end=1036
-  _globals['_ABORTRESPONSE']._serialized_start=1038
-  _globals['_ABORTRESPONSE']._serialized_end=1068
-  _globals['_MODELINFOREQUEST']._serialized_start=1070
-  _globals['_MODELINFOREQUEST']._serialized_end=1088
-  _globals['_MODELINFO']._serialized_start=1091
-  _globals['_MODELINFO']._serialized_end=1246
-  _globals['_SERVERINFOREQUEST']._serialized_start=1248
-  _globals['_SERVERINFOREQUEST']._serialized_end=1267
-  _globals['_WORKERINFO']._serialized_start=1270
-  _globals['_WORKERINFO']._serialized_end=1421
-  _globals['_POOLINFO']._serialized_start=1423
-  _globals['_POOLINFO']._serialized_end=1489
-  _globals['_SERVERINFO']._serialized_start=1492
-  _globals['_SERVERINFO']._serialized_end=1696
-  _globals['_SPLITSERVE']._serialized_start=1699
-  _globals['_SPLITSERVE']._serialized_end=2086
+  _globals['_SAMPLINGPARAMS']._serialized_end=422
+  _globals['_GENERATEREQUEST']._serialized_start=425
+  _globals['_GENERATEREQUEST']._serialized_end=583
+  _globals['_TOPLOGPROB']._serialized_start=585
+  _globals['_TOPLOGPROB']._serialized_end=632
+  _globals['_TOKENLOGPROB']._serialized_start=634
+  _globals['_TOKENLOGPROB']._serialized_end=723
+  _globals['_USAGE']._serialized_start=725
+  _globals['_USAGE']._serialized_end=805
+  _globals['_GENERATERESPONSE']._serialized_start=808
+  _globals['_GENERATERESPONSE']._serialized_end=1001
+  _globals['_RESUMEREQUEST']._serialized_start=1003
+  _globals['_RESUMEREQUEST']._serialized_end=1054
+  _globals['_ABORTREQUEST']._serialized_start=1056
+  _globals['_ABORTREQUEST']._serialized_end=1090
+  _globals['_ABORTRESPONSE']._serialized_start=1092
+  _globals['_ABORTRESPONSE']._serialized_end=1122
+  _globals['_MODELINFOREQUEST']._serialized_start=1124
+  _globals['_MODELINFOREQUEST']._serialized_end=1142
+  _globals['_MODELINFO']._serialized_start=1145
+  _globals['_MODELINFO']._serialized_end=1300
+  _globals['_SERVERINFOREQUEST']._serialized_start=1302
+  _globals['_SERVERINFOREQUEST']._serialized_end=1321
+  _globals['_WORKERINFO']._serialized_start=1324
+  _globals['_WORKERINFO']._serialized_end=1475
+  _globals['_POOLINFO']._serialized_start=1477
+  _globals['_POOLINFO']._serialized_end=1543
+  _globals['_SERVERINFO']._serialized_start=1546
+  _globals['_SERVERINFO']._serialized_end=1750
+  _globals['_SPLITSERVE']._serialized_start=1753
+  _globals['_SPLITSERVE']._serialized_end=2140
 # @@protoc_insertion_point(module_scope)

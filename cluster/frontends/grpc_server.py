@@ -73,7 +73,16 @@ SERVICE = pb.DESCRIPTOR.services_by_name["SplitServe"].full_name  # "splitserve.
 # Trailing metadata of a stream that ended UNAVAILABLE because the request failed (its retries
 # ran out), not because the server or connection went away: resuming it would replay the failure.
 FAILED_METADATA = "splitserve-request-failed"
-_OPTIONAL_SAMPLING = ("max_tokens", "temperature", "top_k", "top_p", "seed", "ignore_eos", "logprobs")
+_OPTIONAL_SAMPLING = (
+    "max_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "seed",
+    "ignore_eos",
+    "logprobs",
+    "allow_speculation",
+)
 _TOKENIZE_IN_THREAD_CHARS = 8192  # longer text prompts are tokenized off the event loop
 
 

@@ -7,7 +7,7 @@ Request models are strict (no "5" -> 5 coercion, no NaN/inf) and ignore unknown 
 OpenAI clients send fields a server may not know. Fields the server cannot honour with a
 non-default value (``n > 1``, ``echo``, penalties, ``logit_bias``, tools, ...) are refused
 by ``unsupported_fields`` with a 400 naming the field, never silently ignored.
-Extensions beyond the OpenAI API: ``top_k``, ``ignore_eos``, ``stop_token_ids`` and
+Extensions beyond the OpenAI API: ``top_k``, ``ignore_eos``, ``allow_speculation``, ``stop_token_ids`` and
 ``return_token_ids`` (adds ``token_ids`` to each choice / chunk choice).
 """
 
@@ -131,6 +131,7 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None  # extension
     ignore_eos: bool | None = None  # extension
+    allow_speculation: bool | None = None  # extension: False keeps speculating workers from drafting for it
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
@@ -168,6 +169,7 @@ class _Sampling(BaseModel):
             "stop": self.stop,
             "stop_token_ids": self.stop_token_ids,
             "ignore_eos": self.ignore_eos,
+            "allow_speculation": self.allow_speculation,
         }
 
     @property

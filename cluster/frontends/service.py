@@ -283,6 +283,7 @@ class ServingBackend:
             "seed": lambda v: isinstance(v, int) and not isinstance(v, bool),
             "logprobs": lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 20,
             "ignore_eos": lambda v: isinstance(v, bool),
+            "allow_speculation": lambda v: isinstance(v, bool),
         }
         for name, ok in checks.items():
             if name in kw and not ok(kw[name]):

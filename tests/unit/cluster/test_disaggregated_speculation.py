@@ -100,3 +100,51 @@ def test_speculating_decode_worker_matches_plain_decoding(model, plain, method, 
         metrics.sample_value("splitserve_spec_draft_tokens_total", {**d, "pool": "prefill", "worker": "prefill-0"})
         is None
     )
+
+
+def test_a_request_can_opt_out_of_speculation_through_the_frontends(model, plain):
+    """``allow_speculation: false`` (gRPC SamplingParams field, OpenAI body extension) keeps a
+    speculating decode worker from drafting for that request; a non-boolean is refused
+    naming the field."""
+    from cluster.frontends.openai_api import CompletionRequest
+    from cluster.frontends.service import InvalidRequest, ServingBackend
+    from protos import splitserve_pb2 as pb
+
+    assert pb.SamplingParams(allow_speculation=False).HasField("allow_speculation")
+    body = CompletionRequest.model_validate({"prompt": [1, 2, 3], "allow_speculation": False})
+    assert body.sampling_fields()["allow_speculation"] is False
+    cfg = ServeConfig(
+        model=model,
+        pools=(
+            PoolConfig("prefill", "prefill", 1, engine=ENGINE),
+            PoolConfig("decode", "decode", 1, engine={**ENGINE, "speculative_config": _spec(model, "ngram", "fixed")}),
+        ),
+        router=RouterConfig(short_prompt_threshold=4),
+        transfer=TransferConfig(kind="loopback"),
+    )
+
+    async def run():
+        cluster = await LocalCluster(cfg).start()
+        try:
+            backend = ServingBackend.from_model_dir(cluster.router, model)
+            with pytest.raises(InvalidRequest, match="allow_speculation"):
+                backend.sampling_params(len(PROMPTS[0]), allow_speculation="no")
+            spec = cluster.workers["decode-0"].engine.spec_stats
+            counts = []
+            outputs = []
+            for allow in (False, True):
+                params = backend.sampling_params(
+                    len(PROMPTS[0]), max_tokens=40, temperature=0.0, ignore_eos=True, allow_speculation=allow
+                )
+                tokens = []
+                async for d in backend.generate(PROMPTS[0], params):
+                    tokens += d.token_ids
+                outputs.append(tokens)
+                counts.append(spec().proposed_tokens)
+            return counts, outputs
+        finally:
+            await cluster.stop()
+
+    counts, outputs = asyncio.run(run())
+    assert counts[0] == 0 and counts[1] > 0  # no drafts for the opted-out request; drafts for the other
+    assert outputs == [plain[0], plain[0]]
