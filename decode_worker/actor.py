@@ -97,5 +97,8 @@ class DecodeActor(DecodeAPI):
     def abort(self, request_id: str, reason: str = "aborted") -> None:
         self.worker.abort(request_id, reason)
 
+    def set_speculation_pressure(self, pressure: float) -> None:
+        self.worker.set_speculation_pressure(pressure)
+
     def shutdown(self) -> None:
         self.worker.shutdown()

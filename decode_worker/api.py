@@ -51,3 +51,9 @@ class DecodeAPI(WorkerAPI):
     @abc.abstractmethod
     def abort(self, request_id: str, reason: str = "aborted") -> None:
         """End the request here with ``reason`` (frees its blocks; readers see "abort")."""
+
+    @abc.abstractmethod
+    def set_speculation_pressure(self, pressure: float) -> None:
+        """Queueing at the decode pool (>= 0, from the router): a speculating worker's policy
+        prices speculative work up by it and turns speculation off under load. No-op on a
+        worker that does not speculate."""

@@ -126,6 +126,9 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
     def abort(self, request_id: str, reason: str = "aborted") -> None:
         self.loop.run(lambda: self._abort(request_id, reason))
 
+    def set_speculation_pressure(self, pressure: float) -> None:
+        self.engine.set_cluster_pressure(pressure)  # one float, read by the policy each step
+
     def shutdown(self) -> None:
         self.runtime.stop()
         if self.receiver is not None:

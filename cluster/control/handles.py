@@ -144,6 +144,9 @@ class DecodeHandle(WorkerHandle):
     async def abort(self, request_id: str, reason: str = "aborted") -> None:
         return await self.invoker.invoke(DecodeAPI.abort, request_id, reason)
 
+    async def set_speculation_pressure(self, pressure: float) -> None:
+        return await self.invoker.invoke(DecodeAPI.set_speculation_pressure, pressure)
+
 
 def local_prefill(worker_id: str, worker: PrefillAPI) -> PrefillHandle:
     return PrefillHandle(worker_id, LocalInvoker(worker_id, worker))

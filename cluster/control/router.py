@@ -81,6 +81,7 @@ T = TypeVar("T")
 
 UNSYNCED_MAX = 10_000  # ledgers that ended during a store outage, kept to be journaled after it
 WAIT_POLL_S = 0.5  # a waiting failover re-checks the workers at least this often
+PRESSURE_STEP = 0.05  # speculation pressure changes smaller than this are not sent
 
 
 class RequestInFlight(ValueError):
@@ -96,6 +97,7 @@ class WorkerEntry:
     inflight: int = 0  # requests the router has placed here and not seen finish
     prompt_tokens: int = 0  # prompt tokens placed here whose prefill has not returned
     stats: WorkerStats | None = None  # last stats() report; None until the first poll
+    pressure_sent: float | None = None  # speculation pressure last sent to it (None: never)
 
     @property
     def worker_id(self) -> str:
@@ -237,6 +239,42 @@ class Router:
                 await self.store.prefix_replace(wid, w.stats.cached_block_hashes)
 
         await asyncio.gather(*(one(wid, w) for wid, w in list(self.workers.items())))
+        await self._feed_speculation_pressure()
+
+    def speculation_pressure(self) -> float:
+        """Queueing at the decoding workers (decode and mixed), from their last reports:
+        requests waiting (for a batch slot or for their KV) per request running, 0 when
+        nothing waits. SmartSpec counts each second of speculative work as (1 + pressure)
+        seconds, so speculation backs off before the queues build."""
+        waiting = running = 0
+        for w in self.workers.values():
+            if w.role in ("decode", "mixed") and w.healthy and w.stats is not None:
+                waiting += w.stats.engine.waiting_requests + w.stats.transfers_in_flight
+                running += w.stats.engine.running_requests
+        return waiting / max(running, 1)
+
+    async def _feed_speculation_pressure(self) -> None:
+        """Send the pressure to each speculating worker whose last value differs by more than
+        PRESSURE_STEP (a worker that does not speculate reports ``speculation`` None)."""
+        pressure = self.speculation_pressure()
+
+        async def one(w: WorkerEntry) -> None:
+            try:
+                await asyncio.wait_for(w.decode.set_speculation_pressure(pressure), timeout=5.0)
+                w.pressure_sent = pressure
+            except (WorkerUnavailable, TimeoutError) as e:
+                log.debug("pressure update of %s failed: %s", w.worker_id, one_line(e))
+
+        targets = [
+            w
+            for w in self.workers.values()
+            if isinstance(w.handle, DecodeHandle)
+            and w.healthy
+            and w.stats is not None
+            and w.stats.speculation is not None
+            and (w.pressure_sent is None or abs(w.pressure_sent - pressure) > PRESSURE_STEP)
+        ]
+        await asyncio.gather(*(one(w) for w in targets))
 
     def snapshot(self, bounded: bool = True) -> list[WorkerLoad]:
         """The routing policy's view: the router's own exact counts, the last stats() report

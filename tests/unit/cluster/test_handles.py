@@ -105,6 +105,9 @@ class FakeDecode(DecodeAPI):
     def abort(self, request_id, reason="aborted"):
         self._do("abort", request_id, reason)
 
+    def set_speculation_pressure(self, pressure):
+        self._do("set_speculation_pressure", pressure)
+
 
 def test_local_handle_calls_the_worker_method_with_the_arguments():
     w = FakeDecode()
@@ -112,7 +115,8 @@ def test_local_handle_calls_the_worker_method_with_the_arguments():
     assert asyncio.run(h.ping()) == "d"
     asyncio.run(h.read("r", 3, 0.5))
     asyncio.run(h.abort("r"))
-    assert w.calls == [("ping",), ("read", "r", 3, 0.5), ("abort", "r", "aborted")]
+    asyncio.run(h.set_speculation_pressure(0.5))
+    assert w.calls == [("ping",), ("read", "r", 3, 0.5), ("abort", "r", "aborted"), ("set_speculation_pressure", 0.5)]
 
 
 def test_a_stopped_engine_is_worker_unavailable_other_errors_pass_through():
@@ -139,3 +143,43 @@ def test_router_refuses_a_handle_of_the_wrong_kind():
     r = Router(RoutingPolicy(RouterConfig()))
     with pytest.raises(TypeError, match="needs a PrefillHandle"):
         r.add_worker("p", DecodeHandle("p", LocalInvoker("p", FakeDecode())), "prefill")
+
+
+def test_router_feeds_speculation_pressure_to_speculating_workers():
+    """Pressure = requests waiting at the decoding workers per request running; it goes to
+    the workers whose reports say they speculate, and only when it moved by more than
+    PRESSURE_STEP."""
+    from cluster.config import RouterConfig
+    from cluster.control.router import PRESSURE_STEP, Router
+    from cluster.control.routing import RoutingPolicy
+    from engine.types import SpeculationReport
+    from tests.fakes import EMPTY_HISTOGRAM, worker_stats
+
+    speculating, plain = FakeDecode(), FakeDecode()
+    r = Router(RoutingPolicy(RouterConfig()))
+    r.add_worker("decode-0", DecodeHandle("decode-0", LocalInvoker("decode-0", speculating)), "decode", "a0")
+    r.add_worker("decode-1", DecodeHandle("decode-1", LocalInvoker("decode-1", plain)), "decode", "a1")
+    report = SpeculationReport(10, 7, EMPTY_HISTOGRAM)
+
+    def load(waiting: int, running: int, in_flight: int = 0) -> None:
+        r.workers["decode-0"].stats = worker_stats(
+            engine={"waiting_requests": waiting, "running_requests": running},
+            transfers_in_flight=in_flight,
+            speculation=report,
+        )
+        r.workers["decode-1"].stats = worker_stats("decode-1", engine={"running_requests": running})
+
+    load(0, 4)
+    assert r.speculation_pressure() == 0.0
+    asyncio.run(r._feed_speculation_pressure())
+    load(3, 4, in_flight=1)  # 4 waiting (3 queued + 1 KV transfer) over 8 running
+    assert r.speculation_pressure() == 0.5
+    asyncio.run(r._feed_speculation_pressure())
+    load(3, 4, in_flight=1)
+    asyncio.run(r._feed_speculation_pressure())  # unchanged: not sent again
+    load(4, 4, in_flight=1)  # 5/8 = 0.625: more than PRESSURE_STEP above 0.5
+    assert 0.625 - 0.5 > PRESSURE_STEP
+    asyncio.run(r._feed_speculation_pressure())
+    sent = [c[1] for c in speculating.calls if c[0] == "set_speculation_pressure"]
+    assert sent == [0.0, 0.5, 0.625]
+    assert plain.calls == []  # it does not speculate
