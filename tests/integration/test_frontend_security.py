@@ -150,7 +150,7 @@ def test_http_over_tls_and_a_plaintext_client_is_refused(served, pki):
         with httpx.Client(timeout=10) as plain, pytest.raises(httpx.TransportError):
             plain.get(f"http://127.0.0.1:{fe.http.port}/health")  # plaintext client, TLS server
         with Client(f"localhost:{fe.grpc.port}", tls=TLSConfig(ca=pki.ca)) as c:
-            assert len(c.generate([5, 6, 7], max_tokens=3).token_ids) == 3
+            assert len(c.generate([5, 6, 7], max_tokens=3, ignore_eos=True).token_ids) == 3
         assert f"https://127.0.0.1:{fe.http.port}/v1" in said[0] and "security: TLS;" in said[0]
 
 
@@ -177,7 +177,7 @@ def test_flags_configure_mutual_tls_that_every_port_enforces(served, pki):
                     client.get(f"https://localhost:{port}/metrics")
         full = TLSConfig(ca=pki.ca, cert=pki.client, key=pki.client_key)
         with Client(f"localhost:{fe.grpc.port}", tls=full) as c:
-            assert len(c.generate([5, 6, 7], max_tokens=3).token_ids) == 3
+            assert len(c.generate([5, 6, 7], max_tokens=3, ignore_eos=True).token_ids) == 3
         with Client(f"localhost:{fe.grpc.port}", tls=TLSConfig(ca=pki.ca), max_retries=0, timeout=10) as c:
             with pytest.raises(Unavailable):  # no client certificate: the handshake fails
                 c.generate([5, 6, 7], max_tokens=3)
@@ -199,7 +199,7 @@ def test_api_key_from_a_file_on_both_frontends_and_metrics_open_by_default(serve
         with Client(f"127.0.0.1:{fe.grpc.port}", max_retries=0) as c, pytest.raises(Unauthenticated):
             c.generate([5, 6, 7], max_tokens=3)
         with Client(f"127.0.0.1:{fe.grpc.port}", api_key=KEY) as c:
-            assert len(c.generate([5, 6, 7], max_tokens=3).token_ids) == 3
+            assert len(c.generate([5, 6, 7], max_tokens=3, ignore_eos=True).token_ids) == 3
         assert f"from file {key_file}" in said[0] and "/metrics open" in said[0]
         assert KEY not in "\n".join(said)
 

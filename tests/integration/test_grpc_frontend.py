@@ -276,7 +276,7 @@ def test_unauthenticated_without_the_key(served):
             with Client(target, api_key=key) as c, pytest.raises(Unauthenticated):
                 c.server_info()
         with Client(target, api_key="s3cret") as c:
-            assert len(c.generate([5, 6, 7], max_tokens=2).token_ids) == 2
+            assert len(c.generate([5, 6, 7], max_tokens=2, ignore_eos=True).token_ids) == 2
         with grpc.insecure_channel(target) as ch:  # x-api-key works too; health needs no key
             stub = pb_grpc.SplitServeStub(ch)
             info = stub.GetModelInfo(pb.ModelInfoRequest(), metadata=(("x-api-key", "s3cret"),))
@@ -294,7 +294,7 @@ def test_resource_exhausted_at_the_inflight_limit(served):
             c.generate([5, 6, 7], max_tokens=2)
         held.close()
         wait_until(lambda: small.inflight == 0, what="held stream to be released")
-        assert len(c.generate([5, 6, 7], max_tokens=2).token_ids) == 2
+        assert len(c.generate([5, 6, 7], max_tokens=2, ignore_eos=True).token_ids) == 2
     assert_idle(served, fe)
 
 
@@ -310,7 +310,7 @@ def test_unavailable_when_no_decode_worker_is_healthy(served):
     finally:
         served.lt.call(served.cluster.router.mark_healthy, "decode-0")
     with Client(served.target) as c:
-        assert len(c.generate([5, 6, 7], max_tokens=2).token_ids) == 2
+        assert len(c.generate([5, 6, 7], max_tokens=2, ignore_eos=True).token_ids) == 2
     assert_idle(served)
 
 
@@ -468,14 +468,14 @@ def test_tls_and_mutual_tls_round_trip(served, tmp_path):
     pki = write_pki(tmp_path)
     with extra_frontend(served, tls=TLSFiles(pki.server, pki.server_key)) as (_, port):
         with Client(f"localhost:{port}", tls=TLSConfig(ca=pki.ca)) as c:
-            assert len(c.generate([5, 6, 7], max_tokens=3).token_ids) == 3
+            assert len(c.generate([5, 6, 7], max_tokens=3, ignore_eos=True).token_ids) == 3
         with Client(f"localhost:{port}", max_retries=0) as c, pytest.raises(Unavailable):
             c.generate([5, 6, 7], max_tokens=3)  # plaintext client, TLS server
     mtls = TLSFiles(pki.server, pki.server_key, ca=pki.ca)
     with extra_frontend(served, tls=mtls) as (_, port):
         full = TLSConfig(ca=pki.ca, cert=pki.client, key=pki.client_key)
         with Client(f"localhost:{port}", tls=full) as c:
-            assert len(c.generate([5, 6, 7], max_tokens=3).token_ids) == 3
+            assert len(c.generate([5, 6, 7], max_tokens=3, ignore_eos=True).token_ids) == 3
         with Client(f"localhost:{port}", tls=TLSConfig(ca=pki.ca), max_retries=0, timeout=10) as c:
             with pytest.raises(Unavailable):  # no client certificate: the handshake fails
                 c.generate([5, 6, 7], max_tokens=3)
