@@ -97,6 +97,9 @@ class SpeculationReport:
     proposed_tokens: int  # draft tokens verified by the target model
     accepted_tokens: int  # of those, accepted (emitted)
     chosen_k: HistogramReport  # the speculation length the policy chose, per request and step
+    # the draft model's own KV pool beside the target's (None: a proposer without one, n-gram)
+    draft_free_kv_blocks: int | None
+    draft_total_kv_blocks: int | None
 
 
 @dataclass(frozen=True)

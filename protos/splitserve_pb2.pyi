@@ -141,7 +141,7 @@ class ServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "role", "current_role", "healthy", "inflight", "free_kv_blocks", "total_kv_blocks")
+    __slots__ = ("worker_id", "role", "current_role", "healthy", "inflight", "free_kv_blocks", "total_kv_blocks", "draft_free_kv_blocks", "draft_total_kv_blocks")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     CURRENT_ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +149,8 @@ class WorkerInfo(_message.Message):
     INFLIGHT_FIELD_NUMBER: _ClassVar[int]
     FREE_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_FREE_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_TOTAL_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     current_role: str
@@ -156,7 +158,9 @@ class WorkerInfo(_message.Message):
     inflight: int
     free_kv_blocks: int
     total_kv_blocks: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., current_role: _Optional[str] = ..., healthy: _Optional[bool] = ..., inflight: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ...) -> None: ...
+    draft_free_kv_blocks: int
+    draft_total_kv_blocks: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., current_role: _Optional[str] = ..., healthy: _Optional[bool] = ..., inflight: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., draft_free_kv_blocks: _Optional[int] = ..., draft_total_kv_blocks: _Optional[int] = ...) -> None: ...
 
 class PoolInfo(_message.Message):
     __slots__ = ("role", "num_workers", "num_healthy")

@@ -471,6 +471,7 @@ def server_info_message(info: ServerInfo) -> pb.ServerInfo:
     pools: dict[str, pb.PoolInfo] = {}
     for w in cluster.workers:
         st = w.stats
+        spec = st.speculation if st is not None else None  # a speculating worker's report
         msg.workers.append(
             pb.WorkerInfo(
                 worker_id=w.worker_id,
@@ -481,6 +482,8 @@ def server_info_message(info: ServerInfo) -> pb.ServerInfo:
                 # a worker not polled yet has no report: its KV fields stay unset (0 on the wire)
                 free_kv_blocks=st.engine.free_kv_blocks if st is not None else 0,
                 total_kv_blocks=st.engine.total_kv_blocks if st is not None else 0,
+                draft_free_kv_blocks=(spec.draft_free_kv_blocks or 0) if spec is not None else 0,
+                draft_total_kv_blocks=(spec.draft_total_kv_blocks or 0) if spec is not None else 0,
             )
         )
         pool = pools.setdefault(w.current_role, pb.PoolInfo(role=w.current_role))

@@ -51,4 +51,11 @@ def speculation_report(engine: EngineCore) -> SpeculationReport | None:
         sum=float(sum(k * c for k, c in enumerate(counts))),
         count=sum(counts),
     )
-    return SpeculationReport(st.proposed_tokens, st.accepted_tokens, chosen)
+    draft = st.draft_kv
+    return SpeculationReport(
+        st.proposed_tokens,
+        st.accepted_tokens,
+        chosen,
+        draft_free_kv_blocks=draft.free_blocks if draft is not None else None,
+        draft_total_kv_blocks=draft.total_blocks if draft is not None else None,
+    )

@@ -15,6 +15,8 @@ import pytest
 
 from cluster.config import PoolConfig, RouterConfig, ServeConfig, TransferConfig
 from cluster.control.local import LocalCluster
+from cluster.frontends.grpc_server import server_info_message
+from cluster.frontends.service import ServerInfo
 from cluster.metrics.registry import Metrics
 from engine import LLM, SamplingParams
 from engine.types import RequestSpec
@@ -72,20 +74,26 @@ def test_speculating_decode_worker_matches_plain_decoding(model, plain, method, 
                 prefill.loop.run(lambda: None)
             metrics = Metrics("spec")
             metrics.attach(cluster.router, transport="loopback")
-            await cluster.router.refresh_loads()  # the reports the metrics read
-            return outputs, decode.engine.spec_stats(), decode.stats(), prefill.stats(), metrics
+            await cluster.router.refresh_loads()  # the reports the metrics and GetServerInfo read
+            info = server_info_message(ServerInfo(cluster=cluster.info(), inflight=0, max_queue=8))
+            return outputs, decode.engine.spec_stats(), decode.stats(), prefill.stats(), metrics, info
         finally:
             await cluster.stop()
 
-    outputs, spec, decode_stats, prefill_stats, metrics = asyncio.run(run())
+    outputs, spec, decode_stats, prefill_stats, metrics, info = asyncio.run(run())
     assert outputs == plain  # every token the target's argmax: equal to decoding without speculation
     assert spec.method == method and spec.policy == policy
     assert spec.proposed_tokens > 0 and spec.accepted_tokens > 0  # it did speculate, and drafts were taken
     assert spec.accepted_tokens <= spec.proposed_tokens
     assert decode_stats.engine.free_kv_blocks == decode_stats.engine.total_kv_blocks == ENGINE["num_blocks"]
     assert prefill_stats.engine.free_kv_blocks == ENGINE["num_blocks"]
+    # GetServerInfo shows the draft model's own KV pool beside the target's (all free again)
+    drafts = {w.worker_id: (w.draft_free_kv_blocks, w.draft_total_kv_blocks) for w in info.workers}
     if method == "draft_model":
         assert spec.draft_kv is not None and spec.draft_kv.free_blocks == spec.draft_kv.total_blocks > 0
+        assert drafts == {"prefill-0": (0, 0), "decode-0": (spec.draft_kv.total_blocks, spec.draft_kv.total_blocks)}
+    else:
+        assert drafts == {"prefill-0": (0, 0), "decode-0": (0, 0)}  # n-gram: no draft pool
     # the worker reports its counters and the chosen-k histogram; the router exports them
     report = decode_stats.speculation
     assert (report.proposed_tokens, report.accepted_tokens) == (spec.proposed_tokens, spec.accepted_tokens)

@@ -314,7 +314,7 @@ def test_restart_keeps_exported_counters_and_buckets_monotonic():
 def test_exported_names_match_what_a_full_scrape_exposes():
     speculating = dataclasses.replace(
         report(1.0, 0, []),
-        speculation=SpeculationReport(3, 2, HistogramReport((0.0, 1.0), (1, 2), 1.0, 2)),
+        speculation=SpeculationReport(3, 2, HistogramReport((0.0, 1.0), (1, 2), 1.0, 2), None, None),
     )
     m, router = attached({"prefill-0": report(1.0, 1, [0.01]), "decode-0": speculating})
     assert (
