@@ -52,9 +52,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import RESULTS_DIR, machine_description, median, memory_bandwidth_gbps  # noqa: E402
+from benchmarks.engine_probes import bytes_per_decode_step, decode_step_ms  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.models.tiny import build_tiny_checkpoint  # noqa: E402
-from engine.request import Request  # noqa: E402
 from engine.tokenizer import IncrementalDetokenizer  # noqa: E402
 
 # name -> build_tiny_checkpoint overrides (family "llama")
@@ -195,21 +195,6 @@ def load_hf(path: str):
     return model
 
 
-def engine_decode_step_ms(llm: LLM, prompt: list[int], steps: int) -> float:
-    """Median wall time of one EngineCore.step() decoding one sequence (after its prefill)."""
-    eng = llm.engine
-    req = Request("decode-probe", list(prompt), SamplingParams(max_tokens=steps + 1, temperature=0, ignore_eos=True))
-    eng.add_request(req)
-    eng.step()  # prefill + first token
-    times = []
-    while eng.has_work():
-        t0 = time.perf_counter()
-        eng.step()
-        times.append(time.perf_counter() - t0)
-    assert len(req.output_token_ids) == steps + 1
-    return 1e3 * median(times)
-
-
 @torch.inference_mode()
 def hf_decode_step_ms(model, prompt: list[int], steps: int) -> float:
     """Median wall time of one transformers forward of one new token with a KV cache + argmax."""
@@ -222,17 +207,6 @@ def hf_decode_step_ms(model, prompt: list[int], steps: int) -> float:
         cache, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
         times.append(time.perf_counter() - t0)
     return 1e3 * median(times)
-
-
-def bytes_per_decode_step(llm: LLM, context_len: int) -> int:
-    """Every parameter once, except the embedding table's unused rows, plus the K/V read."""
-    model = llm.engine.model
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    if model.lm_head is not None:  # untied: only one embedding row is read
-        total -= model.embed.numel() * model.embed.element_size()
-    layout = llm.engine.layout
-    kv_per_token = 2 * layout.num_layers * layout.num_kv_heads * layout.head_dim * model.embed.element_size()
-    return total + context_len * kv_per_token
 
 
 def markdown_tables(rows: list[ThroughputRow], decode: list[DecodeRow]) -> str:
@@ -361,7 +335,7 @@ def main() -> None:
             # The bandwidth this VM gets drifts with its neighbours: measure it right before and
             # after the engine's steps and keep the higher value (the stricter bound).
             read_gbps = memory_bandwidth_gbps()["read"]
-            e_ms = engine_decode_step_ms(llm, prompt, steps)
+            e_ms = decode_step_ms(llm, prompt, steps)
             read_gbps = max(read_gbps, memory_bandwidth_gbps()["read"])
             h_ms = hf_decode_step_ms(hf, prompt, steps)
             ctx = len(prompt) + steps // 2  # mean context length over the timed steps

@@ -62,9 +62,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import RESULTS_DIR, machine_description, median, memory_bandwidth_gbps  # noqa: E402
+from benchmarks.common import RESULTS_DIR, machine_description, memory_bandwidth_gbps  # noqa: E402
+from benchmarks.engine_probes import bytes_per_decode_step, decode_step_ms  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
-from engine.request import Request  # noqa: E402
 
 PEERS = REPO / "benchmarks" / "peers"
 NUM_PROMPTS, PROMPT_LEN = 64, 128
@@ -251,32 +251,6 @@ def peer_python(install: bool) -> tuple[str | None, str]:
 
 
 # ---------------------------------------------------------------- decode step vs bandwidth
-def decode_step_ms(llm: LLM, prompt: list[int], steps: int) -> float:
-    """Median wall time of one EngineCore.step() decoding one sequence (after its prefill)."""
-    eng = llm.engine
-    req = Request("decode-probe", list(prompt), SamplingParams(max_tokens=steps + 1, temperature=0, ignore_eos=True))
-    eng.add_request(req)
-    eng.step()  # prefill + first token
-    times = []
-    while eng.has_work():
-        t0 = time.perf_counter()
-        eng.step()
-        times.append(time.perf_counter() - t0)
-    assert len(req.output_token_ids) == steps + 1
-    return 1e3 * median(times)
-
-
-def bytes_per_decode_step(llm: LLM, context_len: int) -> int:
-    """Every parameter once, except an untied embedding table (one row read), plus the K/V."""
-    model = llm.engine.model
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    if model.lm_head is not None:
-        total -= model.embed.numel() * model.embed.element_size()
-    layout = llm.engine.layout
-    kv_per_token = 2 * layout.num_layers * layout.num_kv_heads * layout.head_dim * model.embed.element_size()
-    return total + context_len * kv_per_token
-
-
 def measure_decode(name: str, dtype: str, system: EngineSystem, prompt: list[int], steps: int) -> DecodeStep:
     gbps = memory_bandwidth_gbps()["read"]
     step = decode_step_ms(system.llm, prompt, steps)
