@@ -10,11 +10,9 @@ and the frontends; the tests are synchronous clients (httpx, the gRPC SDK).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import socket
 import ssl
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -26,6 +24,7 @@ from cluster.client import Client, TLSConfig, Unauthenticated, Unavailable
 from cluster.config import API_KEY_ENV, ConfigError, PoolConfig, SecurityConfig, ServeConfig, TLSFiles, TransferConfig
 from cluster.control.local import LocalCluster
 from cluster.frontends.launch import Frontends, add_frontend_flags, apply_frontend_flags, start_frontends
+from tests.loop_thread import LoopThread
 from tests.pki import Pki, write_pki
 
 pytestmark = pytest.mark.integration
@@ -35,26 +34,11 @@ KEY = "sk-from-a-file-0123456789"
 REQUESTS_SERIES = "splitserve_requests_total"
 
 
-class Loop:
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="security-test-loop", daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Any, timeout: float = 60.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-
-
 class Served:
     """A started LocalCluster (the ``controller`` of start_frontends) and its base config."""
 
     def __init__(self, model: str):
-        self.lp = Loop()
+        self.lp = LoopThread("security-test-loop")
         self.config = ServeConfig(
             model,
             pools=(

@@ -8,7 +8,6 @@ their own) or through raw stubs where the SDK would refuse the input first.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -37,6 +36,7 @@ from cluster.frontends.service import Delta, ServingBackend, Usage
 from engine import LLM, SamplingParams
 from protos import splitserve_pb2 as pb
 from protos import splitserve_pb2_grpc as pb_grpc
+from tests.loop_thread import LoopThread
 from tests.pki import write_pki
 
 pytestmark = pytest.mark.integration
@@ -49,27 +49,6 @@ PROMPTS: list = [[(7 * i + 3 * j) % 500 + 3 for j in range(n)] for i, n in enume
     "Hello world, this is a test of the prompt path with enough tokens to split",
     "hi",
 ]
-
-
-class LoopThread:
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="grpc-test-loop", daemon=True)
-        self.thread.start()
-
-    def run(self, coro, timeout: float = 60.0):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def call(self, fn: Callable, *args):
-        async def on_loop():
-            return fn(*args)
-
-        return self.run(on_loop())
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
 
 @dataclass
@@ -91,7 +70,7 @@ def served(tiny_checkpoint):
         router=RouterConfig(short_prompt_threshold=8),
         transfer=TransferConfig(kind="loopback"),
     )
-    lt = LoopThread()
+    lt = LoopThread("grpc-test-loop")
 
     async def up():
         cluster = await LocalCluster(config).start()

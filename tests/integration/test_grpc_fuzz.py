@@ -10,8 +10,6 @@ bytes), not the SDK, which would refuse some inputs before sending them.
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 
 import grpc
@@ -25,6 +23,7 @@ from cluster.frontends.grpc_server import SERVICE, GrpcFrontend
 from cluster.frontends.service import ServingBackend
 from protos import splitserve_pb2 as pb
 from protos import splitserve_pb2_grpc as pb_grpc
+from tests.loop_thread import LoopThread
 
 pytestmark = pytest.mark.integration
 
@@ -96,21 +95,6 @@ def generate_requests(draw) -> pb.GenerateRequest:
     return req
 
 
-class LoopThread:
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="grpc-fuzz-loop", daemon=True)
-        self.thread.start()
-
-    def run(self, coro, timeout: float = 60.0):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-
-
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint):
     model = tiny_checkpoint("llama", max_position_embeddings=MAX_LEN)
@@ -120,7 +104,7 @@ def server(tiny_checkpoint):
         router=RouterConfig(short_prompt_threshold=8),
         transfer=TransferConfig(kind="loopback"),
     )
-    lt = LoopThread()
+    lt = LoopThread("grpc-fuzz-loop")
 
     async def up():
         cluster = await LocalCluster(config).start()

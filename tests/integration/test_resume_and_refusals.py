@@ -22,6 +22,7 @@ from cluster.frontends.http_server import HttpFrontend
 from cluster.frontends.service import ServingBackend
 from engine import LLM, SamplingParams
 from engine.engine import StepResult
+from tests.loop_thread import LoopThread
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -30,21 +31,6 @@ ENGINE = {"block_size": 4, "num_blocks": 256, "max_num_batched_tokens": 16}
 N = 40
 GREEDY = dict(max_tokens=N, temperature=0.0, ignore_eos=True)
 PROMPT = [(5 * j) % 400 + 3 for j in range(21)]
-
-
-class LoopThread:
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="resume-test-loop", daemon=True)
-        self.thread.start()
-
-    def run(self, coro, timeout: float = 60.0):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
 
 class Served:
@@ -59,7 +45,7 @@ class Served:
             transfer=TransferConfig(kind="loopback"),
             state=state or StateConfig(),
         )
-        self.lt = LoopThread()
+        self.lt = LoopThread("resume-test-loop")
 
         async def up():
             cluster = await LocalCluster(config).start()
