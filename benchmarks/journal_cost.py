@@ -29,9 +29,7 @@ import json
 import os
 import random
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,31 +37,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_redis() -> tuple[subprocess.Popen, str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        sys.exit("redis-server not on PATH (scripts/install_system_deps.sh installs it)")
-    port = free_port()
-    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return proc, f"redis://127.0.0.1:{port}/0"
-        except OSError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                sys.exit("redis-server did not start")
-            time.sleep(0.05)
 
 
 def make_store(kind: str, url: str, prefix: str):
@@ -225,7 +198,10 @@ def main() -> None:
     from benchmarks.common import RESULTS_DIR, machine_description
 
     load_before = os.getloadavg()
-    proc, url = start_redis()
+    from tests.redis_server import RedisServer, benchmark_redis_binary
+
+    redis = RedisServer(binary=benchmark_redis_binary())
+    url = redis.url
     result: dict = {"machine": machine_description(), "load_before": load_before}
     tiny_dir = None
     try:
@@ -258,8 +234,7 @@ def main() -> None:
                       f"redis {t['redis_ms_per_token']:.3f} ms/token, overhead {t['redis_overhead_us_per_token']:+.0f} "
                       f"us/token ({t['ratio']:.3f}x)", flush=True)  # fmt: skip
     finally:
-        proc.kill()
-        proc.wait()
+        redis.close()
         if tiny_dir is not None:
             shutil.rmtree(tiny_dir, ignore_errors=True)
     result["load_after"] = os.getloadavg()

@@ -42,7 +42,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -52,6 +51,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from tests.redis_server import RedisServer, benchmark_redis_binary  # noqa: E402
 
 MAX_TOKENS = 150
 ENGINE = {"num_blocks": 256, "max_num_batched_tokens": 256}
@@ -184,17 +185,18 @@ def ray_scenario(
 
             tasks = [asyncio.create_task(one(i)) for i in range(len(prompts))]
             killed_at, affected = await kill(c, outs)
-            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 900)
+            results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 900)
+            raised = [f"{type(r).__name__}: {r}" for r in results if isinstance(r, BaseException)]
             after = [next((t for t in ts if t > killed_at), None) for ts in arrivals]
             hit = list(affected)
             recovery = max((after[i] - killed_at for i in hit if after[i] is not None), default=None)
             traces = [[t - t0 for t in ts] for ts in arrivals]
-            return outs, ends, hit, recovery, dict(c.router.stats.failovers), traces, killed_at - t0
+            return outs, ends, hit, recovery, dict(c.router.stats.failovers), traces, killed_at - t0, raised
         finally:
             await c.shutdown()
 
     try:
-        outs, ends, hit, recovery, failovers, traces, fault_s = asyncio.run(run())
+        outs, ends, hit, recovery, failovers, traces, fault_s, raised = asyncio.run(run())
     finally:
         ray.shutdown()
     correct = sum(
@@ -203,10 +205,8 @@ def ray_scenario(
         if e is not None and e.finish_reason == "length" and len(o) == max_tokens and model.correct(p, o)
     )
     errors = sum(1 for e in ends if e is not None and e.error is not None)
-    lost = sum(1 for e in ends if e is None)
-    return Row(
-        name, "", len(hit), correct, len(prompts), errors, lost, recovery, f"failovers {failovers}", traces, fault_s
-    )
+    detail = f"failovers {failovers}" + (f"; raised: {raised}" if raised else "")  # each also counted lost
+    return Row(name, "", len(hit), correct, len(prompts), errors, _lost(ends), recovery, detail, traces, fault_s)
 
 
 def decode_kill(model: Model, decoders: int) -> Row:
@@ -239,6 +239,15 @@ def prefill_kill(model: Model) -> Row:
     row = ray_scenario(model, "prefill-kill", 2, 1, prompts, 16, kill)
     row.faults = "SIGKILL of prefill-0 (of 2) while prefilling 4 x 600-token prompts"
     return row
+
+
+def _lost(lasts: list) -> int:
+    """Requests whose stream ended with neither a finish reason nor an explicit error."""
+    return sum(1 for last in lasts if last is None or (last.finish_reason is None and last.error is None))
+
+
+def _finished(last, reason: str = "length") -> bool:
+    return last is not None and last.finish_reason == reason
 
 
 # ---------------------------------------------------------------- in-process scenarios
@@ -291,8 +300,8 @@ def kv_corruption(model: Model) -> Row:
             await cluster.stop()
 
     res, failovers, rec = asyncio.run(run())
-    correct = sum(1 for p, (o, last) in zip(prompts, res) if last.finish_reason == "length" and model.correct(p, o))
-    errors = sum(1 for _, last in res if last.error is not None)
+    correct = sum(1 for p, (o, last) in zip(prompts, res) if _finished(last) and model.correct(p, o))
+    errors = sum(1 for _, last in res if last is not None and last.error is not None)
     mean = rec.sum / rec.count if rec.count else None
     return Row(
         "kv-corruption",
@@ -301,7 +310,7 @@ def kv_corruption(model: Model) -> Row:
         correct,
         len(prompts),
         errors,
-        0,
+        _lost([last for _, last in res]),
         mean,
         f"failovers {failovers}; recovery = mean failure -> next token",
     )
@@ -313,7 +322,7 @@ def redis_outage(model: Model) -> Row:
     from engine.request import SamplingParams
     from engine.types import RequestSpec
 
-    redis = RedisProcess()
+    redis = RedisServer(binary=benchmark_redis_binary())
     cfg = ServeConfig(
         model=model.dir,
         pools=(PoolConfig("prefill", "prefill", 1, engine=ENGINE), PoolConfig("decode", "decode", 1, engine=ENGINE)),
@@ -358,9 +367,7 @@ def redis_outage(model: Model) -> Row:
         outs, lasts, recovery, journals, health = asyncio.run(run())
     finally:
         redis.close()
-    correct = sum(
-        1 for p, o, last in zip(prompts, outs, lasts) if last.finish_reason == "length" and model.correct(p, o)
-    )
+    correct = sum(1 for p, o, last in zip(prompts, outs, lasts) if _finished(last) and model.correct(p, o))
     complete_journals = sum(1 for j, o in zip(journals, outs) if j is not None and list(j.token_ids) == o)
     return Row(
         "redis-outage",
@@ -368,8 +375,8 @@ def redis_outage(model: Model) -> Row:
         len(prompts),
         correct,
         len(prompts),
-        sum(1 for last in lasts if last.error is not None),
-        0,
+        sum(1 for last in lasts if last is not None and last.error is not None),
+        _lost(lasts),
         recovery,
         f"outages {health.outages}, writes dropped {health.dropped_writes}, journals complete after it: "
         f"{complete_journals}/{len(prompts)}",
@@ -379,7 +386,7 @@ def redis_outage(model: Model) -> Row:
 def serve_restart(model: Model) -> Row:
     from cluster.client import Client
 
-    redis = RedisProcess(password="bench-pw")
+    redis = RedisServer(password="bench-pw", binary=benchmark_redis_binary())
     tmp = Path(tempfile.mkdtemp(prefix="reliability-"))
     pwfile = tmp / "pw"
     pwfile.write_text("bench-pw\n")
@@ -417,7 +424,7 @@ def serve_restart(model: Model) -> Row:
                 lasts.append(last)
         correct = sum(
             1 for p, o, last in zip(prompts, outs, lasts)
-            if last.finish_reason == "length" and len(o) == MAX_TOKENS and model.correct(p, o)
+            if _finished(last) and len(o) == MAX_TOKENS and model.correct(p, o)
         )  # fmt: skip
         return Row(
             "serve-restart",
@@ -425,8 +432,8 @@ def serve_restart(model: Model) -> Row:
             len(prompts),
             correct,
             len(prompts),
-            sum(1 for last in lasts if last.finish_reason == "abort"),
-            0,
+            sum(1 for last in lasts if _finished(last, "abort")),
+            _lost(lasts),
             min(firsts) - killed_at,
             f"new process up {second.started_at - killed_at:.1f}s after the kill; clients Resume from their cursors",
         )
@@ -439,42 +446,6 @@ def serve_restart(model: Model) -> Row:
 
 
 # ---------------------------------------------------------------- processes
-class RedisProcess:
-    def __init__(self, password: str | None = None):
-        self.binary = shutil.which("redis-server")
-        if self.binary is None:
-            sys.exit("redis-server not on PATH (scripts/install_system_deps.sh installs it)")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.password = password
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc = None
-        self.start()
-
-    def start(self) -> None:
-        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        if self.password:
-            args += ["--requirepass", self.password]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
-            except OSError:
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-
-    close = stop
-
-
 class ServeProcess:
     def __init__(self, gguf: str, redis_url: str, password_file: str, log: Path):
         argv = [sys.executable, "-m", "cluster", "serve", "--model", gguf, "--host", "127.0.0.1"]

@@ -37,7 +37,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -75,12 +74,6 @@ def rss_mib(pid: int) -> float | None:
     except OSError:
         return None
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Soak:
@@ -215,20 +208,20 @@ def main() -> None:
                   {"name": "decode", "role": "decode", "num_cpus": 0.5, "engine": engine}],
         "router": {"short_prompt_threshold": 16}, "transfer": {"kind": "shm"}, "max_queue": 64,
     }))  # fmt: skip
-    redis_port = free_port()
-    redis = subprocess.Popen(
-        [shutil.which("redis-server") or "redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
-         "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    from tests.redis_server import RedisServer, benchmark_redis_binary
+
+    redis = RedisServer(binary=benchmark_redis_binary())  # answers PING before serve starts
     argv = [sys.executable, "-m", "cluster", "serve", "--config", str(config), "--host", "127.0.0.1",
             "--grpc-port", "0", "--http-port", "0", "--no-metrics-port", "--num-cpus", "2",
-            "--redis", f"redis://127.0.0.1:{redis_port}/0", "--prompt", "hi", "--max-tokens", "2"]  # fmt: skip
+            "--redis", redis.url, "--prompt", "hi", "--max-tokens", "2"]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     log = open(tmp / "serve.log", "w")
     serve = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
     session = grpc_target = http_base = None
+    redis_ok = False  # the soak measures serving with the Redis journal, not a degraded store
     for line in serve.stdout:
         log.write(line)
+        redis_ok = redis_ok or "state store: redis (ok" in line
         if line.startswith("Ray session "):
             session = line.split()[2]
         if line.startswith("gRPC on "):
@@ -238,6 +231,9 @@ def main() -> None:
             break
     else:
         sys.exit(f"serve did not start; see {tmp / 'serve.log'}")
+    if not redis_ok:
+        serve.kill()
+        sys.exit(f"serve did not report its Redis state store as ok; see {tmp / 'serve.log'}")
     from engine.config import ModelConfig
 
     vocab = ModelConfig.from_hf_dir(str(model)).vocab_size
@@ -273,7 +269,7 @@ def main() -> None:
             serve.wait(90)
         except subprocess.TimeoutExpired:
             serve.kill()
-        redis.kill()
+        redis.close()
         log.close()
     warm = next((s for s in samples if s["t"] >= 60), samples[0])
     end = samples[-1]

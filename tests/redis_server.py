@@ -4,7 +4,8 @@
 machine's Redis is touched), ``stop()`` kills it (an outage), ``start()`` brings it back on
 the same port (a recovery), ``close()`` ends it for good. ``redis-server`` comes from
 ``make system-deps`` (scripts/install_system_deps.sh); without it the test skips locally and
-fails under CI=true (tests/prereq.py).
+fails under CI=true (tests/prereq.py). Benchmarks use the same harness, passing the binary
+(``benchmark_redis_binary``: a missing one ends the script with a message).
 """
 
 from __future__ import annotations
@@ -24,6 +25,14 @@ def redis_server_binary() -> str:
     return path
 
 
+def benchmark_redis_binary() -> str:
+    """redis-server for a benchmark script (outside pytest): its path, or exit with how to get it."""
+    path = shutil.which("redis-server")
+    if path is None:
+        raise SystemExit("redis-server not on PATH (scripts/install_system_deps.sh installs it)")
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -31,8 +40,8 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, password: str | None = None, port: int | None = None):
-        self.binary = redis_server_binary()
+    def __init__(self, password: str | None = None, port: int | None = None, binary: str | None = None):
+        self.binary = binary or redis_server_binary()
         self.password = password
         self.port = port or free_port()
         self.proc: subprocess.Popen | None = None
