@@ -348,12 +348,14 @@ class Router:
         finally:
             # ended (and journaled so) before it leaves: a Resume that finds it meanwhile sees
             # how it ended, and a cancelled one may be continued under the same key at once
-            if not ledger.finished:  # the caller stopped iterating, or an exception ends it
-                await self._end(ledger, JournalEnd("abort", CANCELLED, ledger.num_cached_tokens or 0))
-            if self.requests.get(rid) is ledger:
-                del self.requests[rid]
-            if self.by_key.get(key) is ledger:
-                del self.by_key[key]
+            try:
+                if not ledger.finished:  # the caller stopped iterating, or an exception ends it
+                    await self._end(ledger, JournalEnd("abort", CANCELLED, ledger.num_cached_tokens or 0))
+            finally:  # even when a second cancellation lands in the journal write
+                if self.requests.get(rid) is ledger:
+                    del self.requests[rid]
+                if self.by_key.get(key) is ledger:
+                    del self.by_key[key]
 
     def follow(self, key: str, cursor: int) -> AsyncIterator[StreamChunk]:
         """A live request's chunks from ``cursor`` on (Resume of a request still running

@@ -377,3 +377,38 @@ def test_a_decode_worker_whose_kv_receiver_is_gone_is_failed_over(model, referen
     assert stats.failovers["worker_lost"] == 1 and sum(stats.failovers.values()) == 1
     assert [(r.decode_worker, r.cause) for r in record.routes] == [("decode-0", None), ("decode-1", "worker_lost")]
     assert not healthy
+
+
+def test_a_request_cancelled_twice_while_its_end_is_journaled_leaves_the_router(model):
+    """A second cancellation landing while the journal write of a cancelled request's end is
+    in progress (a slow store) must not leave the request registered as in flight."""
+
+    async def run():
+        cluster = await LocalCluster(_config(model, decode=1)).start()
+        writing = asyncio.Event()
+
+        async def slow_finish(key, end):  # the store never answers within the test
+            writing.set()
+            await asyncio.Event().wait()
+
+        cluster.store.journal_finish = slow_finish
+        try:
+            got = asyncio.Event()
+
+            async def consume():
+                async for _ in cluster.router.generate(RequestSpec("r", _prompts(1, seed=8)[0], LONG)):
+                    got.set()
+
+            task = asyncio.create_task(consume())
+            await asyncio.wait_for(got.wait(), 60)
+            task.cancel()  # the client goes away: the router journals the end...
+            await asyncio.wait_for(writing.wait(), 60)
+            task.cancel()  # ...and is cancelled again in the middle of that write
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return dict(cluster.router.requests), dict(cluster.router.by_key)
+        finally:
+            await cluster.stop()
+
+    requests, by_key = asyncio.run(run())
+    assert requests == {} and by_key == {}
