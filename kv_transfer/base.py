@@ -95,6 +95,11 @@ class KVTransferError(RuntimeError):
     """A transfer could not be set up or was misused (send after finish, link broken, ...)."""
 
 
+class KVLinkBroken(KVTransferError):
+    """The link to the receiver is gone (its process died, the connection dropped): nothing
+    more can be sent over it. The other KVTransferErrors are misuse or configuration errors."""
+
+
 def tensor_checksum(t: torch.Tensor) -> int:
     """Checksum of the tensor's bytes: xxh3-64 folded to 32 bits (see ``bytes_ops``), so a
     flipped, missing, extra or moved byte escapes it with probability ~2**-32. CUDA tensors

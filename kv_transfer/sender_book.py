@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.kv_cache.layout import KVLayout
-from kv_transfer.base import FaultHook, KVChunk, KVSender, KVTransferError, TransferStatus
+from kv_transfer.base import FaultHook, KVChunk, KVLinkBroken, KVSender, KVTransferError, TransferStatus
 
 _MAX_TERMINAL = 4096  # DONE/FAILED entries kept for poll() before the oldest are forgotten
 
@@ -50,7 +50,7 @@ class SenderBook:
     def add_chunk(self, rid: str) -> None:
         with self._lock:
             if self.broken is not None:
-                raise KVTransferError(f"link is broken: {self.broken}")
+                raise KVLinkBroken(f"link is broken: {self.broken}")
             req = self._reqs.setdefault(rid, _Outgoing())
             if req.finished:
                 raise KVTransferError(f"send() for request {rid!r} after its finish()")
@@ -59,7 +59,7 @@ class SenderBook:
     def add_finish(self, rid: str, num_chunks: int) -> None:
         with self._lock:
             if self.broken is not None:
-                raise KVTransferError(f"link is broken: {self.broken}")
+                raise KVLinkBroken(f"link is broken: {self.broken}")
             req = self._reqs.setdefault(rid, _Outgoing())
             if req.finished:
                 raise KVTransferError(f"finish() called twice for request {rid!r}")

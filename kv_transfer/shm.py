@@ -76,7 +76,7 @@ import torch
 
 from engine.kv_cache.layout import KVLayout, KVLayoutMismatch
 from engine.kv_cache.paged_cache import PagedKVCache
-from kv_transfer.base import FaultHook, KVChunk, KVTransferError, check_layouts
+from kv_transfer.base import FaultHook, KVChunk, KVLinkBroken, KVTransferError, check_layouts
 from kv_transfer.bytes_ops import checksum_pages, copy_with_checksum, page_rows, tensor_bytes
 from kv_transfer.receiver_book import BookedReceiver
 from kv_transfer.sender_book import BookedSender
@@ -395,7 +395,7 @@ class ShmSender(BookedSender):
         with self._cond:
             while True:
                 if self._link_error:
-                    raise KVTransferError(f"receiver connection lost: {self._link_error}")
+                    raise KVLinkBroken(f"receiver connection lost: {self._link_error}")
                 off = self._ring.alloc(n)
                 if off is not None:
                     return off

@@ -53,14 +53,15 @@ from engine.runtime.worker import RuntimeWorker, WorkerRuntime
 from engine.scheduler.output import ScheduledRequest, SchedulerOutput
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from engine.types import KV_TRANSFER_FAILED, KVAddress, PeerUnreachable, RequestSpec, StreamChunk, WorkerStats
-from kv_transfer.base import KVSender, KVTransferError, TransferStatus
+from kv_transfer.base import KVLinkBroken, KVSender, TransferStatus
 from prefill_worker.api import PrefillAPI
 
 log = logging.getLogger(__name__)
 
-# A send to a receiver that went away: the transports raise KVTransferError ("link is
-# broken"), a socket error may surface as is.
-LINK_ERRORS = (KVTransferError, OSError)
+# A send to a receiver that went away: the transports raise KVLinkBroken, a socket error may
+# surface as is. Other KVTransferErrors (finish twice, a chunk too big for the arena) are bugs
+# or configuration errors: they stop the engine loop loudly instead of failing one request.
+LINK_ERRORS = (KVLinkBroken, OSError)
 
 
 @dataclass
@@ -156,7 +157,7 @@ class PrefillWorker(RuntimeWorker, PrefillAPI):
             sender = self._sender_factory()
             try:
                 sender.connect(decode_address)
-            except KVLayoutMismatch:
+            except (KVLayoutMismatch, TypeError, AttributeError):  # configuration or programming errors
                 sender.close()
                 raise
             except Exception as e:
@@ -253,11 +254,11 @@ class PrefillWorker(RuntimeWorker, PrefillAPI):
             else:  # ended without a first token (e.g. aborted by the engine): nothing to wait for
                 self._unpin(o)
             stream.publish(req)
-        for rid, o in [(rid, o) for rid, o in self._out.items() if o.failed is not None]:
-            self._fail_transfer(rid, o)
+        for rid, o, error in [(rid, o, o.failed) for rid, o in self._out.items() if o.failed is not None]:
+            self._fail_transfer(rid, o, error)
         self.runtime.snapshot.refresh()
 
-    def _fail_transfer(self, rid: str, o: _Outgoing) -> None:
+    def _fail_transfer(self, rid: str, o: _Outgoing, error: str) -> None:
         """The request's link broke: it alone ends, its blocks freed and its stream failed with
         a KV-transfer error (the router places it again); other requests are untouched."""
         del self._out[rid]
@@ -267,10 +268,10 @@ class PrefillWorker(RuntimeWorker, PrefillAPI):
             self.engine.abort(rid)
         self._unpin(o)
         self.transfer_failures += 1
-        log.warning("request %s: %s", rid, o.failed)
+        log.warning("request %s: %s", rid, error)
         stream = self.runtime.streams.close(rid)
         if stream is not None:
-            stream.fail(o.failed or KV_TRANSFER_FAILED)
+            stream.fail(error)
 
     def _drop_sender(self, address: KVAddress) -> None:
         sender = self._senders.pop(address)

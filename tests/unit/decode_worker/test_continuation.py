@@ -118,10 +118,12 @@ def test_the_workers_refuse_past_their_bound(model):
         with pytest.raises(queue.Full, match="holds 2 requests, its bound"):
             d.generate_local(RequestSpec("c", PROMPT, GREEDY))
         d.abort("a")  # room again
-        d.generate_local(RequestSpec("c", PROMPT, GREEDY))
-        # counted on the loop thread: at most one step ran since, and c needs 2 prefill steps
-        # (23 prompt tokens, budget 16) and 11 decode steps to finish
-        assert d.loop.run(lambda: d._compute_stats().pending_requests) == 2
+
+        def accept_c_and_count() -> int:  # one loop call (what generate_local runs), no step between
+            d._generate_local(RequestSpec("c", PROMPT, GREEDY), ())
+            return d._compute_stats().pending_requests
+
+        assert d.loop.run(accept_c_and_count) == 2  # b waiting for its KV, c accepted
 
         def two_at_once():  # on the loop thread: nothing is prefilled between the two
             p._add(RequestSpec("p1", PROMPT, GREEDY), d.kv_address(), ())

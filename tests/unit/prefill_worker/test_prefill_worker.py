@@ -10,7 +10,7 @@ import torch
 from engine import SamplingParams
 from engine.request import RequestStatus
 from engine.types import KV_TRANSFER_FAILED, PeerUnreachable, RequestSpec
-from kv_transfer.base import KVSender, KVTransferError, TransferStatus
+from kv_transfer.base import KVLinkBroken, KVSender, TransferStatus
 from prefill_worker.build import build_prefill_worker
 
 ENGINE = {"block_size": 4, "num_blocks": 64, "max_num_batched_tokens": 8}
@@ -42,7 +42,7 @@ class RecordingSender(KVSender):
 
     def send(self, request_id, layer, first_page, pages):
         if self.fail_sends_to is not None and self.peer == self.fail_sends_to:
-            raise KVTransferError("link is broken: receiver connection lost: ConnectionResetError")
+            raise KVLinkBroken("link is broken: receiver connection lost: ConnectionResetError")
         self.log.append(("send", layer))
         self.chunks.setdefault(request_id, []).append((layer, first_page, pages.clone()))
 
