@@ -273,8 +273,7 @@ class RedisStateStore(StateStore):
         if record.token_ids:
             ops += self._append(key, {"k": "t", "c": 0, "v": ",".join(map(str, record.token_ids))})
         if record.end is not None:
-            ops += self._append(key, {"k": "f", "v": json.dumps(record.end.to_json())})
-            ops.append(("zrem", (self._inflight, key), {}))
+            ops += self._finish_ops(key, record.end)
         await self._write(ops)
 
     async def journal_route(self, key: str, route: RouteRecord) -> None:
@@ -284,10 +283,15 @@ class RedisStateStore(StateStore):
         await self._write(self._append(key, {"k": "t", "c": cursor, "v": ",".join(map(str, token_ids))}))
 
     async def journal_finish(self, key: str, end: JournalEnd) -> None:
+        await self._write(self._finish_ops(key, end))
+
+    def _finish_ops(self, key: str, end: JournalEnd) -> list[Op]:
+        """The end record (TTL refreshed with it), out of the in-flight set; the key leaves the
+        refresh bookkeeping, which would otherwise keep one entry per finished request."""
         ops = self._append(key, {"k": "f", "v": json.dumps(end.to_json())}, refresh=True)
         self._refreshed.pop(key, None)
         ops.append(("zrem", (self._inflight, key), {}))
-        await self._write(ops)
+        return ops
 
     async def journal_load(self, key: str) -> JournalRecord | None:
         stream = self._jkey(key)

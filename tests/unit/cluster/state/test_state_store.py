@@ -310,3 +310,30 @@ def test_password_from_file_env_or_url(tmp_path):
         StateConfig(redis_url="redis://:u@h:1/0").password({"SPLITSERVE_REDIS_PASSWORD": "e"})
     with pytest.raises(ValueError, match="password_file: is set but redis_url is not"):
         StateConfig(password_file=str(pw))
+
+
+def test_journal_rewrite_of_finished_and_live_records_round_trips(store_config):
+    """What the router writes after an outage: a whole record in one write. A finished one
+    loads finished and leaves the in-flight set (and, on Redis, the TTL bookkeeping)."""
+    from cluster.control.state import JournalRecord
+
+    async def run():
+        store = await _started(store_config)
+        try:
+            route = RouteRecord(0, "prefill-0", "decode-0", "split", 0, None)
+            end = JournalEnd("length", "finished", 0)
+            await store.journal_rewrite(JournalRecord(_spec("done"), token_ids=(11, 12), routes=(route,), end=end))
+            await store.journal_rewrite(JournalRecord(_spec("live"), token_ids=(21,), routes=(route,), end=None))
+            done, live = await store.journal_load("done"), await store.journal_load("live")
+            inflight = await store.journal_in_flight("done"), await store.journal_in_flight("live")
+            refreshed = dict(store._refreshed) if isinstance(store, RedisStateStore) else None
+            return done, live, inflight, refreshed
+        finally:
+            await store.close()
+
+    done, live, inflight, refreshed = _run(run())
+    assert (list(done.token_ids), done.end.finish_reason) == ([11, 12], "length")
+    assert (list(live.token_ids), live.end) == ([21], None)
+    assert inflight == (False, True)
+    if refreshed is not None:  # Redis: only the live journal is kept for TTL refreshes
+        assert set(refreshed) == {"live"}
