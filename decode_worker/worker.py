@@ -204,9 +204,10 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
                 if inc.first.logprobs is not None:
                     inc.req.logprobs.append(inc.first.logprobs)
                 inc.req.num_cached_tokens = inc.first.num_cached_tokens  # the prefill's prefix hits
-                if inc.first.prefilled_at is not None:
+                req = self.engine.admit(rid, inc.first.token_id)
+                if inc.first.prefilled_at is not None and not req.is_finished:  # it will decode
                     self._handoff_from[rid] = inc.first.prefilled_at
-                self._publish(self.engine.admit(rid, inc.first.token_id))
+                self._publish(req)
             elif st == TransferStatus.FAILED:
                 self.transfer_failures += 1
                 self._abort(rid, f"{KV_TRANSFER_FAILED}: {self.receiver.error(rid)}")

@@ -127,3 +127,27 @@ def test_engine_crash_fails_open_streams_instead_of_hanging(model):
             w.ping()
     finally:
         w.shutdown()
+
+
+def test_a_request_ended_by_its_first_token_leaves_no_handoff_pending(model):
+    """max_tokens=1: admission finishes the request (it never decodes here), so no hand-off is
+    measured for it and nothing waits for its first decode step."""
+    w = build_decode_worker(model, ENGINE, transport="loopback")
+    try:
+        prompt = list(range(30, 50))
+        w.start_transfer(RequestSpec("one", prompt, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)))
+        sender = make_sender("loopback", w.engine.layout)
+        sender.connect(w.kv_address())
+        pages = -(-len(prompt) // w.engine.layout.block_size)
+        layers = w.engine.layout.num_layers
+        for layer in range(layers):  # any bytes: the request ends before they are attended to
+            sender.send("one", layer, 0, w.engine.cache.kv[layer, :pages].clone())
+        sender.finish("one", layers)
+        w.set_first_token("one", FirstToken(7, None, 0, time.time()))
+        tokens, last = _drain(w, "one")
+        assert tokens == [7] and last.finish_reason == "length"
+        assert w.loop.run(lambda: dict(w._handoff_from)) == {}
+        assert w.stats().handoff_seconds.count == 0
+        assert w.stats().engine.free_kv_blocks == ENGINE["num_blocks"]
+    finally:
+        w.shutdown()
