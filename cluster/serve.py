@@ -58,6 +58,7 @@ from cluster.config import (
     ConfigError,
     ServeConfig,
 )
+from cluster.control.errors import EXCEPTION_LINE
 from cluster.control.info import ClusterInfo
 from cluster.frontends.launch import add_frontend_flags, apply_frontend_flags, start_frontends
 
@@ -463,7 +464,6 @@ def _one_line(text: str) -> str:
 
 
 _WORKER_LINE = re.compile(r"^  ([\w.-]+-\d+): (.*)$")
-_ERROR_LINE = re.compile(r"^\s*([\w.]+(Error|Exception|Exit|Interrupt)\b.*)$")
 
 
 def summarize_start_failure(message: str) -> str:
@@ -481,9 +481,9 @@ def summarize_start_failure(message: str) -> str:
                 parts.append(f"{current}: {last_error}")
             current, last_error = m.group(1), m.group(2).strip()
             continue
-        e = _ERROR_LINE.match(line)
+        e = EXCEPTION_LINE.match(line.strip())
         if e and current is not None:
-            last_error = e.group(1).strip()
+            last_error = e.group(0).strip()
     if current is not None:
         parts.append(f"{current}: {last_error}")
     heading = lines[0].rstrip(":")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 
-# The last line of a Python traceback: "SomeError: message" (possibly module-qualified).
-_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b.*")
+# The last line of a Python traceback, stripped: "SomeError: message" (possibly
+# module-qualified). serve.py finds the cause in a worker's start-up failure with it too.
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b.*")
 
 
 def one_line(e: BaseException | str) -> str:
@@ -17,5 +18,5 @@ def one_line(e: BaseException | str) -> str:
         return type(e).__name__ if isinstance(e, BaseException) else "unknown error"
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     first = lines[0]
-    cause = next((line for line in reversed(lines[1:]) if _EXCEPTION_LINE.match(line)), None)
+    cause = next((line for line in reversed(lines[1:]) if EXCEPTION_LINE.match(line)), None)
     return f"{first} ... {cause}" if cause and cause != first else first
