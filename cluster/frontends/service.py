@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from cluster.control.info import ClusterInfo, worker_info
+from cluster.control.ledger import RequestLedger
 from cluster.control.router import RequestInFlight, Router
 from cluster.control.routing import NoWorkerAvailable, WorkersBusy
 from cluster.control.state import CANCELLED, StoreUnavailable
@@ -123,13 +124,11 @@ class ServerInfo:
 
 @dataclass(frozen=True)
 class Resumed:
-    """A resumed request: where it came from, and its deltas from ``cursor`` on."""
+    """A resumed request: where it came from, and its deltas from the caller's cursor on (how
+    it was served, live / replayed / continued, is counted in ``router.stats.resumed``)."""
 
-    key: str
     origin: str  # who started it: "grpc" | "completion" | "chat" | "router"
     prompt_tokens: int
-    cursor: int  # index of the first token of ``deltas``
-    source: str  # "live" | "replayed" | "continued"
     deltas: AsyncIterator[Delta]
 
 
@@ -359,7 +358,7 @@ class ServingBackend:
             prompt_len = len(spec.prompt_token_ids)
             gen = self._follow(ledger, key, cursor)
             deltas = self._deltas(gen, key, prompt_len, spec.params, timeout_s, ledger.token_ids[:cursor])
-            return Resumed(key, ledger.origin, prompt_len, cursor, "live", deltas)
+            return Resumed(ledger.origin, prompt_len, deltas)
         if record is None:
             raise UnknownRequestId(f"request_id: no request {key!r} in the journal (never started, or expired)")
         if not record.complete:
@@ -376,7 +375,7 @@ class ServingBackend:
             )
             stats.resumed["replayed"] += 1
             deltas = self._deltas(_one(head), key, prompt_len, spec.params, timeout_s, tokens[:cursor])
-            return Resumed(key, spec.origin, prompt_len, cursor, "replayed", deltas)
+            return Resumed(spec.origin, prompt_len, deltas)
         self._admit()
         stats.resumed["continued"] += 1
         run = RequestSpec(self.new_request_id(), list(spec.prompt_token_ids), spec.params)
@@ -386,9 +385,9 @@ class ServingBackend:
         deltas = self._deltas(
             chunks, key, prompt_len, spec.params, timeout_s, tokens[:cursor], track=True, untracked=len(tokens) - cursor
         )
-        return Resumed(key, spec.origin, prompt_len, cursor, "continued", deltas)
+        return Resumed(spec.origin, prompt_len, deltas)
 
-    async def _follow(self, ledger: Any, key: str, cursor: int) -> AsyncIterator[StreamChunk]:
+    async def _follow(self, ledger: RequestLedger, key: str, cursor: int) -> AsyncIterator[StreamChunk]:
         """A live request from ``cursor`` on. If its owner goes away meanwhile (the call that
         started it was cancelled: the client that lost it is likely the one resuming), the
         follower takes it over: it is continued from its tokens so far."""
