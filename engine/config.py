@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
+from dataclasses import fields as dataclass_fields
 from enum import Enum
 from typing import Any
 
@@ -344,15 +345,7 @@ class SpeculativeConfig:
         """From vLLM-style ``speculative_config`` keys (module docstring); unknown keys are errors."""
         if not isinstance(d, dict):
             raise ValueError(f"speculative_config must be a JSON object, got {type(d).__name__}")
-        known = {
-            "method",
-            "model",
-            "num_speculative_tokens",
-            "policy",
-            "prompt_lookup_min",
-            "prompt_lookup_max",
-            "acceptance_prior",
-        }
+        known = {f.name for f in dataclass_fields(SpeculativeConfig)}
         unsupported = sorted(set(d) & _UNSUPPORTED_VLLM_KEYS)
         if unsupported:
             raise ValueError(f"speculative_config keys {unsupported} are vLLM options this engine does not implement")

@@ -254,9 +254,7 @@ class EngineCore:
         else:
             sampled, one = self.runner.execute(out, hook)
             logprobs = {rid: [lp] for rid, lp in one.items()}
-        before = {
-            sr.request_id: len(r.output_token_ids) for sr in out.scheduled if (r := s.requests.get(sr.request_id))
-        }
+        before = {sr.request_id: sr.num_output_tokens for sr in out.scheduled}  # nothing appended since schedule()
         changed = s.update(out, sampled)
         for req in changed:
             lps = logprobs.get(req.request_id)

@@ -398,7 +398,6 @@ class TPModel:
                 f"TPModel: communicator is rank {comm.rank}/{comm.world_size}, the shard plan {plan.rank}/{plan.world_size}"
             )
         self.model, self.plan, self.comm, self.tokenweave = shard, plan, comm, tokenweave
-        self.cfg = shard.cfg  # local shapes
         self.stats = OverlapStats()  # TokenWeave runs: compute vs exposed communication
         self._comm_worker: CommWorker | None = None  # started by the first TokenWeave forward
 

@@ -250,6 +250,9 @@ class SpecStep:
 
 @runtime_checkable
 class SpeculationPolicy(Protocol):
+    # chosen-k histogram: k_counts[k] decisions chose k (one per candidate request and step)
+    k_counts: list[int]
+
     def choose(self, step: SpecStep) -> dict[str, int]:
         """k per candidate (0 <= k <= its max_k), for every candidate."""
         ...

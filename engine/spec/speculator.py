@@ -247,7 +247,6 @@ class Speculator:
     # ------------------------------------------------------------ reports
     def stats(self) -> SpecStats:
         c = self._c
-        counts = getattr(self.policy, "k_counts", None)
         return SpecStats(
             method=self.config.method,
             policy=self.config.policy,
@@ -257,7 +256,7 @@ class Speculator:
             verified_requests=c.verified,
             emitted_tokens=c.emitted,
             speculative_steps=c.steps,
-            k_counts=list(counts) if counts is not None else [],
+            k_counts=list(self.policy.k_counts),
             draft_kv=self.proposer.usage() if isinstance(self.proposer, DraftProposer) else None,
         )
 

@@ -125,7 +125,8 @@ def test_drafts_verify_and_roll_back_without_leaks(seed, caching):
         real = set()
         for r in reqs:
             real |= set(prefix_block_hashes(r.all_token_ids + [0], 4))
-        assert sched.kv.pool.cached_hashes() <= real
+        cached = sched.kv.pool.cached_hashes()
+        assert cached and cached <= real  # some blocks were cached, none of them holding a draft
 
 
 def test_drafts_ride_on_a_decode_entry_within_the_budget():
