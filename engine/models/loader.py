@@ -9,6 +9,7 @@ import glob
 import json
 import logging
 import os
+import re
 
 import torch
 from safetensors import safe_open
@@ -60,12 +61,7 @@ def load_model(
     ``path`` is a HF directory or a .gguf file (read from its cached conversion, see gguf.py).
     """
     path = resolve_model_path(path, progress=progress)
-    with torch.device("meta"):
-        model = DecoderLM(cfg, max_positions, dispatcher)
-    model = model.to_empty(device=device).to(dtype)
-    # rope tables are buffers computed at construction; rebuild them on the real device in fp32
-    model.rope.__init__(cfg.rope, cfg.head_dim, max_positions)
-    model.rope.to(device)
+    model = empty_model(cfg, max_positions, dtype, device, dispatcher)
     params = dict(model.named_parameters())
     loaded: dict[str, int] = {}  # param name -> elements written
     rules = FAMILY_RULES[cfg.family]
@@ -82,12 +78,35 @@ def load_model(
     return model.eval()
 
 
-def _load_tensor(cfg: ModelConfig, rules, params, loaded, name: str, tensor: torch.Tensor) -> None:
+def empty_model(
+    cfg: ModelConfig,
+    max_positions: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    dispatcher: ExpertDispatcher | None = None,
+) -> DecoderLM:
+    """A DecoderLM for ``cfg`` with uninitialised parameters on ``device`` (built on the meta
+    device, so nothing is initialised twice) and its rope tables computed there in fp32."""
+    with torch.device("meta"):
+        model = DecoderLM(cfg, max_positions, dispatcher)
+    model = model.to_empty(device=device).to(dtype)
+    # rope tables are buffers computed at construction; rebuild them on the real device in fp32
+    model.rope.__init__(cfg.rope, cfg.head_dim, max_positions)
+    model.rope.to(device)
+    return model
+
+
+def match_tensor(
+    cfg: ModelConfig, rules: list[Rule], params: dict[str, torch.Tensor], name: str
+) -> tuple[str, Rule, re.Match[str]] | None:
+    """The parameter a checkpoint tensor fills: (parameter name, its rule, the rule's match);
+    None for a tensor the model does not use (rotary caches, a tied lm_head). Raises
+    WeightLoadError for a tensor no rule knows or one naming no parameter of the model."""
     if IGNORED.match(name):
-        return
+        return None
     short = name.removeprefix("model.")
     if short == "lm_head.weight" and cfg.tie_word_embeddings:
-        return
+        return None
     for rule in rules:
         m = rule.match(short)
         if m is None:
@@ -95,17 +114,24 @@ def _load_tensor(cfg: ModelConfig, rules, params, loaded, name: str, tensor: tor
         target = rule.target.format(*m.groups())
         if target not in params:
             raise WeightLoadError(f"checkpoint tensor {name!r} maps to unknown parameter {target!r}")
-        dst = _destination(cfg, params[target], rule, m)
-        if dst.shape != tensor.shape:
-            raise WeightLoadError(f"{name!r}: shape {tuple(tensor.shape)} != expected {tuple(dst.shape)}")
-        with torch.no_grad():
-            dst.copy_(tensor)
-        loaded[target] = loaded.get(target, 0) + tensor.numel()
-        return
+        return target, rule, m
     raise WeightLoadError(f"unexpected checkpoint tensor {name!r} for architecture {cfg.architecture}")
 
 
-def _destination(cfg: ModelConfig, param: torch.Tensor, rule: Rule, m) -> torch.Tensor:
+def _load_tensor(cfg: ModelConfig, rules, params, loaded, name: str, tensor: torch.Tensor) -> None:
+    found = match_tensor(cfg, rules, params, name)
+    if found is None:
+        return
+    target, rule, m = found
+    dst = destination(cfg, params[target], rule, m)
+    if dst.shape != tensor.shape:
+        raise WeightLoadError(f"{name!r}: shape {tuple(tensor.shape)} != expected {tuple(dst.shape)}")
+    with torch.no_grad():
+        dst.copy_(tensor)
+    loaded[target] = loaded.get(target, 0) + tensor.numel()
+
+
+def destination(cfg: ModelConfig, param: torch.Tensor, rule: Rule, m) -> torch.Tensor:
     """The slice of ``param`` that the matched checkpoint tensor fills."""
     dst = param.data
     if rule.expert is not None:

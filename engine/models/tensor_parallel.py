@@ -55,8 +55,15 @@ from engine.config import ModelConfig
 from engine.models.gguf import resolve_model_path
 from engine.models.layers import RMSNorm, linear
 from engine.models.llama import DecoderLM
-from engine.models.loader import FAMILY_RULES, WeightLoadError, _destination, safetensors_files
-from engine.models.weight_rules import IGNORED, Rule
+from engine.models.loader import (
+    FAMILY_RULES,
+    WeightLoadError,
+    destination,
+    empty_model,
+    match_tensor,
+    safetensors_files,
+)
+from engine.models.weight_rules import Rule
 from engine.parallel import (
     AllOf,
     Communicator,
@@ -217,11 +224,7 @@ def load_tp_shard(
     ``path`` reading only its slices of the sharded tensors (safetensors ``get_slice``)."""
     path = resolve_model_path(path)
     local = plan.local_config(cfg)
-    with torch.device("meta"):
-        model = DecoderLM(local, max_positions)
-    model = model.to_empty(device=device).to(dtype)
-    model.rope.__init__(cfg.rope, cfg.head_dim, max_positions)  # buffers: rebuild in fp32
-    model.rope.to(device)
+    model = empty_model(local, max_positions, dtype, device)  # local shapes; rope as the full model's
     params = dict(model.named_parameters())
     for name in ("embed", "lm_head"):
         if name in params:
@@ -232,19 +235,12 @@ def load_tp_shard(
     for file in safetensors_files(path):
         with safe_open(file, "pt", device="cpu") as f:
             for name in f.keys():
-                if IGNORED.match(name):
+                found = match_tensor(cfg, rules, params, name)
+                if found is None:
                     continue
-                short = name.removeprefix("model.")
-                if short == "lm_head.weight" and cfg.tie_word_embeddings:
-                    continue
-                rule, m = next(((r, m) for r in rules if (m := r.match(short)) is not None), (None, None))
-                if rule is None or m is None:
-                    raise WeightLoadError(f"unexpected checkpoint tensor {name!r} for architecture {cfg.architecture}")
-                target = rule.target.format(*m.groups())
-                if target not in params:
-                    raise WeightLoadError(f"checkpoint tensor {name!r} maps to unknown parameter {target!r}")
+                target, rule, m = found
                 src = _take(f.get_slice(name), _source_slice(cfg, plan, target, rule)).to(device)
-                dst = _destination(local, params[target], rule, m)
+                dst = destination(local, params[target], rule, m)
                 if target in ("embed", "lm_head"):
                     dst = dst[: src.shape[0]]
                 if dst.shape != src.shape:
@@ -266,12 +262,7 @@ def load_tp_shard(
 def shard_model(full: DecoderLM, plan: ShardPlan) -> DecoderLM:
     """This rank's DecoderLM cut from a full in-memory one (same dtype and device)."""
     cfg = full.cfg
-    plan_cfg = plan.local_config(cfg)
-    with torch.device("meta"):
-        model = DecoderLM(plan_cfg, full.rope.cos.shape[0])
-    model = model.to_empty(device=full.embed.device).to(full.embed.dtype)
-    model.rope.__init__(cfg.rope, cfg.head_dim, full.rope.cos.shape[0])
-    model.rope.to(full.embed.device)
+    model = empty_model(plan.local_config(cfg), full.rope.cos.shape[0], full.embed.dtype, full.embed.device)
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     parts = {
         "q": Rule("", "", qkv="q"),
