@@ -33,7 +33,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENGINE = {"block_size": 4, "num_blocks": 256, "max_num_batched_tokens": 32}
 STARTUP_S = 180.0
-LONG = 120
+LONG = 400  # long enough that no stream can finish before the kill, on any machine
 PROMPTS = [[(11 * i + 7 * j) % 400 + 3 for j in range(n)] for i, n in enumerate((20, 27, 6))]
 
 
@@ -121,8 +121,9 @@ def test_in_flight_requests_resume_after_the_serving_process_is_killed(tiny_chec
 
         second = Serve(str(config), redis.url, str(password_file), tmp_path, "2")
         with Client(second.grpc, timeout=120) as c:
-            with pytest.raises(AlreadyExists, match="continue it with Resume"):
-                list(c.stream(PROMPTS[1], request_id="live-1", max_tokens=4))
+            for i, p in enumerate(PROMPTS):  # every one of them was in flight: none is a replay
+                with pytest.raises(AlreadyExists, match="continue it with Resume"):
+                    list(c.stream(p, request_id=f"live-{i}", max_tokens=4))
             resumed = []
             for i, got in enumerate(received):
                 chunks = list(c.resume(f"live-{i}", len(got)))

@@ -237,23 +237,38 @@ def test_http_resume_of_a_cancelled_completion(served, expected):
         "stream": True,
         "return_token_ids": True,
     }
-    with httpx.Client(base_url=served.base, timeout=60) as http:
-        got, rid = [], None
-        with http.stream("POST", "/v1/completions", json=body) as r:
-            rid = r.headers["x-request-id"]
-            for line in r.iter_lines():
-                if line.startswith("data: {"):
-                    got += json.loads(line[6:])["choices"][0].get("token_ids", [])
-                if len(got) >= 6:
-                    break  # closing the response cancels the request
-        r = http.get(f"/v1/resume/{rid}", params={"cursor": len(got)})
-        assert r.status_code == 200 and r.headers["x-request-id"] == rid
-        tail, events = _sse_tokens(r.text)
-        assert got + tail == expected
-        assert events[-2]["choices"][0]["finish_reason"] == "length" and r.text.endswith("data: [DONE]\n\n")
-        assert events[-1]["usage"]["completion_tokens"] == N
-        missing = http.get("/v1/resume/cmpl-req-nope")
-        assert missing.status_code == 404 and missing.json()["error"]["param"] == "request_id"
+    router = served.cluster.router
+    decode = served.cluster.workers["decode-0"]
+    paused = threading.Event()
+    real_step = _pause_at(decode, 6, paused)  # nothing past token 6 until it is cancelled
+    continued = router.stats.resumed["continued"]
+    try:
+        with httpx.Client(base_url=served.base, timeout=60) as http:
+            got, rid = [], None
+            with http.stream("POST", "/v1/completions", json=body) as r:
+                rid = r.headers["x-request-id"]
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        got += json.loads(line[6:])["choices"][0].get("token_ids", [])
+                    if len(got) >= 6:
+                        break  # closing the response cancels the request
+            deadline = time.monotonic() + 30
+            while router.by_key:  # the router ends it (journaled as cancelled)
+                assert time.monotonic() < deadline, "the cancellation never reached the router"
+                time.sleep(0.01)  # poll interval
+            paused.clear()
+            r = http.get(f"/v1/resume/{rid}", params={"cursor": len(got)})
+            assert r.status_code == 200 and r.headers["x-request-id"] == rid
+            tail, events = _sse_tokens(r.text)
+            assert got + tail == expected
+            assert router.stats.resumed["continued"] == continued + 1  # a cancelled request, continued
+            assert events[-2]["choices"][0]["finish_reason"] == "length" and r.text.endswith("data: [DONE]\n\n")
+            assert events[-1]["usage"]["completion_tokens"] == N
+            missing = http.get("/v1/resume/cmpl-req-nope")
+            assert missing.status_code == 404 and missing.json()["error"]["param"] == "request_id"
+    finally:
+        paused.clear()
+        decode.engine.step = real_step
 
 
 def test_refusals_carry_retry_after(model):
@@ -313,6 +328,7 @@ def test_cancel_then_resume_races_lose_and_repeat_nothing(model):
     redis = RedisServer()
     s = Served(model, StateConfig(redis_url=redis.url))
     bad: list = []
+    served: list[tuple[list[int], int, list[int]]] = []  # (prompt, max_tokens, received + resumed)
 
     async def client(k: int) -> None:
         rng = random.Random(k)
@@ -331,6 +347,7 @@ def test_cancel_then_resume_races_lose_and_repeat_nothing(model):
                     last = ch
                 if len(got) + len(rest) != n or last.finish_reason != "length":
                     bad.append((rid, n, len(got), len(rest), last))
+                served.append((prompt, n, got + rest))
 
     async def all_clients() -> None:
         await asyncio.gather(*(client(k) for k in range(6)))
@@ -341,3 +358,8 @@ def test_cancel_then_resume_races_lose_and_repeat_nothing(model):
         s.close()
         redis.close()
     assert bad == []
+    # the tokens themselves: greedy, so each stream is a prefix of engine.LLM's 40-token output
+    # (a token repeated and another missing would keep the count right but not the sequence)
+    longest = LLM(model, **ENGINE).generate([p for p, _, _ in served], SamplingParams(**{**GREEDY, "max_tokens": 40}))
+    wrong = [(p, n) for (p, n, toks), ref in zip(served, longest) if toks != ref.token_ids[:n]]
+    assert len(served) == 6 * 15 and wrong == []
