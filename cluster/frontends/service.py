@@ -51,7 +51,7 @@ from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from engine.types import RequestSpec, StreamChunk, WorkerLimits
 
 if TYPE_CHECKING:
-    from cluster.metrics.registry import Metrics
+    from cluster.metrics.registry import Metrics, RequestTracker
 
 MAX_TOKENS_LIMIT = 1 << 20
 
@@ -158,6 +158,47 @@ class Delta:
     finish_reason: str | None = None
     error: str | None = None
     usage: Usage | None = None  # on the last delta
+
+
+class _Admission:
+    """One stream counted as an admitted request (in ``ServingBackend.inflight`` and the
+    request metrics) from ``start()`` until ``finish()``.
+
+    Lifecycle: a new request or a continuation starts it before its stream is read; a
+    follower of a live request (Resume) leaves it unstarted, because the request's owner
+    counts it, and starts it only if it takes the request over. ``start()`` refuses past
+    ``max_queue`` (Overloaded). The first ``untracked`` tokens (replayed from the journal,
+    already counted when they were generated) are not counted again.
+    """
+
+    def __init__(self, backend: ServingBackend, prompt_len: int, untracked: int = 0):
+        self.backend = backend
+        self.prompt_len = prompt_len
+        self.untracked = untracked
+        self.started = False
+        self.tracker: RequestTracker | None = None
+
+    def start(self) -> None:
+        assert not self.started, "an admission is started once"
+        self.backend._admit()
+        self.started = True
+        self.backend.inflight += 1
+        if self.backend.metrics is not None:
+            self.tracker = self.backend.metrics.track(self.prompt_len)
+
+    def tokens(self, n: int) -> None:
+        counted = max(0, n - self.untracked)
+        self.untracked = max(0, self.untracked - n)
+        if self.tracker is not None:
+            self.tracker.tokens(counted)
+
+    def finish(self, outcome: str, cached_tokens: int) -> None:
+        if not self.started:
+            return
+        self.started = False
+        if self.tracker is not None:
+            self.tracker.finish(outcome, cached_tokens)
+        self.backend.inflight -= 1
 
 
 class ServingBackend:
@@ -323,11 +364,12 @@ class ServingBackend:
         who started it ("grpc" | "completion" | "chat"), for Resume's rendering. Leaving the
         iteration early (client cancel) aborts the request everywhere.
         """
-        self._admit()
+        admission = _Admission(self, len(prompt_ids))
+        admission.start()
         rid = request_id or self.new_request_id()
         spec = RequestSpec(rid, prompt_ids, params)
         gen = self.router.generate(spec, key=journal_key or rid, origin=origin)
-        async for delta in self._deltas(gen, rid, len(prompt_ids), params, timeout_s, prior=[], track=True):
+        async for delta in self._deltas(gen, rid, len(prompt_ids), params, timeout_s, [], admission):
             yield delta
 
     async def resume(self, key: str, cursor: int, timeout_s: float | None = None) -> Resumed:
@@ -356,8 +398,9 @@ class ServingBackend:
             stats.resumed["live"] += 1
             spec = ledger.spec
             prompt_len = len(spec.prompt_token_ids)
-            gen = self._follow(ledger, key, cursor)
-            deltas = self._deltas(gen, key, prompt_len, spec.params, timeout_s, ledger.token_ids[:cursor])
+            admission = _Admission(self, prompt_len)  # started only on a take-over
+            gen = self._follow(ledger, key, cursor, admission)
+            deltas = self._deltas(gen, key, prompt_len, spec.params, timeout_s, ledger.token_ids[:cursor], admission)
             return Resumed(ledger.origin, prompt_len, deltas)
         if record is None:
             raise UnknownRequestId(f"request_id: no request {key!r} in the journal (never started, or expired)")
@@ -374,23 +417,26 @@ class ServingBackend:
                 tokens[cursor:], [], True, end.finish_reason, end.error, num_cached_tokens=end.num_cached_tokens
             )
             stats.resumed["replayed"] += 1
-            deltas = self._deltas(_one(head), key, prompt_len, spec.params, timeout_s, tokens[:cursor])
+            deltas = self._deltas(_one(head), key, prompt_len, spec.params, timeout_s, tokens[:cursor], None)
             return Resumed(spec.origin, prompt_len, deltas)
-        self._admit()
+        admission = _Admission(self, prompt_len, untracked=len(tokens) - cursor)
+        admission.start()
         stats.resumed["continued"] += 1
         run = RequestSpec(self.new_request_id(), list(spec.prompt_token_ids), spec.params)
         gen = self.router.generate(run, key=key, origin=spec.origin, resume=record)
         head = StreamChunk(tokens[cursor:])
         chunks = _chain(head, gen) if head.token_ids else gen
-        deltas = self._deltas(
-            chunks, key, prompt_len, spec.params, timeout_s, tokens[:cursor], track=True, untracked=len(tokens) - cursor
-        )
+        deltas = self._deltas(chunks, key, prompt_len, spec.params, timeout_s, tokens[:cursor], admission)
         return Resumed(spec.origin, prompt_len, deltas)
 
-    async def _follow(self, ledger: RequestLedger, key: str, cursor: int) -> AsyncIterator[StreamChunk]:
+    async def _follow(
+        self, ledger: RequestLedger, key: str, cursor: int, admission: _Admission
+    ) -> AsyncIterator[StreamChunk]:
         """A live request from ``cursor`` on. If its owner goes away meanwhile (the call that
         started it was cancelled: the client that lost it is likely the one resuming), the
-        follower takes it over: it is continued from its tokens so far."""
+        follower takes it over: it is admitted as a request of its own (``admission``
+        started: counted in flight and in the metrics, refused past ``max_queue``) and
+        continued from its tokens so far."""
         async for chunk in ledger.follow(cursor):
             cursor += len(chunk.token_ids)
             if not (chunk.finished and chunk.error == CANCELLED):
@@ -398,6 +444,7 @@ class ServingBackend:
                 if chunk.finished:
                     return
                 continue
+            admission.start()
             if chunk.token_ids:
                 yield StreamChunk(chunk.token_ids, chunk.logprobs, num_cached_tokens=chunk.num_cached_tokens)
             record = ledger.record()
@@ -444,22 +491,17 @@ class ServingBackend:
         params: SamplingParams,
         timeout_s: float | None,
         prior: list[int],
-        track: bool = False,
-        untracked: int = 0,
+        admission: _Admission | None,
     ) -> AsyncIterator[Delta]:
         """Deltas of a chunk stream that starts at token ``len(prior)`` (text from there on,
         stop strings cut as the worker does); enforces the deadline; closes ``gen`` at the end
-        (which aborts the request unless it finished). ``track``: count it as an admitted
-        request (in flight, metrics), except its first ``untracked`` tokens (replayed)."""
+        (which aborts the request unless it finished). ``admission``: the request's count
+        (in flight, metrics) while it is started; finished here."""
         detok = IncrementalDetokenizer(self.tokenizer, params.stop)
         for t in prior:
             detok.append(t)
         deadline = time.monotonic() + min(timeout_s or self.request_timeout_s, self.request_timeout_s)
         usage = Usage(prompt_tokens=prompt_len, completion_tokens=len(prior))
-        tracker = None
-        if track:
-            self.inflight += 1
-            tracker = self.metrics.track(prompt_len) if self.metrics is not None else None
         outcome = "cancelled"  # unless set below: the caller stopped iterating
         try:
             while True:
@@ -484,10 +526,8 @@ class ServingBackend:
                     raise Overloaded(str(e), self.retry_after_s) from e
                 except ValueError as e:
                     raise InvalidRequest("prompt", str(e)) from e
-                if tracker is not None:
-                    counted = max(0, len(chunk.token_ids) - untracked)
-                    untracked = max(0, untracked - len(chunk.token_ids))
-                    tracker.tokens(counted)
+                if admission is not None and admission.started:
+                    admission.tokens(len(chunk.token_ids))
                 before = len(detok.text)
                 for t in chunk.token_ids:
                     detok.append(t)
@@ -515,10 +555,8 @@ class ServingBackend:
             outcome = "error"
             raise
         finally:
-            if track:
-                if tracker is not None:
-                    tracker.finish(outcome, usage.cached_tokens)
-                self.inflight -= 1
+            if admission is not None:
+                admission.finish(outcome, usage.cached_tokens)
             await gen.aclose()  # aborts on the workers unless the request finished
 
     # ------------------------------------------------------------ info

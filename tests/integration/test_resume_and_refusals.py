@@ -271,6 +271,50 @@ def test_http_resume_of_a_cancelled_completion(served, expected):
         decode.engine.step = real_step
 
 
+def test_a_follower_that_takes_a_request_over_is_admitted(served, expected):
+    """Resume follows a live request, then its owner is cancelled: the follower takes it over
+    and from then on counts as an admitted request (in flight, refused past max_queue), and
+    the stream still ends with exactly the greedy tokens."""
+    backend = served.backend
+    router = served.cluster.router
+    decode = served.cluster.workers["decode-0"]
+    paused = threading.Event()
+    real_step = _pause_at(decode, 6, paused)  # nothing past token 6 until the owner is cancelled
+
+    async def scenario():
+        owner = backend.generate(PROMPT, SamplingParams(**GREEDY), request_id="take-over-1")
+        got = []
+        async for delta in owner:
+            got += delta.token_ids
+            if len(got) >= 6:
+                break
+        resumed = await backend.resume("take-over-1", len(got))
+        assert backend.inflight == 1  # the owner; a follower is not admitted twice
+        await owner.aclose()  # the owner's client goes away: the request is cancelled
+        deadline = time.monotonic() + 30
+        while router.by_key:
+            assert time.monotonic() < deadline, "the cancellation never reached the router"
+            await asyncio.sleep(0.01)  # poll interval
+        assert backend.inflight == 0
+        paused.clear()
+        tail, inflight = [], []
+        async for delta in resumed.deltas:
+            tail += delta.token_ids
+            inflight.append(backend.inflight)
+        return got, tail, inflight
+
+    try:
+        continued = router.stats.resumed["continued"]
+        got, tail, inflight = served.lt.run(scenario())
+        assert got + tail == expected
+        assert router.stats.resumed["continued"] == continued + 1  # taken over, not followed to the end
+        assert inflight and set(inflight) == {1}  # the take-over is counted while it runs
+        assert backend.inflight == 0
+    finally:
+        paused.clear()
+        decode.engine.step = real_step
+
+
 def test_refusals_carry_retry_after(model):
     s = Served(model, max_queue=1)
     try:
