@@ -1,0 +1,35 @@
+"""Building one rank of an expert-parallel group around an EngineCore (no Ray, no group
+creation: the caller joined the group and passes its communicator)."""
+
+from __future__ import annotations
+
+from engine.config import EngineConfig, ModelConfig
+from engine.engine import EngineCore
+from engine.parallel import Communicator
+from expert_router.dispatcher import EPDispatcher
+from expert_router.placement import ExpertPlacement
+
+
+def moe_layers(cfg: ModelConfig) -> list[int]:
+    """The layers whose MLP is an MoE block (every layer but ``moe.dense_layers``)."""
+    if cfg.moe is None:
+        raise ValueError(f"{cfg.architecture} is not a mixture-of-experts model: expert parallelism needs one")
+    return [i for i in range(cfg.num_layers) if i not in cfg.moe.dense_layers]
+
+
+def contiguous_placement(cfg: ModelConfig, world_size: int) -> ExpertPlacement:
+    return ExpertPlacement.contiguous(cfg.moe.num_experts if cfg.moe else 0, world_size, moe_layers(cfg))
+
+
+def build_ep_engine(
+    config: EngineConfig, comm: Communicator, placement: ExpertPlacement | None = None
+) -> tuple[EngineCore, EPDispatcher]:
+    """This rank's engine: attention, dense layers, gates and shared experts replicated, the
+    routed experts of ``placement`` (contiguous by default) loaded for this rank only."""
+    mc = config.model
+    placement = placement or contiguous_placement(mc, comm.world_size)
+    if sorted(placement.layers) != moe_layers(mc):
+        raise ValueError(f"placement covers layers {placement.layers}, the model's MoE layers are {moe_layers(mc)}")
+    assert mc.moe is not None
+    dispatcher = EPDispatcher(comm, placement, mc.moe.top_k)
+    return EngineCore(config, dispatcher=dispatcher), dispatcher
