@@ -1,0 +1,86 @@
+"""SYNTHETIC routing logs with planted structure (random-weight gates have none).
+
+Used by tests and benchmarks, always labelled synthetic. The structure planted:
+
+- groups: the experts of each layer are split into ``num_groups`` hidden groups of equal size
+  (a seeded permutation, so expert ids of one group are scattered, not contiguous); a token
+  picks its top-k inside its group with probability ``p_in_group`` per choice, else anywhere;
+- Zipf popularity: inside a group, expert j is picked with weight 1 / (rank_j + 1) ** zipf_s
+  (rank_j: its seeded popularity order); groups too are Zipf-popular;
+- cross-layer affinity: a token's group at layer l + 1 is a fixed map of its group at layer l
+  with probability ``layer_affinity`` (a routing path), else drawn afresh;
+- temporal locality: a token's group at layer 0 repeats the previous token's with probability
+  ``stickiness`` (consecutive tokens of a sequence share a topic).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from expert_router.routing_log import RoutingLog
+
+
+@dataclass(frozen=True)
+class PlantedStructure:
+    num_experts: int = 16
+    top_k: int = 2
+    num_layers: int = 4
+    num_groups: int = 4
+    p_in_group: float = 0.9
+    zipf_s: float = 1.0
+    layer_affinity: float = 0.8
+    stickiness: float = 0.7
+
+
+def _zipf(n: int, s: float) -> np.ndarray:
+    w = 1.0 / np.arange(1, n + 1) ** s
+    return w / w.sum()
+
+
+def planted_groups(structure: PlantedStructure, seed: int) -> list[list[np.ndarray]]:
+    """Per layer, the expert ids of each planted group (what s-EG should recover)."""
+    rng = np.random.default_rng(seed)
+    e, g = structure.num_experts, structure.num_groups
+    if e % g:
+        raise ValueError(f"{e} experts do not split into {g} equal groups")
+    return [np.split(rng.permutation(e), g) for _ in range(structure.num_layers)]
+
+
+def planted_log(
+    structure: PlantedStructure, num_sequences: int, seq_len: int, seed: int = 0
+) -> tuple[RoutingLog, list[list[np.ndarray]]]:
+    """A SYNTHETIC routing log with ``structure`` planted -> (log, the planted groups)."""
+    st = structure
+    groups = planted_groups(st, seed)
+    rng = np.random.default_rng(seed + 1)
+    g, e, k, nl = st.num_groups, st.num_experts, st.top_k, st.num_layers
+    group_pop = _zipf(g, st.zipf_s)
+    in_group_pop = _zipf(e // g, st.zipf_s)
+    path = [rng.permutation(g) for _ in range(nl)]  # group at l -> likely group at l + 1
+    n = num_sequences * seq_len
+    ids = np.zeros((n, nl, k), dtype=np.int16)
+    t = 0
+    for _ in range(num_sequences):
+        prev = int(rng.choice(g, p=group_pop))
+        for _ in range(seq_len):
+            grp = prev if rng.random() < st.stickiness else int(rng.choice(g, p=group_pop))
+            prev = grp
+            for layer in range(nl):
+                if layer > 0:
+                    grp = int(path[layer][grp]) if rng.random() < st.layer_affinity else int(rng.choice(g, p=group_pop))
+                members = groups[layer][grp]
+                chosen: list[int] = []
+                while len(chosen) < k:
+                    if rng.random() < st.p_in_group:
+                        x = int(members[rng.choice(len(members), p=in_group_pop)])
+                    else:
+                        x = int(rng.integers(e))
+                    if x not in chosen:
+                        chosen.append(x)
+                ids[t, layer] = chosen
+            t += 1
+    offsets = np.arange(0, n + 1, seq_len, dtype=np.int64)
+    log = RoutingLog(f"synthetic:{st}", e, k, tuple(range(nl)), ids, offsets)
+    return log, groups
