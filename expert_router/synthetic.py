@@ -49,16 +49,19 @@ def planted_groups(structure: PlantedStructure, seed: int) -> list[list[np.ndarr
 
 
 def planted_log(
-    structure: PlantedStructure, num_sequences: int, seq_len: int, seed: int = 0
+    structure: PlantedStructure, num_sequences: int, seq_len: int, seed: int = 0, sample_seed: int | None = None
 ) -> tuple[RoutingLog, list[list[np.ndarray]]]:
-    """A SYNTHETIC routing log with ``structure`` planted -> (log, the planted groups)."""
+    """A SYNTHETIC routing log with ``structure`` planted -> (log, the planted groups).
+    ``seed`` fixes the planted model (groups, routing paths); ``sample_seed`` (default: seed)
+    the tokens drawn from it, so a calibration log and a held-out log share the model only."""
     st = structure
     groups = planted_groups(st, seed)
-    rng = np.random.default_rng(seed + 1)
     g, e, k, nl = st.num_groups, st.num_experts, st.top_k, st.num_layers
+    path_rng = np.random.default_rng([seed, 1])
+    path = [path_rng.permutation(g) for _ in range(nl)]  # group at l -> likely group at l + 1
+    rng = np.random.default_rng([seed if sample_seed is None else sample_seed, 2])
     group_pop = _zipf(g, st.zipf_s)
     in_group_pop = _zipf(e // g, st.zipf_s)
-    path = [rng.permutation(g) for _ in range(nl)]  # group at l -> likely group at l + 1
     n = num_sequences * seq_len
     ids = np.zeros((n, nl, k), dtype=np.int16)
     t = 0
