@@ -17,6 +17,7 @@ improves), deterministic for a given log. Expert popularity is not balanced acro
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,13 +82,44 @@ def balanced_clusters(c: np.ndarray, world_size: int) -> list[int]:
         own[x], own[y] = own[y], own[x]
 
 
-def coactivation_placement(log: RoutingLog, world_size: int) -> ExpertPlacement:
-    """s-EG: one balanced co-activation clustering per MoE layer of ``log``."""
-    owners = {}
+def coactivation_placement(log: RoutingLog, world_size: int, align_layers: bool = True) -> ExpertPlacement:
+    """s-EG: one balanced co-activation clustering per MoE layer of ``log``.
+
+    ``align_layers``: the clusters of each layer are given the rank labels (a permutation)
+    under which tokens most often find their next layer's experts on the rank that held
+    their previous layer's, so a request placed on one rank (s-TS, expert_router/sts.py)
+    stays local across layers. Labels change no layer's distinct-ranks count."""
+    owners: dict[int, tuple[int, ...]] = {}
+    prev: np.ndarray | None = None
     for li, layer in enumerate(log.layers):
-        c = coactivation(log.ids[:, li], log.num_experts)
-        owners[layer] = tuple(balanced_clusters(c, world_size))
+        ids = log.ids[:, li].astype(np.int64)
+        own = np.array(balanced_clusters(coactivation(ids, log.num_experts), world_size))
+        if align_layers and prev is not None:
+            before = prev[log.ids[:, li - 1].astype(np.int64)]  # [N, k] ranks at the previous layer
+            after = own[ids]  # [N, k] cluster labels here
+            m = np.zeros((world_size, world_size))
+            for a in range(before.shape[1]):
+                for b in range(after.shape[1]):
+                    np.add.at(m, (before[:, a], after[:, b]), 1.0)
+            own = np.array(_best_relabel(m))[own]
+        owners[layer] = tuple(int(r) for r in own)
+        prev = own
     return ExpertPlacement(world_size, owners)
+
+
+def _best_relabel(m: np.ndarray) -> list[int]:
+    """m[r, c]: co-occurrences of rank r before and cluster c now -> label of each cluster
+    maximising sum_c m[label[c], c] (exhaustive up to 7 ranks, greedy beyond)."""
+    w = m.shape[0]
+    if w <= 7:
+        best = max(itertools.permutations(range(w)), key=lambda p: sum(m[p[c], c] for c in range(w)))
+        return list(best)
+    label, used = [-1] * w, set()
+    for r, c in sorted(((r, c) for r in range(w) for c in range(w)), key=lambda rc: -m[rc]):
+        if label[c] < 0 and r not in used:
+            label[c] = r
+            used.add(r)
+    return label
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from expert_router.dispatcher import run_lockstep
 from expert_router.group import build_ep_engine, contiguous_placement
 from expert_router.routing_log import record_routing
 from expert_router.seg import coactivation_placement, placement_traffic
+from expert_router.sts import predict_rank
 from tests.correctness.full_forward import check_argmax_consistent
 from tests.correctness.hf_ref import greedy_params, hf_model, random_prompts
 from tests.unit.engine.gloo_ranks import gloo_comms, run_ranks
@@ -30,8 +31,10 @@ OPTIONS = {"block_size": 8, "num_blocks": 96, "attention_backend": "sdpa", "enab
 CASES = [("mixtral", 2), ("qwen2_moe", 2), ("qwen3_moe", 2), ("mixtral", 3), ("qwen2_moe", 4), ("qwen3_moe", 4)]
 
 
-def run_ep_group(ckpt: str, world: int, prompts: list[list[int]], max_new: int, placement=None):
-    """Prompt i runs on rank i % world. -> (tokens per prompt, [(engine, dispatcher)] by rank)."""
+def run_ep_group(ckpt: str, world: int, prompts: list[list[int]], max_new: int, placement=None, ranks_of=None):
+    """Prompt i runs on rank ranks_of[i] (default i % world).
+    -> (tokens per prompt, [(engine, dispatcher)] by rank)."""
+    ranks_of = ranks_of or [i % world for i in range(len(prompts))]
     comms = gloo_comms(world, timeout_s=60.0)
 
     def rank(r: int):
@@ -39,7 +42,7 @@ def run_ep_group(ckpt: str, world: int, prompts: list[list[int]], max_new: int, 
         engine, dispatcher = build_ep_engine(config, comms[r], placement)
         mine = []
         for i, p in enumerate(prompts):
-            if i % world == r:
+            if ranks_of[i] == r:
                 req = Request(f"p{i}", list(p), greedy_params(max_new))
                 engine.add_request(req)
                 mine.append((i, req))
@@ -112,3 +115,22 @@ def test_ep_with_seg_placement_from_a_routing_log(tiny_checkpoint, family: str) 
     for r, (engine, _) in enumerate(ranks):
         for layer in placement.layers:
             assert engine.model.layers[layer].mlp.experts.expert_ids == placement.experts_of(layer, r)
+
+
+def test_ep_with_sts_request_placement_is_lossless(tiny_checkpoint) -> None:
+    """s-TS places each request on the rank its prompt's routing votes for (s-EG placement):
+    where a request runs changes, its tokens do not."""
+    ckpt = tiny_checkpoint("qwen2_moe", num_experts=8)
+    prompts = random_prompts(seed=41) + random_prompts(seed=42, lengths=(12, 40))
+    placement = coactivation_placement(record_routing(ckpt, random_prompts(seed=40), max_tokens=8), 2)
+    prompt_log = record_routing(ckpt, prompts, max_tokens=1)
+    ranks_of = [predict_rank(placement, prompt_log.layers, seq) for seq in prompt_log.sequences()]
+    got, ranks = run_ep_group(ckpt, 2, prompts, MAX_NEW, placement, ranks_of)
+    want = [
+        o.token_ids for o in LLM(ckpt, skip_tokenizer_init=True, **OPTIONS).generate(prompts, greedy_params(MAX_NEW))
+    ]
+    total = sum(len(w) for w in want)
+    equal = sum(a == b for g, w in zip(got, want, strict=True) for a, b in zip(g, w, strict=True))
+    print(f"EP=2 qwen2_moe s-EG + s-TS placement {ranks_of}: greedy equal at {equal}/{total}")
+    assert equal >= 0.99 * total
+    assert sum(d.stats.tokens for _, d in ranks) > 0
