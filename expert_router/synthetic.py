@@ -15,6 +15,8 @@ Used by tests and benchmarks, always labelled synthetic. The structure planted:
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,3 +89,52 @@ def planted_log(
     offsets = np.arange(0, n + 1, seq_len, dtype=np.int64)
     log = RoutingLog(f"synthetic:{st}", e, k, tuple(range(nl)), ids, offsets)
     return log, groups
+
+
+def build_planted_moe_checkpoint(
+    out_dir: str, num_experts: int = 16, num_topics: int = 4, num_layers: int = 4, seed: int = 0, **overrides
+) -> tuple[str, list[list[int]]]:
+    """A SYNTHETIC random-weight tiny Mixtral whose gates have planted structure.
+
+    The vocabulary (ids >= 3) is split into ``num_topics`` topics; topic t's embedding rows
+    lean along a direction u_t, and at layer l the gate rows of expert group pi_l(t) (a
+    scattered group of num_experts / num_topics experts, a per-layer permutation pi_l of the
+    topics) lean along u_t too. A token of topic t then routes mostly inside group pi_l(t)
+    at every layer (co-activation and a cross-layer path), and a prompt drawn from one topic
+    keeps its experts (temporal locality). -> (checkpoint path, token ids of each topic).
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from engine.models.tiny import build_tiny_checkpoint
+
+    path = build_tiny_checkpoint(
+        out_dir, family="mixtral", seed=seed, num_local_experts=num_experts, num_hidden_layers=num_layers, **overrides
+    )
+    marker = os.path.join(path, "planted.json")
+    params = {"num_experts": num_experts, "num_topics": num_topics, "seed": seed}
+    g = torch.Generator().manual_seed(seed + 1000)
+    file = os.path.join(path, "model.safetensors")
+    tensors = load_file(file)
+    vocab, hidden = tensors["model.embed_tokens.weight"].shape
+    topics = [list(range(3 + t, vocab, num_topics)) for t in range(num_topics)]
+    if os.path.exists(marker):
+        with open(marker) as f:
+            if json.load(f) == params:
+                return path, topics
+    u = torch.nn.functional.normalize(torch.randn(num_topics, hidden, generator=g), dim=1)
+    emb = tensors["model.embed_tokens.weight"]
+    for t, ids in enumerate(topics):
+        emb[ids] = 0.3 * emb[ids] + 1.0 * u[t]
+    per = num_experts // num_topics
+    for layer in range(num_layers):
+        experts = torch.randperm(num_experts, generator=g).view(num_topics, per)  # scattered groups
+        topic_of_group = torch.randperm(num_topics, generator=g)
+        gate = tensors[f"model.layers.{layer}.block_sparse_moe.gate.weight"]  # [E, H]
+        for grp in range(num_topics):
+            for e in experts[grp].tolist():
+                gate[e] = 0.2 * gate[e] + 4.0 * u[topic_of_group[grp]]
+    save_file(tensors, file, metadata={"format": "pt"})
+    with open(marker, "w") as f:
+        json.dump(params, f)
+    return path, topics
