@@ -18,7 +18,8 @@ random-weight models, and routing structure planted on purpose (random gates hav
    (PlantedStructure: 64 experts, top-2, 8 layers, 8 groups) at EP=2, 4, 8.
 3. Caching: ExpertFlow (path predictor fitted on one log, replayed on a held-out log from
    the same planted model) vs LRU vs LFU at 25 / 50 / 75% of experts, batch 4 sequences per
-   step; load time modelled at 25 GB/s (PCIe 4 x16) for the expert size of a ~200M-parameter
+   step. ExpertFlow prefetches as many experts as the layer just needed (default), or fills
+   the whole fast tier ("wide": more hits, many more loads); load time modelled at 25 GB/s (PCIe 4 x16) for the expert size of a ~200M-parameter
    MoE (16 experts of hidden 1024, intermediate 2816, bf16: 17.3 MB each), against
    on-demand loading (every needed expert loaded every time).
 4. Scaling: EP=1 (one engine, 2 torch threads) vs EP=2 (two ranks, 1 thread each) tokens/s
@@ -223,11 +224,15 @@ def caching() -> list[dict]:
                 needed_per_token = (s.hits + s.misses) / test.num_tokens
             s = simulate(test, slots, "expertflow", pred, batch=4, prefetch=False)
             row["expertflow_noprefetch_hit"] = s.hit_ratio
+            s = simulate(test, slots, "expertflow", pred, batch=4, prefetch_width=slots)
+            row["expertflow_wide_hit"] = s.hit_ratio
+            row["expertflow_wide_loads_per_token"] = s.loads / test.num_tokens
+            row["expertflow_wide_prefetch_accuracy"] = s.prefetch_accuracy
             row["on_demand_stall_ms_per_token"] = needed_per_token * load_s * 1e3
             rows.append(row)
             print(
                 f"  {name} {int(frac * 100)}%: hit EF {row['expertflow_hit']:.3f} (no prefetch "
-                f"{row['expertflow_noprefetch_hit']:.3f}) LRU {row['lru_hit']:.3f} LFU {row['lfu_hit']:.3f}; "
+                f"{row['expertflow_noprefetch_hit']:.3f}, wide {row['expertflow_wide_hit']:.3f}) LRU {row['lru_hit']:.3f} LFU {row['lfu_hit']:.3f}; "
                 f"prefetch acc {row['prefetch_accuracy']:.3f}",
                 flush=True,
             )

@@ -17,8 +17,9 @@ on this machine is a memcpy between two host buffers and is not what is measured
     lru         least recently used
     lfu         least frequently used (recency breaks ties)
     expertflow  lowest predicted future use: the latest prediction for that layer, made from
-                the gate's REAL choices one layer earlier (so a prediction the gate disagreed
-                with is replaced as soon as the gate has spoken), popularity breaking ties
+                the gate's REAL choices one layer earlier, corrected when the layer's own gate
+                speaks (predicted-but-unchosen experts halve, chosen ones gain one expected
+                use), popularity breaking ties
 - ``ExpertFlowDispatcher`` runs every expert from the fast tier only: a miss loads the expert
   first, so a miss never changes an output, it only costs a load.
 """
@@ -135,7 +136,10 @@ class ExpertCacheCore:
         policy: str,
         predictor: PathPredictor | None = None,
         load: LoadFn | None = None,
+        prefetch_width: int | None = None,
     ):
+        """``prefetch_width``: experts prefetched per prediction; None = as many as the layer
+        just needed (the predicted layer likely needs about as many)."""
         if policy not in POLICIES:
             raise ValueError(f"ExpertFlow policy must be one of {POLICIES}, got {policy!r}")
         if not 1 <= slots <= num_experts:
@@ -145,6 +149,7 @@ class ExpertCacheCore:
         self.num_experts, self.slots, self.policy, self.predictor = num_experts, slots, policy, predictor
         self.layers = [_LayerState(free=list(range(slots))) for _ in range(num_layers)]
         self.load = load or (lambda layer, e, slot: None)
+        self.prefetch_width = prefetch_width
         self.clock = 0
         self.stats = CacheStats()
 
@@ -165,36 +170,45 @@ class ExpertCacheCore:
                     s.prefetch_used += 1
             else:
                 s.misses += 1
-                self._insert(li, e, protect=set(needed[i:]))
+                self._insert(li, e, set(needed), set(needed[i:]))
             st.last_use[e] = self.clock
             st.uses[e] = st.uses.get(e, 0) + 1
             if run is not None:
                 run(e, st.slot_of[e])
+        if st.score is not None:
+            # the gate has spoken: what it chose outranks what was predicted and not chosen
+            st.score = st.score * 0.5
+            st.score[needed] += 1.0
         if self.predictor is not None:
             target, score = self.predictor.predict(li, np.asarray(ids))
-            self._prefetch(target, score)
+            self._prefetch(target, score, self.prefetch_width or len(needed))
 
-    def _prefetch(self, li: int, score: np.ndarray) -> None:
+    def _prefetch(self, li: int, score: np.ndarray, width: int) -> None:
+        """Load up to ``width`` of the best-scored experts for layer ``li`` ahead of need."""
         st = self.layers[li]
-        st.score = score  # replaces the earlier prediction for this layer (gate-corrected)
-        for e in np.argsort(-score, kind="stable")[: self.slots].tolist():
+        # future use = this prediction + the decayed, gate-corrected estimate of earlier steps
+        st.score = score if st.score is None else score + 0.5 * st.score
+        for e in np.argsort(-score, kind="stable")[: min(width, self.slots)].tolist():
             if e in st.slot_of:
                 continue
             if not st.free:
-                victim = self._victim(li, protect=set())
+                victim = self._victim(li, set())
                 if victim is None or self._value(li, victim) >= score[e]:
                     break  # what is cached is worth more than the rest of the prediction
-            self._insert(li, e, protect=set())
+            self._insert(li, e)
             st.prefetched.add(e)
             self.stats.prefetches += 1
 
-    def _insert(self, li: int, e: int, protect: set[int]) -> None:
+    def _insert(self, li: int, e: int, *protect: set[int]) -> None:
+        """Load ``e`` into a free slot, or evict a victim outside the first ``protect`` set
+        that leaves one (e.g. this batch's experts, then those it has not run yet)."""
         st = self.layers[li]
         if not st.free:
-            # prefer experts this batch no longer needs; else one it needs later (reloaded then)
-            victim = self._victim(li, protect)
-            if victim is None:
-                victim = self._victim(li, {e})
+            victim = None
+            for keep in (*protect, {e}):
+                victim = self._victim(li, keep)
+                if victim is not None:
+                    break
             assert victim is not None, f"layer {li}: no evictable expert among {sorted(st.slot_of)}"
             st.free.append(st.slot_of.pop(victim))
             st.prefetched.discard(victim)
@@ -224,14 +238,20 @@ class ExpertCacheCore:
 
 
 def simulate(
-    log: RoutingLog, slots: int, policy: str, predictor: PathPredictor | None, batch: int = 1, prefetch: bool = True
+    log: RoutingLog,
+    slots: int,
+    policy: str,
+    predictor: PathPredictor | None,
+    batch: int = 1,
+    prefetch: bool = True,
+    prefetch_width: int | None = None,
 ) -> CacheStats:
     """Replay ``log`` as decode steps: ``batch`` sequences at a time, one token each per step,
     through every MoE layer in order. ``prefetch=False`` drops the predictor's prefetches
     (the expertflow policy still ranks by it)."""
-    core = ExpertCacheCore(len(log.layers), log.num_experts, slots, policy, predictor)
+    core = ExpertCacheCore(len(log.layers), log.num_experts, slots, policy, predictor, prefetch_width=prefetch_width)
     if not prefetch:
-        core._prefetch = lambda li, score: setattr(core.layers[li], "score", score)  # type: ignore[method-assign]
+        core._prefetch = lambda li, score, width: setattr(core.layers[li], "score", score)  # type: ignore[method-assign]
     seqs = log.sequences()
     for start in range(0, len(seqs), batch):
         group = seqs[start : start + batch]

@@ -85,3 +85,19 @@ def test_engine_with_a_quarter_of_the_experts_cached_matches_local_experts(tiny_
     )
     assert st.misses > 0 and dispatcher.load_bytes > 0
     assert engine.pool.num_free == engine.pool.num_blocks
+
+
+def test_the_gate_corrects_a_wrong_prediction() -> None:
+    """The predictor expects expert 0 at layer 1 (always seen after expert 0 at layer 0); the
+    gate picks 2 and 3 instead: the prefetched 0 is the next victim, not the chosen ones."""
+    from expert_router.routing_log import RoutingLog
+
+    ids = np.array([[[0, 1], [0, 1]]] * 20, dtype=np.int16)  # [N, L=2, k=2]
+    log = RoutingLog("t", 4, 2, (0, 1), ids, np.array([0, 20]))
+    core = ExpertCacheCore(2, 4, 3, "expertflow", PathPredictor(log, smoothing=0.01))
+    core.access(0, np.array([[0, 1]]))  # predicts {0, 1} for layer 1 and prefetches them
+    assert set(core.layers[1].slot_of) == {0, 1} and core.stats.prefetches == 2
+    core.access(1, np.array([[2, 3]]))  # the gate disagrees: 2 fills the free slot, 3 evicts
+    assert {2, 3} <= set(core.layers[1].slot_of)
+    score = core.layers[1].score
+    assert score[2] > score[0] and score[3] > score[1]  # chosen outrank predicted-unchosen
