@@ -12,8 +12,9 @@ random-weight models, and routing structure planted on purpose (random gates hav
    (EngineCores on gloo ranks, threads of this process) at EP=2 and 4 under plain EP
    (contiguous placement, requests round robin), s-EG (round robin) and s-EG + s-TS
    (each request on the rank its prompt routing votes for). Bytes are the dispatcher's own
-   counters (EPStats: what crosses ranks, dispatch + combine); the s-TS prediction accuracy is
-   the share of (token, layer) pairs whose experts all sat on the request's rank.
+   counters (EPStats: what crosses ranks, dispatch + combine); "local" (for s-TS its
+   prediction accuracy) is the share of (token, layer) pairs whose top-2 experts all sat on
+   the request's own rank.
 2. Traffic, modelled (expert_router/seg.py, sts.py) on a SYNTHETIC routing log
    (PlantedStructure: 64 experts, top-2, 8 layers, 8 groups) at EP=2, 4, 8.
 3. Caching: ExpertFlow (path predictor fitted on one log, replayed on a held-out log from
@@ -115,6 +116,7 @@ def run_group(ckpt: str, world: int, prompts, placement, ranks_of, threads: int 
         "bytes_per_token": remote / (tokens / nl),
         "distinct_ranks_per_token": pairs / tokens,
         "remote_rows_per_token_layer": sum(s.remote_pairs for s in stats) / tokens,
+        "local_fraction": sum(s.local_tokens for s in stats) / tokens,
         "rounds": max(s.rounds for s in stats),
         "bytes_per_round": remote / max(max(s.rounds for s in stats), 1),
         "wall_s": wall,
@@ -154,19 +156,10 @@ def traffic_measured(ckpt: str, topics, worlds=(2, 4)) -> list[dict]:
             row["equal_to_local"] = sum(a == b for g, w in zip(got, want) for a, b in zip(g, w)) / sum(map(len, want))
             del row["tokens"]
             row["mode"] = mode
-            if mode == "s-EG + s-TS":
-                local = 0
-                total = 0
-                for i, seq in enumerate(prompt_log.sequences()):
-                    for li, layer in enumerate(prompt_log.layers):
-                        owners = np.array(placement.owners[layer])[seq[:, li].astype(np.int64)]
-                        local += int((owners == ranks_of[i]).all(axis=1).sum())
-                        total += owners.shape[0]
-                row["sts_prompt_local_fraction"] = local / total
             row["load_avg"] = os.getloadavg()[0]
             print(
                 f"  EP={world} {mode}: {row['bytes_per_token']:.0f} B/token, distinct ranks "
-                f"{row['distinct_ranks_per_token']:.3f}, equal {row['equal_to_local']:.3f}, "
+                f"{row['distinct_ranks_per_token']:.3f}, local {row['local_fraction']:.3f}, equal {row['equal_to_local']:.3f}, "
                 f"wall {row['wall_s']:.2f}s, load {row['load_avg']:.1f}",
                 flush=True,
             )

@@ -58,6 +58,7 @@ class EPStats:
     tokens: int = 0  # tokens this rank routed (summed over layers)
     pairs: int = 0  # (token, destination rank) rows it sent: tokens * distinct ranks per token
     remote_pairs: int = 0  # of those, rows to another rank
+    local_tokens: int = 0  # tokens (summed over layers) whose top-k all sit on this rank
     dispatch_bytes: int = 0  # remote dispatch bytes (hidden + weights + ids)
     combine_bytes: int = 0  # remote combine bytes (partial sums back to their sources)
     comm_s: float = 0.0  # wall time in header + dispatch + combine collectives
@@ -125,6 +126,7 @@ class EPDispatcher:
         st = self.stats
         st.tokens += t
         st.pairs += len(tok)
+        st.local_tokens += int((goes[:, self.rank] & (goes.sum(dim=1) == 1)).sum())
         remote = len(tok) - send[self.rank]
         st.remote_pairs += remote
         st.per_layer_remote_pairs[layer] = st.per_layer_remote_pairs.get(layer, 0) + remote
