@@ -32,7 +32,7 @@ bug and raises.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -210,15 +210,18 @@ class EPDispatcher:
         return back
 
 
-def run_lockstep(engine, dispatcher: EPDispatcher) -> None:
+def run_lockstep(engine, dispatcher: EPDispatcher, before_step: Callable[[int], None] | None = None) -> int:
     """Step ``engine`` (an EngineCore built with ``dispatcher``) in lock-step with the other
     ranks of its EP group until no rank has unfinished requests. Every rank calls this at the
-    same time; a rank with no requests of its own still serves its experts."""
-    while dispatcher.end_step(unfinished=_step_if_work(engine)):
-        pass
-
-
-def _step_if_work(engine) -> bool:
-    if engine.has_work():
-        engine.step()
-    return engine.has_work()
+    same time; a rank with no requests of its own still serves its experts.
+    ``before_step(i)`` runs before this rank's i-th step (adds or aborts requests: local
+    changes only, never a collective). Returns the number of steps taken."""
+    steps = 0
+    while True:
+        if before_step is not None:
+            before_step(steps)
+        if engine.has_work():
+            engine.step()
+        steps += 1
+        if not dispatcher.end_step(unfinished=engine.has_work()):
+            return steps

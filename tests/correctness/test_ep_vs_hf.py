@@ -134,3 +134,41 @@ def test_ep_with_sts_request_placement_is_lossless(tiny_checkpoint) -> None:
     print(f"EP=2 qwen2_moe s-EG + s-TS placement {ranks_of}: greedy equal at {equal}/{total}")
     assert equal >= 0.99 * total
     assert sum(d.stats.tokens for _, d in ranks) > 0
+
+
+def test_ep_with_idle_ranks_preemption_and_a_cancel(tiny_checkpoint) -> None:
+    """EP=3, every request on rank 0 (ranks 1 and 2 only serve their experts), a KV pool
+    small enough to force preemption, and one request aborted mid-decode: the others' tokens
+    equal engine.LLM's, the aborted one stopped early, every pool is free afterwards."""
+    ckpt = tiny_checkpoint("qwen3_moe")
+    prompts = random_prompts(seed=51, lengths=(30, 41, 17, 52))
+    options = {**OPTIONS, "num_blocks": 24, "enable_prefix_caching": False}
+    comms = gloo_comms(3, timeout_s=60.0)
+
+    def rank(r: int):
+        engine, dispatcher = build_ep_engine(build_engine_config(ckpt, **options), comms[r])
+        reqs = [Request(f"p{i}", list(p), greedy_params(MAX_NEW)) for i, p in enumerate(prompts)] if r == 0 else []
+        for q in reqs:
+            engine.add_request(q)
+
+        def cancel(step: int) -> None:
+            if r == 0 and step == 20:
+                assert engine.abort("p1") is not None
+
+        steps = run_lockstep(engine, dispatcher, cancel)
+        return [list(q.output_token_ids) for q in reqs], engine, dispatcher, steps
+
+    out = run_ranks(rank, 3, timeout_s=600.0)
+    got, engine0, _, steps = out[0]
+    assert engine0.scheduler.num_preemptions > 0
+    want = [
+        o.token_ids for o in LLM(ckpt, skip_tokenizer_init=True, **options).generate(prompts, greedy_params(MAX_NEW))
+    ]
+    for i in (0, 2, 3):
+        assert got[i] == want[i], f"prompt {i}"
+    assert len(got[1]) < MAX_NEW and got[1] == want[1][: len(got[1])]
+    for r, (_, engine, dispatcher, rank_steps) in enumerate(out):
+        assert engine.pool.num_free == engine.pool.num_blocks and not engine.has_work()
+        assert rank_steps == steps  # lock-step: every rank stepped as often
+        assert dispatcher.stats.rounds > 0, f"rank {r} never served"
+    assert out[1][2].stats.tokens == 0  # rank 1 routed no token of its own

@@ -156,3 +156,21 @@ def test_placement_must_match_the_model_and_the_group() -> None:
         d.held_experts(0, 8)
     with pytest.raises(ValueError, match="placement says"):
         d.register(0, LocalExperts((3, 4, 5), H, INTER))
+
+
+def test_a_rank_that_stops_fails_the_others_within_the_timeout() -> None:
+    """Rank 1 never joins the round (a dead or hung worker): rank 0's dispatch raises
+    CommunicationError within the group's timeout instead of hanging."""
+    import time
+
+    from engine.parallel import CommunicationError
+
+    full = _full_experts(5)
+    placement = ExpertPlacement.contiguous(E, 2, [0])
+    comms = gloo_comms(2, timeout_s=2.0)
+    d = EPDispatcher(comms[0], placement, K)
+    d.register(0, _share(full, tuple(d.held_experts(0, E))))
+    t0 = time.monotonic()
+    with pytest.raises(CommunicationError):
+        d.dispatch(0, *_tokens(3, 40))
+    assert time.monotonic() - t0 < 10.0
