@@ -40,6 +40,7 @@ from torch import nn
 
 from engine.models.moe import LocalExperts, combine_local
 from engine.parallel import Communicator
+from expert_router.expertflow import ExpertCacheConfig, TieredExperts
 from expert_router.placement import ExpertPlacement
 
 ACTIVE, DONE = 1, 0
@@ -77,7 +78,12 @@ class EPDispatcher:
     then driven step by step: ``engine.step()`` (its forwards call ``dispatch``) followed by
     ``end_step``, on every rank, until ``end_step`` returns False (``run_lockstep``)."""
 
-    def __init__(self, comm: Communicator, placement: ExpertPlacement, top_k: int):
+    def __init__(
+        self, comm: Communicator, placement: ExpertPlacement, top_k: int, cache: ExpertCacheConfig | None = None
+    ):
+        """``cache``: run this rank's experts through an ExpertFlow fast tier of
+        ``cache.slots`` per layer (its slow tier: the rank's share as loaded); None: all
+        held experts are resident."""
         if placement.world_size != comm.world_size:
             raise ValueError(f"placement is for {placement.world_size} ranks, the EP group has {comm.world_size}")
         self.comm = comm
@@ -88,6 +94,8 @@ class EPDispatcher:
         self._owner: dict[int, torch.Tensor] = {}  # layer -> [E] owner rank
         self._slot: dict[int, torch.Tensor] = {}  # layer -> [E] slot here, -1 elsewhere
         self.stats = EPStats()
+        self.cache = cache
+        self.tiers: TieredExperts | None = None  # built at the first round (every layer registered)
 
     # ------------------------------------------------------------------ ExpertDispatcher seam
     def held_experts(self, layer: int, num_experts: int) -> Sequence[int]:
@@ -202,7 +210,12 @@ class EPDispatcher:
         slots = torch.where(valid, self._slot[layer].to(got_ids.device)[got_ids.clamp(min=0).long()], -1)
         if bool((slots[valid] < 0).any()):
             raise EPProtocolError(f"EP rank {self.rank} layer {layer}: received tokens for experts it does not hold")
-        partial = combine_local(self.experts[layer], got[:, :h].contiguous(), got[:, h:], slots)  # [R, H]
+        if self.cache is None:
+            partial = combine_local(self.experts[layer], got[:, :h].contiguous(), got[:, h:], slots)  # [R, H]
+        else:
+            if self.tiers is None:
+                self.tiers = TieredExperts(self.experts, self.cache)
+            partial = self.tiers.run(layer, got[:, :h].contiguous(), got[:, h:], got_ids.long())  # [R, H]
         t2 = time.perf_counter()
         back = self.comm.all_to_all(partial, recv, send)  # [S, H]
         st.comm_s += (t1 - t0) + (time.perf_counter() - t2)

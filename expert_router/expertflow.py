@@ -76,16 +76,14 @@ class PathPredictor:
         return t / t.sum(axis=1, keepdims=True)
 
     def predict(self, layer_index: int, ids: np.ndarray) -> tuple[int, np.ndarray]:
-        """From the real top-k ``ids`` [n, k] at MoE layer index ``layer_index`` -> (the layer
-        index predicted, expected uses per expert [E] summed over the n tokens): the next
-        layer, or after the last one the next step's first layer."""
-        ids = ids.astype(np.int64)
+        """From the experts the gate really chose at MoE layer index ``layer_index`` (``ids``:
+        any shape, one entry per (token, choice)) -> (the layer index predicted, expected
+        uses per expert [E] summed over them): the next layer, or after the last one the next
+        step's first layer."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if layer_index + 1 < len(self.layers):
-            return layer_index + 1, self.next_layer[layer_index][ids].sum(axis=(0, 1))
-        return 0, self.next_step[ids].sum(axis=(0, 1)) if ids.size else np.zeros(self.num_experts)
-
-    def first_layer_scores(self, ids: np.ndarray) -> np.ndarray:
-        return self.next_step[ids.astype(np.int64)].sum(axis=(0, 1))
+            return layer_index + 1, self.next_layer[layer_index][ids].sum(axis=0)
+        return 0, self.next_step[ids].sum(axis=0) if ids.size else np.zeros(self.num_experts)
 
 
 @dataclass
@@ -137,9 +135,11 @@ class ExpertCacheCore:
         predictor: PathPredictor | None = None,
         load: LoadFn | None = None,
         prefetch_width: int | None = None,
+        allowed: Sequence[set[int]] | None = None,
     ):
         """``prefetch_width``: experts prefetched per prediction; None = as many as the layer
-        just needed (the predicted layer likely needs about as many)."""
+        just needed (the predicted layer likely needs about as many). ``allowed``: per layer,
+        the experts this process may load (an EP rank's share); None = all."""
         if policy not in POLICIES:
             raise ValueError(f"ExpertFlow policy must be one of {POLICIES}, got {policy!r}")
         if not 1 <= slots <= num_experts:
@@ -150,6 +150,7 @@ class ExpertCacheCore:
         self.layers = [_LayerState(free=list(range(slots))) for _ in range(num_layers)]
         self.load = load or (lambda layer, e, slot: None)
         self.prefetch_width = prefetch_width
+        self.allowed = None if allowed is None else [np.array(sorted(a), dtype=np.int64) for a in allowed]
         self.clock = 0
         self.stats = CacheStats()
 
@@ -160,7 +161,9 @@ class ExpertCacheCore:
         goes through in waves (an evicted one reloads if needed again). Then, with a
         predictor, prefetches what the gate's real choices predict for what comes next."""
         st, s = self.layers[li], self.stats
-        needed = sorted({int(x) for x in np.asarray(ids).reshape(-1)})
+        ids = np.asarray(ids).reshape(-1)
+        ids = ids[ids >= 0]  # -1: a choice another EP rank runs
+        needed = sorted({int(x) for x in ids})
         self.clock += 1
         for i, e in enumerate(needed):
             if e in st.slot_of:
@@ -180,7 +183,7 @@ class ExpertCacheCore:
             st.score = st.score * 0.5
             st.score[needed] += 1.0
         if self.predictor is not None:
-            target, score = self.predictor.predict(li, np.asarray(ids))
+            target, score = self.predictor.predict(li, ids)
             self._prefetch(target, score, self.prefetch_width or len(needed))
 
     def _prefetch(self, li: int, score: np.ndarray, width: int) -> None:
@@ -188,7 +191,10 @@ class ExpertCacheCore:
         st = self.layers[li]
         # future use = this prediction + the decayed, gate-corrected estimate of earlier steps
         st.score = score if st.score is None else score + 0.5 * st.score
-        for e in np.argsort(-score, kind="stable")[: min(width, self.slots)].tolist():
+        candidates = np.argsort(-score, kind="stable")
+        if self.allowed is not None:
+            candidates = candidates[np.isin(candidates, self.allowed[li])]
+        for e in candidates[: min(width, self.slots)].tolist():
             if e in st.slot_of:
                 continue
             if not st.free:
@@ -263,24 +269,46 @@ def simulate(
     return core.stats
 
 
-class ExpertFlowDispatcher:
-    """An ExpertDispatcher running each MoE layer's experts from a fast tier of
-    ``slots`` experts (the slow tier: the full weights in host memory, bandwidth-limited).
-    Outputs equal the local dispatcher's: a miss only costs a load."""
+@dataclass(frozen=True)
+class ExpertCacheConfig:
+    """The fast tier of one process: ``slots`` experts per MoE layer (``expert_cache_slots``),
+    the replacement ``policy``, the path ``predictor`` (None: no prefetch; required by the
+    expertflow policy) and the modelled slow-tier link in GB/s."""
 
-    def __init__(
-        self,
-        slots: int,
-        policy: str = "expertflow",
-        predictor: PathPredictor | None = None,
-        bandwidth_gbps: float = 25.0,
-    ):
-        self.slots_per_layer, self.policy, self.predictor = slots, policy, predictor
-        self.bandwidth = bandwidth_gbps * 1e9
-        self.slow: dict[int, LocalExperts] = {}  # layer -> every expert (the slow tier)
-        self.fast: dict[int, LocalExperts] = {}  # layer -> ``slots`` slots (the fast tier)
-        self.layer_index: dict[int, int] = {}
-        self.core: ExpertCacheCore | None = None
+    slots: int
+    policy: str = "expertflow"
+    predictor: PathPredictor | None = None
+    bandwidth_gbps: float = 25.0
+
+
+class TieredExperts:
+    """Runs MoE layers' experts from a fast tier of ``config.slots`` experts per layer over
+    the slow tier ``slow`` (layer -> LocalExperts: every expert, or an EP rank's share; their
+    weights stay where the loader put them). Built once every MoE layer is registered."""
+
+    def __init__(self, slow: dict[int, LocalExperts], config: ExpertCacheConfig):
+        self.layers = sorted(slow)
+        self.slow = slow
+        pred = config.predictor
+        if pred is not None and tuple(self.layers) != tuple(pred.layers):
+            raise ValueError(f"predictor fitted on layers {pred.layers}, the model's MoE layers are {self.layers}")
+        held = min(len(x.expert_ids) for x in slow.values())
+        if not 1 <= config.slots <= held:
+            raise ValueError(f"expert_cache_slots must be in [1, {held}] (experts held per layer), got {config.slots}")
+        first = slow[self.layers[0]]
+        _, two_i, h = first.w13.shape
+        self.fast = {
+            layer: LocalExperts(range(config.slots), h, two_i // 2).to(device=first.w13.device, dtype=first.w13.dtype)
+            for layer in self.layers
+        }
+        self.slow_slot = {layer: x.slot_of() for layer, x in slow.items()}
+        num_experts = pred.num_experts if pred is not None else max(max(x.expert_ids) for x in slow.values()) + 1
+        allowed = [set(slow[layer].expert_ids) for layer in self.layers]
+        self.core = ExpertCacheCore(
+            len(self.layers), num_experts, config.slots, config.policy, pred, self._copy, allowed=allowed
+        )
+        self.index = {layer: i for i, layer in enumerate(self.layers)}
+        self.bandwidth = config.bandwidth_gbps * 1e9
         self.load_bytes = 0
 
     @property
@@ -288,52 +316,60 @@ class ExpertFlowDispatcher:
         """Seconds the loads so far take over the modelled link."""
         return self.load_bytes / self.bandwidth
 
+    def _copy(self, li: int, e: int, slot: int) -> None:
+        layer = self.layers[li]
+        src, dst, s = self.slow[layer], self.fast[layer], self.slow_slot[layer][e]
+        with torch.no_grad():
+            dst.w13[slot].copy_(src.w13[s])
+            dst.w2[slot].copy_(src.w2[s])
+        self.load_bytes += (src.w13[s].numel() + src.w2[s].numel()) * src.w13.element_size()
+
+    def run(self, layer: int, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """hidden [T, H], topk_weights [T, k], topk_ids [T, k] global ids (-1: held elsewhere,
+        skipped) -> [T, H], experts summed in ascending id from zero (combine_local's order)."""
+        out = torch.zeros_like(hidden)
+        k = topk_ids.shape[1]
+        flat = topk_ids.reshape(-1)
+        valid = torch.nonzero(flat >= 0).flatten()
+        order = valid[torch.argsort(flat[valid], stable=True)]  # flat indices grouped by expert
+        sorted_ids = flat[order].tolist()
+        starts: dict[int, tuple[int, int]] = {}
+        for i, e in enumerate(sorted_ids):
+            a, _ = starts.get(e, (i, i))
+            starts[e] = (a, i + 1)
+        fast, w = self.fast[layer], topk_weights.reshape(-1)
+
+        def run(e: int, slot: int) -> None:  # experts arrive in ascending id
+            a, b = starts[e]
+            sel = order[a:b]
+            tok = sel // k
+            out.index_add_(0, tok, fast.run_expert(slot, hidden[tok]) * w[sel, None])
+
+        self.core.access(self.index[layer], topk_ids.cpu().numpy(), run)
+        return out
+
+
+class ExpertFlowDispatcher:
+    """An ExpertDispatcher running every MoE layer's experts through ``TieredExperts`` (the
+    slow tier: all experts, as loaded). Outputs equal the local dispatcher's: a miss only
+    costs a load."""
+
+    def __init__(self, config: ExpertCacheConfig):
+        self.config = config
+        self.slow: dict[int, LocalExperts] = {}
+        self.tiers: TieredExperts | None = None
+
     def held_experts(self, layer: int, num_experts: int) -> Sequence[int]:
         return range(num_experts)  # the slow tier holds them all
 
     def register(self, layer: int, experts: nn.Module) -> None:
         if not isinstance(experts, LocalExperts):
             raise TypeError(f"layer {layer}: expected LocalExperts, got {type(experts).__name__}")
-        self.layer_index[layer] = len(self.slow)
         self.slow[layer] = experts
-
-    def _ensure_core(self) -> ExpertCacheCore:
-        if self.core is None:
-            layers = sorted(self.slow)
-            if self.predictor is not None and tuple(layers) != tuple(self.predictor.layers):
-                raise ValueError(f"predictor fitted on layers {self.predictor.layers}, the model's are {layers}")
-            first = self.slow[layers[0]]
-            e, two_i, h = first.w13.shape
-            for layer in layers:
-                fast = LocalExperts(range(self.slots_per_layer), h, two_i // 2)
-                self.fast[layer] = fast.to(device=first.w13.device, dtype=first.w13.dtype)
-            self.core = ExpertCacheCore(len(layers), e, self.slots_per_layer, self.policy, self.predictor, self._copy)
-            self._by_index = layers
-        return self.core
-
-    def _copy(self, li: int, e: int, slot: int) -> None:
-        layer = self._by_index[li]
-        src, dst = self.slow[layer], self.fast[layer]
-        with torch.no_grad():
-            dst.w13[slot].copy_(src.w13[e])
-            dst.w2[slot].copy_(src.w2[e])
-        self.load_bytes += (src.w13[e].numel() + src.w2[e].numel()) * src.w13.element_size()
 
     def dispatch(
         self, layer: int, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
     ) -> torch.Tensor:
-        core = self._ensure_core()
-        out = torch.zeros_like(hidden)
-        flat = topk_ids.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.slow[layer].w13.shape[0]).tolist()
-        starts = np.concatenate(([0], np.cumsum(counts))).tolist()
-        fast, k, w = self.fast[layer], topk_ids.shape[1], topk_weights.reshape(-1)
-
-        def run(e: int, slot: int) -> None:  # experts arrive in ascending id: the local order
-            sel = order[starts[e] : starts[e + 1]]  # flat (token, choice) indices routed to e
-            tok = sel // k
-            out.index_add_(0, tok, fast.run_expert(slot, hidden[tok]) * w[sel, None])
-
-        core.access(self.layer_index[layer], topk_ids.cpu().numpy(), run)
-        return out
+        if self.tiers is None:  # every layer is registered and loaded by the first forward
+            self.tiers = TieredExperts(self.slow, self.config)
+        return self.tiers.run(layer, hidden, topk_weights, topk_ids)

@@ -7,6 +7,7 @@ from engine.config import EngineConfig, ModelConfig
 from engine.engine import EngineCore
 from engine.parallel import Communicator
 from expert_router.dispatcher import EPDispatcher
+from expert_router.expertflow import ExpertCacheConfig
 from expert_router.placement import ExpertPlacement
 
 
@@ -22,14 +23,18 @@ def contiguous_placement(cfg: ModelConfig, world_size: int) -> ExpertPlacement:
 
 
 def build_ep_engine(
-    config: EngineConfig, comm: Communicator, placement: ExpertPlacement | None = None
+    config: EngineConfig,
+    comm: Communicator,
+    placement: ExpertPlacement | None = None,
+    cache: ExpertCacheConfig | None = None,
 ) -> tuple[EngineCore, EPDispatcher]:
     """This rank's engine: attention, dense layers, gates and shared experts replicated, the
-    routed experts of ``placement`` (contiguous by default) loaded for this rank only."""
+    routed experts of ``placement`` (contiguous by default) loaded for this rank only;
+    ``cache``: run them through an ExpertFlow fast tier (expert_router/expertflow.py)."""
     mc = config.model
     placement = placement or contiguous_placement(mc, comm.world_size)
     if sorted(placement.layers) != moe_layers(mc):
         raise ValueError(f"placement covers layers {placement.layers}, the model's MoE layers are {moe_layers(mc)}")
     assert mc.moe is not None
-    dispatcher = EPDispatcher(comm, placement, mc.moe.top_k)
+    dispatcher = EPDispatcher(comm, placement, mc.moe.top_k, cache)
     return EngineCore(config, dispatcher=dispatcher), dispatcher

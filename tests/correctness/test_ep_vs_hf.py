@@ -18,6 +18,7 @@ from engine.llm import build_engine_config
 from engine.models.moe import LocalExperts
 from engine.request import Request
 from expert_router.dispatcher import run_lockstep
+from expert_router.expertflow import ExpertCacheConfig, PathPredictor
 from expert_router.group import build_ep_engine, contiguous_placement
 from expert_router.routing_log import record_routing
 from expert_router.seg import coactivation_placement, placement_traffic
@@ -31,7 +32,9 @@ OPTIONS = {"block_size": 8, "num_blocks": 96, "attention_backend": "sdpa", "enab
 CASES = [("mixtral", 2), ("qwen2_moe", 2), ("qwen3_moe", 2), ("mixtral", 3), ("qwen2_moe", 4), ("qwen3_moe", 4)]
 
 
-def run_ep_group(ckpt: str, world: int, prompts: list[list[int]], max_new: int, placement=None, ranks_of=None):
+def run_ep_group(
+    ckpt: str, world: int, prompts: list[list[int]], max_new: int, placement=None, ranks_of=None, cache=None
+):
     """Prompt i runs on rank ranks_of[i] (default i % world).
     -> (tokens per prompt, [(engine, dispatcher)] by rank)."""
     ranks_of = ranks_of or [i % world for i in range(len(prompts))]
@@ -39,7 +42,7 @@ def run_ep_group(ckpt: str, world: int, prompts: list[list[int]], max_new: int, 
 
     def rank(r: int):
         config = build_engine_config(ckpt, **OPTIONS)
-        engine, dispatcher = build_ep_engine(config, comms[r], placement)
+        engine, dispatcher = build_ep_engine(config, comms[r], placement, cache)
         mine = []
         for i, p in enumerate(prompts):
             if ranks_of[i] == r:
@@ -172,3 +175,30 @@ def test_ep_with_idle_ranks_preemption_and_a_cancel(tiny_checkpoint) -> None:
         assert rank_steps == steps  # lock-step: every rank stepped as often
         assert dispatcher.stats.rounds > 0, f"rank {r} never served"
     assert out[1][2].stats.tokens == 0  # rank 1 routed no token of its own
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_ep_with_expertflow_at_a_quarter_of_each_ranks_experts(tiny_checkpoint, family: str) -> None:
+    """EP=2 over 8 experts with s-EG placement; each rank runs its 4 experts through an
+    ExpertFlow fast tier of ONE slot per layer (25% of its share), predictor from a routing
+    log: tokens equal engine.LLM's and argmax-consistent with transformers; misses happened."""
+    key = "num_local_experts" if family == "mixtral" else "num_experts"
+    ckpt = tiny_checkpoint(family, **{key: 8})
+    log = record_routing(ckpt, random_prompts(seed=61), max_tokens=8)
+    cache = ExpertCacheConfig(slots=1, policy="expertflow", predictor=PathPredictor(log))
+    prompts = random_prompts(seed=62)
+    got, ranks = run_ep_group(ckpt, 2, prompts, MAX_NEW, coactivation_placement(log, 2), cache=cache)
+    want = [
+        o.token_ids for o in LLM(ckpt, skip_tokenizer_init=True, **OPTIONS).generate(prompts, greedy_params(MAX_NEW))
+    ]
+    total = sum(len(w) for w in want)
+    equal = sum(a == b for g, w in zip(got, want, strict=True) for a, b in zip(g, w, strict=True))
+    stats = [d.tiers.core.stats for _, d in ranks if d.tiers is not None]
+    assert len(stats) == 2
+    hits, misses = sum(s.hits for s in stats), sum(s.misses for s in stats)
+    print(
+        f"EP=2 {family} + ExpertFlow 1 slot/layer/rank: equal {equal}/{total}, hit ratio {hits / (hits + misses):.3f}"
+    )
+    assert equal >= 0.99 * total and misses > 0
+    labels = [f"{family} EP=2 ExpertFlow prompt {i}" for i in range(len(prompts))]
+    check_argmax_consistent(hf_model(ckpt), prompts, got, labels)

@@ -10,7 +10,7 @@ from engine import LLM
 from engine.engine import EngineCore
 from engine.llm import build_engine_config
 from engine.request import Request
-from expert_router.expertflow import ExpertCacheCore, ExpertFlowDispatcher, PathPredictor, simulate
+from expert_router.expertflow import ExpertCacheConfig, ExpertCacheCore, ExpertFlowDispatcher, PathPredictor, simulate
 from expert_router.routing_log import record_routing
 from expert_router.synthetic import PlantedStructure, planted_log
 from tests.correctness.hf_ref import greedy_params, random_prompts
@@ -68,7 +68,7 @@ def test_engine_with_a_quarter_of_the_experts_cached_matches_local_experts(tiny_
     ckpt = tiny_checkpoint("mixtral", num_local_experts=8)
     predictor = PathPredictor(record_routing(ckpt, random_prompts(seed=31), max_tokens=8))
     options = {"block_size": 8, "num_blocks": 96, "attention_backend": "sdpa"}
-    dispatcher = ExpertFlowDispatcher(2, policy, predictor if policy == "expertflow" else None)
+    dispatcher = ExpertFlowDispatcher(ExpertCacheConfig(2, policy, predictor if policy == "expertflow" else None))
     engine = EngineCore(build_engine_config(ckpt, **options), dispatcher=dispatcher)
     prompts = random_prompts(seed=32)
     reqs = [Request(f"r{i}", p, greedy_params(16)) for i, p in enumerate(prompts)]
@@ -78,12 +78,14 @@ def test_engine_with_a_quarter_of_the_experts_cached_matches_local_experts(tiny_
         engine.step()
     want = [o.token_ids for o in LLM(ckpt, skip_tokenizer_init=True, **options).generate(prompts, greedy_params(16))]
     assert [list(r.output_token_ids) for r in reqs] == want
-    st = dispatcher.core.stats
+    tiers = dispatcher.tiers
+    assert tiers is not None
+    st = tiers.core.stats
     print(
         f"engine, 2 of 8 experts cached, {policy}: hit ratio {st.hit_ratio:.3f}, loads {st.loads}, "
-        f"modelled load time {dispatcher.modelled_load_s * 1e3:.3f} ms at 25 GB/s"
+        f"modelled load time {tiers.modelled_load_s * 1e3:.3f} ms at 25 GB/s"
     )
-    assert st.misses > 0 and dispatcher.load_bytes > 0
+    assert st.misses > 0 and tiers.load_bytes > 0
     assert engine.pool.num_free == engine.pool.num_blocks
 
 
