@@ -8,14 +8,7 @@ from engine.engine import EngineCore
 from engine.parallel import Communicator
 from expert_router.dispatcher import EPDispatcher
 from expert_router.expertflow import ExpertCacheConfig
-from expert_router.placement import ExpertPlacement
-
-
-def moe_layers(cfg: ModelConfig) -> list[int]:
-    """The layers whose MLP is an MoE block (every layer but ``moe.dense_layers``)."""
-    if cfg.moe is None:
-        raise ValueError(f"{cfg.architecture} is not a mixture-of-experts model: expert parallelism needs one")
-    return [i for i in range(cfg.num_layers) if i not in cfg.moe.dense_layers]
+from expert_router.placement import ExpertPlacement, moe_layers
 
 
 def contiguous_placement(cfg: ModelConfig, world_size: int) -> ExpertPlacement:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.config import ModelConfig
+
 
 @dataclass(frozen=True)
 class ExpertPlacement:
@@ -86,3 +88,10 @@ def distinct_ranks(placement: ExpertPlacement, layer: int, topk_ids: Sequence[Se
     """Per token, the number of distinct ranks its top-k experts sit on (1 = one destination)."""
     owners = placement._owners(layer)
     return [len({owners[e] for e in row}) for row in topk_ids]
+
+
+def moe_layers(cfg: ModelConfig) -> list[int]:
+    """The layers whose MLP is an MoE block (every layer but ``moe.dense_layers``)."""
+    if cfg.moe is None:
+        raise ValueError(f"{cfg.architecture} is not a mixture-of-experts model: expert parallelism needs one")
+    return [i for i in range(cfg.num_layers) if i not in cfg.moe.dense_layers]

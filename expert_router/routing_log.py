@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from engine.models.moe import LocalExpertDispatcher
+from expert_router.placement import moe_layers
 
 FORMAT = "splitserve-routing-log/1"
 
@@ -137,7 +138,6 @@ def record_routing(
     from engine.engine import EngineCore
     from engine.llm import build_engine_config
     from engine.request import Request, SamplingParams
-    from expert_router.group import moe_layers
 
     config = build_engine_config(model_path, dtype=dtype, enable_prefix_caching=False, attention_backend="sdpa")
     mc = config.model
