@@ -21,7 +21,7 @@ Lock-step rounds. Ranks run their own requests, so in one engine step one rank m
 forward while another has nothing to compute. Every collective is issued by every rank in
 the same order (engine/parallel.py), so each MoE layer is one *round* that starts with a
 header all-gather of one int64 row per rank: [count to rank 0 .. W-1, state, layer,
-unfinished]. A rank in a forward sends ACTIVE with its layer; a rank done with its step sends
+flags (1: unfinished requests, 2: stop)]. A rank in a forward sends ACTIVE with its layer; a rank done with its step sends
 DONE from ``end_step``, and still serves the round (zero rows out, its experts' work in).
 When every rank sends DONE the step is over for all of them; ``end_step`` returns whether any
 rank still has unfinished requests, so the group stops stepping together. Active ranks
@@ -44,6 +44,7 @@ from expert_router.expertflow import ExpertCacheConfig, TieredExperts
 from expert_router.placement import ExpertPlacement
 
 ACTIVE, DONE = 1, 0
+FLAG_UNFINISHED, FLAG_STOP = 1, 2  # header flags
 
 
 class EPProtocolError(RuntimeError):
@@ -94,6 +95,7 @@ class EPDispatcher:
         self._owner: dict[int, torch.Tensor] = {}  # layer -> [E] owner rank
         self._slot: dict[int, torch.Tensor] = {}  # layer -> [E] slot here, -1 elsewhere
         self.stats = EPStats()
+        self.stop_agreed = False  # a rank asked the group to stop (end_step(stop=True))
         self.cache = cache
         self.tiers: TieredExperts | None = None  # built at the first round (every layer registered)
 
@@ -138,7 +140,7 @@ class EPDispatcher:
         remote = len(tok) - send[self.rank]
         st.remote_pairs += remote
         st.per_layer_remote_pairs[layer] = st.per_layer_remote_pairs.get(layer, 0) + remote
-        table = self._gather_header(send, ACTIVE, layer, unfinished=True)
+        table = self._gather_header(send, ACTIVE, layer, FLAG_UNFINISHED)
         if self._active_layer(table) != layer:
             raise EPProtocolError(f"EP rank {self.rank} at layer {layer}, the round is at another")
         back = self._serve(table, layer, payload, ids.contiguous(), send)  # [S, H]
@@ -152,26 +154,31 @@ class EPDispatcher:
         return out
 
     # ------------------------------------------------------------------ lock-step
-    def end_step(self, unfinished: bool) -> bool:
+    def end_step(self, unfinished: bool, stop: bool = False) -> bool:
         """This rank is done with its step's forwards: serve rounds (zero rows out, this rank's
         experts' work in) until every rank is done. ``unfinished``: this rank still has
-        requests. Returns True while any rank of the group has (step again), False when none."""
+        requests. Returns True while any rank of the group has (step again), False when none.
+        ``stop``: ask the group to stop stepping; once any rank asked, every rank's
+        ``stop_agreed`` is True after this same call, and no rank issues another round."""
         w = self.world_size
+        flags = (FLAG_UNFINISHED if unfinished else 0) | (FLAG_STOP if stop else 0)
         while True:
-            table = self._gather_header([0] * w, DONE, -1, unfinished)
+            table = self._gather_header([0] * w, DONE, -1, flags)
             layer = self._active_layer(table)
             if layer is None:
-                return bool(table[:, w + 2].any())
+                final = table[:, w + 2]
+                self.stop_agreed = bool(((final & FLAG_STOP) != 0).any())
+                return bool(((final & FLAG_UNFINISHED) != 0).any())
             experts = self.experts[layer]
             h, k = experts.w13.shape[2], self.top_k
             payload = torch.empty(0, h + k, dtype=experts.w13.dtype, device=self.comm.device)
             self._serve(table, layer, payload, torch.empty(0, k, dtype=torch.int32, device=self.comm.device), [0] * w)
 
-    def _gather_header(self, send: list[int], state: int, layer: int, unfinished: bool) -> torch.Tensor:
+    def _gather_header(self, send: list[int], state: int, layer: int, flags: int) -> torch.Tensor:
         """All-gather one round header per rank -> [W, W + 3]: row p = rank p's
-        [count to rank 0 .. W-1, state, layer, unfinished]."""
+        [count to rank 0 .. W-1, state, layer, flags]."""
         w = self.world_size
-        row = torch.tensor([[*send, state, layer, int(unfinished)]], dtype=torch.int64, device=self.comm.device)
+        row = torch.tensor([[*send, state, layer, flags]], dtype=torch.int64, device=self.comm.device)
         t0 = time.perf_counter()
         table = self.comm.all_gather(row)
         self.stats.comm_s += time.perf_counter() - t0
@@ -238,3 +245,45 @@ def run_lockstep(engine, dispatcher: EPDispatcher, before_step: Callable[[int], 
         steps += 1
         if not dispatcher.end_step(unfinished=engine.has_work()):
             return steps
+
+
+class LockstepStepper:
+    """The step of a worker's engine loop (engine.runtime.loop.EngineLoop) whose engine is
+    one rank of an EP group: ``EngineLoop(step=stepper.step, has_work=stepper.has_work)``.
+
+    Every call is one group iteration: this rank's engine steps if it has work, then
+    ``end_step`` serves the other ranks' rounds and ends with a round every rank takes part
+    in, so iterations stay aligned across ranks whatever arrives where in between (requests
+    are added by the loop's queued calls, between iterations). When no rank has work the
+    iteration sleeps ``idle_s``: idle ranks poll the group with one header round per
+    iteration. ``has_work`` is always True: a rank takes part in every round while the group
+    runs. ``request_stop()`` (any thread) makes the group stop together: the iteration in
+    which any rank asked is the last one of every rank (none issues another collective), so
+    each loop can then be stopped at leisure."""
+
+    def __init__(self, engine, dispatcher: EPDispatcher, idle_s: float = 0.005):
+        self.engine, self.dispatcher, self.idle_s = engine, dispatcher, idle_s
+        self.iterations = 0
+        self._stop_requested = False
+
+    def request_stop(self) -> None:
+        self._stop_requested = True
+
+    @property
+    def stopped(self) -> bool:
+        return self.dispatcher.stop_agreed
+
+    def has_work(self) -> bool:
+        return True
+
+    def step(self) -> None:
+        if self.stopped:
+            time.sleep(self.idle_s)  # the group stopped: no more rounds
+            return
+        engine = self.engine
+        if engine.has_work():
+            engine.step()
+        self.iterations += 1
+        busy = self.dispatcher.end_step(unfinished=engine.has_work(), stop=self._stop_requested)
+        if not busy and not self.stopped:
+            time.sleep(self.idle_s)
