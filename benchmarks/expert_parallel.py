@@ -2,7 +2,7 @@
 cache hit ratio vs LRU / LFU, and EP=1 vs EP=2 throughput. Everything here is SYNTHETIC:
 random-weight models, and routing structure planted on purpose (random gates have none).
 
-    PYTHONPATH=$PWD .venv/bin/python benchmarks/expert_parallel.py      # ~2-4 min
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/expert_parallel.py      # ~1.5 min
     # results: benchmarks/results/expert_parallel.json and .png
 
 1. Traffic, measured: a tiny Mixtral with planted gates (expert_router/synthetic.py
@@ -23,8 +23,10 @@ random-weight models, and routing structure planted on purpose (random gates hav
    the whole fast tier ("wide": more hits, many more loads); load time modelled at 25 GB/s (PCIe 4 x16) for the expert size of a ~200M-parameter
    MoE (16 experts of hidden 1024, intermediate 2816, bf16: 17.3 MB each), against
    on-demand loading (every needed expert loaded every time).
-4. Scaling: EP=1 (one engine, 2 torch threads) vs EP=2 (two ranks, 1 thread each) tokens/s
-   on the planted model at equal total cores; bytes per step at EP=4 (oversubscribes 2 cores).
+4. Scaling: EP=1 (one engine, 1 or 2 torch threads) vs EP=2 (two ranks, 1 thread each)
+   tokens/s at equal total cores, on the tiny planted model (plus EP=4: oversubscribes 2
+   cores; bytes per round) and on a ~160M-parameter planted-gate Mixtral where expert
+   compute dominates (8 experts of hidden 768 x intermediate 2048, 4 layers).
 """
 
 from __future__ import annotations
@@ -88,10 +90,10 @@ def gloo_comms(world: int, timeout_s: float = 120.0) -> list[TorchDistCommunicat
     return run_ranks(join, world)
 
 
-def run_group(ckpt: str, world: int, prompts, placement, ranks_of, threads: int = 1) -> dict:
+def run_group(ckpt: str, world: int, prompts, placement, ranks_of, threads: int = 1, max_new: int = MAX_NEW) -> dict:
     torch.set_num_threads(threads)
     comms = gloo_comms(world)
-    params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=max_new, temperature=0.0, ignore_eos=True)
     built = run_ranks(lambda r: build_ep_engine(build_engine_config(ckpt, **OPTIONS), comms[r], placement), world)
 
     def rank(r: int):
@@ -120,7 +122,7 @@ def run_group(ckpt: str, world: int, prompts, placement, ranks_of, threads: int 
         "rounds": max(s.rounds for s in stats),
         "bytes_per_round": remote / max(max(s.rounds for s in stats), 1),
         "wall_s": wall,
-        "generated_tokens_per_s": len(prompts) * MAX_NEW / wall,
+        "generated_tokens_per_s": len(prompts) * max_new / wall,
         "tokens": tokens_out,
     }
 
@@ -232,9 +234,9 @@ def caching() -> list[dict]:
     return rows
 
 
-def scaling(ckpt: str, topics) -> list[dict]:
-    prompts = topic_prompts(topics, 16, seed=7)
-    params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True)
+def scaling(ckpt: str, topics, worlds=(2, 4), n_prompts: int = 16, max_new: int = MAX_NEW) -> list[dict]:
+    prompts = topic_prompts(topics, n_prompts, seed=7)
+    params = SamplingParams(max_tokens=max_new, temperature=0.0, ignore_eos=True)
     rows = []
     for _ in range(2):  # alternate, best of 2
         for threads in (1, 2):
@@ -248,13 +250,14 @@ def scaling(ckpt: str, topics) -> list[dict]:
                 {
                     "world": 1,
                     "threads": threads,
-                    "tokens_per_s": len(prompts) * MAX_NEW / wall,
+                    "tokens_per_s": len(prompts) * max_new / wall,
                     "load_avg": os.getloadavg()[0],
                 }
             )
         cfg = build_engine_config(ckpt, **OPTIONS).model
-        for world in (2, 4):
-            r = run_group(ckpt, world, prompts, contiguous_placement(cfg, world), [i % world for i in range(16)])
+        for world in worlds:
+            ranks_of = [i % world for i in range(n_prompts)]
+            r = run_group(ckpt, world, prompts, contiguous_placement(cfg, world), ranks_of, max_new=max_new)
             rows.append(
                 {
                     "world": world,
@@ -335,6 +338,17 @@ def main() -> None:
     result["caching"] = caching()
     print("scaling (planted-gate model):", flush=True)
     result["scaling"] = scaling(ckpt, topics)
+    print("scaling (planted-gate Mixtral, 8 experts of hidden 768 x 2048, ~160M parameters):", flush=True)
+    large, large_topics = build_planted_moe_checkpoint(
+        str(Path(os.environ.get("TMPDIR", "/tmp")) / "splitserve_planted_moe_160m"),
+        num_experts=8,
+        num_topics=4,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+    )
+    result["scaling_large"] = scaling(large, large_topics, worlds=(2,), n_prompts=8, max_new=16)
     result["load_avg_end"] = os.getloadavg()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
