@@ -80,16 +80,27 @@ class EPDispatcher:
     ``end_step``, on every rank, until ``end_step`` returns False (``run_lockstep``)."""
 
     def __init__(
-        self, comm: Communicator, placement: ExpertPlacement, top_k: int, cache: ExpertCacheConfig | None = None
+        self,
+        comm: Communicator | None,
+        placement: ExpertPlacement,
+        top_k: int,
+        cache: ExpertCacheConfig | None = None,
+        rank: int | None = None,
     ):
-        """``cache``: run this rank's experts through an ExpertFlow fast tier of
-        ``cache.slots`` per layer (its slow tier: the rank's share as loaded); None: all
-        held experts are resident."""
-        if placement.world_size != comm.world_size:
-            raise ValueError(f"placement is for {placement.world_size} ranks, the EP group has {comm.world_size}")
-        self.comm = comm
+        """``comm``: the EP group's communicator, or None with ``rank`` given: a worker builds
+        (and loads) its engine for its rank before the group forms, then ``connect``s.
+        ``cache``: run this rank's experts through an ExpertFlow fast tier of ``cache.slots``
+        per layer (its slow tier: the rank's share as loaded); None: all held experts resident."""
+        if comm is None and rank is None:
+            raise ValueError("EPDispatcher needs a communicator or, before the group forms, its rank")
+        self.rank = comm.rank if comm is not None else int(rank)  # type: ignore[arg-type]
+        self.world_size = placement.world_size
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside the placement's {self.world_size} ranks")
+        self._comm: Communicator | None = None
         self.placement = placement
-        self.rank, self.world_size = comm.rank, comm.world_size
+        if comm is not None:
+            self.connect(comm)
         self.top_k = top_k  # the model's; a served round builds zero-row payloads [0, H + top_k]
         self.experts: dict[int, LocalExperts] = {}
         self._owner: dict[int, torch.Tensor] = {}  # layer -> [E] owner rank
@@ -98,6 +109,23 @@ class EPDispatcher:
         self.stop_agreed = False  # a rank asked the group to stop (end_step(stop=True))
         self.cache = cache
         self.tiers: TieredExperts | None = None  # built at the first round (every layer registered)
+
+    def connect(self, comm: Communicator) -> None:
+        """Attach the EP group's communicator (once): its rank and size must be this one's."""
+        if self._comm is not None:
+            raise EPProtocolError(f"EP rank {self.rank} is already connected to a group")
+        if comm.world_size != self.world_size or comm.rank != self.rank:
+            raise ValueError(
+                f"placement is for rank {self.rank} of {self.world_size} ranks, the communicator is "
+                f"rank {comm.rank} of {comm.world_size}"
+            )
+        self._comm = comm
+
+    @property
+    def comm(self) -> Communicator:
+        if self._comm is None:
+            raise EPProtocolError(f"EP rank {self.rank} is not connected to its group yet (connect)")
+        return self._comm
 
     # ------------------------------------------------------------------ ExpertDispatcher seam
     def held_experts(self, layer: int, num_experts: int) -> Sequence[int]:

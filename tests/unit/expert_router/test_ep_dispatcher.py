@@ -149,7 +149,7 @@ def test_active_ranks_at_different_layers_is_a_protocol_error() -> None:
 
 def test_placement_must_match_the_model_and_the_group() -> None:
     comm = gloo_comms(2)[0]
-    with pytest.raises(ValueError, match="placement is for 3 ranks"):
+    with pytest.raises(ValueError, match="placement is for rank 0 of 3 ranks, the communicator is rank 0 of 2"):
         EPDispatcher(comm, ExpertPlacement.contiguous(E, 3, [0]), K)
     d = EPDispatcher(comm, ExpertPlacement.contiguous(E, 2, [0]), K)
     with pytest.raises(ValueError, match="places 6 experts, the model has 8"):
@@ -174,3 +174,33 @@ def test_a_rank_that_stops_fails_the_others_within_the_timeout() -> None:
     with pytest.raises(CommunicationError):
         d.dispatch(0, *_tokens(3, 40))
     assert time.monotonic() - t0 < 10.0
+
+
+def test_a_rank_builds_before_its_group_forms_and_connects_later() -> None:
+    """A worker loads its share for its rank first (no communicator), then connects; a
+    dispatch before connect, a second connect, or a communicator of another rank are refused."""
+    full = _full_experts(6)
+    placement = ExpertPlacement.contiguous(E, 2, [0])
+    ds = [EPDispatcher(None, placement, K, rank=r) for r in (0, 1)]
+    for d in ds:
+        d.register(0, _share(full, tuple(d.held_experts(0, E))))
+    with pytest.raises(EPProtocolError, match="not connected"):
+        ds[0].dispatch(0, *_tokens(2, 50))
+    comms = gloo_comms(2)
+    with pytest.raises(ValueError, match="rank 1 of 2"):
+        ds[0].connect(comms[1])
+    for d, comm in zip(ds, comms, strict=True):
+        d.connect(comm)
+    with pytest.raises(EPProtocolError, match="already connected"):
+        ds[0].connect(comms[0])
+    inputs = [_tokens(4, 51), _tokens(3, 52)]
+
+    def rank(r: int) -> torch.Tensor:
+        out = ds[r].dispatch(0, *inputs[r])
+        ds[r].end_step(unfinished=False)
+        return out
+
+    for r, out in enumerate(run_ranks(rank, 2)):
+        torch.testing.assert_close(out, combine_local(full, *inputs[r]), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="needs a communicator or"):
+        EPDispatcher(None, placement, K)
