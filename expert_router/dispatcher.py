@@ -20,13 +20,19 @@ only the routed experts are split, by an ``ExpertPlacement``. Per MoE layer, per
 Lock-step rounds. Ranks run their own requests, so in one engine step one rank may run a
 forward while another has nothing to compute. Every collective is issued by every rank in
 the same order (engine/parallel.py), so each MoE layer is one *round* that starts with a
-header all-gather of one int64 row per rank: [count to rank 0 .. W-1, state, layer,
-flags (1: unfinished requests, 2: stop)]. A rank in a forward sends ACTIVE with its layer; a rank done with its step sends
-DONE from ``end_step``, and still serves the round (zero rows out, its experts' work in).
-When every rank sends DONE the step is over for all of them; ``end_step`` returns whether any
-rank still has unfinished requests, so the group stops stepping together. Active ranks
-must agree on the layer (they start their forwards in the same round); a disagreement is a
-bug and raises.
+header all-gather of one int64 row per rank: [count to rank 0 .. W-1, state, layer, flags
+(1: unfinished requests, 2: stop)]. A rank in a forward sends ACTIVE with its layer; a rank
+done with its step sends DONE from ``end_step``, and still serves the round (zero rows out,
+its experts' work in). When every rank sends DONE the step is over for all of them;
+``end_step`` returns whether any rank still has unfinished requests, so the group stops
+stepping together. Active ranks must agree on the layer (every forward starts right after an
+all-DONE round or another forward, and passes the same MoE layers in order); a disagreement
+is a bug and raises. Cost: one extra W x (W + 3) int64 all-gather per MoE layer (it carries
+the per-peer counts, which the all-to-all needs anyway) and one per step.
+
+Failure: every collective is bounded by the communicator's timeout, so a dead or hung rank
+fails the others' current round with ``CommunicationError`` within it (nothing hangs); the
+group is then unusable and is formed again (engine/parallel.py).
 """
 
 from __future__ import annotations
@@ -74,7 +80,8 @@ class EPStats:
 
 class EPDispatcher:
     """``engine.moe.ExpertDispatcher`` over an EP group. Lifecycle: built with the group's
-    communicator and placement, passed to ``EngineCore(dispatcher=)`` (the model asks
+    communicator (or its rank, then ``connect``) and placement, passed to
+    ``EngineCore(dispatcher=)`` (the model asks
     ``held_experts`` / ``register`` while it is built, so each rank loads only its experts),
     then driven step by step: ``engine.step()`` (its forwards call ``dispatch``) followed by
     ``end_step``, on every rank, until ``end_step`` returns False (``run_lockstep``)."""
