@@ -296,8 +296,17 @@ class LockstepStepper:
     which any rank asked is the last one of every rank (none issues another collective), so
     each loop can then be stopped at leisure."""
 
-    def __init__(self, engine, dispatcher: EPDispatcher, idle_s: float = 0.005):
-        self.engine, self.dispatcher, self.idle_s = engine, dispatcher, idle_s
+    def __init__(
+        self,
+        step: Callable[[], object],
+        has_work: Callable[[], bool],
+        dispatcher: EPDispatcher,
+        idle_s: float = 0.005,
+    ):
+        """``step`` / ``has_work``: what the worker's loop would call without EP (the
+        worker's own step, which steps its engine and publishes its tokens; the engine's
+        has_work)."""
+        self._step, self._has_work, self.dispatcher, self.idle_s = step, has_work, dispatcher, idle_s
         self.iterations = 0
         self._stop_requested = False
 
@@ -315,10 +324,9 @@ class LockstepStepper:
         if self.stopped:
             time.sleep(self.idle_s)  # the group stopped: no more rounds
             return
-        engine = self.engine
-        if engine.has_work():
-            engine.step()
+        if self._has_work():
+            self._step()
         self.iterations += 1
-        busy = self.dispatcher.end_step(unfinished=engine.has_work(), stop=self._stop_requested)
+        busy = self.dispatcher.end_step(unfinished=self._has_work(), stop=self._stop_requested)
         if not busy and not self.stopped:
             time.sleep(self.idle_s)

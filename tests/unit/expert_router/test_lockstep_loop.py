@@ -30,7 +30,7 @@ def test_engine_loops_in_lockstep_serve_requests_arriving_on_either_rank(tiny_ch
     ckpt = tiny_checkpoint("qwen2_moe")
     comms = gloo_comms(2, timeout_s=30.0)
     built = run_ranks(lambda r: build_ep_engine(build_engine_config(ckpt, **OPTIONS), comms[r]), 2)
-    steppers = [LockstepStepper(engine, dispatcher, idle_s=0.002) for engine, dispatcher in built]
+    steppers = [LockstepStepper(engine.step, engine.has_work, dispatcher, idle_s=0.002) for engine, dispatcher in built]
     loops = [EngineLoop(s.step, s.has_work, name=f"ep-rank-{r}").start() for r, s in enumerate(steppers)]
     prompts = random_prompts(seed=71, lengths=(9, 33, 17, 48, 5))
     reqs = [Request(f"p{i}", list(p), greedy_params(20)) for i, p in enumerate(prompts)]
