@@ -29,7 +29,15 @@ from tests.unit.engine.gloo_ranks import gloo_comms, run_ranks
 
 MAX_NEW = 24
 OPTIONS = {"block_size": 8, "num_blocks": 96, "attention_backend": "sdpa", "enable_prefix_caching": True}
-CASES = [("mixtral", 2), ("qwen2_moe", 2), ("qwen3_moe", 2), ("mixtral", 3), ("qwen2_moe", 4), ("qwen3_moe", 4)]
+CASES = [
+    ("mixtral", 2),
+    ("qwen2_moe", 2),
+    ("qwen3_moe", 2),
+    ("mixtral", 3),
+    ("mixtral", 4),
+    ("qwen2_moe", 4),
+    ("qwen3_moe", 4),
+]
 
 
 def run_ep_group(
