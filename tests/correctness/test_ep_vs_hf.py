@@ -210,3 +210,18 @@ def test_ep_with_expertflow_at_a_quarter_of_each_ranks_experts(tiny_checkpoint, 
     assert equal >= 0.99 * total and misses > 0
     labels = [f"{family} EP=2 ExpertFlow prompt {i}" for i in range(len(prompts))]
     check_argmax_consistent(hf_model(ckpt), prompts, got, labels)
+
+
+def test_ep_with_a_dense_layer_places_only_the_moe_layers(tiny_checkpoint) -> None:
+    """Qwen2-MoE with layer 0 dense (mlp_only_layers): the placement covers layer 1 only,
+    the dense MLP is replicated, and EP=2 tokens equal engine.LLM's."""
+    ckpt = tiny_checkpoint("qwen2_moe", mlp_only_layers=[0])
+    prompts = random_prompts(seed=81)
+    got, ranks = run_ep_group(ckpt, 2, prompts, MAX_NEW)
+    want = [
+        o.token_ids for o in LLM(ckpt, skip_tokenizer_init=True, **OPTIONS).generate(prompts, greedy_params(MAX_NEW))
+    ]
+    assert got == want
+    for engine, dispatcher in ranks:
+        assert dispatcher.placement.layers == [1] and set(dispatcher.stats.per_layer_remote_pairs) <= {1}
+        assert not hasattr(engine.model.layers[0].mlp, "experts")
