@@ -5,6 +5,7 @@
     splitserve profile  step-time tables of this machine (cluster/tools/profile.py)
     splitserve sim      cluster simulator (cluster/tools/sim/command.py)
     splitserve draft    build a self-draft model for speculative decoding (cluster/tools/draft.py)
+    splitserve route-log  record a MoE model's expert routing (cluster/tools/route_log.py)
 
 Each subcommand registers itself with an ``add_<name>_parser(subparsers)`` that sets
 ``func``; ``main`` parses and dispatches. Importing this module imports no Ray.
@@ -19,6 +20,7 @@ from typing import Any
 from cluster.serve import add_serve_parser
 from cluster.tools.bench.command import add_bench_parser
 from cluster.tools.draft import add_draft_parser
+from cluster.tools.route_log import add_route_log_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile(sub)
     _add_sim(sub)
     add_draft_parser(sub)
+    add_route_log_parser(sub)
     return ap
 
 

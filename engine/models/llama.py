@@ -92,8 +92,7 @@ class DecoderLM(nn.Module):
     def __init__(self, cfg: ModelConfig, max_positions: int, dispatcher: ExpertDispatcher | None = None):
         super().__init__()
         self.cfg = cfg
-        self.local_experts = LocalExpertDispatcher()
-        self.dispatcher = dispatcher or self.local_experts
+        self.dispatcher = dispatcher or LocalExpertDispatcher()
         self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, self._make_mlp(i)) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -109,9 +108,10 @@ class DecoderLM(nn.Module):
         if moe is None or layer in moe.dense_layers:
             return GatedMLP(self.cfg.hidden_size, self.cfg.intermediate_size)
         block = MoEBlock(layer, self.cfg.hidden_size, moe, self.dispatcher)
-        experts = LocalExperts(moe.num_experts, self.cfg.hidden_size, moe.intermediate_size)
-        block.add_module("experts", experts)  # weights live on the layer; the local dispatcher uses them
-        self.local_experts.register(layer, experts)
+        held = self.dispatcher.held_experts(layer, moe.num_experts)  # all, or an EP rank's share
+        experts = LocalExperts(held, self.cfg.hidden_size, moe.intermediate_size)
+        block.add_module("experts", experts)  # weights live on the layer; the dispatcher uses them
+        self.dispatcher.register(layer, experts)
         return block
 
     def set_attention_backend(self, backend: AttentionBackend) -> None:

@@ -18,6 +18,7 @@ from engine.config import ModelConfig
 from engine.models import mixtral, qwen_moe
 from engine.models.gguf import resolve_model_path
 from engine.models.llama import DecoderLM
+from engine.models.moe import LocalExperts
 from engine.models.weight_rules import DENSE_RULES, IGNORED, Rule
 from engine.moe import ExpertDispatcher
 
@@ -63,6 +64,7 @@ def load_model(
     path = resolve_model_path(path, progress=progress)
     model = empty_model(cfg, max_positions, dtype, device, dispatcher)
     params = dict(model.named_parameters())
+    held = held_expert_slots(model)
     loaded: dict[str, int] = {}  # param name -> elements written
     rules = FAMILY_RULES[cfg.family]
     files = safetensors_files(path)
@@ -71,7 +73,7 @@ def load_model(
             log.info("loading weights %d/%d: %s", i + 1, len(files), os.path.basename(file))
         with safe_open(file, "pt", device="cpu") as f:
             for name in f.keys():
-                _load_tensor(cfg, rules, params, loaded, name, f.get_tensor(name))
+                _load_tensor(cfg, rules, params, held, loaded, name, f)
     missing = [n for n, p in params.items() if loaded.get(n, 0) != p.numel()]
     if missing:
         raise WeightLoadError(f"checkpoint {path!r} did not provide: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
@@ -118,12 +120,33 @@ def match_tensor(
     raise WeightLoadError(f"unexpected checkpoint tensor {name!r} for architecture {cfg.architecture}")
 
 
-def _load_tensor(cfg: ModelConfig, rules, params, loaded, name: str, tensor: torch.Tensor) -> None:
+def held_expert_slots(model: DecoderLM) -> dict[str, dict[int, int]]:
+    """Expert-stack parameter name -> {global expert id: slot} for every MoE layer whose
+    ``LocalExperts`` holds a subset of the experts (an expert-parallel rank's share)."""
+    out: dict[str, dict[int, int]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LocalExperts) and module.expert_ids != tuple(range(model.cfg.moe.num_experts)):
+            for p in ("w13", "w2"):
+                out[f"{name}.{p}"] = module.slot_of()
+    return out
+
+
+def _load_tensor(cfg: ModelConfig, rules, params, held, loaded, name: str, f) -> None:
+    """Copy checkpoint tensor ``name`` of the open safetensors file ``f`` into its parameter,
+    reading only the held experts' rows of a fused [E, ...] stack (none of another rank's)."""
     found = match_tensor(cfg, rules, params, name)
     if found is None:
         return
     target, rule, m = found
-    dst = destination(cfg, params[target], rule, m)
+    slot_of = held.get(target)
+    if slot_of is not None and rule.expert is not None and int(m.group(rule.expert + 1)) not in slot_of:
+        return  # an expert another expert-parallel rank holds
+    if slot_of is not None and rule.expert is None:
+        stack = f.get_slice(name)  # fused [E, ...] stack: read the held experts' rows only
+        tensor = torch.cat([stack[e : e + 1] for e in sorted(slot_of)])
+    else:
+        tensor = f.get_tensor(name)
+    dst = destination(cfg, params[target], rule, m, slot_of)
     if dst.shape != tensor.shape:
         raise WeightLoadError(f"{name!r}: shape {tuple(tensor.shape)} != expected {tuple(dst.shape)}")
     with torch.no_grad():
@@ -131,11 +154,15 @@ def _load_tensor(cfg: ModelConfig, rules, params, loaded, name: str, tensor: tor
     loaded[target] = loaded.get(target, 0) + tensor.numel()
 
 
-def destination(cfg: ModelConfig, param: torch.Tensor, rule: Rule, m) -> torch.Tensor:
-    """The slice of ``param`` that the matched checkpoint tensor fills."""
+def destination(
+    cfg: ModelConfig, param: torch.Tensor, rule: Rule, m, slot_of: dict[int, int] | None = None
+) -> torch.Tensor:
+    """The slice of ``param`` that the matched checkpoint tensor fills. ``slot_of``: global
+    expert id -> slot of an expert stack holding a subset of the experts (None: all, slot = id)."""
     dst = param.data
     if rule.expert is not None:
-        dst = dst[int(m.group(rule.expert + 1))]
+        e = int(m.group(rule.expert + 1))
+        dst = dst[e if slot_of is None else slot_of[e]]
     if rule.half is not None:
         half = dst.shape[0] // 2
         dst = dst[:half] if rule.half == 0 else dst[half:]

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,15 +18,25 @@ from engine.moe import ExpertDispatcher
 
 
 class LocalExperts(nn.Module):
-    """One layer's routed experts, stacked: w13 [E, 2I, H] (gate; up), w2 [E, H, I]."""
+    """The routed experts of one layer this process holds, stacked: w13 [E_held, 2I, H]
+    (gate; up), w2 [E_held, H, I]. ``expert_ids[slot]`` is the global expert id in that slot
+    (ascending; ``range(E)`` when every expert is held)."""
 
-    def __init__(self, num_experts: int, hidden: int, intermediate: int):
+    def __init__(self, expert_ids: Sequence[int], hidden: int, intermediate: int):
         super().__init__()
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+        self.expert_ids = tuple(int(e) for e in expert_ids)
+        if list(self.expert_ids) != sorted(set(self.expert_ids)):
+            raise ValueError(f"LocalExperts.expert_ids must be ascending and distinct, got {self.expert_ids}")
+        n = len(self.expert_ids)
+        self.w13 = nn.Parameter(torch.empty(n, 2 * intermediate, hidden))
+        self.w2 = nn.Parameter(torch.empty(n, hidden, intermediate))
+
+    def slot_of(self) -> dict[int, int]:
+        """global expert id -> slot."""
+        return {e: s for s, e in enumerate(self.expert_ids)}
 
     def run_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """x: [n, H] tokens routed to expert e -> [n, H] (unweighted)."""
+        """x: [n, H] tokens routed to the expert in slot e -> [n, H] (unweighted)."""
         gate, up = linear(x, self.w13[e]).chunk(2, dim=-1)
         return linear(F.silu(gate) * up, self.w2[e])
 
@@ -35,7 +47,11 @@ class LocalExpertDispatcher:
     def __init__(self) -> None:
         self.experts: dict[int, LocalExperts] = {}
 
-    def register(self, layer: int, experts: LocalExperts) -> None:
+    def held_experts(self, layer: int, num_experts: int) -> Sequence[int]:
+        return range(num_experts)
+
+    def register(self, layer: int, experts: nn.Module) -> None:
+        assert isinstance(experts, LocalExperts)
         self.experts[layer] = experts
 
     def dispatch(
@@ -45,20 +61,26 @@ class LocalExpertDispatcher:
 
 
 def combine_local(
-    experts: LocalExperts, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    experts: LocalExperts, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_slots: torch.Tensor
 ) -> torch.Tensor:
-    """Run the experts each token chose and sum their outputs weighted by ``topk_weights``."""
+    """Run the experts each token chose and sum their outputs weighted by ``topk_weights``,
+    expert by expert in slot order (ascending global id) from zero.
+
+    hidden: [T, H]; topk_weights: [T, k]; topk_slots: [T, k] slots of ``experts`` (equal to the
+    global ids when every expert is held), -1 for a choice held elsewhere (skipped) -> [T, H]."""
     out = torch.zeros_like(hidden)
-    flat_ids = topk_ids.reshape(-1)
+    n = experts.w13.shape[0]
+    flat_ids = topk_slots.reshape(-1)
+    flat_ids = torch.where(flat_ids < 0, n, flat_ids)  # skipped choices sort last, never run
     order = torch.argsort(flat_ids, stable=True)
-    counts = torch.bincount(flat_ids, minlength=experts.w13.shape[0]).tolist()
-    k = topk_ids.shape[1]
+    counts = torch.bincount(flat_ids, minlength=n + 1).tolist()[:n]
+    k = topk_slots.shape[1]
     start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
+    for e, c in enumerate(counts):
+        if c == 0:
             continue
-        sel = order[start : start + n]  # flat (token, slot) indices routed to expert e
-        start += n
+        sel = order[start : start + c]  # flat (token, slot) indices routed to expert e
+        start += c
         tok = sel // k
         y = experts.run_expert(e, hidden[tok]) * topk_weights.reshape(-1)[sel, None]
         out.index_add_(0, tok, y)
