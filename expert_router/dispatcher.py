@@ -129,6 +129,10 @@ class EPDispatcher:
         self._comm = comm
 
     @property
+    def connected(self) -> bool:
+        return self._comm is not None
+
+    @property
     def comm(self) -> Communicator:
         if self._comm is None:
             raise EPProtocolError(f"EP rank {self.rank} is not connected to its group yet (connect)")
