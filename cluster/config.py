@@ -136,9 +136,7 @@ class PoolConfig:
             for name in ("expert_placement", "expert_cache_slots"):
                 _check(getattr(self, name) is None, name, "needs experts > 1 (an expert-parallel pool)")
         if self.expert_placement is not None:
-            _check(
-                os.path.isfile(self.expert_placement), "expert_placement", f"no such file {self.expert_placement!r}"
-            )
+            _check(os.path.isfile(self.expert_placement), "expert_placement", f"no such file {self.expert_placement!r}")
         if self.expert_cache_slots is not None:
             _check(self.expert_cache_slots >= 1, "expert_cache_slots", f"must be >= 1, got {self.expert_cache_slots}")
         # defensive copies: the caller's dicts must not alias a frozen config

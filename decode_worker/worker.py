@@ -44,8 +44,10 @@ from dataclasses import dataclass
 from decode_worker.api import KV_TRANSFER_FAILED, KV_TRANSFER_TIMED_OUT, DecodeAPI
 from engine.config import SchedulerMode
 from engine.engine import EngineCore
+from engine.parallel import TorchDistCommunicator
 from engine.request import Request
 from engine.runtime.continuation import replay_emitted
+from engine.runtime.groups import GroupSpec, free_port, join_group
 from engine.runtime.stats import (
     QUEUE_SECONDS_BUCKETS,
     TRANSFER_SECONDS_BUCKETS,
@@ -54,10 +56,9 @@ from engine.runtime.stats import (
 )
 from engine.runtime.worker import RuntimeWorker, WorkerRuntime
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
-from engine.parallel import TorchDistCommunicator
-from engine.runtime.groups import GroupSpec, free_port, join_group
 from engine.types import (
     EngineStopped,
+    ExpertParallelReport,
     FirstToken,
     KVAddress,
     RequestSpec,
@@ -344,4 +345,23 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
             handoff_seconds=self.handoff_seconds.report(),
             speculation=speculation_report(self.engine),
             cached_block_hashes=self.engine.cached_block_hashes(),
+            expert_parallel=self._ep_report(),
+        )
+
+    def _ep_report(self) -> ExpertParallelReport | None:
+        d = self.dispatcher
+        if d is None:
+            return None
+        st = d.stats
+        return ExpertParallelReport(
+            rank=d.rank,
+            world_size=d.world_size,
+            connected=d.connected,
+            rounds=st.rounds,
+            tokens=st.tokens,
+            local_tokens=st.local_tokens,
+            remote_pairs=st.remote_pairs,
+            dispatch_bytes=st.dispatch_bytes,
+            combine_bytes=st.combine_bytes,
+            comm_seconds=st.comm_s,
         )

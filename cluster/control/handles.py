@@ -148,7 +148,6 @@ class DecodeHandle(WorkerHandle):
     async def set_speculation_pressure(self, pressure: float) -> None:
         return await self.invoker.invoke(DecodeAPI.set_speculation_pressure, pressure)
 
-
     async def node_ip(self) -> str:
         return await self.invoker.invoke(DecodeAPI.node_ip)
 
