@@ -1,0 +1,56 @@
+"""An expert-parallel mixed pool in the in-process LocalCluster: the router places concurrent
+requests on either EP rank, the tokens equal engine.LLM's, ClusterInfo shows the ranks, and
+replacing one member alone is refused (a group is replaced as a whole)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from cluster.config import PoolConfig, ServeConfig, TransferConfig
+from cluster.control.local import LocalCluster
+from engine import LLM, SamplingParams
+from engine.types import RequestSpec
+
+ENGINE = {"block_size": 8, "num_blocks": 64, "attention_backend": "sdpa", "skip_tokenizer_init": True}
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+PROMPTS = [list(range(3, 14)), list(range(20, 27)), list(range(40, 59)), [5, 9, 2, 7], list(range(60, 90))]
+
+
+async def _collect(cluster: LocalCluster, rid: str, prompt: list[int]) -> list[int]:
+    tokens = []
+    async for chunk in cluster.router.generate(RequestSpec(rid, prompt, GREEDY)):
+        assert chunk.error is None, chunk.error
+        tokens += chunk.token_ids
+    return tokens
+
+
+def test_ep_mixed_pool_in_process_serves_as_llm(tiny_checkpoint) -> None:
+    ckpt = tiny_checkpoint("qwen2_moe")
+    cfg = ServeConfig(
+        model=ckpt,
+        pools=(PoolConfig("mixed", "mixed", 2, engine=ENGINE, experts=2),),
+        transfer=TransferConfig(kind="loopback"),
+    )
+
+    async def run():
+        cluster = await LocalCluster(cfg, ep_group_timeout_s=30.0).start()
+        try:
+            got = await asyncio.gather(*(_collect(cluster, f"r{i}", p) for i, p in enumerate(PROMPTS)))
+            await cluster.router.refresh_loads()
+            info = cluster.info()
+            with pytest.raises(NotImplementedError, match="replaced as a whole"):
+                cluster.replace_worker("mixed-1")
+            return got, info
+        finally:
+            await cluster.stop()
+
+    got, info = asyncio.run(run())
+    assert got == [o.token_ids for o in LLM(ckpt, **ENGINE).generate(PROMPTS, GREEDY)]
+    eps = {w.worker_id: w.stats.expert_parallel for w in info.workers}
+    assert {wid: (e.rank, e.world_size, e.connected) for wid, e in eps.items()} == {
+        "mixed-0": (0, 2, True),
+        "mixed-1": (1, 2, True),
+    }
+    assert all(e.rounds > 0 and e.tokens > 0 for e in eps.values()), eps  # both ranks ran requests
