@@ -101,3 +101,36 @@ def test_ep_settings_that_do_not_fit_the_model_are_refused_naming_the_field(tiny
         assert plain.stats().expert_parallel is None
     finally:
         plain.shutdown()
+
+
+def test_ep_workers_with_a_placement_file_and_an_expert_cache_serve_as_llm(tiny_checkpoint) -> None:
+    """An s-EG-style (non-contiguous) placement and a one-slot LRU fast tier per rank change
+    where experts sit and what is resident, never the tokens."""
+    ckpt = tiny_checkpoint("mixtral")  # 4 experts in each of 2 layers
+    placement = '{"world_size": 2, "owners": {"0": [0, 1, 0, 1], "1": [1, 0, 0, 1]}}'
+    workers = [
+        build_decode_worker(
+            ckpt,
+            ENGINE,
+            None,
+            worker_id=f"ep-{r}",
+            role="mixed",
+            experts=2,
+            expert_rank=r,
+            expert_placement_json=placement,
+            expert_cache_slots=1,
+        )
+        for r in range(2)
+    ]
+    assert workers[0].dispatcher.placement.experts_of(0, 0) == (0, 2)
+    asyncio.run(form_group("ep/cached", [local_decode(w.worker_id, w) for w in workers], backend="gloo", timeout_s=30))
+    try:
+        for i, p in enumerate(PROMPTS):
+            workers[i % 2].generate_local(RequestSpec(f"c{i}", p, PARAMS))
+        got = [_drain(workers[i % 2], f"c{i}") for i in range(len(PROMPTS))]
+    finally:
+        for w in workers:
+            w.shutdown()
+    assert [e for _, e in got] == [None] * len(PROMPTS)
+    assert [t for t, _ in got] == [o.token_ids for o in LLM(ckpt, **ENGINE).generate(PROMPTS, PARAMS)]
+    assert all(w.dispatcher.tiers is not None for w in workers)  # the fast tier ran
