@@ -611,7 +611,9 @@ def _print_layout(info: ClusterInfo) -> None:
             st = w.stats
             kv = f"KV blocks {st.engine.free_kv_blocks}/{st.engine.total_kv_blocks}" if st else "KV blocks unknown"
             addr = f", KV address {w.address}" if w.address is not None else ""
-            _say(f"  {w.worker_id:<12} node {(w.node_id or '?')[:8]}  {kv}{addr}")
+            ep = st.expert_parallel if st else None
+            ep_rank = f", EP rank {ep.rank}/{ep.world_size}" if ep is not None else ""
+            _say(f"  {w.worker_id:<12} node {(w.node_id or '?')[:8]}  {kv}{ep_rank}{addr}")
 
 
 def demo_prompt_ids(tokenizer: Any, template: Any, prompt: str) -> list[int]:
