@@ -1,6 +1,8 @@
-"""An expert-parallel mixed pool in the in-process LocalCluster: the router places concurrent
-requests on either EP rank, the tokens equal engine.LLM's, ClusterInfo shows the ranks, and
-replacing one member alone is refused (a group is replaced as a whole)."""
+"""An expert-parallel pool in the in-process LocalCluster, mixed or as the decode pool of a
+disaggregated cluster (prompts prefilled by a dense-attention prefill worker holding every
+expert, their KV moved to an EP rank): the router places concurrent requests on either EP
+rank, the tokens equal engine.LLM's, ClusterInfo shows the ranks, and replacing one member
+alone is refused (a group is replaced as a whole)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import asyncio
 
 import pytest
 
-from cluster.config import PoolConfig, ServeConfig, TransferConfig
+from cluster.config import PoolConfig, RouterConfig, ServeConfig, TransferConfig
 from cluster.control.local import LocalCluster
 from engine import LLM, SamplingParams
 from engine.types import RequestSpec
@@ -26,11 +28,14 @@ async def _collect(cluster: LocalCluster, rid: str, prompt: list[int]) -> list[i
     return tokens
 
 
-def test_ep_mixed_pool_in_process_serves_as_llm(tiny_checkpoint) -> None:
+@pytest.mark.parametrize("disaggregated", [False, True], ids=["mixed", "prefill+ep-decode"])
+def test_ep_pool_in_process_serves_as_llm(tiny_checkpoint, disaggregated: bool) -> None:
     ckpt = tiny_checkpoint("qwen2_moe")
+    ep_pool = PoolConfig("mixed", "decode" if disaggregated else "mixed", 2, engine=ENGINE, experts=2)
     cfg = ServeConfig(
         model=ckpt,
-        pools=(PoolConfig("mixed", "mixed", 2, engine=ENGINE, experts=2),),
+        pools=((PoolConfig("prefill", "prefill", 1, engine=ENGINE), ep_pool) if disaggregated else (ep_pool,)),
+        router=RouterConfig(short_prompt_threshold=0 if disaggregated else 32),  # 0: every prompt transfers
         transfer=TransferConfig(kind="loopback"),
     )
 
@@ -48,7 +53,10 @@ def test_ep_mixed_pool_in_process_serves_as_llm(tiny_checkpoint) -> None:
 
     got, info = asyncio.run(run())
     assert got == [o.token_ids for o in LLM(ckpt, **ENGINE).generate(PROMPTS, GREEDY)]
-    eps = {w.worker_id: w.stats.expert_parallel for w in info.workers}
+    eps = {w.worker_id: w.stats.expert_parallel for w in info.workers if w.pool == "mixed"}
+    if disaggregated:  # the prefill worker prefilled every prompt and sent its KV to an EP rank
+        (prefill,) = (w.stats for w in info.workers if w.pool == "prefill")
+        assert prefill.expert_parallel is None and prefill.transfer_bytes > 0
     assert {wid: (e.rank, e.world_size, e.connected) for wid, e in eps.items()} == {
         "mixed-0": (0, 2, True),
         "mixed-1": (1, 2, True),
