@@ -42,9 +42,29 @@ def test_ep_pool_in_process_serves_as_llm(tiny_checkpoint, disaggregated: bool) 
     async def run():
         cluster = await LocalCluster(cfg, ep_group_timeout_s=30.0).start()
         try:
+            first_token = asyncio.Event()
+
+            async def cancelled_midway() -> None:  # a client that goes away mid-stream
+                long = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
+                async for _ in cluster.router.generate(RequestSpec("gone", PROMPTS[0], long)):
+                    first_token.set()
+
+            gone = asyncio.create_task(cancelled_midway())
             got = await asyncio.gather(*(_collect(cluster, f"r{i}", p) for i, p in enumerate(PROMPTS)))
-            await cluster.router.refresh_loads()
-            info = cluster.info()
+            await first_token.wait()
+            gone.cancel()
+            await asyncio.gather(gone, return_exceptions=True)
+            # every KV block free again on every worker (aborts land between lock-step iterations)
+            deadline = asyncio.get_running_loop().time() + 30.0
+            while True:
+                await cluster.router.refresh_loads()
+                info = cluster.info()
+                full = all(w.stats.engine.free_kv_blocks == w.stats.engine.total_kv_blocks for w in info.workers)
+                if full or asyncio.get_running_loop().time() > deadline:
+                    break
+                await asyncio.sleep(0.05)  # poll interval
+            assert full, [(w.worker_id, w.stats.engine.free_kv_blocks) for w in info.workers]
+            assert len(cluster.router.requests) == 0
             with pytest.raises(NotImplementedError, match="replaced as a whole"):
                 cluster.replace_worker("mixed-1")
             return got, info
