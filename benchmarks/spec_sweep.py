@@ -8,10 +8,11 @@ For each workload and each variant (no speculation = k 0, fixed k 1 / 3 / 5, Sma
 K = 5) it starts a serving cluster, ``splitserve serve --config CFG --speculative-config
 JSON`` (its own local Ray; ONE mixed-pool worker with num_cpus=1, i.e. colocated prefill
 and decode with one torch thread, prefix caching off so that the repeating JSONL prompts
-never hit a cache), then drives it with ``splitserve bench``'s runner
+never hit a cache, torch kernels: SPLITSERVE_NATIVE=0, see SERVE_ENV), then drives it with ``splitserve bench``'s runner
 (cluster/tools/bench/runner.py, gRPC client; greedy, ignore_eos) at every rate, ``--runs``
 times, rates interleaved (r1 r2 r3 r1 r2 r3 ...) so a burst of load from the machine's
-other users hits every rate alike. Per run it records the bench result (mean/P99 TPOT and
+other users hits every rate alike; repeat r sends its own slice of the shuffled prompt file
+(``prompt_subsets``), the same at every rate and in every variant. Per run it records the bench result (mean/P99 TPOT and
 E2E, ...), ``os.getloadavg()`` before and after, and the spec metrics the server exports
 (``/metrics``: splitserve_spec_draft_tokens_total, splitserve_spec_accepted_tokens_total,
 the splitserve_spec_chosen_k histogram; differences over the run): acceptance rate and
@@ -65,13 +66,11 @@ DATA = REPO / "benchmarks" / "data"
 SPLITSERVE = str(Path(sys.executable).with_name("splitserve"))
 K_MAX = 5  # SmartSpec chooses k in 0..K_MAX; the fixed variants are k 1, 3, 5
 STATS = ("mean_tpot_ms", "p99_tpot_ms", "mean_e2el_ms", "p99_e2el_ms", "mean_ttft_ms", "request_throughput")
-# The native CPU kernels are built in a cache of the sweep's own (the models stay in the
-# shared one): on the shared machine other checkouts' processes kept rebuilding the shared
-# build directory, and each server start then waited minutes for the compiler.
-NATIVE_CACHE_ENV = {
-    "XDG_CACHE_HOME": str(Path(tempfile.gettempdir()) / "splitserve-spec-sweep-xdg"),
-    "SPLITSERVE_CACHE": os.environ.get("SPLITSERVE_CACHE") or str(Path.home() / ".cache" / "splitserve"),
-}
+# Every variant runs the engine's torch kernels (SPLITSERVE_NATIVE=0), as the reliability
+# benchmarks do: on the shared machine each server start of the sweep found the native
+# kernels under a new build key and recompiled them (minutes per start under load), and a
+# variant must not run other kernels than its baseline.
+SERVE_ENV = {"SPLITSERVE_NATIVE": "0"}
 SPEC_METRICS = ("splitserve_spec_draft_tokens_total", "splitserve_spec_accepted_tokens_total")
 
 
@@ -169,7 +168,7 @@ class Server:
             cmd += ["--speculative-config", json.dumps(spec)]
         self.log_path = workdir / f"serve-{tag}.log"
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-        env = {**os.environ, "PYTHONPATH": str(REPO), **NATIVE_CACHE_ENV}
+        env = {**os.environ, "PYTHONPATH": str(REPO), **SERVE_ENV}
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self.target = f"127.0.0.1:{self.grpc_port}"
 
@@ -221,18 +220,38 @@ class Server:
 
 
 # ---------------------------------------------------------------------------- one variant
+def prompt_subsets(workload: WorkloadSpec, runs: int, num_prompts: int, seed: int, workdir: Path) -> list[Path]:
+    """One JSONL file per repeat: ``num_prompts`` lines of the workload's file, shuffled once
+    (``seed``) and taken in consecutive slices (cyclically), so each repeat sends other
+    prompts (a jsonl workload sends a file's first N lines, and greedy decoding of the same
+    prompts would repeat the same run) while every rate and variant of a repeat sends the
+    same ones."""
+    import random
+
+    lines = [ln for ln in workload.prompts.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    random.Random(seed).shuffle(lines)
+    paths = []
+    for rep in range(runs):
+        path = workdir / f"{workload.name}-rep{rep}.jsonl"
+        path.write_text("\n".join(lines[(rep * num_prompts + i) % len(lines)] for i in range(num_prompts)) + "\n")
+        paths.append(path)
+    return paths
+
+
 async def run_variant(
-    server: Server, workload: WorkloadSpec, rates: list[float], runs: int, num_prompts: int, seed: int
+    server: Server, workload: WorkloadSpec, rates: list[float], subsets: list[Path], seed: int
 ) -> list[dict]:
-    """Every (repeat, rate) run against a ready server; each result dict gains ``repeat``,
-    ``load_before`` / ``load_after`` (os.getloadavg()) and ``spec`` (metric differences)."""
+    """Every (repeat, rate) run against a ready server (repeat r sends ``subsets[r]``); each
+    result dict gains ``repeat``, ``load_before`` / ``load_after`` (os.getloadavg()) and
+    ``spec`` (metric differences)."""
     client = make_client("grpc", server.target, timeout_s=600.0)
     results = []
     try:
-        for rep in range(runs):
+        for rep, subset in enumerate(subsets):
+            num_prompts = sum(1 for ln in subset.read_text().splitlines() if ln.strip())
             for i, rate in enumerate(rates):
                 cfg = BenchConfig(
-                    workload=parse_workload(f"jsonl:{workload.prompts}"),
+                    workload=parse_workload(f"jsonl:{subset}"),
                     load=LoadConfig(request_rate=rate, num_requests=num_prompts, warmup=2 if rep == i == 0 else 0),
                     rates=(rate,),
                     seed=seed + 100 * rep + i,
@@ -402,6 +421,7 @@ async def sweep(args: argparse.Namespace) -> dict:
         for wname in args.workloads:
             wl = WORKLOADS[wname]
             draft = self_draft(model, args.draft_layers) if wl.method == "draft_model" else None
+            subsets = prompt_subsets(wl, args.runs, args.num_prompts, args.seed, Path(tmp))
             runs: dict[str, list[dict]] = {}
             for v in variants:
                 spec = v.spec_config(wl.method, draft)
@@ -409,7 +429,7 @@ async def sweep(args: argparse.Namespace) -> dict:
                 server = Server(model, spec, Path(tmp), f"{wname}-{v.name}")
                 try:
                     await server.wait_ready()
-                    runs[v.name] = await run_variant(server, wl, args.rates, args.runs, args.num_prompts, args.seed)
+                    runs[v.name] = await run_variant(server, wl, args.rates, subsets, args.seed)
                 finally:
                     server.stop()
             pts = {name: points(rs, args.rates) for name, rs in runs.items()}
