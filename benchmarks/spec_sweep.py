@@ -262,6 +262,7 @@ async def run_variant(
                 (res,) = await run_bench(client, cfg, say=log)
                 await asyncio.sleep(2.5)  # the router polls worker stats every second: let /metrics catch up
                 after_load, after = os.getloadavg(), server.metrics()
+                res.pop("itls", None)  # every inter-token gap (~10 kB a run); their percentiles stay
                 res["repeat"] = rep
                 res["load_before"], res["load_after"] = before_load, after_load
                 res["spec"] = spec_delta(before, after)
@@ -346,6 +347,12 @@ def check_targets(by_variant: dict[str, list[dict]]) -> list[dict]:
     return checks
 
 
+def log_rate_axis(ax, rates: list[float]) -> None:
+    ax.set_xscale("log")
+    ax.minorticks_off()
+    ax.set_xticks(rates, [f"{r:g}" for r in rates])
+
+
 def plot(result: dict, out: Path) -> list[Path]:
     workloads = result["workloads"]
     fig, axes = new_figure(len(workloads), 2, (11, 4.2 * len(workloads)))
@@ -359,6 +366,7 @@ def plot(result: dict, out: Path) -> list[Path]:
                 ax.plot(x, [p[f"mean_{metric}_ms"] for p in pts], "-o", color=color, label=f"{name} mean")
                 ax.plot(x, [p[f"p99_{metric}_ms"] for p in pts], ":", color=color, label=f"{name} P99")
             ax.set_title(f"{wname}: {'time per output token' if metric == 'tpot' else 'end-to-end latency'}")
+            log_rate_axis(ax, result["args"]["rates"])
             ax.set_xlabel("request rate (req/s)")
             ax.set_ylabel("ms")
             ax.grid(alpha=0.3)
@@ -378,6 +386,7 @@ def plot(result: dict, out: Path) -> list[Path]:
     axes[0][0].set_title("mean chosen k per request-step")
     axes[0][1].set_title("acceptance rate (accepted / verified drafts)")
     for ax in axes[0]:
+        log_rate_axis(ax, result["args"]["rates"])
         ax.set_xlabel("request rate (req/s)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
@@ -456,7 +465,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--draft-layers", type=int, default=24, help="self-draft layers (default: %(default)s of 30)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="results name (default: spec_sweep, or spec_sweep_quick)")
+    ap.add_argument("--replot", metavar="FILE.json", help="redraw the plots and the table of a saved result")
     args = ap.parse_args(argv)
+    if args.replot:
+        path = Path(args.replot)
+        result = json.loads(path.read_text())
+        for p in plot(result, path.with_suffix("")):
+            log(f"wrote {p}")
+        print(table(result))
+        return
     if args.quick:
         args.rates, args.runs, args.num_prompts, args.variants = "0.3,8", 1, 4, "k0,smartspec"
     args.rates = [float(r) for r in args.rates.split(",")]
