@@ -112,6 +112,8 @@ WORKER_METRICS: tuple[MetricDef, ...] = (
     MetricDef("splitserve_spec_draft_tokens", C, "Draft tokens a speculating worker verified with the target model.", WORKER, source=lambda s: s.speculation.proposed_tokens if s.speculation else None),
     MetricDef("splitserve_spec_accepted_tokens", C, "Draft tokens the target model accepted (emitted).", WORKER, source=lambda s: s.speculation.accepted_tokens if s.speculation else None),
     MetricDef("splitserve_spec_chosen_k", H, "Speculation length the policy chose, per request and step (0: no speculation).", WORKER, source=lambda s: s.speculation.chosen_k if s.speculation else None),
+    MetricDef("splitserve_spec_proposer_faults", C, "Proposer (n-gram or draft model) faults of a speculating worker; each one's step ran without speculation.", WORKER, source=lambda s: s.speculation.proposer_faults if s.speculation else None),
+    MetricDef("splitserve_spec_proposer_disabled", G, "1 when a speculating worker turned its proposer off for its life after repeated faults.", WORKER, source=lambda s: float(s.speculation.proposer_disabled) if s.speculation else None),
     MetricDef("splitserve_worker_start_time_seconds", G, "Unix time the worker (this incarnation) started.", WORKER, source=lambda s: s.started_at),
     # computed from router state, not from a stats() field (see WorkerCollector.collect)
     MetricDef("splitserve_worker_role", G, "1 for the worker's current role (a promoted decode worker is 'mixed'), 0 for the others.", (*WORKER, "role")),
