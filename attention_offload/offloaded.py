@@ -1,8 +1,9 @@
 """OffloadedEngine: an EngineCore whose attention runs on attention shards (the model worker).
 
-It ties the shards' pages to the request lifecycle: a request's pages are taken at its first
-step (RemoteAttentionBackend) and freed when it finishes, is cancelled (``abort``) or is
-preempted (``StepResult.preempted``). Everything else is EngineCore's.
+The shards' pages follow the request lifecycle: a request's pages are taken at its first
+step (RemoteAttentionBackend) and freed when the engine frees its blocks (finished,
+cancelled, preempted: EngineCore calls the backend's ``release``, a RequestStateBackend).
+Everything else is EngineCore's.
 
 Constraints it checks at build (each a ValueError naming the field): no prefix caching (a
 cached prefix's K/V would be on the model worker, not the shard: planned), no speculative
@@ -46,17 +47,10 @@ class OffloadedEngine:
         self.core.add_request(req)
 
     def step(self) -> StepResult:
-        result = self.core.step()
-        for rid in result.preempted:
-            self.backend.release(rid)
-        for req in result.finished:
-            self.backend.release(req.request_id)
-        return result
+        return self.core.step()
 
     def abort(self, request_id: str) -> Request | None:
-        req = self.core.abort(request_id)
-        self.backend.release(request_id)
-        return req
+        return self.core.abort(request_id)
 
     def has_work(self) -> bool:
         return self.core.has_work()

@@ -10,8 +10,9 @@ dense part runs while another's attention is away.
 Placement: a request goes, at its first step, to the shard with the most free blocks (this
 backend mirrors each shard's block count from the lengths it sends; the shard checks the
 same arithmetic). A request whose step starts at token 0 but is known here (it was
-preempted and is recomputed) is released first. ``release`` (finished, cancelled, preempted:
-``OffloadedEngine`` calls it) frees its pages on the shard.
+preempted and is recomputed) but was never released is an error. ``release`` frees its pages
+on the shard: the engine calls it (``RequestStateBackend``) whenever it frees the request's
+blocks (finished, cancelled, preempted: inside ``schedule``, before the step runs).
 
 Per step, the first ``submit`` of a metadata object plans it (``meta.plans["remote"]``: rows
 per shard, the BEGIN of each shard's batch context); every layer reuses the plan.
@@ -96,8 +97,8 @@ class RemoteAttentionBackend:
         qsl = meta.query_start_loc
         for i, rid in enumerate(meta.request_ids):
             seq_len, q_len = meta.seq_lens[i], qsl[i + 1] - qsl[i]
-            if seq_len - q_len == 0 and rid in self._placed:
-                self.release(rid)  # recomputed from scratch (preempted): its old pages go
+            if seq_len - q_len == 0 and rid in self._placed:  # the engine frees before it recomputes
+                raise RuntimeError(f"request {rid!r} starts again at token 0 but its shard pages were never released")
             place = self._placed.get(rid)
             if place is None:
                 free = self.free_blocks()

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.attention.backend import AttentionBackend
+from engine.attention.backend import AttentionBackend, RequestStateBackend
 from engine.config import EngineConfig, ModelConfig
 from engine.kv_cache.block_pool import BlockPool
 from engine.kv_cache.layout import KVLayout
@@ -126,6 +126,8 @@ class EngineCore:
         self.model.set_attention_backend(self.backend)
         self.pool = BlockPool(num_blocks, config.cache.enable_prefix_caching)
         self.kv = KVCacheManager(self.pool, config.cache.block_size)
+        if isinstance(self.backend, RequestStateBackend):  # e.g. attention offload: shards free the pages too
+            self.kv.on_free = self.backend.release
         self.scheduler = Scheduler(config.scheduler, config.cache, self.kv)
         self.runner = ModelRunner(self.model, config.cache.block_size, config.device, config.kernels)
         self.speculator: Speculator | None = None

@@ -115,6 +115,15 @@ class EagerSubmit:
         return self.backend.forward(layer, q, k, v, meta)
 
 
+@runtime_checkable
+class RequestStateBackend(Protocol):
+    """A backend that keeps per-request state (K/V held elsewhere, e.g. attention shards).
+    The engine calls ``release`` whenever a request's blocks are freed (finished, aborted,
+    preempted), before the step that follows runs; unknown ids are a no-op."""
+
+    def release(self, request_id: str) -> None: ...
+
+
 def split_backend(backend: AttentionBackend) -> SplitAttentionBackend:
     """``backend`` itself when it has the split form, else wrapped in ``EagerSubmit``."""
     if isinstance(backend, SplitAttentionBackend):
