@@ -4,8 +4,9 @@ Lifecycle: the first ``load()`` in a process builds (or reuses) the extension an
 result (module or None) for the life of the process; nothing is compiled at import time.
 
 Build directory: ``$XDG_CACHE_HOME|~/.cache/splitserve/native/<key>``, key = hash of the sources and headers,
-compile flags, torch and Python versions and the CPU's feature flags (``-march=native``
-binaries must not be shared between different CPUs through a shared home). The sources are
+compile flags, torch's version and location, Python's version and the CPU's feature flags
+(``-march=native`` binaries must not be shared between different CPUs through a shared home;
+torch's location is in the ninja file, so each venv gets its own build). The sources are
 copied into ``<key>/src`` so the ninja file never changes between checkouts or installs that
 carry the same sources.
 
@@ -75,13 +76,17 @@ def _load_uncached() -> ModuleType | None:
 
 
 def build_dir(sources: list[Path], flags: list[str]) -> Path:
-    """Cache directory for this (sources and headers, flags, torch, Python, CPU) combination."""
+    """Cache directory for this (sources and headers, flags, torch and where it is, Python, CPU) combination."""
     import torch
 
     h = hashlib.sha256()
     for src in sources:
         h.update(src.name.encode() + b"\0" + src.read_bytes() + b"\0")
-    for part in (*flags, torch.__version__, sys.version, platform.machine(), _cpu_flags()):
+    # torch's location as imported (not resolved): the build files name its include and lib
+    # paths, so two venvs (or one reached through a symlink) sharing a directory would make
+    # ninja rebuild at every load that alternates between them
+    torch_dir = os.path.dirname(torch.__file__)
+    for part in (*flags, torch.__version__, torch_dir, sys.version, platform.machine(), _cpu_flags()):
         h.update(part.encode() + b"\0")
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "splitserve" / "native"
     return root / h.hexdigest()[:16]
