@@ -21,6 +21,7 @@ from engine.attention.sdpa import TorchSDPABackend
 from engine.kv_cache.paged_cache import PagedKVCache
 from engine.llm import LLM, build_engine_config
 from engine.models.llama import micro_batches
+from engine.parallel import CommunicationError
 from engine.request import Request, SamplingParams
 from tests.unit.engine.gloo_ranks import gloo_comms
 
@@ -263,3 +264,30 @@ def test_gloo_transport_two_shards_equal_llm_and_count_bytes(dense, refs, rotati
     )
     assert transport.counters.payload_in == tokens * mc.num_layers * mc.num_heads * mc.head_dim * 4
     assert len(served) == 2 and all(n > 0 for n in served)
+
+
+def test_a_failing_shard_fails_the_step_with_a_communication_error(dense):
+    """The shard holds fewer blocks than the model worker was told: its BEGIN raises, its loop
+    ends, and the model worker's wait fails within the timeout; no token is produced."""
+    cfg = config(dense)
+    comms = gloo_comms(world_size=2, timeout_s=3.0)
+    shard = build_shard(cfg, 1, "sdpa")  # one block: the first prompt does not fit
+    errors: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            serve_shard(comms[1], shard)
+        except BaseException as e:  # checked below
+            errors.append(e)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    engine = OffloadedEngine(cfg, DistAttentionTransport(comms[0], [1], shard_layout(cfg)), [BLOCKS], 1)
+    req = Request("r0", list(PROMPTS[4]), GREEDY)
+    engine.add_request(req)
+    with pytest.raises(CommunicationError):
+        engine.step()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], AttentionShardFull)
+    assert req.output_token_ids == []
