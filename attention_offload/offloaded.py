@@ -2,15 +2,15 @@
 
 The shards' pages follow the request lifecycle: a request's pages are taken at its first
 step (RemoteAttentionBackend) and freed when the engine frees its blocks (finished,
-cancelled, preempted: EngineCore calls the backend's ``release``, a RequestStateBackend).
+cancelled, preempted: EngineCore calls the backend's ``release``, a RemoteKVBackend).
 Everything else is EngineCore's.
 
 Constraints it checks at build (each a ValueError naming the field): no prefix caching (a
 cached prefix's K/V would be on the model worker, not the shard: planned), no speculative
 decoding (rolled-back draft slots would need a truncate on the shard: planned). The engine's
 block pool is sized to the shards' total (``CacheConfig.num_blocks``), so its admission and
-preemption follow the attention pool. It still allocates a local KV tensor of that size,
-unused (planned: an engine without one).
+preemption follow the attention pool; the engine allocates no local KV pages (a one-block
+placeholder), so the model worker's batch is bounded by the attention pool's memory.
 """
 
 from __future__ import annotations

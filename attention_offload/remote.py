@@ -11,7 +11,7 @@ Placement: a request goes, at its first step, to the shard with the most free bl
 backend mirrors each shard's block count from the lengths it sends; the shard checks the
 same arithmetic). A request whose step starts at token 0 but is known here (it was
 preempted and is recomputed) but was never released is an error. ``release`` frees its pages
-on the shard: the engine calls it (``RequestStateBackend``) whenever it frees the request's
+on the shard: the engine calls it (``RemoteKVBackend``) whenever it frees the request's
 blocks (finished, cancelled, preempted: inside ``schedule``, before the step runs).
 
 Per step, the first ``submit`` of a metadata object plans it (``meta.plans["remote"]``: rows
@@ -50,6 +50,7 @@ class RemoteAttentionBackend:
     """``blocks_per_shard[s]``: shard s's pool size; ``block_size``: its page size (tokens)."""
 
     name = PLAN_KEY
+    keeps_kv_remotely = True  # engine.attention.backend.RemoteKVBackend: no local pages
 
     def __init__(self, transport: AttentionTransport, blocks_per_shard: list[int], block_size: int, rotation: int = 2):
         if len(blocks_per_shard) != transport.num_shards:

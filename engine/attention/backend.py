@@ -116,10 +116,13 @@ class EagerSubmit:
 
 
 @runtime_checkable
-class RequestStateBackend(Protocol):
-    """A backend that keeps per-request state (K/V held elsewhere, e.g. attention shards).
-    The engine calls ``release`` whenever a request's blocks are freed (finished, aborted,
-    preempted), before the step that follows runs; unknown ids are a no-op."""
+class RemoteKVBackend(Protocol):
+    """A backend that keeps every request's K/V elsewhere (attention offload's shards). The
+    engine then allocates no local pages (a one-block placeholder cache: its block pool only
+    accounts for the remote pages) and calls ``release`` whenever a request's blocks are freed
+    (finished, aborted, preempted), before the step that follows runs; unknown ids are a no-op."""
+
+    keeps_kv_remotely: bool  # True
 
     def release(self, request_id: str) -> None: ...
 

@@ -291,3 +291,19 @@ def test_a_failing_shard_fails_the_step_with_a_communication_error(dense):
     assert not thread.is_alive()
     assert len(errors) == 1 and isinstance(errors[0], AttentionShardFull)
     assert req.output_token_ids == []
+
+
+def test_the_model_worker_holds_no_kv_pages_and_its_batch_is_bounded_by_the_shards(dense):
+    """Capacity: the model worker's cache is a one-block placeholder, its pool accounts for the
+    shards' pages, so a batch whose KV is far beyond the model worker's own cache runs."""
+    engine = build_loopback(config(dense), [BLOCKS // 2] * 2, rotation=2)
+    assert engine.core.cache.num_blocks == 1 and engine.core.pool.num_blocks == BLOCKS
+    for i, p in enumerate(PROMPTS):
+        engine.add_request(Request(f"r{i}", list(p), GREEDY))
+    engine.step()
+    held = BLOCKS - sum(engine.transport.stats(s).free_blocks for s in range(2))
+    assert held == BLOCKS - engine.core.pool.num_free > 1  # all of it on the shards
+    while engine.has_work():
+        engine.step()
+    assert_pools_full(engine)
+    engine.transport.close()
