@@ -88,7 +88,7 @@ class RemoteAttentionBackend:
         return -(-tokens // self.block_size)
 
     # ------------------------------------------------------------ the step
-    def _plan(self, meta: AttentionMetadata) -> list[_Part]:
+    def _plan(self, meta: AttentionMetadata, width: int) -> list[_Part]:
         plan = meta.plans.get(PLAN_KEY)
         if plan is not None:
             return plan
@@ -120,11 +120,13 @@ class RemoteAttentionBackend:
             qlens.append(q_len)
             rows.extend(range(qsl[i], qsl[i + 1]))
         plan = []
-        for shard, (seqs, lens, qlens, rows) in sorted(per_shard.items()):
+        for shard in range(self.transport.num_shards):  # every shard hears of every micro-batch
+            seqs, lens, qlens, rows = per_shard.get(shard, ([], [], [], []))
             ctx = next(self._ctx_ids)
-            self.transport.begin(shard, ShardBatch(ctx, seqs, lens, qlens))
-            whole = len(per_shard) == 1
-            plan.append(_Part(shard, ctx, None if whole else torch.tensor(rows, dtype=torch.long)))
+            self.transport.begin(shard, ShardBatch(ctx, seqs, lens, qlens, meta.micro_batch, width))
+            if seqs:
+                whole = len(per_shard) == 1
+                plan.append(_Part(shard, ctx, None if whole else torch.tensor(rows, dtype=torch.long)))
         meta.plans[PLAN_KEY] = plan
         return plan
 
@@ -132,8 +134,8 @@ class RemoteAttentionBackend:
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
     ) -> Pending[torch.Tensor]:
         # q: [T, H, D]; k, v: [T, Hkv, D] -> Pending of [T, H, D]
-        parts = self._plan(meta)
         t = q.shape[0]
+        parts = self._plan(meta, (q.shape[1] + 2 * k.shape[1]) * q.shape[2])
         flat = (q.reshape(t, -1), k.reshape(t, -1), v.reshape(t, -1))
         pending = []
         for p in parts:

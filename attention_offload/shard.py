@@ -39,17 +39,24 @@ class AttentionShardFull(RuntimeError):
 @dataclass(frozen=True)
 class ShardBatch:
     """One micro-batch's sequences on one shard, in query-row order: sequence i has
-    ``q_lens[i]`` new tokens at the end of ``seq_lens[i]`` tokens of context."""
+    ``q_lens[i]`` new tokens at the end of ``seq_lens[i]`` tokens of context. A micro-batch
+    with none of its requests here is an empty batch (every shard hears of every micro-batch,
+    so a shard's serve loop knows the order of the step's ATTENDs without a header each)."""
 
     ctx: int  # the batch context id, unique among the shard's live contexts
     seq_ids: list[int]
     seq_lens: list[int]
     q_lens: list[int]
+    micro_batch: tuple[int, int] = (0, 1)  # (index, count) in the step (AttentionMetadata.micro_batch)
+    width: int = 0  # q|k|v row width, (H + 2 Hkv) D, of the packed ATTEND tensors
 
     def __post_init__(self) -> None:
         n = len(self.seq_ids)
-        if not n or len(self.seq_lens) != n or len(self.q_lens) != n:
-            raise ValueError(f"ShardBatch {self.ctx}: seq_ids, seq_lens, q_lens must be equal non-empty lists")
+        if len(self.seq_lens) != n or len(self.q_lens) != n:
+            raise ValueError(f"ShardBatch {self.ctx}: seq_ids, seq_lens, q_lens must be equal-length lists")
+        i, count = self.micro_batch
+        if not 0 <= i < count:
+            raise ValueError(f"ShardBatch {self.ctx}: micro_batch {self.micro_batch} is not (index < count)")
         if any(q < 1 or q > s for q, s in zip(self.q_lens, self.seq_lens, strict=True)):
             raise ValueError(f"ShardBatch {self.ctx}: need 1 <= q_len <= seq_len, got {self.q_lens} / {self.seq_lens}")
 
@@ -93,7 +100,10 @@ class AttentionShard:
         return ShardStats(self.pool.num_free, self.pool.num_blocks, len(self._blocks))
 
     def begin(self, batch: ShardBatch) -> None:
-        """Grow each sequence's pages to ``seq_len`` tokens and plan the context's metadata."""
+        """Grow each sequence's pages to ``seq_len`` tokens and plan the context's metadata
+        (an empty batch opens no context)."""
+        if not batch.seq_ids:
+            return
         if batch.ctx in self._ctx:
             raise ValueError(f"attention shard: batch context {batch.ctx} is already live")
         bs = self.layout.block_size
@@ -129,6 +139,13 @@ class AttentionShard:
             seq_lens=list(batch.seq_lens),
             block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long),
         )
+
+    def rows(self, ctx: int) -> int:
+        """Query rows of a live context (its ATTEND tensors' first dim)."""
+        meta = self._ctx.get(ctx)
+        if meta is None:
+            raise ValueError(f"attention shard: unknown batch context {ctx}")
+        return meta.query_start_loc[-1]
 
     def attend(self, ctx: int, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [n, H, D], k/v: [n, Hkv, D] (the context's new tokens, in row order) -> [n, H, D].

@@ -5,7 +5,9 @@ The wire, per shard (the torch.distributed transport sends exactly this; the loo
 the same bytes without sending):
 
     BEGIN    header + int64 [3 n] (seq ids | seq lens | q lens)     once per micro-batch and step
-    ATTEND   header + qkv [n, (H + 2 Hkv) D] out, o [n, H D] back  once per layer and micro-batch
+             (every shard, n = 0 where it holds none of the micro-batch: no body)
+    ATTEND   qkv [n, (H + 2 Hkv) D] out, o [n, H D] back          once per layer and micro-batch
+             with rows on the shard; no header (the shard knows the step's order)
     RELEASE  header                                                  a sequence finished / left
     STATS    header, int64 [3] back                                  pool occupancy
 
@@ -27,7 +29,7 @@ import torch
 from attention_offload.shard import AttentionShard, ShardBatch, ShardStats
 from engine.parallel import CommWorker, Pending, Ready
 
-HEADER_INTS = 5  # [kind, ctx, layer, n, width]
+HEADER_INTS = 6  # [kind, ctx, micro-batch index, n, width, micro-batch count]
 INT64_BYTES = 8
 
 
@@ -108,12 +110,11 @@ class LoopbackTransport(AttentionTransport):
             p.wait()  # re-raises a failed BEGIN / RELEASE
 
     def begin(self, shard: int, batch: ShardBatch) -> None:
-        self._count_control(HEADER_INTS + begin_body(batch).numel())
+        self._count_control(HEADER_INTS + (begin_body(batch).numel() if batch.seq_ids else 0))
         self._unwaited.append(self._run(shard, lambda: self.shards[shard].begin(batch)))
 
     def attend(self, shard: int, ctx: int, layer: int, qkv: torch.Tensor) -> Pending[torch.Tensor]:
         c = self.counters
-        self._count_control(HEADER_INTS)
         c.payload_out += qkv.numel() * qkv.element_size()
         c.attends += 1
         pending = self._run(shard, lambda: self.shards[shard].attend_packed(ctx, layer, qkv))

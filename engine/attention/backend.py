@@ -40,6 +40,10 @@ class AttentionMetadata:
     # [B] the request of each sequence (engine request ids); empty when the caller has none
     # (a remote backend needs them: it keys the KV it keeps elsewhere by request)
     request_ids: list[str] = field(default_factory=list)
+    # (index, count): this metadata is micro-batch ``index`` of the ``count`` the step was cut
+    # into (``select``); the layer loop submits layer l of micro-batches 0..count-1 in order,
+    # then layer l + 1. (0, 1) for a step that is not cut.
+    micro_batch: tuple[int, int] = (0, 1)
     # Free-form per-backend plans computed once per step and reused by every layer.
     plans: dict[str, Any] = field(default_factory=dict)
 
@@ -52,8 +56,8 @@ class AttentionMetadata:
         q = self.query_start_loc
         return [q[i + 1] - q[i] for i in range(len(q) - 1)]
 
-    def select(self, first: int, end: int) -> tuple[int, int, AttentionMetadata]:
-        """The metadata of sequences [first, end) alone, as a micro-batch of its own ->
+    def select(self, first: int, end: int, micro_batch: tuple[int, int] = (0, 1)) -> tuple[int, int, AttentionMetadata]:
+        """The metadata of sequences [first, end) alone, as micro-batch ``micro_batch`` ->
         (first query row, end query row, metadata with rows renumbered from 0, no plans)."""
         if not 0 <= first < end <= self.num_seqs:
             raise ValueError(f"select: sequences [{first}, {end}) outside [0, {self.num_seqs})")
@@ -64,6 +68,7 @@ class AttentionMetadata:
             seq_lens=self.seq_lens[first:end],
             block_tables=self.block_tables[first:end],
             request_ids=self.request_ids[first:end],
+            micro_batch=micro_batch,
         )
         return r0, r1, meta
 

@@ -112,7 +112,7 @@ def micro_batches(meta: AttentionMetadata, parts: int) -> list[tuple[int, int, A
         seq = max(seq + 1, next(i for i in range(1, meta.num_seqs + 1) if qsl[i] * parts >= total * p))
         cuts.append(min(seq, meta.num_seqs - (parts - p)))
     cuts.append(meta.num_seqs)
-    return [meta.select(a, b) for a, b in zip(cuts, cuts[1:], strict=False)]
+    return [meta.select(a, b, (i, parts)) for i, (a, b) in enumerate(zip(cuts, cuts[1:], strict=False))]
 
 
 class DecoderLayer(nn.Module):

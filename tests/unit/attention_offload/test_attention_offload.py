@@ -228,8 +228,11 @@ def test_shard_refuses_a_context_it_does_not_hold_and_a_full_pool(dense):
 # ------------------------------------------------------------------ gloo transport
 
 
-@pytest.mark.parametrize("rotation", [1, 2])
-def test_gloo_transport_two_shards_equal_llm_and_count_bytes(dense, refs, rotation):
+@pytest.mark.parametrize(("rotation", "num_prompts"), [(1, 5), (2, 5), (2, 2)])
+def test_gloo_transport_two_shards_equal_llm_and_count_bytes(dense, refs, rotation, num_prompts):
+    """(2, 2): one request per shard and per micro-batch, so each shard sits out one
+    micro-batch of every step (an empty BEGIN keeps its loop in step)."""
+    prompts = PROMPTS[:num_prompts]
     cfg = config(dense)
     comms = gloo_comms(world_size=3, timeout_s=60.0)
     shards = [build_shard(cfg, BLOCKS // 2, "sdpa") for _ in range(2)]
@@ -248,22 +251,24 @@ def test_gloo_transport_two_shards_equal_llm_and_count_bytes(dense, refs, rotati
     transport = DistAttentionTransport(comms[0], [1, 2], shard_layout(cfg))
     engine = OffloadedEngine(cfg, transport, [BLOCKS // 2] * 2, rotation)
     try:
-        out = run(engine)
+        out = run(engine, prompts)
         assert_pools_full(engine)
     finally:
         transport.close()
         for t in threads:
             t.join(timeout=60)
     assert not errors, errors
-    assert agreement(out, refs["dense"]) == 1.0
+    assert agreement(out, refs["dense"][:num_prompts]) == 1.0
     mc = cfg.model
-    tokens = sum(len(p) + len(o) - 1 for p, o in zip(PROMPTS, out, strict=True))
+    tokens = sum(len(p) + len(o) - 1 for p, o in zip(prompts, out, strict=True))
     assert (
         transport.counters.payload_out
         == tokens * mc.num_layers * (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim * 4
     )
     assert transport.counters.payload_in == tokens * mc.num_layers * mc.num_heads * mc.head_dim * 4
     assert len(served) == 2 and all(n > 0 for n in served)
+    if num_prompts == 2:  # one ATTEND per layer and step on each shard, not one per micro-batch
+        assert transport.counters.attends == len(out[0]) * mc.num_layers * 2
 
 
 def test_a_failing_shard_fails_the_step_with_a_communication_error(dense):
