@@ -2,7 +2,7 @@
 cache hit ratio vs LRU / LFU, and EP=1 vs EP=2 throughput. Everything here is SYNTHETIC:
 random-weight models, and routing structure planted on purpose (random gates have none).
 
-    PYTHONPATH=$PWD .venv/bin/python benchmarks/expert_parallel.py      # ~1.5 min
+    .venv/bin/python benchmarks/expert_parallel.py      # ~1.5 min
     # results: benchmarks/results/expert_parallel.json and .png
 
 1. Traffic, measured: a tiny Mixtral with planted gates (expert_router/synthetic.py

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.attention.backend import AttentionBackend
+from engine.attention.backend import AttentionBackend, RemoteKVBackend
 from engine.config import EngineConfig, ModelConfig
 from engine.kv_cache.block_pool import BlockPool
 from engine.kv_cache.layout import KVLayout
@@ -119,13 +119,18 @@ class EngineCore:
             t, d = (x.page_bytes * x.num_layers for x in (self.layout, draft_layout))
             kv_gb *= t / (t + d)
         num_blocks = config.cache.num_blocks or PagedKVCache.blocks_for_memory(self.layout, kv_gb)
-        self.cache = PagedKVCache(self.layout, num_blocks, config.device, shared=config.kv_cache_shared)
+        # K/V kept remotely (attention offload): the pool accounts for the remote pages, no local ones
+        remote_kv = isinstance(attention_backend, RemoteKVBackend) and attention_backend.keeps_kv_remotely
+        local_blocks = 1 if remote_kv else num_blocks
+        self.cache = PagedKVCache(self.layout, local_blocks, config.device, shared=config.kv_cache_shared)
         self.backend = attention_backend or make_attention_backend(
             config.attention_backend, self.cache, mc.sliding_window
         )
         self.model.set_attention_backend(self.backend)
         self.pool = BlockPool(num_blocks, config.cache.enable_prefix_caching)
         self.kv = KVCacheManager(self.pool, config.cache.block_size)
+        if remote_kv:  # the remote pages are freed with the pool's blocks
+            self.kv.on_free = self.backend.release
         self.scheduler = Scheduler(config.scheduler, config.cache, self.kv)
         self.runner = ModelRunner(self.model, config.cache.block_size, config.device, config.kernels)
         self.speculator: Speculator | None = None

@@ -52,6 +52,7 @@ class StepInputs:
             query_start_loc=qsl,
             seq_lens=[st + n for st, n in zip(starts, lens, strict=True)],
             block_tables=table,
+            request_ids=[s.request_id for s in sched],
         )
         rows = [qsl[i + 1] - 1 for i, s in enumerate(sched) if s.sample]
         self.sample_rows = torch.tensor(rows, dtype=torch.long, device=device)

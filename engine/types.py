@@ -100,6 +100,9 @@ class SpeculationReport:
     # the draft model's own KV pool beside the target's (None: a proposer without one, n-gram)
     draft_free_kv_blocks: int | None
     draft_total_kv_blocks: int | None
+    # proposer faults since start: each one's step ran without speculation (engine/spec/speculator.py)
+    proposer_faults: int
+    proposer_disabled: bool  # turned off for the worker's life after repeated faults
 
 
 @dataclass(frozen=True)

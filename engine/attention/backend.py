@@ -3,6 +3,14 @@
 The model calls ``backend.forward(layer, q, k, v, meta)`` once per layer. A local backend
 stores k/v into the paged cache at ``meta.slot_mapping`` and attends over the pages in
 ``meta.block_tables``; a remote backend (attention_offload) ships q/k/v elsewhere.
+
+The split form: ``submit(layer, q, k, v, meta)`` issues the attention and returns a
+``Pending`` (engine/parallel.py) whose ``wait()`` yields the output; ``forward`` means
+``submit(...).wait()``. A backend that only has ``forward`` (every local one) is adapted by
+``split_backend`` (``EagerSubmit``: submit computes at once). ``rotation`` is how many
+micro-batches the model's layer loop should rotate through it (1: the plain sequential path):
+a remote backend asks for 2 so one micro-batch's dense part runs while the other's attention
+is away (Lamina). The model reads only these two names; it never knows attention is remote.
 """
 
 from __future__ import annotations
@@ -11,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+
+from engine.parallel import Pending, Ready
 
 
 @dataclass
@@ -27,6 +37,13 @@ class AttentionMetadata:
     query_start_loc: list[int]  # [B+1]
     seq_lens: list[int]  # [B]
     block_tables: torch.Tensor  # [B, max_blocks] int64, padded with 0
+    # [B] the request of each sequence (engine request ids); empty when the caller has none
+    # (a remote backend needs them: it keys the KV it keeps elsewhere by request)
+    request_ids: list[str] = field(default_factory=list)
+    # (index, count): this metadata is micro-batch ``index`` of the ``count`` the step was cut
+    # into (``select``); the layer loop submits layer l of micro-batches 0..count-1 in order,
+    # then layer l + 1. (0, 1) for a step that is not cut.
+    micro_batch: tuple[int, int] = (0, 1)
     # Free-form per-backend plans computed once per step and reused by every layer.
     plans: dict[str, Any] = field(default_factory=dict)
 
@@ -39,6 +56,22 @@ class AttentionMetadata:
         q = self.query_start_loc
         return [q[i + 1] - q[i] for i in range(len(q) - 1)]
 
+    def select(self, first: int, end: int, micro_batch: tuple[int, int] = (0, 1)) -> tuple[int, int, AttentionMetadata]:
+        """The metadata of sequences [first, end) alone, as micro-batch ``micro_batch`` ->
+        (first query row, end query row, metadata with rows renumbered from 0, no plans)."""
+        if not 0 <= first < end <= self.num_seqs:
+            raise ValueError(f"select: sequences [{first}, {end}) outside [0, {self.num_seqs})")
+        r0, r1 = self.query_start_loc[first], self.query_start_loc[end]
+        meta = AttentionMetadata(
+            slot_mapping=self.slot_mapping[r0:r1],
+            query_start_loc=[q - r0 for q in self.query_start_loc[first : end + 1]],
+            seq_lens=self.seq_lens[first:end],
+            block_tables=self.block_tables[first:end],
+            request_ids=self.request_ids[first:end],
+            micro_batch=micro_batch,
+        )
+        return r0, r1, meta
+
 
 @runtime_checkable
 class AttentionBackend(Protocol):
@@ -47,3 +80,60 @@ class AttentionBackend(Protocol):
     ) -> torch.Tensor:
         """q: [T, H, D], k/v: [T, Hkv, D] for the new tokens -> output [T, H, D]."""
         ...
+
+
+@runtime_checkable
+class SplitAttentionBackend(Protocol):
+    """An AttentionBackend with the split form (see the module docstring)."""
+
+    rotation: int  # micro-batches the layer loop rotates through this backend (>= 1)
+
+    def submit(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> Pending[torch.Tensor]:
+        """Issue the attention of q: [T, H, D] with the new k/v: [T, Hkv, D]; the Pending
+        yields [T, H, D]. Submits of one step must be waited in submission order per layer."""
+        ...
+
+    def forward(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor: ...
+
+
+class EagerSubmit:
+    """The default adapter: a forward-only backend as a SplitAttentionBackend. ``submit``
+    runs ``forward`` at once and returns a Ready; ``rotation`` is 1 (nothing to overlap)."""
+
+    rotation = 1
+
+    def __init__(self, backend: AttentionBackend):
+        self.backend = backend
+
+    def submit(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> Pending[torch.Tensor]:
+        return Ready(self.backend.forward(layer, q, k, v, meta))
+
+    def forward(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        return self.backend.forward(layer, q, k, v, meta)
+
+
+@runtime_checkable
+class RemoteKVBackend(Protocol):
+    """A backend that keeps every request's K/V elsewhere (attention offload's shards). The
+    engine then allocates no local pages (a one-block placeholder cache: its block pool only
+    accounts for the remote pages) and calls ``release`` whenever a request's blocks are freed
+    (finished, aborted, preempted), before the step that follows runs; unknown ids are a no-op."""
+
+    keeps_kv_remotely: bool  # True
+
+    def release(self, request_id: str) -> None: ...
+
+
+def split_backend(backend: AttentionBackend) -> SplitAttentionBackend:
+    """``backend`` itself when it has the split form, else wrapped in ``EagerSubmit``."""
+    if isinstance(backend, SplitAttentionBackend):
+        return backend
+    return EagerSubmit(backend)

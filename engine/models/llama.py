@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.attention.backend import AttentionBackend, AttentionMetadata
+from engine.attention.backend import AttentionBackend, AttentionMetadata, SplitAttentionBackend, split_backend
 from engine.config import ModelConfig
 from engine.models.layers import GatedMLP, NativeKernels, RMSNorm, RotaryEmbedding, linear
 from engine.models.moe import LocalExpertDispatcher, LocalExperts, MoEBlock
 from engine.moe import ExpertDispatcher
+from engine.parallel import OverlapStats, Pending, Stage, run_overlapped
 
 # Called after layer ``i`` has written its K/V for the step (layer-wise KV push seam).
 LayerHook = Callable[[int], None]
@@ -43,6 +44,13 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """x: [T, hidden]; rope: the step's (cos, sin) from ``RotaryEmbedding.tables``."""
+        q, k, v = self.project(x, rope)
+        return self.output(backend.forward(self.layer, q, k, v, meta))
+
+    def project(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: [T, hidden] -> dense q [T, H, D], k [T, Hkv, D] (rotated), v [T, Hkv, D]."""
         t = x.shape[0]
         qkv = linear(x, self.qkv, self.qkv_bias)
         nq, nk = self.h * self.d, self.hkv * self.d
@@ -54,8 +62,11 @@ class Attention(nn.Module):
         else:
             q = RotaryEmbedding.apply(self.q_norm(qkv[:, :nq].view(t, self.h, self.d)), *rope)
             k = RotaryEmbedding.apply(self.k_norm(qkv[:, nq : nq + nk].view(t, self.hkv, self.d)), *rope)
-        o = backend.forward(self.layer, q, k, v.contiguous(), meta)  # [T, H, D]
-        return linear(o.reshape(t, self.h * self.d), self.o)
+        return q, k, v.contiguous()
+
+    def output(self, o: torch.Tensor) -> torch.Tensor:
+        """o: the attention output [T, H, D] -> o_proj(o): [T, hidden]."""
+        return linear(o.reshape(o.shape[0], self.h * self.d), self.o)
 
     def forward_native(
         self,
@@ -67,10 +78,41 @@ class Attention(nn.Module):
         kn: NativeKernels,
     ) -> torch.Tensor:
         """``forward`` through the native kernels (no q/k norm). x: [T, hidden]; positions: [T]."""
-        t = x.shape[0]
-        q, k, v = kn.rope_split_qkv(kn.linear(x, self.qkv, self.qkv_bias), rope, positions, self.h, self.hkv)
-        o = backend.forward(self.layer, q, k, v, meta)  # [T, H, D]
-        return kn.linear(o.reshape(t, self.h * self.d), self.o)
+        q, k, v = self.project_native(x, positions, rope, kn)
+        return self.output_native(backend.forward(self.layer, q, k, v, meta), kn)
+
+    def project_native(
+        self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, kn: NativeKernels
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``project`` through the native kernels. x: [T, hidden]; positions: [T]."""
+        return kn.rope_split_qkv(kn.linear(x, self.qkv, self.qkv_bias), rope, positions, self.h, self.hkv)
+
+    def output_native(self, o: torch.Tensor, kn: NativeKernels) -> torch.Tensor:
+        return kn.linear(o.reshape(o.shape[0], self.h * self.d), self.o)
+
+
+class _Carry:
+    """A micro-batch's state riding along its attention in flight: wait() -> (state, output)."""
+
+    def __init__(self, state: tuple, pending: Pending[torch.Tensor]):
+        self.state, self.pending = state, pending
+
+    def wait(self) -> tuple[tuple, torch.Tensor]:
+        return self.state, self.pending.wait()
+
+
+def micro_batches(meta: AttentionMetadata, parts: int) -> list[tuple[int, int, AttentionMetadata]]:
+    """Cut the step's sequences into ``min(parts, B)`` contiguous non-empty groups of about
+    equal token counts -> [(first row, end row, the group's metadata)], in row order."""
+    parts = min(parts, meta.num_seqs)
+    qsl, total = meta.query_start_loc, meta.query_start_loc[-1]
+    cuts, seq = [0], 0
+    for p in range(1, parts):
+        # the first sequence boundary at or past p/parts of the tokens, leaving room for the rest
+        seq = max(seq + 1, next(i for i in range(1, meta.num_seqs + 1) if qsl[i] * parts >= total * p))
+        cuts.append(min(seq, meta.num_seqs - (parts - p)))
+    cuts.append(meta.num_seqs)
+    return [meta.select(a, b, (i, parts)) for i, (a, b) in enumerate(zip(cuts, cuts[1:], strict=False))]
 
 
 class DecoderLayer(nn.Module):
@@ -99,6 +141,9 @@ class DecoderLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.rope = RotaryEmbedding(cfg.rope, cfg.head_dim, max_positions)
         self.backend: AttentionBackend | None = None
+        self.split: SplitAttentionBackend | None = None  # the backend's split form (split_backend)
+        # Micro-batch rotation timings (run_overlapped): compute vs time blocked on attention
+        self.rotation_stats = OverlapStats()
         # Native CPU kernels (``set_native_kernels``); None runs the torch ops. The native path
         # covers dense layers without q/k norm; MoE and Qwen3 layers keep the torch path.
         self.native: NativeKernels | None = None
@@ -116,6 +161,7 @@ class DecoderLM(nn.Module):
 
     def set_attention_backend(self, backend: AttentionBackend) -> None:
         self.backend = backend
+        self.split = split_backend(backend)
 
     def set_native_kernels(self, kernels: NativeKernels | None) -> None:
         """Run ``forward`` through the native CPU kernels (None: the torch ops). Only models
@@ -136,6 +182,9 @@ class DecoderLM(nn.Module):
         layer_hook: LayerHook | None = None,
     ) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, hidden]."""
+        rotation = 1 if self.split is None else self.split.rotation
+        if rotation > 1 and meta.num_seqs > 1 and layer_hook is None:
+            return self._forward_rotated(input_ids, positions, meta, rotation)
         x = F.embedding(input_ids, self.embed)
         if self.native is not None:
             return self._forward_native(x, positions, meta, layer_hook, self.native)
@@ -167,6 +216,58 @@ class DecoderLM(nn.Module):
             if layer_hook is not None:
                 layer_hook(i)
         return h
+
+    def _forward_rotated(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, parts: int
+    ) -> torch.Tensor:
+        """``forward`` over micro-batches of whole sequences, rotated through the split backend
+        (Lamina): stage l of micro-batch i finishes layer l (o_proj, MLP/MoE) and projects
+        layer l + 1's q/k/v, then submits that attention; run_overlapped runs micro-batch
+        i + 1's stage while i's attention is in flight. The same ops as the sequential loop,
+        per micro-batch (native kernels when set). -> final hidden states [T, hidden]."""
+        split, kn, layers = self.split, self.native, self.layers
+        assert split is not None
+        groups = micro_batches(meta, parts)
+        # per micro-batch (ids [t], positions [t], its metadata); state = (x residual [t, hidden], positions, meta, rope)
+        inputs = [(input_ids[a:b], positions[a:b], m) for a, b, m in groups]
+
+        def project(layer: int, h: torch.Tensor, state: tuple) -> _Carry:
+            attn = layers[layer].attn
+            _, pos, m, rope = state
+            q, k, v = attn.project(h, rope) if kn is None else attn.project_native(h, pos, self.rope, kn)
+            return _Carry(state, split.submit(layer, q, k, v, m))
+
+        def embed(i: int, inp: tuple) -> tuple:
+            ids, pos, m = inp
+            x = F.embedding(ids, self.embed)
+            rope = None if kn is not None else self.rope.tables(pos, x.dtype)
+            h = layers[0].input_norm(x) if kn is None else kn.rms_norm(x, layers[0].input_norm)
+            return h, (x, pos, m, rope)
+
+        def finish(layer: int) -> Callable[[int, tuple], tuple]:
+            lay = layers[layer]
+            nxt = layers[layer + 1].input_norm if layer + 1 < len(layers) else self.norm
+
+            def compute(i: int, carried: tuple) -> tuple:
+                (x, pos, m, rope), o = carried
+                if kn is None:
+                    x = x + lay.attn.output(o)
+                    x = x + lay.mlp(lay.post_attn_norm(x))
+                    return nxt(x), (x, pos, m, rope)
+                h = kn.add_rms_norm(x, lay.attn.output_native(o, kn), lay.post_attn_norm)
+                return kn.add_rms_norm(x, lay.mlp.forward_native(h, kn), nxt), (x, pos, m, rope)
+
+            return compute
+
+        def submit(layer: int) -> Callable[[int, tuple], Pending[tuple]]:
+            return lambda i, y: project(layer, y[0], y[1])
+
+        stages = [Stage(embed, submit(0), "embed")]
+        for j in range(len(layers)):
+            last = j + 1 == len(layers)
+            stages.append(Stage(finish(j), None if last else submit(j + 1), f"layer{j}"))
+        outs = run_overlapped(inputs, stages, self.rotation_stats)
+        return torch.cat([h for h, _ in outs], dim=0)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> fp32 logits [N, vocab]."""

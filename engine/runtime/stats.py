@@ -58,4 +58,6 @@ def speculation_report(engine: EngineCore) -> SpeculationReport | None:
         chosen,
         draft_free_kv_blocks=draft.free_blocks if draft is not None else None,
         draft_total_kv_blocks=draft.total_blocks if draft is not None else None,
+        proposer_faults=st.proposer_faults,
+        proposer_disabled=st.proposer_disabled,
     )

@@ -41,6 +41,13 @@ maximise the step's goodput: expected emitted tokens per second of step time. Th
    coefficient freeze), so a noisy burst of step times could keep it off for good. After N
    consecutive such decisions the next one gives k = 1 to every candidate that can
    speculate: one step in N + 1 verifies one draft row per request, refreshing both.
+   With a draft model (``probe_single``) a probe is not cheap: the draft's KV of a request
+   falls behind while speculation is off, and its probe first catches up every token since
+   the request's last draft (a batched draft forward over them; measured on SmolLM2's
+   24-layer self-draft at 8 running requests: probing all of them made a step sequence
+   with speculation "off" 1.35x slower than no speculation). So a draft model probes ONE
+   request per probe, the one probed last while it still runs (its catch-up is the N
+   tokens since then), else the first candidate that can speculate.
 
    Cold start: the first ``warmup_steps`` decisions cycle k through 0..K for every request
    (capped by its max_k), so the step-time fit sees speculative and plain steps before it
@@ -310,6 +317,7 @@ class SmartSpecPolicy:
         min_gain: float = 0.02,
         step_model: StepTimeModel | None = None,
         acceptance: AcceptanceTracker | None = None,
+        probe_single: bool = False,
     ):
         self.K = num_speculative_tokens
         self.acceptance = acceptance or AcceptanceTracker(acceptance_priors)
@@ -323,6 +331,8 @@ class SmartSpecPolicy:
             raise ValueError(f"probe_interval must be >= 0, got {probe_interval}")
         self.probe_interval = probe_interval  # 0: never probe
         self._off_streak = 0  # consecutive decisions with speculation off although possible
+        self.probe_single = probe_single  # probe one request, not all (module docstring, part 3)
+        self._last_probed: str | None = None
 
     def set_cluster_pressure(self, pressure: float) -> None:
         self.pressure = _check_pressure(pressure)
@@ -349,7 +359,7 @@ class SmartSpecPolicy:
             if max(caps) > 0 and not any(out.values()):
                 self._off_streak += 1
                 if self.probe_interval and self._off_streak > self.probe_interval:
-                    out = {c.request_id: min(1, cap) for c, cap in zip(cands, caps, strict=True)}
+                    out = self._probe(cands, caps)
                     self._off_streak = 0
             else:
                 self._off_streak = 0
@@ -357,6 +367,15 @@ class SmartSpecPolicy:
         for k in out.values():
             self.k_counts[k] += 1
         return out
+
+    def _probe(self, cands: list[SpecCandidate], caps: list[int]) -> dict[str, int]:
+        """k = 1 for every candidate that can speculate, or (``probe_single``) for one."""
+        if not self.probe_single:
+            return {c.request_id: min(1, cap) for c, cap in zip(cands, caps, strict=True)}
+        able = [c.request_id for c, cap in zip(cands, caps, strict=True) if cap > 0]
+        pick = self._last_probed if self._last_probed in able else able[0]
+        self._last_probed = pick
+        return {c.request_id: int(c.request_id == pick) for c in cands}
 
     def _goodput_choice(self, step: SpecStep, caps: list[int]) -> dict[str, int]:
         cands = step.candidates
@@ -399,5 +418,8 @@ def make_policy(config: SpeculativeConfig) -> SpeculationPolicy:
     if config.policy == "fixed":
         return FixedPolicy(config.num_speculative_tokens)
     return SmartSpecPolicy(
-        config.num_speculative_tokens, {config.method: config.acceptance_prior}, probe_interval=PROBE_INTERVAL
+        config.num_speculative_tokens,
+        {config.method: config.acceptance_prior},
+        probe_interval=PROBE_INTERVAL,
+        probe_single=config.method == "draft_model",  # a draft's probe pays its catch-up
     )

@@ -21,11 +21,30 @@ Per engine step (EngineCore._speculative_step):
 
 Invariant between steps: no request holds draft tokens, and the proposer has been told the
 outcome of every proposal it made.
+
+Proposer faults (a draft worker fault fails over to no speculation, never to a wrong token):
+an exception raised by the proposer (``propose``, the draft model's forward or its KV
+bookkeeping in ``on_accepted`` / ``release``), or a proposal longer than asked, is a *fault*:
+
+    the step       no request of it holds draft tokens, so schedule() gives each one token
+                   and the target's normal single-token path runs (k = 0 for everyone); the
+                   emitted tokens are the target's own, as without speculation
+    its state      every request the faulting call touched is released from the proposer
+                   (a draft model frees its pages; its next proposal recomputes the draft KV
+                   from scratch), so a half-written draft KV never survives and no block leaks
+    counted        ``SpecStats.proposer_faults`` (splitserve_spec_proposer_faults_total); the
+                   first fault is logged with its traceback, later ones in one line
+    disabled       after MAX_CONSECUTIVE_FAULTS faults with no successful proposing step in
+                   between (or a release that itself fails: the proposer's state cannot be
+                   trusted), the proposer is released of every request it holds and never
+                   called again for this engine's life (``SpecStats.proposer_disabled``);
+                   every step then runs without speculation
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -45,6 +64,12 @@ from engine.spec.smartspec import (
 )
 from engine.spec.verify import VerifyInput, verify
 
+log = logging.getLogger(__name__)
+
+# proposer faults with no successful proposing step in between before the proposer is
+# disabled for the engine's life
+MAX_CONSECUTIVE_FAULTS = 3
+
 
 @dataclass(frozen=True)
 class SpecStats:
@@ -60,6 +85,10 @@ class SpecStats:
     k_counts: chosen-k histogram of the policy, index k in 0..K (one count per candidate
         request per step).
     draft_kv: the draft model's own KV pool (None for the n-gram proposer).
+    proposer_faults: proposer calls that raised (or returned a malformed proposal); each
+        one's step ran without speculation.
+    proposer_disabled: the proposer was turned off for the engine's life after repeated
+        faults; every step since runs without speculation.
     """
 
     method: str
@@ -72,6 +101,8 @@ class SpecStats:
     speculative_steps: int
     k_counts: list[int]
     draft_kv: DraftKVUsage | None
+    proposer_faults: int
+    proposer_disabled: bool
 
     @property
     def acceptance_rate(self) -> float:
@@ -92,7 +123,13 @@ class _Counters:
     verified: int = 0
     emitted: int = 0
     steps: int = 0
+    faults: int = 0
     pending: dict[str, Proposal] = field(default_factory=dict)  # this step's proposals
+
+
+class ProposerFault(RuntimeError):
+    """A proposer returned something it must not (the exception a malformed proposal is
+    counted as; an exception the proposer raises itself is counted as it is)."""
 
 
 class Speculator:
@@ -117,6 +154,13 @@ class Speculator:
         self._drafts_cost_rounds = isinstance(proposer, DraftProposer)
         self._c = _Counters()
         self._verified: dict[str, tuple[int, int]] = {}  # id -> (k verified, m accepted) this step
+        # fault bookkeeping (module docstring): ids the proposer may hold state for (given to
+        # propose, not yet released), faults since the last step whose proposing succeeded
+        self._held: set[str] = set()
+        self._consecutive_faults = 0
+        self._step_faulted = False
+        self._step_proposed = False
+        self.disabled = False
 
     # ------------------------------------------------------------ before schedule
     def _cap(self, req: Request) -> int:
@@ -128,7 +172,10 @@ class Speculator:
         return max(0, min(self.K, left, room))
 
     def propose(self, running: Sequence[Request], pending_prompt_tokens: int) -> None:
-        """Choose k and set ``draft_token_ids`` for the running requests at their decode step."""
+        """Choose k and set ``draft_token_ids`` for the running requests at their decode step.
+        A proposer fault leaves every request without drafts (module docstring)."""
+        if self.disabled:
+            return
         reqs = [
             r
             for r in running
@@ -147,7 +194,11 @@ class Speculator:
         looked_up: dict[str, Proposal] = {}
         if not self._drafts_cost_rounds and inputs:
             # cheap deterministic lookup first: the policy then knows each proposal's length
-            looked_up = self.proposer.propose(list(inputs.values()), {rid: caps[rid] for rid in inputs})
+            lookup_caps = {rid: caps[rid] for rid in inputs}
+            got = self._call_propose(list(inputs.values()), lookup_caps)
+            if got is None:
+                return
+            looked_up = got
             for rid, prop in looked_up.items():
                 caps[rid] = min(caps[rid], len(prop))
         step = SpecStep(
@@ -161,20 +212,96 @@ class Speculator:
         if not want:
             for rid, prop in looked_up.items():
                 if len(prop):
-                    self.proposer.on_accepted(rid, 0)  # looked up, not used
+                    self._tell_accepted(rid, 0)  # looked up, not used
             return
         if self._drafts_cost_rounds:
-            props = self.proposer.propose([inputs[rid] for rid in want], want)
+            got = self._call_propose([inputs[rid] for rid in want], want)
+            if got is None:
+                return
+            props = got
         else:
             props = {rid: _head(looked_up[rid], want.get(rid, 0)) for rid in looked_up}
         by_id = {r.request_id: r for r in reqs}
         for rid, prop in props.items():
             if len(prop) == 0:
                 if rid in looked_up and len(looked_up[rid]):
-                    self.proposer.on_accepted(rid, 0)
+                    self._tell_accepted(rid, 0)
                 continue
             by_id[rid].draft_token_ids = list(prop.token_ids)
             self._c.pending[rid] = prop
+
+    def _call_propose(self, inputs: list[ProposalInput], k: dict[str, int]) -> dict[str, Proposal] | None:
+        """proposer.propose, checked: None after a fault (counted; the inputs' proposer state
+        released), else an entry of at most k[id] tokens for every input."""
+        ids = [inp.request_id for inp in inputs]
+        self._held.update(ids)
+        try:
+            got = self.proposer.propose(inputs, k)
+            for rid in ids:
+                if rid not in got:
+                    raise ProposerFault(f"proposer {self.proposer.name!r} returned no proposal for {rid!r}")
+                if len(got[rid]) > k.get(rid, 0):
+                    raise ProposerFault(
+                        f"proposer {self.proposer.name!r} proposed {len(got[rid])} tokens for {rid!r}, "
+                        f"asked for at most {k.get(rid, 0)}"
+                    )
+        except Exception as e:  # noqa: BLE001 - any proposer fault fails over to no speculation
+            self._fault("propose", e, ids)
+            return None
+        self._step_proposed = True
+        return got
+
+    def _tell_accepted(self, request_id: str, num_accepted: int) -> None:
+        try:
+            self.proposer.on_accepted(request_id, num_accepted)
+        except Exception as e:  # noqa: BLE001 - the draft's rollback failed: drop its state
+            self._fault("on_accepted", e, [request_id])
+
+    def _release(self, request_id: str) -> None:
+        self._held.discard(request_id)
+        try:
+            self.proposer.release(request_id)
+        except Exception as e:  # noqa: BLE001 - its state (and draft blocks) cannot be trusted
+            self._count_fault("release", e)
+            self._disable(f"release of {request_id!r} failed: {e!r}")
+
+    def _count_fault(self, where: str, exc: BaseException) -> None:
+        self._c.faults += 1
+        self._consecutive_faults += 1
+        self._step_faulted = True
+        name = self.proposer.name
+        if self._c.faults == 1:
+            log.error(
+                "speculation: proposer %r faulted in %s; this step runs without speculation", name, where, exc_info=exc
+            )
+        else:
+            log.warning("speculation: proposer %r fault %d in %s: %r", name, self._c.faults, where, exc)
+
+    def _fault(self, where: str, exc: BaseException, request_ids: Iterable[str]) -> None:
+        """A proposer call raised: count it, drop the touched requests' proposer state (a
+        draft's half-written KV), and disable the proposer after repeated faults."""
+        self._count_fault(where, exc)
+        for rid in request_ids:
+            self._c.pending.pop(rid, None)
+            if not self.disabled:
+                self._release(rid)
+        if not self.disabled and self._consecutive_faults >= MAX_CONSECUTIVE_FAULTS:
+            self._disable(f"{self._consecutive_faults} faults in a row")
+
+    def _disable(self, why: str) -> None:
+        """Turn the proposer off for the engine's life; release everything it holds."""
+        if self.disabled:
+            return
+        self.disabled = True
+        log.error(
+            "speculation: proposer %r disabled (%s); decoding continues without speculation", self.proposer.name, why
+        )
+        held, self._held = list(self._held), set()
+        for rid in held:
+            try:
+                self.proposer.release(rid)
+            except Exception as e:  # noqa: BLE001 - nothing more can be done; it is never called again
+                log.warning("speculation: releasing %r from the disabled proposer failed: %r", rid, e)
 
     # ------------------------------------------------------------ after the forward
     def verify(
@@ -208,7 +335,7 @@ class Speculator:
         verified, self._verified = self._verified, {}
         if verified:
             c.steps += 1
-        for rid, prop in c.pending.items():
+        for rid, prop in list(c.pending.items()):  # a fault below pops its entry
             k, m = verified.get(rid, (0, 0))
             c.dropped += len(prop) - k
             if k:
@@ -217,10 +344,13 @@ class Speculator:
                 c.verified += 1
                 c.emitted += m + 1
                 self.policy.observe_acceptance(rid, self.proposer.name, k, m)
-            self.proposer.on_accepted(rid, m)  # harmless for a released id
+            self._tell_accepted(rid, m)  # harmless for a released id
         c.pending.clear()
         for r in running:
             r.draft_token_ids = []
+        if self._step_proposed and not self._step_faulted:
+            self._consecutive_faults = 0
+        self._step_proposed = self._step_faulted = False
         if seconds is not None and out.scheduled:
             rounds = max((s.num_draft_tokens for s in out.scheduled), default=0) if self._drafts_cost_rounds else 0
             features = StepFeatures(
@@ -234,11 +364,13 @@ class Speculator:
     # ------------------------------------------------------------ request lifecycle
     def preempted(self, request_id: str) -> None:
         """The request lost its KV (recompute later): the proposer drops its state."""
-        self.proposer.release(request_id)
+        if not self.disabled:
+            self._release(request_id)
 
     def forget(self, request_id: str) -> None:
         """The request finished or was aborted."""
-        self.proposer.release(request_id)
+        if not self.disabled:
+            self._release(request_id)
         self.policy.release(request_id)
 
     def set_cluster_pressure(self, pressure: float) -> None:
@@ -258,6 +390,8 @@ class Speculator:
             speculative_steps=c.steps,
             k_counts=list(self.policy.k_counts),
             draft_kv=self.proposer.usage() if isinstance(self.proposer, DraftProposer) else None,
+            proposer_faults=c.faults,
+            proposer_disabled=self.disabled,
         )
 
 

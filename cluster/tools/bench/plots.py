@@ -61,7 +61,9 @@ def _series(runs: list[dict]) -> list[dict]:
     return sorted(runs, key=offered_rate)
 
 
-def _figure(rows: int, cols: int, size: tuple[float, float]):
+def new_figure(rows: int, cols: int, size: tuple[float, float]):
+    """A figure of rows x cols axes (``axes[row][col]``) on the Agg canvas (also used by
+    benchmarks/ scripts, so their plots look like these)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -75,8 +77,8 @@ def _figure(rows: int, cols: int, size: tuple[float, float]):
 
 
 def plot_latency(series: dict[str, list[dict]], out: Path) -> Path:
-    fig, axes = _figure(2, 2, (11, 8))
-    colors = _colors(len(series))
+    fig, axes = new_figure(2, 2, (11, 8))
+    colors = series_colors(len(series))
     for ax, metric in zip(axes.flat, LATENCY_METRICS):
         for (label, runs), color in zip(series.items(), colors):
             runs = _series(runs)
@@ -97,9 +99,9 @@ def plot_latency(series: dict[str, list[dict]], out: Path) -> Path:
 
 
 def plot_goodput(series: dict[str, list[dict]], out: Path) -> Path:
-    fig, axes = _figure(1, 1, (7, 5))
+    fig, axes = new_figure(1, 1, (7, 5))
     ax = axes[0][0]
-    for (label, runs), color in zip(series.items(), _colors(len(series))):
+    for (label, runs), color in zip(series.items(), series_colors(len(series))):
         runs = _series(runs)
         x = [offered_rate(r) for r in runs]
         prefix = f"{label} " if len(series) > 1 else ""
@@ -116,7 +118,8 @@ def plot_goodput(series: dict[str, list[dict]], out: Path) -> Path:
     return path
 
 
-def _colors(n: int) -> list:
+def series_colors(n: int) -> list:
+    """One tab10 colour per series."""
     from matplotlib import colormaps
 
     cmap = colormaps["tab10"]

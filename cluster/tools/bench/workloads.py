@@ -7,6 +7,7 @@ Workload specs (``--workload``):
     azure-code              lognormal lengths with the Azure 2023 code trace's moments
     azure-conv              the same for the conversation trace
     jsonl:PATH              one {"prompt": str | [ids], "output_tokens": N} object per line
+                            (other keys, e.g. an attribution, are ignored; benchmarks/data/)
     trace:PATH              Azure-format CSV (TIMESTAMP,ContextTokens,GeneratedTokens): lengths
                             and arrival times, replayed in time
 

@@ -168,7 +168,7 @@ def test_router_feeds_speculation_pressure_to_speculating_workers():
     r = Router(RoutingPolicy(RouterConfig()))
     r.add_worker("decode-0", DecodeHandle("decode-0", LocalInvoker("decode-0", speculating)), "decode", "a0")
     r.add_worker("decode-1", DecodeHandle("decode-1", LocalInvoker("decode-1", plain)), "decode", "a1")
-    report = SpeculationReport(10, 7, EMPTY_HISTOGRAM, None, None)
+    report = SpeculationReport(10, 7, EMPTY_HISTOGRAM, None, None, 0, False)
 
     def load(waiting: int, running: int, in_flight: int = 0) -> None:
         r.workers["decode-0"].stats = worker_stats(

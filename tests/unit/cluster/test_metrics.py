@@ -314,7 +314,7 @@ def test_restart_keeps_exported_counters_and_buckets_monotonic():
 def test_exported_names_match_what_a_full_scrape_exposes():
     speculating = dataclasses.replace(
         report(1.0, 0, []),
-        speculation=SpeculationReport(3, 2, HistogramReport((0.0, 1.0), (1, 2), 1.0, 2), None, None),
+        speculation=SpeculationReport(3, 2, HistogramReport((0.0, 1.0), (1, 2), 1.0, 2), None, None, 1, False),
         expert_parallel=ExpertParallelReport(0, 2, True, 4, 10, 6, 5, 800, 600, 0.25),
     )
     m, router = attached({"prefill-0": report(1.0, 1, [0.01]), "decode-0": speculating})
@@ -329,6 +329,9 @@ def test_exported_names_match_what_a_full_scrape_exposes():
         m.sample_value("splitserve_spec_accepted_tokens_total", {"model": "m", "pool": "decode", "worker": "decode-0"})
         == 2
     )
+    d = {"model": "m", "pool": "decode", "worker": "decode-0"}
+    assert m.sample_value("splitserve_spec_proposer_faults_total", d) == 1
+    assert m.sample_value("splitserve_spec_proposer_disabled", d) == 0
     m.track(4).finish("cancelled")
     tr = m.track(4)
     tr.tokens(2)

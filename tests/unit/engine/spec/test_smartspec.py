@@ -208,3 +208,21 @@ def test_closed_loop_tracks_the_best_fixed_k_as_load_rises_and_falls():
             assert sum(ks) == 0.0
         if b == 1:
             assert sum(ks) / len(ks) >= 2
+
+
+def test_a_draft_model_probes_one_request_and_keeps_probing_it():
+    """Speculation priced out (batch 128: a verified row costs more than it gains): the n-gram
+    policy probes every candidate, the draft-model policy one, the same while it runs
+    (its draft KV is the one that is nearly caught up), another once it has left."""
+    batch = [SpecCandidate(f"r{i}", "draft_model", 200, 5) for i in range(128)]
+    for single in (False, True):
+        pol = trained_policy(probe_interval=2, probe_single=single, noise=0.0, prior=0.1)
+        choices = [pol.choose(SpecStep(batch)) for _ in range(6)]
+        assert [sum(c.values()) for c in choices] == [0, 0, 128 if not single else 1] * 2
+        if single:
+            assert choices[2] == choices[5] and choices[2]["r0"] == 1
+            pol.choose(SpecStep(batch[1:]))
+            pol.choose(SpecStep(batch[1:]))
+            assert pol.choose(SpecStep(batch[1:]))["r1"] == 1  # r0 left: the next one
+    assert make_policy(SpeculativeConfig("draft_model", 3, model="d")).probe_single
+    assert not make_policy(SpeculativeConfig("ngram", 3)).probe_single

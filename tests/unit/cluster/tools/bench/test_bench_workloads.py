@@ -203,3 +203,17 @@ def test_shipped_trace_excerpts_parse(path: Path):
     )
     rows = read_trace(str(path))
     assert rows[0][0] == 0.0 and all(b[0] >= a[0] for a, b in zip(rows, rows[1:]))
+
+
+def test_the_shipped_prompt_sets_load_as_jsonl_workloads():
+    """benchmarks/data/ (the speculation sweep's prompts): ChatML text prompts of 64 output
+    tokens; every lookup prompt quotes a passage that its answer can copy from."""
+    data = Path(__file__).resolve().parents[5] / "benchmarks" / "data"
+    for name, count in (("lookup_prompts.jsonl", 48), ("chat_prompts.jsonl", 32)):
+        reqs = parse_workload(f"jsonl:{data / name}").sample(count, np.random.default_rng(0))
+        assert len({r.prompt for r in reqs}) == count  # no repeats within one pass
+        for r in reqs:
+            assert r.prompt.startswith("<|im_start|>user\n") and r.prompt.endswith("<|im_start|>assistant\n")
+            assert r.output_len == 64
+    lookup = parse_workload(f"jsonl:{data / 'lookup_prompts.jsonl'}").sample(48, np.random.default_rng(0))
+    assert all(len(r.prompt.split("\n\n", 1)[1]) > 200 for r in lookup)  # the passage after the task line

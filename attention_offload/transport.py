@@ -1,0 +1,151 @@
+"""How the model worker reaches its attention shards: the AttentionTransport ABC, the byte
+counters and the in-process loopback (tests, benchmarks on one machine).
+
+The wire, per shard (the torch.distributed transport sends exactly this; the loopback counts
+the same bytes without sending):
+
+    BEGIN    header + int64 [3 n] (seq ids | seq lens | q lens)     once per micro-batch and step
+             (every shard, n = 0 where it holds none of the micro-batch: no body)
+    ATTEND   qkv [n, (H + 2 Hkv) D] out, o [n, H D] back          once per layer and micro-batch
+             with rows on the shard; no header (the shard knows the step's order)
+    RELEASE  header                                                  a sequence finished / left
+    STATS    header, int64 [3] back                                  pool occupancy
+
+``payload`` bytes are the attention tensors only, so per layer and token they equal the
+analytic volume (q, k and v out, the attention output back); headers and BEGIN bodies are
+``control`` bytes, per step rather than per token.
+
+Ordering: a transport delivers one shard's messages in the order they were issued, and
+``attend`` Pendings of one shard complete in that order.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from attention_offload.shard import AttentionShard, ShardBatch, ShardStats
+from engine.parallel import CommWorker, Pending, Ready
+
+HEADER_INTS = 6  # [kind, ctx, micro-batch index, n, width, micro-batch count]
+INT64_BYTES = 8
+
+
+@dataclass
+class TransferCounters:
+    """Cumulative bytes between the model worker and its shards (both directions summed)."""
+
+    payload_out: int = 0  # q, k, v sent
+    payload_in: int = 0  # attention outputs received
+    control: int = 0  # headers, BEGIN bodies, STATS replies
+    attends: int = 0  # ATTEND messages (layers x micro-batches x shards touched)
+
+
+def begin_body(batch: ShardBatch) -> torch.Tensor:
+    """The BEGIN body: int64 [3 n] = seq ids | seq lens | q lens."""
+    return torch.tensor([*batch.seq_ids, *batch.seq_lens, *batch.q_lens], dtype=torch.long)
+
+
+class AttentionTransport(ABC):
+    """The model worker's side of its links to ``num_shards`` attention shards."""
+
+    def __init__(self) -> None:
+        self.counters = TransferCounters()
+
+    @property
+    @abstractmethod
+    def num_shards(self) -> int: ...
+
+    @abstractmethod
+    def begin(self, shard: int, batch: ShardBatch) -> None:
+        """Open a batch context on ``shard`` (asynchronous; errors surface at a later wait)."""
+
+    @abstractmethod
+    def attend(self, shard: int, ctx: int, layer: int, qkv: torch.Tensor) -> Pending[torch.Tensor]:
+        """qkv: [n, (H + 2 Hkv) D] -> Pending of the attention output [n, H D]."""
+
+    @abstractmethod
+    def release(self, shard: int, seq_id: int) -> None:
+        """Free a sequence's pages on ``shard`` (asynchronous, ordered after earlier messages)."""
+
+    @abstractmethod
+    def stats(self, shard: int) -> ShardStats:
+        """The shard's pool, after every message issued before this call (blocking)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Ends the links (the shards' serve loops return)."""
+
+    def _count_control(self, ints: int) -> None:
+        self.counters.control += ints * INT64_BYTES
+
+
+class LoopbackTransport(AttentionTransport):
+    """Shards in this process. ``threaded`` (default): each shard runs its messages on its own
+    thread (a CommWorker), in order, so an ATTEND runs while the caller computes, as a remote
+    shard would; False: every message runs at once on the caller's thread."""
+
+    def __init__(self, shards: list[AttentionShard], threaded: bool = True):
+        super().__init__()
+        if not shards:
+            raise ValueError("LoopbackTransport needs at least one shard")
+        self.shards = shards
+        self._workers = [CommWorker(f"attn-shard{i}") for i in range(len(shards))] if threaded else None
+        self._unwaited: list[Pending[object]] = []  # BEGIN / RELEASE jobs not yet checked
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shards)
+
+    def _run(self, shard: int, job):  # -> Pending
+        if self._workers is None:
+            return Ready(job())
+        return self._workers[shard].submit(job)
+
+    def _drain(self) -> None:
+        done, self._unwaited = self._unwaited, []
+        for p in done:
+            p.wait()  # re-raises a failed BEGIN / RELEASE
+
+    def begin(self, shard: int, batch: ShardBatch) -> None:
+        self._count_control(HEADER_INTS + (begin_body(batch).numel() if batch.seq_ids else 0))
+        self._unwaited.append(self._run(shard, lambda: self.shards[shard].begin(batch)))
+
+    def attend(self, shard: int, ctx: int, layer: int, qkv: torch.Tensor) -> Pending[torch.Tensor]:
+        c = self.counters
+        c.payload_out += qkv.numel() * qkv.element_size()
+        c.attends += 1
+        pending = self._run(shard, lambda: self.shards[shard].attend_packed(ctx, layer, qkv))
+        return _Counted(self, pending)
+
+    def release(self, shard: int, seq_id: int) -> None:
+        self._count_control(HEADER_INTS)
+        self._unwaited.append(self._run(shard, lambda: self.shards[shard].release(seq_id)))
+
+    def stats(self, shard: int) -> ShardStats:
+        self._count_control(HEADER_INTS + 3)
+        out = self._run(shard, self.shards[shard].stats).wait()
+        self._drain()
+        return out
+
+    def close(self) -> None:
+        if self._workers is not None:
+            for w in self._workers:
+                w.close()
+        self._drain()
+
+
+class _Counted:
+    """Counts the attention output's bytes when it arrives; checks earlier control jobs."""
+
+    def __init__(self, transport: LoopbackTransport, pending: Pending[torch.Tensor]):
+        self._t, self._p, self._out = transport, pending, None
+
+    def wait(self) -> torch.Tensor:
+        if self._out is None:
+            self._out = self._p.wait()
+            self._t.counters.payload_in += self._out.numel() * self._out.element_size()
+            self._t._drain()
+        return self._out
