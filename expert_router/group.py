@@ -9,6 +9,8 @@ from engine.parallel import Communicator
 from expert_router.dispatcher import EPDispatcher
 from expert_router.expertflow import ExpertCacheConfig
 from expert_router.placement import ExpertPlacement, moe_layers
+from expert_router.routing_log import RoutingLog
+from expert_router.token_prior import TokenPrior
 
 
 def contiguous_placement(cfg: ModelConfig, world_size: int) -> ExpertPlacement:
@@ -46,7 +48,7 @@ def serving_placement(
             raise EPSetupError("expert_placement", f"not an ExpertPlacement JSON: {e}") from None
         if placement.world_size != experts:
             raise EPSetupError("expert_placement", f"places over {placement.world_size} ranks, experts is {experts}")
-        if placement.layers != moe_layers(cfg):
+        if list(placement.layers) != moe_layers(cfg):
             raise EPSetupError(
                 "expert_placement", f"covers layers {placement.layers}, the model's MoE layers are {moe_layers(cfg)}"
             )
@@ -59,6 +61,33 @@ def serving_placement(
             raise EPSetupError("expert_cache_slots", f"must be in [1, {share}] (experts per rank), got {cache_slots}")
         cache = ExpertCacheConfig(cache_slots, policy="lru")  # no routing log in serving: no predictor
     return placement, cache
+
+
+def serving_token_prior(cfg: ModelConfig, log_path: str) -> TokenPrior:
+    """The s-TS token prior of an EP pool's ``expert_routing_log``, checked against the model:
+    a routing log (expert_router/routing_log.py) with token ids, over the model's MoE layers
+    and routed expert count. Raises EPSetupError naming ``expert_routing_log``."""
+    if cfg.moe is None:
+        raise EPSetupError("experts", f"{cfg.architecture} is a dense model: expert parallelism needs an MoE model")
+    try:
+        log = RoutingLog.load(log_path)
+    except (OSError, ValueError, KeyError) as e:
+        raise EPSetupError("expert_routing_log", f"cannot read {log_path!r}: {e}") from None
+    n = cfg.moe.num_experts
+    if log.num_experts != n:
+        raise EPSetupError("expert_routing_log", f"{log_path!r} logs {log.num_experts} experts, the model has {n}")
+    if list(log.layers) != moe_layers(cfg):
+        raise EPSetupError(
+            "expert_routing_log", f"{log_path!r} logs layers {log.layers}, the model's MoE layers are {moe_layers(cfg)}"
+        )
+    if log.top_k != cfg.moe.top_k:
+        raise EPSetupError(
+            "expert_routing_log", f"{log_path!r} logs top-{log.top_k}, the model routes top-{cfg.moe.top_k}"
+        )
+    try:
+        return TokenPrior.fit(log)
+    except ValueError as e:
+        raise EPSetupError("expert_routing_log", str(e)) from None
 
 
 def build_ep_engine(

@@ -63,6 +63,7 @@ from typing import Any
 import ray
 
 from cluster.config import PoolConfig, ServeConfig
+from cluster.control.expert_affinity import build_expert_affinities
 from cluster.control.groups import form_group
 from cluster.control.handles import DecodeHandle, PrefillHandle, RayInvoker, WorkerUnavailable
 from cluster.control.info import ClusterInfo, pool_info, worker_info
@@ -150,7 +151,7 @@ class Controller:
         self.options = options or ControllerOptions()
         self.store = make_state_store(config.state)
         self.router = Router(
-            RoutingPolicy(config.router),
+            RoutingPolicy(config.router, affinities=build_expert_affinities(config)),
             read_timeout_s=self.options.read_timeout_s,
             failover=config.failover,
             store=self.store,
