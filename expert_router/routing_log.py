@@ -27,6 +27,7 @@ every forward's tokens belong to that sequence, in order.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -96,8 +97,11 @@ class RoutingLog:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: str) -> RoutingLog:
-        with np.load(path) as z:
+    def load(cls, path: str | bytes) -> RoutingLog:
+        """From a file, or from the file's bytes (what the controller hands EP workers)."""
+        source = io.BytesIO(path) if isinstance(path, bytes) else path
+        path = "<routing log bytes>" if isinstance(path, bytes) else path
+        with np.load(source) as z:
             fmt = str(z["format"]) if "format" in z else None
             if fmt != FORMAT:
                 raise ValueError(f"{path}: not a routing log (format {fmt!r}, want {FORMAT!r})")

@@ -94,6 +94,9 @@ class LocalCluster:
                     "expert_placement_json": placement,
                     "expert_cache_slots": pool.expert_cache_slots,
                 }
+                if pool.expert_routing_log is not None:  # the ranks' ExpertFlow predictor
+                    with open(pool.expert_routing_log, "rb") as f:
+                        ep["expert_routing_log"] = f.read()
             dw = build_decode_worker(
                 self.config.model,
                 pool.engine,
