@@ -7,8 +7,8 @@ holds one prompt per line (plain text, tokenized with the model's tokenizer; emp
 skipped); LOG is the routing log written (``.npz``, format in expert_router/routing_log.py),
 from which s-EG placement and the ExpertFlow predictor are fitted; it records each token's id
 too, for the router's s-TS prior (pool ``expert_routing_log``, ``serve --expert-routing-log``).
-Each prompt runs alone,
-greedy, with ``--max-tokens`` new tokens (default 16), so generated tokens are logged too.
+Each prompt runs alone, greedy, with ``--max-tokens`` new tokens (default 16), so generated
+tokens are logged too.
 
 Exit status: 0; 2 for a missing file, a model that is not MoE, or an unreadable prompt file
 (one line on stderr).
