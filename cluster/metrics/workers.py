@@ -37,6 +37,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from cluster.config import ROLES
+from cluster.control.expert_affinity import ExpertAffinity
 from cluster.control.router import Router
 from engine.types import ExpertCacheReport, HistogramReport, WorkerStats
 
@@ -138,6 +139,7 @@ WORKER_METRICS: tuple[MetricDef, ...] = (
     MetricDef("splitserve_worker_healthy", G, "1 if the router considers the worker healthy; role is its current role.", (*WORKER, "role")),
     MetricDef("splitserve_worker_restarts", C, "Worker restarts seen (a new incarnation reporting), per worker id.", WORKER),
     MetricDef("splitserve_role_switches", C, "Splitwise role switches (decode <-> mixed) made by the routing policy.", ("model",)),
+    MetricDef("splitserve_ep_sts_placements", C, "Requests the router placed on an EP pool by its routing log's token prior (s-TS); outcome 'capped': not on the most voted member, which was at 1.5x its fair share.", ("model", "pool", "outcome")),
 )
 # fmt: on
 
@@ -220,6 +222,10 @@ class WorkerCollector(Collector):
                     [self.model, st.pool, wid, current], float(bool(entry.healthy))
                 )
         fams["splitserve_role_switches"].add_metric([self.model], self.router.policy.num_role_switches)
+        for a in self.router.policy.affinities:
+            if isinstance(a, ExpertAffinity):
+                fams["splitserve_ep_sts_placements"].add_metric([self.model, a.pool, "voted"], a.placed - a.capped)
+                fams["splitserve_ep_sts_placements"].add_metric([self.model, a.pool, "capped"], a.capped)
         return iter(fams.values())
 
     def restarts(self, worker_id: str) -> int:

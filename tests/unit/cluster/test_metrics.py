@@ -328,6 +328,16 @@ def test_exported_names_match_what_a_full_scrape_exposes():
     )
     m, router = attached({"prefill-0": report(1.0, 1, [0.01]), "decode-0": speculating})
     d = {"model": "m", "pool": "decode", "worker": "decode-0"}
+    # an EP pool placed by its routing log's prior (s-TS): 3 requests, 1 of them capped
+    from tests.unit.cluster.test_expert_affinity import affinity
+
+    sts = affinity()
+    sts.placed, sts.capped = 3, 1
+    router.policy.affinities = (sts,)
+    for outcome, n in (("voted", 2), ("capped", 1)):
+        assert (
+            m.sample_value("splitserve_ep_sts_placements_total", {"model": "m", "pool": "ep", "outcome": outcome}) == n
+        )
     assert (
         m.sample_value("splitserve_ep_local_tokens_total", d),
         m.sample_value("splitserve_ep_routed_tokens_total", d),
