@@ -4,6 +4,7 @@ random-weight models, and routing structure planted on purpose (random gates hav
 
     .venv/bin/python benchmarks/expert_parallel.py      # ~1.5 min
     # results: benchmarks/results/expert_parallel.json and .png
+    .venv/bin/python benchmarks/expert_parallel.py --only-router-prior   # section 5 alone
 
 1. Traffic, measured: a tiny Mixtral with planted gates (expert_router/synthetic.py
    ``build_planted_moe_checkpoint``: 16 experts, top-2, 4 layers, hidden 128, 4 "topics"
@@ -27,6 +28,9 @@ random-weight models, and routing structure planted on purpose (random gates hav
    tokens/s at equal total cores, on the tiny planted model (plus EP=4: oversubscribes 2
    cores; bytes per round) and on a ~160M-parameter planted-gate Mixtral where expert
    compute dominates (8 experts of hidden 768 x intermediate 2048, 4 layers).
+5. Router placement (s-TS in serving, cluster/control/expert_affinity.py): the share of
+   generated (token, layer) pairs local to the request's rank when the router places it by the
+   calibration log's per-token-id prior, vs round robin and vs the prompt's real routing.
 """
 
 from __future__ import annotations
@@ -163,6 +167,67 @@ def traffic_measured(ckpt: str, topics, worlds=(2, 4)) -> list[dict]:
                 f"  EP={world} {mode}: {row['bytes_per_token']:.0f} B/token, distinct ranks "
                 f"{row['distinct_ranks_per_token']:.3f}, local {row['local_fraction']:.3f}, equal {row['equal_to_local']:.3f}, "
                 f"wall {row['wall_s']:.2f}s, load {row['load_avg']:.1f}",
+                flush=True,
+            )
+            rows.append(row)
+    return rows
+
+
+def router_prior(ckpt: str, topics, worlds=(2, 4), n_prompts: int = 32) -> list[dict]:
+    """What the ROUTER can do before any forward (cluster/control/expert_affinity.py): place each
+    held-out request by the calibration log's per-token-id prior of its prompt tokens, vs the
+    usual policy (equal loads: round robin) and vs voting with the prompt's real routing (what
+    a prefill would know). Scored on the tokens after the prompt: the share of (token, layer)
+    pairs whose top-2 experts all sit on the request's rank, under the s-EG placement."""
+    from cluster.control.expert_affinity import ExpertAffinity
+    from cluster.control.routing import WorkerLoad
+    from expert_router.sts import capped_rank, rank_votes
+    from expert_router.token_prior import TokenPrior
+
+    calib = record_routing(ckpt, topic_prompts(topics, 24, seed=1), max_tokens=16)
+    prompts = topic_prompts(topics, n_prompts, seed=2)
+    held = record_routing(ckpt, prompts, max_tokens=MAX_NEW)  # prompt + generated, per sequence
+    prior = TokenPrior.fit(calib)
+    rows = []
+    for world in worlds:
+        seg = coactivation_placement(calib, world)
+        affinity = ExpertAffinity("ep", seg, prior)
+        picks: dict[str, list[int]] = {"round robin (usual policy)": [], "router prior": [], "prompt routing": []}
+        counts = {m: np.zeros(world) for m in picks}
+        for i, (prompt, seq) in enumerate(zip(prompts, held.sequences())):
+            loads = [
+                WorkerLoad(f"ep-{r}", "decode", pending_requests=int(counts["router prior"][r])) for r in range(world)
+            ]
+            chosen = {
+                "round robin (usual policy)": i % world,
+                "router prior": int(affinity.choose(loads, prompt).worker_id.rsplit("-", 1)[1]),
+                "prompt routing": capped_rank(
+                    rank_votes(seg, held.layers, seq[: len(prompt)]), counts["prompt routing"]
+                ),
+            }
+            for m, r in chosen.items():
+                picks[m].append(r)
+                counts[m][r] += 1
+        for mode, ranks in picks.items():
+            local = pairs = 0
+            for r, prompt, seq in zip(ranks, prompts, held.sequences()):
+                rest = seq[len(prompt) :].astype(np.int64)  # [n, L, k], the generated tokens
+                for li, layer in enumerate(held.layers):
+                    owners = np.array(seg.owners[layer])[rest[:, li]]  # [n, k]
+                    local += int((owners == r).all(axis=1).sum())
+                    pairs += owners.shape[0]
+            agree = np.mean([a == b for a, b in zip(ranks, picks["prompt routing"])])
+            row = {
+                "world": world,
+                "mode": mode,
+                "local_fraction": local / pairs,
+                "agrees_with_prompt_routing": float(agree),
+                "max_rank_requests": float(counts[mode].max() / counts[mode].sum()),
+                "load_avg": os.getloadavg()[0],
+            }
+            print(
+                f"  EP={world} {mode}: local {row['local_fraction']:.3f}, same rank as prompt routing "
+                f"{row['agrees_with_prompt_routing']:.2f}, busiest rank {row['max_rank_requests']:.2f}",
                 flush=True,
             )
             rows.append(row)
@@ -315,6 +380,11 @@ def plot(result: dict, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(RESULTS / "expert_parallel.json"))
+    ap.add_argument(
+        "--only-router-prior",
+        action="store_true",
+        help="only the router's s-TS placement accuracy (results/expert_parallel_router_prior.json)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     result: dict = {"load_avg_start": os.getloadavg()}
@@ -325,6 +395,14 @@ def main() -> None:
         num_attention_heads=4,
         num_key_value_heads=2,
     )
+    print("router placement from the token prior (planted-gate model):", flush=True)
+    result["router_prior"] = router_prior(ckpt, topics)
+    if args.only_router_prior:
+        result["load_avg_end"] = os.getloadavg()
+        out = RESULTS / "expert_parallel_router_prior.json"
+        out.write_text(json.dumps(result, indent=2, default=float) + "\n")
+        print(f"wrote {out}")
+        return
     print("traffic (measured, planted-gate model):", flush=True)
     result["traffic_measured"] = traffic_measured(ckpt, topics)
     print("traffic (modelled, synthetic log E=64, hidden 4096 bf16):", flush=True)

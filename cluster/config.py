@@ -108,6 +108,11 @@ class PoolConfig:
     # ExpertFlow fast tier: resident experts per MoE layer on each EP worker (LRU over the
     # worker's share; expert_router/expertflow.py). None: the whole share resident.
     expert_cache_slots: int | None = None
+    # s-TS request placement: a routing log (``splitserve route-log`` .npz with token ids,
+    # expert_router/routing_log.py) whose per-token-id prior the router votes with to place a
+    # request on the member most likely to host its experts (cluster/control/expert_affinity.py).
+    # None: the router's usual decode policy. Only with experts > 1.
+    expert_routing_log: str | None = None
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "name", "must be a non-empty string")
@@ -133,10 +138,16 @@ class PoolConfig:
                 f"got {self.num_workers}",
             )
         else:
-            for name in ("expert_placement", "expert_cache_slots"):
+            for name in ("expert_placement", "expert_cache_slots", "expert_routing_log"):
                 _check(getattr(self, name) is None, name, "needs experts > 1 (an expert-parallel pool)")
         if self.expert_placement is not None:
             _check(os.path.isfile(self.expert_placement), "expert_placement", f"no such file {self.expert_placement!r}")
+        if self.expert_routing_log is not None:
+            _check(
+                os.path.isfile(self.expert_routing_log),
+                "expert_routing_log",
+                f"no such file {self.expert_routing_log!r}",
+            )
         if self.expert_cache_slots is not None:
             _check(self.expert_cache_slots >= 1, "expert_cache_slots", f"must be >= 1, got {self.expert_cache_slots}")
         # defensive copies: the caller's dicts must not alias a frozen config

@@ -129,6 +129,12 @@ def add_serve_parser(sub: Any) -> None:
         "(pool `experts`; needs an MoE model whose expert count N divides)",
     )
     p.add_argument(
+        "--expert-routing-log",
+        metavar="FILE",
+        help="s-TS: the router places requests on the EP member predicted to host their experts, "
+        "from this routing log's per-token prior (`splitserve route-log`; pool `expert_routing_log`)",
+    )
+    p.add_argument(
         "--transport",
         choices=RAY_KINDS,
         help="KV transport (default: the config's transfer.kind, else shm; shm needs a single node)",
@@ -236,6 +242,13 @@ def serve_config_from_args(args: argparse.Namespace, default_model: Callable[[],
         for p in ep_pools:
             p["experts"] = experts
             p["num_workers"] = experts
+    routing_log = getattr(args, "expert_routing_log", None)
+    if routing_log is not None:
+        ep_pools = [p for p in pools if p.get("experts", 1) > 1]
+        if not ep_pools:
+            raise ConfigError("--expert-routing-log", "there is no expert-parallel pool (give --experts N)")
+        for p in ep_pools:
+            p["expert_routing_log"] = routing_log
     if args.num_cpus_per_worker is not None:
         for p in pools:
             p["num_cpus"] = args.num_cpus_per_worker
@@ -354,7 +367,7 @@ def resolve_model(cfg: ServeConfig) -> ServeConfig:
     options are checked against the model before any actor starts. Raises ServeFailure."""
     from engine.llm import build_engine_config
     from engine.models.gguf import resolve_model_path
-    from expert_router.group import EPSetupError, serving_placement
+    from expert_router.group import EPSetupError, serving_placement, serving_token_prior
 
     try:
         path = resolve_model_path(cfg.model)
@@ -381,6 +394,8 @@ def resolve_model(cfg: ServeConfig) -> ServeConfig:
                     with open(pool.expert_placement, encoding="utf-8") as f:
                         placement = f.read()
                 serving_placement(engine_config.model, pool.experts, placement, pool.expert_cache_slots)
+                if pool.expert_routing_log is not None:
+                    serving_token_prior(engine_config.model, pool.expert_routing_log)
             except EPSetupError as e:
                 raise ServeFailure(f"pools[{i}].{e}", 2) from None
     return dataclasses.replace(cfg, model=path)

@@ -10,7 +10,8 @@ from engine.llm import build_engine_config
 from engine.models.gguf import resolve_model_path
 from engine.tokenizer import load_tokenizer
 from expert_router.dispatcher import EPDispatcher
-from expert_router.group import build_ep_engine, serving_placement
+from expert_router.group import EPSetupError, build_ep_engine, serving_placement
+from expert_router.routing_log import RoutingLog
 from kv_transfer import make_receiver
 
 
@@ -27,6 +28,7 @@ def build_decode_worker(
     expert_rank: int = 0,
     expert_placement_json: str | None = None,
     expert_cache_slots: int | None = None,
+    expert_routing_log: bytes | None = None,
     node_ip: str = "127.0.0.1",
 ) -> DecodeWorker:
     """``transport=None`` builds a worker without a receiver (mixed/colocated use only).
@@ -34,7 +36,9 @@ def build_decode_worker(
     ``experts`` > 1: the worker is EP rank ``expert_rank`` of a group of ``experts`` (its
     position in the pool, so a replacement gets the same rank): it loads only its share of
     the routed experts (``expert_placement_json``: an ExpertPlacement's JSON text, else contiguous;
-    ``expert_cache_slots``: an LRU fast tier) and serves once ``join_group`` formed the group.
+    ``expert_cache_slots``: a fast tier, LRU, or ExpertFlow's predictor and policy fitted on
+    ``expert_routing_log``, the routing log's .npz bytes) and serves once ``join_group``
+    formed the group.
     Raises EPSetupError naming the pool field when the settings do not fit the model."""
     model = resolve_model_path(model)  # a .gguf converts once (cached); every later call reuses it
     opts = {k: v for k, v in (engine_options or {}).items() if k != "mode"}
@@ -42,7 +46,13 @@ def build_decode_worker(
     config = build_engine_config(model, **opts, mode="decode_only")
     dispatcher: EPDispatcher | None = None
     if experts > 1:
-        placement, cache = serving_placement(config.model, experts, expert_placement_json, expert_cache_slots)
+        log = None
+        if expert_routing_log is not None and expert_cache_slots is not None:  # only the cache reads it
+            try:
+                log = RoutingLog.load(expert_routing_log)
+            except (ValueError, KeyError, OSError) as e:
+                raise EPSetupError("expert_routing_log", f"not a routing log: {e}") from None
+        placement, cache = serving_placement(config.model, experts, expert_placement_json, expert_cache_slots, log)
         engine, dispatcher = build_ep_engine(config, None, placement, cache, rank=expert_rank, world_size=experts)
     else:
         engine = EngineCore(config, progress=True)

@@ -58,6 +58,7 @@ from engine.runtime.worker import RuntimeWorker, WorkerRuntime
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from engine.types import (
     EngineStopped,
+    ExpertCacheReport,
     ExpertParallelReport,
     FirstToken,
     KVAddress,
@@ -364,4 +365,24 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
             dispatch_bytes=st.dispatch_bytes,
             combine_bytes=st.combine_bytes,
             comm_seconds=st.comm_s,
+            cache=self._ep_cache_report(),
+        )
+
+    def _ep_cache_report(self) -> ExpertCacheReport | None:
+        """The fast tier's counters (zeros until the first MoE round builds it); None without one."""
+        d = self.dispatcher
+        if d is None or d.cache is None:
+            return None
+        tiers = d.tiers
+        cs = tiers.core.stats if tiers is not None else None
+        return ExpertCacheReport(
+            slots=d.cache.slots,
+            hits=cs.hits if cs else 0,
+            misses=cs.misses if cs else 0,
+            prefetches=cs.prefetches if cs else 0,
+            prefetch_used=cs.prefetch_used if cs else 0,
+            evictions=cs.evictions if cs else 0,
+            load_bytes=tiers.load_bytes if tiers else 0,
+            load_seconds=tiers.modelled_load_s if tiers else 0.0,
+            copy_seconds=tiers.copy_s if tiers else 0.0,
         )

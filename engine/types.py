@@ -106,6 +106,32 @@ class SpeculationReport:
 
 
 @dataclass(frozen=True)
+class ExpertCacheReport:
+    """An EP rank's ExpertFlow fast tier (pool ``expert_cache_slots``; expert_router's
+    CacheStats and TieredExperts), cumulative, restarting with the worker. Counts are
+    (MoE layer, expert) accesses of this rank's own experts."""
+
+    slots: int  # fast-tier experts per MoE layer
+    hits: int  # needed experts already resident
+    misses: int  # needed experts loaded on demand (the forward waited for them)
+    prefetches: int  # experts loaded ahead of need by the path predictor (0 without one)
+    prefetch_used: int  # of those, hit before being evicted
+    evictions: int
+    load_bytes: int  # expert weights copied slow tier -> fast tier
+    load_seconds: float  # those bytes over the MODELLED slow-tier link (bandwidth_gbps)
+    copy_seconds: float  # measured wall time of the copies themselves (host memory on CPU)
+
+    @property
+    def hit_ratio(self) -> float:
+        n = self.hits + self.misses
+        return self.hits / n if n else 0.0
+
+    @property
+    def prefetch_accuracy(self) -> float:
+        return self.prefetch_used / self.prefetches if self.prefetches else 0.0
+
+
+@dataclass(frozen=True)
 class ExpertParallelReport:
     """An EP rank's place in its group and its cumulative traffic (expert_router's EPStats,
     this rank's view; counters restart with the worker). Bytes count what this rank sent to
@@ -121,6 +147,7 @@ class ExpertParallelReport:
     dispatch_bytes: int
     combine_bytes: int
     comm_seconds: float  # wall time in the group's collectives
+    cache: ExpertCacheReport | None = None  # None: no fast tier (the whole share resident)
 
     @property
     def local_fraction(self) -> float:

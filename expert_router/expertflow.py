@@ -26,6 +26,7 @@ on this machine is a memcpy between two host buffers and is not what is measured
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -310,6 +311,7 @@ class TieredExperts:
         self.index = {layer: i for i, layer in enumerate(self.layers)}
         self.bandwidth = config.bandwidth_gbps * 1e9
         self.load_bytes = 0
+        self.copy_s = 0.0  # measured wall time of the slow -> fast copies (CPU; on GPU: launches)
 
     @property
     def modelled_load_s(self) -> float:
@@ -319,9 +321,11 @@ class TieredExperts:
     def _copy(self, li: int, e: int, slot: int) -> None:
         layer = self.layers[li]
         src, dst, s = self.slow[layer], self.fast[layer], self.slow_slot[layer][e]
+        t0 = time.perf_counter()
         with torch.no_grad():
             dst.w13[slot].copy_(src.w13[s])
             dst.w2[slot].copy_(src.w2[s])
+        self.copy_s += time.perf_counter() - t0
         self.load_bytes += (src.w13[s].numel() + src.w2[s].numel()) * src.w13.element_size()
 
     def run(self, layer: int, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,10 @@ from engine.config import EngineConfig, ModelConfig
 from engine.engine import EngineCore
 from engine.parallel import Communicator
 from expert_router.dispatcher import EPDispatcher
-from expert_router.expertflow import ExpertCacheConfig
+from expert_router.expertflow import ExpertCacheConfig, PathPredictor
 from expert_router.placement import ExpertPlacement, moe_layers
+from expert_router.routing_log import RoutingLog
+from expert_router.token_prior import TokenPrior
 
 
 def contiguous_placement(cfg: ModelConfig, world_size: int) -> ExpertPlacement:
@@ -24,14 +26,21 @@ class EPSetupError(ValueError):
 
 
 def serving_placement(
-    cfg: ModelConfig, experts: int, placement_json: str | None = None, cache_slots: int | None = None
+    cfg: ModelConfig,
+    experts: int,
+    placement_json: str | None = None,
+    cache_slots: int | None = None,
+    routing_log: RoutingLog | None = None,
 ) -> tuple[ExpertPlacement, ExpertCacheConfig | None]:
     """The placement and fast-tier config of a served EP group of ``experts`` ranks, checked
     against the model: an MoE model whose routed expert count ``experts`` divides (so every
     rank holds the same share), a placement (JSON text of ``ExpertPlacement``; None:
     contiguous) over exactly the model's MoE layers and ``experts`` ranks, and
-    ``cache_slots`` (LRU fast tier) within the per-rank share. Raises EPSetupError naming the
-    pool field (``experts``, ``expert_placement``, ``expert_cache_slots``)."""
+    ``cache_slots`` within the per-rank share: an LRU fast tier, or with a ``routing_log``
+    (the pool's ``expert_routing_log``, checked by ``check_routing_log``) ExpertFlow's policy
+    with the path predictor fitted on it (prefetch, replacement by predicted use). Raises
+    EPSetupError naming the pool field (``experts``, ``expert_placement``,
+    ``expert_cache_slots``, ``expert_routing_log``)."""
     if cfg.moe is None:
         raise EPSetupError("experts", f"{cfg.architecture} is a dense model: expert parallelism needs an MoE model")
     n = cfg.moe.num_experts
@@ -46,7 +55,7 @@ def serving_placement(
             raise EPSetupError("expert_placement", f"not an ExpertPlacement JSON: {e}") from None
         if placement.world_size != experts:
             raise EPSetupError("expert_placement", f"places over {placement.world_size} ranks, experts is {experts}")
-        if placement.layers != moe_layers(cfg):
+        if list(placement.layers) != moe_layers(cfg):
             raise EPSetupError(
                 "expert_placement", f"covers layers {placement.layers}, the model's MoE layers are {moe_layers(cfg)}"
             )
@@ -57,8 +66,43 @@ def serving_placement(
         share = n // experts
         if not 1 <= cache_slots <= share:
             raise EPSetupError("expert_cache_slots", f"must be in [1, {share}] (experts per rank), got {cache_slots}")
-        cache = ExpertCacheConfig(cache_slots, policy="lru")  # no routing log in serving: no predictor
+        if routing_log is None:
+            cache = ExpertCacheConfig(cache_slots, policy="lru")  # no routing log: no predictor
+        else:
+            check_routing_log(cfg, routing_log, "the routing log")
+            cache = ExpertCacheConfig(cache_slots, policy="expertflow", predictor=PathPredictor(routing_log))
     return placement, cache
+
+
+def check_routing_log(cfg: ModelConfig, log: RoutingLog, name: str) -> None:
+    """Raises EPSetupError (``expert_routing_log``) unless ``log`` was recorded on a model
+    like ``cfg``: the same MoE layers, routed expert count and top-k."""
+    if cfg.moe is None:
+        raise EPSetupError("experts", f"{cfg.architecture} is a dense model: expert parallelism needs an MoE model")
+    n = cfg.moe.num_experts
+    if log.num_experts != n:
+        raise EPSetupError("expert_routing_log", f"{name} logs {log.num_experts} experts, the model has {n}")
+    if list(log.layers) != moe_layers(cfg):
+        raise EPSetupError(
+            "expert_routing_log", f"{name} logs layers {log.layers}, the model's MoE layers are {moe_layers(cfg)}"
+        )
+    if log.top_k != cfg.moe.top_k:
+        raise EPSetupError("expert_routing_log", f"{name} logs top-{log.top_k}, the model routes top-{cfg.moe.top_k}")
+
+
+def serving_token_prior(cfg: ModelConfig, log_path: str) -> TokenPrior:
+    """The s-TS token prior of an EP pool's ``expert_routing_log``, checked against the model:
+    a routing log (expert_router/routing_log.py) with token ids, over the model's MoE layers
+    and routed expert count. Raises EPSetupError naming ``expert_routing_log``."""
+    try:
+        log = RoutingLog.load(log_path)
+    except (OSError, ValueError, KeyError) as e:
+        raise EPSetupError("expert_routing_log", f"cannot read {log_path!r}: {e}") from None
+    check_routing_log(cfg, log, repr(log_path))
+    try:
+        return TokenPrior.fit(log)
+    except ValueError as e:
+        raise EPSetupError("expert_routing_log", str(e)) from None
 
 
 def build_ep_engine(

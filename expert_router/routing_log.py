@@ -16,6 +16,10 @@ File format: a NumPy ``.npz`` archive (``numpy.load(path)``) with
     seq_offsets  [S + 1]    int64, sequence s is tokens [seq_offsets[s], seq_offsets[s + 1]),
                         in position order: its prompt, then the tokens it generated (all but
                         the last, which no forward consumed)
+    token_ids    [N]    int32, OPTIONAL: token n's vocabulary id (what its forward consumed);
+                        written by ``record_routing`` since the router's s-TS prior
+                        (expert_router/token_prior.py) needs it; logs without it still load
+                        (``token_ids`` None) and serve placement and ExpertFlow as before
 
 Recording runs one sequence at a time through an EngineCore (no prefix cache, greedy), so
 every forward's tokens belong to that sequence, in order.
@@ -23,6 +27,7 @@ every forward's tokens belong to that sequence, in order.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,9 +50,12 @@ class RoutingLog:
     layers: tuple[int, ...]
     ids: np.ndarray  # [N, L, k] int16
     seq_offsets: np.ndarray  # [S + 1] int64
+    token_ids: np.ndarray | None = None  # [N] int32, each token's vocabulary id; None: not recorded
 
     def __post_init__(self) -> None:
         n, nl, k = self.ids.shape
+        if self.token_ids is not None and self.token_ids.shape != (n,):
+            raise ValueError(f"RoutingLog.token_ids has shape {self.token_ids.shape}, want [{n}]")
         if nl != len(self.layers) or k != self.top_k:
             raise ValueError(f"RoutingLog.ids has shape {self.ids.shape}, want [N, {len(self.layers)}, {self.top_k}]")
         if self.seq_offsets[0] != 0 or self.seq_offsets[-1] != n or np.any(np.diff(self.seq_offsets) < 0):
@@ -84,12 +92,16 @@ class RoutingLog:
             layers=np.array(self.layers, dtype=np.int64),
             ids=self.ids.astype(np.int16),
             seq_offsets=self.seq_offsets.astype(np.int64),
+            **({} if self.token_ids is None else {"token_ids": self.token_ids.astype(np.int32)}),
         )
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: str) -> RoutingLog:
-        with np.load(path) as z:
+    def load(cls, path: str | bytes) -> RoutingLog:
+        """From a file, or from the file's bytes (what the controller hands EP workers)."""
+        source = io.BytesIO(path) if isinstance(path, bytes) else path
+        path = "<routing log bytes>" if isinstance(path, bytes) else path
+        with np.load(source) as z:
             fmt = str(z["format"]) if "format" in z else None
             if fmt != FORMAT:
                 raise ValueError(f"{path}: not a routing log (format {fmt!r}, want {FORMAT!r})")
@@ -100,6 +112,7 @@ class RoutingLog:
                 layers=tuple(int(x) for x in z["layers"]),
                 ids=z["ids"].astype(np.int16),
                 seq_offsets=z["seq_offsets"].astype(np.int64),
+                token_ids=z["token_ids"].astype(np.int32) if "token_ids" in z else None,
             )
 
 
@@ -145,15 +158,28 @@ def record_routing(
     assert mc.moe is not None
     recorder = RecordingDispatcher()
     engine = EngineCore(config, dispatcher=recorder)
-    chunks, offsets = [], [0]
+    chunks, offsets, tokens = [], [0], []
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     for i, prompt in enumerate(prompts):
-        engine.add_request(Request(f"route-log-{i}", list(prompt), params))
+        request = Request(f"route-log-{i}", list(prompt), params)
+        engine.add_request(request)
         while engine.has_work():
             engine.step()
         ids = recorder.take(layers)
+        consumed = request.all_token_ids[: ids.shape[0]]  # the last output token fed no forward
+        if len(consumed) != ids.shape[0]:
+            raise RuntimeError(f"prompt {i}: {ids.shape[0]} routed tokens but {len(consumed)} token ids")
+        tokens += consumed
         chunks.append(ids)
         offsets.append(offsets[-1] + ids.shape[0])
     k = mc.moe.top_k
     all_ids = np.concatenate(chunks) if chunks else np.zeros((0, len(layers), k), np.int16)
-    return RoutingLog(model_path, mc.moe.num_experts, k, tuple(layers), all_ids, np.array(offsets, np.int64))
+    return RoutingLog(
+        model_path,
+        mc.moe.num_experts,
+        k,
+        tuple(layers),
+        all_ids,
+        np.array(offsets, np.int64),
+        token_ids=np.array(tokens, np.int32),
+    )

@@ -45,6 +45,16 @@ def predict_rank(
     return int(min(range(placement.world_size), key=lambda r: (-votes[r], load[r], r)))
 
 
+def capped_rank(votes: np.ndarray, counts: np.ndarray, max_imbalance: float = 1.5) -> int:
+    """The most voted index of ``votes`` [W] among those holding fewer than ``max_imbalance``
+    times the fair share of ``counts`` [W] (requests per rank, the new one included); ties go
+    to the fewer requests, then the lower index. All at the cap: the most voted of all."""
+    w = len(votes)
+    cap = max_imbalance * (counts.sum() + 1) / w
+    allowed = [r for r in range(w) if counts[r] < cap] or list(range(w))
+    return int(min(allowed, key=lambda r: (-votes[r], counts[r], r)))
+
+
 @dataclass(frozen=True)
 class STSResult:
     remote_pairs_per_token: float  # (token, layer) rows sent to another rank, per token
@@ -73,10 +83,7 @@ def sts_traffic(
         if len(seq) <= prefix:
             continue
         if sts:
-            votes = rank_votes(placement, log.layers, seq[:prefix])
-            cap = max_imbalance * (counts.sum() + 1) / w
-            allowed = [r for r in range(w) if counts[r] < cap] or list(range(w))
-            home = min(allowed, key=lambda r: (-votes[r], counts[r], r))
+            home = capped_rank(rank_votes(placement, log.layers, seq[:prefix]), counts, max_imbalance)
         else:
             home = s % w
         counts[home] += 1

@@ -63,6 +63,7 @@ from typing import Any
 import ray
 
 from cluster.config import PoolConfig, ServeConfig
+from cluster.control.expert_affinity import build_expert_affinities
 from cluster.control.groups import form_group
 from cluster.control.handles import DecodeHandle, PrefillHandle, RayInvoker, WorkerUnavailable
 from cluster.control.info import ClusterInfo, pool_info, worker_info
@@ -150,7 +151,7 @@ class Controller:
         self.options = options or ControllerOptions()
         self.store = make_state_store(config.state)
         self.router = Router(
-            RoutingPolicy(config.router),
+            RoutingPolicy(config.router, affinities=build_expert_affinities(config)),
             read_timeout_s=self.options.read_timeout_s,
             failover=config.failover,
             store=self.store,
@@ -172,6 +173,12 @@ class Controller:
                     raise ValueError(
                         f"pools[{i}].expert_placement: cannot read {pool.expert_placement!r}: {e}"
                     ) from None
+        # EP pools' routing logs, as bytes (the ranks' ExpertFlow predictor; actors may be on other nodes)
+        self._expert_routing_log = {
+            pool.name: _read_bytes(pool.expert_routing_log, f"pools[{i}].expert_routing_log")
+            for i, pool in enumerate(config.pools)
+            if pool.experts > 1 and pool.expert_routing_log is not None
+        }
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> Controller:
@@ -321,6 +328,7 @@ class Controller:
                 "expert_rank": int(wid.rsplit("-", 1)[1]),
                 "expert_placement_json": self._expert_placement.get(pool.name),
                 "expert_cache_slots": pool.expert_cache_slots,
+                "expert_routing_log": self._expert_routing_log.get(pool.name),
             }
         return DecodeActor.options(**placement).remote(
             self.config.model, engine, t.kind, None, wid, t.timeout_s, pool.role, bound, **ep
@@ -556,6 +564,14 @@ class Controller:
 def _handle(wid: str, pool: PoolConfig, actor: Any) -> PrefillHandle | DecodeHandle:
     invoker = RayInvoker(wid, actor)
     return PrefillHandle(wid, invoker) if pool.role == "prefill" else DecodeHandle(wid, invoker)
+
+
+def _read_bytes(path: str, field: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"{field}: cannot read {path!r}: {e}") from None
 
 
 def _ep_group_name(pool: PoolConfig) -> str:

@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 from cluster.config import PoolConfig, ServeConfig
+from cluster.control.expert_affinity import build_expert_affinities
 from cluster.control.groups import form_group
 from cluster.control.handles import DecodeHandle, local_decode, local_prefill
 from cluster.control.info import ClusterInfo, pool_info, worker_info
@@ -52,7 +53,10 @@ class LocalCluster:
         self.pool_of: dict[str, str] = {}  # worker id -> pool name
         self.store = store if store is not None else make_state_store(config.state)
         self.router = Router(
-            RoutingPolicy(config.router), read_timeout_s=read_timeout_s, failover=config.failover, store=self.store
+            RoutingPolicy(config.router, affinities=build_expert_affinities(config)),
+            read_timeout_s=read_timeout_s,
+            failover=config.failover,
+            store=self.store,
         )
         self.killed: set[str] = set()
         self.ep_group_timeout_s = ep_group_timeout_s
@@ -90,6 +94,9 @@ class LocalCluster:
                     "expert_placement_json": placement,
                     "expert_cache_slots": pool.expert_cache_slots,
                 }
+                if pool.expert_routing_log is not None:  # the ranks' ExpertFlow predictor
+                    with open(pool.expert_routing_log, "rb") as f:
+                        ep["expert_routing_log"] = f.read()
             dw = build_decode_worker(
                 self.config.model,
                 pool.engine,

@@ -420,7 +420,7 @@ class Router:
                 self._changed = asyncio.Event()
             changed = self._changed
             try:
-                decision = self.policy.route(len(tokens), self.snapshot(bounded=not failover), hashes)
+                decision = self.policy.route(len(tokens), self.snapshot(bounded=not failover), hashes, tokens)
                 break
             except (NoWorkerAvailable, WorkersBusy):
                 remaining = deadline - time.monotonic()

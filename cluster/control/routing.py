@@ -22,6 +22,12 @@ reserve KV blocks and receive layers while the prefill is still running.
    request itself (``prefill_worker=None``, ``decode_worker`` = it, reason MIXED); a prefill
    worker is paired with the decode policy's pick (reason SPLIT).
 
+Affinities (``DecodeAffinity``, e.g. cluster/control/expert_affinity.py's s-TS placement of
+an expert-parallel pool): before a pool's policy picks, each affinity in turn may pick from the
+same candidates given the request's token ids (``prompt_token_ids`` of ``route``); the first
+that answers decides, none answering leaves it to the policy. They pick only among the
+candidates the steps above allow, so every invariant below holds with them too.
+
 Role switching (Splitwise mixed pool), evaluated by every ``observe``:
 - pressure is the smallest pending-prompt-token count among healthy prefill-role workers;
   it is SATURATED when > ``prefill_saturation_tokens`` and RELIEVED when
@@ -53,6 +59,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import Protocol
 
 from cluster.config import ROLES, ROUTING_POLICIES, RouterConfig
 
@@ -152,6 +159,13 @@ POLICY_KEYS: dict[str, Callable[[WorkerLoad, int], tuple]] = {
 assert {*POLICY_KEYS, "round_robin"} == set(ROUTING_POLICIES), "cluster.config.ROUTING_POLICIES out of sync"
 
 
+class DecodeAffinity(Protocol):
+    """Picks a worker for a request from its token ids, or None to leave it to the policy.
+    Deterministic, no I/O; may keep counters."""
+
+    def choose(self, cands: Sequence[WorkerLoad], prompt_token_ids: Sequence[int]) -> WorkerLoad | None: ...
+
+
 class RoutingPolicy:
     """Stateful (round-robin cursors, promoted workers, event log); see module docstring."""
 
@@ -160,8 +174,10 @@ class RoutingPolicy:
         config: RouterConfig,
         prefix_score: PrefixScore = leading_prefix_match,
         max_events: int = 4096,
+        affinities: Sequence[DecodeAffinity] = (),
     ) -> None:
         self.config = config
+        self.affinities = tuple(affinities)
         self._prefix_score = prefix_score
         self._cursor: dict[str, str] = {}  # pool ("prefill" | "decode") -> last id picked
         self._promoted: set[str] = set()  # decode workers currently switched to "mixed"
@@ -177,7 +193,14 @@ class RoutingPolicy:
         """Whether ``route`` reads ``prefix_hashes`` (a "prefix" policy on either pool)."""
         return "prefix" in (self.config.prefill_policy, self.config.decode_policy)
 
-    def route(self, prompt_len: int, loads: Sequence[WorkerLoad], prefix_hashes: Sequence[int] = ()) -> RouteDecision:
+    def route(
+        self,
+        prompt_len: int,
+        loads: Sequence[WorkerLoad],
+        prefix_hashes: Sequence[int] = (),
+        prompt_token_ids: Sequence[int] = (),
+    ) -> RouteDecision:
+        """``prompt_token_ids``: the context to place (read by affinities only)."""
         if prompt_len < 0:
             raise ValueError(f"prompt_len must be >= 0, got {prompt_len}")
         self.observe(loads)
@@ -188,7 +211,7 @@ class RoutingPolicy:
         decoders = self._accepting("decode-capable", decoders)
         cfg = self.config
         if prompt_len < cfg.short_prompt_threshold:
-            d = self._choose("decode", cfg.decode_policy, decoders, prefix_hashes)
+            d = self._choose("decode", cfg.decode_policy, decoders, prefix_hashes, prompt_token_ids)
             return RouteDecision(None, d.worker_id, RouteReason.SHORT_PROMPT)
         prefillers = [w for w in healthy if self._roles[w.worker_id] in ("prefill", "mixed")]
         if prefillers:
@@ -196,12 +219,12 @@ class RoutingPolicy:
         if not prefillers:
             if not cfg.fallback_local_prefill:
                 raise NoWorkerAvailable(self._none_message("prefill-capable (prefill or mixed)", loads))
-            d = self._choose("decode", cfg.decode_policy, decoders, prefix_hashes)
+            d = self._choose("decode", cfg.decode_policy, decoders, prefix_hashes, prompt_token_ids)
             return RouteDecision(None, d.worker_id, RouteReason.NO_PREFILL_WORKER)
-        p = self._choose("prefill", cfg.prefill_policy, prefillers, prefix_hashes)
+        p = self._choose("prefill", cfg.prefill_policy, prefillers, prefix_hashes, prompt_token_ids)
         if self._roles[p.worker_id] == "mixed":
             return RouteDecision(None, p.worker_id, RouteReason.MIXED)
-        d = self._choose("decode", cfg.decode_policy, decoders, prefix_hashes)
+        d = self._choose("decode", cfg.decode_policy, decoders, prefix_hashes, prompt_token_ids)
         return RouteDecision(p.worker_id, d.worker_id, RouteReason.SPLIT)
 
     def observe(self, loads: Sequence[WorkerLoad]) -> list[RoleSwitch]:
@@ -280,8 +303,19 @@ class RoutingPolicy:
             return None
         return min(eligible, key=lambda w: (w.running_requests, -w.free_kv_fraction, worker_id_key(w.worker_id)))
 
-    def _choose(self, pool: str, policy: str, cands: list[WorkerLoad], prefix_hashes: Sequence[int]) -> WorkerLoad:
+    def _choose(
+        self,
+        pool: str,
+        policy: str,
+        cands: list[WorkerLoad],
+        prefix_hashes: Sequence[int],
+        prompt_token_ids: Sequence[int] = (),
+    ) -> WorkerLoad:
         assert cands, "caller checks for an empty candidate list"
+        for affinity in self.affinities:
+            pick = affinity.choose(cands, prompt_token_ids)
+            if pick is not None:
+                return pick
         if policy == "round_robin":
             ordered = sorted(cands, key=lambda w: worker_id_key(w.worker_id))
             last = self._cursor.get(pool)

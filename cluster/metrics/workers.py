@@ -37,8 +37,9 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from cluster.config import ROLES
+from cluster.control.expert_affinity import ExpertAffinity
 from cluster.control.router import Router
-from engine.types import HistogramReport, WorkerStats
+from engine.types import ExpertCacheReport, HistogramReport, WorkerStats
 
 
 class Kind(str, enum.Enum):
@@ -87,6 +88,11 @@ def _waiting(s: WorkerStats) -> int:
     return max(0, s.pending_requests - s.engine.running_requests)
 
 
+def _ep_cache(s: WorkerStats) -> ExpertCacheReport | None:
+    """An EP worker's ExpertFlow fast-tier report (None: not EP, or no expert_cache_slots)."""
+    return s.expert_parallel.cache if s.expert_parallel else None
+
+
 WORKER = ("model", "pool", "worker")
 TRANSFER = (*WORKER, "transport")
 C, G, H = Kind.COUNTER, Kind.GAUGE, Kind.HISTOGRAM
@@ -119,12 +125,21 @@ WORKER_METRICS: tuple[MetricDef, ...] = (
     MetricDef("splitserve_ep_dispatch_bytes", C, "Bytes an expert-parallel worker sent to other ranks in MoE dispatch (hidden, weights, ids).", WORKER, source=lambda s: s.expert_parallel.dispatch_bytes if s.expert_parallel else None),
     MetricDef("splitserve_ep_combine_bytes", C, "Bytes an expert-parallel worker sent back to other ranks in MoE combine (partial sums).", WORKER, source=lambda s: s.expert_parallel.combine_bytes if s.expert_parallel else None),
     MetricDef("splitserve_ep_comm_seconds", C, "Wall time an expert-parallel worker spent in its group's collectives (headers, all-to-alls).", WORKER, source=lambda s: s.expert_parallel.comm_seconds if s.expert_parallel else None),
+    MetricDef("splitserve_ep_cache_hits", C, "Expert accesses of an EP worker with expert_cache_slots that found the expert in its fast tier (hit ratio = hits / (hits + misses)).", WORKER, source=lambda s: c.hits if (c := _ep_cache(s)) else None),
+    MetricDef("splitserve_ep_cache_misses", C, "Expert accesses that loaded the expert on demand (the forward waited for the load).", WORKER, source=lambda s: c.misses if (c := _ep_cache(s)) else None),
+    MetricDef("splitserve_ep_cache_prefetches", C, "Experts loaded into the fast tier ahead of need by the path predictor.", WORKER, source=lambda s: c.prefetches if (c := _ep_cache(s)) else None),
+    MetricDef("splitserve_ep_cache_prefetch_used", C, "Of those, prefetched experts hit before eviction (prefetch accuracy = used / prefetches).", WORKER, source=lambda s: c.prefetch_used if (c := _ep_cache(s)) else None),
+    MetricDef("splitserve_ep_cache_evictions", C, "Experts evicted from an EP worker's fast tier.", WORKER, source=lambda s: c.evictions if (c := _ep_cache(s)) else None),
+    MetricDef("splitserve_ep_cache_load_bytes", C, "Expert weight bytes copied from the slow tier into the fast tier.", WORKER, source=lambda s: c.load_bytes if (c := _ep_cache(s)) else None),
+    MetricDef("splitserve_ep_cache_load_seconds", C, "Those loads' time over the MODELLED slow-tier link (bytes / bandwidth), not measured.", WORKER, source=lambda s: c.load_seconds if (c := _ep_cache(s)) else None),
+    MetricDef("splitserve_ep_cache_copy_seconds", C, "Measured wall time of the fast-tier copies themselves (host memory on CPU).", WORKER, source=lambda s: c.copy_seconds if (c := _ep_cache(s)) else None),
     MetricDef("splitserve_worker_start_time_seconds", G, "Unix time the worker (this incarnation) started.", WORKER, source=lambda s: s.started_at),
     # computed from router state, not from a stats() field (see WorkerCollector.collect)
     MetricDef("splitserve_worker_role", G, "1 for the worker's current role (a promoted decode worker is 'mixed'), 0 for the others.", (*WORKER, "role")),
     MetricDef("splitserve_worker_healthy", G, "1 if the router considers the worker healthy; role is its current role.", (*WORKER, "role")),
     MetricDef("splitserve_worker_restarts", C, "Worker restarts seen (a new incarnation reporting), per worker id.", WORKER),
     MetricDef("splitserve_role_switches", C, "Splitwise role switches (decode <-> mixed) made by the routing policy.", ("model",)),
+    MetricDef("splitserve_ep_sts_placements", C, "Requests the router placed on an EP pool by its routing log's token prior (s-TS); outcome 'capped': not on the most voted member, which was at 1.5x its fair share.", ("model", "pool", "outcome")),
 )
 # fmt: on
 
@@ -207,6 +222,10 @@ class WorkerCollector(Collector):
                     [self.model, st.pool, wid, current], float(bool(entry.healthy))
                 )
         fams["splitserve_role_switches"].add_metric([self.model], self.router.policy.num_role_switches)
+        for a in self.router.policy.affinities:
+            if isinstance(a, ExpertAffinity):
+                fams["splitserve_ep_sts_placements"].add_metric([self.model, a.pool, "voted"], a.placed - a.capped)
+                fams["splitserve_ep_sts_placements"].add_metric([self.model, a.pool, "capped"], a.capped)
         return iter(fams.values())
 
     def restarts(self, worker_id: str) -> int:

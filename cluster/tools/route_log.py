@@ -5,8 +5,10 @@
 M is a Hugging Face directory (or .gguf) of a Mixtral, Qwen2-MoE or Qwen3-MoE model; FILE
 holds one prompt per line (plain text, tokenized with the model's tokenizer; empty lines are
 skipped); LOG is the routing log written (``.npz``, format in expert_router/routing_log.py),
-from which s-EG placement and the ExpertFlow predictor are fitted. Each prompt runs alone,
-greedy, with ``--max-tokens`` new tokens (default 16), so generated tokens are logged too.
+from which s-EG placement and the ExpertFlow predictor are fitted; it records each token's id
+too, for the router's s-TS prior (pool ``expert_routing_log``, ``serve --expert-routing-log``).
+Each prompt runs alone, greedy, with ``--max-tokens`` new tokens (default 16), so generated
+tokens are logged too.
 
 Exit status: 0; 2 for a missing file, a model that is not MoE, or an unreadable prompt file
 (one line on stderr).

@@ -1,6 +1,7 @@
 """Expert parallelism served by Ray actors: a mixed pool with ``experts=2`` (one EP group of
 two DecodeActors, each holding half of every MoE layer's experts, the group formed by the
-controller) on the tiny Mixtral. Concurrent greedy requests equal engine.LLM's tokens;
+controller) on the tiny Mixtral, with a routing log (the router's s-TS placement, the ranks'
+ExpertFlow fast tier of one expert per layer). Concurrent greedy requests equal engine.LLM's tokens;
 GetServerInfo shows each worker's EP rank; a killed member takes its whole group down and the
 controller brings the group back (both members restarted, the group formed again), while a
 request streaming at the time fails over and finishes with LLM's tokens (no hang, nothing
@@ -48,7 +49,11 @@ async def _collect(c: Controller, rid: str, prompt: list[int], params: SamplingP
     return tokens, last
 
 
-def test_an_ep_mixed_pool_serves_as_llm_and_comes_back_after_a_member_dies(ray_local, tiny_checkpoint) -> None:
+def test_an_ep_mixed_pool_serves_as_llm_and_comes_back_after_a_member_dies(
+    ray_local, tiny_checkpoint, tmp_path
+) -> None:
+    from expert_router.routing_log import record_routing
+
     ckpt = tiny_checkpoint("mixtral")  # 4 experts, top-2: 2 per rank
     rng = random.Random(5)
     prompts = [[rng.randrange(3, 500) for _ in range(n)] for n in (5, 17, 9, 30, 12, 3)]
@@ -57,9 +62,16 @@ def test_an_ep_mixed_pool_serves_as_llm_and_comes_back_after_a_member_dies(ray_l
     llm = LLM(ckpt, **ENGINE)
     expected = [o.token_ids for o in llm.generate(prompts, GREEDY)]
     long_expected = llm.generate([long_prompt], long_params)[0].token_ids
+    # s-TS placement by the log's token prior in the router; ExpertFlow fast tier (1 of 2
+    # experts per layer resident) with the log's path predictor on every rank
+    log_path = str(tmp_path / "route.npz")
+    record_routing(ckpt, prompts[:3], max_tokens=4).save(log_path)
+    pool = PoolConfig(
+        "mixed", "mixed", 2, num_cpus=0.5, engine=ENGINE, experts=2, expert_routing_log=log_path, expert_cache_slots=1
+    )
     cfg = ServeConfig(
         model=ckpt,
-        pools=(PoolConfig("mixed", "mixed", 2, num_cpus=0.5, engine=ENGINE, experts=2),),
+        pools=(pool,),
         transfer=TransferConfig(kind="shm"),
     )
 
@@ -80,6 +92,8 @@ def test_an_ep_mixed_pool_serves_as_llm_and_comes_back_after_a_member_dies(ray_l
                 await c.wait_replaced(wid, timeout=180)
             after = await asyncio.gather(*(_collect(c, f"a{i}", p, GREEDY) for i, p in enumerate(prompts)))
             await c.router.refresh_loads()
+            (affinity,) = c.router.policy.affinities
+            assert affinity.placed >= 2 * len(prompts) + 1  # every request, failover included
             return results, info, first, rest, after, c.info(), dict(c.router.stats.failovers)
         finally:
             await c.shutdown()
@@ -92,6 +106,9 @@ def test_an_ep_mixed_pool_serves_as_llm_and_comes_back_after_a_member_dies(ray_l
     assert {w.worker_id: (w.ep_rank, w.ep_world_size) for w in msg.workers} == {"mixed-0": (0, 2), "mixed-1": (1, 2)}
     details = {w["worker_id"]: w["stats"]["expert_parallel"] for w in json.loads(msg.details_json)["workers"]}
     assert all(d["connected"] and d["rounds"] > 0 and d["dispatch_bytes"] > 0 for d in details.values()), details
+    caches = [d["cache"] for d in details.values()]  # the fast tier over Ray: counters moved
+    assert all(c["slots"] == 1 and c["hits"] + c["misses"] > 0 for c in caches), caches
+    assert sum(c["prefetches"] for c in caches) > 0, caches
 
     assert rest[-1].finish_reason == "length" and rest[-1].error is None, rest[-1]
     assert first.token_ids + [t for ch in rest for t in ch.token_ids] == long_expected

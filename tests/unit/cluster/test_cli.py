@@ -448,3 +448,26 @@ def test_experts_that_do_not_fit_the_model_fail_before_ray_naming_the_pool_field
         resolve_model(moe)
     ok = serve_config_from_args(_parse("serve", "--model", tiny_checkpoint("mixtral"), "--experts", "2"), _Tiny())
     assert resolve_model(ok).pool("decode").experts == 2
+
+
+def test_expert_routing_log_flag_sets_every_ep_pool_and_is_checked_against_the_model(tiny_checkpoint, tmp_path):
+    import numpy as np
+
+    from cluster.serve import ServeFailure, resolve_model
+    from expert_router.routing_log import RoutingLog
+
+    with pytest.raises(ConfigError, match=r"^--expert-routing-log: there is no expert-parallel pool"):
+        serve_config_from_args(_parse(*"serve --model /m --expert-routing-log /x".split()), _Tiny())
+    ckpt = tiny_checkpoint("mixtral")  # 4 experts, top-2, MoE layers (0, 1)
+    ids = np.zeros((3, 2, 2), np.int16)
+    ids[:, :, 1] = 1
+    wrong = str(tmp_path / "wrong.npz")
+    RoutingLog("t", 8, 2, (0, 1), ids, np.array([0, 3]), token_ids=np.arange(3, dtype=np.int32)).save(wrong)
+    right = str(tmp_path / "right.npz")
+    RoutingLog("t", 4, 2, (0, 1), ids, np.array([0, 3]), token_ids=np.arange(3, dtype=np.int32)).save(right)
+    args = ("serve", "--model", ckpt, "--experts", "2", "--expert-routing-log")
+    bad = serve_config_from_args(_parse(*args, wrong), _Tiny())
+    with pytest.raises(ServeFailure, match=r"^pools\[1\]\.expert_routing_log: .*logs 8 experts, the model has 4"):
+        resolve_model(bad)
+    ok = resolve_model(serve_config_from_args(_parse(*args, right), _Tiny()))
+    assert ok.pool("decode").expert_routing_log == right

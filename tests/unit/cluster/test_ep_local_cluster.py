@@ -82,3 +82,34 @@ def test_ep_pool_in_process_serves_as_llm(tiny_checkpoint, disaggregated: bool) 
         "mixed-1": (1, 2, True),
     }
     assert all(e.rounds > 0 and e.tokens > 0 for e in eps.values()), eps  # both ranks ran requests
+
+
+def test_ep_pool_with_sts_routing_log_places_by_prior_and_serves_as_llm(tiny_checkpoint, tmp_path) -> None:
+    """With an ``expert_routing_log`` the router places every request by the log's token prior
+    (cluster/control/expert_affinity.py) and, with ``expert_cache_slots``, every rank's fast
+    tier runs ExpertFlow's predictor fitted on the same log; the tokens are still engine.LLM's."""
+    from expert_router.routing_log import record_routing
+
+    ckpt = tiny_checkpoint("qwen2_moe")
+    log_path = str(tmp_path / "route.npz")
+    log = record_routing(ckpt, PROMPTS[:3], max_tokens=4)
+    assert log.token_ids is not None and log.token_ids.tolist()[: len(PROMPTS[0])] == PROMPTS[0]
+    log.save(log_path)
+    pool = PoolConfig("ep", "mixed", 2, engine=ENGINE, experts=2, expert_routing_log=log_path, expert_cache_slots=1)
+    cfg = ServeConfig(model=ckpt, pools=(pool,), transfer=TransferConfig(kind="loopback"))
+
+    async def run():
+        cluster = await LocalCluster(cfg, ep_group_timeout_s=30.0).start()
+        try:
+            (affinity,) = cluster.router.policy.affinities
+            got = await asyncio.gather(*(_collect(cluster, f"r{i}", p) for i, p in enumerate(PROMPTS)))
+            await cluster.router.refresh_loads()
+            caches = [w.stats.expert_parallel.cache for w in cluster.info().workers]
+            return got, affinity.placed, caches
+        finally:
+            await cluster.stop()
+
+    got, placed, caches = asyncio.run(run())
+    assert placed == len(PROMPTS)  # every request placed by the prior, none by the usual policy
+    assert [c.slots for c in caches] == [1, 1] and sum(c.prefetches for c in caches) > 0, caches
+    assert got == [o.token_ids for o in LLM(ckpt, **ENGINE).generate(PROMPTS, GREEDY)]

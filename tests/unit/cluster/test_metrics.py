@@ -31,7 +31,14 @@ from engine.config import ModelConfig
 from engine.request import SamplingParams
 from engine.runtime.stats import TRANSFER_SECONDS_BUCKETS, CumulativeHistogram
 from engine.tokenizer import Tokenizer
-from engine.types import ExpertParallelReport, HistogramReport, SpeculationReport, StreamChunk, WorkerStats
+from engine.types import (
+    ExpertCacheReport,
+    ExpertParallelReport,
+    HistogramReport,
+    SpeculationReport,
+    StreamChunk,
+    WorkerStats,
+)
 from tests.fakes import worker_stats
 
 
@@ -315,15 +322,34 @@ def test_exported_names_match_what_a_full_scrape_exposes():
     speculating = dataclasses.replace(
         report(1.0, 0, []),
         speculation=SpeculationReport(3, 2, HistogramReport((0.0, 1.0), (1, 2), 1.0, 2), None, None, 1, False),
-        expert_parallel=ExpertParallelReport(0, 2, True, 4, 10, 6, 5, 800, 600, 0.25),
+        expert_parallel=ExpertParallelReport(
+            0, 2, True, 4, 10, 6, 5, 800, 600, 0.25, cache=ExpertCacheReport(2, 7, 3, 4, 1, 5, 4096, 0.5, 0.125)
+        ),
     )
     m, router = attached({"prefill-0": report(1.0, 1, [0.01]), "decode-0": speculating})
     d = {"model": "m", "pool": "decode", "worker": "decode-0"}
+    # an EP pool placed by its routing log's prior (s-TS): 3 requests, 1 of them capped
+    from tests.unit.cluster.test_expert_affinity import affinity
+
+    sts = affinity()
+    sts.placed, sts.capped = 3, 1
+    router.policy.affinities = (sts,)
+    for outcome, n in (("voted", 2), ("capped", 1)):
+        assert (
+            m.sample_value("splitserve_ep_sts_placements_total", {"model": "m", "pool": "ep", "outcome": outcome}) == n
+        )
     assert (
         m.sample_value("splitserve_ep_local_tokens_total", d),
         m.sample_value("splitserve_ep_routed_tokens_total", d),
     ) == (6, 10)
     assert m.sample_value("splitserve_ep_dispatch_bytes_total", d) == 800
+    assert [
+        m.sample_value(f"splitserve_ep_cache_{n}_total", d)
+        for n in ("hits", "misses", "prefetches", "prefetch_used", "evictions", "load_bytes")
+    ] == [7, 3, 4, 1, 5, 4096]
+    assert m.sample_value("splitserve_ep_cache_load_seconds_total", d) == 0.5
+    assert m.sample_value("splitserve_ep_cache_copy_seconds_total", d) == 0.125
+    assert m.sample_value("splitserve_ep_cache_hits_total", {**d, "pool": "prefill", "worker": "prefill-0"}) is None
     assert m.sample_value("splitserve_ep_dispatch_bytes_total", {**d, "pool": "prefill", "worker": "prefill-0"}) is None
     assert (
         m.sample_value("splitserve_spec_accepted_tokens_total", {"model": "m", "pool": "decode", "worker": "decode-0"})

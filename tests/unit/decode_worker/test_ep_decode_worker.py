@@ -64,6 +64,7 @@ def test_two_ep_decode_workers_serve_requests_on_either_rank_as_llm(tiny_checkpo
     want = [o.token_ids for o in LLM(ckpt, **ENGINE).generate(PROMPTS, PARAMS)]
     assert [t for t, _ in got] == want
     assert [(r.rank, r.world_size, r.connected) for r in reports] == [(0, 2, True), (1, 2, True)]
+    assert [r.cache for r in reports] == [None, None]  # no expert_cache_slots: no fast-tier report
     assert all(r.tokens > 0 and r.rounds > 0 and r.dispatch_bytes > 0 for r in reports)
 
 
@@ -125,12 +126,64 @@ def test_ep_workers_with_a_placement_file_and_an_expert_cache_serve_as_llm(tiny_
     assert workers[0].dispatcher.placement.experts_of(0, 0) == (0, 2)
     asyncio.run(form_group("ep/cached", [local_decode(w.worker_id, w) for w in workers], backend="gloo", timeout_s=30))
     try:
+        before = [w.stats().expert_parallel.cache for w in workers]
         for i, p in enumerate(PROMPTS):
             workers[i % 2].generate_local(RequestSpec(f"c{i}", p, PARAMS))
         got = [_drain(workers[i % 2], f"c{i}") for i in range(len(PROMPTS))]
+        after = [w.stats().expert_parallel.cache for w in workers]
     finally:
         for w in workers:
             w.shutdown()
     assert [e for _, e in got] == [None] * len(PROMPTS)
     assert [t for t, _ in got] == [o.token_ids for o in LLM(ckpt, **ENGINE).generate(PROMPTS, PARAMS)]
     assert all(w.dispatcher.tiers is not None for w in workers)  # the fast tier ran
+    # the fast tier's counters in stats(): zeros before, moved after (1 slot of a 2-expert
+    # share: some access must miss and load; LRU has no predictor, so no prefetches)
+    assert [(c.slots, c.hits, c.misses, c.load_bytes) for c in before] == [(1, 0, 0, 0)] * 2
+    for c in after:
+        assert c.misses > 0 and c.hits > 0, c
+        assert c.load_bytes > 0 and c.load_seconds > 0 and c.copy_seconds > 0, c
+        assert (c.prefetches, c.prefetch_used, c.prefetch_accuracy) == (0, 0, 0.0), c
+        assert 0 < c.hit_ratio < 1
+
+
+def test_ep_workers_with_a_routing_log_run_expertflow_prefetch_and_serve_as_llm(tiny_checkpoint, tmp_path) -> None:
+    """With the pool's routing log, an EP rank's fast tier is ExpertFlow's (path predictor,
+    prefetch, replacement by predicted use): its prefetches show in stats, the tokens do not move."""
+    from expert_router.routing_log import record_routing
+
+    ckpt = tiny_checkpoint("mixtral")
+    path = str(tmp_path / "route.npz")
+    record_routing(ckpt, PROMPTS, max_tokens=6).save(path)
+    with open(path, "rb") as f:
+        log_bytes = f.read()
+    with pytest.raises(EPSetupError, match=r"^expert_routing_log: not a routing log"):
+        build_decode_worker(ckpt, ENGINE, None, experts=2, expert_cache_slots=1, expert_routing_log=b"junk")
+    workers = [
+        build_decode_worker(
+            ckpt,
+            ENGINE,
+            None,
+            worker_id=f"ep-{r}",
+            role="mixed",
+            experts=2,
+            expert_rank=r,
+            expert_cache_slots=1,
+            expert_routing_log=log_bytes,
+        )
+        for r in range(2)
+    ]
+    assert all(w.dispatcher.cache.policy == "expertflow" and w.dispatcher.cache.predictor for w in workers)
+    asyncio.run(form_group("ep/flow", [local_decode(w.worker_id, w) for w in workers], backend="gloo", timeout_s=30))
+    try:
+        for i, p in enumerate(PROMPTS):
+            workers[i % 2].generate_local(RequestSpec(f"f{i}", p, PARAMS))
+        got = [_drain(workers[i % 2], f"f{i}") for i in range(len(PROMPTS))]
+        caches = [w.stats().expert_parallel.cache for w in workers]
+    finally:
+        for w in workers:
+            w.shutdown()
+    assert [e for _, e in got] == [None] * len(PROMPTS)
+    assert [t for t, _ in got] == [o.token_ids for o in LLM(ckpt, **ENGINE).generate(PROMPTS, PARAMS)]
+    assert sum(c.prefetches for c in caches) > 0, caches
+    assert all(c.prefetch_used <= c.prefetches and c.hits + c.misses > 0 for c in caches), caches

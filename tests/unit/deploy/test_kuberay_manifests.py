@@ -333,3 +333,39 @@ def test_an_invalid_serve_config_in_the_configmap_is_a_config_error(docs, rc):
     edit_config(lambda c: c["pools"][0].update(num_workers=-1))(docs, rc)
     with pytest.raises(ConfigError, match=r"pools\[0\]\.num_workers"):
         config_from_configmap(docs)
+
+
+def _commented_ep_pool() -> dict:
+    """The EP pool example commented out in deploy/serve-config.yaml, as a pool dict."""
+    from tests.unit.deploy.deploy_helpers import SERVE_CONFIG_FILE
+
+    lines = SERVE_CONFIG_FILE.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("  # Expert parallelism"))
+    body = [line[len("  #   ") :] for line in lines[start:] if line.startswith("  #   ")]
+    (pool,) = yaml.safe_load("\n".join(body))
+    return pool
+
+
+def test_the_commented_ep_pool_fits_the_expert_group_once_its_replicas_are_raised(rc):
+    from tests.unit.deploy.deploy_helpers import SERVE_CONFIG_FILE
+
+    raw = yaml.safe_load(SERVE_CONFIG_FILE.read_text())
+    pool = _commented_ep_pool()
+    assert pool["experts"] == pool["num_workers"] == 2 and pool["resources"] == {"expert_node": 1}
+    pool.pop("expert_routing_log")  # a file on the models volume, absent here (PoolConfig checks it exists)
+    raw["pools"] = [p for p in raw["pools"] if p["name"] != "decode"] + [pool]
+    cfg = ServeConfig.from_dict(raw)
+    groups = {g["groupName"]: g for g in rc["spec"]["workerGroupSpecs"]}
+    with pytest.raises(ManifestError, match="raise replicas"):  # shipped at 0 pods
+        check_pool_placement(cfg, rc)
+    groups["expert"]["replicas"] = 1  # one pod per rank: 1 pod cannot hold 2 ranks
+    with pytest.raises(ManifestError, match="fits 1"):
+        check_pool_placement(cfg, rc)
+    groups["expert"]["replicas"] = 2
+    check_pool_placement(cfg, rc)
+    check_raycluster_schema(rc)
+    # the EP pods replace the container's 64 MiB /dev/shm with a memory-backed volume (NCCL)
+    spec = groups["expert"]["template"]["spec"]
+    mounts = {m["mountPath"]: m["name"] for m in spec["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
