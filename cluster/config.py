@@ -96,6 +96,18 @@ class PoolConfig:
     # Engine options handed to the worker's engine builder as-is (dtype, cache sizes, ...);
     # their names are validated there, not here. Treat as read-only.
     engine: dict[str, Any] = field(default_factory=dict)
+    # Expert parallelism (expert_router/): >1 makes the pool ONE EP group of ``experts`` workers
+    # (num_workers must equal it; decode and mixed pools only): attention data-parallel, each
+    # worker holding 1/experts of every MoE layer's routed experts, worker i = EP rank i. Needs
+    # an MoE model whose expert count ``experts`` divides (checked against the model by
+    # ``check_experts_against_model``, before any actor starts). 1: no EP.
+    experts: int = 1
+    # An s-EG placement (``splitserve`` ExpertPlacement JSON, expert_router/seg.py) for the EP
+    # group; None: contiguous. Only with experts > 1; its world size must equal ``experts``.
+    expert_placement: str | None = None
+    # ExpertFlow fast tier: resident experts per MoE layer on each EP worker (LRU over the
+    # worker's share; expert_router/expertflow.py). None: the whole share resident.
+    expert_cache_slots: int | None = None
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "name", "must be a non-empty string")
@@ -105,6 +117,28 @@ class PoolConfig:
         _check(self.num_gpus >= 0, "num_gpus", f"must be >= 0, got {self.num_gpus}")
         for key, amount in self.resources.items():
             _check(amount >= 0, f"resources.{key}", f"must be >= 0, got {amount}")
+        _check(
+            isinstance(self.experts, int) and self.experts >= 1, "experts", f"must be an int >= 1, got {self.experts!r}"
+        )
+        if self.experts > 1:
+            _check(
+                self.role in ("decode", "mixed"),
+                "experts",
+                f"expert parallelism runs on decode and mixed pools, not on a {self.role} pool",
+            )
+            _check(
+                self.num_workers == self.experts,
+                "experts",
+                f"an EP pool is one group of `experts` workers: num_workers must be {self.experts}, "
+                f"got {self.num_workers}",
+            )
+        else:
+            for name in ("expert_placement", "expert_cache_slots"):
+                _check(getattr(self, name) is None, name, "needs experts > 1 (an expert-parallel pool)")
+        if self.expert_placement is not None:
+            _check(os.path.isfile(self.expert_placement), "expert_placement", f"no such file {self.expert_placement!r}")
+        if self.expert_cache_slots is not None:
+            _check(self.expert_cache_slots >= 1, "expert_cache_slots", f"must be >= 1, got {self.expert_cache_slots}")
         # defensive copies: the caller's dicts must not alias a frozen config
         object.__setattr__(self, "resources", dict(self.resources))
         object.__setattr__(self, "engine", dict(self.engine))

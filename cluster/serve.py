@@ -122,6 +122,13 @@ def add_serve_parser(sub: Any) -> None:
     p.add_argument("--prefill", type=non_negative_int, metavar="N", help="workers in the 'prefill' pool")
     p.add_argument("--decode", type=non_negative_int, metavar="N", help="workers in the 'decode' pool")
     p.add_argument(
+        "--experts",
+        type=positive_int,
+        metavar="N",
+        help="expert parallelism: every decode and mixed pool becomes one EP group of N workers "
+        "(pool `experts`; needs an MoE model whose expert count N divides)",
+    )
+    p.add_argument(
         "--transport",
         choices=RAY_KINDS,
         help="KV transport (default: the config's transfer.kind, else shm; shm needs a single node)",
@@ -219,6 +226,16 @@ def serve_config_from_args(args: argparse.Namespace, default_model: Callable[[],
             matching[0]["num_workers"] = count
         else:
             pools.append({"name": name, "role": name, "num_workers": count})
+    experts = getattr(args, "experts", None)
+    if experts is not None:
+        if args.decode is not None and args.decode != experts:
+            raise ConfigError("--experts", f"makes the decode pool {experts} workers, but --decode asks {args.decode}")
+        ep_pools = [p for p in pools if p.get("role", p.get("name")) in ("decode", "mixed")]
+        if not ep_pools:
+            raise ConfigError("--experts", "there is no decode or mixed pool to make expert-parallel")
+        for p in ep_pools:
+            p["experts"] = experts
+            p["num_workers"] = experts
     if args.num_cpus_per_worker is not None:
         for p in pools:
             p["num_cpus"] = args.num_cpus_per_worker
@@ -337,6 +354,7 @@ def resolve_model(cfg: ServeConfig) -> ServeConfig:
     options are checked against the model before any actor starts. Raises ServeFailure."""
     from engine.llm import build_engine_config
     from engine.models.gguf import resolve_model_path
+    from expert_router.group import EPSetupError, serving_placement
 
     try:
         path = resolve_model_path(cfg.model)
@@ -353,9 +371,18 @@ def resolve_model(cfg: ServeConfig) -> ServeConfig:
         # the options the worker builders hand to build_engine_config (they set mode themselves)
         options = {k: v for k, v in pool.engine.items() if k not in ("mode", "skip_tokenizer_init")}
         try:
-            build_engine_config(path, **options)
+            engine_config = build_engine_config(path, **options)
         except (TypeError, ValueError) as e:
             raise ServeFailure(f"pools[{i}].engine: {_one_line(str(e))}", 2) from None
+        if pool.experts > 1:  # the EP settings against the model, before any actor starts
+            try:
+                placement = None
+                if pool.expert_placement is not None:
+                    with open(pool.expert_placement, encoding="utf-8") as f:
+                        placement = f.read()
+                serving_placement(engine_config.model, pool.experts, placement, pool.expert_cache_slots)
+            except EPSetupError as e:
+                raise ServeFailure(f"pools[{i}].{e}", 2) from None
     return dataclasses.replace(cfg, model=path)
 
 
@@ -584,7 +611,9 @@ def _print_layout(info: ClusterInfo) -> None:
             st = w.stats
             kv = f"KV blocks {st.engine.free_kv_blocks}/{st.engine.total_kv_blocks}" if st else "KV blocks unknown"
             addr = f", KV address {w.address}" if w.address is not None else ""
-            _say(f"  {w.worker_id:<12} node {(w.node_id or '?')[:8]}  {kv}{addr}")
+            ep = st.expert_parallel if st else None
+            ep_rank = f", EP rank {ep.rank}/{ep.world_size}" if ep is not None else ""
+            _say(f"  {w.worker_id:<12} node {(w.node_id or '?')[:8]}  {kv}{ep_rank}{addr}")
 
 
 def demo_prompt_ids(tokenizer: Any, template: Any, prompt: str) -> list[int]:

@@ -23,6 +23,7 @@ import ray
 
 from decode_worker.api import DecodeAPI
 from decode_worker.build import build_decode_worker
+from engine.runtime.groups import GroupSpec
 from engine.runtime.threads import set_threads_for_cpu_share
 from engine.types import FirstToken, KVAddress, RequestSpec, StreamChunk, WorkerLimits, WorkerStats
 
@@ -43,6 +44,10 @@ class DecodeActor(DecodeAPI):
         transfer_timeout_s: float = 60.0,
         role: str = "decode",
         max_pending: int = 512,
+        experts: int = 1,
+        expert_rank: int = 0,
+        expert_placement_json: str | None = None,
+        expert_cache_slots: int | None = None,
     ):
         # torch threads = this actor's Ray CPU share
         self.num_threads = set_threads_for_cpu_share(ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0))
@@ -58,6 +63,11 @@ class DecodeActor(DecodeAPI):
             transfer_timeout_s=transfer_timeout_s,
             role=role,
             max_pending=max_pending,
+            experts=experts,
+            expert_rank=expert_rank,
+            expert_placement_json=expert_placement_json,
+            expert_cache_slots=expert_cache_slots,
+            node_ip=ray.util.get_node_ip_address(),
         )
 
     # ------------------------------------------------------------ control group
@@ -80,6 +90,17 @@ class DecodeActor(DecodeAPI):
     @ray.method(concurrency_group=CONTROL_GROUP)
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def node_ip(self) -> str:
+        return self.worker.node_ip()
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def free_port(self) -> int:
+        return self.worker.free_port()
+
+    def join_group(self, spec: GroupSpec) -> None:
+        self.worker.join_group(spec)  # blocks until every rank joined: not in the control group
 
     # ------------------------------------------------------------ requests
     def start_transfer(self, spec: RequestSpec, emitted: tuple[int, ...] = ()) -> None:

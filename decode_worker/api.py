@@ -9,6 +9,11 @@ are re-prefilled after the prompt and count as output (``max_tokens``, stop stri
 seeded sampling continue from them); the request's stream holds them first, so a transferred
 continuation is read from ``len(emitted) + 1`` and a local one from ``len(emitted)``.
 
+Expert parallelism: a worker built as an EP rank (pool ``experts`` > 1) serves nothing until
+the controller forms its group (cluster/control/groups.py ``form_group`` over the pool's
+handles): ``node_ip`` / ``free_port`` (rank 0 hosts the rendezvous) -> ``join_group`` on every
+rank at once.
+
 Bounds: a worker holds at most its ``max_pending`` requests (waiting for blocks or KV,
 queued, running); one more is refused with ``queue.Full``, never queued without bound.
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 import abc
 
 from engine.runtime.api import WorkerAPI
+from engine.runtime.groups import GroupSpec
 from engine.types import KV_TRANSFER_FAILED, KV_TRANSFER_TIMED_OUT, FirstToken, KVAddress, RequestSpec, StreamChunk
 
 __all__ = ["KV_TRANSFER_FAILED", "KV_TRANSFER_TIMED_OUT", "DecodeAPI"]
@@ -57,3 +63,17 @@ class DecodeAPI(WorkerAPI):
         """Queueing at the decode pool (>= 0, from the router): a speculating worker's policy
         prices speculative work up by it and turns speculation off under load. No-op on a
         worker that does not speculate."""
+
+    @abc.abstractmethod
+    def node_ip(self) -> str:
+        """The address group peers reach this worker's node at."""
+
+    @abc.abstractmethod
+    def free_port(self) -> int:
+        """A TCP port free on this worker's node now (a group's rendezvous, hosted by rank 0)."""
+
+    @abc.abstractmethod
+    def join_group(self, spec: GroupSpec) -> None:
+        """Join this EP rank's group (blocks until every rank joined, at most
+        ``spec.timeout_s``), then step in lock-step with it. ValueError on a worker that is
+        not an EP rank or for another rank than its own; GroupJoinError if it cannot join."""

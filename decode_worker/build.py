@@ -9,6 +9,8 @@ from engine.engine import EngineCore
 from engine.llm import build_engine_config
 from engine.models.gguf import resolve_model_path
 from engine.tokenizer import load_tokenizer
+from expert_router.dispatcher import EPDispatcher
+from expert_router.group import build_ep_engine, serving_placement
 from kv_transfer import make_receiver
 
 
@@ -21,12 +23,29 @@ def build_decode_worker(
     transfer_timeout_s: float = 60.0,
     role: str = "decode",
     max_pending: int = 512,
+    experts: int = 1,
+    expert_rank: int = 0,
+    expert_placement_json: str | None = None,
+    expert_cache_slots: int | None = None,
+    node_ip: str = "127.0.0.1",
 ) -> DecodeWorker:
-    """``transport=None`` builds a worker without a receiver (mixed/colocated use only)."""
+    """``transport=None`` builds a worker without a receiver (mixed/colocated use only).
+
+    ``experts`` > 1: the worker is EP rank ``expert_rank`` of a group of ``experts`` (its
+    position in the pool, so a replacement gets the same rank): it loads only its share of
+    the routed experts (``expert_placement_json``: an ExpertPlacement's JSON text, else contiguous;
+    ``expert_cache_slots``: an LRU fast tier) and serves once ``join_group`` formed the group.
+    Raises EPSetupError naming the pool field when the settings do not fit the model."""
     model = resolve_model_path(model)  # a .gguf converts once (cached); every later call reuses it
     opts = {k: v for k, v in (engine_options or {}).items() if k != "mode"}
     skip_tokenizer_init = bool(opts.pop("skip_tokenizer_init", False))
-    engine = EngineCore(build_engine_config(model, **opts, mode="decode_only"), progress=True)
+    config = build_engine_config(model, **opts, mode="decode_only")
+    dispatcher: EPDispatcher | None = None
+    if experts > 1:
+        placement, cache = serving_placement(config.model, experts, expert_placement_json, expert_cache_slots)
+        engine, dispatcher = build_ep_engine(config, None, placement, cache, rank=expert_rank, world_size=experts)
+    else:
+        engine = EngineCore(config, progress=True)
     receiver = (
         None
         if transport is None
@@ -40,4 +59,6 @@ def build_decode_worker(
         transfer_timeout_s=transfer_timeout_s,
         role=role,
         max_pending=max_pending,
+        dispatcher=dispatcher,
+        node_ip=node_ip,
     )

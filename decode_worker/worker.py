@@ -20,6 +20,15 @@ readers start past them). A transferred continuation receives the KV of prompt +
 ``engine.admit`` recomputes the emitted positions once more (it counts only the prompt as
 computed), which costs that many tokens of one step and changes nothing else.
 
+Expert parallelism (``dispatcher``: an EPDispatcher, the engine built by
+``expert_router.group.build_ep_engine`` for this worker's rank): the worker is one rank of an
+EP group. Its loop does not step until ``join_group`` connected the dispatcher; from then on
+it steps through a ``LockstepStepper`` (every iteration is one group round, so a rank without
+requests still serves its experts while any rank has work). The group lives and dies as one:
+a peer that dies fails this rank's next collective within the group's timeout (the loop
+crashes, every stream fails with "engine failed", the router fails its requests over), and a
+group stopped by another rank's shutdown stops this rank's loop too (EngineStopped).
+
 Bound: ``_active`` holds every request accepted and not yet finished or aborted; at
 ``max_pending`` of them a new one is refused with queue.Full.
 """
@@ -35,8 +44,10 @@ from dataclasses import dataclass
 from decode_worker.api import KV_TRANSFER_FAILED, KV_TRANSFER_TIMED_OUT, DecodeAPI
 from engine.config import SchedulerMode
 from engine.engine import EngineCore
+from engine.parallel import TorchDistCommunicator
 from engine.request import Request
 from engine.runtime.continuation import replay_emitted
+from engine.runtime.groups import GroupSpec, free_port, join_group
 from engine.runtime.stats import (
     QUEUE_SECONDS_BUCKETS,
     TRANSFER_SECONDS_BUCKETS,
@@ -46,12 +57,15 @@ from engine.runtime.stats import (
 from engine.runtime.worker import RuntimeWorker, WorkerRuntime
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from engine.types import (
+    EngineStopped,
+    ExpertParallelReport,
     FirstToken,
     KVAddress,
     RequestSpec,
     StreamChunk,
     WorkerStats,
 )
+from expert_router.dispatcher import EPDispatcher, LockstepStepper
 from kv_transfer.base import KVReceiver, TransferStatus
 
 log = logging.getLogger(__name__)
@@ -75,7 +89,11 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
         transfer_timeout_s: float = 60.0,
         role: str = "decode",
         max_pending: int = 512,
+        dispatcher: EPDispatcher | None = None,
+        node_ip: str = "127.0.0.1",
     ):
+        """``dispatcher``: this worker is that EP rank (see the module docstring). ``node_ip``:
+        the address EP peers reach this worker's node at (the actor passes its Ray node IP)."""
         if engine.config.scheduler.mode != SchedulerMode.DECODE_ONLY:
             raise ValueError("DecodeWorker needs an engine in decode_only mode")
         self.engine = engine
@@ -98,7 +116,18 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
         # admitted transferred requests not yet decoded once -> their prefill's end (wall clock)
         self._handoff_from: dict[str, float] = {}
         self._unscheduled: dict[str, Request] = {}  # local prefills not scheduled yet
-        self.runtime = WorkerRuntime(engine, worker_id, self._step, self._tick, self._compute_stats)
+        self.dispatcher = dispatcher
+        self._node_ip = node_ip
+        self._closing = False
+        self._group_timeout_s = 0.0  # the EP group's collective timeout, set by join_group
+        if dispatcher is None:
+            self.stepper: LockstepStepper | None = None
+            self.runtime = WorkerRuntime(engine, worker_id, self._step, self._tick, self._compute_stats)
+        else:
+            self.stepper = LockstepStepper(self._step, engine.has_work, dispatcher)
+            self.runtime = WorkerRuntime(
+                engine, worker_id, self._ep_step, self._tick, self._compute_stats, has_work=self._ep_has_work
+            )
         if receiver is not None:  # a finished transfer is admitted at once, not on the next idle poll
             receiver.on_terminal = self.runtime.loop.wake
 
@@ -129,7 +158,34 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
     def set_speculation_pressure(self, pressure: float) -> None:
         self.engine.set_cluster_pressure(pressure)  # one float, read by the policy each step
 
+    def node_ip(self) -> str:
+        return self._node_ip
+
+    def free_port(self) -> int:
+        return free_port(self._node_ip)
+
+    def join_group(self, spec: GroupSpec) -> None:
+        if self.dispatcher is None:
+            raise ValueError(f"{self.worker_id} is not an expert-parallel worker: it joins no group")
+        if spec.rank != self.dispatcher.rank or spec.world_size != self.dispatcher.world_size:
+            raise ValueError(
+                f"{self.worker_id} is EP rank {self.dispatcher.rank} of {self.dispatcher.world_size}, "
+                f"asked to join as rank {spec.rank} of {spec.world_size}"
+            )
+        comm = TorchDistCommunicator(join_group(spec), timeout_s=spec.timeout_s, name=spec.name)
+        self._group_timeout_s = spec.timeout_s
+        self.dispatcher.connect(comm)  # the loop starts stepping in lock-step from here
+        self.loop.wake()
+
     def shutdown(self) -> None:
+        self._closing = True
+        if self.stepper is not None and self.dispatcher is not None and self.dispatcher.connected:
+            # the group stops together (no rank left waiting in a collective); a peer already
+            # gone fails the last round within the group's timeout instead
+            self.stepper.request_stop()
+            deadline = time.monotonic() + self._group_timeout_s + 1.0
+            while not self.stepper.stopped and self.loop.error is None and time.monotonic() < deadline:
+                time.sleep(0.005)
         self.runtime.stop()
         if self.receiver is not None:
             self.receiver.close()
@@ -215,6 +271,21 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
                 self.transfer_failures += 1
                 self._abort(rid, f"{KV_TRANSFER_TIMED_OUT} after {self.transfer_timeout_s}s ({st.value})")
 
+    def _ep_has_work(self) -> bool:
+        """An EP rank steps once its group formed, and until the group stopped for this
+        worker's own shutdown."""
+        assert self.dispatcher is not None and self.stepper is not None
+        if not self.dispatcher.connected:
+            return False
+        return not (self._closing and self.stepper.stopped)
+
+    def _ep_step(self) -> None:
+        """One lock-step iteration of the group (LockstepStepper.step)."""
+        assert self.stepper is not None
+        if self.stepper.stopped and not self._closing:
+            raise EngineStopped(f"{self.worker_id}: its expert-parallel group stopped (a peer shut down)")
+        self.stepper.step()
+
     def _step(self) -> None:
         t0 = time.monotonic()  # step() schedules first: requests it picks up were scheduled now
         wall0 = time.time()
@@ -274,4 +345,23 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
             handoff_seconds=self.handoff_seconds.report(),
             speculation=speculation_report(self.engine),
             cached_block_hashes=self.engine.cached_block_hashes(),
+            expert_parallel=self._ep_report(),
+        )
+
+    def _ep_report(self) -> ExpertParallelReport | None:
+        d = self.dispatcher
+        if d is None:
+            return None
+        st = d.stats
+        return ExpertParallelReport(
+            rank=d.rank,
+            world_size=d.world_size,
+            connected=d.connected,
+            rounds=st.rounds,
+            tokens=st.tokens,
+            local_tokens=st.local_tokens,
+            remote_pairs=st.remote_pairs,
+            dispatch_bytes=st.dispatch_bytes,
+            combine_bytes=st.combine_bytes,
+            comm_seconds=st.comm_s,
         )

@@ -106,6 +106,28 @@ class SpeculationReport:
 
 
 @dataclass(frozen=True)
+class ExpertParallelReport:
+    """An EP rank's place in its group and its cumulative traffic (expert_router's EPStats,
+    this rank's view; counters restart with the worker). Bytes count what this rank sent to
+    OTHER ranks."""
+
+    rank: int
+    world_size: int
+    connected: bool  # its group formed (before that the worker serves nothing)
+    rounds: int  # MoE layer rounds taken part in (active or serving peers)
+    tokens: int  # tokens routed, summed over MoE layers
+    local_tokens: int  # of those, tokens whose top-k experts all sit on this rank
+    remote_pairs: int  # (token, other rank) rows sent
+    dispatch_bytes: int
+    combine_bytes: int
+    comm_seconds: float  # wall time in the group's collectives
+
+    @property
+    def local_fraction(self) -> float:
+        return self.local_tokens / self.tokens if self.tokens else 0.0
+
+
+@dataclass(frozen=True)
 class WorkerStats:
     """One worker's load and health report (``WorkerAPI.stats()``).
 
@@ -130,6 +152,7 @@ class WorkerStats:
     handoff_seconds: HistogramReport | None
     speculation: SpeculationReport | None  # None: the worker does not speculate
     cached_block_hashes: frozenset[int]  # prefix-cache hashes of full blocks held (prefix routing)
+    expert_parallel: ExpertParallelReport | None = None  # None: not an EP rank
 
 
 @dataclass(frozen=True)

@@ -129,6 +129,10 @@ class EPDispatcher:
         self._comm = comm
 
     @property
+    def connected(self) -> bool:
+        return self._comm is not None
+
+    @property
     def comm(self) -> Communicator:
         if self._comm is None:
             raise EPProtocolError(f"EP rank {self.rank} is not connected to its group yet (connect)")
@@ -189,6 +193,8 @@ class EPDispatcher:
         return out
 
     # ------------------------------------------------------------------ lock-step
+    @torch.inference_mode()  # rounds served here run experts as the model's forwards do (an
+    # ExpertFlow fast tier built inside a forward holds inference tensors it updates in place)
     def end_step(self, unfinished: bool, stop: bool = False) -> bool:
         """This rank is done with its step's forwards: serve rounds (zero rows out, this rank's
         experts' work in) until every rank is done. ``unfinished``: this rank still has

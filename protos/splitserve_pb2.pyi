@@ -141,7 +141,7 @@ class ServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "role", "current_role", "healthy", "inflight", "free_kv_blocks", "total_kv_blocks", "draft_free_kv_blocks", "draft_total_kv_blocks")
+    __slots__ = ("worker_id", "role", "current_role", "healthy", "inflight", "free_kv_blocks", "total_kv_blocks", "draft_free_kv_blocks", "draft_total_kv_blocks", "ep_rank", "ep_world_size")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     CURRENT_ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +151,8 @@ class WorkerInfo(_message.Message):
     TOTAL_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_FREE_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOTAL_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    EP_RANK_FIELD_NUMBER: _ClassVar[int]
+    EP_WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     current_role: str
@@ -160,7 +162,9 @@ class WorkerInfo(_message.Message):
     total_kv_blocks: int
     draft_free_kv_blocks: int
     draft_total_kv_blocks: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., current_role: _Optional[str] = ..., healthy: _Optional[bool] = ..., inflight: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., draft_free_kv_blocks: _Optional[int] = ..., draft_total_kv_blocks: _Optional[int] = ...) -> None: ...
+    ep_rank: int
+    ep_world_size: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., current_role: _Optional[str] = ..., healthy: _Optional[bool] = ..., inflight: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., draft_free_kv_blocks: _Optional[int] = ..., draft_total_kv_blocks: _Optional[int] = ..., ep_rank: _Optional[int] = ..., ep_world_size: _Optional[int] = ...) -> None: ...
 
 class PoolInfo(_message.Message):
     __slots__ = ("role", "num_workers", "num_healthy")

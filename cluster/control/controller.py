@@ -19,6 +19,14 @@ Lives in the driver process (plain asyncio, not an actor). Lifecycle::
 
 Worker ids are ``<pool name>-<index>`` (as in LocalCluster) and survive restarts.
 
+Expert-parallel pools (``PoolConfig.experts`` > 1): worker ``<pool>-<i>`` is EP rank i (a
+replacement keeps it). Once every actor is ready, ``start`` forms each EP pool's group
+(cluster/control/groups.py ``form_group``, gloo, NCCL on GPU pools) before any worker is
+registered with the router. The group lives and dies as one (a broken gloo group cannot be
+reused): when any member fails, every member is given up at once (``Router.worker_lost``:
+their requests fail over, or wait for the group), all of them are restarted and the group is
+formed again, and only then do they rejoin routing (``_replace_group``).
+
 Health watcher, every ``health_interval_s``:
 - ``ping`` each actor (answered in the actor's control thread group, so it is not starved
   by blocking ``prefill``/``read`` calls). Actor dead, or its engine loop crashed
@@ -55,6 +63,7 @@ from typing import Any
 import ray
 
 from cluster.config import PoolConfig, ServeConfig
+from cluster.control.groups import form_group
 from cluster.control.handles import DecodeHandle, PrefillHandle, RayInvoker, WorkerUnavailable
 from cluster.control.info import ClusterInfo, pool_info, worker_info
 from cluster.control.placement import WorkerPlacement
@@ -83,9 +92,19 @@ class ControllerOptions:
     max_concurrency: int = 64  # Ray threads per actor for blocking prefill/read calls
     read_timeout_s: float = 1.0  # Router's long-poll period for decode reads
     shutdown_timeout_s: float = 10.0  # graceful worker shutdown before the actor is killed
+    # forming an EP group, and every collective in it: a dead member fails its peers' next
+    # round within this (their loops stop, their requests fail over), never a hang
+    ep_group_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
-        for name in ("health_interval_s", "ping_timeout_s", "ready_timeout_s", "read_timeout_s", "placement_timeout_s"):
+        for name in (
+            "health_interval_s",
+            "ping_timeout_s",
+            "ready_timeout_s",
+            "read_timeout_s",
+            "placement_timeout_s",
+            "ep_group_timeout_s",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.restart_backoff_s < 0 or self.shutdown_timeout_s < 0:
@@ -142,6 +161,17 @@ class Controller:
         self._replacing: dict[str, asyncio.Task] = {}
         self._closing = False
         self._placement: WorkerPlacement | None = None  # created by start(), removed by shutdown()
+        # EP pools' placement JSON (read once here, handed to every rank's actor); None: contiguous
+        self._expert_placement: dict[str, str | None] = {}
+        for i, pool in enumerate(config.pools):
+            if pool.experts > 1 and pool.expert_placement is not None:
+                try:
+                    with open(pool.expert_placement, encoding="utf-8") as f:
+                        self._expert_placement[pool.name] = f.read()
+                except OSError as e:
+                    raise ValueError(
+                        f"pools[{i}].expert_placement: cannot read {pool.expert_placement!r}: {e}"
+                    ) from None
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> Controller:
@@ -196,6 +226,10 @@ class Controller:
                 detail = "\n".join(f"  {wid}: {e}" for wid, e in failed)
                 raise RuntimeError(f"{len(failed)} of {len(slots)} workers failed to start:\n{detail}")
             self._check_shm_locality(strict=True)
+            for pool in self.config.pools:
+                if pool.experts > 1:
+                    await self._form_ep_group(pool, self._members(pool))
+                    self._progress(f"  expert-parallel group {_ep_group_name(pool)} formed ({pool.experts} ranks)")
         except RuntimeError:
             await self._kill_all()  # nothing half-started stays behind
             self.workers.clear()
@@ -280,8 +314,35 @@ class Controller:
                 self.config.model, engine, t.kind, None, wid, t.layerwise, t.timeout_s, bound
             )
         # decode and mixed workers both decode; mixed ones also prefill locally (as LocalCluster)
+        ep: dict[str, Any] = {}
+        if pool.experts > 1:  # EP rank = the worker's index in its pool (a replacement keeps it)
+            ep = {
+                "experts": pool.experts,
+                "expert_rank": int(wid.rsplit("-", 1)[1]),
+                "expert_placement_json": self._expert_placement.get(pool.name),
+                "expert_cache_slots": pool.expert_cache_slots,
+            }
         return DecodeActor.options(**placement).remote(
-            self.config.model, engine, t.kind, None, wid, t.timeout_s, pool.role, bound
+            self.config.model, engine, t.kind, None, wid, t.timeout_s, pool.role, bound, **ep
+        )
+
+    def _members(self, pool: PoolConfig) -> list[WorkerRecord]:
+        """The pool's workers in rank order (``<pool>-0`` first)."""
+        return sorted(
+            (r for r in self.workers.values() if r.pool.name == pool.name),
+            key=lambda r: int(r.worker_id.rsplit("-", 1)[1]),
+        )
+
+    async def _form_ep_group(self, pool: PoolConfig, members: list[WorkerRecord]) -> None:
+        """Every member joins the pool's EP group (rank i = members[i]); raises
+        GroupFormationError (a RuntimeError) naming the members that failed."""
+        handles = [r.handle for r in members]
+        assert all(isinstance(h, DecodeHandle) for h in handles)
+        await form_group(
+            _ep_group_name(pool),
+            handles,  # type: ignore[arg-type]
+            backend="nccl" if pool.num_gpus > 0 else "gloo",
+            timeout_s=self.options.ep_group_timeout_s,
         )
 
     async def _wait_ready(self, handle: PrefillHandle | DecodeHandle, pool: PoolConfig) -> tuple[KVAddress | None, str]:
@@ -357,6 +418,9 @@ class Controller:
     def _begin_replace(self, rec: WorkerRecord, reason: str) -> None:
         if rec.worker_id in self._replacing or self._closing:
             return
+        if rec.pool.experts > 1:
+            self._begin_replace_group(rec, reason)
+            return
         log.error("worker %s failed (%s): replacing it", rec.worker_id, reason)
         rec.last_failure = reason
         self.router.mark_unhealthy(rec.worker_id)
@@ -393,6 +457,64 @@ class Controller:
             log.warning("worker %s replaced (restart %d) on node %s", wid, rec.restarts, node_id[:8])
         finally:
             self._replacing.pop(wid, None)
+
+    def _begin_replace_group(self, failed: WorkerRecord, reason: str) -> None:
+        """An EP member failed: its group is broken for every member (see the module docstring)."""
+        members = self._members(failed.pool)
+        log.error(
+            "worker %s failed (%s): replacing its expert-parallel group %s",
+            failed.worker_id,
+            reason,
+            [r.worker_id for r in members],
+        )
+        failed.last_failure = reason
+        for rec in members:
+            if rec is not failed:
+                rec.last_failure = f"expert-parallel peer {failed.worker_id} failed: {reason}"
+            self.router.mark_unhealthy(rec.worker_id)
+        task = asyncio.create_task(
+            self._replace_group(failed.pool, members, reason), name=f"replace-{failed.pool.name}"
+        )
+        for rec in members:
+            self._replacing[rec.worker_id] = task
+
+    async def _replace_group(self, pool: PoolConfig, members: list[WorkerRecord], reason: str) -> None:
+        try:
+            for rec in members:  # their requests fail over now (or wait for the group)
+                await self.router.worker_lost(rec.worker_id, f"{reason} (its expert-parallel group)")
+                await self.store.deregister(rec.worker_id)
+            while not self._closing:
+                for rec in members:
+                    ray.kill(rec.actor, no_restart=True)  # the living ones hold a broken group
+                    rec.actor = self._spawn(rec.worker_id, pool)
+                    rec.handle = _handle(rec.worker_id, pool, rec.actor)
+                try:
+                    ready = await asyncio.gather(*(self._wait_ready(r.handle, pool) for r in members))
+                    await self._form_ep_group(pool, members)
+                    break
+                except Exception as e:
+                    for rec in members:
+                        rec.last_failure = f"group restart failed: {e}"
+                    log.error(
+                        "restart of EP group %s failed, retrying in %ss: %s",
+                        pool.name,
+                        self.options.restart_backoff_s,
+                        e,
+                    )
+                    await asyncio.sleep(self.options.restart_backoff_s)
+            else:
+                return
+            for rec, (address, node_id) in zip(members, ready, strict=True):
+                rec.address, rec.node_id = address, node_id
+                rec.restarts += 1
+                rec.missed_pings = 0
+                rec.started_at = time.time()
+                self.router.add_worker(rec.worker_id, rec.handle, rec.role, address)
+            self._check_shm_locality(strict=False)
+            log.warning("expert-parallel group %s replaced", pool.name)
+        finally:
+            for rec in members:
+                self._replacing.pop(rec.worker_id, None)
 
     async def wait_replaced(self, worker_id: str, timeout: float | None = None) -> None:
         """Until ``worker_id`` is not being replaced (for tests and operators)."""
@@ -434,6 +556,10 @@ class Controller:
 def _handle(wid: str, pool: PoolConfig, actor: Any) -> PrefillHandle | DecodeHandle:
     invoker = RayInvoker(wid, actor)
     return PrefillHandle(wid, invoker) if pool.role == "prefill" else DecodeHandle(wid, invoker)
+
+
+def _ep_group_name(pool: PoolConfig) -> str:
+    return f"ep/{pool.name}"
 
 
 def _pool_request(p: PoolConfig) -> str:

@@ -23,6 +23,7 @@ from typing import Any, Protocol, TypeVar
 from cluster.control.errors import one_line
 from decode_worker.api import DecodeAPI
 from engine.runtime.api import WorkerAPI
+from engine.runtime.groups import GroupSpec
 from engine.types import (
     EngineStopped,
     FirstToken,
@@ -146,6 +147,15 @@ class DecodeHandle(WorkerHandle):
 
     async def set_speculation_pressure(self, pressure: float) -> None:
         return await self.invoker.invoke(DecodeAPI.set_speculation_pressure, pressure)
+
+    async def node_ip(self) -> str:
+        return await self.invoker.invoke(DecodeAPI.node_ip)
+
+    async def free_port(self) -> int:
+        return await self.invoker.invoke(DecodeAPI.free_port)
+
+    async def join_group(self, spec: GroupSpec) -> None:
+        return await self.invoker.invoke(DecodeAPI.join_group, spec)
 
 
 def local_prefill(worker_id: str, worker: PrefillAPI) -> PrefillHandle:

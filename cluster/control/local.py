@@ -13,6 +13,11 @@ Faults, for tests of the failover path: ``await kill_worker(wid)`` stops a worke
 the router it is lost (what the Ray controller does when an actor dies);
 ``replace_worker(wid)`` builds a fresh one under the same id (what the controller's
 replacement does).
+
+Expert-parallel pools (``experts`` > 1): worker ``<pool>-<i>`` is built as EP rank i and
+``start`` forms each pool's group (gloo over localhost, ``form_group`` as the controller
+does) before serving. ``replace_worker`` refuses an EP member (the controller replaces a
+broken group as a whole; this in-process cluster does not).
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from __future__ import annotations
 from typing import Any
 
 from cluster.config import PoolConfig, ServeConfig
-from cluster.control.handles import local_decode, local_prefill
+from cluster.control.groups import form_group
+from cluster.control.handles import DecodeHandle, local_decode, local_prefill
 from cluster.control.info import ClusterInfo, pool_info, worker_info
 from cluster.control.router import Router
 from cluster.control.routing import RoutingPolicy
@@ -38,6 +44,7 @@ class LocalCluster:
         read_timeout_s: float = 1.0,
         store: StateStore | None = None,
         transport_options: dict[str, Any] | None = None,
+        ep_group_timeout_s: float = 30.0,
     ):
         self.config = config
         self.transport_options = dict(transport_options or {})
@@ -48,6 +55,8 @@ class LocalCluster:
             RoutingPolicy(config.router), read_timeout_s=read_timeout_s, failover=config.failover, store=self.store
         )
         self.killed: set[str] = set()
+        self.ep_group_timeout_s = ep_group_timeout_s
+        self.handles: dict[str, DecodeHandle] = {}  # decode-capable workers' handles
         for pool in config.pools:
             for i in range(pool.num_workers):
                 self._build(f"{pool.name}-{i}", pool)
@@ -69,6 +78,18 @@ class LocalCluster:
             self.router.add_worker(wid, local_prefill(wid, pw), pool.role)
             self.workers[wid] = pw
         else:
+            ep: dict[str, Any] = {}
+            if pool.experts > 1:
+                placement = None
+                if pool.expert_placement is not None:
+                    with open(pool.expert_placement, encoding="utf-8") as f:
+                        placement = f.read()
+                ep = {
+                    "experts": pool.experts,
+                    "expert_rank": int(wid.rsplit("-", 1)[1]),
+                    "expert_placement_json": placement,
+                    "expert_cache_slots": pool.expert_cache_slots,
+                }
             dw = build_decode_worker(
                 self.config.model,
                 pool.engine,
@@ -77,12 +98,18 @@ class LocalCluster:
                 transfer_timeout_s=t.timeout_s,
                 role=pool.role,
                 max_pending=bound,
+                **ep,
             )
-            self.router.add_worker(wid, local_decode(wid, dw), pool.role, dw.kv_address())
+            self.handles[wid] = local_decode(wid, dw)
+            self.router.add_worker(wid, self.handles[wid], pool.role, dw.kv_address())
             self.workers[wid] = dw
         self.pool_of[wid] = pool.name
 
     async def start(self) -> LocalCluster:
+        for pool in self.config.pools:
+            if pool.experts > 1:
+                members = [self.handles[f"{pool.name}-{i}"] for i in range(pool.num_workers)]
+                await form_group(f"ep/{pool.name}", members, backend="gloo", timeout_s=self.ep_group_timeout_s)
         await self.store.start()
         await self.router.start()
         await self.router.collect_limits()
@@ -98,6 +125,12 @@ class LocalCluster:
 
     def replace_worker(self, worker_id: str) -> None:
         """A fresh worker under ``worker_id`` (new engine, empty KV pool, new KV address)."""
+        pool = self.config.pool(self.pool_of[worker_id])
+        if pool.experts > 1:
+            raise NotImplementedError(
+                f"{worker_id} is a member of expert-parallel pool {pool.name!r}: its group is replaced as a whole "
+                "(the Ray Controller does that), not one worker in process"
+            )
         old = self.workers[worker_id]
         if worker_id not in self.killed:
             old.shutdown()

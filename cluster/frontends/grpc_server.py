@@ -472,6 +472,7 @@ def server_info_message(info: ServerInfo) -> pb.ServerInfo:
     for w in cluster.workers:
         st = w.stats
         spec = st.speculation if st is not None else None  # a speculating worker's report
+        ep = st.expert_parallel if st is not None else None  # an EP rank's report
         msg.workers.append(
             pb.WorkerInfo(
                 worker_id=w.worker_id,
@@ -484,6 +485,8 @@ def server_info_message(info: ServerInfo) -> pb.ServerInfo:
                 total_kv_blocks=st.engine.total_kv_blocks if st is not None else 0,
                 draft_free_kv_blocks=(spec.draft_free_kv_blocks or 0) if spec is not None else 0,
                 draft_total_kv_blocks=(spec.draft_total_kv_blocks or 0) if spec is not None else 0,
+                ep_rank=ep.rank if ep is not None else 0,
+                ep_world_size=ep.world_size if ep is not None else 0,
             )
         )
         pool = pools.setdefault(w.current_role, pb.PoolInfo(role=w.current_role))

@@ -114,6 +114,11 @@ WORKER_METRICS: tuple[MetricDef, ...] = (
     MetricDef("splitserve_spec_chosen_k", H, "Speculation length the policy chose, per request and step (0: no speculation).", WORKER, source=lambda s: s.speculation.chosen_k if s.speculation else None),
     MetricDef("splitserve_spec_proposer_faults", C, "Proposer (n-gram or draft model) faults of a speculating worker; each one's step ran without speculation.", WORKER, source=lambda s: s.speculation.proposer_faults if s.speculation else None),
     MetricDef("splitserve_spec_proposer_disabled", G, "1 when a speculating worker turned its proposer off for its life after repeated faults.", WORKER, source=lambda s: float(s.speculation.proposer_disabled) if s.speculation else None),
+    MetricDef("splitserve_ep_routed_tokens", C, "Tokens an expert-parallel worker routed through its MoE layers (summed over layers).", WORKER, source=lambda s: s.expert_parallel.tokens if s.expert_parallel else None),
+    MetricDef("splitserve_ep_local_tokens", C, "Of those, tokens whose top-k experts all sat on the worker itself (local fraction = local / routed).", WORKER, source=lambda s: s.expert_parallel.local_tokens if s.expert_parallel else None),
+    MetricDef("splitserve_ep_dispatch_bytes", C, "Bytes an expert-parallel worker sent to other ranks in MoE dispatch (hidden, weights, ids).", WORKER, source=lambda s: s.expert_parallel.dispatch_bytes if s.expert_parallel else None),
+    MetricDef("splitserve_ep_combine_bytes", C, "Bytes an expert-parallel worker sent back to other ranks in MoE combine (partial sums).", WORKER, source=lambda s: s.expert_parallel.combine_bytes if s.expert_parallel else None),
+    MetricDef("splitserve_ep_comm_seconds", C, "Wall time an expert-parallel worker spent in its group's collectives (headers, all-to-alls).", WORKER, source=lambda s: s.expert_parallel.comm_seconds if s.expert_parallel else None),
     MetricDef("splitserve_worker_start_time_seconds", G, "Unix time the worker (this incarnation) started.", WORKER, source=lambda s: s.started_at),
     # computed from router state, not from a stats() field (see WorkerCollector.collect)
     MetricDef("splitserve_worker_role", G, "1 for the worker's current role (a promoted decode worker is 'mixed'), 0 for the others.", (*WORKER, "role")),

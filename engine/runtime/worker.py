@@ -75,11 +75,14 @@ class WorkerRuntime:
         step: Callable[[], Any],
         tick: Callable[[], Any],
         compute_stats: Callable[[], WorkerStats],
+        has_work: Callable[[], bool] | None = None,
     ):
+        """``has_work``: when the loop steps; None: ``engine.has_work`` (an EP rank passes
+        its LockstepStepper's, which keeps it stepping while its group runs)."""
         self.worker_id = worker_id
         self.started_at = time.time()  # identifies this incarnation in stats (counters restart)
         self.streams = StreamRegistry(worker_id)
-        self.loop = EngineLoop(step, engine.has_work, tick, name=worker_id, on_crash=self._fail_all)
+        self.loop = EngineLoop(step, has_work or engine.has_work, tick, name=worker_id, on_crash=self._fail_all)
         self.snapshot = StatsSnapshot(self.loop, compute_stats)  # the worker refreshes it after each step
         self.stats_wait_s = STATS_WAIT_S  # stats() waits this long for the loop before answering stale
         self.loop.start()

@@ -428,3 +428,23 @@ def test_a_prefill_pool_takes_no_speculation(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"pools\[0\].engine.speculative_config: a prefill pool does not decode"):
         serve_config_from_args(_parse("serve", "--config", str(path)), _Tiny())
+
+
+def test_experts_flag_makes_the_decode_pool_one_ep_group():
+    cfg = serve_config_from_args(_parse(*"serve --model /m --experts 2".split()), _Tiny())
+    assert [(p.name, p.num_workers, p.experts) for p in cfg.pools] == [("prefill", 1, 1), ("decode", 2, 2)]
+    with pytest.raises(ConfigError, match=r"^--experts: makes the decode pool 2 workers, but --decode asks 3"):
+        serve_config_from_args(_parse(*"serve --model /m --experts 2 --decode 3".split()), _Tiny())
+
+
+def test_experts_that_do_not_fit_the_model_fail_before_ray_naming_the_pool_field(tiny_checkpoint):
+    from cluster.serve import ServeFailure, resolve_model
+
+    dense = serve_config_from_args(_parse("serve", "--model", tiny_checkpoint("llama"), "--experts", "2"), _Tiny())
+    with pytest.raises(ServeFailure, match=r"^pools\[1\]\.experts: .*dense model"):
+        resolve_model(dense)
+    moe = serve_config_from_args(_parse("serve", "--model", tiny_checkpoint("mixtral"), "--experts", "3"), _Tiny())
+    with pytest.raises(ServeFailure, match=r"^pools\[1\]\.experts: must be >= 2 and divide the model's 4"):
+        resolve_model(moe)
+    ok = serve_config_from_args(_parse("serve", "--model", tiny_checkpoint("mixtral"), "--experts", "2"), _Tiny())
+    assert resolve_model(ok).pool("decode").experts == 2

@@ -124,6 +124,11 @@ def with_(path: str, value) -> dict:
         ("grpc_port", 70000, r"^grpc_port: must be in \[0, 65535\]"),
         ("max_queue", 0, r"^max_queue: must be >= 1"),
         ("placement", "pack", r"^placement: must be one of \[.auto., .none., .PACK."),
+        ("pools[0].experts", 2, r"^pools\[0\]\.experts: expert parallelism runs on decode and mixed pools"),
+        ("pools[1].experts", 2, r"^pools\[1\]\.experts: an EP pool is one group .*num_workers must be 2, got 3"),
+        ("pools[2].experts", 0, r"^pools\[2\]\.experts: must be an int >= 1, got 0"),
+        ("pools[1].expert_cache_slots", 1, r"^pools\[1\]\.expert_cache_slots: needs experts > 1"),
+        ("pools[1].expert_placement", "/p.json", r"^pools\[1\]\.expert_placement: needs experts > 1"),
     ],
 )
 def test_invalid_fields_are_named_in_the_error(path, value, message):
@@ -247,3 +252,15 @@ def test_api_key_sources(tmp_path):
     with pytest.raises(ConfigError, match=r"^security\.protect_metrics: needs an API key"):
         protected.api_key(environ={})
     assert protected.api_key(environ={API_KEY_ENV: "sk-env"}) == "sk-env"
+
+
+def test_an_expert_parallel_pool_is_parsed(tmp_path):
+    placement = tmp_path / "placement.json"
+    placement.write_text('{"world_size": 2, "owners": {"0": [0, 0, 1, 1]}}')
+    data = with_("pools[2].num_workers", 2)
+    data["pools"][2].update(experts=2, expert_placement=str(placement), expert_cache_slots=1)
+    pool = ServeConfig.from_dict(data).pool("mixed")
+    assert (pool.experts, pool.expert_placement, pool.expert_cache_slots) == (2, str(placement), 1)
+    data["pools"][2]["expert_placement"] = str(tmp_path / "missing.json")
+    with pytest.raises(ConfigError, match=r"^pools\[2\]\.expert_placement: no such file"):
+        ServeConfig.from_dict(data)

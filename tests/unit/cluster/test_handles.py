@@ -108,6 +108,15 @@ class FakeDecode(DecodeAPI):
     def set_speculation_pressure(self, pressure):
         self._do("set_speculation_pressure", pressure)
 
+    def node_ip(self):
+        return "127.0.0.1"
+
+    def free_port(self):
+        return 1
+
+    def join_group(self, spec):
+        self._do("join_group", spec)
+
 
 def test_local_handle_calls_the_worker_method_with_the_arguments():
     w = FakeDecode()

@@ -31,7 +31,7 @@ from engine.config import ModelConfig
 from engine.request import SamplingParams
 from engine.runtime.stats import TRANSFER_SECONDS_BUCKETS, CumulativeHistogram
 from engine.tokenizer import Tokenizer
-from engine.types import HistogramReport, SpeculationReport, StreamChunk, WorkerStats
+from engine.types import ExpertParallelReport, HistogramReport, SpeculationReport, StreamChunk, WorkerStats
 from tests.fakes import worker_stats
 
 
@@ -315,8 +315,16 @@ def test_exported_names_match_what_a_full_scrape_exposes():
     speculating = dataclasses.replace(
         report(1.0, 0, []),
         speculation=SpeculationReport(3, 2, HistogramReport((0.0, 1.0), (1, 2), 1.0, 2), None, None, 1, False),
+        expert_parallel=ExpertParallelReport(0, 2, True, 4, 10, 6, 5, 800, 600, 0.25),
     )
     m, router = attached({"prefill-0": report(1.0, 1, [0.01]), "decode-0": speculating})
+    d = {"model": "m", "pool": "decode", "worker": "decode-0"}
+    assert (
+        m.sample_value("splitserve_ep_local_tokens_total", d),
+        m.sample_value("splitserve_ep_routed_tokens_total", d),
+    ) == (6, 10)
+    assert m.sample_value("splitserve_ep_dispatch_bytes_total", d) == 800
+    assert m.sample_value("splitserve_ep_dispatch_bytes_total", {**d, "pool": "prefill", "worker": "prefill-0"}) is None
     assert (
         m.sample_value("splitserve_spec_accepted_tokens_total", {"model": "m", "pool": "decode", "worker": "decode-0"})
         == 2

@@ -1,0 +1,103 @@
+"""Expert parallelism served by Ray actors: a mixed pool with ``experts=2`` (one EP group of
+two DecodeActors, each holding half of every MoE layer's experts, the group formed by the
+controller) on the tiny Mixtral. Concurrent greedy requests equal engine.LLM's tokens;
+GetServerInfo shows each worker's EP rank; a killed member takes its whole group down and the
+controller brings the group back (both members restarted, the group formed again), while a
+request streaming at the time fails over and finishes with LLM's tokens (no hang, nothing
+wrong)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+
+import pytest
+import ray
+
+from cluster.config import PoolConfig, ServeConfig, TransferConfig
+from cluster.control.controller import Controller, ControllerOptions
+from cluster.frontends.grpc_server import server_info_message
+from cluster.frontends.service import ServerInfo
+from engine import LLM, SamplingParams
+from engine.types import RequestSpec
+
+pytestmark = pytest.mark.integration
+
+ENGINE = {"block_size": 8, "num_blocks": 128, "attention_backend": "sdpa"}
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+OPTIONS = ControllerOptions(
+    health_interval_s=0.2, ping_timeout_s=10.0, restart_backoff_s=0.5, read_timeout_s=0.5, ep_group_timeout_s=5.0
+)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    if ray.is_initialized():  # a connection another module left behind would block ray.init
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+async def _collect(c: Controller, rid: str, prompt: list[int], params: SamplingParams):
+    tokens, last = [], None
+    async for chunk in c.router.generate(RequestSpec(rid, prompt, params)):
+        tokens += chunk.token_ids
+        last = chunk
+    return tokens, last
+
+
+def test_an_ep_mixed_pool_serves_as_llm_and_comes_back_after_a_member_dies(ray_local, tiny_checkpoint) -> None:
+    ckpt = tiny_checkpoint("mixtral")  # 4 experts, top-2: 2 per rank
+    rng = random.Random(5)
+    prompts = [[rng.randrange(3, 500) for _ in range(n)] for n in (5, 17, 9, 30, 12, 3)]
+    long_prompt = [rng.randrange(3, 500) for _ in range(10)]
+    long_params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+    llm = LLM(ckpt, **ENGINE)
+    expected = [o.token_ids for o in llm.generate(prompts, GREEDY)]
+    long_expected = llm.generate([long_prompt], long_params)[0].token_ids
+    cfg = ServeConfig(
+        model=ckpt,
+        pools=(PoolConfig("mixed", "mixed", 2, num_cpus=0.5, engine=ENGINE, experts=2),),
+        transfer=TransferConfig(kind="shm"),
+    )
+
+    async def run():
+        c = await Controller(cfg, OPTIONS).start()
+        try:
+            results = await asyncio.gather(*(_collect(c, f"r{i}", p, GREEDY) for i, p in enumerate(prompts)))
+            await c.router.refresh_loads()
+            info = c.info()
+
+            # a member dies mid-stream: the group is replaced as one, the request fails over
+            stream = c.router.generate(RequestSpec("long", long_prompt, long_params))
+            first = await anext(stream)
+            assert first.token_ids and not first.finished
+            ray.kill(c.workers["mixed-1"].actor, no_restart=True)
+            rest = [chunk async for chunk in stream]
+            for wid in ("mixed-0", "mixed-1"):
+                await c.wait_replaced(wid, timeout=180)
+            after = await asyncio.gather(*(_collect(c, f"a{i}", p, GREEDY) for i, p in enumerate(prompts)))
+            await c.router.refresh_loads()
+            return results, info, first, rest, after, c.info(), dict(c.router.stats.failovers)
+        finally:
+            await c.shutdown()
+
+    results, info, first, rest, after, info_after, failovers = asyncio.run(run())
+    assert [last.finish_reason for _, last in results] == ["length"] * len(prompts)
+    assert [tokens for tokens, _ in results] == expected
+    # GetServerInfo: each worker's EP rank in its group of 2; its traffic in details_json
+    msg = server_info_message(ServerInfo(cluster=info, inflight=0, max_queue=8))
+    assert {w.worker_id: (w.ep_rank, w.ep_world_size) for w in msg.workers} == {"mixed-0": (0, 2), "mixed-1": (1, 2)}
+    details = {w["worker_id"]: w["stats"]["expert_parallel"] for w in json.loads(msg.details_json)["workers"]}
+    assert all(d["connected"] and d["rounds"] > 0 and d["dispatch_bytes"] > 0 for d in details.values()), details
+
+    assert rest[-1].finish_reason == "length" and rest[-1].error is None, rest[-1]
+    assert first.token_ids + [t for ch in rest for t in ch.token_ids] == long_expected
+    assert failovers["worker_lost"] >= 1, failovers
+    assert {w.worker_id: (w.healthy, w.restarts) for w in info_after.workers} == {
+        "mixed-0": (True, 1),  # the living member was restarted with the dead one: its group broke
+        "mixed-1": (True, 1),
+    }
+    assert [tokens for tokens, _ in after] == expected  # the re-formed group serves as before

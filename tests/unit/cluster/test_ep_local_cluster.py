@@ -1,0 +1,84 @@
+"""An expert-parallel pool in the in-process LocalCluster, mixed or as the decode pool of a
+disaggregated cluster (prompts prefilled by a dense-attention prefill worker holding every
+expert, their KV moved to an EP rank): the router places concurrent requests on either EP
+rank, the tokens equal engine.LLM's, ClusterInfo shows the ranks, and replacing one member
+alone is refused (a group is replaced as a whole)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from cluster.config import PoolConfig, RouterConfig, ServeConfig, TransferConfig
+from cluster.control.local import LocalCluster
+from engine import LLM, SamplingParams
+from engine.types import RequestSpec
+
+ENGINE = {"block_size": 8, "num_blocks": 64, "attention_backend": "sdpa", "skip_tokenizer_init": True}
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+PROMPTS = [list(range(3, 14)), list(range(20, 27)), list(range(40, 59)), [5, 9, 2, 7], list(range(60, 90))]
+
+
+async def _collect(cluster: LocalCluster, rid: str, prompt: list[int]) -> list[int]:
+    tokens = []
+    async for chunk in cluster.router.generate(RequestSpec(rid, prompt, GREEDY)):
+        assert chunk.error is None, chunk.error
+        tokens += chunk.token_ids
+    return tokens
+
+
+@pytest.mark.parametrize("disaggregated", [False, True], ids=["mixed", "prefill+ep-decode"])
+def test_ep_pool_in_process_serves_as_llm(tiny_checkpoint, disaggregated: bool) -> None:
+    ckpt = tiny_checkpoint("qwen2_moe")
+    ep_pool = PoolConfig("mixed", "decode" if disaggregated else "mixed", 2, engine=ENGINE, experts=2)
+    cfg = ServeConfig(
+        model=ckpt,
+        pools=((PoolConfig("prefill", "prefill", 1, engine=ENGINE), ep_pool) if disaggregated else (ep_pool,)),
+        router=RouterConfig(short_prompt_threshold=0 if disaggregated else 32),  # 0: every prompt transfers
+        transfer=TransferConfig(kind="loopback"),
+    )
+
+    async def run():
+        cluster = await LocalCluster(cfg, ep_group_timeout_s=30.0).start()
+        try:
+            first_token = asyncio.Event()
+
+            async def cancelled_midway() -> None:  # a client that goes away mid-stream
+                long = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
+                async for _ in cluster.router.generate(RequestSpec("gone", PROMPTS[0], long)):
+                    first_token.set()
+
+            gone = asyncio.create_task(cancelled_midway())
+            got = await asyncio.gather(*(_collect(cluster, f"r{i}", p) for i, p in enumerate(PROMPTS)))
+            await first_token.wait()
+            gone.cancel()
+            await asyncio.gather(gone, return_exceptions=True)
+            # every KV block free again on every worker (aborts land between lock-step iterations)
+            deadline = asyncio.get_running_loop().time() + 30.0
+            while True:
+                await cluster.router.refresh_loads()
+                info = cluster.info()
+                full = all(w.stats.engine.free_kv_blocks == w.stats.engine.total_kv_blocks for w in info.workers)
+                if full or asyncio.get_running_loop().time() > deadline:
+                    break
+                await asyncio.sleep(0.05)  # poll interval
+            assert full, [(w.worker_id, w.stats.engine.free_kv_blocks) for w in info.workers]
+            assert len(cluster.router.requests) == 0
+            with pytest.raises(NotImplementedError, match="replaced as a whole"):
+                cluster.replace_worker("mixed-1")
+            return got, info
+        finally:
+            await cluster.stop()
+
+    got, info = asyncio.run(run())
+    assert got == [o.token_ids for o in LLM(ckpt, **ENGINE).generate(PROMPTS, GREEDY)]
+    eps = {w.worker_id: w.stats.expert_parallel for w in info.workers if w.pool == "mixed"}
+    if disaggregated:  # the prefill worker prefilled every prompt and sent its KV to an EP rank
+        (prefill,) = (w.stats for w in info.workers if w.pool == "prefill")
+        assert prefill.expert_parallel is None and prefill.transfer_bytes > 0
+    assert {wid: (e.rank, e.world_size, e.connected) for wid, e in eps.items()} == {
+        "mixed-0": (0, 2, True),
+        "mixed-1": (1, 2, True),
+    }
+    assert all(e.rounds > 0 and e.tokens > 0 for e in eps.values()), eps  # both ranks ran requests
