@@ -17,8 +17,11 @@ shard reads headers: BEGIN (a step starts), RELEASE, STATS, CLOSE.
 The model side never blocks on a send: sends are asynchronous and waited with the attention
 output's receive (or at the next ``stats``/``close``), so a micro-batch's q/k/v leave while the next
 micro-batch's dense part runs. ``serve_shard`` is the shard's loop: it blocks on the next
-header and returns at CLOSE. Its receive is bounded by the communicator's timeout, so an
-idle shard fails after it: the serving side (planned) keeps one alive with STATS polls.
+header and returns at CLOSE. Its receive is bounded by the communicator's timeout (a gloo
+op that timed out leaves the group unusable, so the shard cannot just wait again): an idle
+model worker keeps its shards alive with PING headers (``ping``, no reply, called between
+steps at least once per timeout: OffloadedEngine.keepalive), while inside a step every
+receive still fails fast within the timeout.
 A shard error (a full pool, a context mismatch) ends its loop with the exception; the model
 worker's waits then fail with CommunicationError within the timeout, never a wrong token.
 """
@@ -34,7 +37,7 @@ from attention_offload.transport import HEADER_INTS, AttentionTransport, begin_b
 from engine.kv_cache.layout import KVLayout
 from engine.parallel import Communicator, Pending
 
-BEGIN, RELEASE, STATS, CLOSE = 1, 3, 4, 5
+BEGIN, RELEASE, STATS, CLOSE, PING = 1, 3, 4, 5, 6
 REQUEST_TAG, REPLY_TAG = 0, 1
 
 
@@ -97,6 +100,11 @@ class DistAttentionTransport(AttentionTransport):
         free, total, seqs = reply.tolist()
         return ShardStats(free, total, seqs)
 
+    def ping(self) -> None:
+        self._drain()  # the previous pings (and releases): the unwaited list stays bounded while idle
+        for s in range(self.num_shards):
+            self._header(s, PING)
+
     def close(self) -> None:
         for s in range(self.num_shards):
             self._header(s, CLOSE)
@@ -138,6 +146,8 @@ def _serve(comm: Communicator, shard: AttentionShard, model_rank: int) -> int:
         elif kind == STATS:
             s = shard.stats()
             comm.send(torch.tensor([s.free_blocks, s.total_blocks, s.sequences], device=dev), model_rank, REPLY_TAG)
+        elif kind == PING:
+            pass  # keepalive: the model worker is idle
         elif kind == CLOSE:
             return served
         else:

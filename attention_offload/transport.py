@@ -10,6 +10,7 @@ the same bytes without sending):
              with rows on the shard; no header (the shard knows the step's order)
     RELEASE  header                                                  a sequence finished / left
     STATS    header, int64 [3] back                                  pool occupancy
+    PING     header                                                  keepalive between steps
 
 ``payload`` bytes are the attention tensors only, so per layer and token they equal the
 analytic volume (q, k and v out, the attention output back); headers and BEGIN bodies are
@@ -77,6 +78,11 @@ class AttentionTransport(ABC):
     @abstractmethod
     def close(self) -> None:
         """Ends the links (the shards' serve loops return)."""
+
+    def ping(self) -> None:  # noqa: B027 - a no-op by default, on purpose
+        """A no-op message to every shard, between steps: keeps a shard whose loop waits for
+        the next message within a timeout (the torch.distributed one) alive while the model
+        worker is idle. In-process shards wait without a timeout: nothing to do."""
 
     def _count_control(self, ints: int) -> None:
         self.counters.control += ints * INT64_BYTES
