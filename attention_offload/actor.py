@@ -16,7 +16,8 @@ from typing import Any
 
 import ray
 
-from attention_offload.worker import AttentionWorker, AttentionWorkerStats, build_attention_worker
+from attention_offload.api import AttentionAPI, AttentionWorkerStats
+from attention_offload.worker import AttentionWorker, build_attention_worker
 from engine.runtime.groups import GroupSpec
 from engine.runtime.threads import set_threads_for_cpu_share
 
@@ -24,7 +25,7 @@ CONTROL_GROUP = "control"
 
 
 @ray.remote(max_concurrency=4, concurrency_groups={CONTROL_GROUP: 2})
-class AttentionActor:
+class AttentionActor(AttentionAPI):
     def __init__(self, model: str, engine_options: dict[str, Any] | None = None, worker_id: str = "attention-0"):
         self.num_threads = set_threads_for_cpu_share(ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0))
         self.worker: AttentionWorker = build_attention_worker(
@@ -38,10 +39,6 @@ class AttentionActor:
     @ray.method(concurrency_group=CONTROL_GROUP)
     def stats(self) -> AttentionWorkerStats:
         return self.worker.stats()
-
-    @ray.method(concurrency_group=CONTROL_GROUP)
-    def node_id(self) -> str:
-        return ray.get_runtime_context().get_node_id()
 
     @ray.method(concurrency_group=CONTROL_GROUP)
     def node_ip(self) -> str:

@@ -45,12 +45,34 @@ class DistAttentionTransport(AttentionTransport):
     """The model worker's side. ``layout``: the shards' KV geometry (Hkv, D: the reply's width
     is the packed width minus 2 Hkv D)."""
 
-    def __init__(self, comm: Communicator, shard_ranks: list[int], layout: KVLayout):
+    def __init__(self, comm: Communicator | None, shard_ranks: list[int], layout: KVLayout):
+        """``comm`` None: connected later (``connect``), once the serving side formed the group;
+        the engine can be built (and its pool sized) before that, but sends nothing until."""
         super().__init__()
-        if not shard_ranks or comm.rank in shard_ranks or len(set(shard_ranks)) != len(shard_ranks):
-            raise ValueError(f"shard_ranks {shard_ranks} must be distinct ranks other than this one ({comm.rank})")
-        self.comm, self.ranks, self.layout = comm, list(shard_ranks), layout
+        if not shard_ranks or len(set(shard_ranks)) != len(shard_ranks):
+            raise ValueError(f"shard_ranks {shard_ranks} must be distinct ranks")
+        self.ranks, self.layout = list(shard_ranks), layout
+        self._comm: Communicator | None = None
         self._unwaited: list[Pending[Any]] = []  # sends not yet waited
+        if comm is not None:
+            self.connect(comm)
+
+    def connect(self, comm: Communicator) -> None:
+        if self._comm is not None:
+            raise RuntimeError("DistAttentionTransport is already connected (a group is never reused)")
+        if comm.rank in self.ranks:
+            raise ValueError(f"shard_ranks {self.ranks} must not include this rank ({comm.rank})")
+        self._comm = comm
+
+    @property
+    def connected(self) -> bool:
+        return self._comm is not None
+
+    @property
+    def comm(self) -> Communicator:
+        if self._comm is None:
+            raise RuntimeError("DistAttentionTransport: not connected yet (its attention group has not formed)")
+        return self._comm
 
     @property
     def num_shards(self) -> int:

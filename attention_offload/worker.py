@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
 from typing import Any
 
+from attention_offload.api import AttentionAPI, AttentionWorkerStats
 from attention_offload.build import build_shard, shard_layout
 from attention_offload.dist_transport import serve_shard
 from attention_offload.shard import AttentionShard
@@ -43,18 +43,6 @@ from engine.runtime.groups import GroupSpec, free_port, join_group
 log = logging.getLogger(__name__)
 
 MODEL_RANK = 0  # the model worker's rank in the attention group; attention workers are 1..N
-STATES = ("waiting", "serving", "closed", "failed")
-
-
-@dataclass(frozen=True)
-class AttentionWorkerStats:
-    worker_id: str
-    state: str  # one of STATES
-    free_blocks: int
-    total_blocks: int
-    sequences: int  # sequences with pages on this shard
-    served: int  # messages served by a finished loop (0 while serving)
-    error: str | None  # why the loop failed ("failed" only)
 
 
 def attention_blocks(config: EngineConfig) -> int:
@@ -72,7 +60,7 @@ def attention_engine_config(model: str, engine_options: dict[str, Any] | None) -
     return build_engine_config(resolve_model_path(model), **opts)
 
 
-class AttentionWorker:
+class AttentionWorker(AttentionAPI):
     def __init__(self, shard: AttentionShard, worker_id: str = "attention-0", node_ip: str = "127.0.0.1"):
         self.shard, self.worker_id, self._node_ip = shard, worker_id, node_ip
         self._state = "waiting"
@@ -81,6 +69,9 @@ class AttentionWorker:
         self._thread: threading.Thread | None = None
         self._timeout_s = 0.0
         self._lock = threading.Lock()
+
+    def ping(self) -> str:
+        return self.worker_id
 
     # ------------------------------------------------------------ GroupMember
     def node_ip(self) -> str:
@@ -138,8 +129,10 @@ def build_attention_worker(
     model: str,
     engine_options: dict[str, Any] | None = None,
     worker_id: str = "attention-0",
-    backend: str = "auto",
+    backend: str | None = None,
     node_ip: str = "127.0.0.1",
 ) -> AttentionWorker:
+    """``backend``: the shard's attention backend; None: the pool's ``attention_backend``."""
     config = attention_engine_config(model, engine_options)
-    return AttentionWorker(build_shard(config, attention_blocks(config), backend), worker_id, node_ip)
+    kind = config.attention_backend if backend is None else backend
+    return AttentionWorker(build_shard(config, attention_blocks(config), kind), worker_id, node_ip)
