@@ -41,6 +41,10 @@ class AttentionActor(AttentionAPI):
         return self.worker.stats()
 
     @ray.method(concurrency_group=CONTROL_GROUP)
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
     def node_ip(self) -> str:
         return self.worker.node_ip()
 

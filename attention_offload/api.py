@@ -32,10 +32,15 @@ class AttentionWorkerStats:
 class AttentionAPI(abc.ABC):
     @abc.abstractmethod
     def ping(self) -> str:
-        """The worker id, once the worker is built (the readiness probe)."""
+        """The worker id, once the worker is built (the readiness probe). Raises EngineStopped
+        once its serve loop failed (the controller then replaces its group)."""
 
     @abc.abstractmethod
     def stats(self) -> AttentionWorkerStats: ...
+
+    @abc.abstractmethod
+    def node_id(self) -> str:
+        """The Ray node the worker runs on ("local" in process)."""
 
     @abc.abstractmethod
     def node_ip(self) -> str:

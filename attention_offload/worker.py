@@ -39,6 +39,7 @@ from engine.llm import build_engine_config
 from engine.models.gguf import resolve_model_path
 from engine.parallel import TorchDistCommunicator
 from engine.runtime.groups import GroupSpec, free_port, join_group
+from engine.types import EngineStopped
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,13 @@ class AttentionWorker(AttentionAPI):
         self._lock = threading.Lock()
 
     def ping(self) -> str:
+        with self._lock:
+            if self._state == "failed":
+                raise EngineStopped(f"{self.worker_id}: attention shard loop failed: {self._error}")
         return self.worker_id
+
+    def node_id(self) -> str:
+        return "local"
 
     # ------------------------------------------------------------ GroupMember
     def node_ip(self) -> str:

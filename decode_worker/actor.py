@@ -48,6 +48,7 @@ class DecodeActor(DecodeAPI):
         expert_rank: int = 0,
         expert_placement_json: str | None = None,
         expert_cache_slots: int | None = None,
+        attention_blocks: list[int] | None = None,
     ):
         # torch threads = this actor's Ray CPU share
         self.num_threads = set_threads_for_cpu_share(ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0))
@@ -68,6 +69,7 @@ class DecodeActor(DecodeAPI):
             expert_placement_json=expert_placement_json,
             expert_cache_slots=expert_cache_slots,
             node_ip=ray.util.get_node_ip_address(),
+            attention_blocks=attention_blocks,
         )
 
     # ------------------------------------------------------------ control group

@@ -174,6 +174,9 @@ class AttentionHandle:
     async def stats(self) -> AttentionWorkerStats:
         return await self.invoker.invoke(AttentionAPI.stats)
 
+    async def node_id(self) -> str:
+        return await self.invoker.invoke(AttentionAPI.node_id)
+
     async def node_ip(self) -> str:
         return await self.invoker.invoke(AttentionAPI.node_ip)
 
