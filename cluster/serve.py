@@ -648,6 +648,9 @@ def _print_layout(info: ClusterInfo) -> None:
             ep = st.expert_parallel if st else None
             ep_rank = f", EP rank {ep.rank}/{ep.world_size}" if ep is not None else ""
             _say(f"  {w.worker_id:<12} node {(w.node_id or '?')[:8]}  {kv}{ep_rank}{addr}")
+        if pool.role == "attention":  # attention offload: not routed, listed with their shards' blocks
+            for a in (a for a in info.attention_workers if a.worker_id.rsplit("-", 1)[0] == pool.name):
+                _say(f"  {a.worker_id:<12} {a.state}  KV blocks {a.free_blocks}/{a.total_blocks}")
 
 
 def demo_prompt_ids(tokenizer: Any, template: Any, prompt: str) -> list[int]:

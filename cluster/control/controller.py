@@ -263,6 +263,9 @@ class Controller:
         await self.router.start()
         await self.router.collect_limits()
         await self.router.refresh_loads()
+        for rec in self.workers.values():  # a first report of the attention workers (the health round refreshes it)
+            if isinstance(rec.handle, AttentionHandle):
+                self._attention_stats[rec.worker_id] = await rec.handle.stats()
         await self.store.heartbeat([self._registration(r) for r in self.workers.values()])
         self._watcher = asyncio.create_task(self._watch(), name="splitserve-health")
         return self
