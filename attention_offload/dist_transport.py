@@ -28,6 +28,7 @@ worker's waits then fail with CommunicationError within the timeout, never a wro
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -139,9 +140,11 @@ class _Reply:
 
     def wait(self) -> torch.Tensor:
         if self._out is None:
+            t0 = time.perf_counter()
             for s in self._sends:
                 s.wait()
             out = self._recv.wait()
+            self._t.counters.wait_seconds += time.perf_counter() - t0
             self._t.counters.payload_in += out.numel() * out.element_size()
             self._out = out
         return self._out

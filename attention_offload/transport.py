@@ -22,6 +22,7 @@ Ordering: a transport delivers one shard's messages in the order they were issue
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -42,6 +43,7 @@ class TransferCounters:
     payload_in: int = 0  # attention outputs received
     control: int = 0  # headers, BEGIN bodies, STATS replies
     attends: int = 0  # ATTEND messages (layers x micro-batches x shards touched)
+    wait_seconds: float = 0.0  # the caller blocked in attend Pendings' wait (not overlapped)
 
 
 def begin_body(batch: ShardBatch) -> torch.Tensor:
@@ -151,7 +153,9 @@ class _Counted:
 
     def wait(self) -> torch.Tensor:
         if self._out is None:
+            t0 = time.perf_counter()
             self._out = self._p.wait()
+            self._t.counters.wait_seconds += time.perf_counter() - t0
             self._t.counters.payload_in += self._out.numel() * self._out.element_size()
             self._t._drain()
         return self._out

@@ -68,6 +68,7 @@ from engine.runtime.stats import (
 from engine.runtime.worker import RuntimeWorker, WorkerRuntime
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from engine.types import (
+    AttentionOffloadReport,
     EngineStopped,
     ExpertParallelReport,
     FirstToken,
@@ -140,6 +141,7 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
                 "an attention-offloaded worker's transport is a DistAttentionTransport (connected at join)"
             )
         self.attention = attention
+        self._attn_step_seconds = 0.0  # engine steps' wall time (attention offload report)
         self._attn_transport = None if attention is None else attention.transport  # a DistAttentionTransport
         if dispatcher is None:
             self.stepper: LockstepStepper | None = None
@@ -347,6 +349,8 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
         t0 = time.monotonic()  # step() schedules first: requests it picks up were scheduled now
         wall0 = time.time()
         result = self.engine.step()
+        if self.attention is not None:
+            self._attn_step_seconds += time.monotonic() - t0
         if self._handoff_from:
             for req in result.outputs:  # decoded in this step; the first time for those listed
                 if (prefilled_at := self._handoff_from.pop(req.request_id, None)) is not None:
@@ -403,6 +407,25 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
             speculation=speculation_report(self.engine),
             cached_block_hashes=self.engine.cached_block_hashes(),
             expert_parallel=self._ep_report(),
+            attention=self._attention_report(),
+        )
+
+    def _attention_report(self) -> AttentionOffloadReport | None:
+        a = self.attention
+        if a is None or not isinstance(self._attn_transport, DistAttentionTransport):
+            return None
+        c, mc = self._attn_transport.counters, self.engine.config.model
+        row_bytes = (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim * self.engine.layout.torch_dtype.itemsize
+        return AttentionOffloadReport(
+            attention_workers=self._attn_transport.num_shards,
+            connected=self._attn_transport.connected,
+            used_blocks=tuple(a.backend.used),
+            total_blocks=tuple(a.backend.capacity),
+            tokens=c.payload_out // row_bytes,
+            payload_bytes=c.payload_out + c.payload_in,
+            control_bytes=c.control,
+            wait_seconds=c.wait_seconds,
+            step_seconds=self._attn_step_seconds,
         )
 
     def _ep_report(self) -> ExpertParallelReport | None:

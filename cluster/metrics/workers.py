@@ -119,6 +119,11 @@ WORKER_METRICS: tuple[MetricDef, ...] = (
     MetricDef("splitserve_ep_dispatch_bytes", C, "Bytes an expert-parallel worker sent to other ranks in MoE dispatch (hidden, weights, ids).", WORKER, source=lambda s: s.expert_parallel.dispatch_bytes if s.expert_parallel else None),
     MetricDef("splitserve_ep_combine_bytes", C, "Bytes an expert-parallel worker sent back to other ranks in MoE combine (partial sums).", WORKER, source=lambda s: s.expert_parallel.combine_bytes if s.expert_parallel else None),
     MetricDef("splitserve_ep_comm_seconds", C, "Wall time an expert-parallel worker spent in its group's collectives (headers, all-to-alls).", WORKER, source=lambda s: s.expert_parallel.comm_seconds if s.expert_parallel else None),
+    MetricDef("splitserve_attention_payload_bytes", C, "Attention tensors a model worker exchanged with its attention workers (q, k, v out; outputs back).", WORKER, source=lambda s: s.attention.payload_bytes if s.attention else None),
+    MetricDef("splitserve_attention_tokens", C, "Query rows a model worker sent to its attention workers, summed over layers (bytes per token and layer = payload / tokens).", WORKER, source=lambda s: s.attention.tokens if s.attention else None),
+    MetricDef("splitserve_attention_wait_seconds", C, "Time a model worker blocked waiting for attention outputs (not hidden behind its dense compute).", WORKER, source=lambda s: s.attention.wait_seconds if s.attention else None),
+    MetricDef("splitserve_attention_step_seconds", C, "Wall time of a model worker's engine steps (overlap ratio = 1 - wait / step).", WORKER, source=lambda s: s.attention.step_seconds if s.attention else None),
+    MetricDef("splitserve_attention_max_load_ratio", G, "The busiest attention worker's fraction of KV blocks in use (0..1), as the model worker accounts them.", WORKER, source=lambda s: s.attention.max_load if s.attention else None),
     MetricDef("splitserve_worker_start_time_seconds", G, "Unix time the worker (this incarnation) started.", WORKER, source=lambda s: s.started_at),
     # computed from router state, not from a stats() field (see WorkerCollector.collect)
     MetricDef("splitserve_worker_role", G, "1 for the worker's current role (a promoted decode worker is 'mixed'), 0 for the others.", (*WORKER, "role")),

@@ -13,6 +13,7 @@ import pytest
 from cluster.config import PoolConfig, RouterConfig, ServeConfig, TransferConfig
 from cluster.control.local import LocalCluster
 from engine import LLM, SamplingParams
+from engine.llm import build_engine_config
 from engine.types import RequestSpec
 
 MODEL_ENGINE = {
@@ -78,6 +79,12 @@ def test_attention_pool_in_process_serves_as_llm(tiny_checkpoint) -> None:
     # the model worker's pool accounts for the attention workers' blocks (its own KV: none)
     assert model.stats.engine.total_kv_blocks == 2 * ATTN_BLOCKS
     assert model.stats.engine.free_kv_blocks == 2 * ATTN_BLOCKS
+    # its report: every attention tensor counted (q, k, v out and the output back, fp32), all pages back
+    rep, mc = model.stats.attention, build_engine_config(ckpt).model
+    assert rep.connected and rep.attention_workers == 2 and rep.tokens > 0
+    assert rep.payload_bytes == rep.tokens * (2 * mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim * 4
+    assert rep.used_blocks == (0, 0) and rep.total_blocks == (ATTN_BLOCKS, ATTN_BLOCKS) and rep.max_load == 0.0
+    assert 0.0 < rep.wait_seconds < rep.step_seconds
     assert [(a.worker_id, a.state, a.total_blocks) for a in info.attention_workers] == [
         ("attention-0", "serving", ATTN_BLOCKS),
         ("attention-1", "serving", ATTN_BLOCKS),

@@ -31,7 +31,14 @@ from engine.config import ModelConfig
 from engine.request import SamplingParams
 from engine.runtime.stats import TRANSFER_SECONDS_BUCKETS, CumulativeHistogram
 from engine.tokenizer import Tokenizer
-from engine.types import ExpertParallelReport, HistogramReport, SpeculationReport, StreamChunk, WorkerStats
+from engine.types import (
+    AttentionOffloadReport,
+    ExpertParallelReport,
+    HistogramReport,
+    SpeculationReport,
+    StreamChunk,
+    WorkerStats,
+)
 from tests.fakes import worker_stats
 
 
@@ -316,9 +323,17 @@ def test_exported_names_match_what_a_full_scrape_exposes():
         report(1.0, 0, []),
         speculation=SpeculationReport(3, 2, HistogramReport((0.0, 1.0), (1, 2), 1.0, 2), None, None, 1, False),
         expert_parallel=ExpertParallelReport(0, 2, True, 4, 10, 6, 5, 800, 600, 0.25),
+        attention=AttentionOffloadReport(2, True, (3, 1), (8, 8), 40, 9000, 100, 0.5, 2.0),
     )
     m, router = attached({"prefill-0": report(1.0, 1, [0.01]), "decode-0": speculating})
     d = {"model": "m", "pool": "decode", "worker": "decode-0"}
+    assert m.sample_value("splitserve_attention_max_load_ratio", d) == 3 / 8  # the busier attention worker
+    assert m.sample_value("splitserve_attention_payload_bytes_total", d) == 9000
+    assert m.sample_value("splitserve_attention_tokens_total", d) == 40
+    assert (
+        m.sample_value("splitserve_attention_wait_seconds_total", d),
+        m.sample_value("splitserve_attention_step_seconds_total", d),
+    ) == (0.5, 2.0)
     assert (
         m.sample_value("splitserve_ep_local_tokens_total", d),
         m.sample_value("splitserve_ep_routed_tokens_total", d),
