@@ -42,7 +42,7 @@ def test_attention_pool_in_process_serves_as_llm(tiny_checkpoint) -> None:
         model=ckpt,
         pools=(
             PoolConfig("mixed", "mixed", 1, engine=MODEL_ENGINE),
-            PoolConfig("attention", "attention", 2, engine=ATTN_ENGINE),
+            PoolConfig("attention", "attention", 2, engine={**ATTN_ENGINE, "num_blocks": ATTN_BLOCKS}),
         ),
         router=RouterConfig(short_prompt_threshold=1024),  # every prompt prefills on the model worker
         transfer=TransferConfig(kind="loopback"),
@@ -64,6 +64,7 @@ def test_attention_pool_in_process_serves_as_llm(tiny_checkpoint) -> None:
             assert full, info.attention_workers
             with pytest.raises(NotImplementedError, match="replaced as one group"):
                 cluster.replace_worker("mixed-0")
+            assert cluster.router.limits.num_kv_blocks == 2 * ATTN_BLOCKS  # what the frontend admits against
             counters = cluster.workers["mixed-0"].attention.transport.counters
             assert counters.payload_out > 0 and counters.payload_in > 0  # attention ran remotely
         finally:
