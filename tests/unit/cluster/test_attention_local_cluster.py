@@ -94,3 +94,35 @@ def test_attention_pool_in_process_serves_as_llm(tiny_checkpoint) -> None:
         "attention",
         ("attention-0", "attention-1"),
     )
+
+
+def test_an_idle_model_worker_keeps_its_attention_workers_alive(tiny_checkpoint) -> None:
+    """A group timeout of 1 s and 3 s without a request: the model worker's loop tick pings
+    the attention workers (every 0.25 s), so they still serve afterwards."""
+    ckpt = tiny_checkpoint("llama")
+    cfg = ServeConfig(
+        model=ckpt,
+        pools=(
+            PoolConfig("mixed", "mixed", 1, engine=MODEL_ENGINE),
+            PoolConfig("attention", "attention", 2, engine=ATTN_ENGINE),
+        ),
+        router=RouterConfig(short_prompt_threshold=1024),
+        transfer=TransferConfig(kind="loopback"),
+    )
+
+    async def run():
+        cluster = await LocalCluster(cfg, ep_group_timeout_s=1.0).start()
+        try:
+            await asyncio.sleep(3.0)  # the idle period under test (three group timeouts)
+            states = [a.state for a in cluster.info().attention_workers]
+            got = await _collect(cluster, "r0", PROMPTS[2])
+            pings = cluster.workers["mixed-0"].attention.pings
+        finally:
+            await cluster.stop()
+        return states, got, pings
+
+    states, got, pings = asyncio.run(run())
+    assert states == ["serving", "serving"]
+    assert pings >= 8
+    ref = LLM(ckpt, **{**MODEL_ENGINE, "num_blocks": 2 * ATTN_BLOCKS}).generate([PROMPTS[2]], GREEDY)
+    assert got == ref[0].token_ids
