@@ -17,14 +17,18 @@ shard reads headers: BEGIN (a step starts), RELEASE, STATS, CLOSE.
 The model side never blocks on a send: sends are asynchronous and waited with the attention
 output's receive (or at the next ``stats``/``close``), so a micro-batch's q/k/v leave while the next
 micro-batch's dense part runs. ``serve_shard`` is the shard's loop: it blocks on the next
-header and returns at CLOSE. Its receive is bounded by the communicator's timeout, so an
-idle shard fails after it: the serving side (planned) keeps one alive with STATS polls.
+header and returns at CLOSE. Its receive is bounded by the communicator's timeout (a gloo
+op that timed out leaves the group unusable, so the shard cannot just wait again): an idle
+model worker keeps its shards alive with PING headers (``ping``, no reply, called between
+steps at least once per timeout: OffloadedEngine.keepalive), while inside a step every
+receive still fails fast within the timeout.
 A shard error (a full pool, a context mismatch) ends its loop with the exception; the model
 worker's waits then fail with CommunicationError within the timeout, never a wrong token.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -34,7 +38,7 @@ from attention_offload.transport import HEADER_INTS, AttentionTransport, begin_b
 from engine.kv_cache.layout import KVLayout
 from engine.parallel import Communicator, Pending
 
-BEGIN, RELEASE, STATS, CLOSE = 1, 3, 4, 5
+BEGIN, RELEASE, STATS, CLOSE, PING = 1, 3, 4, 5, 6
 REQUEST_TAG, REPLY_TAG = 0, 1
 
 
@@ -42,12 +46,34 @@ class DistAttentionTransport(AttentionTransport):
     """The model worker's side. ``layout``: the shards' KV geometry (Hkv, D: the reply's width
     is the packed width minus 2 Hkv D)."""
 
-    def __init__(self, comm: Communicator, shard_ranks: list[int], layout: KVLayout):
+    def __init__(self, comm: Communicator | None, shard_ranks: list[int], layout: KVLayout):
+        """``comm`` None: connected later (``connect``), once the serving side formed the group;
+        the engine can be built (and its pool sized) before that, but sends nothing until."""
         super().__init__()
-        if not shard_ranks or comm.rank in shard_ranks or len(set(shard_ranks)) != len(shard_ranks):
-            raise ValueError(f"shard_ranks {shard_ranks} must be distinct ranks other than this one ({comm.rank})")
-        self.comm, self.ranks, self.layout = comm, list(shard_ranks), layout
+        if not shard_ranks or len(set(shard_ranks)) != len(shard_ranks):
+            raise ValueError(f"shard_ranks {shard_ranks} must be distinct ranks")
+        self.ranks, self.layout = list(shard_ranks), layout
+        self._comm: Communicator | None = None
         self._unwaited: list[Pending[Any]] = []  # sends not yet waited
+        if comm is not None:
+            self.connect(comm)
+
+    def connect(self, comm: Communicator) -> None:
+        if self._comm is not None:
+            raise RuntimeError("DistAttentionTransport is already connected (a group is never reused)")
+        if comm.rank in self.ranks:
+            raise ValueError(f"shard_ranks {self.ranks} must not include this rank ({comm.rank})")
+        self._comm = comm
+
+    @property
+    def connected(self) -> bool:
+        return self._comm is not None
+
+    @property
+    def comm(self) -> Communicator:
+        if self._comm is None:
+            raise RuntimeError("DistAttentionTransport: not connected yet (its attention group has not formed)")
+        return self._comm
 
     @property
     def num_shards(self) -> int:
@@ -97,6 +123,11 @@ class DistAttentionTransport(AttentionTransport):
         free, total, seqs = reply.tolist()
         return ShardStats(free, total, seqs)
 
+    def ping(self) -> None:
+        self._drain()  # the previous pings (and releases): the unwaited list stays bounded while idle
+        for s in range(self.num_shards):
+            self._header(s, PING)
+
     def close(self) -> None:
         for s in range(self.num_shards):
             self._header(s, CLOSE)
@@ -109,9 +140,11 @@ class _Reply:
 
     def wait(self) -> torch.Tensor:
         if self._out is None:
+            t0 = time.perf_counter()
             for s in self._sends:
                 s.wait()
             out = self._recv.wait()
+            self._t.counters.wait_seconds += time.perf_counter() - t0
             self._t.counters.payload_in += out.numel() * out.element_size()
             self._out = out
         return self._out
@@ -138,6 +171,8 @@ def _serve(comm: Communicator, shard: AttentionShard, model_rank: int) -> int:
         elif kind == STATS:
             s = shard.stats()
             comm.send(torch.tensor([s.free_blocks, s.total_blocks, s.sequences], device=dev), model_rank, REPLY_TAG)
+        elif kind == PING:
+            pass  # keepalive: the model worker is idle
         elif kind == CLOSE:
             return served
         else:

@@ -16,6 +16,7 @@ placeholder), so the model worker's batch is bounded by the attention pool's mem
 from __future__ import annotations
 
 import dataclasses
+import time
 
 from attention_offload.remote import RemoteAttentionBackend
 from attention_offload.transport import AttentionTransport
@@ -37,11 +38,48 @@ def offload_config(config: EngineConfig, blocks_per_shard: list[int]) -> EngineC
 class OffloadedEngine:
     """The model worker's engine: ``add_request`` / ``step`` / ``abort`` as EngineCore's."""
 
-    def __init__(self, config: EngineConfig, transport: AttentionTransport, blocks_per_shard: list[int], rotation: int):
+    def __init__(
+        self,
+        config: EngineConfig,
+        transport: AttentionTransport,
+        blocks_per_shard: list[int],
+        rotation: int,
+        keepalive_s: float | None = None,
+    ):
+        """``keepalive_s``: ``keepalive()`` pings the shards once this long passed without a
+        step (set it below the transport's receive timeout); None: it never pings."""
         config = offload_config(config, blocks_per_shard)
+        if keepalive_s is not None and not keepalive_s > 0:
+            raise ValueError(f"keepalive_s must be > 0 seconds or None, got {keepalive_s}")
         self.backend = RemoteAttentionBackend(transport, blocks_per_shard, config.cache.block_size, rotation)
         self.core = EngineCore(config, attention_backend=self.backend)
         self.transport = transport
+        self.keepalive_s = keepalive_s
+        # when the shards last heard from us, as seen at a keepalive() call: the transport's
+        # bytes sent changed since the previous call (a step, a release, a ping)
+        self._last_contact, self._sent = time.monotonic(), self._bytes_sent()
+        self.pings = 0
+
+    def _bytes_sent(self) -> int:
+        c = self.transport.counters
+        return c.control + c.payload_out
+
+    def keepalive(self) -> bool:
+        """Call between steps, from the thread that steps (the engine loop's idle tick), often
+        (every few ms): pings the shards when ``keepalive_s`` passed without a message to them
+        -> whether it pinged."""
+        if self.keepalive_s is None:
+            return False
+        now, sent = time.monotonic(), self._bytes_sent()
+        if sent != self._sent:
+            self._last_contact, self._sent = now, sent
+            return False
+        if now - self._last_contact < self.keepalive_s:
+            return False
+        self.transport.ping()
+        self._last_contact, self._sent = now, self._bytes_sent()
+        self.pings += 1
+        return True
 
     def add_request(self, req: Request) -> None:
         self.core.add_request(req)

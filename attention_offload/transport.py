@@ -10,6 +10,7 @@ the same bytes without sending):
              with rows on the shard; no header (the shard knows the step's order)
     RELEASE  header                                                  a sequence finished / left
     STATS    header, int64 [3] back                                  pool occupancy
+    PING     header                                                  keepalive between steps
 
 ``payload`` bytes are the attention tensors only, so per layer and token they equal the
 analytic volume (q, k and v out, the attention output back); headers and BEGIN bodies are
@@ -21,6 +22,7 @@ Ordering: a transport delivers one shard's messages in the order they were issue
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -41,6 +43,7 @@ class TransferCounters:
     payload_in: int = 0  # attention outputs received
     control: int = 0  # headers, BEGIN bodies, STATS replies
     attends: int = 0  # ATTEND messages (layers x micro-batches x shards touched)
+    wait_seconds: float = 0.0  # the caller blocked in attend Pendings' wait (not overlapped)
 
 
 def begin_body(batch: ShardBatch) -> torch.Tensor:
@@ -77,6 +80,11 @@ class AttentionTransport(ABC):
     @abstractmethod
     def close(self) -> None:
         """Ends the links (the shards' serve loops return)."""
+
+    def ping(self) -> None:  # noqa: B027 - a no-op by default, on purpose
+        """A no-op message to every shard, between steps: keeps a shard whose loop waits for
+        the next message within a timeout (the torch.distributed one) alive while the model
+        worker is idle. In-process shards wait without a timeout: nothing to do."""
 
     def _count_control(self, ints: int) -> None:
         self.counters.control += ints * INT64_BYTES
@@ -145,7 +153,9 @@ class _Counted:
 
     def wait(self) -> torch.Tensor:
         if self._out is None:
+            t0 = time.perf_counter()
             self._out = self._p.wait()
+            self._t.counters.wait_seconds += time.perf_counter() - t0
             self._t.counters.payload_in += self._out.numel() * self._out.element_size()
             self._t._drain()
         return self._out

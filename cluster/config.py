@@ -49,6 +49,10 @@ from typing import Any
 
 # Worker roles. "mixed" workers take both phases (a Splitwise mixed pool).
 ROLES: tuple[str, ...] = ("prefill", "decode", "mixed")
+# Pool roles: the routed worker roles, plus "attention" (attention_offload/: attention workers
+# holding the decode KV of the decode-capable worker they serve; never routed to).
+ATTENTION_ROLE = "attention"
+POOL_ROLES: tuple[str, ...] = (*ROLES, ATTENTION_ROLE)
 # Within-pool choice policies implemented by cluster/control/routing.py (kept in sync by a test).
 ROUTING_POLICIES: tuple[str, ...] = ("round_robin", "jsq", "token_jsq", "kv", "prefix")
 # KV transports implemented by kv_transfer (its make_sender/make_receiver kinds).
@@ -87,7 +91,7 @@ def _check(cond: bool, path: str, message: str) -> None:
 @dataclass(frozen=True)
 class PoolConfig:
     name: str
-    role: str  # one of ROLES
+    role: str  # one of POOL_ROLES
     num_workers: int = 1
     num_cpus: float = 1.0  # Ray CPUs per worker actor
     num_gpus: float = 0.0  # Ray GPUs per worker actor (1 on GPU nodes)
@@ -116,7 +120,7 @@ class PoolConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "name", "must be a non-empty string")
-        _check(self.role in ROLES, "role", f"must be one of {list(ROLES)}, got {self.role!r}")
+        _check(self.role in POOL_ROLES, "role", f"must be one of {list(POOL_ROLES)}, got {self.role!r}")
         _check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
         _check(self.num_cpus >= 0, "num_cpus", f"must be >= 0, got {self.num_cpus}")
         _check(self.num_gpus >= 0, "num_gpus", f"must be >= 0, got {self.num_gpus}")
@@ -460,6 +464,7 @@ class ServeConfig:
             "pools",
             "need at least one worker in a decode or mixed pool",
         )
+        _check_attention_pools(self.pools)
         ports: dict[int, str] = {}
         for name in ("grpc_port", "http_port", "metrics_port"):
             port = getattr(self, name)
@@ -471,6 +476,10 @@ class ServeConfig:
                 ports[port] = name
         _check(self.max_queue >= 1, "max_queue", f"must be >= 1, got {self.max_queue}")
         _check(self.request_timeout_s > 0, "request_timeout_s", f"must be > 0, got {self.request_timeout_s}")
+
+    def attention_pool(self) -> PoolConfig | None:
+        """The attention pool with workers (at most one, checked), else None."""
+        return next((p for p in self.pools if p.role == ATTENTION_ROLE and p.num_workers > 0), None)
 
     def api_key(self, environ: Mapping[str, str] = os.environ) -> str | None:
         """``security.api_key(environ)``, its errors named from the top (``security.api_key_file``)."""
@@ -518,6 +527,53 @@ class ServeConfig:
 
 
 # ---------------------------------------------------------------- generic dict -> dataclass
+
+
+def _check_attention_pools(pools: tuple[PoolConfig, ...]) -> None:
+    """An attention pool (attention offload, attention_offload/) serves ONE decode-capable
+    worker: that model worker runs an OffloadedEngine over all the pool's workers (1 x N).
+    What the offloaded engine does not support yet is refused here, naming the field."""
+    att = [(i, p) for i, p in enumerate(pools) if p.role == ATTENTION_ROLE and p.num_workers > 0]
+    if not att:
+        return
+    i, pool = att[0]
+    _check(len(att) == 1, f"pools[{att[-1][0]}].role", "at most one attention pool with workers")
+    _check(pool.experts == 1, f"pools[{i}].experts", "an attention pool is not expert-parallel")
+    for key in ("speculative_config", "enable_prefix_caching"):
+        _check(key not in pool.engine, f"pools[{i}].engine.{key}", "is a model-worker option, not an attention pool's")
+    served = [(j, p) for j, p in enumerate(pools) if p.role in ("decode", "mixed") and p.num_workers > 0]
+    workers = sum(p.num_workers for _, p in served)
+    _check(
+        workers == 1,
+        f"pools[{i}]",
+        f"an attention pool serves exactly one decode or mixed worker (all {pool.num_workers} attention workers "
+        f"hold its KV), got {workers} decode-capable workers",
+    )
+    j, model = served[0]
+    _check(model.experts == 1, f"pools[{j}].experts", "expert parallelism with an attention pool is not supported")
+    _check(
+        model.engine.get("enable_prefix_caching") is False,
+        f"pools[{j}].engine.enable_prefix_caching",
+        "must be false with an attention pool (the offloaded engine keeps no prefix KV yet)",
+    )
+    _check(
+        model.engine.get("speculative_config") is None,
+        f"pools[{j}].engine.speculative_config",
+        "speculative decoding with an attention pool is not supported yet",
+    )
+    prefill = [k for k, p in enumerate(pools) if p.role == "prefill" and p.num_workers > 0]
+    _check(
+        not prefill,
+        f"pools[{prefill[0] if prefill else 0}].num_workers",
+        "disaggregated prefill with an attention pool is not supported yet (KV would have to reach the "
+        "attention workers): use a mixed pool and no prefill workers",
+    )
+    for key in ("block_size", "dtype"):
+        _check(
+            pool.engine.get(key) == model.engine.get(key),
+            f"pools[{i}].engine.{key}",
+            f"must equal the model worker's ({model.engine.get(key)!r}), got {pool.engine.get(key)!r}",
+        )
 
 
 def _type_name(tp: Any) -> str:

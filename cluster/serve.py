@@ -135,6 +135,13 @@ def add_serve_parser(sub: Any) -> None:
         "from this routing log's per-token prior (`splitserve route-log`; pool `expert_routing_log`)",
     )
     p.add_argument(
+        "--attention",
+        type=positive_int,
+        metavar="N",
+        help="attention offload: an 'attention' pool of N attention workers holding the KV of the one "
+        "decode/mixed worker (without a config's pools: one mixed worker, no prefill pool; prefix caching off)",
+    )
+    p.add_argument(
         "--transport",
         choices=RAY_KINDS,
         help="KV transport (default: the config's transfer.kind, else shm; shm needs a single node)",
@@ -210,6 +217,7 @@ def serve_config_from_args(args: argparse.Namespace, default_model: Callable[[],
     defaults to "shm" when neither ``--transport`` nor the config names one.
     """
     data = _read_config_file(args.config) if args.config else {}
+    pools_from_config = "pools" in data
     if args.model:
         data["model"] = args.model
     elif not data.get("model"):
@@ -249,6 +257,7 @@ def serve_config_from_args(args: argparse.Namespace, default_model: Callable[[],
             raise ConfigError("--expert-routing-log", "there is no expert-parallel pool (give --experts N)")
         for p in ep_pools:
             p["expert_routing_log"] = routing_log
+    _apply_attention_flag(pools, getattr(args, "attention", None), pools_from_config)
     if args.num_cpus_per_worker is not None:
         for p in pools:
             p["num_cpus"] = args.num_cpus_per_worker
@@ -292,6 +301,31 @@ def serve_config_from_args(args: argparse.Namespace, default_model: Callable[[],
             "(set it in the config or pass --transport)",
         )
     return cfg
+
+
+def _apply_attention_flag(pools: list[dict[str, Any]], count: int | None, from_config: bool) -> None:
+    """``--attention N``: an 'attention' pool of N workers (its engine options: the model
+    worker's, so dtype and block size match). Without a config's pools the default layout
+    becomes one mixed worker (the offloaded model worker prefills itself); every decode/mixed
+    pool's prefix caching is turned off (the offloaded engine keeps no prefix KV)."""
+    if count is None:
+        return
+    if not from_config:
+        pools[:] = [p for p in pools if p.get("role", p.get("name")) != "prefill"]
+        for p in pools:
+            if p.get("role", p.get("name")) == "decode":
+                p["role"] = "mixed"
+    served = [p for p in pools if p.get("role", p.get("name")) in ("decode", "mixed")]
+    if not served:
+        raise ConfigError("--attention", "there is no decode or mixed pool for the attention workers to serve")
+    for p in served:
+        p["engine"] = {**(p.get("engine") or {}), "enable_prefix_caching": False}
+    engine = {k: v for k, v in (served[0].get("engine") or {}).items() if k in ("dtype", "block_size")}
+    matching = [p for p in pools if p.get("role") == "attention"]
+    if matching:
+        matching[0]["num_workers"] = count
+    else:
+        pools.append({"name": "attention", "role": "attention", "num_workers": count, "engine": engine})
 
 
 def _check_speculation(pools: list[dict[str, Any]]) -> None:
@@ -629,6 +663,9 @@ def _print_layout(info: ClusterInfo) -> None:
             ep = st.expert_parallel if st else None
             ep_rank = f", EP rank {ep.rank}/{ep.world_size}" if ep is not None else ""
             _say(f"  {w.worker_id:<12} node {(w.node_id or '?')[:8]}  {kv}{ep_rank}{addr}")
+        if pool.role == "attention":  # attention offload: not routed, listed with their shards' blocks
+            for a in (a for a in info.attention_workers if a.worker_id.rsplit("-", 1)[0] == pool.name):
+                _say(f"  {a.worker_id:<12} {a.state}  KV blocks {a.free_blocks}/{a.total_blocks}")
 
 
 def demo_prompt_ids(tokenizer: Any, template: Any, prompt: str) -> list[int]:

@@ -49,6 +49,7 @@ class DecodeActor(DecodeAPI):
         expert_placement_json: str | None = None,
         expert_cache_slots: int | None = None,
         expert_routing_log: bytes | None = None,
+        attention_blocks: list[int] | None = None,
     ):
         # torch threads = this actor's Ray CPU share
         self.num_threads = set_threads_for_cpu_share(ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0))
@@ -70,6 +71,7 @@ class DecodeActor(DecodeAPI):
             expert_cache_slots=expert_cache_slots,
             expert_routing_log=expert_routing_log,
             node_ip=ray.util.get_node_ip_address(),
+            attention_blocks=attention_blocks,
         )
 
     # ------------------------------------------------------------ control group

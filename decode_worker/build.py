@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from attention_offload.build import shard_layout
+from attention_offload.dist_transport import DistAttentionTransport
+from attention_offload.offloaded import OffloadedEngine
 from decode_worker.worker import DecodeWorker
 from engine.engine import EngineCore
 from engine.llm import build_engine_config
@@ -30,6 +33,8 @@ def build_decode_worker(
     expert_cache_slots: int | None = None,
     expert_routing_log: bytes | None = None,
     node_ip: str = "127.0.0.1",
+    attention_blocks: list[int] | None = None,
+    attention_rotation: int = 2,
 ) -> DecodeWorker:
     """``transport=None`` builds a worker without a receiver (mixed/colocated use only).
 
@@ -39,13 +44,28 @@ def build_decode_worker(
     ``expert_cache_slots``: a fast tier, LRU, or ExpertFlow's predictor and policy fitted on
     ``expert_routing_log``, the routing log's .npz bytes) and serves once ``join_group``
     formed the group.
-    Raises EPSetupError naming the pool field when the settings do not fit the model."""
+    Raises EPSetupError naming the pool field when the settings do not fit the model.
+
+    ``attention_blocks`` (one block count per attention worker, rank 1..N): the worker is the
+    model worker of an attention pool: an OffloadedEngine (``attention_rotation`` micro-batches)
+    whose pool is the attention workers' total, over a torch.distributed transport connected
+    by ``join_group``; it has no KV receiver (no prefill pool with an attention pool)."""
     model = resolve_model_path(model)  # a .gguf converts once (cached); every later call reuses it
     opts = {k: v for k, v in (engine_options or {}).items() if k != "mode"}
     skip_tokenizer_init = bool(opts.pop("skip_tokenizer_init", False))
     config = build_engine_config(model, **opts, mode="decode_only")
     dispatcher: EPDispatcher | None = None
-    if experts > 1:
+    attention: OffloadedEngine | None = None
+    if attention_blocks is not None:
+        if experts > 1:
+            raise ValueError("an attention-offloaded model worker is not an EP rank")
+        ranks = list(range(1, len(attention_blocks) + 1))
+        attention = OffloadedEngine(
+            config, DistAttentionTransport(None, ranks, shard_layout(config)), attention_blocks, attention_rotation
+        )
+        engine = attention.core
+        transport = None
+    elif experts > 1:
         log = None
         if expert_routing_log is not None and expert_cache_slots is not None:  # only the cache reads it
             try:
@@ -71,4 +91,5 @@ def build_decode_worker(
         max_pending=max_pending,
         dispatcher=dispatcher,
         node_ip=node_ip,
+        attention=attention,
     )

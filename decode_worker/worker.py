@@ -29,6 +29,15 @@ a peer that dies fails this rank's next collective within the group's timeout (t
 crashes, every stream fails with "engine failed", the router fails its requests over), and a
 group stopped by another rank's shutdown stops this rank's loop too (EngineStopped).
 
+Attention offload (``attention``: an OffloadedEngine over a DistAttentionTransport built
+unconnected; ``engine`` is its core): the worker is the model worker, rank 0 of an attention
+group [model worker, attention workers 1..N] (cluster.control forms it). Its loop does not
+step until ``join_group`` connected the transport; from then on every idle tick runs
+``attention.keepalive()`` (pings at a quarter of the group's timeout, so the attention
+workers' receives never time out while idle). A dead attention worker fails the step's
+receive within the group's timeout (CommunicationError: the loop crashes, every stream fails
+with "engine failed", never a wrong token); ``shutdown`` sends CLOSE to the attention workers.
+
 Bound: ``_active`` holds every request accepted and not yet finished or aborted; at
 ``max_pending`` of them a new one is refused with queue.Full.
 """
@@ -41,10 +50,12 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from attention_offload.dist_transport import DistAttentionTransport
+from attention_offload.offloaded import OffloadedEngine
 from decode_worker.api import KV_TRANSFER_FAILED, KV_TRANSFER_TIMED_OUT, DecodeAPI
 from engine.config import SchedulerMode
 from engine.engine import EngineCore
-from engine.parallel import TorchDistCommunicator
+from engine.parallel import CommunicationError, TorchDistCommunicator
 from engine.request import Request
 from engine.runtime.continuation import replay_emitted
 from engine.runtime.groups import GroupSpec, free_port, join_group
@@ -57,6 +68,7 @@ from engine.runtime.stats import (
 from engine.runtime.worker import RuntimeWorker, WorkerRuntime
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from engine.types import (
+    AttentionOffloadReport,
     EngineStopped,
     ExpertCacheReport,
     ExpertParallelReport,
@@ -92,8 +104,10 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
         max_pending: int = 512,
         dispatcher: EPDispatcher | None = None,
         node_ip: str = "127.0.0.1",
+        attention: OffloadedEngine | None = None,
     ):
-        """``dispatcher``: this worker is that EP rank (see the module docstring). ``node_ip``:
+        """``attention``: this worker is a model worker over attention workers (module
+        docstring); ``engine`` must be ``attention.core``. ``dispatcher``: this worker is that EP rank (see the module docstring). ``node_ip``:
         the address EP peers reach this worker's node at (the actor passes its Ray node IP)."""
         if engine.config.scheduler.mode != SchedulerMode.DECODE_ONLY:
             raise ValueError("DecodeWorker needs an engine in decode_only mode")
@@ -121,9 +135,25 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
         self._node_ip = node_ip
         self._closing = False
         self._group_timeout_s = 0.0  # the EP group's collective timeout, set by join_group
+        if attention is not None and (attention.core is not engine or dispatcher is not None):
+            raise ValueError("an attention-offloaded worker's engine is attention.core, and it is not an EP rank")
+        if attention is not None and not isinstance(attention.transport, DistAttentionTransport):
+            raise ValueError(
+                "an attention-offloaded worker's transport is a DistAttentionTransport (connected at join)"
+            )
+        self.attention = attention
+        self._attn_step_seconds = 0.0  # engine steps' wall time (attention offload report)
+        self._attn_transport = None if attention is None else attention.transport  # a DistAttentionTransport
         if dispatcher is None:
             self.stepper: LockstepStepper | None = None
-            self.runtime = WorkerRuntime(engine, worker_id, self._step, self._tick, self._compute_stats)
+            self.runtime = WorkerRuntime(
+                engine,
+                worker_id,
+                self._step,
+                self._tick,
+                self._compute_stats,
+                has_work=self._attention_has_work if attention is not None else None,
+            )
         else:
             self.stepper = LockstepStepper(self._step, engine.has_work, dispatcher)
             self.runtime = WorkerRuntime(
@@ -166,6 +196,9 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
         return free_port(self._node_ip)
 
     def join_group(self, spec: GroupSpec) -> None:
+        if self.attention is not None:
+            self._join_attention_group(spec)
+            return
         if self.dispatcher is None:
             raise ValueError(f"{self.worker_id} is not an expert-parallel worker: it joins no group")
         if spec.rank != self.dispatcher.rank or spec.world_size != self.dispatcher.world_size:
@@ -178,6 +211,24 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
         self.dispatcher.connect(comm)  # the loop starts stepping in lock-step from here
         self.loop.wake()
 
+    def _join_attention_group(self, spec: GroupSpec) -> None:
+        assert self.attention is not None and isinstance(self._attn_transport, DistAttentionTransport)
+        transport = self._attn_transport
+        if spec.rank != 0 or spec.world_size != transport.num_shards + 1:
+            raise ValueError(
+                f"{self.worker_id} is the model worker (rank 0) of {transport.num_shards} attention workers, "
+                f"asked to join as rank {spec.rank} of {spec.world_size}"
+            )
+        comm = TorchDistCommunicator(join_group(spec), timeout_s=spec.timeout_s, name=spec.name)
+        self._group_timeout_s = spec.timeout_s
+        self.attention.keepalive_s = spec.timeout_s / 4
+        transport.connect(comm)  # the loop starts stepping from here
+        self.loop.wake()
+
+    def _attention_has_work(self) -> bool:
+        assert isinstance(self._attn_transport, DistAttentionTransport)
+        return self._attn_transport.connected and self.engine.has_work()
+
     def shutdown(self) -> None:
         self._closing = True
         if self.stepper is not None and self.dispatcher is not None and self.dispatcher.connected:
@@ -188,6 +239,11 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
             while not self.stepper.stopped and self.loop.error is None and time.monotonic() < deadline:
                 time.sleep(0.005)
         self.runtime.stop()
+        if isinstance(self._attn_transport, DistAttentionTransport) and self._attn_transport.connected:
+            try:  # the loop has stopped: this thread may use the transport now
+                self._attn_transport.close()  # CLOSE: the attention workers' loops return
+            except CommunicationError as e:  # an attention worker already gone: nothing to close
+                log.warning("%s: closing the attention group: %s", self.worker_id, e)
         if self.receiver is not None:
             self.receiver.close()
 
@@ -251,6 +307,9 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
         self._unscheduled[req.request_id] = req
 
     def _tick(self) -> None:
+        if self.attention is not None and isinstance(self._attn_transport, DistAttentionTransport):
+            if self._attn_transport.connected:
+                self.attention.keepalive()
         self._reserve_waiting()
         now = time.monotonic()
         for rid, inc in list(self._incoming.items()):
@@ -291,6 +350,8 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
         t0 = time.monotonic()  # step() schedules first: requests it picks up were scheduled now
         wall0 = time.time()
         result = self.engine.step()
+        if self.attention is not None:
+            self._attn_step_seconds += time.monotonic() - t0
         if self._handoff_from:
             for req in result.outputs:  # decoded in this step; the first time for those listed
                 if (prefilled_at := self._handoff_from.pop(req.request_id, None)) is not None:
@@ -347,6 +408,25 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
             speculation=speculation_report(self.engine),
             cached_block_hashes=self.engine.cached_block_hashes(),
             expert_parallel=self._ep_report(),
+            attention=self._attention_report(),
+        )
+
+    def _attention_report(self) -> AttentionOffloadReport | None:
+        a = self.attention
+        if a is None or not isinstance(self._attn_transport, DistAttentionTransport):
+            return None
+        c, mc = self._attn_transport.counters, self.engine.config.model
+        row_bytes = (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim * self.engine.layout.torch_dtype.itemsize
+        return AttentionOffloadReport(
+            attention_workers=self._attn_transport.num_shards,
+            connected=self._attn_transport.connected,
+            used_blocks=tuple(a.backend.used),
+            total_blocks=tuple(a.backend.capacity),
+            tokens=c.payload_out // row_bytes,
+            payload_bytes=c.payload_out + c.payload_in,
+            control_bytes=c.control,
+            wait_seconds=c.wait_seconds,
+            step_seconds=self._attn_step_seconds,
         )
 
     def _ep_report(self) -> ExpertParallelReport | None:

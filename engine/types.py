@@ -155,6 +155,29 @@ class ExpertParallelReport:
 
 
 @dataclass(frozen=True)
+class AttentionOffloadReport:
+    """A model worker's view of its attention workers (attention_offload; cumulative counters
+    restart with the worker). Bytes are the attention tensors (q, k, v out, the output back);
+    ``tokens`` are query rows attended, summed over layers (payload bytes / tokens: bytes per
+    token and layer)."""
+
+    attention_workers: int
+    connected: bool  # its attention group formed (before that the worker serves nothing)
+    used_blocks: tuple[int, ...]  # per attention worker: blocks its requests hold (the mirror)
+    total_blocks: tuple[int, ...]  # per attention worker: its pool
+    tokens: int
+    payload_bytes: int
+    control_bytes: int
+    wait_seconds: float  # the model worker blocked waiting for attention outputs
+    step_seconds: float  # the model worker's engine steps (wait / step: the share not overlapped)
+
+    @property
+    def max_load(self) -> float:
+        """The busiest attention worker's fraction of blocks in use."""
+        return max((u / t for u, t in zip(self.used_blocks, self.total_blocks, strict=True) if t), default=0.0)
+
+
+@dataclass(frozen=True)
 class WorkerStats:
     """One worker's load and health report (``WorkerAPI.stats()``).
 
@@ -180,6 +203,7 @@ class WorkerStats:
     speculation: SpeculationReport | None  # None: the worker does not speculate
     cached_block_hashes: frozenset[int]  # prefix-cache hashes of full blocks held (prefix routing)
     expert_parallel: ExpertParallelReport | None = None  # None: not an EP rank
+    attention: AttentionOffloadReport | None = None  # None: not a model worker of an attention pool
 
 
 @dataclass(frozen=True)

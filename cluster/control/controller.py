@@ -27,6 +27,14 @@ reused): when any member fails, every member is given up at once (``Router.worke
 their requests fail over, or wait for the group), all of them are restarted and the group is
 formed again, and only then do they rejoin routing (``_replace_group``).
 
+Attention pools (role ``attention``, attention offload): worker ``<pool>-<i>`` is an
+AttentionActor, never routed to. The one decode-capable worker is their model worker (built
+with the attention workers' block counts); once every actor is ready, ``start`` forms the
+group [model worker, attention workers] (``attn/<model worker id>``) before routing starts.
+Like an EP group it lives and dies as one: when the model worker or any attention worker
+fails, all of them are given up, restarted and the group formed again
+(``_begin_replace_group`` with the attention group's members).
+
 Health watcher, every ``health_interval_s``:
 - ``ping`` each actor (answered in the actor's control thread group, so it is not starved
   by blocking ``prefill``/``read`` calls). Actor dead, or its engine loop crashed
@@ -62,10 +70,13 @@ from typing import Any
 
 import ray
 
-from cluster.config import PoolConfig, ServeConfig
+from attention_offload.actor import AttentionActor
+from attention_offload.api import AttentionWorkerStats
+from attention_offload.worker import attention_blocks, attention_engine_config
+from cluster.config import ATTENTION_ROLE, PoolConfig, ServeConfig
 from cluster.control.expert_affinity import build_expert_affinities
 from cluster.control.groups import form_group
-from cluster.control.handles import DecodeHandle, PrefillHandle, RayInvoker, WorkerUnavailable
+from cluster.control.handles import AttentionHandle, DecodeHandle, PrefillHandle, RayInvoker, WorkerUnavailable
 from cluster.control.info import ClusterInfo, pool_info, worker_info
 from cluster.control.placement import WorkerPlacement
 from cluster.control.router import Router
@@ -121,7 +132,7 @@ class WorkerRecord:
     worker_id: str
     pool: PoolConfig
     actor: Any  # ray ActorHandle of the current incarnation
-    handle: PrefillHandle | DecodeHandle
+    handle: PrefillHandle | DecodeHandle | AttentionHandle
     address: KVAddress | None = None  # KV receiver address (decode-capable workers)
     node_id: str | None = None
     restarts: int = 0  # replacements so far (for metrics)
@@ -179,6 +190,14 @@ class Controller:
             for i, pool in enumerate(config.pools)
             if pool.experts > 1 and pool.expert_routing_log is not None
         }
+        # attention offload: blocks per attention worker (rank 1..N), the model worker's pool
+        self._attention_blocks: list[int] | None = None
+        self._attention_stats: dict[str, AttentionWorkerStats] = {}  # last report, by health round
+        att = config.attention_pool()
+        if att is not None:
+            self._attention_blocks = [attention_blocks(attention_engine_config(config.model, att.engine))] * (
+                att.num_workers
+            )
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> Controller:
@@ -237,16 +256,23 @@ class Controller:
                 if pool.experts > 1:
                     await self._form_ep_group(pool, self._members(pool))
                     self._progress(f"  expert-parallel group {_ep_group_name(pool)} formed ({pool.experts} ranks)")
+            if self.config.attention_pool() is not None:
+                await self._form_attention_group(self._attention_members())
+                self._progress(f"  attention group formed ({len(self._attention_members()) - 1} attention workers)")
         except RuntimeError:
             await self._kill_all()  # nothing half-started stays behind
             self.workers.clear()
             self._remove_placement()
             raise
         for rec in self.workers.values():
-            self.router.add_worker(rec.worker_id, rec.handle, rec.role, rec.address)
+            if rec.role != ATTENTION_ROLE:  # attention workers are not routed to
+                self.router.add_worker(rec.worker_id, rec.handle, rec.role, rec.address)
         await self.router.start()
         await self.router.collect_limits()
         await self.router.refresh_loads()
+        for rec in self.workers.values():  # a first report of the attention workers (the health round refreshes it)
+            if isinstance(rec.handle, AttentionHandle):
+                self._attention_stats[rec.worker_id] = await rec.handle.stats()
         await self.store.heartbeat([self._registration(r) for r in self.workers.values()])
         self._watcher = asyncio.create_task(self._watch(), name="splitserve-health")
         return self
@@ -287,6 +313,7 @@ class Controller:
                 last_failure=rec.last_failure,
             )
             for wid, rec in self.workers.items()
+            if rec.role != ATTENTION_ROLE
         )
         pools = tuple(
             pool_info(p, [w for w, r in self.workers.items() if r.pool.name == p.name]) for p in self.config.pools
@@ -299,6 +326,7 @@ class Controller:
             workers=workers,
             requests_in_flight=len(self.router.requests),
             state=self.store.health(),
+            attention_workers=tuple(self._attention_stats[w] for w in sorted(self._attention_stats)),
         )
 
     # ------------------------------------------------------------ actors
@@ -316,6 +344,8 @@ class Controller:
         }
         t = self.config.transfer
         bound = self.config.failover.worker_max_pending
+        if pool.role == ATTENTION_ROLE:
+            return AttentionActor.options(**placement).remote(self.config.model, engine, wid)
         if pool.role == "prefill":
             return PrefillActor.options(**placement).remote(
                 self.config.model, engine, t.kind, None, wid, t.layerwise, t.timeout_s, bound
@@ -330,6 +360,8 @@ class Controller:
                 "expert_cache_slots": pool.expert_cache_slots,
                 "expert_routing_log": self._expert_routing_log.get(pool.name),
             }
+        if self._attention_blocks is not None:  # the model worker of the attention pool
+            ep["attention_blocks"] = self._attention_blocks
         return DecodeActor.options(**placement).remote(
             self.config.model, engine, t.kind, None, wid, t.timeout_s, pool.role, bound, **ep
         )
@@ -353,7 +385,26 @@ class Controller:
             timeout_s=self.options.ep_group_timeout_s,
         )
 
-    async def _wait_ready(self, handle: PrefillHandle | DecodeHandle, pool: PoolConfig) -> tuple[KVAddress | None, str]:
+    def _attention_members(self) -> list[WorkerRecord]:
+        """The attention group in rank order: the model worker (the one decode-capable worker),
+        then the attention pool's workers."""
+        att = self.config.attention_pool()
+        assert att is not None
+        (model,) = (r for r in self.workers.values() if r.role in ("decode", "mixed"))
+        return [model, *self._members(att)]
+
+    async def _form_attention_group(self, members: list[WorkerRecord]) -> None:
+        gpu = any(r.pool.num_gpus > 0 for r in members)
+        await form_group(
+            f"attn/{members[0].worker_id}",
+            [r.handle for r in members],  # type: ignore[misc]
+            backend="nccl" if gpu else "gloo",
+            timeout_s=self.options.ep_group_timeout_s,
+        )
+
+    async def _wait_ready(
+        self, handle: PrefillHandle | DecodeHandle | AttentionHandle, pool: PoolConfig
+    ) -> tuple[KVAddress | None, str]:
         """(KV address, node id) once the actor has built its worker."""
         try:
             await asyncio.wait_for(handle.ping(), self.options.ready_timeout_s)
@@ -408,6 +459,8 @@ class Controller:
         wid, timeout = rec.worker_id, self.options.ping_timeout_s
         try:
             await asyncio.wait_for(rec.handle.ping(), timeout)
+            if isinstance(rec.handle, AttentionHandle):
+                self._attention_stats[wid] = await asyncio.wait_for(rec.handle.stats(), timeout)
             entry = self.router.workers.get(wid)
             if entry is not None and not entry.healthy:
                 await asyncio.wait_for(rec.handle.stats(), timeout)  # the engine loop answers too
@@ -426,7 +479,7 @@ class Controller:
     def _begin_replace(self, rec: WorkerRecord, reason: str) -> None:
         if rec.worker_id in self._replacing or self._closing:
             return
-        if rec.pool.experts > 1:
+        if rec.pool.experts > 1 or self.config.attention_pool() is not None:
             self._begin_replace_group(rec, reason)
             return
         log.error("worker %s failed (%s): replacing it", rec.worker_id, reason)
@@ -467,18 +520,22 @@ class Controller:
             self._replacing.pop(wid, None)
 
     def _begin_replace_group(self, failed: WorkerRecord, reason: str) -> None:
-        """An EP member failed: its group is broken for every member (see the module docstring)."""
-        members = self._members(failed.pool)
+        """An EP member failed: its group is broken for every member (see the module docstring).
+        With an attention pool, the group is the attention group (model worker + attention workers)."""
+        attention = self.config.attention_pool() is not None
+        members = self._attention_members() if attention else self._members(failed.pool)
+        kind = self._group_kind()
         log.error(
-            "worker %s failed (%s): replacing its expert-parallel group %s",
+            "worker %s failed (%s): replacing its %s group %s",
             failed.worker_id,
             reason,
+            kind,
             [r.worker_id for r in members],
         )
         failed.last_failure = reason
         for rec in members:
             if rec is not failed:
-                rec.last_failure = f"expert-parallel peer {failed.worker_id} failed: {reason}"
+                rec.last_failure = f"{kind} peer {failed.worker_id} failed: {reason}"
             self.router.mark_unhealthy(rec.worker_id)
         task = asyncio.create_task(
             self._replace_group(failed.pool, members, reason), name=f"replace-{failed.pool.name}"
@@ -489,16 +546,19 @@ class Controller:
     async def _replace_group(self, pool: PoolConfig, members: list[WorkerRecord], reason: str) -> None:
         try:
             for rec in members:  # their requests fail over now (or wait for the group)
-                await self.router.worker_lost(rec.worker_id, f"{reason} (its expert-parallel group)")
+                await self.router.worker_lost(rec.worker_id, f"{reason} (its {self._group_kind()} group)")
                 await self.store.deregister(rec.worker_id)
             while not self._closing:
                 for rec in members:
                     ray.kill(rec.actor, no_restart=True)  # the living ones hold a broken group
-                    rec.actor = self._spawn(rec.worker_id, pool)
-                    rec.handle = _handle(rec.worker_id, pool, rec.actor)
+                    rec.actor = self._spawn(rec.worker_id, rec.pool)
+                    rec.handle = _handle(rec.worker_id, rec.pool, rec.actor)
                 try:
-                    ready = await asyncio.gather(*(self._wait_ready(r.handle, pool) for r in members))
-                    await self._form_ep_group(pool, members)
+                    ready = await asyncio.gather(*(self._wait_ready(r.handle, r.pool) for r in members))
+                    if self.config.attention_pool() is not None:
+                        await self._form_attention_group(members)
+                    else:
+                        await self._form_ep_group(pool, members)
                     break
                 except Exception as e:
                     for rec in members:
@@ -517,12 +577,16 @@ class Controller:
                 rec.restarts += 1
                 rec.missed_pings = 0
                 rec.started_at = time.time()
-                self.router.add_worker(rec.worker_id, rec.handle, rec.role, address)
+                if rec.role != ATTENTION_ROLE:
+                    self.router.add_worker(rec.worker_id, rec.handle, rec.role, address)
             self._check_shm_locality(strict=False)
             log.warning("expert-parallel group %s replaced", pool.name)
         finally:
             for rec in members:
                 self._replacing.pop(rec.worker_id, None)
+
+    def _group_kind(self) -> str:
+        return "attention" if self.config.attention_pool() is not None else "expert-parallel"
 
     async def wait_replaced(self, worker_id: str, timeout: float | None = None) -> None:
         """Until ``worker_id`` is not being replaced (for tests and operators)."""
@@ -561,8 +625,10 @@ class Controller:
             )
 
 
-def _handle(wid: str, pool: PoolConfig, actor: Any) -> PrefillHandle | DecodeHandle:
+def _handle(wid: str, pool: PoolConfig, actor: Any) -> PrefillHandle | DecodeHandle | AttentionHandle:
     invoker = RayInvoker(wid, actor)
+    if pool.role == ATTENTION_ROLE:
+        return AttentionHandle(wid, invoker)
     return PrefillHandle(wid, invoker) if pool.role == "prefill" else DecodeHandle(wid, invoker)
 
 

@@ -20,6 +20,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
+from attention_offload.api import AttentionAPI, AttentionWorkerStats
 from cluster.control.errors import one_line
 from decode_worker.api import DecodeAPI
 from engine.runtime.api import WorkerAPI
@@ -156,6 +157,41 @@ class DecodeHandle(WorkerHandle):
 
     async def join_group(self, spec: GroupSpec) -> None:
         return await self.invoker.invoke(DecodeAPI.join_group, spec)
+
+
+class AttentionHandle:
+    """An attention worker (attention_offload/api.py): not routed to, only grouped and watched."""
+
+    api = AttentionAPI
+
+    def __init__(self, worker_id: str, invoker: Invoker):
+        self.worker_id = worker_id
+        self.invoker = invoker
+
+    async def ping(self) -> str:
+        return await self.invoker.invoke(AttentionAPI.ping)
+
+    async def stats(self) -> AttentionWorkerStats:
+        return await self.invoker.invoke(AttentionAPI.stats)
+
+    async def node_id(self) -> str:
+        return await self.invoker.invoke(AttentionAPI.node_id)
+
+    async def node_ip(self) -> str:
+        return await self.invoker.invoke(AttentionAPI.node_ip)
+
+    async def free_port(self) -> int:
+        return await self.invoker.invoke(AttentionAPI.free_port)
+
+    async def join_group(self, spec: GroupSpec) -> None:
+        return await self.invoker.invoke(AttentionAPI.join_group, spec)
+
+    async def shutdown(self) -> None:
+        return await self.invoker.invoke(AttentionAPI.shutdown)
+
+
+def local_attention(worker_id: str, worker: AttentionAPI) -> AttentionHandle:
+    return AttentionHandle(worker_id, LocalInvoker(worker_id, worker))  # type: ignore[arg-type]
 
 
 def local_prefill(worker_id: str, worker: PrefillAPI) -> PrefillHandle:

@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from attention_offload.api import AttentionWorkerStats
 from cluster.config import PoolConfig
 from cluster.control.router import Router
 from cluster.control.state import StoreHealth
@@ -53,6 +54,8 @@ class ClusterInfo:
     workers: tuple[WorkerInfo, ...]
     requests_in_flight: int
     state: StoreHealth  # the state store: backend, durable, ok or degraded (and why)
+    # the attention pool's workers (attention offload; not routed): state and KV blocks each
+    attention_workers: tuple[AttentionWorkerStats, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able view (cached block hashes shown as a count)."""

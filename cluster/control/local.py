@@ -14,6 +14,12 @@ the router it is lost (what the Ray controller does when an actor dies);
 ``replace_worker(wid)`` builds a fresh one under the same id (what the controller's
 replacement does).
 
+Attention pools (role ``attention``, attention offload): worker ``<pool>-<i>`` is an
+AttentionWorker (not routed to); the one decode-capable worker is built as their model worker
+(an OffloadedEngine sized to their blocks) and ``start`` forms the group
+[model worker, attention workers] (``attn/<model worker id>``, gloo) before serving.
+``shutdown`` stops the model worker first (its CLOSE ends the attention workers' loops).
+
 Expert-parallel pools (``experts`` > 1): worker ``<pool>-<i>`` is built as EP rank i and
 ``start`` forms each pool's group (gloo over localhost, ``form_group`` as the controller
 does) before serving. ``replace_worker`` refuses an EP member (the controller replaces a
@@ -24,10 +30,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from cluster.config import PoolConfig, ServeConfig
+from attention_offload.worker import AttentionWorker, attention_blocks, attention_engine_config, build_attention_worker
+from cluster.config import ATTENTION_ROLE, PoolConfig, ServeConfig
 from cluster.control.expert_affinity import build_expert_affinities
 from cluster.control.groups import form_group
-from cluster.control.handles import DecodeHandle, local_decode, local_prefill
+from cluster.control.handles import AttentionHandle, DecodeHandle, local_attention, local_decode, local_prefill
 from cluster.control.info import ClusterInfo, pool_info, worker_info
 from cluster.control.router import Router
 from cluster.control.routing import RoutingPolicy
@@ -49,7 +56,7 @@ class LocalCluster:
     ):
         self.config = config
         self.transport_options = dict(transport_options or {})
-        self.workers: dict[str, PrefillWorker | DecodeWorker] = {}
+        self.workers: dict[str, PrefillWorker | DecodeWorker] = {}  # routed workers
         self.pool_of: dict[str, str] = {}  # worker id -> pool name
         self.store = store if store is not None else make_state_store(config.state)
         self.router = Router(
@@ -61,6 +68,14 @@ class LocalCluster:
         self.killed: set[str] = set()
         self.ep_group_timeout_s = ep_group_timeout_s
         self.handles: dict[str, DecodeHandle] = {}  # decode-capable workers' handles
+        self.attention: dict[str, AttentionWorker] = {}  # attention workers by id
+        self.attention_handles: dict[str, AttentionHandle] = {}
+        att = config.attention_pool()
+        # blocks per attention worker, rank 1..N: what the model worker's pool is sized to
+        self._attention_blocks: list[int] | None = None
+        if att is not None:
+            per_worker = attention_blocks(attention_engine_config(config.model, att.engine))
+            self._attention_blocks = [per_worker] * att.num_workers
         for pool in config.pools:
             for i in range(pool.num_workers):
                 self._build(f"{pool.name}-{i}", pool)
@@ -68,7 +83,11 @@ class LocalCluster:
     def _build(self, wid: str, pool: PoolConfig) -> None:
         t = self.config.transfer
         bound = self.config.failover.worker_max_pending
-        if pool.role == "prefill":
+        if pool.role == ATTENTION_ROLE:
+            aw = build_attention_worker(self.config.model, pool.engine, worker_id=wid)
+            self.attention[wid] = aw
+            self.attention_handles[wid] = local_attention(wid, aw)
+        elif pool.role == "prefill":
             pw = build_prefill_worker(
                 self.config.model,
                 pool.engine,
@@ -105,6 +124,7 @@ class LocalCluster:
                 transfer_timeout_s=t.timeout_s,
                 role=pool.role,
                 max_pending=bound,
+                attention_blocks=self._attention_blocks,
                 **ep,
             )
             self.handles[wid] = local_decode(wid, dw)
@@ -117,6 +137,11 @@ class LocalCluster:
             if pool.experts > 1:
                 members = [self.handles[f"{pool.name}-{i}"] for i in range(pool.num_workers)]
                 await form_group(f"ep/{pool.name}", members, backend="gloo", timeout_s=self.ep_group_timeout_s)
+        att = self.config.attention_pool()
+        if att is not None:
+            (model,) = self.handles.values()  # the config allows one decode-capable worker
+            members = [model, *(self.attention_handles[f"{att.name}-{i}"] for i in range(att.num_workers))]
+            await form_group(f"attn/{model.worker_id}", members, backend="gloo", timeout_s=self.ep_group_timeout_s)
         await self.store.start()
         await self.router.start()
         await self.router.collect_limits()
@@ -133,6 +158,11 @@ class LocalCluster:
     def replace_worker(self, worker_id: str) -> None:
         """A fresh worker under ``worker_id`` (new engine, empty KV pool, new KV address)."""
         pool = self.config.pool(self.pool_of[worker_id])
+        if self.config.attention_pool() is not None:
+            raise NotImplementedError(
+                f"{worker_id}: a model worker and its attention workers are replaced as one group "
+                "(not supported in process)"
+            )
         if pool.experts > 1:
             raise NotImplementedError(
                 f"{worker_id} is a member of expert-parallel pool {pool.name!r}: its group is replaced as a whole "
@@ -157,6 +187,7 @@ class LocalCluster:
                 worker_info(self.router, wid, self.pool_of[wid], self.router.workers[wid].role, node_id="local")
                 for wid in self.workers
             ),
+            attention_workers=tuple(w.stats() for w in self.attention.values()),
             requests_in_flight=len(self.router.requests),
             state=self.store.health(),
         )
@@ -165,6 +196,8 @@ class LocalCluster:
         for wid, w in self.workers.items():
             if wid not in self.killed:
                 w.shutdown()
+        for w in self.attention.values():  # after the model worker's CLOSE: their loops have ended
+            w.shutdown()
 
     async def close_store(self) -> None:
         await self.store.close()

@@ -492,6 +492,21 @@ def server_info_message(info: ServerInfo) -> pb.ServerInfo:
         pool = pools.setdefault(w.current_role, pb.PoolInfo(role=w.current_role))
         pool.num_workers += 1
         pool.num_healthy += int(w.healthy)
+    for a in cluster.attention_workers:  # attention offload: they hold the model worker's KV
+        healthy = a.state in ("waiting", "serving")
+        msg.workers.append(
+            pb.WorkerInfo(
+                worker_id=a.worker_id,
+                role="attention",
+                current_role="attention",
+                healthy=healthy,
+                free_kv_blocks=a.free_blocks,
+                total_kv_blocks=a.total_blocks,
+            )
+        )
+        pool = pools.setdefault("attention", pb.PoolInfo(role="attention"))
+        pool.num_workers += 1
+        pool.num_healthy += int(healthy)
     msg.pools.extend(pools[k] for k in sorted(pools))
     return msg
 

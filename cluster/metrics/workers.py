@@ -133,6 +133,11 @@ WORKER_METRICS: tuple[MetricDef, ...] = (
     MetricDef("splitserve_ep_cache_load_bytes", C, "Expert weight bytes copied from the slow tier into the fast tier.", WORKER, source=lambda s: c.load_bytes if (c := _ep_cache(s)) else None),
     MetricDef("splitserve_ep_cache_load_seconds", C, "Those loads' time over the MODELLED slow-tier link (bytes / bandwidth), not measured.", WORKER, source=lambda s: c.load_seconds if (c := _ep_cache(s)) else None),
     MetricDef("splitserve_ep_cache_copy_seconds", C, "Measured wall time of the fast-tier copies themselves (host memory on CPU).", WORKER, source=lambda s: c.copy_seconds if (c := _ep_cache(s)) else None),
+    MetricDef("splitserve_attention_payload_bytes", C, "Attention tensors a model worker exchanged with its attention workers (q, k, v out; outputs back).", WORKER, source=lambda s: s.attention.payload_bytes if s.attention else None),
+    MetricDef("splitserve_attention_tokens", C, "Query rows a model worker sent to its attention workers, summed over layers (bytes per token and layer = payload / tokens).", WORKER, source=lambda s: s.attention.tokens if s.attention else None),
+    MetricDef("splitserve_attention_wait_seconds", C, "Time a model worker blocked waiting for attention outputs (not hidden behind its dense compute).", WORKER, source=lambda s: s.attention.wait_seconds if s.attention else None),
+    MetricDef("splitserve_attention_step_seconds", C, "Wall time of a model worker's engine steps (overlap ratio = 1 - wait / step).", WORKER, source=lambda s: s.attention.step_seconds if s.attention else None),
+    MetricDef("splitserve_attention_max_load_ratio", G, "The busiest attention worker's fraction of KV blocks in use (0..1), as the model worker accounts them.", WORKER, source=lambda s: s.attention.max_load if s.attention else None),
     MetricDef("splitserve_worker_start_time_seconds", G, "Unix time the worker (this incarnation) started.", WORKER, source=lambda s: s.started_at),
     # computed from router state, not from a stats() field (see WorkerCollector.collect)
     MetricDef("splitserve_worker_role", G, "1 for the worker's current role (a promoted decode worker is 'mixed'), 0 for the others.", (*WORKER, "role")),

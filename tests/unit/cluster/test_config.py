@@ -98,7 +98,11 @@ def with_(path: str, value) -> dict:
         ("modle", "x", r"^modle: unknown key; allowed keys: \[.*'model'"),
         ("router.short_prompt_thresold", 3, r"^router\.short_prompt_thresold: unknown key"),
         ("pools[1].gpus", 1, r"^pools\[1\]\.gpus: unknown key"),
-        ("pools[0].role", "attention", r"^pools\[0\]\.role: must be one of \['prefill', 'decode', 'mixed'\]"),
+        (
+            "pools[0].role",
+            "janitor",
+            r"^pools\[0\]\.role: must be one of \['prefill', 'decode', 'mixed', 'attention'\]",
+        ),
         ("pools[1].num_workers", -1, r"^pools\[1\]\.num_workers: must be >= 0, got -1"),
         ("pools[0].num_gpus", -0.5, r"^pools\[0\]\.num_gpus: must be >= 0"),
         ("pools[1].resources", {"decode_node": -1}, r"^pools\[1\]\.resources\.decode_node: must be >= 0"),

@@ -9,13 +9,26 @@ import queue
 
 import pytest
 
-from cluster.control.handles import DecodeHandle, LocalInvoker, PrefillHandle, WorkerHandle, WorkerUnavailable
+from attention_offload.api import AttentionAPI
+from cluster.control.handles import (
+    AttentionHandle,
+    DecodeHandle,
+    LocalInvoker,
+    PrefillHandle,
+    WorkerHandle,
+    WorkerUnavailable,
+)
 from decode_worker.api import DecodeAPI
 from engine.runtime.api import WorkerAPI
 from engine.types import EngineStopped, UnknownRequest
 from prefill_worker.api import PrefillAPI
 
-HANDLES = [(WorkerHandle, WorkerAPI), (PrefillHandle, PrefillAPI), (DecodeHandle, DecodeAPI)]
+HANDLES = [
+    (WorkerHandle, WorkerAPI),
+    (PrefillHandle, PrefillAPI),
+    (DecodeHandle, DecodeAPI),
+    (AttentionHandle, AttentionAPI),
+]
 
 
 def _api_methods(api: type) -> dict[str, inspect.Signature]:

@@ -32,6 +32,7 @@ from engine.request import SamplingParams
 from engine.runtime.stats import TRANSFER_SECONDS_BUCKETS, CumulativeHistogram
 from engine.tokenizer import Tokenizer
 from engine.types import (
+    AttentionOffloadReport,
     ExpertCacheReport,
     ExpertParallelReport,
     HistogramReport,
@@ -325,6 +326,7 @@ def test_exported_names_match_what_a_full_scrape_exposes():
         expert_parallel=ExpertParallelReport(
             0, 2, True, 4, 10, 6, 5, 800, 600, 0.25, cache=ExpertCacheReport(2, 7, 3, 4, 1, 5, 4096, 0.5, 0.125)
         ),
+        attention=AttentionOffloadReport(2, True, (3, 1), (8, 8), 40, 9000, 100, 0.5, 2.0),
     )
     m, router = attached({"prefill-0": report(1.0, 1, [0.01]), "decode-0": speculating})
     d = {"model": "m", "pool": "decode", "worker": "decode-0"}
@@ -338,6 +340,13 @@ def test_exported_names_match_what_a_full_scrape_exposes():
         assert (
             m.sample_value("splitserve_ep_sts_placements_total", {"model": "m", "pool": "ep", "outcome": outcome}) == n
         )
+    assert m.sample_value("splitserve_attention_max_load_ratio", d) == 3 / 8  # the busier attention worker
+    assert m.sample_value("splitserve_attention_payload_bytes_total", d) == 9000
+    assert m.sample_value("splitserve_attention_tokens_total", d) == 40
+    assert (
+        m.sample_value("splitserve_attention_wait_seconds_total", d),
+        m.sample_value("splitserve_attention_step_seconds_total", d),
+    ) == (0.5, 2.0)
     assert (
         m.sample_value("splitserve_ep_local_tokens_total", d),
         m.sample_value("splitserve_ep_routed_tokens_total", d),

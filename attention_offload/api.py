@@ -1,0 +1,57 @@
+"""AttentionAPI: what the control plane calls on an attention worker (attention_offload/worker.py;
+its Ray shell attention_offload/actor.py implements the same methods).
+
+An attention worker is not routed to: the controller builds it, forms the attention group
+[model worker = rank 0, attention workers 1..N] through ``node_ip`` / ``free_port`` /
+``join_group`` (cluster/control/groups.py ``form_group``, every rank at once), reads its
+``stats`` for GetServerInfo, and ``shutdown``s it with its model worker (a group is replaced
+as one, never reused).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+from engine.runtime.groups import GroupSpec
+
+STATES = ("waiting", "serving", "closed", "failed")
+
+
+@dataclass(frozen=True)
+class AttentionWorkerStats:
+    worker_id: str
+    state: str  # one of STATES: waiting (no group yet) -> serving -> closed (CLOSE) | failed
+    free_blocks: int
+    total_blocks: int
+    sequences: int  # sequences with pages on this shard
+    served: int  # messages served by a finished loop (0 while serving)
+    error: str | None  # why the loop failed ("failed" only)
+
+
+class AttentionAPI(abc.ABC):
+    @abc.abstractmethod
+    def ping(self) -> str:
+        """The worker id, once the worker is built (the readiness probe). Raises EngineStopped
+        once its serve loop failed (the controller then replaces its group)."""
+
+    @abc.abstractmethod
+    def stats(self) -> AttentionWorkerStats: ...
+
+    @abc.abstractmethod
+    def node_id(self) -> str:
+        """The Ray node the worker runs on ("local" in process)."""
+
+    @abc.abstractmethod
+    def node_ip(self) -> str:
+        """The address the model worker reaches this worker's node at."""
+
+    @abc.abstractmethod
+    def free_port(self) -> int: ...
+
+    @abc.abstractmethod
+    def join_group(self, spec: GroupSpec) -> None:
+        """Join the attention group as rank >= 1 (blocks until every rank joined), then serve."""
+
+    @abc.abstractmethod
+    def shutdown(self) -> None: ...

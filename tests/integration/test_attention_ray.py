@@ -1,0 +1,114 @@
+"""Attention offload served by Ray actors: a mixed pool of one DecodeActor (the model worker,
+an OffloadedEngine) and an attention pool of two AttentionActors holding its KV, the group
+formed by the controller, on the tiny Llama. Concurrent greedy requests equal engine.LLM's
+tokens; GetServerInfo shows the attention workers and their KV blocks; an attention worker
+killed mid-stream takes its group down (the model worker's next step fails within the group's
+timeout: no wrong token, no hang), the controller replaces the group as one, and the request
+that was streaming fails over and finishes with LLM's tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+import ray
+
+from cluster.config import PoolConfig, ServeConfig, TransferConfig
+from cluster.control.controller import Controller, ControllerOptions
+from cluster.frontends.grpc_server import server_info_message
+from cluster.frontends.service import ServerInfo
+from engine import LLM, SamplingParams
+from engine.types import RequestSpec
+
+pytestmark = pytest.mark.integration
+
+MODEL_ENGINE = {"block_size": 8, "attention_backend": "sdpa", "enable_prefix_caching": False}
+ATTN_BLOCKS = 48  # per attention worker
+ATTN_ENGINE = {"block_size": 8, "num_blocks": ATTN_BLOCKS, "attention_backend": "sdpa"}
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+OPTIONS = ControllerOptions(
+    health_interval_s=0.2, ping_timeout_s=10.0, restart_backoff_s=0.5, read_timeout_s=0.5, ep_group_timeout_s=5.0
+)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    if ray.is_initialized():  # a connection another module left behind would block ray.init
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+async def _collect(c: Controller, rid: str, prompt: list[int], params: SamplingParams):
+    tokens, last = [], None
+    async for chunk in c.router.generate(RequestSpec(rid, prompt, params)):
+        tokens += chunk.token_ids
+        last = chunk
+    return tokens, last
+
+
+def test_an_attention_pool_serves_as_llm_and_its_group_comes_back_after_a_member_dies(
+    ray_local, tiny_checkpoint
+) -> None:
+    ckpt = tiny_checkpoint("llama")
+    rng = random.Random(7)
+    prompts = [[rng.randrange(3, 500) for _ in range(n)] for n in (5, 17, 9, 30, 12, 3)]
+    long_prompt = [rng.randrange(3, 500) for _ in range(10)]
+    long_params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+    llm = LLM(ckpt, **MODEL_ENGINE, num_blocks=2 * ATTN_BLOCKS)
+    expected = [o.token_ids for o in llm.generate(prompts, GREEDY)]
+    long_expected = llm.generate([long_prompt], long_params)[0].token_ids
+    cfg = ServeConfig(
+        model=ckpt,
+        pools=(
+            PoolConfig("mixed", "mixed", 1, num_cpus=0.5, engine=MODEL_ENGINE),
+            PoolConfig("attention", "attention", 2, num_cpus=0.5, engine=ATTN_ENGINE),
+        ),
+        transfer=TransferConfig(kind="shm"),
+    )
+
+    async def run():
+        c = await Controller(cfg, OPTIONS).start()
+        try:
+            results = await asyncio.gather(*(_collect(c, f"r{i}", p, GREEDY) for i, p in enumerate(prompts)))
+            await c.check_health()  # one round: the attention workers' stats are polled
+            info = c.info()
+
+            # an attention worker dies mid-stream: the group is replaced as one, the request fails over
+            stream = c.router.generate(RequestSpec("long", long_prompt, long_params))
+            first = await anext(stream)
+            assert first.token_ids and not first.finished
+            ray.kill(c.workers["attention-1"].actor, no_restart=True)
+            rest = [chunk async for chunk in stream]
+            for wid in ("mixed-0", "attention-0", "attention-1"):
+                await c.wait_replaced(wid, timeout=180)
+            after = await asyncio.gather(*(_collect(c, f"a{i}", p, GREEDY) for i, p in enumerate(prompts)))
+            await c.check_health()
+            return results, info, first, rest, after, c.info(), dict(c.router.stats.failovers)
+        finally:
+            await c.shutdown()
+
+    results, info, first, rest, after, info_after, failovers = asyncio.run(run())
+    assert [last.finish_reason for _, last in results] == ["length"] * len(prompts)
+    assert [tokens for tokens, _ in results] == expected
+    # GetServerInfo: the model worker's pool is the attention workers' total; each attention worker's blocks
+    msg = server_info_message(ServerInfo(cluster=info, inflight=0, max_queue=8))
+    blocks = {w.worker_id: (w.role, w.healthy, w.total_kv_blocks) for w in msg.workers}
+    assert blocks == {
+        "mixed-0": ("mixed", True, 2 * ATTN_BLOCKS),
+        "attention-0": ("attention", True, ATTN_BLOCKS),
+        "attention-1": ("attention", True, ATTN_BLOCKS),
+    }
+    assert {p.role: (p.num_workers, p.num_healthy) for p in msg.pools}["attention"] == (2, 2)
+
+    assert rest[-1].finish_reason == "length" and rest[-1].error is None, rest[-1]
+    assert first.token_ids + [t for ch in rest for t in ch.token_ids] == long_expected
+    assert failovers["worker_lost"] >= 1, failovers
+    assert {w.worker_id: (w.healthy, w.restarts) for w in info_after.workers} == {"mixed-0": (True, 1)}
+    assert {a.worker_id: a.state for a in info_after.attention_workers} == {
+        "attention-0": "serving",
+        "attention-1": "serving",
+    }
+    assert [tokens for tokens, _ in after] == expected  # the re-formed group serves as before

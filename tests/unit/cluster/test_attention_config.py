@@ -1,0 +1,146 @@
+"""The `attention` pool role (attention offload serving): what ServeConfig accepts and refuses,
+and `splitserve serve --attention N`."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.cli import build_parser
+from cluster.config import ConfigError, PoolConfig, ServeConfig
+from cluster.serve import TINY_ENGINE, ModelChoice, serve_config_from_args
+
+NO_PREFIX = {"enable_prefix_caching": False}
+
+
+def _cfg(*pools: PoolConfig) -> ServeConfig:
+    return ServeConfig("m", pools=pools)
+
+
+def test_an_attention_pool_serves_one_mixed_worker():
+    cfg = _cfg(PoolConfig("mixed", "mixed", 1, engine=NO_PREFIX), PoolConfig("attn", "attention", 2))
+    assert cfg.attention_pool() == cfg.pool("attn") and cfg.attention_pool().num_workers == 2
+    assert _cfg(PoolConfig("decode", "decode", 1)).attention_pool() is None
+    # an attention pool of 0 workers is no attention pool: nothing is checked against it
+    assert _cfg(PoolConfig("d", "decode", 2), PoolConfig("a", "attention", 0)).attention_pool() is None
+
+
+def test_an_attention_pool_without_a_decode_or_mixed_pool_is_refused():
+    with pytest.raises(ConfigError, match=r"^pools: need at least one worker in a decode or mixed pool"):
+        _cfg(PoolConfig("attn", "attention", 2))
+    with pytest.raises(ConfigError, match=r"^pools: need at least one worker"):
+        _cfg(PoolConfig("p", "prefill", 1), PoolConfig("attn", "attention", 2))
+
+
+@pytest.mark.parametrize(
+    ("pools", "path", "says"),
+    [
+        (
+            [PoolConfig("m", "mixed", 2, engine=NO_PREFIX), PoolConfig("a", "attention", 2)],
+            r"pools\[1\]",
+            "exactly one decode or mixed worker",
+        ),
+        (
+            [
+                PoolConfig("m", "mixed", 1, engine=NO_PREFIX),
+                PoolConfig("d", "decode", 1),
+                PoolConfig("a", "attention", 1),
+            ],
+            r"pools\[2\]",
+            "got 2 decode-capable workers",
+        ),
+        (
+            [PoolConfig("m", "mixed", 1), PoolConfig("a", "attention", 1)],
+            r"pools\[0\]\.engine\.enable_prefix_caching",
+            "must be false",
+        ),
+        (
+            [
+                PoolConfig("m", "mixed", 1, engine={**NO_PREFIX, "speculative_config": {"method": "ngram"}}),
+                PoolConfig("a", "attention", 1),
+            ],
+            r"pools\[0\]\.engine\.speculative_config",
+            "not supported",
+        ),
+        (
+            [
+                PoolConfig("p", "prefill", 1),
+                PoolConfig("d", "decode", 1, engine=NO_PREFIX),
+                PoolConfig("a", "attention", 1),
+            ],
+            r"pools\[0\]\.num_workers",
+            "disaggregated prefill",
+        ),
+        (
+            [
+                PoolConfig("m", "mixed", 1, engine=NO_PREFIX),
+                PoolConfig("a", "attention", 1),
+                PoolConfig("b", "attention", 1),
+            ],
+            r"pools\[2\]\.role",
+            "at most one attention pool",
+        ),
+        (
+            [PoolConfig("m", "mixed", 1, engine=NO_PREFIX), PoolConfig("a", "attention", 1, engine={"block_size": 32})],
+            r"pools\[1\]\.engine\.block_size",
+            "must equal the model worker's",
+        ),
+        (
+            [PoolConfig("m", "mixed", 1, engine=NO_PREFIX), PoolConfig("a", "attention", 1, engine=NO_PREFIX)],
+            r"pools\[1\]\.engine\.enable_prefix_caching",
+            "model-worker option",
+        ),
+    ],
+)
+def test_what_the_offloaded_engine_does_not_support_is_refused_naming_the_field(pools, path, says):
+    with pytest.raises(ConfigError, match=rf"^{path}: .*{says}"):
+        _cfg(*pools)
+
+
+def test_an_unknown_role_names_the_attention_role():
+    with pytest.raises(ConfigError, match=r"^role: must be one of \['prefill', 'decode', 'mixed', 'attention'\]"):
+        PoolConfig("x", "atention")
+    with pytest.raises(ConfigError, match=r"^experts: .*not on a attention pool"):
+        PoolConfig("a", "attention", 2, experts=2)
+
+
+def test_an_attention_pool_round_trips_through_a_dict():
+    cfg = _cfg(
+        PoolConfig("m", "mixed", 1, engine=NO_PREFIX), PoolConfig("a", "attention", 2, engine={"num_blocks": 64})
+    )
+    assert ServeConfig.from_dict(cfg.to_dict()) == cfg
+
+
+class _Tiny:
+    def __call__(self) -> ModelChoice:
+        return ModelChoice("/cache/tiny-llama", dict(TINY_ENGINE))
+
+
+def _args(line: str):
+    return serve_config_from_args(build_parser().parse_args(line.split()), _Tiny())
+
+
+def test_attention_flag_makes_one_mixed_worker_and_an_attention_pool():
+    cfg = _args("serve --model /m --attention 2")
+    assert [(p.name, p.role, p.num_workers) for p in cfg.pools] == [
+        ("decode", "mixed", 1),
+        ("attention", "attention", 2),
+    ]
+    assert cfg.pool("decode").engine["enable_prefix_caching"] is False
+    # the default model's layout too; the attention pool takes the model worker's dtype and block size
+    cfg = _args("serve --attention 1")
+    model, attn = cfg.pools
+    assert model.role == "mixed" and attn.role == "attention" and attn.num_workers == 1
+    assert {k: attn.engine.get(k) for k in ("dtype", "block_size")} == {
+        k: model.engine.get(k) for k in ("dtype", "block_size")
+    }
+
+
+def test_attention_flag_over_a_config_keeps_its_pools(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: /m\npools:\n  - {name: prefill, role: prefill}\n  - {name: decode, role: decode}\n")
+    with pytest.raises(ConfigError, match=r"^pools\[0\]\.num_workers: disaggregated prefill"):
+        _args(f"serve --config {path} --attention 2")
+    cfg = _args(f"serve --config {path} --attention 2 --prefill 0")
+    assert cfg.attention_pool().num_workers == 2 and cfg.pool("decode").engine["enable_prefix_caching"] is False
+    with pytest.raises(SystemExit):
+        _args("serve --model /m --attention 0")

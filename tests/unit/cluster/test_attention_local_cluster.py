@@ -1,0 +1,128 @@
+"""Attention offload served in process: LocalCluster with one mixed worker (the model worker)
+and an attention pool of 2 workers holding its KV. Concurrent greedy requests through the
+router equal engine.LLM; the model worker's KV pool is the attention workers' total; ClusterInfo
+shows the attention workers' blocks; every pool is full again afterwards; shutdown ends the
+attention workers' loops with CLOSE."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from cluster.config import PoolConfig, RouterConfig, ServeConfig, TransferConfig
+from cluster.control.local import LocalCluster
+from engine import LLM, SamplingParams
+from engine.llm import build_engine_config
+from engine.types import RequestSpec
+
+MODEL_ENGINE = {
+    "block_size": 8,
+    "attention_backend": "sdpa",
+    "skip_tokenizer_init": True,
+    "enable_prefix_caching": False,
+}
+ATTN_BLOCKS = 24  # per attention worker
+ATTN_ENGINE = {"block_size": 8, "num_blocks": ATTN_BLOCKS, "attention_backend": "sdpa"}
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+PROMPTS = [list(range(3, 14)), list(range(20, 27)), list(range(40, 59)), [5, 9, 2, 7], list(range(60, 90))]
+
+
+async def _collect(cluster: LocalCluster, rid: str, prompt: list[int]) -> list[int]:
+    tokens = []
+    async for chunk in cluster.router.generate(RequestSpec(rid, prompt, GREEDY)):
+        assert chunk.error is None, chunk.error
+        tokens += chunk.token_ids
+    return tokens
+
+
+def test_attention_pool_in_process_serves_as_llm(tiny_checkpoint) -> None:
+    ckpt = tiny_checkpoint("llama")
+    cfg = ServeConfig(
+        model=ckpt,
+        pools=(
+            PoolConfig("mixed", "mixed", 1, engine=MODEL_ENGINE),
+            PoolConfig("attention", "attention", 2, engine={**ATTN_ENGINE, "num_blocks": ATTN_BLOCKS}),
+        ),
+        router=RouterConfig(short_prompt_threshold=1024),  # every prompt prefills on the model worker
+        transfer=TransferConfig(kind="loopback"),
+    )
+
+    async def run():
+        cluster = await LocalCluster(cfg, ep_group_timeout_s=30.0).start()
+        try:
+            got = await asyncio.gather(*(_collect(cluster, f"r{i}", p) for i, p in enumerate(PROMPTS)))
+            # releases reach the attention workers asynchronously: poll until their pools are full
+            deadline = asyncio.get_running_loop().time() + 30.0
+            while True:
+                await cluster.router.refresh_loads()
+                info = cluster.info()
+                full = all(a.free_blocks == a.total_blocks and a.sequences == 0 for a in info.attention_workers)
+                if full or asyncio.get_running_loop().time() > deadline:
+                    break
+                await asyncio.sleep(0.05)  # poll interval
+            assert full, info.attention_workers
+            with pytest.raises(NotImplementedError, match="replaced as one group"):
+                cluster.replace_worker("mixed-0")
+            assert cluster.router.limits.num_kv_blocks == 2 * ATTN_BLOCKS  # what the frontend admits against
+            counters = cluster.workers["mixed-0"].attention.transport.counters
+            assert counters.payload_out > 0 and counters.payload_in > 0  # attention ran remotely
+        finally:
+            await cluster.stop()
+        # the model worker's CLOSE ended both attention workers' loops
+        assert [w.stats().state for w in cluster.attention.values()] == ["closed", "closed"]
+        return got, info
+
+    got, info = asyncio.run(run())
+    ref = LLM(ckpt, **{**MODEL_ENGINE, "num_blocks": 2 * ATTN_BLOCKS}).generate(PROMPTS, GREEDY)
+    assert got == [o.token_ids for o in ref]
+    (model,) = info.workers
+    # the model worker's pool accounts for the attention workers' blocks (its own KV: none)
+    assert model.stats.engine.total_kv_blocks == 2 * ATTN_BLOCKS
+    assert model.stats.engine.free_kv_blocks == 2 * ATTN_BLOCKS
+    # its report: every attention tensor counted (q, k, v out and the output back, fp32), all pages back
+    rep, mc = model.stats.attention, build_engine_config(ckpt).model
+    assert rep.connected and rep.attention_workers == 2 and rep.tokens > 0
+    assert rep.payload_bytes == rep.tokens * (2 * mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim * 4
+    assert rep.used_blocks == (0, 0) and rep.total_blocks == (ATTN_BLOCKS, ATTN_BLOCKS) and rep.max_load == 0.0
+    assert 0.0 < rep.wait_seconds < rep.step_seconds
+    assert [(a.worker_id, a.state, a.total_blocks) for a in info.attention_workers] == [
+        ("attention-0", "serving", ATTN_BLOCKS),
+        ("attention-1", "serving", ATTN_BLOCKS),
+    ]
+    assert {p.name: (p.role, p.workers) for p in info.pools}["attention"] == (
+        "attention",
+        ("attention-0", "attention-1"),
+    )
+
+
+def test_an_idle_model_worker_keeps_its_attention_workers_alive(tiny_checkpoint) -> None:
+    """A group timeout of 1 s and 3 s without a request: the model worker's loop tick pings
+    the attention workers (every 0.25 s), so they still serve afterwards."""
+    ckpt = tiny_checkpoint("llama")
+    cfg = ServeConfig(
+        model=ckpt,
+        pools=(
+            PoolConfig("mixed", "mixed", 1, engine=MODEL_ENGINE),
+            PoolConfig("attention", "attention", 2, engine=ATTN_ENGINE),
+        ),
+        router=RouterConfig(short_prompt_threshold=1024),
+        transfer=TransferConfig(kind="loopback"),
+    )
+
+    async def run():
+        cluster = await LocalCluster(cfg, ep_group_timeout_s=1.0).start()
+        try:
+            await asyncio.sleep(3.0)  # the idle period under test (three group timeouts)
+            states = [a.state for a in cluster.info().attention_workers]
+            got = await _collect(cluster, "r0", PROMPTS[2])
+            pings = cluster.workers["mixed-0"].attention.pings
+        finally:
+            await cluster.stop()
+        return states, got, pings
+
+    states, got, pings = asyncio.run(run())
+    assert states == ["serving", "serving"]
+    assert pings >= 8
+    ref = LLM(ckpt, **{**MODEL_ENGINE, "num_blocks": 2 * ATTN_BLOCKS}).generate([PROMPTS[2]], GREEDY)
+    assert got == ref[0].token_ids
