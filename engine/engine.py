@@ -334,7 +334,7 @@ class EngineCore:
             max_model_len=c.max_model_len,
             vocab_size=c.model.vocab_size,
             block_size=c.cache.block_size,
-            num_kv_blocks=self.pool.num_blocks,
+            num_kv_blocks=self.kv.max_blocks_per_request,  # the pool; offloaded: one shard
             max_num_batched_tokens=c.scheduler.max_num_batched_tokens,
             chunked_prefill=c.scheduler.enable_chunked_prefill,
         )
