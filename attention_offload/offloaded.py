@@ -8,8 +8,10 @@ Everything else is EngineCore's.
 Constraints it checks at build (each a ValueError naming the field): no prefix caching (a
 cached prefix's K/V would be on the model worker, not the shard: planned), no speculative
 decoding (rolled-back draft slots would need a truncate on the shard: planned). The engine's
-block pool is sized to the shards' total (``CacheConfig.num_blocks``), so its admission and
-preemption follow the attention pool; the engine allocates no local KV pages (a one-block
+block pool is sized to the shards' total (``CacheConfig.num_blocks``) and partitioned per
+shard (the backend's ``kv_partitions``): the engine places each request on one shard and its
+admission and preemption follow that shard's free blocks, so a full shard means preempt or
+wait, as a full local pool does. The engine allocates no local KV pages (a one-block
 placeholder), so the model worker's batch is bounded by the attention pool's memory.
 """
 

@@ -7,12 +7,17 @@ the Pending's ``wait`` scatters the shards' outputs back into the step's row ord
 ``rotation`` asks the layer loop for micro-batches (2 by default) so that one micro-batch's
 dense part runs while another's attention is away.
 
-Placement: a request goes, at its first step, to the shard with the most free blocks (this
-backend mirrors each shard's block count from the lengths it sends; the shard checks the
-same arithmetic). A request whose step starts at token 0 but is known here (it was
-preempted and is recomputed) but was never released is an error. ``release`` frees its pages
-on the shard: the engine calls it (``RemoteKVBackend``) whenever it frees the request's
-blocks (finished, cancelled, preempted: inside ``schedule``, before the step runs).
+Placement is the engine's: its block pool is partitioned like the shards (``kv_partitions``,
+engine/kv_cache/partitioned.py), it places a request in the partition with the most free
+blocks at its first allocation and calls ``place`` before the step that first runs it; its
+scheduler then preempts or keeps a request waiting when that request's shard is full, exactly
+as when a local pool is full. This backend mirrors each shard's block count from the lengths
+it sends (the shard checks the same arithmetic); a step that outgrows the mirror means the
+engine's accounting and the shards disagree: AttentionShardFull, a bug, not load. A request
+placed again without a release, or whose step starts at token 0 while its shard holds
+tokens of it, is an error. ``release`` frees its pages on the shard: the engine calls it
+(``RemoteKVBackend``) whenever it frees the request's blocks (finished, cancelled,
+preempted: inside ``schedule``, before the step runs).
 
 Per step, the first ``submit`` of a metadata object plans it (``meta.plans["remote"]``: rows
 per shard, the BEGIN of each shard's batch context); every layer reuses the plan.
@@ -61,6 +66,7 @@ class RemoteAttentionBackend:
         self.rotation = rotation
         self.block_size = block_size
         self.capacity = list(blocks_per_shard)
+        self.kv_partitions = list(blocks_per_shard)  # RemoteKVBackend: the engine's pool partitions
         self.used = [0] * len(blocks_per_shard)  # blocks each shard holds (mirror)
         self._placed: dict[str, _Placement] = {}
         self._tokens: dict[str, int] = {}  # request -> tokens its shard holds
@@ -72,13 +78,29 @@ class RemoteAttentionBackend:
         p = self._placed.get(request_id)
         return None if p is None else p.shard
 
+    def place(self, request_id: str, partition: int) -> None:
+        """The engine put the request on shard ``partition`` (its first allocation, or its first
+        after a release); its pages there are taken by the steps that follow."""
+        if request_id in self._placed:
+            raise RuntimeError(
+                f"request {request_id!r} placed on shard {partition} but it is still on shard "
+                f"{self._placed[request_id].shard} (never released)"
+            )
+        if not 0 <= partition < len(self.capacity):
+            raise ValueError(f"request {request_id!r}: shard {partition} out of range ({len(self.capacity)} shards)")
+        self._placed[request_id] = _Placement(partition, next(self._seq_ids))
+        self._tokens[request_id] = 0
+
     def release(self, request_id: str) -> None:
-        """The request left (finished, cancelled, preempted): free its pages. No-op if unknown
-        (it never reached a step)."""
+        """The request left (finished, cancelled, preempted): free its pages. No-op if unknown;
+        placed but never in a step: forgotten here, the shard never heard of it."""
         p = self._placed.pop(request_id, None)
         if p is None:
             return
-        self.used[p.shard] -= self._blocks(self._tokens.pop(request_id))
+        tokens = self._tokens.pop(request_id)
+        if tokens == 0:
+            return
+        self.used[p.shard] -= self._blocks(tokens)
         self.transport.release(p.shard, p.seq_id)
 
     def free_blocks(self) -> list[int]:
@@ -98,19 +120,16 @@ class RemoteAttentionBackend:
         qsl = meta.query_start_loc
         for i, rid in enumerate(meta.request_ids):
             seq_len, q_len = meta.seq_lens[i], qsl[i + 1] - qsl[i]
-            if seq_len - q_len == 0 and rid in self._placed:  # the engine frees before it recomputes
-                raise RuntimeError(f"request {rid!r} starts again at token 0 but its shard pages were never released")
             place = self._placed.get(rid)
             if place is None:
-                free = self.free_blocks()
-                shard = max(range(len(free)), key=lambda s: free[s])
-                place = self._placed[rid] = _Placement(shard, next(self._seq_ids))
-                self._tokens[rid] = 0
+                raise RuntimeError(f"request {rid!r} is in a step but the engine never placed it on a shard")
+            if seq_len - q_len == 0 and self._tokens[rid]:  # the engine frees before it recomputes
+                raise RuntimeError(f"request {rid!r} starts again at token 0 but its shard pages were never released")
             grow = self._blocks(seq_len) - self._blocks(self._tokens[rid])
             if grow > self.free_blocks()[place.shard]:
-                raise AttentionShardFull(
+                raise AttentionShardFull(  # the engine's per-shard pool should have prevented it
                     f"request {rid!r} needs {grow} more blocks on attention shard {place.shard}, "
-                    f"{self.free_blocks()[place.shard]} free"
+                    f"{self.free_blocks()[place.shard]} free (engine and shard accounting disagree)"
                 )
             self.used[place.shard] += grow
             self._tokens[rid] = seq_len

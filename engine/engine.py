@@ -26,6 +26,7 @@ from engine.kv_cache.block_pool import BlockPool
 from engine.kv_cache.layout import KVLayout
 from engine.kv_cache.manager import KVCacheManager
 from engine.kv_cache.paged_cache import PagedKVCache
+from engine.kv_cache.partitioned import PartitionedBlockPool, PartitionedKVCacheManager
 from engine.model_runner import ModelRunner
 from engine.models.gguf import resolve_model_path
 from engine.models.loader import load_model
@@ -127,10 +128,22 @@ class EngineCore:
             config.attention_backend, self.cache, mc.sliding_window
         )
         self.model.set_attention_backend(self.backend)
-        self.pool = BlockPool(num_blocks, config.cache.enable_prefix_caching)
-        self.kv = KVCacheManager(self.pool, config.cache.block_size)
-        if remote_kv:  # the remote pages are freed with the pool's blocks
-            self.kv.on_free = self.backend.release
+        if remote_kv:  # one sub-pool per remote store; the remote pages follow the pool's blocks
+            parts = list(attention_backend.kv_partitions)
+            if sum(parts) != num_blocks:
+                raise ValueError(
+                    f"CacheConfig.num_blocks ({num_blocks}) must equal the remote stores' total "
+                    f"kv_partitions {parts} (sum {sum(parts)})"
+                )
+            if config.cache.enable_prefix_caching:
+                raise ValueError("CacheConfig.enable_prefix_caching must be False with K/V kept remotely")
+            self.pool = PartitionedBlockPool(parts)
+            self.kv = PartitionedKVCacheManager(self.pool, config.cache.block_size)
+            self.kv.on_place = attention_backend.place
+            self.kv.on_free = attention_backend.release
+        else:
+            self.pool = BlockPool(num_blocks, config.cache.enable_prefix_caching)
+            self.kv = KVCacheManager(self.pool, config.cache.block_size)
         self.scheduler = Scheduler(config.scheduler, config.cache, self.kv)
         self.runner = ModelRunner(self.model, config.cache.block_size, config.device, config.kernels)
         self.speculator: Speculator | None = None
@@ -321,7 +334,7 @@ class EngineCore:
             max_model_len=c.max_model_len,
             vocab_size=c.model.vocab_size,
             block_size=c.cache.block_size,
-            num_kv_blocks=self.pool.num_blocks,
+            num_kv_blocks=self.kv.max_blocks_per_request,  # the pool; offloaded: one shard
             max_num_batched_tokens=c.scheduler.max_num_batched_tokens,
             chunked_prefill=c.scheduler.enable_chunked_prefill,
         )

@@ -213,7 +213,7 @@ class WorkerLimits:
     max_model_len: int  # prompt + generated tokens never exceed this
     vocab_size: int
     block_size: int  # tokens per KV block (prefix hashes are per full block)
-    num_kv_blocks: int  # the worker's whole KV pool: a request needing more can never run
+    num_kv_blocks: int  # the most one request can hold (the whole pool; offloaded: one shard's)
     max_num_batched_tokens: int  # per step
     chunked_prefill: bool  # without it a prompt must fit max_num_batched_tokens
 

@@ -47,6 +47,17 @@ class KVCacheManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    @property
+    def max_blocks_per_request(self) -> int:
+        """The most blocks one request can ever hold: the whole pool (a partitioned manager:
+        one partition)."""
+        return self.pool.num_blocks
+
+    def shares_pool(self, a: str, b: str) -> bool:
+        """Whether freeing request ``a``'s blocks can give request ``b`` room: always, with one
+        pool (a partitioned manager: only when both live in one partition)."""
+        return True
+
     def computed_prefix(self, req: Request) -> tuple[list[int], list[BlockHash]]:
         """Cached blocks matching the longest full-block prefix of the request's tokens.
 

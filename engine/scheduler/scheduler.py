@@ -4,7 +4,10 @@
 tokens. Running requests are served first (oldest first), then waiting ones while the token
 budget, ``max_num_seqs`` and free blocks allow. When a running request cannot get a block,
 the newest running request is preempted by recompute: its blocks are freed and it goes back
-to the front of the waiting queue with ``num_computed_tokens = 0``.
+to the front of the waiting queue with ``num_computed_tokens = 0``. With a partitioned KV
+manager (attention offload: one pool per attention shard) the victim is the newest running
+request in the same partition (``KVCacheManager.shares_pool``), and a request alone in its
+full partition finishes with LENGTH as one alone in a full pool does.
 
 Speculative decoding: a running request at its decode step (one uncomputed token) whose
 ``draft_token_ids`` the engine set is scheduled with up to k of them after that token (within
@@ -86,9 +89,9 @@ class Scheduler:
         if not req.prompt_token_ids:
             raise ValueError("prompt must contain at least one token")
         need = self.kv.blocks_needed(tokens)
-        if need > self.kv.pool.num_blocks:
+        if need > self.kv.max_blocks_per_request:
             raise ValueError(
-                f"request needs {need} KV blocks for {tokens} tokens but the cache has {self.kv.pool.num_blocks}"
+                f"request needs {need} KV blocks for {tokens} tokens but the cache has {self.kv.max_blocks_per_request}"
             )
 
     # ---------------------------------------------------------------- scheduling
@@ -106,8 +109,8 @@ class Scheduler:
                 if k:  # drop the drafts before preempting anyone
                     k = 0
                     continue
-                victim = self.running.pop()
-                if victim is req and not self.running and not self.prefilled and not self.reserved:
+                victim = self.running.pop(self._newest_competitor(req))
+                if victim is req and not self._others_hold_blocks_near(req):
                     # alone and still no room: the pool cannot hold this context at all
                     self._finish(req, FinishReason.LENGTH)
                     self._finished_in_schedule.append(req)
@@ -148,6 +151,25 @@ class Scheduler:
             scheduled.append(self._entry(req, n))
             budget -= n
         return budget
+
+    def _newest_competitor(self, req: Request) -> int:
+        """Index in ``running`` of the preemption victim for ``req``: the newest running request
+        whose blocks ``req`` could use (one pool: the newest running request; ``req`` itself at
+        worst, and never one older than ``req``, which is already scheduled this step)."""
+        for j in range(len(self.running) - 1, -1, -1):
+            r = self.running[j]
+            if r is req or self.kv.shares_pool(r.request_id, req.request_id):
+                return j
+        raise RuntimeError(f"request {req.request_id!r} is not running")
+
+    def _others_hold_blocks_near(self, req: Request) -> bool:
+        """Whether any other request holds blocks ``req`` could get once they are freed."""
+        rid = req.request_id
+        return any(
+            self.kv.shares_pool(r.request_id, rid)
+            for r in (*self.running, *self.prefilled.values(), *self.reserved.values())
+            if r is not req
+        )
 
     def _entry(self, req: Request, n: int, num_drafts: int = 0) -> ScheduledRequest:
         start = req.num_computed_tokens

@@ -64,7 +64,8 @@ def test_attention_pool_in_process_serves_as_llm(tiny_checkpoint) -> None:
             assert full, info.attention_workers
             with pytest.raises(NotImplementedError, match="replaced as one group"):
                 cluster.replace_worker("mixed-0")
-            assert cluster.router.limits.num_kv_blocks == 2 * ATTN_BLOCKS  # what the frontend admits against
+            # the frontend refuses a request longer than one attention worker holds (a request is whole on one)
+            assert cluster.router.limits.num_kv_blocks == ATTN_BLOCKS
             counters = cluster.workers["mixed-0"].attention.transport.counters
             assert counters.payload_out > 0 and counters.payload_in > 0  # attention ran remotely
         finally:
@@ -126,3 +127,47 @@ def test_an_idle_model_worker_keeps_its_attention_workers_alive(tiny_checkpoint)
     assert pings >= 8
     ref = LLM(ckpt, **{**MODEL_ENGINE, "num_blocks": 2 * ATTN_BLOCKS}).generate([PROMPTS[2]], GREEDY)
     assert got == ref[0].token_ids
+
+
+def test_a_tight_attention_pool_serves_every_stream(tiny_checkpoint) -> None:
+    """2 attention workers x 6 blocks of 8 tokens, 5 concurrent requests growing to 46 tokens:
+    every stream completes and equals engine.LLM, and the frontend's per-request limit is one
+    attention worker's blocks. How much the requests overlap depends on arrival timing (the
+    tiny model is fast), so preemption is not asserted here: the deterministic regression
+    (the engine used to admit against the total and fail the step with AttentionShardFull) is
+    tests/unit/attention_offload/test_per_shard_admission.py."""
+    ckpt = tiny_checkpoint("llama")
+    tight = 6
+    long = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)  # 30 + 16 = 46 <= 48 tokens
+    cfg = ServeConfig(
+        model=ckpt,
+        pools=(
+            PoolConfig("mixed", "mixed", 1, engine=MODEL_ENGINE),
+            PoolConfig("attention", "attention", 2, engine={**ATTN_ENGINE, "num_blocks": tight}),
+        ),
+        router=RouterConfig(short_prompt_threshold=1024),
+        transfer=TransferConfig(kind="loopback"),
+    )
+
+    async def collect(cluster: LocalCluster, rid: str, prompt: list[int]) -> list[int]:
+        tokens = []
+        async for chunk in cluster.router.generate(RequestSpec(rid, prompt, long)):
+            assert chunk.error is None, chunk.error
+            tokens += chunk.token_ids
+        return tokens
+
+    async def run():
+        cluster = await LocalCluster(cfg, ep_group_timeout_s=30.0).start()
+        try:
+            got = await asyncio.gather(*(collect(cluster, f"r{i}", p) for i, p in enumerate(PROMPTS)))
+            stats = cluster.info().workers[0].stats.engine
+            limit = cluster.router.limits.max_context_tokens
+        finally:
+            await cluster.stop()
+        return got, stats, limit
+
+    got, stats, limit = asyncio.run(run())
+    ref = LLM(ckpt, **{**MODEL_ENGINE, "num_blocks": 2 * tight}).generate(PROMPTS, long)
+    assert got == [o.token_ids for o in ref]
+    assert stats.free_kv_blocks == stats.total_kv_blocks == 2 * tight
+    assert limit == tight * 8  # one attention worker's blocks: what one request can hold
