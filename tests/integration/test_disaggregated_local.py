@@ -13,6 +13,7 @@ from cluster.config import PoolConfig, RouterConfig, ServeConfig, TransferConfig
 from cluster.control.local import LocalCluster
 from engine import LLM, SamplingParams
 from engine.types import RequestSpec, UnknownRequest
+from tests.router_streams import collect
 
 pytestmark = pytest.mark.integration
 
@@ -36,11 +37,7 @@ def _config(model: str, kind: str, short: int = 8, **transfer) -> ServeConfig:
 
 
 async def _collect(cluster: LocalCluster, rid: str, prompt: list[int], params: SamplingParams = GREEDY):
-    tokens, last = [], None
-    async for chunk in cluster.router.generate(RequestSpec(rid, prompt, params)):
-        tokens += chunk.token_ids
-        last = chunk
-    return tokens, last
+    return await collect(cluster.router, rid, prompt, params)
 
 
 def _pools_full(cluster: LocalCluster, timeout: float = 10.0) -> None:

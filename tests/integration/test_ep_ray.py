@@ -22,6 +22,7 @@ from cluster.frontends.grpc_server import server_info_message
 from cluster.frontends.service import ServerInfo
 from engine import LLM, SamplingParams
 from engine.types import RequestSpec
+from tests.router_streams import collect
 
 pytestmark = pytest.mark.integration
 
@@ -32,21 +33,8 @@ OPTIONS = ControllerOptions(
 )
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    if ray.is_initialized():  # a connection another module left behind would block ray.init
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 async def _collect(c: Controller, rid: str, prompt: list[int], params: SamplingParams):
-    tokens, last = [], None
-    async for chunk in c.router.generate(RequestSpec(rid, prompt, params)):
-        tokens += chunk.token_ids
-        last = chunk
-    return tokens, last
+    return await collect(c.router, rid, prompt, params)
 
 
 def test_an_ep_mixed_pool_serves_as_llm_and_comes_back_after_a_member_dies(

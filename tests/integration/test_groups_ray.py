@@ -68,16 +68,6 @@ class NeverJoins(ActorMember):
         await asyncio.Event().wait()
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    if ray.is_initialized():  # a connection another module left behind would block ray.init
-        ray.shutdown()
-    # address="local": our own instance, even when another Ray instance runs on this machine
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def _actors(n: int) -> list[Any]:
     actors = [GroupActor.remote() for _ in range(n)]
     ray.get([a.node_ip.remote() for a in actors])  # started

@@ -28,7 +28,8 @@ from cluster.control.routing import RouteReason
 from cluster.frontends.grpc_server import server_info_message
 from cluster.frontends.service import ServerInfo
 from engine import LLM, SamplingParams
-from engine.types import RequestSpec, StreamChunk, WorkerStats
+from engine.types import RequestSpec, WorkerStats
+from tests.router_streams import collect
 
 pytestmark = pytest.mark.integration
 
@@ -81,12 +82,7 @@ def _record_routes(c: Controller) -> list[RouteReason]:
 
 
 async def _collect(c: Controller, rid: str, prompt: list[int], params: SamplingParams = GREEDY):
-    tokens: list[int] = []
-    last: StreamChunk | None = None
-    async for chunk in c.router.generate(RequestSpec(rid, prompt, params)):
-        tokens += chunk.token_ids
-        last = chunk
-    return tokens, last
+    return await collect(c.router, rid, prompt, params)
 
 
 async def _generate_all(c: Controller, prompts: list[list[int]], tag: str) -> list[list[int]]:

@@ -15,6 +15,7 @@ from cluster.control.local import LocalCluster
 from engine import LLM, SamplingParams
 from engine.llm import build_engine_config
 from engine.types import RequestSpec
+from tests.router_streams import collect_ok
 
 MODEL_ENGINE = {
     "block_size": 8,
@@ -29,11 +30,7 @@ PROMPTS = [list(range(3, 14)), list(range(20, 27)), list(range(40, 59)), [5, 9, 
 
 
 async def _collect(cluster: LocalCluster, rid: str, prompt: list[int]) -> list[int]:
-    tokens = []
-    async for chunk in cluster.router.generate(RequestSpec(rid, prompt, GREEDY)):
-        assert chunk.error is None, chunk.error
-        tokens += chunk.token_ids
-    return tokens
+    return await collect_ok(cluster.router, rid, prompt, GREEDY)
 
 
 def test_attention_pool_in_process_serves_as_llm(tiny_checkpoint) -> None:

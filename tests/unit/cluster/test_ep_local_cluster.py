@@ -14,6 +14,7 @@ from cluster.config import PoolConfig, RouterConfig, ServeConfig, TransferConfig
 from cluster.control.local import LocalCluster
 from engine import LLM, SamplingParams
 from engine.types import RequestSpec
+from tests.router_streams import collect_ok
 
 ENGINE = {"block_size": 8, "num_blocks": 64, "attention_backend": "sdpa", "skip_tokenizer_init": True}
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
@@ -21,11 +22,7 @@ PROMPTS = [list(range(3, 14)), list(range(20, 27)), list(range(40, 59)), [5, 9, 
 
 
 async def _collect(cluster: LocalCluster, rid: str, prompt: list[int]) -> list[int]:
-    tokens = []
-    async for chunk in cluster.router.generate(RequestSpec(rid, prompt, GREEDY)):
-        assert chunk.error is None, chunk.error
-        tokens += chunk.token_ids
-    return tokens
+    return await collect_ok(cluster.router, rid, prompt, GREEDY)
 
 
 @pytest.mark.parametrize("disaggregated", [False, True], ids=["mixed", "prefill+ep-decode"])
