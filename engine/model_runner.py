@@ -107,7 +107,9 @@ class ModelRunner:
             # spinning worker thread slows the rest of a small step on a busy machine
             tokens, lps = self.model.native.argmax(logits).tolist(), [None] * len(params)
         else:
-            tokens, lps = sample(logits, params, [s.num_output_tokens for s in sampling])
+            tp = self.model.parallel  # TP: unseeded draws are rank 0's on every rank
+            agree = None if tp is None else tp.agree_tokens
+            tokens, lps = sample(logits, params, [s.num_output_tokens for s in sampling], agree)
         sampled = {s.request_id: [t] for s, t in zip(sampling, tokens, strict=True)}
         logprobs = {s.request_id: lp for s, lp in zip(sampling, lps, strict=True) if lp is not None}
         return sampled, logprobs

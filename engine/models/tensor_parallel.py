@@ -36,8 +36,13 @@ Two forward paths, same math, different reduction order:
 
 Attention: a simple causal attention over the whole prompt, on this rank's heads, without the
 paged KV cache (``PrefixAttention``). With two micro-batches the second attends to the first's
-keys/values, which the schedule computed before it (chunked-prefill semantics). Integration
-with the paged cache and the engine step is not part of this module.
+keys/values, which the schedule computed before it (chunked-prefill semantics).
+
+The engine step (paged KV cache, continuous batching, the scheduler) runs TP through
+``load_tp_engine_model``: the shard DecoderLM with ``TPReductions`` set (its own forward, the
+engine's AttentionBackend over a paged cache of this rank's KV heads); EngineCore builds it
+when given a communicator (``EngineCore(config, tensor_parallel=comm)``). That path is
+sequential TP: TokenWeave runs only in TPModel's full-prompt forward.
 """
 
 from __future__ import annotations
@@ -303,6 +308,68 @@ def shard_model(full: DecoderLM, plan: ShardPlan) -> DecoderLM:
     return model.eval()
 
 
+def embed_partial(ids: torch.Tensor, weight: torch.Tensor, plan: ShardPlan) -> torch.Tensor:
+    """ids: [t] full-vocab ids, weight: this rank's [Vs, hidden] rows -> this rank's partial
+    embedding [t, hidden] (zero rows for the ids other ranks hold; the sum over ranks is the
+    full embedding, each row coming from exactly one rank)."""
+    local = ids - plan.vocab_start
+    mine = (local >= 0) & (local < plan.vocab_end - plan.vocab_start)
+    x = F.embedding(torch.where(mine, local, 0), weight)
+    return x * mine[:, None].to(x.dtype)
+
+
+# ============================================================================ the engine path
+
+
+class TPReductions:
+    """engine.models.llama.ShardReductions over an injected Communicator: what makes a
+    shard-shaped DecoderLM (``load_tp_shard`` / ``shard_model``) compute the full model's values
+    inside the engine step, through the engine's paged AttentionBackend (its KVLayout has the
+    rank's ``plan.kv_heads``, so the paged cache holds only this rank's heads).
+
+    Per forward of T tokens: one all-reduce [T, hidden] for the embedding, two per layer
+    (after o_proj, after down_proj / the MoE block); per ``compute_logits`` of N rows one
+    all-gather [Vs, N] per rank. Sequential TP (TokenWeave is TPModel's full-prompt path only)."""
+
+    def __init__(self, plan: ShardPlan, comm: Communicator):
+        if comm.world_size != plan.world_size or comm.rank != plan.rank:
+            raise ValueError(
+                f"TPReductions: communicator is rank {comm.rank}/{comm.world_size}, "
+                f"the shard plan {plan.rank}/{plan.world_size}"
+            )
+        self.plan, self.comm = plan, comm
+
+    def embed(self, input_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self.comm.all_reduce(embed_partial(input_ids, weight, self.plan))
+
+    def reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        return self.comm.all_reduce(partial)
+
+    def gather_logits(self, local: torch.Tensor) -> torch.Tensor:
+        gathered = self.comm.all_gather(local.t().contiguous())  # [W * Vs, N]
+        return gathered[: self.plan.vocab].t()
+
+    def agree_tokens(self, tokens: list[int]) -> list[int]:
+        """Rank 0's tokens on every rank: an all-reduce of rank 0's ids and zeros elsewhere
+        (exact in int64; no broadcast in the Communicator protocol)."""
+        t = torch.tensor(tokens, dtype=torch.long, device=self.comm.device)
+        if self.comm.rank != 0:
+            t.zero_()
+        return self.comm.all_reduce(t).tolist()
+
+
+def load_tp_engine_model(
+    path: str, cfg: ModelConfig, comm: Communicator, max_positions: int, dtype: torch.dtype, device: str
+) -> tuple[DecoderLM, ShardPlan]:
+    """Rank ``comm.rank``'s shard of the checkpoint at ``path`` as an engine model: a
+    DecoderLM of the local shapes whose forward / compute_logits reduce through ``comm``
+    (TPReductions). Raises TPDivisibilityError for a degree the model cannot take."""
+    plan = plan_shard(cfg, comm.rank, comm.world_size)
+    model = load_tp_shard(path, cfg, plan, max_positions, dtype, device)
+    model.set_tensor_parallel(TPReductions(plan, comm))
+    return model, plan
+
+
 # ============================================================================ attention
 
 
@@ -417,11 +484,7 @@ class TPModel:
     # ------------------------------------------------------------------ pieces
     def _embed_partial(self, ids: torch.Tensor) -> torch.Tensor:
         """ids: [t] -> this rank's partial embedding [t, hidden] (zero rows for other ranks' ids)."""
-        p = self.plan
-        local = ids - p.vocab_start
-        mine = (local >= 0) & (local < p.vocab_end - p.vocab_start)
-        x = F.embedding(torch.where(mine, local, 0), self.model.embed)
-        return x * mine[:, None].to(x.dtype)
+        return embed_partial(ids, self.model.embed, self.plan)
 
     def uses_tokenweave(self, num_tokens: int) -> bool:
         w = self.plan.world_size
