@@ -69,6 +69,8 @@ def native_kernels_for(model: DecoderLM, device: torch.device, config: KernelCon
     why = None
     if device.type != "cpu":
         why = f"the model is on {device}, not the CPU"
+    elif model.parallel is not None:
+        why = "the model is a tensor-parallel shard (the native path does not reduce across ranks)"
     elif not model.native_capable:
         why = f"{model.cfg.architecture} has MoE or q/k-norm layers, which the native path does not cover"
     module = None if why else native.load()

@@ -16,50 +16,62 @@ from engine.llm import LLM
 from tests.correctness.full_forward import check_argmax_consistent
 from tests.correctness.hf_ref import random_prompts
 from tests.real_model import transformers_module
-from tests.unit.engine.tp_engine_ranks import Script, play, tp_engine_play
+from tests.unit.engine.tp_engine_ranks import Played, Script, play, tp_engine_play
 from tests.unit.engine.tp_ranks import run_tp_ranks
 
 WIDE = {"num_attention_heads": 16, "num_key_value_heads": 8, "hidden_size": 128, "intermediate_size": 256}
 VOCAB = 515  # odd: the vocab split at TP=2 is uneven
+FAMILIES = ("llama", "qwen2_moe")  # a dense family and an MoE one (experts split by rows)
 # 12 blocks of 8 tokens for 6 requests of up to 61 + 16 tokens: the pool runs out, requests are preempted
 OPTIONS = {"num_blocks": 12, "block_size": 8, "max_num_batched_tokens": 64}
 
 
-def _script(prompts: list[list[int]], sampled: tuple[str, ...] = ()) -> Script:
-    return Script(prompts, max_tokens=16, first_wave=3, second_wave_step=2, cancel="r1", cancel_step=5, sampled=sampled)
-
-
-@pytest.mark.parametrize("family", ["llama", "qwen2_moe"])
-def test_tp2_engine_matches_tp1_and_is_argmax_consistent_with_transformers(tiny_checkpoint, family: str) -> None:
-    transformers = transformers_module()
-    ckpt = tiny_checkpoint(family, vocab_size=VOCAB, **WIDE)
-    prompts = random_prompts(seed=11, lengths=(5, 23, 40, 9, 61, 17))
-    script = _script(prompts, sampled=("r5",))
-    options = OPTIONS
-    out = run_tp_ranks(tp_engine_play, 2, ckpt, script, options, timeout_s=30.0)
-    assert all(o.ok for o in out), [o.error for o in out]
-    ranks = [o.value for o in out]
-    # SPMD: both ranks scheduled, sampled (r5 unseeded at temperature 1: rank 0's draw) and
-    # freed identically
-    assert ranks[0] == ranks[1]
+def _check(label: str, ranks: list[Played], ref: Played, script: Script, hf, world: int, kv_heads: int) -> None:
+    # SPMD: every rank scheduled, sampled (unseeded draws: rank 0's) and freed identically
+    assert all(r == ranks[0] for r in ranks[1:]), f"{label}: the ranks disagree"
     tp = ranks[0]
-    assert tp.kv_heads == WIDE["num_key_value_heads"] // 2  # the paged cache holds the local heads
-    ref = play(LLM(ckpt, skip_tokenizer_init=True, **options).engine, script)
-    assert ref.kv_heads == WIDE["num_key_value_heads"]
-    assert tp.preemptions > 0 and ref.preemptions > 0, "the pool is meant to run out"
-    assert tp.aborted == ref.aborted == ["r1"]
-    assert sorted(tp.tokens) == sorted(ref.tokens) == [f"r{i}" for i in range(len(prompts)) if i != 1]
+    assert tp.kv_heads == kv_heads // world and ref.kv_heads == kv_heads  # the paged cache holds the local heads
+    assert tp.aborted == ref.aborted == [script.cancel]
+    done = [f"r{i}" for i in range(len(script.prompts)) if f"r{i}" != script.cancel]
+    assert sorted(tp.tokens) == sorted(ref.tokens) == sorted(done)
+    assert all(len(tp.tokens[r]) == script.max_tokens for r in done)
     assert tp.free_blocks == tp.total_blocks and ref.free_blocks == ref.total_blocks  # pools back to full
-    greedy = [rid for rid in ref.tokens if rid not in script.sampled]
+    greedy = [r for r in done if r not in script.sampled]
     total = sum(len(ref.tokens[r]) for r in greedy)
     equal = sum(a == b for r in greedy for a, b in zip(tp.tokens[r], ref.tokens[r], strict=True))
-    print(
-        f"TP=2 engine {family}: {equal}/{total} greedy tokens equal to TP=1 ({equal / total:.1%}), "
-        f"{tp.preemptions} preemptions, {tp.steps} steps"
+    agreement = check_argmax_consistent(
+        hf, [script.prompts[int(r[1:])] for r in greedy], [tp.tokens[r] for r in greedy], greedy
     )
-    assert equal >= 0.99 * total
-    hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
-    idx = [int(r[1:]) for r in greedy]
-    agreement = check_argmax_consistent(hf, [prompts[i] for i in idx], [tp.tokens[r] for r in greedy], greedy)
-    print(f"TP=2 engine {family}: argmax-consistent with transformers: {agreement}")
+    print(
+        f"{label}: {equal}/{total} greedy tokens equal to TP=1 ({equal / total:.1%}); argmax-consistent with "
+        f"transformers: {agreement}; {tp.preemptions} preemptions (TP=1: {ref.preemptions}), {tp.steps} steps"
+    )
     assert agreement.total == total
+    assert equal >= 0.99 * total
+
+
+def test_tp2_engine_matches_tp1_and_is_argmax_consistent_with_transformers(tiny_checkpoint) -> None:
+    transformers = transformers_module()
+    ckpts = {f: tiny_checkpoint(f, vocab_size=VOCAB, **WIDE) for f in FAMILIES}
+    prompts = random_prompts(seed=11, lengths=(5, 23, 40, 9, 61, 17))
+    # r5 is drawn at temperature 1 without a seed: the ranks must still agree on it
+    script = Script(prompts, 16, first_wave=3, second_wave_step=2, cancel="r1", cancel_step=5, sampled=("r5",))
+    out = run_tp_ranks(tp_engine_play, 2, [(c, script, OPTIONS) for c in ckpts.values()], timeout_s=30.0)
+    assert all(o.ok for o in out), [o.error for o in out]
+    for i, (family, ckpt) in enumerate(ckpts.items()):
+        ref = play(LLM(ckpt, skip_tokenizer_init=True, **OPTIONS).engine, script)
+        ranks = [o.value[i] for o in out]
+        assert ranks[0].preemptions > 0 and ref.preemptions > 0, "the pool is meant to run out"
+        hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+        _check(f"TP=2 engine {family}", ranks, ref, script, hf, 2, WIDE["num_key_value_heads"])
+
+
+@pytest.mark.slow
+def test_tp3_engine_smollm2_is_argmax_consistent_with_transformers(smollm2_dir, hf_model, chat_prompts) -> None:
+    """SmolLM2-135M (9 query / 3 KV heads) at TP=3: one KV head per rank."""
+    options = {"num_blocks": 64, "block_size": 16, "max_num_batched_tokens": 256}
+    script = Script(list(chat_prompts), 8, first_wave=2, second_wave_step=1, cancel="r1", cancel_step=3)
+    out = run_tp_ranks(tp_engine_play, 3, [(smollm2_dir, script, options)], timeout_s=60.0, deadline_s=900.0)
+    assert all(o.ok for o in out), [o.error for o in out]
+    ref = play(LLM(smollm2_dir, skip_tokenizer_init=True, **options).engine, script)
+    _check("TP=3 engine SmolLM2", [o.value[0] for o in out], ref, script, hf_model, 3, 3)

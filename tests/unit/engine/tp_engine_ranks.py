@@ -73,10 +73,10 @@ def play(engine: EngineCore, script: Script, max_steps: int = 2000) -> Played:
     return played
 
 
-def tp_engine_play(comm, ckpt: str, script: Script, options: dict[str, Any]) -> Played:
-    """Rank program: a TP EngineCore on ``comm`` (built from ``options``, LLM's flat engine
-    options) plays ``script``; every rank returns what it saw (they must agree)."""
+def tp_engine_play(comm, runs: list[tuple[str, Script, dict[str, Any]]]) -> list[Played]:
+    """Rank program: per (checkpoint, script, options: LLM's flat engine options) a TP
+    EngineCore on ``comm`` plays the script (all runs in one spawn of the ranks: a spawn costs
+    seconds on a small machine); every rank returns what it saw (they must agree)."""
     from engine.llm import build_engine_config
 
-    engine = EngineCore(build_engine_config(ckpt, **options), tensor_parallel=comm)
-    return play(engine, script)
+    return [play(EngineCore(build_engine_config(c, **o), tensor_parallel=comm), s) for c, s, o in runs]
