@@ -29,7 +29,7 @@ from engine.kv_cache.paged_cache import PagedKVCache
 from engine.model_runner import ModelRunner
 from engine.models.gguf import resolve_model_path
 from engine.models.loader import load_model
-from engine.models.tensor_parallel import load_tp_engine_model
+from engine.models.tensor_parallel import TokenWeaveConfig, load_tp_engine_model
 from engine.moe import ExpertDispatcher
 from engine.parallel import Communicator
 from engine.request import Request, TokenLogprobs
@@ -97,7 +97,10 @@ class EngineCore:
     then in the same state on every rank, so each step schedules the same batch and issues the
     same collectives, the gathered logits are identical, and sampling agrees (greedy and
     seeded rows by construction, unseeded draws are rank 0's: sampler.sample's ``agree``).
-    Each rank's StepResult is the same; a worker reports rank 0's. Not combined with expert
+    Each rank's StepResult is the same; a worker reports rank 0's. ``tokenweave``
+    (None: off): steps of at least ``min_tokens`` tokens run as two token micro-batches whose
+    all-reduces overlap the other's compute (TPReductions.forward_overlapped; not with a
+    layer hook, which needs the layers in order). Not combined with expert
     parallelism (``dispatcher``), a remote attention backend or speculative decoding (refused).
     """
 
@@ -110,6 +113,7 @@ class EngineCore:
         proposer: Proposer | None = None,
         policy: SpeculationPolicy | None = None,
         tensor_parallel: Communicator | None = None,
+        tokenweave: TokenWeaveConfig | None = None,
     ):
         self.config = config
         mc = config.model
@@ -118,6 +122,8 @@ class EngineCore:
             raise ValueError("a proposer or speculation policy was given but EngineConfig.speculative is None")
         dtype = getattr(torch, config.dtype)
         kv_heads = mc.num_kv_heads
+        if tokenweave is not None and tensor_parallel is None:
+            raise ValueError("tokenweave was given without tensor_parallel (it overlaps TP's all-reduces)")
         if tensor_parallel is None:
             self.model = load_model(
                 config.model_path, mc, dtype, config.device, config.max_model_len, dispatcher, progress
@@ -136,7 +142,7 @@ class EngineCore:
                 raise ValueError(f"tensor_parallel is not combined with {', '.join(refused)}")
             path = resolve_model_path(config.model_path, progress=progress)
             self.model, plan = load_tp_engine_model(
-                path, mc, tensor_parallel, config.max_model_len, dtype, config.device
+                path, mc, tensor_parallel, config.max_model_len, dtype, config.device, tokenweave
             )
             kv_heads = plan.kv_heads  # the paged cache holds this rank's KV heads only
         self.tensor_parallel = tensor_parallel

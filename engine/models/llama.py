@@ -49,6 +49,16 @@ class ShardReductions(Protocol):
         """Tokens drawn at random on each rank -> rank 0's, on every rank."""
         ...
 
+    def overlaps(self, num_tokens: int) -> bool:
+        """Whether a step of ``num_tokens`` tokens runs ``forward_overlapped`` (TokenWeave)."""
+        ...
+
+    def forward_overlapped(
+        self, model: DecoderLM, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """``model.forward`` with communication overlapped across token micro-batches -> [T, hidden]."""
+        ...
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
@@ -225,6 +235,8 @@ class DecoderLM(nn.Module):
             if tp is not None:
                 raise ValueError("tensor parallelism: the micro-batch rotation (attention offload) does not take it")
             return self._forward_rotated(input_ids, positions, meta, rotation)
+        if tp is not None and layer_hook is None and tp.overlaps(input_ids.shape[0]):
+            return tp.forward_overlapped(self, input_ids, positions, meta)
         if tp is None:
             x = F.embedding(input_ids, self.embed)
             if self.native is not None:

@@ -56,14 +56,23 @@ def test_tp2_engine_matches_tp1_and_is_argmax_consistent_with_transformers(tiny_
     prompts = random_prompts(seed=11, lengths=(5, 23, 40, 9, 61, 17))
     # r5 is drawn at temperature 1 without a seed: the ranks must still agree on it
     script = Script(prompts, 16, first_wave=3, second_wave_step=2, cancel="r1", cancel_step=5, sampled=("r5",))
-    out = run_tp_ranks(tp_engine_play, 2, [(c, script, OPTIONS) for c in ckpts.values()], timeout_s=30.0)
+    # each family with TokenWeave off, then on from 8 tokens (prefill and batched decode steps split)
+    runs = [(c, script, OPTIONS, tw) for c in ckpts.values() for tw in (None, 8)]
+    out = run_tp_ranks(tp_engine_play, 2, runs, timeout_s=30.0)
     assert all(o.ok for o in out), [o.error for o in out]
     for i, (family, ckpt) in enumerate(ckpts.items()):
         ref = play(LLM(ckpt, skip_tokenizer_init=True, **OPTIONS).engine, script)
-        ranks = [o.value[i] for o in out]
-        assert ranks[0].preemptions > 0 and ref.preemptions > 0, "the pool is meant to run out"
+        off, on = [o.value[2 * i] for o in out], [o.value[2 * i + 1] for o in out]
+        assert off[0].preemptions > 0 and ref.preemptions > 0, "the pool is meant to run out"
         hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
-        _check(f"TP=2 engine {family}", ranks, ref, script, hf, 2, WIDE["num_key_value_heads"])
+        _check(f"TP=2 engine {family}", off, ref, script, hf, 2, WIDE["num_key_value_heads"])
+        _check(f"TP=2 engine {family} TokenWeave", on, ref, script, hf, 2, WIDE["num_key_value_heads"])
+        assert off[0].overlapped_steps == 0 and on[0].overlapped_steps > 0
+        greedy = [r for r in off[0].tokens if r not in script.sampled]
+        assert {r: on[0].tokens[r] for r in greedy} == {r: off[0].tokens[r] for r in greedy}, (
+            "TokenWeave changed tokens"
+        )
+        print(f"TP=2 engine {family}: TokenWeave ran {on[0].overlapped_steps} of {on[0].steps} steps")
 
 
 @pytest.mark.slow
@@ -71,7 +80,7 @@ def test_tp3_engine_smollm2_is_argmax_consistent_with_transformers(smollm2_dir, 
     """SmolLM2-135M (9 query / 3 KV heads) at TP=3: one KV head per rank."""
     options = {"num_blocks": 64, "block_size": 16, "max_num_batched_tokens": 256}
     script = Script(list(chat_prompts), 8, first_wave=2, second_wave_step=1, cancel="r1", cancel_step=3)
-    out = run_tp_ranks(tp_engine_play, 3, [(smollm2_dir, script, options)], timeout_s=60.0, deadline_s=900.0)
+    out = run_tp_ranks(tp_engine_play, 3, [(smollm2_dir, script, options, None)], timeout_s=60.0, deadline_s=900.0)
     assert all(o.ok for o in out), [o.error for o in out]
     ref = play(LLM(smollm2_dir, skip_tokenizer_init=True, **options).engine, script)
     _check("TP=3 engine SmolLM2", [o.value[0] for o in out], ref, script, hf_model, 3, 3)

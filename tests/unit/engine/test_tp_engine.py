@@ -8,10 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine.attention.backend import AttentionMetadata
 from engine.config import SpeculativeConfig
 from engine.engine import EngineCore
 from engine.llm import build_engine_config
-from engine.models.tensor_parallel import TPReductions
+from engine.models.tensor_parallel import TPReductions, split_metadata
 from engine.parallel import LocalCommunicator
 from engine.request import SamplingParams
 from engine.sampler import sample
@@ -56,3 +57,26 @@ def test_sampling_agrees_only_on_unseeded_draws() -> None:
     tokens, lps = sample(logits[:2], [greedy, SamplingParams(temperature=1.0)], [0, 0], agree)
     assert len(calls) == 1 and tokens == [7, 7]
     assert lps[0] is not None and lps[0].token_id == 7  # logprobs are taken of the agreed tokens
+
+
+def test_split_metadata_cuts_a_sequence_into_two_chunks() -> None:
+    # 3 sequences: 4 new rows at context 10, 5 new rows (prefill from 0), 1 decode row at 7
+    meta = AttentionMetadata(
+        slot_mapping=torch.arange(10),
+        query_start_loc=[0, 4, 9, 10],
+        seq_lens=[10, 5, 7],
+        block_tables=torch.tensor([[1, 2], [3, 0], [4, 0]]),
+        request_ids=["a", "b", "c"],
+    )
+    first, second = split_metadata(meta, 6)  # inside "b": its rows 0-1 first, 2-4 second
+    assert (first.query_start_loc, first.seq_lens, first.request_ids) == ([0, 4, 6], [10, 2], ["a", "b"])
+    assert (second.query_start_loc, second.seq_lens, second.request_ids) == ([0, 3, 4], [5, 7], ["b", "c"])
+    assert first.slot_mapping.tolist() == list(range(6)) and second.slot_mapping.tolist() == list(range(6, 10))
+    assert second.block_tables.tolist() == [[3, 0], [4, 0]] and (first.micro_batch, second.micro_batch) == (
+        (0, 2),
+        (1, 2),
+    )
+    first, second = split_metadata(meta, 4)  # on a boundary: no sequence in both
+    assert (first.request_ids, second.request_ids, second.query_start_loc) == (["a"], ["b", "c"], [0, 5, 6])
+    with pytest.raises(ValueError, match="outside"):
+        split_metadata(meta, 10)

@@ -39,6 +39,7 @@ class Played:
     free_blocks: int = 0
     total_blocks: int = 0
     kv_heads: int = 0  # of the engine's KVLayout (the paged cache's heads)
+    overlapped_steps: int = 0  # steps run as TokenWeave micro-batches (TP engines)
 
 
 def play(engine: EngineCore, script: Script, max_steps: int = 2000) -> Played:
@@ -70,13 +71,27 @@ def play(engine: EngineCore, script: Script, max_steps: int = 2000) -> Played:
     played.steps = step
     played.preemptions = engine.stats().preemptions
     played.free_blocks, played.total_blocks = engine.pool.num_free, engine.pool.num_blocks
+    tp = engine.model.parallel
+    played.overlapped_steps = 0 if tp is None else tp.stats.runs
     return played
 
 
-def tp_engine_play(comm, runs: list[tuple[str, Script, dict[str, Any]]]) -> list[Played]:
-    """Rank program: per (checkpoint, script, options: LLM's flat engine options) a TP
-    EngineCore on ``comm`` plays the script (all runs in one spawn of the ranks: a spawn costs
-    seconds on a small machine); every rank returns what it saw (they must agree)."""
+def tp_engine_play(comm, runs: list[tuple[str, Script, dict[str, Any], int | None]]) -> list[Played]:
+    """Rank program: per (checkpoint, script, options: LLM's flat engine options, TokenWeave's
+    min_tokens or None for off) a TP EngineCore on ``comm`` plays the script (all runs in one
+    spawn of the ranks: a spawn costs seconds on a small machine); every rank returns what it
+    saw (they must agree)."""
     from engine.llm import build_engine_config
+    from engine.models.tensor_parallel import TokenWeaveConfig
 
-    return [play(EngineCore(build_engine_config(c, **o), tensor_parallel=comm), s) for c, s, o in runs]
+    return [
+        play(
+            EngineCore(
+                build_engine_config(c, **o),
+                tensor_parallel=comm,
+                tokenweave=None if tw is None else TokenWeaveConfig(min_tokens=tw, fused_norm=False),
+            ),
+            s,
+        )
+        for c, s, o, tw in runs
+    ]
