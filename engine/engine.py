@@ -30,7 +30,9 @@ from engine.kv_cache.partitioned import PartitionedBlockPool, PartitionedKVCache
 from engine.model_runner import ModelRunner
 from engine.models.gguf import resolve_model_path
 from engine.models.loader import load_model
+from engine.models.tensor_parallel import TokenWeaveConfig, load_tp_engine_model
 from engine.moe import ExpertDispatcher
+from engine.parallel import Communicator
 from engine.request import Request, TokenLogprobs
 from engine.scheduler.output import SchedulerOutput
 from engine.scheduler.scheduler import Scheduler
@@ -85,6 +87,22 @@ class EngineCore:
     whatever the target admits the draft can hold; sized from ``max_kv_memory_gb`` the two
     pools split the memory in proportion to their bytes per token), and the policy it names.
     ``proposer`` / ``policy`` replace them (tests inject oracles).
+
+    Tensor parallelism (``tensor_parallel``: this rank's communicator, made outside; the
+    engine creates no process group): the model is rank ``comm.rank``'s shard
+    (engine/models/tensor_parallel.py: local query / KV heads, MLP rows, vocab slice) whose
+    forward all-reduces the embedding, o_proj and down_proj outputs and gathers the logits,
+    and the paged cache holds only this rank's KV heads (``layout.num_kv_heads`` is local).
+    SPMD invariant: every rank of the group is an EngineCore fed the same calls (add_request,
+    abort, reserve/admit/release, step) in the same order; the scheduler and block pool are
+    then in the same state on every rank, so each step schedules the same batch and issues the
+    same collectives, the gathered logits are identical, and sampling agrees (greedy and
+    seeded rows by construction, unseeded draws are rank 0's: sampler.sample's ``agree``).
+    Each rank's StepResult is the same; a worker reports rank 0's. ``tokenweave``
+    (None: off): steps of at least ``min_tokens`` tokens run as two token micro-batches whose
+    all-reduces overlap the other's compute (TPReductions.forward_overlapped; not with a
+    layer hook, which needs the layers in order). Not combined with expert
+    parallelism (``dispatcher``), a remote attention backend or speculative decoding (refused).
     """
 
     def __init__(
@@ -95,6 +113,8 @@ class EngineCore:
         progress: bool = False,
         proposer: Proposer | None = None,
         policy: SpeculationPolicy | None = None,
+        tensor_parallel: Communicator | None = None,
+        tokenweave: TokenWeaveConfig | None = None,
     ):
         self.config = config
         mc = config.model
@@ -102,8 +122,32 @@ class EngineCore:
         if spec is None and (proposer is not None or policy is not None):
             raise ValueError("a proposer or speculation policy was given but EngineConfig.speculative is None")
         dtype = getattr(torch, config.dtype)
-        self.model = load_model(config.model_path, mc, dtype, config.device, config.max_model_len, dispatcher, progress)
-        self.layout = KVLayout(config.dtype, config.cache.block_size, mc.num_layers, mc.num_kv_heads, mc.head_dim)
+        kv_heads = mc.num_kv_heads
+        if tokenweave is not None and tensor_parallel is None:
+            raise ValueError("tokenweave was given without tensor_parallel (it overlaps TP's all-reduces)")
+        if tensor_parallel is None:
+            self.model = load_model(
+                config.model_path, mc, dtype, config.device, config.max_model_len, dispatcher, progress
+            )
+        else:
+            refused = [
+                what
+                for what, given in (
+                    ("an expert-parallel dispatcher", dispatcher is not None),
+                    ("an injected attention_backend", attention_backend is not None),
+                    ("EngineConfig.speculative", spec is not None),
+                )
+                if given
+            ]
+            if refused:
+                raise ValueError(f"tensor_parallel is not combined with {', '.join(refused)}")
+            path = resolve_model_path(config.model_path, progress=progress)
+            self.model, plan = load_tp_engine_model(
+                path, mc, tensor_parallel, config.max_model_len, dtype, config.device, tokenweave
+            )
+            kv_heads = plan.kv_heads  # the paged cache holds this rank's KV heads only
+        self.tensor_parallel = tensor_parallel
+        self.layout = KVLayout(config.dtype, config.cache.block_size, mc.num_layers, kv_heads, mc.head_dim)
         draft_path = draft_config = None
         if spec is not None and spec.method == "draft_model" and proposer is None:
             draft_path = resolve_model_path(spec.model, progress=progress)

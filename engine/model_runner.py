@@ -69,6 +69,8 @@ def native_kernels_for(model: DecoderLM, device: torch.device, config: KernelCon
     why = None
     if device.type != "cpu":
         why = f"the model is on {device}, not the CPU"
+    elif model.parallel is not None:
+        why = "the model is a tensor-parallel shard (the native path does not reduce across ranks)"
     elif not model.native_capable:
         why = f"{model.cfg.architecture} has MoE or q/k-norm layers, which the native path does not cover"
     module = None if why else native.load()
@@ -107,7 +109,9 @@ class ModelRunner:
             # spinning worker thread slows the rest of a small step on a busy machine
             tokens, lps = self.model.native.argmax(logits).tolist(), [None] * len(params)
         else:
-            tokens, lps = sample(logits, params, [s.num_output_tokens for s in sampling])
+            tp = self.model.parallel  # TP: unseeded draws are rank 0's on every rank
+            agree = None if tp is None else tp.agree_tokens
+            tokens, lps = sample(logits, params, [s.num_output_tokens for s in sampling], agree)
         sampled = {s.request_id: [t] for s, t in zip(sampling, tokens, strict=True)}
         logprobs = {s.request_id: lp for s, lp in zip(sampling, lps, strict=True) if lp is not None}
         return sampled, logprobs

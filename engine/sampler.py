@@ -8,6 +8,8 @@ Logprobs are those of the raw model distribution (log_softmax of unprocessed log
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from engine.request import SamplingParams, TokenLogprobs
@@ -50,19 +52,32 @@ def plain_greedy(params: list[SamplingParams]) -> bool:
 
 
 def sample(
-    logits: torch.Tensor, params: list[SamplingParams], token_indices: list[int]
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    token_indices: list[int],
+    agree: Callable[[list[int]], list[int]] | None = None,
 ) -> tuple[list[int], list[TokenLogprobs | None]]:
-    """logits: [N, V] fp32 -> (one token per row, logprobs per row or None)."""
+    """logits: [N, V] fp32 -> (one token per row, logprobs per row or None).
+
+    ``agree`` (tensor parallelism: every rank samples from the same logits): when a row was
+    drawn from the process's global generator (temperature > 0, no seed), the tokens go
+    through ``agree`` (rank 0's, on every rank) before the logprobs are taken. Greedy and
+    seeded rows are the same on every rank without it; whether it is called depends only on
+    ``params``, which every rank has the same."""
     tokens = logits.argmax(dim=-1).tolist()
     if plain_greedy(params):
         return tokens, [None] * len(params)
+    unseeded = False
     for i, p in enumerate(params):
         if p.temperature < _MIN_TEMPERATURE:  # greedy; tiny temperatures would overflow to NaN
             continue
         row = _truncate(logits[i] / p.temperature, p.top_k, p.top_p)
         probs = torch.softmax(row, dim=-1)
         gen = _generator(p, token_indices[i], logits.device)
+        unseeded |= gen is None
         tokens[i] = int(torch.multinomial(probs, 1, generator=gen).item())
+    if unseeded and agree is not None:
+        tokens = agree(tokens)
     lps: list[TokenLogprobs | None] = [None] * len(params)
     want = [i for i, p in enumerate(params) if p.logprobs is not None]
     if want:

@@ -8,6 +8,7 @@ Tokens are flattened across the batch: hidden states are [T, hidden], never padd
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,41 @@ from engine.parallel import OverlapStats, Pending, Stage, run_overlapped
 
 # Called after layer ``i`` has written its K/V for the step (layer-wise KV push seam).
 LayerHook = Callable[[int], None]
+
+
+class ShardReductions(Protocol):
+    """What a tensor-parallel rank's DecoderLM (local heads / rows / vocab slice, see
+    engine/models/tensor_parallel.py) needs to compute the full model's values: the
+    collectives at the three places where a shard's output is partial. Every rank of the group
+    calls them in the same order with the same shapes (collectives pair by issue order)."""
+
+    def embed(self, input_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """input_ids: [T] (full vocab ids), weight: this rank's [Vs, hidden] rows -> the full
+        embedding [T, hidden], identical on every rank."""
+        ...
+
+    def reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """A row-parallel output (o_proj, down_proj / MoE block): this rank's partial sum
+        [T, hidden] -> the sum over ranks [T, hidden]."""
+        ...
+
+    def gather_logits(self, local: torch.Tensor) -> torch.Tensor:
+        """This rank's fp32 logits [N, Vs] -> the full logits [N, V], identical on every rank."""
+        ...
+
+    def agree_tokens(self, tokens: list[int]) -> list[int]:
+        """Tokens drawn at random on each rank -> rank 0's, on every rank."""
+        ...
+
+    def overlaps(self, num_tokens: int) -> bool:
+        """Whether a step of ``num_tokens`` tokens runs ``forward_overlapped`` (TokenWeave)."""
+        ...
+
+    def forward_overlapped(
+        self, model: DecoderLM, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """``model.forward`` with communication overlapped across token micro-batches -> [T, hidden]."""
+        ...
 
 
 class Attention(nn.Module):
@@ -147,6 +183,9 @@ class DecoderLM(nn.Module):
         # Native CPU kernels (``set_native_kernels``); None runs the torch ops. The native path
         # covers dense layers without q/k norm; MoE and Qwen3 layers keep the torch path.
         self.native: NativeKernels | None = None
+        # Tensor parallelism (``set_tensor_parallel``): this model is one rank's shard and these
+        # complete its partial values; None: the whole model.
+        self.parallel: ShardReductions | None = None
 
     def _make_mlp(self, layer: int) -> nn.Module:
         moe = self.cfg.moe
@@ -163,6 +202,14 @@ class DecoderLM(nn.Module):
         self.backend = backend
         self.split = split_backend(backend)
 
+    def set_tensor_parallel(self, reductions: ShardReductions) -> None:
+        """Make this (shard-shaped) model one rank of a TP group: embedding, o_proj and
+        down_proj outputs and the logits are completed through ``reductions``. The native
+        kernels and the micro-batch rotation do not take it (``forward`` refuses them)."""
+        if self.native is not None:
+            raise ValueError("tensor parallelism: the native kernel path does not reduce across ranks")
+        self.parallel = reductions
+
     def set_native_kernels(self, kernels: NativeKernels | None) -> None:
         """Run ``forward`` through the native CPU kernels (None: the torch ops). Only models
         whose every layer is dense and without q/k norm take them (see ``native_capable``)."""
@@ -172,7 +219,7 @@ class DecoderLM(nn.Module):
 
     @property
     def native_capable(self) -> bool:
-        return self.cfg.moe is None and not self.cfg.qk_norm
+        return self.cfg.moe is None and not self.cfg.qk_norm and self.parallel is None
 
     def forward(
         self,
@@ -183,15 +230,25 @@ class DecoderLM(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, hidden]."""
         rotation = 1 if self.split is None else self.split.rotation
+        tp = self.parallel
         if rotation > 1 and meta.num_seqs > 1 and layer_hook is None:
+            if tp is not None:
+                raise ValueError("tensor parallelism: the micro-batch rotation (attention offload) does not take it")
             return self._forward_rotated(input_ids, positions, meta, rotation)
-        x = F.embedding(input_ids, self.embed)
-        if self.native is not None:
-            return self._forward_native(x, positions, meta, layer_hook, self.native)
+        if tp is not None and layer_hook is None and tp.overlaps(input_ids.shape[0]):
+            return tp.forward_overlapped(self, input_ids, positions, meta)
+        if tp is None:
+            x = F.embedding(input_ids, self.embed)
+            if self.native is not None:
+                return self._forward_native(x, positions, meta, layer_hook, self.native)
+        else:  # one TP rank: each partial value is completed across ranks (ShardReductions)
+            x = tp.embed(input_ids, self.embed)
         rope = self.rope.tables(positions, x.dtype)  # gathered once, shared by every layer
         for i, layer in enumerate(self.layers):
-            x = x + layer.attn(layer.input_norm(x), rope, self.backend, meta)
-            x = x + layer.mlp(layer.post_attn_norm(x))
+            a = layer.attn(layer.input_norm(x), rope, self.backend, meta)
+            x = x + (a if tp is None else tp.reduce(a))
+            m = layer.mlp(layer.post_attn_norm(x))
+            x = x + (m if tp is None else tp.reduce(m))
             if layer_hook is not None:
                 layer_hook(i)
         return self.norm(x)
@@ -272,6 +329,8 @@ class DecoderLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> fp32 logits [N, vocab]."""
         w = self.embed if self.lm_head is None else self.lm_head
+        if self.parallel is not None:  # this rank's vocab slice [N, Vs] -> gathered [N, V]
+            return self.parallel.gather_logits(linear(hidden, w).float())
         if self.native is not None:
             return self.native.linear(hidden, w).float()
         return linear(hidden, w).float()

@@ -36,14 +36,20 @@ Two forward paths, same math, different reduction order:
 
 Attention: a simple causal attention over the whole prompt, on this rank's heads, without the
 paged KV cache (``PrefixAttention``). With two micro-batches the second attends to the first's
-keys/values, which the schedule computed before it (chunked-prefill semantics). Integration
-with the paged cache and the engine step is not part of this module.
+keys/values, which the schedule computed before it (chunked-prefill semantics).
+
+The engine step (paged KV cache, continuous batching, the scheduler) runs TP through
+``load_tp_engine_model``: the shard DecoderLM with ``TPReductions`` set (its own forward, the
+engine's AttentionBackend over a paged cache of this rank's KV heads); EngineCore builds it
+when given a communicator (``EngineCore(config, tensor_parallel=comm)``). That path is
+sequential TP: TokenWeave runs only in TPModel's full-prompt forward.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
+from engine.attention.backend import AttentionMetadata
 from engine.config import ModelConfig
 from engine.models.gguf import resolve_model_path
 from engine.models.layers import RMSNorm, linear
@@ -303,6 +310,139 @@ def shard_model(full: DecoderLM, plan: ShardPlan) -> DecoderLM:
     return model.eval()
 
 
+def embed_partial(ids: torch.Tensor, weight: torch.Tensor, plan: ShardPlan) -> torch.Tensor:
+    """ids: [t] full-vocab ids, weight: this rank's [Vs, hidden] rows -> this rank's partial
+    embedding [t, hidden] (zero rows for the ids other ranks hold; the sum over ranks is the
+    full embedding, each row coming from exactly one rank)."""
+    local = ids - plan.vocab_start
+    mine = (local >= 0) & (local < plan.vocab_end - plan.vocab_start)
+    x = F.embedding(torch.where(mine, local, 0), weight)
+    return x * mine[:, None].to(x.dtype)
+
+
+# ============================================================================ the engine path
+
+
+class TPReductions:
+    """engine.models.llama.ShardReductions over an injected Communicator: what makes a
+    shard-shaped DecoderLM (``load_tp_shard`` / ``shard_model``) compute the full model's values
+    inside the engine step, through the engine's paged AttentionBackend (its KVLayout has the
+    rank's ``plan.kv_heads``, so the paged cache holds only this rank's heads).
+
+    Per forward of T tokens: one all-reduce [T, hidden] for the embedding, two per layer
+    (after o_proj, after down_proj / the MoE block); per ``compute_logits`` of N rows one
+    all-gather [Vs, N] per rank. Sequential TP (TokenWeave is TPModel's full-prompt path only)."""
+
+    def __init__(self, plan: ShardPlan, comm: Communicator, tokenweave: TokenWeaveConfig | None = None):
+        if comm.world_size != plan.world_size or comm.rank != plan.rank:
+            raise ValueError(
+                f"TPReductions: communicator is rank {comm.rank}/{comm.world_size}, "
+                f"the shard plan {plan.rank}/{plan.world_size}"
+            )
+        self.plan, self.comm = plan, comm
+        self.tokenweave = tokenweave or TokenWeaveConfig(enabled=False)
+        self.stats = OverlapStats()  # TokenWeave steps: compute vs exposed communication
+
+    def overlaps(self, num_tokens: int) -> bool:
+        """Whether a step of ``num_tokens`` tokens runs TokenWeave (the same answer on every
+        rank: they see the same tokens)."""
+        tw = self.tokenweave
+        return tw.enabled and self.plan.world_size > 1 and num_tokens >= max(tw.min_tokens, 2)
+
+    def forward_overlapped(
+        self, model: DecoderLM, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """TokenWeave in the engine step: the step's T tokens cut into two micro-batches at an
+        even token split (``split_metadata``: a sequence the cut falls in continues in the
+        second, attending to the first's keys in the paged cache), run through
+        ``overlapped_all_reduce`` (async all-reduce + norm; the fused AR-RMSNorm's reduce-scatter
+        would need T padded to a multiple of W, and padding rows would write cache slots).
+        input_ids, positions: [T] -> final hidden states [T, hidden]."""
+        t0 = TokenSplit(micro_batches=2).sizes(input_ids.shape[0])[0]
+        metas = split_metadata(meta, t0)
+        dtype = model.embed.dtype
+        ropes = [model.rope.tables(p, dtype) for p in (positions[:t0], positions[t0:])]
+        backend = model.backend
+
+        def attend(layer: Any, i: int, h: torch.Tensor) -> torch.Tensor:
+            return layer.attn(h, ropes[i], backend, metas[i])
+
+        def embed(ids: torch.Tensor) -> torch.Tensor:
+            return embed_partial(ids, model.embed, self.plan)
+
+        parts = [input_ids[:t0], input_ids[t0:]]
+        return torch.cat(overlapped_all_reduce(model, self.comm, parts, attend, embed, self.stats))
+
+    def embed(self, input_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self.comm.all_reduce(embed_partial(input_ids, weight, self.plan))
+
+    def reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        return self.comm.all_reduce(partial)
+
+    def gather_logits(self, local: torch.Tensor) -> torch.Tensor:
+        gathered = self.comm.all_gather(local.t().contiguous())  # [W * Vs, N]
+        return gathered[: self.plan.vocab].t()
+
+    def agree_tokens(self, tokens: list[int]) -> list[int]:
+        """Rank 0's tokens on every rank: an all-reduce of rank 0's ids and zeros elsewhere
+        (exact in int64; no broadcast in the Communicator protocol)."""
+        t = torch.tensor(tokens, dtype=torch.long, device=self.comm.device)
+        if self.comm.rank != 0:
+            t.zero_()
+        return self.comm.all_reduce(t).tolist()
+
+
+def split_metadata(meta: AttentionMetadata, rows: int) -> tuple[AttentionMetadata, AttentionMetadata]:
+    """The step's metadata cut at query row ``rows`` (0 < rows < T) -> (rows [0, rows), rows
+    [rows, T)), rows renumbered from 0, as micro-batches (0, 2) and (1, 2). A sequence the cut
+    falls inside is in both: its first part sees its keys up to the cut (seq_len shortened by
+    the rows after it), its second part the whole context, the first part's keys read from
+    the paged cache (chunked-prefill semantics: micro-batch 0's layer l, which writes them,
+    runs before micro-batch 1's: run_overlapped's order)."""
+    qsl, total = meta.query_start_loc, meta.query_start_loc[-1]
+    if not 0 < rows < total:
+        raise ValueError(f"split_metadata: cut at row {rows} outside (0, {total})")
+    i = max(j for j in range(meta.num_seqs) if qsl[j] < rows)  # the sequence holding row rows - 1
+    after = qsl[i + 1] - rows  # rows of sequence i in the second part
+    first = AttentionMetadata(
+        slot_mapping=meta.slot_mapping[:rows],
+        query_start_loc=[*qsl[: i + 1], rows],
+        seq_lens=[*meta.seq_lens[:i], meta.seq_lens[i] - after],
+        block_tables=meta.block_tables[: i + 1],
+        request_ids=meta.request_ids[: i + 1],
+        micro_batch=(0, 2),
+    )
+    j = i if after else i + 1  # the second part's first sequence
+    second = AttentionMetadata(
+        slot_mapping=meta.slot_mapping[rows:],
+        query_start_loc=[0, *(q - rows for q in qsl[j + 1 :])],
+        seq_lens=meta.seq_lens[j:],
+        block_tables=meta.block_tables[j:],
+        request_ids=meta.request_ids[j:],
+        micro_batch=(1, 2),
+    )
+    return first, second
+
+
+def load_tp_engine_model(
+    path: str,
+    cfg: ModelConfig,
+    comm: Communicator,
+    max_positions: int,
+    dtype: torch.dtype,
+    device: str,
+    tokenweave: TokenWeaveConfig | None = None,
+) -> tuple[DecoderLM, ShardPlan]:
+    """Rank ``comm.rank``'s shard of the checkpoint at ``path`` as an engine model: a
+    DecoderLM of the local shapes whose forward / compute_logits reduce through ``comm``
+    (TPReductions; ``tokenweave``: None is off). Raises TPDivisibilityError for a degree the
+    model cannot take."""
+    plan = plan_shard(cfg, comm.rank, comm.world_size)
+    model = load_tp_shard(path, cfg, plan, max_positions, dtype, device)
+    model.set_tensor_parallel(TPReductions(plan, comm, tokenweave))
+    return model, plan
+
+
 # ============================================================================ attention
 
 
@@ -352,6 +492,52 @@ class PrefixAttention:
             out[pos - self.start : end - self.start] = o.transpose(0, 1)
             pos = end
         return out
+
+
+def overlapped_all_reduce(
+    m: DecoderLM,
+    comm: Communicator,
+    parts: list[torch.Tensor],
+    attend: Callable[[Any, int, torch.Tensor], torch.Tensor],
+    embed: Callable[[torch.Tensor], torch.Tensor],
+    stats: OverlapStats,
+) -> list[torch.Tensor]:
+    """TokenWeave without the fused norm: the layers of a shard DecoderLM ``m`` over the token
+    micro-batches ``parts`` (ids [t_i], in token order) through run_overlapped, each stage's
+    partial sum [t_i, hidden] all-reduced asynchronously (issued by the calling thread) while
+    the next micro-batch computes; the residual add and RMSNorm run at the start of the next
+    stage. ``attend(layer, i, h)``: micro-batch i's attention output at ``layer`` ([t_i, hidden],
+    o_proj applied, partial); ``embed(ids)``: the partial embedding. -> the final normed
+    hidden states per micro-batch [t_i, hidden]. Used by TPModel and the engine path
+    (TPReductions.forward_overlapped)."""
+
+    # state between stages: (reduced partial sum [t, hidden], residual [t, hidden] or None)
+    def add_norm(y: list[Any], norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        x = y[0] if y[1] is None else y[1] + y[0]  # the residual stream after the sublayer
+        return norm(x), x
+
+    def all_reduce(i: int, y: tuple[torch.Tensor, torch.Tensor | None]) -> Pending[list[Any]]:
+        return AllOf(comm.all_reduce_async(y[0]), Ready(y[1]))
+
+    def attn_stage(layer: Any) -> Stage:
+        def compute(i: int, y: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+            h, x = add_norm(y, layer.input_norm)
+            return attend(layer, i, h), x
+
+        return Stage(compute, all_reduce, "attn")
+
+    def mlp_stage(layer: Any) -> Stage:
+        def compute(i: int, y: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+            h, x = add_norm(y, layer.post_attn_norm)
+            return layer.mlp(h), x
+
+        return Stage(compute, all_reduce, "mlp")
+
+    stages = [Stage(lambda i, x: (embed(x), None), all_reduce, "embed")]
+    for layer in m.layers:
+        stages += [attn_stage(layer), mlp_stage(layer)]
+    outs = run_overlapped(parts, stages, stats)
+    return [add_norm(y, m.norm)[0] for y in outs]
 
 
 # ============================================================================ the TP model
@@ -417,11 +603,7 @@ class TPModel:
     # ------------------------------------------------------------------ pieces
     def _embed_partial(self, ids: torch.Tensor) -> torch.Tensor:
         """ids: [t] -> this rank's partial embedding [t, hidden] (zero rows for other ranks' ids)."""
-        p = self.plan
-        local = ids - p.vocab_start
-        mine = (local >= 0) & (local < p.vocab_end - p.vocab_start)
-        x = F.embedding(torch.where(mine, local, 0), self.model.embed)
-        return x * mine[:, None].to(x.dtype)
+        return embed_partial(ids, self.model.embed, self.plan)
 
     def uses_tokenweave(self, num_tokens: int) -> bool:
         w = self.plan.world_size
@@ -514,33 +696,8 @@ class TPModel:
             outs = run_overlapped(parts, stages, self.stats)
             return torch.cat([h for h, _ in outs])[:n]
 
-        # state between stages: (reduced partial sum [t, hidden], residual [t, hidden] or None)
-        def add_norm(y: list[Any], norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
-            x = y[0] if y[1] is None else y[1] + y[0]  # the residual stream after the sublayer
-            return norm(x), x
-
-        def all_reduce(i: int, y: tuple[torch.Tensor, torch.Tensor | None]) -> Pending[list[Any]]:
-            return AllOf(comm.all_reduce_async(y[0]), Ready(y[1]))
-
-        def attn_stage(layer: Any) -> Stage:
-            def compute(i: int, y: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-                h, x = add_norm(y, layer.input_norm)
-                return attend(layer, i, h), x
-
-            return Stage(compute, all_reduce, "attn")
-
-        def mlp_stage(layer: Any) -> Stage:
-            def compute(i: int, y: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-                h, x = add_norm(y, layer.post_attn_norm)
-                return layer.mlp(h), x
-
-            return Stage(compute, all_reduce, "mlp")
-
-        stages = [Stage(lambda i, x: (self._embed_partial(x), None), all_reduce, "embed")]
-        for layer in m.layers:
-            stages += [attn_stage(layer), mlp_stage(layer)]
-        outs = run_overlapped(parts, stages, self.stats)
-        return torch.cat([add_norm(y, m.norm)[0] for y in outs])[:n]
+        outs = overlapped_all_reduce(m, comm, parts, attend, self._embed_partial, self.stats)
+        return torch.cat(outs)[:n]
 
     def _fused_ar_norm(
         self, partial: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
