@@ -117,6 +117,13 @@ class PoolConfig:
     # request on the member most likely to host its experts (cluster/control/expert_affinity.py).
     # None: the router's usual decode policy. Only with experts > 1.
     expert_routing_log: str | None = None
+    # Tensor parallelism (engine/models/tensor_parallel.py): each worker of the pool is N ranks,
+    # each holding 1/N of every layer (EngineCore(tensor_parallel=comm)). Decode and mixed pools
+    # only; not with EP, attention offload or speculation. N must divide the model's query/KV
+    # heads and MLP width (checked against the model by serve's ``resolve_model``, before any
+    # actor starts). 1: no TP. Pools of N > 1 ranks are NOT built yet: LocalCluster and the
+    # Controller refuse them (``refuse_unbuilt_tensor_parallel``).
+    tensor_parallel: int = 1
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "name", "must be a non-empty string")
@@ -144,6 +151,27 @@ class PoolConfig:
         else:
             for name in ("expert_placement", "expert_cache_slots", "expert_routing_log"):
                 _check(getattr(self, name) is None, name, "needs experts > 1 (an expert-parallel pool)")
+        _check(
+            isinstance(self.tensor_parallel, int) and self.tensor_parallel >= 1,
+            "tensor_parallel",
+            f"must be an int >= 1, got {self.tensor_parallel!r}",
+        )
+        if self.tensor_parallel > 1:
+            _check(
+                self.role in ("decode", "mixed"),
+                "tensor_parallel",
+                f"tensor parallelism runs on decode and mixed pools, not on a {self.role} pool",
+            )
+            _check(
+                self.experts == 1,
+                "tensor_parallel",
+                "tensor parallelism with expert parallelism (experts > 1) is not supported",
+            )
+            _check(
+                self.engine.get("speculative_config") is None,
+                "tensor_parallel",
+                "tensor parallelism with speculative decoding (engine.speculative_config) is not supported",
+            )
         if self.expert_placement is not None:
             _check(os.path.isfile(self.expert_placement), "expert_placement", f"no such file {self.expert_placement!r}")
         if self.expert_routing_log is not None:
@@ -526,6 +554,18 @@ class ServeConfig:
         return ServeConfig.from_dict(data)
 
 
+def refuse_unbuilt_tensor_parallel(config: ServeConfig) -> None:
+    """Raise ConfigError for a pool with ``tensor_parallel`` > 1: the engine step runs a TP shard
+    (EngineCore(tensor_parallel=comm)), but workers of N ranks (the pool side) do not exist yet,
+    so such a pool is refused at cluster start rather than silently served at TP=1."""
+    for i, pool in enumerate(config.pools):
+        _check(
+            pool.tensor_parallel == 1,
+            f"pools[{i}].tensor_parallel",
+            f"is {pool.tensor_parallel}, but tensor-parallel pools (workers of several ranks) are not built yet",
+        )
+
+
 # ---------------------------------------------------------------- generic dict -> dataclass
 
 
@@ -551,6 +591,11 @@ def _check_attention_pools(pools: tuple[PoolConfig, ...]) -> None:
     )
     j, model = served[0]
     _check(model.experts == 1, f"pools[{j}].experts", "expert parallelism with an attention pool is not supported")
+    _check(
+        model.tensor_parallel == 1,
+        f"pools[{j}].tensor_parallel",
+        "tensor parallelism with an attention pool is not supported",
+    )
     _check(
         model.engine.get("enable_prefix_caching") is False,
         f"pools[{j}].engine.enable_prefix_caching",

@@ -31,7 +31,7 @@ from __future__ import annotations
 from typing import Any
 
 from attention_offload.worker import AttentionWorker, attention_blocks, attention_engine_config, build_attention_worker
-from cluster.config import ATTENTION_ROLE, PoolConfig, ServeConfig
+from cluster.config import ATTENTION_ROLE, PoolConfig, ServeConfig, refuse_unbuilt_tensor_parallel
 from cluster.control.expert_affinity import build_expert_affinities
 from cluster.control.groups import form_group
 from cluster.control.handles import AttentionHandle, DecodeHandle, local_attention, local_decode, local_prefill
@@ -54,6 +54,7 @@ class LocalCluster:
         transport_options: dict[str, Any] | None = None,
         ep_group_timeout_s: float = 30.0,
     ):
+        refuse_unbuilt_tensor_parallel(config)
         self.config = config
         self.transport_options = dict(transport_options or {})
         self.workers: dict[str, PrefillWorker | DecodeWorker] = {}  # routed workers
