@@ -121,8 +121,10 @@ class PoolConfig:
     # each holding 1/N of every layer (EngineCore(tensor_parallel=comm)). Decode and mixed pools
     # only; not with EP, attention offload or speculation. N must divide the model's query/KV
     # heads and MLP width (checked against the model by serve's ``resolve_model``, before any
-    # actor starts). 1: no TP. Pools of N > 1 ranks are NOT built yet: LocalCluster and the
-    # Controller refuse them (``refuse_unbuilt_tensor_parallel``).
+    # actor starts). 1: no TP. In process (LocalCluster) a worker is N shards in one process
+    # (decode_worker/tensor_parallel.py); on Ray not yet: the Controller (and so ``serve``)
+    # refuses them (``refuse_unbuilt_tensor_parallel``). No prefill workers beside a TP pool
+    # (KV transfer between TP degrees is not built): the TP workers prefill their own prompts.
     tensor_parallel: int = 1
 
     def __post_init__(self) -> None:
@@ -493,6 +495,13 @@ class ServeConfig:
             "need at least one worker in a decode or mixed pool",
         )
         _check_attention_pools(self.pools)
+        tp = [i for i, p in enumerate(self.pools) if p.tensor_parallel > 1 and p.num_workers > 0]
+        _check(
+            not tp or not any(p.role == "prefill" and p.num_workers > 0 for p in self.pools),
+            f"pools[{tp[0] if tp else 0}].tensor_parallel",
+            "a tensor-parallel pool takes no KV from prefill workers yet (KV transfer between TP degrees is not "
+            "built): give the prefill pools 0 workers, the TP workers prefill their own prompts",
+        )
         ports: dict[int, str] = {}
         for name in ("grpc_port", "http_port", "metrics_port"):
             port = getattr(self, name)
@@ -555,14 +564,15 @@ class ServeConfig:
 
 
 def refuse_unbuilt_tensor_parallel(config: ServeConfig) -> None:
-    """Raise ConfigError for a pool with ``tensor_parallel`` > 1: the engine step runs a TP shard
-    (EngineCore(tensor_parallel=comm)), but workers of N ranks (the pool side) do not exist yet,
-    so such a pool is refused at cluster start rather than silently served at TP=1."""
+    """Raise ConfigError for a pool with ``tensor_parallel`` > 1 where workers of N ranks are not
+    built: on Ray (the Controller, hence ``serve``). They run in process only
+    (LocalCluster, decode_worker/tensor_parallel.py); refused, never served at TP=1."""
     for i, pool in enumerate(config.pools):
         _check(
             pool.tensor_parallel == 1,
             f"pools[{i}].tensor_parallel",
-            f"is {pool.tensor_parallel}, but tensor-parallel pools (workers of several ranks) are not built yet",
+            f"is {pool.tensor_parallel}, but tensor-parallel pools run only in process (LocalCluster) so far, "
+            "not on Ray",
         )
 
 

@@ -134,7 +134,8 @@ def add_serve_parser(sub: Any) -> None:
         type=positive_int,
         metavar="N",
         help="tensor parallelism: every decode and mixed pool's workers become N ranks each (pool "
-        "`tensor_parallel`; N must divide the model's heads). Checked, then refused: TP pools are not built yet",
+        "`tensor_parallel`; N must divide the model's heads; give --prefill 0). Checked, then refused: "
+        "TP workers run only in process (LocalCluster) so far, not on Ray",
     )
     p.add_argument(
         "--expert-routing-log",

@@ -288,11 +288,9 @@ def test_tensor_parallel_is_refused_with_expert_parallelism_and_attention_offloa
         )
 
 
-def test_tensor_parallel_pools_are_refused_by_the_local_cluster_until_built():
-    from cluster.control.local import LocalCluster
+def test_tensor_parallel_pools_are_refused_by_the_ray_controller_until_built():
+    from cluster.control.controller import Controller
 
     cfg = ServeConfig.from_dict({"model": "/m", "pools": [{"name": "m", "role": "mixed", "tensor_parallel": 2}]})
-    with pytest.raises(
-        ConfigError, match=r"^pools\[0\]\.tensor_parallel: is 2, but tensor-parallel pools .* not built"
-    ):
-        LocalCluster(cfg)
+    with pytest.raises(ConfigError, match=r"^pools\[0\]\.tensor_parallel: is 2, but .* only in process .* not on Ray"):
+        Controller(cfg)
