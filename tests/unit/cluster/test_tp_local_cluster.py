@@ -2,7 +2,9 @@
 shards over the gloo group ``tp/<worker>`` (decode_worker/tensor_parallel.py), rank 0 routed,
 rank 1 replaying its engine calls. Concurrent requests (and one cancelled mid-stream) give
 engine.LLM's greedy tokens; every rank's KV pool is back to full and in the same state (SPMD);
-a killed worker is replaced as a whole (every rank, a new group) and serves again."""
+a killed worker is replaced as a whole (every rank, a new group) and serves again. A rank that
+dies mid-stream fails rank 0's next collective within the group timeout (never a hang); the
+request fails over and continues on the replacement with LLM's tokens."""
 
 from __future__ import annotations
 
@@ -81,3 +83,43 @@ def test_tp_pool_takes_no_prefill_workers_beside_it() -> None:
             model="/m",
             pools=(PoolConfig("prefill", "prefill", 1), PoolConfig("decode", "decode", 1, tensor_parallel=2)),
         )
+
+
+def test_a_dead_rank_fails_the_tp_worker_within_the_timeout_and_its_request_continues_on_the_replacement(
+    tiny_checkpoint,
+) -> None:
+    ckpt = tiny_checkpoint("llama", vocab_size=515, **WIDE)
+    cfg = ServeConfig(
+        model=ckpt,
+        pools=(PoolConfig("mixed", "mixed", 1, engine=ENGINE, tensor_parallel=2),),
+        transfer=TransferConfig(kind="loopback"),
+    )
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+
+    async def run():
+        # a 2 s group timeout: rank 0's next all-reduce without rank 1 fails within it (never hangs)
+        cluster = await LocalCluster(cfg, ep_group_timeout_s=2.0).start()
+        try:
+            tokens: list[int] = []
+            killed_at = 0
+            async for chunk in cluster.router.generate(RequestSpec("r", PROMPTS[0], params)):
+                assert chunk.error is None, chunk.error
+                tokens += chunk.token_ids
+                if not killed_at and len(tokens) >= 3:
+                    killed_at = len(tokens)
+                    cluster.tp_workers["mixed-0"].followers[0].stop(10.0)  # rank 1 is gone mid-stream
+                    asyncio.get_running_loop().create_task(replace_when_lost(cluster))
+            return tokens, killed_at, cluster.router.stats
+        finally:
+            await cluster.stop()
+
+    async def replace_when_lost(cluster: LocalCluster) -> None:
+        while cluster.router.stats.waiting < 1:  # rank 0's step failed: the request waits for a worker
+            await asyncio.sleep(0.02)  # poll interval
+        cluster.replace_worker("mixed-0")  # every rank rebuilt, a new group
+
+    tokens, killed_at, stats = asyncio.run(run())
+    assert 3 <= killed_at < params.max_tokens
+    (want,) = LLM(ckpt, **ENGINE).generate([PROMPTS[0]], params)
+    assert tokens == want.token_ids  # recomputed from the emitted tokens on the replacement
+    assert stats.failovers["worker_lost"] == 1
