@@ -117,6 +117,15 @@ class PoolConfig:
     # request on the member most likely to host its experts (cluster/control/expert_affinity.py).
     # None: the router's usual decode policy. Only with experts > 1.
     expert_routing_log: str | None = None
+    # Tensor parallelism (engine/models/tensor_parallel.py): each worker of the pool is N ranks,
+    # each holding 1/N of every layer (EngineCore(tensor_parallel=comm)). Decode and mixed pools
+    # only; not with EP, attention offload or speculation. N must divide the model's query/KV
+    # heads and MLP width (checked against the model by serve's ``resolve_model``, before any
+    # actor starts). 1: no TP. In process (LocalCluster) a worker is N shards in one process
+    # (decode_worker/tensor_parallel.py); on Ray not yet: the Controller (and so ``serve``)
+    # refuses them (``refuse_unbuilt_tensor_parallel``). No prefill workers beside a TP pool
+    # (KV transfer between TP degrees is not built): the TP workers prefill their own prompts.
+    tensor_parallel: int = 1
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "name", "must be a non-empty string")
@@ -144,6 +153,27 @@ class PoolConfig:
         else:
             for name in ("expert_placement", "expert_cache_slots", "expert_routing_log"):
                 _check(getattr(self, name) is None, name, "needs experts > 1 (an expert-parallel pool)")
+        _check(
+            isinstance(self.tensor_parallel, int) and self.tensor_parallel >= 1,
+            "tensor_parallel",
+            f"must be an int >= 1, got {self.tensor_parallel!r}",
+        )
+        if self.tensor_parallel > 1:
+            _check(
+                self.role in ("decode", "mixed"),
+                "tensor_parallel",
+                f"tensor parallelism runs on decode and mixed pools, not on a {self.role} pool",
+            )
+            _check(
+                self.experts == 1,
+                "tensor_parallel",
+                "tensor parallelism with expert parallelism (experts > 1) is not supported",
+            )
+            _check(
+                self.engine.get("speculative_config") is None,
+                "tensor_parallel",
+                "tensor parallelism with speculative decoding (engine.speculative_config) is not supported",
+            )
         if self.expert_placement is not None:
             _check(os.path.isfile(self.expert_placement), "expert_placement", f"no such file {self.expert_placement!r}")
         if self.expert_routing_log is not None:
@@ -465,6 +495,13 @@ class ServeConfig:
             "need at least one worker in a decode or mixed pool",
         )
         _check_attention_pools(self.pools)
+        tp = [i for i, p in enumerate(self.pools) if p.tensor_parallel > 1 and p.num_workers > 0]
+        _check(
+            not tp or not any(p.role == "prefill" and p.num_workers > 0 for p in self.pools),
+            f"pools[{tp[0] if tp else 0}].tensor_parallel",
+            "a tensor-parallel pool takes no KV from prefill workers yet (KV transfer between TP degrees is not "
+            "built): give the prefill pools 0 workers, the TP workers prefill their own prompts",
+        )
         ports: dict[int, str] = {}
         for name in ("grpc_port", "http_port", "metrics_port"):
             port = getattr(self, name)
@@ -526,6 +563,19 @@ class ServeConfig:
         return ServeConfig.from_dict(data)
 
 
+def refuse_unbuilt_tensor_parallel(config: ServeConfig) -> None:
+    """Raise ConfigError for a pool with ``tensor_parallel`` > 1 where workers of N ranks are not
+    built: on Ray (the Controller, hence ``serve``). They run in process only
+    (LocalCluster, decode_worker/tensor_parallel.py); refused, never served at TP=1."""
+    for i, pool in enumerate(config.pools):
+        _check(
+            pool.tensor_parallel == 1,
+            f"pools[{i}].tensor_parallel",
+            f"is {pool.tensor_parallel}, but tensor-parallel pools run only in process (LocalCluster) so far, "
+            "not on Ray",
+        )
+
+
 # ---------------------------------------------------------------- generic dict -> dataclass
 
 
@@ -551,6 +601,11 @@ def _check_attention_pools(pools: tuple[PoolConfig, ...]) -> None:
     )
     j, model = served[0]
     _check(model.experts == 1, f"pools[{j}].experts", "expert parallelism with an attention pool is not supported")
+    _check(
+        model.tensor_parallel == 1,
+        f"pools[{j}].tensor_parallel",
+        "tensor parallelism with an attention pool is not supported",
+    )
     _check(
         model.engine.get("enable_prefix_caching") is False,
         f"pools[{j}].engine.enable_prefix_caching",

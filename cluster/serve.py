@@ -57,6 +57,7 @@ from cluster.config import (
     TRANSFER_KINDS,
     ConfigError,
     ServeConfig,
+    refuse_unbuilt_tensor_parallel,
 )
 from cluster.control.errors import EXCEPTION_LINE
 from cluster.control.info import ClusterInfo
@@ -127,6 +128,14 @@ def add_serve_parser(sub: Any) -> None:
         metavar="N",
         help="expert parallelism: every decode and mixed pool becomes one EP group of N workers "
         "(pool `experts`; needs an MoE model whose expert count N divides)",
+    )
+    p.add_argument(
+        "--decode-tp",
+        type=positive_int,
+        metavar="N",
+        help="tensor parallelism: every decode and mixed pool's workers become N ranks each (pool "
+        "`tensor_parallel`; N must divide the model's heads; give --prefill 0). Checked, then refused: "
+        "TP workers run only in process (LocalCluster) so far, not on Ray",
     )
     p.add_argument(
         "--expert-routing-log",
@@ -250,6 +259,13 @@ def serve_config_from_args(args: argparse.Namespace, default_model: Callable[[],
         for p in ep_pools:
             p["experts"] = experts
             p["num_workers"] = experts
+    decode_tp = getattr(args, "decode_tp", None)
+    if decode_tp is not None:
+        tp_pools = [p for p in pools if p.get("role", p.get("name")) in ("decode", "mixed")]
+        if not tp_pools:
+            raise ConfigError("--decode-tp", "there is no decode or mixed pool to make tensor-parallel")
+        for p in tp_pools:
+            p["tensor_parallel"] = decode_tp
     routing_log = getattr(args, "expert_routing_log", None)
     if routing_log is not None:
         ep_pools = [p for p in pools if p.get("experts", 1) > 1]
@@ -401,6 +417,7 @@ def resolve_model(cfg: ServeConfig) -> ServeConfig:
     options are checked against the model before any actor starts. Raises ServeFailure."""
     from engine.llm import build_engine_config
     from engine.models.gguf import resolve_model_path
+    from engine.models.tensor_parallel import TPDivisibilityError, plan_shard
     from expert_router.group import EPSetupError, serving_placement, serving_token_prior
 
     try:
@@ -432,6 +449,15 @@ def resolve_model(cfg: ServeConfig) -> ServeConfig:
                     serving_token_prior(engine_config.model, pool.expert_routing_log)
             except EPSetupError as e:
                 raise ServeFailure(f"pools[{i}].{e}", 2) from None
+        if pool.tensor_parallel > 1:  # the TP degree against the model, before any actor starts
+            try:
+                plan_shard(engine_config.model, 0, pool.tensor_parallel)
+            except TPDivisibilityError as e:
+                raise ServeFailure(f"pools[{i}].tensor_parallel: {e}", 2) from None
+    try:
+        refuse_unbuilt_tensor_parallel(cfg)
+    except ConfigError as e:
+        raise ServeFailure(f"config error: {_one_line(str(e))}", 2) from None
     return dataclasses.replace(cfg, model=path)
 
 

@@ -73,7 +73,7 @@ import ray
 from attention_offload.actor import AttentionActor
 from attention_offload.api import AttentionWorkerStats
 from attention_offload.worker import attention_blocks, attention_engine_config
-from cluster.config import ATTENTION_ROLE, PoolConfig, ServeConfig
+from cluster.config import ATTENTION_ROLE, PoolConfig, ServeConfig, refuse_unbuilt_tensor_parallel
 from cluster.control.expert_affinity import build_expert_affinities
 from cluster.control.groups import form_group
 from cluster.control.handles import AttentionHandle, DecodeHandle, PrefillHandle, RayInvoker, WorkerUnavailable
@@ -158,6 +158,7 @@ class Controller:
                 f"transfer.kind {kind!r} cannot move KV between Ray actors ('loopback' works only inside "
                 f"one process): use one of {list(RAY_TRANSPORTS)} ('shm' within a node, 'grpc' or 'torch' across nodes)"
             )
+        refuse_unbuilt_tensor_parallel(config)
         self.config = config
         self.options = options or ControllerOptions()
         self.store = make_state_store(config.state)

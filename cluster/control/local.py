@@ -24,6 +24,12 @@ Expert-parallel pools (``experts`` > 1): worker ``<pool>-<i>`` is built as EP ra
 ``start`` forms each pool's group (gloo over localhost, ``form_group`` as the controller
 does) before serving. ``replace_worker`` refuses an EP member (the controller replaces a
 broken group as a whole; this in-process cluster does not).
+
+Tensor-parallel pools (``tensor_parallel`` = N > 1): worker ``<pool>-<i>`` is N EngineCore
+shards in this process over the gloo group ``tp/<pool>-<i>`` (decode_worker/tensor_parallel.py:
+rank 0 the routed DecodeWorker, ranks 1..N-1 followers replaying its engine calls), with no
+KV receiver (the config allows no prefill workers beside them). ``kill_worker`` and
+``replace_worker`` stop and rebuild every rank (a new group).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from cluster.control.router import Router
 from cluster.control.routing import RoutingPolicy
 from cluster.control.state import StateStore, make_state_store
 from decode_worker.build import build_decode_worker
+from decode_worker.tensor_parallel import TPWorker, build_tp_decode_worker
 from decode_worker.worker import DecodeWorker
 from prefill_worker.build import build_prefill_worker
 from prefill_worker.worker import PrefillWorker
@@ -67,6 +74,7 @@ class LocalCluster:
         )
         self.killed: set[str] = set()
         self.ep_group_timeout_s = ep_group_timeout_s
+        self.tp_workers: dict[str, TPWorker] = {}  # TP workers' follower ranks, by routed worker id
         self.handles: dict[str, DecodeHandle] = {}  # decode-capable workers' handles
         self.attention: dict[str, AttentionWorker] = {}  # attention workers by id
         self.attention_handles: dict[str, AttentionHandle] = {}
@@ -100,6 +108,20 @@ class LocalCluster:
             )
             self.router.add_worker(wid, local_prefill(wid, pw), pool.role)
             self.workers[wid] = pw
+        elif pool.tensor_parallel > 1:  # N shards in this process, group tp/<wid>
+            tw = build_tp_decode_worker(
+                self.config.model,
+                pool.engine,
+                pool.tensor_parallel,
+                wid,
+                role=pool.role,
+                max_pending=bound,
+                group_timeout_s=self.ep_group_timeout_s,
+            )
+            self.tp_workers[wid] = tw
+            self.handles[wid] = local_decode(wid, tw.worker)
+            self.router.add_worker(wid, self.handles[wid], pool.role, None)
+            self.workers[wid] = tw.worker
         else:
             ep: dict[str, Any] = {}
             if pool.experts > 1:
@@ -152,6 +174,7 @@ class LocalCluster:
     async def kill_worker(self, worker_id: str) -> None:
         """Stop ``worker_id`` (its engine loop ends; calls to it fail) and declare it lost."""
         self.workers[worker_id].shutdown()
+        self._stop_tp_followers(worker_id)
         self.killed.add(worker_id)
         await self.router.worker_lost(worker_id, "killed")
 
@@ -171,8 +194,15 @@ class LocalCluster:
         old = self.workers[worker_id]
         if worker_id not in self.killed:
             old.shutdown()
+            self._stop_tp_followers(worker_id)
         self.killed.discard(worker_id)
         self._build(worker_id, self.config.pool(self.pool_of[worker_id]))
+
+    def _stop_tp_followers(self, worker_id: str) -> None:
+        """A TP worker's follower ranks end with it (after its loop stopped: no step is pending)."""
+        tw = self.tp_workers.pop(worker_id, None)
+        if tw is not None:
+            tw.stop_followers()
 
     # ------------------------------------------------------------ introspection
     def info(self) -> ClusterInfo:
@@ -196,6 +226,7 @@ class LocalCluster:
         for wid, w in self.workers.items():
             if wid not in self.killed:
                 w.shutdown()
+                self._stop_tp_followers(wid)
         for w in self.attention.values():  # after the model worker's CLOSE: their loops have ended
             w.shutdown()
 

@@ -471,3 +471,32 @@ def test_expert_routing_log_flag_sets_every_ep_pool_and_is_checked_against_the_m
         resolve_model(bad)
     ok = resolve_model(serve_config_from_args(_parse(*args, right), _Tiny()))
     assert ok.pool("decode").expert_routing_log == right
+
+
+def test_decode_tp_flag_sets_the_decode_pools_tensor_parallel():
+    cfg = serve_config_from_args(_parse(*"serve --model /m --prefill 0 --decode-tp 2".split()), _Tiny())
+    assert [(p.name, p.num_workers, p.tensor_parallel) for p in cfg.pools] == [("prefill", 0, 1), ("decode", 1, 2)]
+    with pytest.raises(ConfigError, match=r"^pools\[1\]\.tensor_parallel: a tensor-parallel pool takes no KV"):
+        serve_config_from_args(_parse(*"serve --model /m --decode-tp 2".split()), _Tiny())
+    with pytest.raises(ConfigError, match=r"^pools\[1\]\.tensor_parallel: .*speculative decoding"):
+        serve_config_from_args(
+            _parse(
+                *"serve --model /m --prefill 0 --decode-tp 2".split(),
+                "--speculative-config",
+                '{"method": "ngram", "num_speculative_tokens": 2}',
+            ),
+            _Tiny(),
+        )
+
+
+def test_decode_tp_is_checked_against_the_model_then_refused_before_ray(tiny_checkpoint):
+    from cluster.serve import ServeFailure, resolve_model
+
+    wide = {"num_attention_heads": 16, "num_key_value_heads": 8, "hidden_size": 128, "intermediate_size": 256}
+    model = tiny_checkpoint("llama", **wide)
+    bad = serve_config_from_args(_parse("serve", "--model", model, "--prefill", "0", "--decode-tp", "3"), _Tiny())
+    with pytest.raises(ServeFailure, match=r"^pools\[1\]\.tensor_parallel: tensor_parallel=3 does not divide"):
+        resolve_model(bad)
+    divides = serve_config_from_args(_parse("serve", "--model", model, "--prefill", "0", "--decode-tp", "2"), _Tiny())
+    with pytest.raises(ServeFailure, match=r"pools\[1\]\.tensor_parallel: is 2, but .* only in process .* not on Ray"):
+        resolve_model(divides)

@@ -133,6 +133,8 @@ def with_(path: str, value) -> dict:
         ("pools[2].experts", 0, r"^pools\[2\]\.experts: must be an int >= 1, got 0"),
         ("pools[1].expert_cache_slots", 1, r"^pools\[1\]\.expert_cache_slots: needs experts > 1"),
         ("pools[1].expert_placement", "/p.json", r"^pools\[1\]\.expert_placement: needs experts > 1"),
+        ("pools[0].tensor_parallel", 2, r"^pools\[0\]\.tensor_parallel: tensor parallelism runs on decode and mixed"),
+        ("pools[1].tensor_parallel", 0, r"^pools\[1\]\.tensor_parallel: must be an int >= 1, got 0"),
     ],
 )
 def test_invalid_fields_are_named_in_the_error(path, value, message):
@@ -268,3 +270,27 @@ def test_an_expert_parallel_pool_is_parsed(tmp_path):
     data["pools"][2]["expert_placement"] = str(tmp_path / "missing.json")
     with pytest.raises(ConfigError, match=r"^pools\[2\]\.expert_placement: no such file"):
         ServeConfig.from_dict(data)
+
+
+def test_tensor_parallel_is_refused_with_expert_parallelism_and_attention_offload():
+    ep_and_tp = {"name": "d", "role": "decode", "num_workers": 2, "experts": 2, "tensor_parallel": 2}
+    with pytest.raises(ConfigError, match=r"^pools\[0\]\.tensor_parallel: .*expert parallelism"):
+        ServeConfig.from_dict({"model": "/m", "pools": [ep_and_tp]})
+    with pytest.raises(ConfigError, match=r"^pools\[0\]\.tensor_parallel: tensor parallelism with an attention pool"):
+        ServeConfig.from_dict(
+            {
+                "model": "/m",
+                "pools": [
+                    {"name": "m", "role": "mixed", "tensor_parallel": 2},
+                    {"name": "attention", "role": "attention", "num_workers": 2},
+                ],
+            }
+        )
+
+
+def test_tensor_parallel_pools_are_refused_by_the_ray_controller_until_built():
+    from cluster.control.controller import Controller
+
+    cfg = ServeConfig.from_dict({"model": "/m", "pools": [{"name": "m", "role": "mixed", "tensor_parallel": 2}]})
+    with pytest.raises(ConfigError, match=r"^pools\[0\]\.tensor_parallel: is 2, but .* only in process .* not on Ray"):
+        Controller(cfg)
