@@ -39,7 +39,9 @@ from engine.models.gguf import resolve_model_path
 from engine.parallel import TorchDistCommunicator
 from engine.request import Request
 from engine.runtime.groups import GroupSpec, free_port, join_group
+from engine.spec.speculator import SpecStats
 from engine.tokenizer import load_tokenizer
+from engine.types import EngineStats, WorkerLimits
 
 
 # ---------------------------------------------------------------- the calls rank 0 replays
@@ -157,9 +159,32 @@ class TPLeaderEngine:
     def __init__(self, core: EngineCore, followers: list[TPFollower]):
         self.core = core
         self.followers = followers
+        self.config = core.config
+        self.layout = core.layout  # rank 0's: its own KV heads
 
-    def __getattr__(self, name: str) -> Any:  # reads: config, layout, stats, limits, has_work, ...
-        return getattr(self.core, name)
+    # ---------------------------------------------------------------- reads: rank 0's state
+    def prepare(self, req: Request) -> Request:
+        return self.core.prepare(req)
+
+    def has_work(self) -> bool:
+        return self.core.has_work()
+
+    def stats(self) -> EngineStats:
+        return self.core.stats()
+
+    def spec_stats(self) -> SpecStats | None:
+        return self.core.spec_stats()
+
+    def limits(self) -> WorkerLimits:
+        return self.core.limits()
+
+    def cached_block_hashes(self) -> frozenset[int]:
+        return self.core.cached_block_hashes()
+
+    def set_cluster_pressure(self, pressure: float) -> None:
+        self.core.set_cluster_pressure(pressure)  # a TP engine does not speculate: a no-op there
+
+    # ---------------------------------------------------------------- writes: replayed
 
     def _send(self, make: Any) -> None:
         for f in self.followers:
