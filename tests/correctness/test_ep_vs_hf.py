@@ -89,7 +89,7 @@ def test_ep_greedy_matches_local_experts_and_transformers(tiny_checkpoint, famil
     placement = contiguous_placement(full.cfg, world)
     for r, (engine, dispatcher) in enumerate(ranks):
         pool = engine.pool
-        assert pool.num_free == pool.num_blocks and not engine.has_work(), f"rank {r} leaked KV blocks"
+        assert pool.num_free == pool.num_blocks > 0 and not engine.has_work(), f"rank {r} leaked KV blocks"
         for layer in placement.layers:
             held = placement.experts_of(layer, r)
             mine = engine.model.layers[layer].mlp.experts
@@ -179,7 +179,7 @@ def test_ep_with_idle_ranks_preemption_and_a_cancel(tiny_checkpoint) -> None:
         assert got[i] == want[i], f"prompt {i}"
     assert len(got[1]) < MAX_NEW and got[1] == want[1][: len(got[1])]
     for r, (_, engine, dispatcher, rank_steps) in enumerate(out):
-        assert engine.pool.num_free == engine.pool.num_blocks and not engine.has_work()
+        assert engine.pool.num_free == engine.pool.num_blocks > 0 and not engine.has_work()
         assert rank_steps == steps  # lock-step: every rank stepped as often
         assert dispatcher.stats.rounds > 0, f"rank {r} never served"
     assert out[1][2].stats.tokens == 0  # rank 1 routed no token of its own

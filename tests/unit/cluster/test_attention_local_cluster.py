@@ -54,7 +54,8 @@ def test_attention_pool_in_process_serves_as_llm(tiny_checkpoint) -> None:
             while True:
                 await cluster.router.refresh_loads()
                 info = cluster.info()
-                full = all(a.free_blocks == a.total_blocks and a.sequences == 0 for a in info.attention_workers)
+                workers = info.attention_workers  # none listed would make all() vacuous
+                full = bool(workers) and all(a.free_blocks == a.total_blocks > 0 and a.sequences == 0 for a in workers)
                 if full or asyncio.get_running_loop().time() > deadline:
                     break
                 await asyncio.sleep(0.05)  # poll interval

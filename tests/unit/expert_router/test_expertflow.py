@@ -86,7 +86,7 @@ def test_engine_with_a_quarter_of_the_experts_cached_matches_local_experts(tiny_
         f"modelled load time {tiers.modelled_load_s * 1e3:.3f} ms at 25 GB/s"
     )
     assert st.misses > 0 and tiers.load_bytes > 0
-    assert engine.pool.num_free == engine.pool.num_blocks
+    assert engine.pool.num_free == engine.pool.num_blocks > 0
 
 
 def test_the_gate_corrects_a_wrong_prediction() -> None:
