@@ -3,6 +3,8 @@ expose ``.router``)."""
 
 from __future__ import annotations
 
+import asyncio
+
 from cluster.control.router import Router
 from engine.request import SamplingParams
 from engine.types import RequestSpec, StreamChunk
@@ -27,3 +29,31 @@ async def collect_ok(router: Router, rid: str, prompt: list[int], params: Sampli
         assert chunk.error is None, chunk.error
         tokens += chunk.token_ids
     return tokens
+
+
+class CancelledMidway:
+    """A client that starts a long greedy stream and goes away after its first token.
+
+    Lifecycle: ``start()`` launches the stream as a task; ``cancel()`` waits for the first
+    token (so the request really is running on a worker), then cancels the task, which
+    aborts the request everywhere."""
+
+    def __init__(self, router: Router, rid: str, prompt: list[int]):
+        self.router, self.rid, self.prompt = router, rid, prompt
+        self.first_token = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> CancelledMidway:
+        self.task = asyncio.create_task(self._stream())
+        return self
+
+    async def _stream(self) -> None:
+        long = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
+        async for _ in self.router.generate(RequestSpec(self.rid, self.prompt, long)):
+            self.first_token.set()
+
+    async def cancel(self) -> None:
+        assert self.task is not None, "start() first"
+        await self.first_token.wait()
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)

@@ -13,8 +13,7 @@ import pytest
 from cluster.config import PoolConfig, RouterConfig, ServeConfig, TransferConfig
 from cluster.control.local import LocalCluster
 from engine import LLM, SamplingParams
-from engine.types import RequestSpec
-from tests.router_streams import collect_ok
+from tests.router_streams import CancelledMidway, collect_ok
 
 ENGINE = {"block_size": 8, "num_blocks": 64, "attention_backend": "sdpa", "skip_tokenizer_init": True}
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
@@ -39,18 +38,9 @@ def test_ep_pool_in_process_serves_as_llm(tiny_checkpoint, disaggregated: bool) 
     async def run():
         cluster = await LocalCluster(cfg, ep_group_timeout_s=30.0).start()
         try:
-            first_token = asyncio.Event()
-
-            async def cancelled_midway() -> None:  # a client that goes away mid-stream
-                long = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
-                async for _ in cluster.router.generate(RequestSpec("gone", PROMPTS[0], long)):
-                    first_token.set()
-
-            gone = asyncio.create_task(cancelled_midway())
+            gone = CancelledMidway(cluster.router, "gone", PROMPTS[0]).start()  # a client that goes away mid-stream
             got = await asyncio.gather(*(_collect(cluster, f"r{i}", p) for i, p in enumerate(PROMPTS)))
-            await first_token.wait()
-            gone.cancel()
-            await asyncio.gather(gone, return_exceptions=True)
+            await gone.cancel()
             # every KV block free again on every worker (aborts land between lock-step iterations)
             deadline = asyncio.get_running_loop().time() + 30.0
             while True:

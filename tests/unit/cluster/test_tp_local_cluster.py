@@ -16,7 +16,7 @@ from cluster.config import ConfigError, PoolConfig, ServeConfig, TransferConfig
 from cluster.control.local import LocalCluster
 from engine import LLM, SamplingParams
 from engine.types import RequestSpec
-from tests.router_streams import collect_ok
+from tests.router_streams import CancelledMidway, collect_ok
 
 # 16 query / 8 KV heads: TP=2 divides (tests/correctness/test_tp_engine.py's model); odd vocab: uneven split
 WIDE = {"num_attention_heads": 16, "num_key_value_heads": 8, "hidden_size": 128, "intermediate_size": 256}
@@ -36,18 +36,9 @@ def test_tp_pool_in_process_serves_as_llm_and_is_replaced_whole(tiny_checkpoint)
     async def run():
         cluster = await LocalCluster(cfg, ep_group_timeout_s=30.0).start()
         try:
-            first_token = asyncio.Event()
-
-            async def cancelled_midway() -> None:  # a client that goes away mid-stream
-                long = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
-                async for _ in cluster.router.generate(RequestSpec("gone", PROMPTS[0], long)):
-                    first_token.set()
-
-            gone = asyncio.create_task(cancelled_midway())
+            gone = CancelledMidway(cluster.router, "gone", PROMPTS[0]).start()  # a client that goes away mid-stream
             got = await asyncio.gather(*(collect_ok(cluster.router, f"r{i}", p, GREEDY) for i, p in enumerate(PROMPTS)))
-            await first_token.wait()
-            gone.cancel()
-            await asyncio.gather(gone, return_exceptions=True)
+            await gone.cancel()
             tw = cluster.tp_workers["mixed-0"]
             (follower,) = tw.followers
             leader_pool, follower_pool = tw.worker.engine.core.pool, follower.engine.pool
