@@ -168,6 +168,12 @@ class Communicator(ABC):
         ones = [1] * self.world_size
         return [int(n) for n in self._start_all_to_all(counts, ones, ones).wait().tolist()]
 
+    def close(self) -> None:
+        """Releases this rank's channels once its owner is done with the group (after the last
+        op; peers' later ops fail). Default: nothing to release (a torch.distributed group is
+        dropped with its last reference)."""
+        return None
+
     # ------------------------------------------------------------------ implementations
     @abstractmethod
     def _start_all_reduce(self, x: torch.Tensor) -> Pending[torch.Tensor]: ...

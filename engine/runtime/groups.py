@@ -3,7 +3,9 @@
 This is the ONE file in ``engine`` that creates process groups (tests/test_architecture.py
 exempts exactly it): the worker runtime joins the groups its worker needs (TP ranks, an EP
 group, model <-> attention workers, KV transfer pairs) and hands them, wrapped in an
-``engine.parallel.TorchDistCommunicator``, to the engine core by injection. The engine core,
+``engine.parallel.TorchDistCommunicator``, to the engine core by injection
+(``join_communicator`` does both; for the "shm" backend, ranks of one node over shared memory,
+it returns an engine/runtime/shm_group.ShmCommunicator instead). The engine core,
 models, attention and scheduler never create groups.
 
 No global default group: ``torch.distributed.init_process_group`` is never called. Each group
@@ -39,10 +41,13 @@ from typing import Literal
 import torch
 from torch.distributed import PrefixStore, ProcessGroupGloo, Store, TCPStore
 
-from engine.parallel import ProcessGroup
+from engine.parallel import Communicator, ProcessGroup, TorchDistCommunicator
+from engine.runtime.shm_group import join_shm
 
-GroupBackend = Literal["gloo", "nccl"]
-BACKENDS: tuple[GroupBackend, ...] = ("gloo", "nccl")
+# "shm": the ranks of one node over shared memory (engine/runtime/shm_group.py): not a
+# torch.distributed group, so only ``join_communicator`` joins it.
+GroupBackend = Literal["gloo", "nccl", "shm"]
+BACKENDS: tuple[GroupBackend, ...] = ("gloo", "nccl", "shm")
 
 
 class GroupJoinError(RuntimeError):
@@ -61,7 +66,7 @@ class GroupSpec:
     world_size: int
     host: str  # rendezvous: address of the TCPStore (rank 0's node unless a caller passes a store)
     port: int  # rendezvous TCP port on host (picked free on that node: free_port())
-    backend: GroupBackend  # "gloo" (CPU tensors) or "nccl" (CUDA tensors on the current device)
+    backend: GroupBackend  # "gloo" (CPU tensors), "nccl" (CUDA tensors) or "shm" (CPU, one node)
     timeout_s: float  # rendezvous, join and every op of the group; a dead peer fails within it
     # the address this rank's gloo transport binds to (its node's IP); None = torch's default
     # (GLOO_SOCKET_IFNAME, else the hostname's address, which is 127.0.1.1 on some distros)
@@ -101,13 +106,31 @@ def free_port(host: str = "") -> int:
         return int(s.getsockname()[1])
 
 
+def join_communicator(spec: GroupSpec) -> Communicator:
+    """Join ``spec``'s group (every rank at once) and return this rank's Communicator: a
+    TorchDistCommunicator for gloo/NCCL, an ShmCommunicator for "shm" (one node; rendezvous
+    over the same TCPStore). Ops are bounded by spec.timeout_s. Raises GroupJoinError."""
+    if spec.backend != "shm":
+        return TorchDistCommunicator(join_group(spec), timeout_s=spec.timeout_s, name=spec.name)
+    try:
+        store = TCPStore(spec.host, spec.port, is_master=spec.rank == 0, timeout=spec.timeout, wait_for_workers=False)
+        return join_shm(
+            spec.name, spec.rank, spec.world_size, PrefixStore(f"groups/{spec.name}", store), spec.timeout_s
+        )
+    except Exception as e:  # noqa: BLE001 - store, node and mapping errors all mean "could not join"
+        raise GroupJoinError(f"{spec.describe()} could not join: {type(e).__name__}: {e}") from e
+
+
 def join_group(spec: GroupSpec, store: Store | None = None) -> ProcessGroup:
     """Join the group ``spec`` describes; returns once every rank joined (blocks until then).
 
     ``store``: an open client of the store at spec.host:spec.port, for callers that already
     rendezvoused over it (kv_transfer's pairs, whose receiver hosts it); ``None`` opens one,
     rank 0 hosting it. Raises GroupJoinError naming the group and rank, within spec.timeout_s.
+    A torch.distributed group only: "shm" groups are joined by ``join_communicator``.
     """
+    if spec.backend == "shm":
+        raise GroupJoinError(f"{spec.describe()}: an shm group is no torch.distributed group; use join_communicator")
     try:
         if store is None:
             store = TCPStore(

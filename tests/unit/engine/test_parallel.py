@@ -1,5 +1,6 @@
-"""engine/parallel.py: communicators (LocalCommunicator, TorchDistCommunicator over gloo with
-the ranks as threads) and the micro-batch overlap schedule (event order with a recording fake
+"""engine/parallel.py: communicators (LocalCommunicator; TorchDistCommunicator over gloo and
+engine/runtime/shm_group.ShmCommunicator, both held to the same contract with the ranks as
+threads) and the micro-batch overlap schedule (event order with a recording fake
 communicator; numerics of TokenWeave, EP dispatch/combine and Lamina-style send/recv against
 the unsplit computation)."""
 
@@ -29,9 +30,11 @@ from engine.parallel import (
     run_overlapped,
     run_token_split,
 )
-from tests.unit.engine.gloo_ranks import gloo_comms, run_ranks
+from tests.unit.engine.gloo_ranks import comms_of, gloo_comms, run_ranks
 
 F64 = torch.float64
+# every multi-rank test below runs over both group backends: the Communicator contract is one
+BACKENDS = pytest.mark.parametrize("backend", ["gloo", "shm"])
 
 
 # ============================================================================ LocalCommunicator
@@ -68,8 +71,9 @@ def test_arguments_are_checked_before_anything_is_issued() -> None:
 # ============================================================================ TorchDistCommunicator
 
 
-def test_gloo_collectives_give_the_right_values() -> None:
-    comms = gloo_comms(2)
+@BACKENDS
+def test_collectives_give_the_right_values(backend: str) -> None:
+    comms = comms_of(backend, 2)
 
     def rank_ops(r: int) -> dict[str, Any]:
         c = comms[r]
@@ -113,8 +117,9 @@ def test_gloo_reduce_scatter_needs_rows_divisible_by_world_size() -> None:
         comm.send(torch.zeros(1), 0)
 
 
-def test_a_peer_that_never_joins_the_op_fails_the_caller_within_the_timeout() -> None:
-    comms = gloo_comms(2, timeout_s=1.0)  # groups built with 1 s, the communicator's ops too
+@BACKENDS
+def test_a_peer_that_never_joins_the_op_fails_the_caller_within_the_timeout(backend: str) -> None:
+    comms = comms_of(backend, 2, timeout_s=1.0)  # groups built with 1 s, the communicator's ops too
     failed = threading.Event()
 
     def rank_fn(r: int) -> float:
@@ -123,7 +128,7 @@ def test_a_peer_that_never_joins_the_op_fails_the_caller_within_the_timeout() ->
             return 0.0
         t0 = time.monotonic()
         try:
-            with pytest.raises(CommunicationError, match="all_reduce failed on 'test' rank 0/2"):
+            with pytest.raises(CommunicationError, match="all_reduce .*'test' rank 0/2"):
                 comms[0].all_reduce(torch.ones(4))
         finally:
             failed.set()
@@ -347,10 +352,11 @@ def _tokenweave_reference(x: torch.Tensor, weights: list[tuple[torch.Tensor, tor
     [(12, TokenSplit()), (10, TokenSplit(rule=aligned_split(2))), (12, TokenSplit(micro_batches=1))],
     ids=["halves", "aligned", "unsplit"],
 )
-def test_tokenweave_schedule_matches_the_unsplit_computation(tokens: int, split: TokenSplit) -> None:
+@BACKENDS
+def test_tokenweave_schedule_matches_the_unsplit_computation(tokens: int, split: TokenSplit, backend: str) -> None:
     weights = _mlp_weights(layers=2, hidden=8, inter=16)
     x = torch.randn(tokens, 8, generator=torch.Generator().manual_seed(1), dtype=F64)
-    comms = gloo_comms(2)
+    comms = comms_of(backend, 2)
     stats = [OverlapStats(), OverlapStats()]
     out = run_ranks(lambda r: run_token_split(x.clone(), _tokenweave_stages(comms[r], weights), split, stats[r]))
     want = _tokenweave_reference(x, weights)
@@ -359,7 +365,8 @@ def test_tokenweave_schedule_matches_the_unsplit_computation(tokens: int, split:
         assert stats[r].runs == 1
 
 
-def test_ep_dispatch_and_combine_through_the_schedule_match_local_experts() -> None:
+@BACKENDS
+def test_ep_dispatch_and_combine_through_the_schedule_match_local_experts(backend: str) -> None:
     """Data-parallel tokens, expert e on rank e, top-1 routing; rank 1 has a single token, so
     its second micro-batch is empty and still takes part in both all-to-alls."""
     hidden = 4
@@ -367,7 +374,7 @@ def test_ep_dispatch_and_combine_through_the_schedule_match_local_experts() -> N
     experts = torch.randn(2, hidden, hidden, generator=g, dtype=F64)  # [E=2, H, H]
     tokens = [torch.randn(7, hidden, generator=g, dtype=F64), torch.randn(1, hidden, generator=g, dtype=F64)]
     choice = [torch.tensor([1, 0, 1, 1, 0, 0, 1]), torch.tensor([0])]  # expert id per token
-    comms = gloo_comms(2)
+    comms = comms_of(backend, 2)
 
     def rank_fn(r: int) -> torch.Tensor:
         comm = comms[r]
@@ -405,7 +412,8 @@ def test_ep_dispatch_and_combine_through_the_schedule_match_local_experts() -> N
         torch.testing.assert_close(out[r], want, rtol=1e-12, atol=1e-12)
 
 
-def test_lamina_rotation_with_send_recv_matches_local_attention() -> None:
+@BACKENDS
+def test_lamina_rotation_with_send_recv_matches_local_attention(backend: str) -> None:
     """Rank 0 is the model worker (dense parts), rank 1 the attention worker: per layer each
     micro-batch sends q and receives the attention output, while the other micro-batch computes."""
     layers, hidden, tokens = 2, 6, 9
@@ -445,7 +453,7 @@ def test_lamina_rotation_with_send_recv_matches_local_attention() -> None:
                 q = comm.recv(torch.empty(n, hidden, dtype=F64), 0, layer * 8 + i)
                 comm.send(attention(q), 0, layer * 8 + i)
 
-    comms = gloo_comms(2)
+    comms = comms_of(backend, 2)
     out = run_ranks(lambda r: model_worker(comms[0]) if r == 0 else attention_worker(comms[1]))[0]
     want = x
     for layer in range(layers):
