@@ -37,8 +37,8 @@ from engine.config import EngineConfig
 from engine.kv_cache.paged_cache import PagedKVCache
 from engine.llm import build_engine_config
 from engine.models.gguf import resolve_model_path
-from engine.parallel import TorchDistCommunicator
-from engine.runtime.groups import GroupSpec, free_port, join_group
+from engine.parallel import Communicator
+from engine.runtime.groups import GroupSpec, free_port, join_communicator
 from engine.types import EngineStopped
 
 log = logging.getLogger(__name__)
@@ -93,13 +93,13 @@ class AttentionWorker(AttentionAPI):
             raise ValueError(f"{self.worker_id}: rank {MODEL_RANK} is the model worker's; attention workers are 1..N")
         if self._thread is not None:
             raise RuntimeError(f"{self.worker_id} already joined a group (state {self._state}); build a fresh worker")
-        comm = TorchDistCommunicator(join_group(spec), timeout_s=spec.timeout_s, name=spec.name)
+        comm = join_communicator(spec)
         self._timeout_s = spec.timeout_s
         self._state = "serving"
         self._thread = threading.Thread(target=self._serve, args=(comm,), name=f"{self.worker_id}-serve", daemon=True)
         self._thread.start()
 
-    def _serve(self, comm: TorchDistCommunicator) -> None:
+    def _serve(self, comm: Communicator) -> None:
         try:
             served = serve_shard(comm, self.shard, MODEL_RANK)
         except BaseException as e:  # noqa: BLE001 - kept and reported by stats(); the group is done
@@ -107,6 +107,8 @@ class AttentionWorker(AttentionAPI):
             with self._lock:
                 self._state, self._error = "failed", f"{type(e).__name__}: {e}"
             return
+        finally:
+            comm.close()  # the group is done either way (the model worker's CLOSE, or a failure)
         with self._lock:
             self._state, self._served = "closed", served
 

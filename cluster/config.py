@@ -53,6 +53,8 @@ ROLES: tuple[str, ...] = ("prefill", "decode", "mixed")
 # holding the decode KV of the decode-capable worker they serve; never routed to).
 ATTENTION_ROLE = "attention"
 POOL_ROLES: tuple[str, ...] = (*ROLES, ATTENTION_ROLE)
+# PoolConfig.group_transport: "auto" or an engine/runtime/groups.py backend
+GROUP_TRANSPORTS: tuple[str, ...] = ("auto", "gloo", "nccl", "shm")
 # Within-pool choice policies implemented by cluster/control/routing.py (kept in sync by a test).
 ROUTING_POLICIES: tuple[str, ...] = ("round_robin", "jsq", "token_jsq", "kv", "prefix")
 # KV transports implemented by kv_transfer (its make_sender/make_receiver kinds).
@@ -97,6 +99,12 @@ class PoolConfig:
     num_gpus: float = 0.0  # Ray GPUs per worker actor (1 on GPU nodes)
     # Custom Ray resources per worker, e.g. {"decode_node": 1} to pin a pool to labelled nodes.
     resources: dict[str, float] = field(default_factory=dict)
+    # How the ranks of this pool's worker groups talk (its EP group; for an attention pool, the
+    # model worker <-> attention workers group): one of GROUP_TRANSPORTS. "auto": NCCL when the
+    # pool has GPUs, else gloo. "shm": shared memory between processes of ONE node
+    # (engine/runtime/shm_group.py; CPU pools only; a group Ray spread over nodes fails to form,
+    # naming its ranks' nodes).
+    group_transport: str = "auto"
     # Engine options handed to the worker's engine builder as-is (dtype, cache sizes, ...);
     # their names are validated there, not here. Treat as read-only.
     engine: dict[str, Any] = field(default_factory=dict)
@@ -135,6 +143,21 @@ class PoolConfig:
         _check(self.num_gpus >= 0, "num_gpus", f"must be >= 0, got {self.num_gpus}")
         for key, amount in self.resources.items():
             _check(amount >= 0, f"resources.{key}", f"must be >= 0, got {amount}")
+        _check(
+            self.group_transport in GROUP_TRANSPORTS,
+            "group_transport",
+            f"must be one of {list(GROUP_TRANSPORTS)}, got {self.group_transport!r}",
+        )
+        _check(
+            self.group_transport != "nccl" or self.num_gpus > 0,
+            "group_transport",
+            "'nccl' carries CUDA tensors: the pool needs num_gpus > 0",
+        )
+        _check(
+            self.group_transport != "shm" or self.num_gpus == 0,
+            "group_transport",
+            "'shm' carries CPU tensors: a GPU pool uses 'nccl' (or 'auto')",
+        )
         _check(
             isinstance(self.experts, int) and self.experts >= 1, "experts", f"must be an int >= 1, got {self.experts!r}"
         )

@@ -52,6 +52,7 @@ import yaml
 from cluster.argtypes import non_negative_float, non_negative_int, positive_int
 from cluster.config import (
     DEFAULT_TINY_DIR,
+    GROUP_TRANSPORTS,
     PLACEMENT_STRATEGIES,
     REDIS_PASSWORD_ENV,
     TRANSFER_KINDS,
@@ -149,6 +150,12 @@ def add_serve_parser(sub: Any) -> None:
         metavar="N",
         help="attention offload: an 'attention' pool of N attention workers holding the KV of the one "
         "decode/mixed worker (without a config's pools: one mixed worker, no prefill pool; prefix caching off)",
+    )
+    p.add_argument(
+        "--group-transport",
+        choices=GROUP_TRANSPORTS,
+        help="how the ranks of the EP and attention-offload groups talk (every pool's `group_transport`): "
+        "auto = NCCL on GPU pools, else gloo; shm = shared memory, every rank on this node",
     )
     p.add_argument(
         "--transport",
@@ -277,6 +284,9 @@ def serve_config_from_args(args: argparse.Namespace, default_model: Callable[[],
     if args.num_cpus_per_worker is not None:
         for p in pools:
             p["num_cpus"] = args.num_cpus_per_worker
+    if getattr(args, "group_transport", None) is not None:
+        for p in pools:
+            p["group_transport"] = args.group_transport
     spec_flag = getattr(args, "speculative_config", None)
     if spec_flag is not None:
         from engine.config import SpeculativeConfig

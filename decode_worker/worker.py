@@ -55,10 +55,10 @@ from attention_offload.offloaded import OffloadedEngine
 from decode_worker.api import KV_TRANSFER_FAILED, KV_TRANSFER_TIMED_OUT, DecodeAPI
 from engine.config import SchedulerMode
 from engine.engine import EngineCore
-from engine.parallel import CommunicationError, TorchDistCommunicator
+from engine.parallel import CommunicationError, Communicator
 from engine.request import Request
 from engine.runtime.continuation import replay_emitted
-from engine.runtime.groups import GroupSpec, free_port, join_group
+from engine.runtime.groups import GroupSpec, free_port, join_communicator
 from engine.runtime.stats import (
     QUEUE_SECONDS_BUCKETS,
     TRANSFER_SECONDS_BUCKETS,
@@ -135,6 +135,7 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
         self._node_ip = node_ip
         self._closing = False
         self._group_timeout_s = 0.0  # the EP group's collective timeout, set by join_group
+        self._comms: list[Communicator] = []  # the groups joined (join_group); closed at shutdown
         if attention is not None and (attention.core is not engine or dispatcher is not None):
             raise ValueError("an attention-offloaded worker's engine is attention.core, and it is not an EP rank")
         if attention is not None and not isinstance(attention.transport, DistAttentionTransport):
@@ -206,7 +207,8 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
                 f"{self.worker_id} is EP rank {self.dispatcher.rank} of {self.dispatcher.world_size}, "
                 f"asked to join as rank {spec.rank} of {spec.world_size}"
             )
-        comm = TorchDistCommunicator(join_group(spec), timeout_s=spec.timeout_s, name=spec.name)
+        comm = join_communicator(spec)
+        self._comms.append(comm)
         self._group_timeout_s = spec.timeout_s
         self.dispatcher.connect(comm)  # the loop starts stepping in lock-step from here
         self.loop.wake()
@@ -219,7 +221,8 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
                 f"{self.worker_id} is the model worker (rank 0) of {transport.num_shards} attention workers, "
                 f"asked to join as rank {spec.rank} of {spec.world_size}"
             )
-        comm = TorchDistCommunicator(join_group(spec), timeout_s=spec.timeout_s, name=spec.name)
+        comm = join_communicator(spec)
+        self._comms.append(comm)
         self._group_timeout_s = spec.timeout_s
         self.attention.keepalive_s = spec.timeout_s / 4
         transport.connect(comm)  # the loop starts stepping from here
@@ -246,6 +249,8 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
                 log.warning("%s: closing the attention group: %s", self.worker_id, e)
         if self.receiver is not None:
             self.receiver.close()
+        for comm in self._comms:  # the loop is stopped and the group's last op done
+            comm.close()
 
     # ------------------------------------------------------------ loop thread only
     def _new_request(self, spec: RequestSpec, emitted: tuple[int, ...]) -> Request:

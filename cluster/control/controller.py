@@ -75,7 +75,7 @@ from attention_offload.api import AttentionWorkerStats
 from attention_offload.worker import attention_blocks, attention_engine_config
 from cluster.config import ATTENTION_ROLE, PoolConfig, ServeConfig, refuse_unbuilt_tensor_parallel
 from cluster.control.expert_affinity import build_expert_affinities
-from cluster.control.groups import form_group
+from cluster.control.groups import form_group, group_backend
 from cluster.control.handles import AttentionHandle, DecodeHandle, PrefillHandle, RayInvoker, WorkerUnavailable
 from cluster.control.info import ClusterInfo, pool_info, worker_info
 from cluster.control.placement import WorkerPlacement
@@ -382,7 +382,7 @@ class Controller:
         await form_group(
             _ep_group_name(pool),
             handles,  # type: ignore[arg-type]
-            backend="nccl" if pool.num_gpus > 0 else "gloo",
+            backend=group_backend([pool]),
             timeout_s=self.options.ep_group_timeout_s,
         )
 
@@ -395,11 +395,11 @@ class Controller:
         return [model, *self._members(att)]
 
     async def _form_attention_group(self, members: list[WorkerRecord]) -> None:
-        gpu = any(r.pool.num_gpus > 0 for r in members)
+        # the attention pool's transport decides (members[1:]), then the model worker's pool's
         await form_group(
             f"attn/{members[0].worker_id}",
             [r.handle for r in members],  # type: ignore[misc]
-            backend="nccl" if gpu else "gloo",
+            backend=group_backend([r.pool for r in (*members[1:], members[0])]),
             timeout_s=self.options.ep_group_timeout_s,
         )
 

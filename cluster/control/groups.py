@@ -25,9 +25,21 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
+from cluster.config import PoolConfig
 from engine.runtime.groups import BACKENDS, GroupBackend, GroupSpec
 
 T = TypeVar("T")
+
+
+def group_backend(pools: Sequence[PoolConfig]) -> GroupBackend:
+    """The backend of a group whose members come from ``pools``: the first explicit
+    ``group_transport`` among them (PoolConfig validated it), else, all "auto", NCCL if any
+    pool has GPUs, else gloo."""
+    for pool in pools:
+        if pool.group_transport != "auto":
+            assert pool.group_transport in BACKENDS, pool.group_transport
+            return pool.group_transport  # type: ignore[return-value]  # one of BACKENDS, checked above
+    return "nccl" if any(p.num_gpus > 0 for p in pools) else "gloo"
 
 
 class GroupMember(Protocol):

@@ -37,9 +37,9 @@ from __future__ import annotations
 from typing import Any
 
 from attention_offload.worker import AttentionWorker, attention_blocks, attention_engine_config, build_attention_worker
-from cluster.config import ATTENTION_ROLE, PoolConfig, ServeConfig
+from cluster.config import ATTENTION_ROLE, ConfigError, PoolConfig, ServeConfig
 from cluster.control.expert_affinity import build_expert_affinities
-from cluster.control.groups import form_group
+from cluster.control.groups import form_group, group_backend
 from cluster.control.handles import AttentionHandle, DecodeHandle, local_attention, local_decode, local_prefill
 from cluster.control.info import ClusterInfo, pool_info, worker_info
 from cluster.control.router import Router
@@ -48,6 +48,7 @@ from cluster.control.state import StateStore, make_state_store
 from decode_worker.build import build_decode_worker
 from decode_worker.tensor_parallel import TPWorker, build_tp_decode_worker
 from decode_worker.worker import DecodeWorker
+from engine.runtime.groups import GroupBackend
 from prefill_worker.build import build_prefill_worker
 from prefill_worker.worker import PrefillWorker
 
@@ -158,12 +159,16 @@ class LocalCluster:
         for pool in self.config.pools:
             if pool.experts > 1:
                 members = [self.handles[f"{pool.name}-{i}"] for i in range(pool.num_workers)]
-                await form_group(f"ep/{pool.name}", members, backend="gloo", timeout_s=self.ep_group_timeout_s)
+                backend = _in_process_backend([pool])
+                await form_group(f"ep/{pool.name}", members, backend=backend, timeout_s=self.ep_group_timeout_s)
         att = self.config.attention_pool()
         if att is not None:
             (model,) = self.handles.values()  # the config allows one decode-capable worker
             members = [model, *(self.attention_handles[f"{att.name}-{i}"] for i in range(att.num_workers))]
-            await form_group(f"attn/{model.worker_id}", members, backend="gloo", timeout_s=self.ep_group_timeout_s)
+            backend = _in_process_backend(
+                [att, *(p for p in self.config.pools if p.name == self.pool_of[model.worker_id])]
+            )
+            await form_group(f"attn/{model.worker_id}", members, backend=backend, timeout_s=self.ep_group_timeout_s)
         await self.store.start()
         await self.router.start()
         await self.router.collect_limits()
@@ -236,3 +241,16 @@ class LocalCluster:
     async def stop(self) -> None:
         self.shutdown()
         await self.close_store()
+
+
+def _in_process_backend(pools: list[PoolConfig]) -> GroupBackend:
+    """In process the ranks are threads of this process: gloo ("auto" too), or shm where a pool
+    asks for it (``group_transport``). NCCL between threads of one process is not supported."""
+    if all(p.group_transport == "auto" for p in pools):
+        return "gloo"
+    backend = group_backend(pools)
+    if backend == "nccl":
+        raise ConfigError(
+            "group_transport", "'nccl' needs one process per rank (Ray, serve); LocalCluster's ranks are threads"
+        )
+    return backend

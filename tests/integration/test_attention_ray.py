@@ -52,7 +52,9 @@ def test_an_attention_pool_serves_as_llm_and_its_group_comes_back_after_a_member
         model=ckpt,
         pools=(
             PoolConfig("mixed", "mixed", 1, num_cpus=0.5, engine=MODEL_ENGINE),
-            PoolConfig("attention", "attention", 2, num_cpus=0.5, engine=ATTN_ENGINE),
+            # the one-node shared-memory group (engine/runtime/shm_group.py) between real processes;
+            # tests/integration/test_ep_ray.py covers gloo groups on Ray
+            PoolConfig("attention", "attention", 2, num_cpus=0.5, engine=ATTN_ENGINE, group_transport="shm"),
         ),
         transfer=TransferConfig(kind="shm"),
     )

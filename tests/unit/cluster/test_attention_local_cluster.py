@@ -14,6 +14,7 @@ from cluster.config import PoolConfig, RouterConfig, ServeConfig, TransferConfig
 from cluster.control.local import LocalCluster
 from engine import LLM, SamplingParams
 from engine.llm import build_engine_config
+from engine.runtime import groups
 from engine.types import RequestSpec
 from tests.router_streams import collect_ok
 
@@ -33,13 +34,18 @@ async def _collect(cluster: LocalCluster, rid: str, prompt: list[int]) -> list[i
     return await collect_ok(cluster.router, rid, prompt, GREEDY)
 
 
-def test_attention_pool_in_process_serves_as_llm(tiny_checkpoint) -> None:
+@pytest.mark.parametrize("transport", ["auto", "shm"], ids=["gloo-group", "shm-group"])
+def test_attention_pool_in_process_serves_as_llm(tiny_checkpoint, monkeypatch, transport: str) -> None:
     ckpt = tiny_checkpoint("llama")
+    shm_ranks: list[int] = []  # the ranks that joined a shared-memory group (engine/runtime/shm_group.py)
+    real_join_shm = groups.join_shm
+    monkeypatch.setattr(groups, "join_shm", lambda *a, **k: shm_ranks.append(a[1]) or real_join_shm(*a, **k))
+    attention = {**ATTN_ENGINE, "num_blocks": ATTN_BLOCKS}
     cfg = ServeConfig(
         model=ckpt,
         pools=(
             PoolConfig("mixed", "mixed", 1, engine=MODEL_ENGINE),
-            PoolConfig("attention", "attention", 2, engine={**ATTN_ENGINE, "num_blocks": ATTN_BLOCKS}),
+            PoolConfig("attention", "attention", 2, engine=attention, group_transport=transport),
         ),
         router=RouterConfig(short_prompt_threshold=1024),  # every prompt prefills on the model worker
         transfer=TransferConfig(kind="loopback"),
@@ -74,6 +80,7 @@ def test_attention_pool_in_process_serves_as_llm(tiny_checkpoint) -> None:
 
     got, info = asyncio.run(run())
     ref = LLM(ckpt, **{**MODEL_ENGINE, "num_blocks": 2 * ATTN_BLOCKS}).generate(PROMPTS, GREEDY)
+    assert sorted(shm_ranks) == (list(range(3)) if transport == "shm" else [])
     assert got == [o.token_ids for o in ref]
     (model,) = info.workers
     # the model worker's pool accounts for the attention workers' blocks (its own KV: none)

@@ -437,6 +437,14 @@ def test_experts_flag_makes_the_decode_pool_one_ep_group():
         serve_config_from_args(_parse(*"serve --model /m --experts 2 --decode 3".split()), _Tiny())
 
 
+def test_group_transport_flag_goes_to_every_pool():
+    cfg = serve_config_from_args(_parse(*"serve --model /m --experts 2 --group-transport shm".split()), _Tiny())
+    assert [(p.name, p.group_transport) for p in cfg.pools] == [("prefill", "shm"), ("decode", "shm")]
+    assert {p.group_transport for p in serve_config_from_args(_parse(*"serve --model /m".split()), _Tiny()).pools} == {
+        "auto"
+    }
+
+
 def test_experts_that_do_not_fit_the_model_fail_before_ray_naming_the_pool_field(tiny_checkpoint):
     from cluster.serve import ServeFailure, resolve_model
 

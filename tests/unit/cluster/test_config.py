@@ -135,6 +135,16 @@ def with_(path: str, value) -> dict:
         ("pools[1].expert_placement", "/p.json", r"^pools\[1\]\.expert_placement: needs experts > 1"),
         ("pools[0].tensor_parallel", 2, r"^pools\[0\]\.tensor_parallel: tensor parallelism runs on decode and mixed"),
         ("pools[1].tensor_parallel", 0, r"^pools\[1\]\.tensor_parallel: must be an int >= 1, got 0"),
+        (
+            "pools[1].group_transport",
+            "tcp",
+            r"^pools\[1\]\.group_transport: must be one of \['auto', 'gloo', 'nccl', 'shm'\]",
+        ),
+        (
+            "pools[1].group_transport",
+            "shm",
+            r"^pools\[1\]\.group_transport: 'shm' carries CPU tensors: a GPU pool",
+        ),
     ],
 )
 def test_invalid_fields_are_named_in_the_error(path, value, message):
@@ -294,3 +304,15 @@ def test_tensor_parallel_pools_are_refused_by_the_ray_controller_until_built():
     cfg = ServeConfig.from_dict({"model": "/m", "pools": [{"name": "m", "role": "mixed", "tensor_parallel": 2}]})
     with pytest.raises(ConfigError, match=r"^pools\[0\]\.tensor_parallel: is 2, but .* only in process .* not on Ray"):
         Controller(cfg)
+
+
+def test_group_transport_picks_each_groups_backend():
+    from cluster.control.groups import group_backend
+
+    cpu, gpu = PoolConfig("d", "decode"), PoolConfig("g", "decode", num_gpus=1)
+    assert (group_backend([cpu]), group_backend([gpu]), group_backend([cpu, gpu])) == ("gloo", "nccl", "nccl")
+    shm = PoolConfig("a", "attention", group_transport="shm")
+    assert group_backend([shm, cpu]) == "shm" and group_backend([cpu, shm]) == "shm"
+    assert group_backend([PoolConfig("x", "decode", group_transport="gloo"), gpu]) == "gloo"  # explicit wins
+    with pytest.raises(ConfigError, match=r"^group_transport: 'nccl' carries CUDA tensors: .*num_gpus > 0"):
+        PoolConfig("c", "decode", group_transport="nccl")

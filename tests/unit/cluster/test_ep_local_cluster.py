@@ -13,6 +13,7 @@ import pytest
 from cluster.config import PoolConfig, RouterConfig, ServeConfig, TransferConfig
 from cluster.control.local import LocalCluster
 from engine import LLM, SamplingParams
+from engine.runtime import groups
 from tests.router_streams import CancelledMidway, collect_ok
 
 ENGINE = {"block_size": 8, "num_blocks": 64, "attention_backend": "sdpa", "skip_tokenizer_init": True}
@@ -24,10 +25,18 @@ async def _collect(cluster: LocalCluster, rid: str, prompt: list[int]) -> list[i
     return await collect_ok(cluster.router, rid, prompt, GREEDY)
 
 
-@pytest.mark.parametrize("disaggregated", [False, True], ids=["mixed", "prefill+ep-decode"])
-def test_ep_pool_in_process_serves_as_llm(tiny_checkpoint, disaggregated: bool) -> None:
+@pytest.mark.parametrize(
+    ("disaggregated", "transport"),
+    [(False, "auto"), (True, "auto"), (False, "shm")],
+    ids=["mixed", "prefill+ep-decode", "mixed-shm-group"],
+)
+def test_ep_pool_in_process_serves_as_llm(tiny_checkpoint, monkeypatch, disaggregated: bool, transport: str) -> None:
     ckpt = tiny_checkpoint("qwen2_moe")
-    ep_pool = PoolConfig("mixed", "decode" if disaggregated else "mixed", 2, engine=ENGINE, experts=2)
+    shm_ranks: list[int] = []  # the ranks that joined a shared-memory group (engine/runtime/shm_group.py)
+    real_join_shm = groups.join_shm
+    monkeypatch.setattr(groups, "join_shm", lambda *a, **k: shm_ranks.append(a[1]) or real_join_shm(*a, **k))
+    role = "decode" if disaggregated else "mixed"
+    ep_pool = PoolConfig("mixed", role, 2, engine=ENGINE, experts=2, group_transport=transport)
     cfg = ServeConfig(
         model=ckpt,
         pools=((PoolConfig("prefill", "prefill", 1, engine=ENGINE), ep_pool) if disaggregated else (ep_pool,)),
@@ -60,6 +69,7 @@ def test_ep_pool_in_process_serves_as_llm(tiny_checkpoint, disaggregated: bool) 
 
     got, info = asyncio.run(run())
     assert got == [o.token_ids for o in LLM(ckpt, **ENGINE).generate(PROMPTS, GREEDY)]
+    assert sorted(shm_ranks) == (list(range(2)) if transport == "shm" else [])
     eps = {w.worker_id: w.stats.expert_parallel for w in info.workers if w.pool == "mixed"}
     if disaggregated:  # the prefill worker prefilled every prompt and sent its KV to an EP rank
         (prefill,) = (w.stats for w in info.workers if w.pool == "prefill")
