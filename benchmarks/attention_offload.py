@@ -1,6 +1,6 @@
 """Attention offload (Lamina) on one CPU machine: decode throughput of the model worker with
-its attention on an attention worker over gloo, one micro-batch vs two-micro-batch rotation,
-and against plain (non-offloaded) decode, at equal total cores.
+its attention on an attention worker over gloo or shared memory, one micro-batch vs
+two-micro-batch rotation, and against plain (non-offloaded) decode, at equal total cores.
 
 Model: SmolLM2-135M-Instruct (the real model, fp32; 30 layers, 9 q / 3 KV heads). A batch of
 ``--batch`` requests with ``--prompt``-token random prompts is prefilled, then ``--steps``
@@ -12,6 +12,8 @@ Modes, each in its own process tree, one torch thread per process:
   offload-r1   model worker (1 thread) + attention shard process (1 thread) over gloo,
                one micro-batch: model and shard take turns      (2 cores)
   offload-r2   same, two micro-batches rotated                 (2 cores)
+  shm-r1/r2    as offload-r1/r2, the group over shared memory (group_transport "shm",
+               engine/runtime/shm_group.py) instead of gloo's loopback TCP (2 cores)
   loop-r1/r2   the shard on a thread of the model worker's process (LoopbackTransport,
                threaded), one thread each: the rotation schedule without gloo's per-message
                cost (2 cores)
@@ -42,18 +44,24 @@ def _config(model_dir: str, blocks: int):
     return build_engine_config(model_dir, enable_prefix_caching=False, num_blocks=blocks, native_kernels=None)
 
 
-def shard_main(model_dir: str, blocks: int, port: int) -> None:
+def _spec(rank: int, port: int, backend: str):
+    from engine.runtime.groups import GroupSpec
+
+    return GroupSpec("attn-bench", rank, 2, HOST, port, backend, TIMEOUT_S, local_host=HOST)  # type: ignore[arg-type]
+
+
+def shard_main(model_dir: str, blocks: int, port: int, backend: str) -> None:
     import torch
 
     from attention_offload.build import build_shard
     from attention_offload.dist_transport import serve_shard
-    from engine.parallel import TorchDistCommunicator
-    from engine.runtime.groups import GroupSpec, join_group
+    from engine.runtime.groups import join_communicator
 
     torch.set_num_threads(1)
     shard = build_shard(_config(model_dir, blocks), blocks, "sdpa")
-    group = join_group(GroupSpec("attn-bench", 1, 2, HOST, port, "gloo", TIMEOUT_S, local_host=HOST))
-    serve_shard(TorchDistCommunicator(group, timeout_s=TIMEOUT_S, name="attn-bench"), shard)
+    comm = join_communicator(_spec(1, port, backend))
+    serve_shard(comm, shard)
+    comm.close()
 
 
 def _drive(engine: Any, batch: int, prompt: int, steps: int, seed: int) -> list[float]:
@@ -98,8 +106,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     from attention_offload.build import build_loopback, shard_layout
     from attention_offload.dist_transport import DistAttentionTransport
     from attention_offload.offloaded import OffloadedEngine
-    from engine.parallel import TorchDistCommunicator
-    from engine.runtime.groups import GroupSpec, join_group
+    from engine.runtime.groups import join_communicator
 
     torch.set_num_threads(1)
     if mode.startswith("loop"):
@@ -116,19 +123,20 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
             "exposed_wait_fraction": exposed,
         }
     port = free_port(HOST)
-    proc = mp.get_context("spawn").Process(target=shard_main, args=(args.model_dir, blocks, port))
+    backend = "shm" if mode.startswith("shm") else "gloo"
+    proc = mp.get_context("spawn").Process(target=shard_main, args=(args.model_dir, blocks, port, backend))
     proc.start()
     try:
-        group = join_group(GroupSpec("attn-bench", 0, 2, HOST, port, "gloo", TIMEOUT_S, local_host=HOST))
-        comm = TorchDistCommunicator(group, timeout_s=TIMEOUT_S, name="attn-bench")
+        comm = join_communicator(_spec(0, port, backend))
         transport = DistAttentionTransport(comm, [1], shard_layout(cfg))
-        rotation = 2 if mode == "offload-r2" else 1
+        rotation = 2 if mode.endswith("-r2") else 1
         engine = OffloadedEngine(cfg, transport, [blocks], rotation)
         before = transport.counters.payload_out + transport.counters.payload_in
         stats = engine.core.model.rotation_stats
         times = _drive(engine, args.batch, args.prompt, args.steps, args.seed)
         payload = transport.counters.payload_out + transport.counters.payload_in - before
         transport.close()
+        comm.close()
     finally:
         proc.join(timeout=60)
     exposed = stats.wait_s / (stats.compute_s + stats.wait_s) if stats.runs else None
@@ -192,7 +200,7 @@ def plot(summary: list[dict[str, Any]], title: str, path: Path) -> None:
     ax.bar(
         modes,
         [s["tokens_per_s"] for s in summary],
-        color=["#999", "#666", "#6a9fd4", "#1f5fa8", "#9bd49b", "#2e8b2e"][: len(modes)],
+        color=["#999", "#666", "#6a9fd4", "#1f5fa8", "#e0a060", "#b86010", "#9bd49b", "#2e8b2e"][: len(modes)],
     )
     ax.set_ylabel("decode tokens/s (higher is better)")
     ax.set_title(title, fontsize=9)
@@ -207,7 +215,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--modes", default="plain-1t,plain-2t,offload-r1,offload-r2,loop-r1,loop-r2")
+    ap.add_argument("--modes", default="plain-1t,plain-2t,offload-r1,offload-r2,shm-r1,shm-r2,loop-r1,loop-r2")
     ap.add_argument("--out", default="attention_offload")
     args = ap.parse_args()
 

@@ -24,8 +24,8 @@ random-weight models, and routing structure planted on purpose (random gates hav
    the whole fast tier ("wide": more hits, many more loads); load time modelled at 25 GB/s (PCIe 4 x16) for the expert size of a ~200M-parameter
    MoE (16 experts of hidden 1024, intermediate 2816, bf16: 17.3 MB each), against
    on-demand loading (every needed expert loaded every time).
-4. Scaling: EP=1 (one engine, 1 or 2 torch threads) vs EP=2 (two ranks, 1 thread each)
-   tokens/s at equal total cores, on the tiny planted model (plus EP=4: oversubscribes 2
+4. Scaling: EP=1 (one engine, 1 or 2 torch threads) vs EP=2 (two ranks, 1 thread each, the
+   group over gloo and over shared memory, engine/runtime/shm_group.py) tokens/s at equal total cores, on the tiny planted model (plus EP=4: oversubscribes 2
    cores; bytes per round) and on a ~160M-parameter planted-gate Mixtral where expert
    compute dominates (8 experts of hidden 768 x intermediate 2048, 4 layers).
 5. Router placement (s-TS in serving, cluster/control/expert_affinity.py): the share of
@@ -48,9 +48,9 @@ import torch
 
 from engine import LLM
 from engine.llm import build_engine_config
-from engine.parallel import TorchDistCommunicator
+from engine.parallel import Communicator
 from engine.request import Request, SamplingParams
-from engine.runtime.groups import GroupSpec, free_port, join_group
+from engine.runtime.groups import GroupBackend, GroupSpec, free_port, join_communicator
 from expert_router.dispatcher import run_lockstep
 from expert_router.expertflow import PathPredictor, simulate
 from expert_router.group import build_ep_engine, contiguous_placement
@@ -83,20 +83,29 @@ def run_ranks(fn, world: int, timeout_s: float = 1200.0) -> list:
         return [f.result(timeout=timeout_s) for f in futures]
 
 
-def gloo_comms(world: int, timeout_s: float = 120.0) -> list[TorchDistCommunicator]:
-    """One loopback gloo group of ``world`` ranks (threads of this process)."""
+def group_comms(world: int, backend: GroupBackend = "gloo", timeout_s: float = 120.0) -> list[Communicator]:
+    """One group of ``world`` ranks (threads of this process): loopback gloo, or "shm"
+    (engine/runtime/shm_group.py)."""
     port = free_port("127.0.0.1")
 
-    def join(r: int) -> TorchDistCommunicator:
-        spec = GroupSpec("ep-bench", r, world, "127.0.0.1", port, "gloo", timeout_s, local_host="127.0.0.1")
-        return TorchDistCommunicator(join_group(spec), timeout_s=timeout_s, name="ep-bench")
+    def join(r: int) -> Communicator:
+        return join_communicator(GroupSpec("ep-bench", r, world, "127.0.0.1", port, backend, timeout_s, "127.0.0.1"))
 
     return run_ranks(join, world)
 
 
-def run_group(ckpt: str, world: int, prompts, placement, ranks_of, threads: int = 1, max_new: int = MAX_NEW) -> dict:
+def run_group(
+    ckpt: str,
+    world: int,
+    prompts,
+    placement,
+    ranks_of,
+    threads: int = 1,
+    max_new: int = MAX_NEW,
+    backend: GroupBackend = "gloo",
+) -> dict:
     torch.set_num_threads(threads)
-    comms = gloo_comms(world)
+    comms = group_comms(world, backend)
     params = SamplingParams(max_tokens=max_new, temperature=0.0, ignore_eos=True)
     built = run_ranks(lambda r: build_ep_engine(build_engine_config(ckpt, **OPTIONS), comms[r], placement), world)
 
@@ -322,23 +331,27 @@ def scaling(ckpt: str, topics, worlds=(2, 4), n_prompts: int = 16, max_new: int 
         cfg = build_engine_config(ckpt, **OPTIONS).model
         for world in worlds:
             ranks_of = [i % world for i in range(n_prompts)]
-            r = run_group(ckpt, world, prompts, contiguous_placement(cfg, world), ranks_of, max_new=max_new)
-            rows.append(
-                {
-                    "world": world,
-                    "threads": 1,
-                    "tokens_per_s": r["generated_tokens_per_s"],
-                    "bytes_per_round": r["bytes_per_round"],
-                    "load_avg": os.getloadavg()[0],
-                }
-            )
-    best: dict[tuple[int, int], dict] = {}
+            for backend in ("gloo", "shm"):
+                placement = contiguous_placement(cfg, world)
+                r = run_group(ckpt, world, prompts, placement, ranks_of, max_new=max_new, backend=backend)
+                rows.append(
+                    {
+                        "world": world,
+                        "threads": 1,
+                        "group": backend,
+                        "tokens_per_s": r["generated_tokens_per_s"],
+                        "bytes_per_round": r["bytes_per_round"],
+                        "load_avg": os.getloadavg()[0],
+                    }
+                )
+    best: dict[tuple[int, int, str], dict] = {}
     for r in rows:
-        key = (r["world"], r["threads"])
+        key = (r["world"], r["threads"], r.get("group", "-"))
         if key not in best or r["tokens_per_s"] > best[key]["tokens_per_s"]:
             best[key] = r
-    for (w, threads), r in sorted(best.items()):
-        print(f"  EP={w} x {threads} thread(s): {r['tokens_per_s']:.0f} tok/s (load {r['load_avg']:.1f})", flush=True)
+    for (w, threads, group), r in sorted(best.items()):
+        line = f"  EP={w} x {threads} thread(s), group {group}: {r['tokens_per_s']:.0f} tok/s"
+        print(f"{line} (load {r['load_avg']:.1f})", flush=True)
     return list(best.values())
 
 
