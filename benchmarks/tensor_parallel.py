@@ -206,11 +206,10 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: A
     if args.switch_interval_ms > 0:  # how soon a thread waiting for the GIL gets it (default 5 ms)
         sys.setswitchinterval(args.switch_interval_ms / 1e3)
     from engine.models.tensor_parallel import TokenWeaveConfig, TPModel
-    from engine.parallel import TorchDistCommunicator
-    from engine.runtime.groups import GroupSpec, join_group
+    from engine.runtime.groups import GroupSpec, join_communicator
 
-    spec = GroupSpec("tp-bench", rank, world, "127.0.0.1", port, "gloo", 120.0, local_host="127.0.0.1")
-    comm = TorchDistCommunicator(join_group(spec), timeout_s=120.0, name="tp-bench")
+    spec = GroupSpec("tp-bench", rank, world, "127.0.0.1", port, args.group, 120.0, local_host="127.0.0.1")
+    comm = join_communicator(spec)
     full = build_full_model(args.layers, args.seed)
     hidden = full.cfg.hidden_size
     local = ComputeOnlyCommunicator(rank, world)
@@ -402,7 +401,7 @@ def table(summary: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot(summary: list[dict[str, Any]], layers: int, path: Path) -> None:
+def plot(summary: list[dict[str, Any]], layers: int, group: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -423,7 +422,7 @@ def plot(summary: list[dict[str, Any]], layers: int, path: Path) -> None:
     a1.set_yscale("log")
     a1.set_xlabel("prompt tokens")
     a1.set_ylabel(f"ms per layer (forward / {layers}, median)")
-    a1.set_title("TP=2 prefill, gloo on CPU")
+    a1.set_title(f"TP=2 prefill, {group} group on CPU")
     a1.legend(fontsize=8)
     a2.plot(tokens, [s["tokenweave_over_sequential_median"] for s in summary], "D-", label="TokenWeave / sequential")
     a2.plot(
@@ -485,6 +484,12 @@ def main() -> None:
         help="also run over a free link of this many GB/s (LinkDelay; 0: skip). 0.2 makes communication "
         "about a third of compute at 1024 tokens, as TP all-reduces are on GPUs with NVLink",
     )
+    ap.add_argument(
+        "--group",
+        choices=("gloo", "shm"),
+        default="gloo",
+        help="the TP group's backend: gloo (loopback TCP) or shm (engine/runtime/shm_group.py)",
+    )
     ap.add_argument("--quick", action="store_true", help="256 and 1024 tokens, 3 rounds")
     ap.add_argument("--out", default="tensor_parallel", help="results name under benchmarks/results/")
     args = ap.parse_args()
@@ -516,6 +521,7 @@ def main() -> None:
         "machine": machine_description(),
         "model": "random Llama: hidden 576, 16 q / 8 KV heads (head_dim 36), intermediate 1536, vocab 49152, fp32",
         "layers": args.layers,
+        "group": args.group,
         "link_gbps": args.link_gbps,
         "switch_interval_ms": args.switch_interval_ms or 1e3 * sys.getswitchinterval(),
         "world_size": 2,
@@ -526,7 +532,7 @@ def main() -> None:
         "runs": results[0],
     }
     (RESULTS_DIR / f"{args.out}.json").write_text(json.dumps(doc, indent=1))
-    plot(summary, args.layers, RESULTS_DIR / f"{args.out}.png")
+    plot(summary, args.layers, args.group, RESULTS_DIR / f"{args.out}.png")
     print(f"load average start {load_start}, end {load_end}; wrote {RESULTS_DIR / args.out}.{{json,png}}")
 
 
