@@ -397,13 +397,10 @@ def _typed(raw: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...] | torch
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        got = sock.recv(n - len(buf))
-        if not got:
-            raise EOFError("peer closed the channel")
-        buf += got
-    return bytes(buf)
+    got = sock.recv(n, socket.MSG_WAITALL)  # blocks until n bytes, EOF or an error
+    if len(got) < n:
+        raise EOFError("peer closed the channel")
+    return got
 
 
 # ============================================================================ joining
