@@ -2,9 +2,10 @@
 memory (issues 13 and 14: the one-node path for attention offload and expert parallelism; TP
 groups may use it too). Same contract as engine/parallel.py's communicators.
 
-Channels. Every ordered pair of ranks (src -> dst) has one ring of ``ring_bytes`` in a file
-under /dev/shm that src writes and dst reads; every unordered pair has one Unix stream socket
-(abstract namespace) that carries small frames both ways:
+Channels. Every ordered pair of ranks (src -> dst) has one ring of ``ring_bytes`` in a memfd
+that src creates and writes and dst maps and reads; every unordered pair has one Unix stream
+socket (abstract namespace) that carries the rings' fds at the join, then small frames both
+ways:
 
     DATA   (key, total, offset, ring_pos, n)  src wrote bytes [offset, offset+n) of a message
                                               of ``total`` bytes at ring[ring_pos:ring_pos+n]
@@ -33,10 +34,12 @@ later op raises; the worker is failed and the group formed again.
 
 Lifecycle (``join_shm``, every rank at once, rendezvous over the group's TCPStore):
     1. every rank publishes its node identity (boot id + hostname); a mismatch fails the join
-    2. every rank creates its outgoing rings and listens on its socket name
-    3. lower ranks accept, higher ranks connect (each pair once); every rank maps its incoming
-       rings, then the ring files are unlinked once every rank mapped them (no /dev/shm file
-       outlives the join; the mappings live until ``close``)
+    2. every rank listens on its socket name; lower ranks accept, higher ranks connect (each
+       pair once)
+    3. per pair, each side creates its outgoing ring (a memfd, pages reserved: a node short of
+       memory fails here, not at a later write), sends the fd over the socket (SCM_RIGHTS) and
+       maps the peer's; no file exists anywhere (not under /dev/shm, whose size containers
+       often cap), and the memory goes when both mappings are gone
     4. reader threads start; one all-reduce of ones checks the group
 ``close()`` shuts the sockets (peers see EOF), joins the reader threads and unmaps the rings.
 
@@ -65,8 +68,7 @@ from engine.parallel import CommunicationError, Communicator, Pending, Ready
 
 T = TypeVar("T")
 
-DEFAULT_RING_BYTES = 32 << 20  # per ordered pair
-_SHM_DIR = "/dev/shm"
+DEFAULT_RING_BYTES = 16 << 20  # per ordered pair, reserved at join
 # frame: kind (D/C), key kind (c/p), key value, total, offset, ring position, n  (little endian)
 _FRAME = struct.Struct("<ccqqqqq")
 _DATA, _CREDIT = b"D", b"C"
@@ -413,32 +415,22 @@ def join_shm(
     every rank shares (a PrefixStore of the group's TCPStore). Raises ShmJoinError."""
     deadline = time.monotonic() + timeout_s
     wait = datetime.timedelta(seconds=timeout_s)
-    ident = node_identity()
-    store.set(f"node/{rank}", ident)
+    store.set(f"node/{rank}", node_identity())
     if rank == 0:
         store.set("token", secrets.token_hex(6))
     store.wait(["token", *(f"node/{r}" for r in range(world_size))], wait)
-    others = {r: store.get(f"node/{r}").decode() for r in range(world_size)}
-    if len(set(others.values())) != 1:
-        raise ShmJoinError(f"shm group {name!r} needs every rank on one node, got {others}")
+    nodes = {r: store.get(f"node/{r}").decode() for r in range(world_size)}
+    if len(set(nodes.values())) != 1:
+        raise ShmJoinError(f"shm group {name!r} needs every rank on one node, got {nodes}")
     token = store.get("token").decode()
 
-    def ring_path(src: int, dst: int) -> str:
-        return os.path.join(_SHM_DIR, f"splitserve-{token}-{src}-{dst}")
-
     def sock_name(r: int) -> str:
-        return f"\0splitserve-{token}-{r}"
+        return f"\0splitserve-{token}-{r}"  # abstract namespace: no file to clean up
 
-    mine = [ring_path(rank, p) for p in range(world_size) if p != rank]
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     socks: dict[int, socket.socket] = {}
-    maps: dict[int, list[mmap.mmap]] = {p: [] for p in range(world_size) if p != rank}
-    rings_out: dict[int, torch.Tensor] = {}
-    rings_in: dict[int, torch.Tensor] = {}
+    peers: dict[int, _Peer] = {}
     try:
-        for p in maps:
-            rings_out[p], m = _map(ring_path(rank, p), ring_bytes, create=True)
-            maps[p].append(m)
         listener.bind(sock_name(rank))
         listener.listen(world_size)
         store.set(f"ready/{rank}", "1")
@@ -455,13 +447,21 @@ def join_shm(
             s.settimeout(max(0.1, deadline - time.monotonic()))
             (p,) = struct.unpack("<q", _recv_exact(s, 8))
             socks[p] = s
-        for p in maps:
-            rings_in[p], m = _map(ring_path(p, rank), ring_bytes, create=False)
-            maps[p].append(m)
-            socks[p].settimeout(None)  # the reader blocks until a frame or EOF
-        store.set(f"mapped/{rank}", "1")
-        store.wait([f"mapped/{r}" for r in range(world_size)], wait)
+        for p, s in sorted(socks.items()):  # each side sends its ring's memfd, then maps the peer's
+            out_ring, out_map, fd = _new_ring(f"splitserve-{name}-{rank}-{p}", ring_bytes)
+            try:
+                socket.send_fds(s, [b"R"], [fd])
+            finally:
+                os.close(fd)  # the mapping (and the peer's, once it received it) keeps the memory
+            _msg, fds, _flags, _addr = socket.recv_fds(s, 1, 1)
+            if len(fds) != 1:
+                raise ShmJoinError(f"shm group {name!r}: rank {p} sent no ring")
+            in_ring, in_map = _map_fd(fds[0], ring_bytes)
+            s.settimeout(None)  # the reader blocks until a frame or EOF
+            peers[p] = _Peer(p, s, out_ring, in_ring, [out_map, in_map])
     except ShmJoinError:
+        for s in socks.values():
+            s.close()
         raise
     except Exception as e:  # noqa: BLE001 - store, socket and mapping errors all mean "could not join"
         for s in socks.values():
@@ -471,12 +471,6 @@ def join_shm(
         ) from e
     finally:
         listener.close()
-        for path in mine:  # every rank mapped them (or the join failed): the mappings are enough
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-    peers = {p: _Peer(p, socks[p], rings_out[p], rings_in[p], maps[p]) for p in maps}
     comm = ShmCommunicator(name, rank, world_size, peers, timeout_s, ring_bytes)
     ones = comm.all_reduce(torch.ones(1, dtype=torch.int64))
     if int(ones.item()) != world_size:
@@ -485,13 +479,27 @@ def join_shm(
     return comm
 
 
-def _map(path: str, size: int, *, create: bool) -> tuple[torch.Tensor, mmap.mmap]:
-    """[size] uint8 view of a /dev/shm file (created at ``size`` when ``create``)."""
-    fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
+def _new_ring(name: str, size: int) -> tuple[torch.Tensor, mmap.mmap, int]:
+    """A ring in a fresh memfd: [size] uint8 view, its mapping and the fd (the caller closes it).
+    The pages are reserved now, so a node short of memory fails the join, not a later write."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
     try:
-        if create:
-            os.ftruncate(fd, size)
+        os.ftruncate(fd, size)
+        os.posix_fallocate(fd, 0, size)
+        view, m = _map_fd(fd, size, close=False)
+    except BaseException:
+        os.close(fd)
+        raise
+    return view, m, fd
+
+
+def _map_fd(fd: int, size: int, close: bool = True) -> tuple[torch.Tensor, mmap.mmap]:
+    """[size] uint8 view of a shared mapping of ``fd`` (closed after mapping when ``close``)."""
+    try:
+        if os.fstat(fd).st_size < size:
+            raise ShmJoinError(f"ring of {os.fstat(fd).st_size} bytes, expected {size}")
         m = mmap.mmap(fd, size)
     finally:
-        os.close(fd)
+        if close:
+            os.close(fd)
     return torch.frombuffer(m, dtype=torch.uint8, count=size), m

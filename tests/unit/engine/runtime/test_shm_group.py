@@ -91,7 +91,7 @@ def test_messages_larger_than_the_ring_go_in_chunks_both_ways_at_once() -> None:
     assert [c.bytes_sent - b for c, b in zip(comms, before, strict=True)] == [half * 4 + 4000] * 2
 
 
-def test_join_leaves_no_file_in_dev_shm_and_refuses_ranks_on_other_nodes(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_join_creates_no_file_in_dev_shm_and_refuses_ranks_on_other_nodes(monkeypatch: pytest.MonkeyPatch) -> None:
     before = _leftover_rings()
     shm_comms(2)
     assert _leftover_rings() == before
