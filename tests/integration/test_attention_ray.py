@@ -15,11 +15,12 @@ import pytest
 import ray
 
 from cluster.config import PoolConfig, ServeConfig, TransferConfig
-from cluster.control.controller import Controller, ControllerOptions
+from cluster.control.controller import Controller
 from cluster.frontends.grpc_server import server_info_message
 from cluster.frontends.service import ServerInfo
 from engine import LLM, SamplingParams
 from engine.types import RequestSpec
+from tests.integration.fast_options import FAST_GROUPS
 from tests.router_streams import collect
 
 pytestmark = pytest.mark.integration
@@ -28,9 +29,6 @@ MODEL_ENGINE = {"block_size": 8, "attention_backend": "sdpa", "enable_prefix_cac
 ATTN_BLOCKS = 48  # per attention worker
 ATTN_ENGINE = {"block_size": 8, "num_blocks": ATTN_BLOCKS, "attention_backend": "sdpa"}
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-OPTIONS = ControllerOptions(
-    health_interval_s=0.2, ping_timeout_s=10.0, restart_backoff_s=0.5, read_timeout_s=0.5, ep_group_timeout_s=5.0
-)
 
 
 async def _collect(c: Controller, rid: str, prompt: list[int], params: SamplingParams):
@@ -60,7 +58,7 @@ def test_an_attention_pool_serves_as_llm_and_its_group_comes_back_after_a_member
     )
 
     async def run():
-        c = await Controller(cfg, OPTIONS).start()
+        c = await Controller(cfg, FAST_GROUPS).start()
         try:
             results = await asyncio.gather(*(_collect(c, f"r{i}", p, GREEDY) for i, p in enumerate(prompts)))
             await c.check_health()  # one round: the attention workers' stats are polled

@@ -32,11 +32,12 @@ import ray
 import torch
 
 from cluster.config import FailoverConfig, PoolConfig, RouterConfig, ServeConfig, TransferConfig
-from cluster.control.controller import Controller, ControllerOptions
+from cluster.control.controller import Controller
 from cluster.frontends.service import NoWorkerAvailable, Overloaded, RequestTimeout, ServingBackend
 from cluster.metrics.registry import Metrics
 from engine import LLM, SamplingParams
 from tests.correctness.full_forward import check_argmax_consistent
+from tests.integration.fast_options import FAST
 from tests.real_model import real_model_dir, transformers_module
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -47,7 +48,6 @@ LOAD_S = 45.0
 KILL_EVERY_S = 6.0
 CLIENTS = 6
 SEED = 20261216
-FAST = ControllerOptions(health_interval_s=0.2, ping_timeout_s=10.0, restart_backoff_s=0.5, read_timeout_s=0.5)
 
 
 @dataclass

@@ -17,20 +17,18 @@ import pytest
 import ray
 
 from cluster.config import PoolConfig, ServeConfig, TransferConfig
-from cluster.control.controller import Controller, ControllerOptions
+from cluster.control.controller import Controller
 from cluster.frontends.grpc_server import server_info_message
 from cluster.frontends.service import ServerInfo
 from engine import LLM, SamplingParams
 from engine.types import RequestSpec
+from tests.integration.fast_options import FAST_GROUPS
 from tests.router_streams import collect
 
 pytestmark = pytest.mark.integration
 
 ENGINE = {"block_size": 8, "num_blocks": 128, "attention_backend": "sdpa"}
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-OPTIONS = ControllerOptions(
-    health_interval_s=0.2, ping_timeout_s=10.0, restart_backoff_s=0.5, read_timeout_s=0.5, ep_group_timeout_s=5.0
-)
 
 
 async def _collect(c: Controller, rid: str, prompt: list[int], params: SamplingParams):
@@ -64,7 +62,7 @@ def test_an_ep_mixed_pool_serves_as_llm_and_comes_back_after_a_member_dies(
     )
 
     async def run():
-        c = await Controller(cfg, OPTIONS).start()
+        c = await Controller(cfg, FAST_GROUPS).start()
         try:
             results = await asyncio.gather(*(_collect(c, f"r{i}", p, GREEDY) for i, p in enumerate(prompts)))
             await c.router.refresh_loads()

@@ -13,6 +13,7 @@ Greedy output through the cluster is compared token for token with the colocated
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import time
 from collections.abc import Callable
@@ -23,12 +24,13 @@ import ray
 from ray.cluster_utils import Cluster
 
 from cluster.config import PoolConfig, RouterConfig, ServeConfig, TransferConfig
-from cluster.control.controller import Controller, ControllerOptions
+from cluster.control.controller import Controller
 from cluster.control.routing import RouteReason
 from cluster.frontends.grpc_server import server_info_message
 from cluster.frontends.service import ServerInfo
 from engine import LLM, SamplingParams
 from engine.types import RequestSpec, WorkerStats
+from tests.integration.fast_options import FAST
 from tests.router_streams import collect
 
 pytestmark = pytest.mark.integration
@@ -37,7 +39,6 @@ ENGINE = {"block_size": 4, "num_blocks": 128, "max_num_batched_tokens": 16}
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
 SHORT = 8  # prompts shorter than this are prefilled on the decode worker (no transfer)
 LENGTHS = (3, 5, 9, 17, 33, 47, 60, 12)  # mixed: short path and chunked split prefill
-FAST = ControllerOptions(health_interval_s=0.2, ping_timeout_s=10.0, restart_backoff_s=0.5, read_timeout_s=0.5)
 
 
 def _prompts(lengths: tuple[int, ...] = LENGTHS, seed: int = 0) -> list[list[int]]:
@@ -312,7 +313,7 @@ def test_shm_across_nodes_is_refused_and_cleaned_up(ray_nodes, loop, tiny_checkp
         decode={"num_cpus": 0, "resources": {"decode_node": 1}},
     )
     cfg = ServeConfig.from_dict({**cfg.to_dict(), "placement": placement})
-    options = ControllerOptions(**{**FAST.__dict__, "placement_timeout_s": 2.0})
+    options = dataclasses.replace(FAST, placement_timeout_s=2.0)
 
     async def run():
         c = Controller(cfg, options)
