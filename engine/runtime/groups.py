@@ -39,7 +39,7 @@ from typing import Literal
 import torch
 from torch.distributed import PrefixStore, ProcessGroupGloo, Store, TCPStore
 
-from engine.parallel import ProcessGroup
+from engine.parallel import DeferredCommunicator, ProcessGroup, TorchDistCommunicator
 
 GroupBackend = Literal["gloo", "nccl"]
 BACKENDS: tuple[GroupBackend, ...] = ("gloo", "nccl")
@@ -120,6 +120,18 @@ def join_group(spec: GroupSpec, store: Store | None = None) -> ProcessGroup:
     except Exception as e:  # noqa: BLE001 - store, connect and backend errors all mean "could not join"
         raise GroupJoinError(f"{spec.describe()} could not join: {type(e).__name__}: {e}") from e
     return group
+
+
+def join_deferred(comm: DeferredCommunicator, spec: GroupSpec) -> None:
+    """Join ``spec``'s group as ``comm``'s rank and connect ``comm`` to it (a rank built before
+    its group: engine/parallel.DeferredCommunicator). ValueError if ``spec`` names another rank
+    or group size than ``comm`` was built for; GroupJoinError as ``join_group``."""
+    if (spec.rank, spec.world_size) != (comm.rank, comm.world_size):
+        raise ValueError(
+            f"{comm.name!r}: this rank was built as rank {comm.rank} of {comm.world_size}, asked to join "
+            f"as rank {spec.rank} of {spec.world_size}"
+        )
+    comm.connect(TorchDistCommunicator(join_group(spec), timeout_s=spec.timeout_s, name=spec.name))
 
 
 def _build_backend(store: Store, spec: GroupSpec) -> ProcessGroup:
