@@ -2,7 +2,9 @@
 the routed DecodeActor (a TPLeaderEngine) and rank 1 a TPFollowerActor, joined by the
 controller in the gloo group ``tp/mixed-0``, on a tiny Llama whose 16 query / 8 KV heads TP=2
 divides (odd vocab: an uneven vocab split). Concurrent greedy requests give engine.LLM's
-tokens; GetServerInfo shows the pool's degree and both ranks. Rank 1 killed mid-request
+tokens, one of them cut by a stop string (rank 1 rebuilds the stop checker from the state
+rank 0 sends, so both ranks end it at the same token); GetServerInfo shows the pool's degree
+and both ranks. Rank 1 killed mid-request
 fails rank 0's next step within seconds with an error naming the dead rank (the health
 watcher's period is long here, so the failure is rank 0's own, not the controller's; failover
 is off, so the client sees it: never a hang); the next health round (driven by the test)
@@ -28,7 +30,7 @@ from tests.router_streams import collect
 pytestmark = pytest.mark.integration
 
 WIDE = {"num_attention_heads": 16, "num_key_value_heads": 8, "hidden_size": 128, "intermediate_size": 256}
-ENGINE = {"block_size": 8, "num_blocks": 64, "attention_backend": "sdpa", "skip_tokenizer_init": True}
+ENGINE = {"block_size": 8, "num_blocks": 64, "attention_backend": "sdpa"}  # with the checkpoint's tokenizer
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 PROMPTS = [list(range(3, 14)), list(range(20, 27)), list(range(40, 59)), [5, 9, 2, 7], list(range(60, 90))]
 GROUP_TIMEOUT_S = 5.0  # every collective of tp/mixed-0: a dead rank fails rank 0's step within it
@@ -39,6 +41,20 @@ OPTIONS = ControllerOptions(
     read_timeout_s=0.5,
     ep_group_timeout_s=GROUP_TIMEOUT_S,
 )
+
+
+def _stop_request(llm: LLM, prompt: list[int]) -> tuple[SamplingParams, list[int]]:
+    """Greedy params with a stop string that LLM hits mid-output -> (params, LLM's tokens)."""
+    full = llm.generate([prompt], GREEDY)[0].token_ids
+    for start in range(4, len(full) - 2):
+        stop = llm.tokenizer.decode(full[start : start + 2]).strip()
+        if not stop:
+            continue
+        params = SamplingParams(max_tokens=GREEDY.max_tokens, temperature=0.0, ignore_eos=True, stop=(stop,))
+        (out,) = llm.generate([prompt], params)
+        if out.finish_reason == "stop" and len(out.token_ids) < len(full):
+            return params, out.token_ids
+    raise AssertionError(f"no stop string cuts {full}")
 
 
 def _agreement(got: list[list[int]], want: list[list[int]]) -> float:
@@ -65,6 +81,7 @@ def test_a_tp_pool_on_ray_serves_as_llm_and_a_dead_rank_fails_and_replaces_the_w
     ckpt = tiny_checkpoint("llama", vocab_size=515, **WIDE)
     llm = LLM(ckpt, **ENGINE)
     want = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+    stop_params, stop_want = _stop_request(llm, PROMPTS[2])
     long_prompt = list(range(100, 110))
     long_params = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
     cfg = ServeConfig(
@@ -79,7 +96,11 @@ def test_a_tp_pool_on_ray_serves_as_llm_and_a_dead_rank_fails_and_replaces_the_w
         try:
             rec = c.workers["mixed-0"]
             assert [f.worker_id for f in rec.followers] == ["mixed-0/tp1"]
-            got = await asyncio.gather(*(collect(c.router, f"r{i}", p, GREEDY) for i, p in enumerate(PROMPTS)))
+            got = await asyncio.gather(
+                *(collect(c.router, f"r{i}", p, GREEDY) for i, p in enumerate(PROMPTS)),
+                collect(c.router, "stop", PROMPTS[2], stop_params),
+            )
+            stopped = got.pop()
             await c.check_health()  # a health round: the follower's stats are polled
             info = c.info()
 
@@ -96,16 +117,18 @@ def test_a_tp_pool_on_ray_serves_as_llm_and_a_dead_rank_fails_and_replaces_the_w
             await _wait_serving(c, "mixed-0", restarts=1, timeout_s=180.0)
             assert rec.followers and rec.followers[0].actor is not follower.actor  # rank 1 is a new actor
             after = await asyncio.gather(*(collect(c.router, f"a{i}", p, GREEDY) for i, p in enumerate(PROMPTS)))
-            return got, info, first, rest, failed_after, after, c.info()
+            return got, stopped, info, first, rest, failed_after, after, c.info()
         finally:
             await c.shutdown()
 
-    got, info, first, rest, failed_after, after, info_after = asyncio.run(run())
+    got, stopped, info, first, rest, failed_after, after, info_after = asyncio.run(run())
     assert [last.finish_reason for _, last in got] == ["length"] * len(PROMPTS)  # type: ignore[union-attr]
     served = [tokens for tokens, _ in got]
     agreement = _agreement(served, want)
     print(f"TP=2 on Ray: {agreement:.4f} of {sum(map(len, want))} greedy tokens equal engine.LLM's")
     assert agreement >= 0.99, (served, want)
+    assert stopped[1] is not None and stopped[1].finish_reason == "stop", stopped[1]
+    assert stopped[0] == stop_want  # rank 1 stopped it at the same token (else its batches would differ)
 
     # GetServerInfo: the pool's degree, rank 0 routed, rank 1 connected with the same (SPMD) pool
     (pool,) = info.pools
