@@ -2,8 +2,8 @@
 
 A TP worker of degree N on Ray (issue 15, pools) is N actors: rank 0 the routed DecodeActor
 whose engine is a ``TPLeaderEngine`` (decode_worker/tensor_parallel.py), ranks 1..N-1
-``TPFollowerWorker``s (their Ray shell: decode_worker/actor.TPFollowerActor). Neither knows Ray here;
-the channel between them is injected (``FollowerChannel``).
+``TPFollowerWorker``s (their Ray shell: decode_worker/actor.TPFollowerActor). Neither knows
+Ray here; the channel between them is injected (``FollowerChannel``).
 
 Lifecycle of a follower rank::
 
