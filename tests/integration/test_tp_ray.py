@@ -163,3 +163,35 @@ def test_a_tp_pool_on_ray_serves_as_llm_and_a_dead_rank_fails_and_replaces_the_w
     assert (w.worker_id, w.healthy, w.restarts) == ("mixed-0", True, 1)
     assert "mixed-0/tp1" in (w.last_failure or ""), w.last_failure
     assert _agreement([tokens for tokens, _ in after], want) >= 0.99
+
+
+def test_rank_0s_channel_reports_a_failed_follower_call_and_a_dead_follower(ray_local, tiny_checkpoint) -> None:
+    """RayFollowerChannel against a real TPFollowerActor: a call that raised on the follower
+    comes back (without blocking rank 0) as the follower's TPFollowerFailed; a dead actor as
+    "actor gone", from both ``failures`` and ``ask``."""
+    from decode_worker.actor import RayFollowerChannel, TPFollowerActor
+    from decode_worker.tensor_parallel import Admit, Step
+
+    ckpt = tiny_checkpoint("llama", vocab_size=515, **WIDE)
+    actor = TPFollowerActor.options(num_cpus=0.5).remote(ckpt, {**ENGINE, "skip_tokenizer_init": True}, 1, 2, "m-0")
+    assert ray.get(actor.ping.remote(), timeout=120) == "m-0/tp1"
+    channel = RayFollowerChannel(actor)
+
+    def poll(what):
+        deadline = time.monotonic() + 30.0
+        while not (got := what()) and time.monotonic() < deadline:
+            time.sleep(0.02)  # poll interval
+        return got
+
+    channel.send(1, Admit("never-reserved", 3))  # raises in the follower's apply thread
+    assert poll(lambda: ray.get(actor.check.remote())) == "KeyError: 'never-reserved'"
+    assert channel.failures() == []  # call 1 itself was accepted
+    channel.send(2, Step())  # refused: the follower failed
+    assert poll(channel.failures) == ["TPFollowerFailed: m-0/tp1: KeyError: 'never-reserved'"]
+    assert channel.ask(5.0) == "KeyError: 'never-reserved'"
+    ray.kill(actor, no_restart=True)
+    with pytest.raises(RuntimeError, match="actor gone"):
+        channel.ask(5.0)
+    channel.send(3, Step())
+    (gone,) = poll(channel.failures)
+    assert gone.startswith("actor gone: ") and "Actor" in gone, gone  # RayActorError or a subclass
