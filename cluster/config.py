@@ -99,8 +99,9 @@ class PoolConfig:
     num_gpus: float = 0.0  # Ray GPUs per worker actor (1 on GPU nodes)
     # Custom Ray resources per worker, e.g. {"decode_node": 1} to pin a pool to labelled nodes.
     resources: dict[str, float] = field(default_factory=dict)
-    # How the ranks of this pool's worker groups talk (its EP group; for an attention pool, the
-    # model worker <-> attention workers group): one of GROUP_TRANSPORTS. "auto": NCCL when the
+    # How the ranks of this pool's worker groups talk (its EP group; on Ray its TP workers'
+    # rank groups; for an attention pool, the model worker <-> attention workers group): one of
+    # GROUP_TRANSPORTS. "auto": NCCL when the
     # pool has GPUs, else gloo. "shm": shared memory between processes of ONE node
     # (engine/runtime/shm_group.py; CPU pools only; a group Ray spread over nodes fails to form,
     # naming its ranks' nodes).
@@ -130,9 +131,10 @@ class PoolConfig:
     # only; not with EP, attention offload or speculation. N must divide the model's query/KV
     # heads and MLP width (checked against the model by serve's ``resolve_model``, before any
     # actor starts). 1: no TP. In process (LocalCluster) a worker is N shards in one process
-    # (decode_worker/tensor_parallel.py); on Ray not yet: the Controller (and so ``serve``)
-    # refuses them (``refuse_unbuilt_tensor_parallel``). No prefill workers beside a TP pool
-    # (KV transfer between TP degrees is not built): the TP workers prefill their own prompts.
+    # (decode_worker/tensor_parallel.py); on Ray N actors, one per rank, each asking for the
+    # pool's num_cpus / num_gpus / resources (cluster/control/controller.py). No prefill
+    # workers beside a TP pool (KV transfer between TP degrees is not built): the TP workers
+    # prefill their own prompts.
     tensor_parallel: int = 1
 
     def __post_init__(self) -> None:
@@ -584,19 +586,6 @@ class ServeConfig:
         else:
             raise ConfigError("", f"{path}: unknown config file type (use .yaml, .yml or .json)")
         return ServeConfig.from_dict(data)
-
-
-def refuse_unbuilt_tensor_parallel(config: ServeConfig) -> None:
-    """Raise ConfigError for a pool with ``tensor_parallel`` > 1 where workers of N ranks are not
-    built: on Ray (the Controller, hence ``serve``). They run in process only
-    (LocalCluster, decode_worker/tensor_parallel.py); refused, never served at TP=1."""
-    for i, pool in enumerate(config.pools):
-        _check(
-            pool.tensor_parallel == 1,
-            f"pools[{i}].tensor_parallel",
-            f"is {pool.tensor_parallel}, but tensor-parallel pools run only in process (LocalCluster) so far, "
-            "not on Ray",
-        )
 
 
 # ---------------------------------------------------------------- generic dict -> dataclass

@@ -58,7 +58,6 @@ from cluster.config import (
     TRANSFER_KINDS,
     ConfigError,
     ServeConfig,
-    refuse_unbuilt_tensor_parallel,
 )
 from cluster.control.errors import EXCEPTION_LINE
 from cluster.control.info import ClusterInfo
@@ -135,8 +134,8 @@ def add_serve_parser(sub: Any) -> None:
         type=positive_int,
         metavar="N",
         help="tensor parallelism: every decode and mixed pool's workers become N ranks each (pool "
-        "`tensor_parallel`; N must divide the model's heads; give --prefill 0). Checked, then refused: "
-        "TP workers run only in process (LocalCluster) so far, not on Ray",
+        "`tensor_parallel`, one Ray actor per rank, the pool's resources per rank; N must divide the "
+        "model's heads; give --prefill 0: KV transfer between TP degrees is not built)",
     )
     p.add_argument(
         "--expert-routing-log",
@@ -464,10 +463,6 @@ def resolve_model(cfg: ServeConfig) -> ServeConfig:
                 plan_shard(engine_config.model, 0, pool.tensor_parallel)
             except TPDivisibilityError as e:
                 raise ServeFailure(f"pools[{i}].tensor_parallel: {e}", 2) from None
-    try:
-        refuse_unbuilt_tensor_parallel(cfg)
-    except ConfigError as e:
-        raise ServeFailure(f"config error: {_one_line(str(e))}", 2) from None
     return dataclasses.replace(cfg, model=path)
 
 
@@ -691,14 +686,23 @@ def _print_layout(info: ClusterInfo) -> None:
     for pool in info.pools:
         res = {"CPU": pool.num_cpus, "GPU": pool.num_gpus, **pool.resources}
         shown = ", ".join(f"{k}={v:g}" for k, v in res.items() if v)
-        _say(f"pool {pool.name} ({pool.role}): {pool.num_workers} worker(s), each {shown or 'nothing'}")
+        if pool.tensor_parallel > 1:
+            each = f"{pool.tensor_parallel} tensor-parallel ranks (Ray actors), each rank {shown or 'nothing'}"
+        else:
+            each = f"each {shown or 'nothing'}"
+        _say(f"pool {pool.name} ({pool.role}): {pool.num_workers} worker(s), {each}")
         for w in (w for w in info.workers if w.pool == pool.name):
             st = w.stats
             kv = f"KV blocks {st.engine.free_kv_blocks}/{st.engine.total_kv_blocks}" if st else "KV blocks unknown"
             addr = f", KV address {w.address}" if w.address is not None else ""
             ep = st.expert_parallel if st else None
             ep_rank = f", EP rank {ep.rank}/{ep.world_size}" if ep is not None else ""
-            _say(f"  {w.worker_id:<12} node {(w.node_id or '?')[:8]}  {kv}{ep_rank}{addr}")
+            tp = f", TP rank 0/{pool.tensor_parallel}" if pool.tensor_parallel > 1 else ""
+            _say(f"  {w.worker_id:<12} node {(w.node_id or '?')[:8]}  {kv}{ep_rank}{tp}{addr}")
+            for r in (r for r in info.tp_ranks if r.worker_id.startswith(f"{w.worker_id}/")):
+                joined = "joined" if r.connected else "not joined"
+                state = f"failed: {r.error}" if r.error else f"{joined}, {r.applied} calls applied"
+                _say(f"    {r.worker_id:<12} TP rank {r.rank}/{r.world_size}  {state}")
         if pool.role == "attention":  # attention offload: not routed, listed with their shards' blocks
             for a in (a for a in info.attention_workers if a.worker_id.rsplit("-", 1)[0] == pool.name):
                 _say(f"  {a.worker_id:<12} {a.state}  KV blocks {a.free_blocks}/{a.total_blocks}")

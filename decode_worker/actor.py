@@ -13,6 +13,19 @@ Threading: a threaded actor. ``read`` blocks a Ray thread for up to its timeout,
 default concurrency group needs about as many threads as requests streaming at once
 (``max_concurrency``). ``ping``, ``stats``, ``limits``, ``kv_address`` and ``node_id`` run in
 a small "control" group so health checks are answered however many reads are waiting.
+
+Tensor-parallel followers (``TPFollowerActor``, the shell over decode_worker/tp_follower's
+TPFollowerWorker; ``RayFollowerChannel``, rank 0's channel to one): the controller starts a
+TP worker's follower actors first (``__init__`` pins torch's threads to the actor's CPU share
+and loads the rank's shard; the first ``ping`` returns once that is done: the readiness
+probe), then rank 0's DecodeActor with their handles, then forms the group ``tp/<worker id>``
+over [rank 0, followers] (``node_ip`` / ``free_port`` / ``join_group``). From then on rank 0's
+loop sends every engine call as ``submit(seq, call)``. On failure or shutdown the controller
+kills every rank. A follower is a threaded actor: ``join_group`` blocks until every rank
+joined and ``submit`` calls may overlap (hence their numbers), so they run in the default
+group; ``submit`` only parks the call (the apply thread runs it) and returns at once.
+``ping``, ``stats``, ``check`` and the group helpers answer from the "control" group while a
+step runs.
 """
 
 from __future__ import annotations
@@ -23,6 +36,7 @@ import ray
 
 from decode_worker.api import DecodeAPI
 from decode_worker.build import build_decode_worker
+from decode_worker.tp_follower import RemoteFollower, TPFollowerAPI, TPFollowerStats, TPFollowerWorker, WireCall
 from engine.runtime.groups import GroupSpec
 from engine.runtime.threads import set_threads_for_cpu_share
 from engine.types import FirstToken, KVAddress, RequestSpec, StreamChunk, WorkerLimits, WorkerStats
@@ -50,7 +64,10 @@ class DecodeActor(DecodeAPI):
         expert_cache_slots: int | None = None,
         expert_routing_log: bytes | None = None,
         attention_blocks: list[int] | None = None,
+        tp_followers: list[Any] | None = None,
     ):
+        """``tp_followers``: the TPFollowerActor handles of ranks 1..N-1 when this actor is rank 0
+        of a tensor-parallel worker (TPFollowerActor below)."""
         # torch threads = this actor's Ray CPU share
         self.num_threads = set_threads_for_cpu_share(ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0))
         opts = dict(transport_options or {})
@@ -72,6 +89,10 @@ class DecodeActor(DecodeAPI):
             expert_routing_log=expert_routing_log,
             node_ip=ray.util.get_node_ip_address(),
             attention_blocks=attention_blocks,
+            tp_followers=[
+                RemoteFollower(f"{worker_id}/tp{r}", RayFollowerChannel(h)) for r, h in enumerate(tp_followers or (), 1)
+            ]
+            or None,
         )
 
     # ------------------------------------------------------------ control group
@@ -127,3 +148,88 @@ class DecodeActor(DecodeAPI):
 
     def shutdown(self) -> None:
         self.worker.shutdown()
+
+
+# ---------------------------------------------------------------- tensor-parallel follower ranks
+@ray.remote(max_concurrency=4, concurrency_groups={CONTROL_GROUP: 2})
+class TPFollowerActor(TPFollowerAPI):
+    def __init__(self, model: str, engine_options: dict[str, Any] | None, rank: int, world_size: int, worker_id: str):
+        self.num_threads = set_threads_for_cpu_share(ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0))
+        self.worker = TPFollowerWorker(
+            model, engine_options, rank, world_size, worker_id, node_ip=ray.util.get_node_ip_address()
+        )
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def ping(self) -> str:
+        return self.worker.ping()
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def stats(self) -> TPFollowerStats:
+        return self.worker.stats()
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def node_ip(self) -> str:
+        return self.worker.node_ip()
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def free_port(self) -> int:
+        return self.worker.free_port()
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def check(self) -> str | None:
+        return self.worker.check()
+
+    def join_group(self, spec: GroupSpec) -> None:
+        self.worker.join_group(spec)  # blocks until every rank joined: not in the control group
+
+    def submit(self, seq: int, call: WireCall) -> None:
+        self.worker.submit(seq, call)
+
+    def shutdown(self) -> None:
+        self.worker.shutdown()
+
+
+class RayFollowerChannel:
+    """Rank 0's FollowerChannel to a TPFollowerActor. Keeps the references of the submissions
+    not known to have succeeded; ``failures`` collects the finished ones without blocking
+    (a dead actor's fail with RayActorError, a failed follower's with its TPFollowerFailed)."""
+
+    def __init__(self, actor: Any):
+        self.actor = actor
+        self._pending: list[Any] = []  # ObjectRefs of submit calls, oldest first
+
+    def send(self, seq: int, call: WireCall) -> None:
+        self._pending.append(self.actor.submit.remote(seq, call))
+
+    def failures(self) -> list[str]:
+        if not self._pending:
+            return []
+        done, self._pending = ray.wait(self._pending, num_returns=len(self._pending), timeout=0, fetch_local=True)
+        failed = []
+        for ref in done:
+            try:
+                ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - the actor is gone or the follower failed: report it
+                failed.append(_cause(e))
+        return failed
+
+    def ask(self, timeout_s: float) -> str | None:
+        try:
+            return ray.get(self.actor.check.remote(), timeout=timeout_s)
+        except Exception as e:  # noqa: BLE001 - reported to the caller as the follower's failure
+            raise RuntimeError(_cause(e)) from None
+
+
+def _cause(e: BaseException) -> str:
+    """One line for a Ray error: the remote exception's own message where there is one."""
+    cause = getattr(e, "cause", None)
+    if isinstance(e, ray.exceptions.RayActorError | ray.exceptions.ActorUnavailableError):
+        return f"actor gone: {type(e).__name__}"
+    if cause is not None:
+        e = cause
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[-1].strip() if lines else ''}"[:500]

@@ -74,6 +74,8 @@ class DecodeAPI(WorkerAPI):
 
     @abc.abstractmethod
     def join_group(self, spec: GroupSpec) -> None:
-        """Join this EP rank's group (blocks until every rank joined, at most
-        ``spec.timeout_s``), then step in lock-step with it. ValueError on a worker that is
-        not an EP rank or for another rank than its own; GroupJoinError if it cannot join."""
+        """Join this worker's group (blocks until every rank joined, at most
+        ``spec.timeout_s``): an EP rank's (then step in lock-step with it), a model worker's
+        attention group, or rank 0's tensor-parallel group ``tp/<worker id>``. ValueError on a
+        worker that joins no group or for another rank than its own; GroupJoinError if it
+        cannot join."""

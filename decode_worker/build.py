@@ -7,10 +7,13 @@ from typing import Any
 from attention_offload.build import shard_layout
 from attention_offload.dist_transport import DistAttentionTransport
 from attention_offload.offloaded import OffloadedEngine
+from decode_worker.tensor_parallel import TPFollowerLink, TPLeaderEngine
+from decode_worker.tp_follower import leader_communicator
 from decode_worker.worker import DecodeWorker
 from engine.engine import EngineCore
 from engine.llm import build_engine_config
 from engine.models.gguf import resolve_model_path
+from engine.parallel import DeferredCommunicator
 from engine.tokenizer import load_tokenizer
 from expert_router.dispatcher import EPDispatcher
 from expert_router.group import EPSetupError, build_ep_engine, serving_placement
@@ -35,6 +38,7 @@ def build_decode_worker(
     node_ip: str = "127.0.0.1",
     attention_blocks: list[int] | None = None,
     attention_rotation: int = 2,
+    tp_followers: list[TPFollowerLink] | None = None,
 ) -> DecodeWorker:
     """``transport=None`` builds a worker without a receiver (mixed/colocated use only).
 
@@ -49,14 +53,26 @@ def build_decode_worker(
     ``attention_blocks`` (one block count per attention worker, rank 1..N): the worker is the
     model worker of an attention pool: an OffloadedEngine (``attention_rotation`` micro-batches)
     whose pool is the attention workers' total, over a torch.distributed transport connected
-    by ``join_group``; it has no KV receiver (no prefill pool with an attention pool)."""
+    by ``join_group``; it has no KV receiver (no prefill pool with an attention pool).
+
+    ``tp_followers`` (ranks 1..N-1 of a tensor-parallel worker of degree N, e.g.
+    decode_worker/tp_follower.RemoteFollower): the worker is rank 0, its engine a
+    TPLeaderEngine over rank 0's shard, built on a DeferredCommunicator that ``join_group``
+    connects (the group ``tp/<worker_id>``); no KV receiver (no prefill pool beside TP)."""
     model = resolve_model_path(model)  # a .gguf converts once (cached); every later call reuses it
     opts = {k: v for k, v in (engine_options or {}).items() if k != "mode"}
     skip_tokenizer_init = bool(opts.pop("skip_tokenizer_init", False))
     config = build_engine_config(model, **opts, mode="decode_only")
     dispatcher: EPDispatcher | None = None
     attention: OffloadedEngine | None = None
-    if attention_blocks is not None:
+    tp_comm: DeferredCommunicator | None = None
+    if tp_followers:
+        if experts > 1 or attention_blocks is not None:
+            raise ValueError("a tensor-parallel worker is not an EP rank or an attention-offloaded model worker")
+        tp_comm = leader_communicator(len(tp_followers) + 1, config.device, worker_id)
+        engine = TPLeaderEngine(EngineCore(config, progress=True, tensor_parallel=tp_comm), tp_followers)
+        transport = None
+    elif attention_blocks is not None:
         if experts > 1:
             raise ValueError("an attention-offloaded model worker is not an EP rank")
         ranks = list(range(1, len(attention_blocks) + 1))
@@ -92,4 +108,5 @@ def build_decode_worker(
         dispatcher=dispatcher,
         node_ip=node_ip,
         attention=attention,
+        tp_comm=tp_comm,
     )

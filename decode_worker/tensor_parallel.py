@@ -14,12 +14,19 @@ A step is the only call with collectives: the leader enqueues ``Step`` then step
 both ranks issue the same all-reduces at once. A follower that fails (or a dead peer) fails
 rank 0's collective within the group's timeout (engine/parallel.TorchDistCommunicator): rank
 0's loop then fails the worker, which the cluster replaces whole (every rank, a new group).
+Rank 0 names a follower's failure when it can: before each step it checks every follower
+(``TPFollowerLink.failure``, non-blocking), and when its own step fails it asks them (briefly)
+why, raising ``TPFollowerFailed`` with the follower's error chained to its own.
+
+Followers are ``TPFollowerLink``s: ``TPFollower`` (a thread in this process) or
+decode_worker/tp_follower.RemoteFollower (a follower rank in another process, a Ray actor).
 
 Lifecycle: ``build_tp_decode_worker`` joins the group ``tp/<worker id>`` (gloo, one thread
 per rank), builds the N shards concurrently, starts the followers and returns the worker
 with its followers; ``stop_followers`` after the worker's shutdown ends the follower threads.
 
-Scope: in-process only (LocalCluster). No KV receiver (KV transfer between TP degrees is not
+Scope: ``build_tp_decode_worker`` is the in-process form (LocalCluster); on Ray each rank is an
+actor (decode_worker/actor.py). No KV receiver (KV transfer between TP degrees is not
 built: a TP pool prefills its own prompts). Not with EP, attention offload or speculation
 (EngineCore refuses them with tensor_parallel).
 """
@@ -30,13 +37,13 @@ import copy
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from decode_worker.worker import DecodeWorker
 from engine.engine import EngineCore, StepResult
 from engine.llm import build_engine_config
 from engine.models.gguf import resolve_model_path
-from engine.parallel import TorchDistCommunicator
+from engine.parallel import CommunicationError, TorchDistCommunicator
 from engine.request import Request
 from engine.runtime.groups import GroupSpec, free_port, join_group
 from engine.spec.speculator import SpecStats
@@ -117,6 +124,24 @@ def apply_call(engine: EngineCore, call: EngineCall) -> None:
             raise TypeError(f"not an engine call: {call!r}")
 
 
+class TPFollowerFailed(RuntimeError):
+    """A follower rank failed (its engine call raised, or it is gone): the TP worker is broken."""
+
+
+class TPFollowerLink(Protocol):
+    """What rank 0 needs of one follower rank. ``submit`` returns at once (never waits for the
+    call to run) and the follower applies the calls in submission order; the call is the
+    follower's own (nothing in it is shared with rank 0's state). ``failure`` says why the
+    follower failed, or None while it is fine: with ``wait_s`` 0 from what is known here (never
+    blocks), with ``wait_s`` > 0 it may ask the follower, for at most that long."""
+
+    name: str
+
+    def submit(self, call: EngineCall) -> None: ...
+
+    def failure(self, wait_s: float = 0.0) -> str | None: ...
+
+
 class TPFollower:
     """Rank r > 0: applies rank 0's calls in order on its shard, in its own thread.
 
@@ -126,6 +151,7 @@ class TPFollower:
 
     def __init__(self, engine: EngineCore, name: str):
         self.engine = engine
+        self.name = name
         self.error: BaseException | None = None
         self._calls: queue.SimpleQueue[EngineCall] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -133,6 +159,11 @@ class TPFollower:
 
     def submit(self, call: EngineCall) -> None:
         self._calls.put(call)
+
+    def failure(self, wait_s: float = 0.0) -> str | None:
+        if self.error is not None:
+            return f"{self.name}: {type(self.error).__name__}: {self.error}"
+        return None if self._thread.is_alive() else f"{self.name}: stopped"
 
     def stop(self, timeout_s: float) -> None:
         self._calls.put(Stop())
@@ -156,7 +187,10 @@ class TPLeaderEngine:
     """Rank 0's EngineCore, seen by the DecodeWorker: state-changing calls are replayed on the
     followers (module docstring); everything else is rank 0's core."""
 
-    def __init__(self, core: EngineCore, followers: list[TPFollower]):
+    # how long a failed step waits for each follower to say why (its error, or that it is gone)
+    DIAGNOSE_S = 2.0
+
+    def __init__(self, core: EngineCore, followers: list[TPFollowerLink]):
         self.core = core
         self.followers = followers
         self.config = core.config
@@ -229,8 +263,17 @@ class TPLeaderEngine:
     def step(self, layer_hook: Any = None) -> StepResult:
         if layer_hook is not None:
             raise ValueError("a tensor-parallel worker's step takes no layer hook")
+        failed = [f for f in (f.failure() for f in self.followers) if f is not None]
+        if failed:  # a collective now would only time out: fail the worker with the cause
+            raise TPFollowerFailed("; ".join(failed))
         self._send(Step)  # first: the followers' collectives meet rank 0's
-        return self.core.step()
+        try:
+            return self.core.step()
+        except CommunicationError as e:
+            failed = [f for f in (f.failure(self.DIAGNOSE_S) for f in self.followers) if f is not None]
+            if failed:
+                raise TPFollowerFailed(f"{'; '.join(failed)} (rank 0: {e})") from e
+            raise
 
 
 @dataclass

@@ -55,10 +55,10 @@ from attention_offload.offloaded import OffloadedEngine
 from decode_worker.api import KV_TRANSFER_FAILED, KV_TRANSFER_TIMED_OUT, DecodeAPI
 from engine.config import SchedulerMode
 from engine.engine import EngineCore
-from engine.parallel import CommunicationError, Communicator
+from engine.parallel import CommunicationError, Communicator, DeferredCommunicator
 from engine.request import Request
 from engine.runtime.continuation import replay_emitted
-from engine.runtime.groups import GroupSpec, free_port, join_communicator
+from engine.runtime.groups import GroupSpec, free_port, join_communicator, join_deferred
 from engine.runtime.stats import (
     QUEUE_SECONDS_BUCKETS,
     TRANSFER_SECONDS_BUCKETS,
@@ -105,10 +105,13 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
         dispatcher: EPDispatcher | None = None,
         node_ip: str = "127.0.0.1",
         attention: OffloadedEngine | None = None,
+        tp_comm: DeferredCommunicator | None = None,
     ):
         """``attention``: this worker is a model worker over attention workers (module
         docstring); ``engine`` must be ``attention.core``. ``dispatcher``: this worker is that EP rank (see the module docstring). ``node_ip``:
-        the address EP peers reach this worker's node at (the actor passes its Ray node IP)."""
+        the address EP peers reach this worker's node at (the actor passes its Ray node IP).
+        ``tp_comm``: this worker is rank 0 of a tensor-parallel worker on Ray (``engine`` a
+        TPLeaderEngine over rank 0's shard built on it); ``join_group`` connects it."""
         if engine.config.scheduler.mode != SchedulerMode.DECODE_ONLY:
             raise ValueError("DecodeWorker needs an engine in decode_only mode")
         self.engine = engine
@@ -143,6 +146,7 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
                 "an attention-offloaded worker's transport is a DistAttentionTransport (connected at join)"
             )
         self.attention = attention
+        self.tp_comm = tp_comm
         self._attn_step_seconds = 0.0  # engine steps' wall time (attention offload report)
         self._attn_transport = None if attention is None else attention.transport  # a DistAttentionTransport
         if dispatcher is None:
@@ -197,6 +201,11 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
         return free_port(self._node_ip)
 
     def join_group(self, spec: GroupSpec) -> None:
+        if self.tp_comm is not None:  # rank 0 of tp/<worker id>; routed only once joined
+            join_deferred(self.tp_comm, spec)
+            self._group_timeout_s = spec.timeout_s
+            self.loop.wake()
+            return
         if self.attention is not None:
             self._join_attention_group(spec)
             return

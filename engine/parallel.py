@@ -372,6 +372,79 @@ class TorchDistCommunicator(Communicator):
         return self._issue(f"recv from {src}", lambda: self.group.recv([out], src, tag), out, out)
 
 
+class DeferredCommunicator(Communicator):
+    """A rank's communicator whose group is joined after the rank was built.
+
+    Lifecycle: ``DeferredCommunicator(rank, world_size, device)`` (what a model shard needs to
+    load: engine/models/tensor_parallel.load_tp_engine_model reads only rank and world size,
+    and building an EngineCore issues no collective) -> ``connect(comm)`` once the group is
+    joined (engine/runtime/groups.py; the comm's rank, world size and device type must match)
+    -> every op delegates to ``comm``. An op before ``connect`` raises CommunicationError
+    naming the rank; ``connect`` twice raises (a broken group is replaced, never re-joined)."""
+
+    def __init__(self, rank: int, world_size: int, device: torch.device | str = "cpu", name: str = "group"):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"DeferredCommunicator: rank {rank} is not in [0, {world_size})")
+        self._rank, self._world_size, self._device = rank, world_size, torch.device(device)
+        self.name = name
+        self._comm: Communicator | None = None
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._world_size
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def connected(self) -> bool:
+        return self._comm is not None
+
+    def connect(self, comm: Communicator) -> None:
+        """Attach the joined group's communicator (ValueError if it is another rank's, group size's
+        or device type's; RuntimeError if already connected)."""
+        if self._comm is not None:
+            raise RuntimeError(f"{self.name!r} rank {self._rank} is already connected")
+        got = (comm.rank, comm.world_size, comm.device.type)
+        want = (self._rank, self._world_size, self._device.type)
+        if got != want:
+            raise ValueError(
+                f"{self.name!r}: connect got rank {got[0]}/{got[1]} on {got[2]}, this rank was built as "
+                f"{want[0]}/{want[1]} on {want[2]}"
+            )
+        self._comm = comm
+
+    def _inner(self, op: str) -> Communicator:
+        if self._comm is None:
+            raise CommunicationError(f"{op} on {self.name!r} rank {self._rank}/{self._world_size} before connect()")
+        return self._comm
+
+    def _start_all_reduce(self, x: torch.Tensor) -> Pending[torch.Tensor]:
+        return self._inner("all_reduce").all_reduce_async(x)
+
+    def _start_reduce_scatter(self, x: torch.Tensor) -> Pending[torch.Tensor]:
+        return self._inner("reduce_scatter").reduce_scatter_async(x)
+
+    def _start_all_gather(self, x: torch.Tensor) -> Pending[torch.Tensor]:
+        return self._inner("all_gather").all_gather_async(x)
+
+    def _start_all_to_all(
+        self, x: torch.Tensor, send_splits: list[int], recv_splits: list[int]
+    ) -> Pending[torch.Tensor]:
+        return self._inner("all_to_all").all_to_all_async(x, send_splits, recv_splits)
+
+    def _start_send(self, x: torch.Tensor, dst: int, tag: int) -> Pending[None]:
+        return self._inner("send").send_async(x, dst, tag)
+
+    def _start_recv(self, out: torch.Tensor, src: int, tag: int) -> Pending[torch.Tensor]:
+        return self._inner("recv").recv_async(out, src, tag)
+
+
 # ============================================================================ communication worker
 
 

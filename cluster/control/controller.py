@@ -35,6 +35,19 @@ Like an EP group it lives and dies as one: when the model worker or any attentio
 fails, all of them are given up, restarted and the group formed again
 (``_begin_replace_group`` with the attention group's members).
 
+Tensor-parallel pools (``PoolConfig.tensor_parallel`` = N > 1): worker ``<pool>-<i>`` is N
+actors, one per rank, each in its own placement bundle (the pool's resources are per rank):
+ranks 1..N-1 are TPFollowerActors ``<pool>-<i>/tp<r>`` (decode_worker/actor.py), started
+first; rank 0 is the routed DecodeActor, started with their handles (its engine a
+TPLeaderEngine sending them every engine call). Every rank loads its shard on its own (no
+group needed for that), then the worker's group ``tp/<pool>-<i>`` is formed over
+[rank 0, followers] (``ep_group_timeout_s`` bounds forming and every collective), and only
+then is the worker routed. The followers are not workers of their own: they live in their
+rank 0's record (``WorkerRecord.followers``), are pinged with it, and any rank failing
+(actor death, a failed ping, rank 0's loop failing on a collective) replaces the whole TP
+worker through the ordinary ``_replace``: every rank killed and started again, the group
+formed again, then routed again.
+
 Health watcher, every ``health_interval_s``:
 - ``ping`` each actor (answered in the actor's control thread group, so it is not starved
   by blocking ``prefill``/``read`` calls). Actor dead, or its engine loop crashed
@@ -64,7 +77,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,16 +86,24 @@ import ray
 from attention_offload.actor import AttentionActor
 from attention_offload.api import AttentionWorkerStats
 from attention_offload.worker import attention_blocks, attention_engine_config
-from cluster.config import ATTENTION_ROLE, PoolConfig, ServeConfig, refuse_unbuilt_tensor_parallel
+from cluster.config import ATTENTION_ROLE, PoolConfig, ServeConfig
 from cluster.control.expert_affinity import build_expert_affinities
 from cluster.control.groups import form_group, group_backend
-from cluster.control.handles import AttentionHandle, DecodeHandle, PrefillHandle, RayInvoker, WorkerUnavailable
+from cluster.control.handles import (
+    AttentionHandle,
+    DecodeHandle,
+    PrefillHandle,
+    RayInvoker,
+    TPFollowerHandle,
+    WorkerUnavailable,
+)
 from cluster.control.info import ClusterInfo, pool_info, worker_info
-from cluster.control.placement import WorkerPlacement
+from cluster.control.placement import WorkerPlacement, rank_ids
 from cluster.control.router import Router
 from cluster.control.routing import RoutingPolicy
 from cluster.control.state import WorkerRegistration, make_state_store
-from decode_worker.actor import DecodeActor
+from decode_worker.actor import DecodeActor, TPFollowerActor
+from decode_worker.tp_follower import TPFollowerStats
 from engine.types import KVAddress
 from prefill_worker.actor import PrefillActor
 
@@ -104,8 +125,9 @@ class ControllerOptions:
     max_concurrency: int = 64  # Ray threads per actor for blocking prefill/read calls
     read_timeout_s: float = 1.0  # Router's long-poll period for decode reads
     shutdown_timeout_s: float = 10.0  # graceful worker shutdown before the actor is killed
-    # forming an EP group, and every collective in it: a dead member fails its peers' next
-    # round within this (their loops stop, their requests fail over), never a hang
+    # forming an EP, attention or tensor-parallel group, and every collective in it: a dead
+    # member fails its peers' next round within this (their loops stop, their requests fail
+    # over), never a hang
     ep_group_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
@@ -126,6 +148,16 @@ class ControllerOptions:
 
 
 @dataclass
+class FollowerRank:
+    """One follower rank of a tensor-parallel worker: changes on every restart of the worker."""
+
+    worker_id: str  # "<pool>-<i>/tp<r>"
+    actor: Any
+    handle: TPFollowerHandle
+    stats: TPFollowerStats | None = None  # last report (health round); None until polled
+
+
+@dataclass
 class WorkerRecord:
     """One worker slot. ``actor``/``handle``/``address``/``node_id`` change on restart."""
 
@@ -139,6 +171,8 @@ class WorkerRecord:
     missed_pings: int = 0  # consecutive
     last_failure: str | None = None
     started_at: float = field(default_factory=time.time)
+    # a tensor-parallel worker's ranks 1..N-1 (its record is rank 0's); replaced with it
+    followers: list[FollowerRank] = field(default_factory=list)
 
     @property
     def role(self) -> str:
@@ -158,7 +192,6 @@ class Controller:
                 f"transfer.kind {kind!r} cannot move KV between Ray actors ('loopback' works only inside "
                 f"one process): use one of {list(RAY_TRANSPORTS)} ('shm' within a node, 'grpc' or 'torch' across nodes)"
             )
-        refuse_unbuilt_tensor_parallel(config)
         self.config = config
         self.options = options or ControllerOptions()
         self.store = make_state_store(config.state)
@@ -212,9 +245,9 @@ class Controller:
         self._progress(f"state store: {health.backend} ({health.status}: {health.detail})")
         self._warn_if_short_of_resources()
         slots = [(f"{p.name}-{i}", p) for p in self.config.pools for i in range(p.num_workers)]
-        self._progress(
-            f"starting {len(slots)} worker actors: " + ", ".join(_pool_summary(p) for p in self.config.pools)
-        )
+        actors = sum(p.num_workers * p.tensor_parallel for p in self.config.pools)  # a TP worker: N actors
+        what = f"{len(slots)} workers ({actors} actors)" if actors != len(slots) else f"{len(slots)} worker actors"
+        self._progress(f"starting {what}: " + ", ".join(_pool_summary(p) for p in self.config.pools))
         self._placement = WorkerPlacement.create(self.config)
         if self._placement is not None:
             self._progress(f"reserving a {self._placement.describe()}")
@@ -225,17 +258,19 @@ class Controller:
                 self._placement = None
                 raise
         for wid, pool in slots:
-            actor = self._spawn(wid, pool)
-            self.workers[wid] = WorkerRecord(wid, pool, actor, _handle(wid, pool, actor))
+            followers = self._spawn_followers(wid, pool)
+            actor = self._spawn(wid, pool, followers)
+            self.workers[wid] = WorkerRecord(wid, pool, actor, _handle(wid, pool, actor), followers=followers)
         t0 = time.monotonic()
         loading = set(self.workers)
 
         async def ready(rec: WorkerRecord) -> None:
             try:
-                rec.address, rec.node_id = await self._wait_ready(rec.handle, rec.pool)
+                rec.address, rec.node_id = await self._ready_ranks(rec)
             finally:
                 loading.discard(rec.worker_id)
-            self._progress(f"  {rec.worker_id} ready on node {rec.node_id[:8]} ({time.monotonic() - t0:.1f}s)")
+            tp = f", tensor-parallel group of {len(rec.followers) + 1} ranks formed" if rec.followers else ""
+            self._progress(f"  {rec.worker_id} ready on node {rec.node_id[:8]}{tp} ({time.monotonic() - t0:.1f}s)")
 
         async def heartbeat() -> None:  # big models take minutes to load: say who we wait for
             while True:
@@ -271,9 +306,12 @@ class Controller:
         await self.router.start()
         await self.router.collect_limits()
         await self.router.refresh_loads()
-        for rec in self.workers.values():  # a first report of the attention workers (the health round refreshes it)
+        # a first report of the attention workers and TP followers (the health round refreshes it)
+        for rec in self.workers.values():
             if isinstance(rec.handle, AttentionHandle):
                 self._attention_stats[rec.worker_id] = await rec.handle.stats()
+            for f in rec.followers:
+                f.stats = await f.handle.stats()
         await self.store.heartbeat([self._registration(r) for r in self.workers.values()])
         self._watcher = asyncio.create_task(self._watch(), name="splitserve-health")
         return self
@@ -328,21 +366,39 @@ class Controller:
             requests_in_flight=len(self.router.requests),
             state=self.store.health(),
             attention_workers=tuple(self._attention_stats[w] for w in sorted(self._attention_stats)),
+            tp_ranks=tuple(f.stats for r in self.workers.values() for f in r.followers if f.stats is not None),
         )
 
     # ------------------------------------------------------------ actors
-    def _spawn(self, wid: str, pool: PoolConfig) -> Any:
+    def _engine_options(self, pool: PoolConfig) -> dict[str, Any]:
         engine = dict(pool.engine)
         if pool.num_gpus > 0:
             engine.setdefault("device", "cuda")  # a GPU was reserved for this actor: use it
-        placement = {
+        return engine
+
+    def _actor_options(self, actor_id: str, pool: PoolConfig) -> dict[str, Any]:
+        """Ray options of one actor (a worker, or one rank of a TP worker): the pool's resources."""
+        return {
             "num_cpus": pool.num_cpus,
             "num_gpus": pool.num_gpus,
             "resources": dict(pool.resources) or None,
-            "max_concurrency": self.options.max_concurrency,
             "max_restarts": 0,  # the controller replaces dead actors itself
-            **(self._placement.actor_options(wid) if self._placement is not None else {}),
+            **(self._placement.actor_options(actor_id) if self._placement is not None else {}),
         }
+
+    def _spawn_followers(self, wid: str, pool: PoolConfig) -> list[FollowerRank]:
+        """A TP worker's ranks 1..N-1 (none for N = 1); they load their shards meanwhile."""
+        out = []
+        for rank, fid in enumerate(rank_ids(wid, pool)[1:], 1):
+            actor = TPFollowerActor.options(**self._actor_options(fid, pool)).remote(
+                self.config.model, self._engine_options(pool), rank, pool.tensor_parallel, wid
+            )
+            out.append(FollowerRank(fid, actor, TPFollowerHandle(fid, RayInvoker(fid, actor))))
+        return out
+
+    def _spawn(self, wid: str, pool: PoolConfig, followers: Sequence[FollowerRank] = ()) -> Any:
+        engine = self._engine_options(pool)
+        placement = {**self._actor_options(wid, pool), "max_concurrency": self.options.max_concurrency}
         t = self.config.transfer
         bound = self.config.failover.worker_max_pending
         if pool.role == ATTENTION_ROLE:
@@ -363,6 +419,8 @@ class Controller:
             }
         if self._attention_blocks is not None:  # the model worker of the attention pool
             ep["attention_blocks"] = self._attention_blocks
+        if followers:  # rank 0 of a tensor-parallel worker
+            ep["tp_followers"] = [f.actor for f in followers]
         return DecodeActor.options(**placement).remote(
             self.config.model, engine, t.kind, None, wid, t.timeout_s, pool.role, bound, **ep
         )
@@ -386,6 +444,29 @@ class Controller:
             timeout_s=self.options.ep_group_timeout_s,
         )
 
+    async def _ready_ranks(self, rec: WorkerRecord) -> tuple[KVAddress | None, str]:
+        """``_wait_ready`` of the worker; for a TP worker also of every follower, then its group
+        ``tp/<worker id>`` is formed (GroupFormationError, a RuntimeError, naming the ranks that
+        failed). Returns rank 0's (KV address, node id)."""
+        if not rec.followers:
+            return await self._wait_ready(rec.handle, rec.pool)
+        ready = await asyncio.gather(
+            self._wait_ready(rec.handle, rec.pool), *(self._wait_ready(f.handle, rec.pool) for f in rec.followers)
+        )
+        await form_group(
+            f"tp/{rec.worker_id}",
+            [rec.handle, *(f.handle for f in rec.followers)],  # type: ignore[list-item]
+            backend=group_backend([rec.pool]),
+            timeout_s=self.options.ep_group_timeout_s,
+        )
+        return ready[0]
+
+    def _kill_ranks(self, rec: WorkerRecord) -> None:
+        """Kill the worker's actor and its TP followers' (they may be hung rather than dead)."""
+        ray.kill(rec.actor, no_restart=True)
+        for f in rec.followers:
+            ray.kill(f.actor, no_restart=True)
+
     def _attention_members(self) -> list[WorkerRecord]:
         """The attention group in rank order: the model worker (the one decode-capable worker),
         then the attention pool's workers."""
@@ -404,7 +485,7 @@ class Controller:
         )
 
     async def _wait_ready(
-        self, handle: PrefillHandle | DecodeHandle | AttentionHandle, pool: PoolConfig
+        self, handle: PrefillHandle | DecodeHandle | AttentionHandle | TPFollowerHandle, pool: PoolConfig
     ) -> tuple[KVAddress | None, str]:
         """(KV address, node id) once the actor has built its worker."""
         try:
@@ -419,11 +500,12 @@ class Controller:
 
     async def _kill_all(self) -> None:
         async def stop(rec: WorkerRecord) -> None:
-            try:
-                await asyncio.wait_for(rec.handle.shutdown(), self.options.shutdown_timeout_s)
-            except Exception as e:  # dead, hung or never started: killing is all that is left
-                log.debug("graceful shutdown of %s failed: %s", rec.worker_id, e)
-            ray.kill(rec.actor, no_restart=True)
+            for h in (rec.handle, *(f.handle for f in rec.followers)):  # rank 0 first: its loop stops stepping
+                try:
+                    await asyncio.wait_for(h.shutdown(), self.options.shutdown_timeout_s)
+                except Exception as e:  # dead, hung or never started: killing is all that is left
+                    log.debug("graceful shutdown of %s failed: %s", h.worker_id, e)
+            self._kill_ranks(rec)
 
         await asyncio.gather(*(stop(r) for r in self.workers.values()))
 
@@ -459,9 +541,16 @@ class Controller:
         """Ping one worker; True when it answered (its registry heartbeat is due)."""
         wid, timeout = rec.worker_id, self.options.ping_timeout_s
         try:
-            await asyncio.wait_for(rec.handle.ping(), timeout)
+            # a TP worker answers for every rank: a follower's failure is the worker's
+            await asyncio.wait_for(
+                asyncio.gather(rec.handle.ping(), *(f.handle.ping() for f in rec.followers)), timeout
+            )
             if isinstance(rec.handle, AttentionHandle):
                 self._attention_stats[wid] = await asyncio.wait_for(rec.handle.stats(), timeout)
+            if rec.followers:
+                reports = await asyncio.wait_for(asyncio.gather(*(f.handle.stats() for f in rec.followers)), timeout)
+                for f, report in zip(rec.followers, reports, strict=True):
+                    f.stats = report
             entry = self.router.workers.get(wid)
             if entry is not None and not entry.healthy:
                 await asyncio.wait_for(rec.handle.stats(), timeout)  # the engine loop answers too
@@ -497,12 +586,13 @@ class Controller:
             await self.router.worker_lost(wid, reason)
             await self.store.deregister(wid)
             while not self._closing:
-                ray.kill(rec.actor, no_restart=True)  # it may be hung rather than dead
-                actor = self._spawn(wid, rec.pool)
+                self._kill_ranks(rec)  # it may be hung rather than dead; a TP worker: every rank
+                rec.followers = self._spawn_followers(wid, rec.pool)
+                actor = self._spawn(wid, rec.pool, rec.followers)
                 handle = _handle(wid, rec.pool, actor)
                 rec.actor, rec.handle = actor, handle  # so shutdown kills this incarnation
                 try:
-                    address, node_id = await self._wait_ready(handle, rec.pool)
+                    address, node_id = await self._ready_ranks(rec)  # a TP worker: its new group too
                     break
                 except Exception as e:
                     rec.last_failure = f"restart failed: {e}"
@@ -616,7 +706,7 @@ class Controller:
         need: dict[str, float] = {}
         for p in self.config.pools:
             for key, amount in {"CPU": p.num_cpus, "GPU": p.num_gpus, **p.resources}.items():
-                need[key] = need.get(key, 0.0) + amount * p.num_workers
+                need[key] = need.get(key, 0.0) + amount * p.num_workers * p.tensor_parallel
         have = ray.cluster_resources()
         short = {k: v for k, v in need.items() if v > 0 and have.get(k, 0.0) < v}
         if short:
@@ -650,6 +740,8 @@ def _pool_request(p: PoolConfig) -> str:
 
 
 def _pool_summary(p: PoolConfig) -> str:
+    if p.tensor_parallel > 1:
+        return f"{p.name} ({p.role}) x{p.num_workers} of {p.tensor_parallel} TP ranks [{_pool_request(p)} per rank]"
     return f"{p.name} ({p.role}) x{p.num_workers} [{_pool_request(p)} each]"
 
 

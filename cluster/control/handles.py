@@ -23,6 +23,7 @@ from typing import Any, Protocol, TypeVar
 from attention_offload.api import AttentionAPI, AttentionWorkerStats
 from cluster.control.errors import one_line
 from decode_worker.api import DecodeAPI
+from decode_worker.tp_follower import TPFollowerAPI, TPFollowerStats, WireCall
 from engine.runtime.api import WorkerAPI
 from engine.runtime.groups import GroupSpec
 from engine.types import (
@@ -188,6 +189,44 @@ class AttentionHandle:
 
     async def shutdown(self) -> None:
         return await self.invoker.invoke(AttentionAPI.shutdown)
+
+
+class TPFollowerHandle:
+    """A tensor-parallel follower rank (decode_worker/tp_follower.py): not routed to; grouped with
+    its rank 0, watched and shut down with it. Rank 0 itself talks to it directly."""
+
+    api = TPFollowerAPI
+
+    def __init__(self, worker_id: str, invoker: Invoker):
+        self.worker_id = worker_id
+        self.invoker = invoker
+
+    async def ping(self) -> str:
+        return await self.invoker.invoke(TPFollowerAPI.ping)
+
+    async def stats(self) -> TPFollowerStats:
+        return await self.invoker.invoke(TPFollowerAPI.stats)
+
+    async def node_id(self) -> str:
+        return await self.invoker.invoke(TPFollowerAPI.node_id)
+
+    async def node_ip(self) -> str:
+        return await self.invoker.invoke(TPFollowerAPI.node_ip)
+
+    async def free_port(self) -> int:
+        return await self.invoker.invoke(TPFollowerAPI.free_port)
+
+    async def join_group(self, spec: GroupSpec) -> None:
+        return await self.invoker.invoke(TPFollowerAPI.join_group, spec)
+
+    async def submit(self, seq: int, call: WireCall) -> None:
+        return await self.invoker.invoke(TPFollowerAPI.submit, seq, call)
+
+    async def check(self) -> str | None:
+        return await self.invoker.invoke(TPFollowerAPI.check)
+
+    async def shutdown(self) -> None:
+        return await self.invoker.invoke(TPFollowerAPI.shutdown)
 
 
 def local_attention(worker_id: str, worker: AttentionAPI) -> AttentionHandle:

@@ -15,6 +15,7 @@ from attention_offload.api import AttentionWorkerStats
 from cluster.config import PoolConfig
 from cluster.control.router import Router
 from cluster.control.state import StoreHealth
+from decode_worker.tp_follower import TPFollowerStats
 from engine.types import WorkerStats
 
 
@@ -43,6 +44,7 @@ class PoolInfo:
     num_gpus: float
     resources: dict[str, float]
     workers: tuple[str, ...]
+    tensor_parallel: int = 1  # ranks (actors) per worker; resources above are per rank
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,9 @@ class ClusterInfo:
     state: StoreHealth  # the state store: backend, durable, ok or degraded (and why)
     # the attention pool's workers (attention offload; not routed): state and KV blocks each
     attention_workers: tuple[AttentionWorkerStats, ...] = ()
+    # tensor-parallel workers' follower ranks 1..N-1 (not routed; their rank 0 is in
+    # ``workers``): group joined, calls applied, KV pool, failure; by the last health round
+    tp_ranks: tuple[TPFollowerStats, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able view (cached block hashes shown as a count)."""
@@ -75,6 +80,7 @@ def pool_info(pool: PoolConfig, worker_ids: list[str]) -> PoolInfo:
         num_gpus=pool.num_gpus,
         resources=dict(pool.resources),
         workers=tuple(worker_ids),
+        tensor_parallel=pool.tensor_parallel,
     )
 
 

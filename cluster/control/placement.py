@@ -13,6 +13,10 @@ Lifecycle (driven by the Controller)::
                                       dead actor's share of the bundle is free again at once)
     placement.remove()                at shutdown or when start() fails; idempotent
 
+A tensor-parallel worker (pool ``tensor_parallel`` = N) has one bundle per rank, each of the
+pool's resources (they are per rank), keyed by ``rank_ids``: rank 0 is the worker id, rank r
+``<worker id>/tp<r>``.
+
 A worker whose pool asks for no resources at all (0 CPUs, 0 GPUs, no custom resources) has
 no bundle (Ray refuses empty bundles) and is placed freely.
 """
@@ -45,6 +49,11 @@ def worker_bundle(pool: PoolConfig) -> dict[str, float]:
     return {k: float(v) for k, v in res.items() if v > 0}
 
 
+def rank_ids(worker_id: str, pool: PoolConfig) -> list[str]:
+    """The actor ids of a worker's ranks: [worker_id] at TP 1, else [worker_id, <id>/tp1, ...]."""
+    return [worker_id, *(f"{worker_id}/tp{r}" for r in range(1, pool.tensor_parallel))]
+
+
 class WorkerPlacement:
     def __init__(self, strategy: str, bundles: dict[str, dict[str, float]]):
         self.strategy = strategy
@@ -63,7 +72,8 @@ class WorkerPlacement:
             for i in range(pool.num_workers):
                 bundle = worker_bundle(pool)
                 if bundle:
-                    bundles[f"{pool.name}-{i}"] = bundle
+                    for actor_id in rank_ids(f"{pool.name}-{i}", pool):
+                        bundles[actor_id] = bundle
         return WorkerPlacement(strategy, bundles) if bundles else None
 
     def describe(self) -> str:

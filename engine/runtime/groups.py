@@ -41,7 +41,7 @@ from typing import Literal
 import torch
 from torch.distributed import PrefixStore, ProcessGroupGloo, Store, TCPStore
 
-from engine.parallel import Communicator, ProcessGroup, TorchDistCommunicator
+from engine.parallel import Communicator, DeferredCommunicator, ProcessGroup, TorchDistCommunicator
 from engine.runtime.shm_group import join_shm
 
 # "shm": the ranks of one node over shared memory (engine/runtime/shm_group.py): not a
@@ -143,6 +143,18 @@ def join_group(spec: GroupSpec, store: Store | None = None) -> ProcessGroup:
     except Exception as e:  # noqa: BLE001 - store, connect and backend errors all mean "could not join"
         raise GroupJoinError(f"{spec.describe()} could not join: {type(e).__name__}: {e}") from e
     return group
+
+
+def join_deferred(comm: DeferredCommunicator, spec: GroupSpec) -> None:
+    """Join ``spec``'s group as ``comm``'s rank and connect ``comm`` to it (a rank built before
+    its group: engine/parallel.DeferredCommunicator). ValueError if ``spec`` names another rank
+    or group size than ``comm`` was built for; GroupJoinError as ``join_group``."""
+    if (spec.rank, spec.world_size) != (comm.rank, comm.world_size):
+        raise ValueError(
+            f"{comm.name!r}: this rank was built as rank {comm.rank} of {comm.world_size}, asked to join "
+            f"as rank {spec.rank} of {spec.world_size}"
+        )
+    comm.connect(join_communicator(spec))
 
 
 def _build_backend(store: Store, spec: GroupSpec) -> ProcessGroup:

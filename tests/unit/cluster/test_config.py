@@ -298,12 +298,16 @@ def test_tensor_parallel_is_refused_with_expert_parallelism_and_attention_offloa
         )
 
 
-def test_tensor_parallel_pools_are_refused_by_the_ray_controller_until_built():
-    from cluster.control.controller import Controller
+def test_a_tensor_parallel_pool_asks_for_its_resources_per_rank():
+    from cluster.control.info import pool_info
+    from cluster.control.placement import rank_ids, worker_bundle
 
-    cfg = ServeConfig.from_dict({"model": "/m", "pools": [{"name": "m", "role": "mixed", "tensor_parallel": 2}]})
-    with pytest.raises(ConfigError, match=r"^pools\[0\]\.tensor_parallel: is 2, but .* only in process .* not on Ray"):
-        Controller(cfg)
+    tp = PoolConfig("m", "mixed", 2, num_cpus=1.5, tensor_parallel=3)
+    assert rank_ids("m-1", tp) == ["m-1", "m-1/tp1", "m-1/tp2"]  # one actor (and bundle) per rank
+    assert rank_ids("m-0", PoolConfig("m", "mixed", 1)) == ["m-0"]
+    assert worker_bundle(tp) == {"CPU": 1.5}  # each rank's bundle: the pool's request
+    info = pool_info(tp, ["m-0", "m-1"])
+    assert (info.tensor_parallel, info.num_cpus, info.workers) == (3, 1.5, ("m-0", "m-1"))
 
 
 def test_group_transport_picks_each_groups_backend():

@@ -15,10 +15,12 @@ from cluster.control.handles import (
     DecodeHandle,
     LocalInvoker,
     PrefillHandle,
+    TPFollowerHandle,
     WorkerHandle,
     WorkerUnavailable,
 )
 from decode_worker.api import DecodeAPI
+from decode_worker.tp_follower import TPFollowerAPI
 from engine.runtime.api import WorkerAPI
 from engine.types import EngineStopped, UnknownRequest
 from prefill_worker.api import PrefillAPI
@@ -28,6 +30,7 @@ HANDLES = [
     (PrefillHandle, PrefillAPI),
     (DecodeHandle, DecodeAPI),
     (AttentionHandle, AttentionAPI),
+    (TPFollowerHandle, TPFollowerAPI),
 ]
 
 
@@ -54,14 +57,19 @@ def test_handles_have_nothing_the_api_lacks():
         assert not extra, f"{handle.__name__} has methods outside {api.__name__}: {extra}"
 
 
-@pytest.mark.parametrize("api", [PrefillAPI, DecodeAPI], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("api", [PrefillAPI, DecodeAPI, TPFollowerAPI], ids=lambda c: c.__name__)
 def test_workers_and_actor_shells_implement_the_api(api):
-    from decode_worker.actor import DecodeActor
+    from decode_worker.actor import DecodeActor, TPFollowerActor
+    from decode_worker.tp_follower import TPFollowerWorker
     from decode_worker.worker import DecodeWorker
     from prefill_worker.actor import PrefillActor
     from prefill_worker.worker import PrefillWorker
 
-    impls = {PrefillAPI: (PrefillWorker, PrefillActor), DecodeAPI: (DecodeWorker, DecodeActor)}[api]
+    impls = {
+        PrefillAPI: (PrefillWorker, PrefillActor),
+        DecodeAPI: (DecodeWorker, DecodeActor),
+        TPFollowerAPI: (TPFollowerWorker, TPFollowerActor),
+    }[api]
     for impl in impls:
         cls = getattr(impl, "__ray_actor_class__", impl)  # the class under @ray.remote
         assert issubclass(cls, api), f"{cls.__name__} does not derive from {api.__name__}"
