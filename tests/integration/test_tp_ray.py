@@ -152,7 +152,9 @@ def test_a_tp_pool_on_ray_serves_as_llm_and_a_dead_rank_fails_and_replaces_the_w
     print(f"rank 1 killed: the client's error came {failed_after:.2f}s later: {last.error}")
     assert last.finished and last.error is not None, last
     # rank 0's own step failed (its collective broke) and named the dead rank
-    assert "engine failed: TPFollowerFailed" in last.error and "mixed-0/tp1: actor gone" in last.error, last.error
+    # (named as gone, or as not answering when Ray had not yet noticed the death within the wait)
+    assert "engine failed: TPFollowerFailed" in last.error and "mixed-0/tp1: " in last.error, last.error
+    assert "actor gone" in last.error or "did not answer" in last.error, last.error
     assert failed_after < 3 * GROUP_TIMEOUT_S, failed_after
     emitted = first.token_ids + [t for ch in rest for t in ch.token_ids]
     assert len(emitted) < long_params.max_tokens  # it really was cut mid-request
@@ -189,7 +191,14 @@ def test_rank_0s_channel_reports_a_failed_follower_call_and_a_dead_follower(ray_
     channel.send(2, Step())  # refused: the follower failed
     assert poll(channel.failures) == ["TPFollowerFailed: m-0/tp1: KeyError: 'never-reserved'"]
     assert channel.ask(5.0) == "KeyError: 'never-reserved'"
-    ray.kill(actor, no_restart=True)
+    ray.kill(actor, no_restart=True)  # asynchronous: wait until Ray reports the actor dead
+    deadline = time.monotonic() + 30.0
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.ping.remote(), timeout=5.0)
+        except ray.exceptions.RayActorError:
+            break
+        time.sleep(0.02)  # poll interval
     with pytest.raises(RuntimeError, match="actor gone"):
         channel.ask(5.0)
     channel.send(3, Step())
