@@ -65,42 +65,30 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from engine.parallel import Communicator, Pending, Ready  # noqa: E402
+from engine.parallel import Communicator, Pending, RankedCommunicator, Ready  # noqa: E402
 
 MODES = ("compute", "compute_split", "comm", "compute_with_comm", "sequential", "tokenweave", "tokenweave_ar")
 # the same over a free link (LinkDelay): its time needs no core, f = 1 by construction
 LINK_MODES = ("comm_link", "sequential_link", "tokenweave_link", "tokenweave_ar_link")
 
 
-class ComputeOnlyCommunicator(Communicator):
+class ComputeOnlyCommunicator(RankedCommunicator):
     """Rank ``rank`` of ``world_size`` with no peers: every collective returns at once a
     tensor of the shape the real one would (reduce-scatter: this rank's rows of its own input;
     all-gather: its input repeated), so the model does exactly its compute."""
 
     def __init__(self, rank: int, world_size: int):
-        self._rank, self._world = rank, world_size
-
-    @property
-    def rank(self) -> int:
-        return self._rank
-
-    @property
-    def world_size(self) -> int:
-        return self._world
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")
+        super().__init__(rank, world_size, "cpu")
 
     def _start_all_reduce(self, x: torch.Tensor) -> Pending[torch.Tensor]:
         return Ready(x)
 
     def _start_reduce_scatter(self, x: torch.Tensor) -> Pending[torch.Tensor]:
-        n = x.shape[0] // self._world
+        n = x.shape[0] // self._world_size
         return Ready(x[self._rank * n : (self._rank + 1) * n].contiguous())
 
     def _start_all_gather(self, x: torch.Tensor) -> Pending[torch.Tensor]:
-        return Ready(x.repeat(self._world, *([1] * (x.dim() - 1))))
+        return Ready(x.repeat(self._world_size, *([1] * (x.dim() - 1))))
 
     def _start_all_to_all(self, x, send_splits, recv_splits):
         raise NotImplementedError("not used by the TP forward")

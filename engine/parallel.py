@@ -213,24 +213,34 @@ class Communicator(ABC):
             raise ValueError(f"{op}: peer {peer} is not another rank (rank {self.rank}, world size {self.world_size})")
 
 
-class LocalCommunicator(Communicator):
-    """World size 1: every collective is the identity and returns its input; there is no peer
-    to send to or receive from. No torch.distributed involved."""
+class RankedCommunicator(Communicator):
+    """A Communicator whose rank, world size and device are fixed when it is built (every
+    implementation but test stand-ins): subclasses call ``__init__`` with them."""
 
-    def __init__(self, device: torch.device | str = "cpu"):
-        self._device = torch.device(device)
+    def __init__(self, rank: int, world_size: int, device: torch.device | str):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"{type(self).__name__}: rank {rank} is not in [0, {world_size})")
+        self._rank, self._world_size, self._device = rank, world_size, torch.device(device)
 
     @property
     def rank(self) -> int:
-        return 0
+        return self._rank
 
     @property
     def world_size(self) -> int:
-        return 1
+        return self._world_size
 
     @property
     def device(self) -> torch.device:
         return self._device
+
+
+class LocalCommunicator(RankedCommunicator):
+    """World size 1: every collective is the identity and returns its input; there is no peer
+    to send to or receive from. No torch.distributed involved."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        super().__init__(0, 1, device)
 
     def _start_all_reduce(self, x: torch.Tensor) -> Pending[torch.Tensor]:
         return Ready(x)
@@ -278,7 +288,7 @@ class _TorchWork(Generic[T]):
         return self._result
 
 
-class TorchDistCommunicator(Communicator):
+class TorchDistCommunicator(RankedCommunicator):
     """A Communicator over an already-joined torch.distributed group (it never creates one:
     see engine/runtime/groups.py). Calls the group's own methods, so groups outside
     torch.distributed's global registry work.
@@ -304,20 +314,7 @@ class TorchDistCommunicator(Communicator):
                 device = torch.device("cuda", torch.cuda.current_device())
             else:
                 raise ValueError(f"cannot infer the tensor device of a {backend!r} group: pass device=")
-        self._device = device
-        self._rank, self._world_size = group.rank(), group.size()
-
-    @property
-    def rank(self) -> int:
-        return self._rank
-
-    @property
-    def world_size(self) -> int:
-        return self._world_size
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
+        super().__init__(group.rank(), group.size(), device)
 
     def describe(self) -> str:
         return f"{self.name!r} rank {self._rank}/{self._world_size}"
@@ -372,7 +369,7 @@ class TorchDistCommunicator(Communicator):
         return self._issue(f"recv from {src}", lambda: self.group.recv([out], src, tag), out, out)
 
 
-class DeferredCommunicator(Communicator):
+class DeferredCommunicator(RankedCommunicator):
     """A rank's communicator whose group is joined after the rank was built.
 
     Lifecycle: ``DeferredCommunicator(rank, world_size, device)`` (what a model shard needs to
@@ -383,23 +380,9 @@ class DeferredCommunicator(Communicator):
     naming the rank; ``connect`` twice raises (a broken group is replaced, never re-joined)."""
 
     def __init__(self, rank: int, world_size: int, device: torch.device | str = "cpu", name: str = "group"):
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"DeferredCommunicator: rank {rank} is not in [0, {world_size})")
-        self._rank, self._world_size, self._device = rank, world_size, torch.device(device)
+        super().__init__(rank, world_size, device)
         self.name = name
         self._comm: Communicator | None = None
-
-    @property
-    def rank(self) -> int:
-        return self._rank
-
-    @property
-    def world_size(self) -> int:
-        return self._world_size
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
 
     @property
     def connected(self) -> bool:

@@ -64,7 +64,7 @@ from typing import Generic, TypeVar
 import torch
 from torch.distributed import Store
 
-from engine.parallel import CommunicationError, Communicator, Pending, Ready
+from engine.parallel import CommunicationError, Pending, RankedCommunicator, Ready
 
 T = TypeVar("T")
 
@@ -126,15 +126,15 @@ class _Inbound(Generic[T]):
         return self._result  # type: ignore[return-value]
 
 
-class ShmCommunicator(Communicator):
+class ShmCommunicator(RankedCommunicator):
     """A joined shm group (``join_shm`` builds it). Thread-safety: ops may be issued from any
     thread, one at a time per the Communicator contract; reader threads fill the inbox."""
 
     def __init__(
         self, name: str, rank: int, world_size: int, peers: dict[int, _Peer], timeout_s: float, ring_bytes: int
     ):
+        super().__init__(rank, world_size, "cpu")
         self.name = name
-        self._rank, self._world_size = rank, world_size
         self.timeout_s = timeout_s
         self.ring_bytes = ring_bytes
         self.chunk_bytes = max(4096, ring_bytes // 4)
@@ -152,18 +152,6 @@ class ShmCommunicator(Communicator):
                 target=self._read, args=(peer,), name=f"shm-{name}-{rank}<-{peer.rank}", daemon=True
             )
             peer.reader.start()
-
-    @property
-    def rank(self) -> int:
-        return self._rank
-
-    @property
-    def world_size(self) -> int:
-        return self._world_size
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")
 
     def describe(self) -> str:
         return f"{self.name!r} rank {self._rank}/{self._world_size} (shm)"
