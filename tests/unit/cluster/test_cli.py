@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cluster.cli import build_parser
-from cluster.config import ConfigError, PoolConfig, ServeConfig
+from cluster.config import ConfigError, PoolConfig, ServeConfig, refuse_unbuilt_tp_kv_transfer
 from cluster.serve import (
     DEFAULT_MODEL_ENGINE,
     DEMO_MAX_TOKENS,
@@ -476,8 +476,9 @@ def test_expert_routing_log_flag_sets_every_ep_pool_and_is_checked_against_the_m
 def test_decode_tp_flag_sets_the_decode_pools_tensor_parallel():
     cfg = serve_config_from_args(_parse(*"serve --model /m --prefill 0 --decode-tp 2".split()), _Tiny())
     assert [(p.name, p.num_workers, p.tensor_parallel) for p in cfg.pools] == [("prefill", 0, 1), ("decode", 1, 2)]
-    with pytest.raises(ConfigError, match=r"^pools\[1\]\.tensor_parallel: a tensor-parallel pool takes no KV"):
-        serve_config_from_args(_parse(*"serve --model /m --decode-tp 2".split()), _Tiny())
+    beside = serve_config_from_args(_parse(*"serve --model /m --decode-tp 2".split()), _Tiny())  # in process: served
+    with pytest.raises(ConfigError, match=r"^pools\[1\]\.tensor_parallel: is 2 beside prefill pool pools\[0\]"):
+        refuse_unbuilt_tp_kv_transfer(beside)  # on Ray: refused before Ray starts (resolve_model)
     with pytest.raises(ConfigError, match=r"^pools\[1\]\.tensor_parallel: .*speculative decoding"):
         serve_config_from_args(
             _parse(
