@@ -71,17 +71,27 @@ def _agreement(got: list[list[int]], want: list[list[int]]) -> float:
 
 
 @pytest.mark.parametrize(
-    ("prefill_tp", "decode_tp", "layerwise"),
+    ("prefill_tp", "decode_tp", "layerwise", "kind"),
     [
-        (1, 2, True),
-        (1, 2, False),
-        (2, 1, True),
-        (2, 1, False),
-        pytest.param(2, 2, True, marks=pytest.mark.slow),
+        (1, 2, True, "loopback"),
+        (1, 2, False, "loopback"),
+        (2, 1, True, "loopback"),
+        (2, 1, False, "loopback"),
+        (1, 2, True, "shm"),  # by reference out of a shared prefill cache, cut by head on arrival
+        (2, 1, True, "grpc"),
+        pytest.param(2, 2, True, "loopback", marks=pytest.mark.slow),
     ],
-    ids=["p1-d2-layerwise", "p1-d2-whole", "p2-d1-layerwise", "p2-d1-whole", "p2-d2-layerwise"],
+    ids=[
+        "p1-d2-layerwise",
+        "p1-d2-whole",
+        "p2-d1-layerwise",
+        "p2-d1-whole",
+        "p1-d2-layerwise-shm",
+        "p2-d1-layerwise-grpc",
+        "p2-d2-layerwise",
+    ],
 )
-def test_kv_moves_between_tp_degrees_and_decodes_as_llm(wide_llama, prefill_tp, decode_tp, layerwise) -> None:
+def test_kv_moves_between_tp_degrees_and_decodes_as_llm(wide_llama, prefill_tp, decode_tp, layerwise, kind) -> None:
     ckpt, want = wide_llama
     cfg = ServeConfig(
         model=ckpt,
@@ -90,7 +100,7 @@ def test_kv_moves_between_tp_degrees_and_decodes_as_llm(wide_llama, prefill_tp, 
             PoolConfig("decode", "decode", 1, engine=ENGINE, tensor_parallel=decode_tp),
         ),
         router=RouterConfig(short_prompt_threshold=0, fallback_local_prefill=False, max_mixed_workers=0),
-        transfer=TransferConfig(kind="loopback", layerwise=layerwise),
+        transfer=TransferConfig(kind=kind, layerwise=layerwise),
     )
 
     async def run():
@@ -108,7 +118,9 @@ def test_kv_moves_between_tp_degrees_and_decodes_as_llm(wide_llama, prefill_tp, 
 
     got, pools, prefill, decode, follower_failures, in_flight = asyncio.run(run())
     agreement = _agreement(got, want)
-    print(f"P TP={prefill_tp} -> D TP={decode_tp} layerwise={layerwise}: token agreement with LLM {agreement:.4f}")
+    print(
+        f"P TP={prefill_tp} -> D TP={decode_tp} layerwise={layerwise} {kind}: token agreement with LLM {agreement:.4f}"
+    )
     assert agreement >= 0.99, (agreement, got, want)
     assert pools and all(free == total > 0 for free, total in pools), pools
     assert len(pools) == prefill_tp + decode_tp
