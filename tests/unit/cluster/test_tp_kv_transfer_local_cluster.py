@@ -131,3 +131,37 @@ def test_kv_moves_between_tp_degrees_and_decodes_as_llm(wide_llama, prefill_tp, 
     whole_page = 2 * ENGINE["block_size"] * WIDE["num_key_value_heads"] * (WIDE["hidden_size"] // 16) * 4
     assert prefill.transfer_bytes >= sum(-(-len(p) // 8) for p in PROMPTS) * whole_page * 2  # >= 2 layers' pages
     assert prefill.transfer_bytes % whole_page == 0  # whole-head pages on the wire, whatever the TP degrees
+
+
+def test_a_dead_prefill_rank_fails_its_worker_at_once_and_the_prompts_fail_over(wide_llama) -> None:
+    """A TP prefill worker whose follower rank is gone fails its next step before any collective
+    (TPFollowerFailed, not a group timeout); the router places its prompts again on the other
+    prefill worker, and the tokens are still LLM's."""
+    ckpt, want = wide_llama
+    timeout_s = 30.0
+    cfg = ServeConfig(
+        model=ckpt,
+        pools=(
+            PoolConfig("prefill", "prefill", 2, engine=ENGINE, tensor_parallel=2),
+            PoolConfig("decode", "decode", 1, engine=ENGINE, tensor_parallel=2),
+        ),
+        router=RouterConfig(short_prompt_threshold=0, fallback_local_prefill=False, max_mixed_workers=0),
+        transfer=TransferConfig(kind="loopback"),
+    )
+
+    async def run():
+        cluster = await LocalCluster(cfg, ep_group_timeout_s=timeout_s).start()
+        try:
+            cluster.tp_workers["prefill-0"].followers[0].stop(10.0)  # rank 1 of prefill-0 is gone
+            t0 = asyncio.get_running_loop().time()
+            got = await asyncio.gather(*(collect_ok(cluster.router, f"r{i}", p, GREEDY) for i, p in enumerate(PROMPTS)))
+            elapsed = asyncio.get_running_loop().time() - t0
+            return got, elapsed, cluster.router.stats.failovers["worker_lost"], cluster.router.workers["prefill-0"]
+        finally:
+            await cluster.stop()
+
+    got, elapsed, lost, dead = asyncio.run(run())
+    assert got == want
+    assert lost >= 1  # token_jsq spreads 5 prompts over both prefill workers: some hit the dead one
+    assert not dead.healthy
+    assert elapsed < timeout_s, f"{elapsed:.1f} s: a collective waited for the dead rank"
