@@ -79,6 +79,7 @@ def _agreement(got: list[list[int]], want: list[list[int]]) -> float:
         (2, 1, False, "loopback"),
         (1, 2, True, "shm"),  # by reference out of a shared prefill cache, cut by head on arrival
         (2, 1, True, "grpc"),
+        (1, 2, False, "torch"),  # torch.distributed p2p (gloo): the sink's rank-0 cache picks the backend
         pytest.param(2, 2, True, "loopback", marks=pytest.mark.slow),
     ],
     ids=[
@@ -88,6 +89,7 @@ def _agreement(got: list[list[int]], want: list[list[int]]) -> float:
         "p2-d1-whole",
         "p1-d2-layerwise-shm",
         "p2-d1-layerwise-grpc",
+        "p1-d2-whole-torch",
         "p2-d2-layerwise",
     ],
 )
