@@ -80,7 +80,7 @@ def _agreement(got: list[list[int]], want: list[list[int]]) -> float:
         (1, 2, True, "shm"),  # by reference out of a shared prefill cache, cut by head on arrival
         (2, 1, True, "grpc"),
         (1, 2, False, "torch"),  # torch.distributed p2p (gloo): the sink's rank-0 cache picks the backend
-        pytest.param(2, 2, True, "loopback", marks=pytest.mark.slow),
+        (2, 2, True, "loopback"),
     ],
     ids=[
         "p1-d2-layerwise",
