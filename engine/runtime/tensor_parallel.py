@@ -18,9 +18,10 @@ KV pages between TP degrees (issue 15): the workers exchange whole-head pages (K
   whole (decode_worker/tp_kv_receiver.py); the follower writes it into its cache. It is the
   one call not sent from rank 0's loop thread (the KV receiver's transport thread sends it,
   under the receiver's lock); its order against the others still holds, see that module.
-- ``GatherKV(block_ids)``: a TP prefill's all-gather of a prompt's pages, every layer, over
-  the TP group (``gather_kv``); a collective, so like ``Step`` it is sent before rank 0 runs
-  it, from its loop thread, after the step that finished the prompt.
+- ``GatherKV(block_ids)``: a TP prefill's all-gather of pages, every layer, over the TP group
+  (``gather_kv``); a collective, so like ``Step`` it is sent before rank 0 runs it, from its
+  loop thread, right after the step that wrote the pages (a finished prompt's, or layer-wise
+  each step's): no later step can have changed them.
 
 A step and a gather are the only calls with collectives: the leader enqueues them then runs
 them itself, so every rank issues the same collectives in the same order. A follower that
@@ -136,7 +137,7 @@ EngineCall = AddRequest | Abort | Reserve | Admit | Release | Pin | Unpin | Step
 def gather_kv(engine: EngineCore, block_ids: list[int]) -> torch.Tensor:
     """Every rank's heads of blocks ``block_ids``, every layer, gathered over the engine's TP
     group (a collective: every rank calls it, same blocks, same order). Returns the whole
-    pages ``[L, n, 2, block_size, H_kv, D]`` (heads in model order) on every rank."""
+    pages ``[L, n, 2, block_size, H_kv, D]`` (heads in model order), a new tensor."""
     comm = engine.tensor_parallel
     if comm is None:
         raise ValueError("gather_kv needs a tensor-parallel engine")
@@ -174,7 +175,7 @@ def apply_call(engine: EngineCore, call: EngineCall) -> None:
         case WriteKV(layer, block_ids, pages):
             engine.cache.write_pages(layer, list(block_ids), pages)
         case GatherKV(block_ids):
-            gather_kv(engine, list(block_ids))  # this rank's part of the collective; rank 0 keeps the result
+            gather_kv(engine, list(block_ids))  # this rank's part of the collective; only rank 0 sends the pages
         case _:
             raise TypeError(f"not an engine call: {call!r}")
 
