@@ -138,6 +138,14 @@ def add_serve_parser(sub: Any) -> None:
         "TP workers run only in process (LocalCluster) so far, not on Ray",
     )
     p.add_argument(
+        "--prefill-tp",
+        type=positive_int,
+        metavar="N",
+        help="tensor parallelism: every prefill pool's workers become N ranks each (pool `tensor_parallel`; "
+        "KV moves between TP degrees as whole-head pages). Checked, then refused: TP prefill workers run "
+        "only in process (LocalCluster) so far, not on Ray",
+    )
+    p.add_argument(
         "--expert-routing-log",
         metavar="FILE",
         help="s-TS: the router places requests on the EP member predicted to host their experts, "
@@ -266,6 +274,13 @@ def serve_config_from_args(args: argparse.Namespace, default_model: Callable[[],
             raise ConfigError("--decode-tp", "there is no decode or mixed pool to make tensor-parallel")
         for p in tp_pools:
             p["tensor_parallel"] = decode_tp
+    prefill_tp = getattr(args, "prefill_tp", None)
+    if prefill_tp is not None:
+        tp_pools = [p for p in pools if p.get("role", p.get("name")) == "prefill"]
+        if not tp_pools:
+            raise ConfigError("--prefill-tp", "there is no prefill pool to make tensor-parallel")
+        for p in tp_pools:
+            p["tensor_parallel"] = prefill_tp
     routing_log = getattr(args, "expert_routing_log", None)
     if routing_log is not None:
         ep_pools = [p for p in pools if p.get("experts", 1) > 1]
