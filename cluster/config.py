@@ -127,14 +127,15 @@ class PoolConfig:
     # None: the router's usual decode policy. Only with experts > 1.
     expert_routing_log: str | None = None
     # Tensor parallelism (engine/models/tensor_parallel.py): each worker of the pool is N ranks,
-    # each holding 1/N of every layer (EngineCore(tensor_parallel=comm)). Decode and mixed pools
-    # only; not with EP, attention offload or speculation. N must divide the model's query/KV
-    # heads and MLP width (checked against the model by serve's ``resolve_model``, before any
-    # actor starts). 1: no TP. In process (LocalCluster) a worker is N shards in one process
-    # (decode_worker/tensor_parallel.py); on Ray N actors, one per rank, each asking for the
-    # pool's num_cpus / num_gpus / resources (cluster/control/controller.py). No prefill
-    # workers beside a TP pool (KV transfer between TP degrees is not built): the TP workers
-    # prefill their own prompts.
+    # each holding 1/N of every layer (EngineCore(tensor_parallel=comm)). Prefill, decode and
+    # mixed pools; not with EP, attention offload or speculation. N must divide the model's
+    # query/KV heads and MLP width (checked against the model by serve's ``resolve_model``,
+    # before any actor starts). 1: no TP. In process (LocalCluster) a worker is N shards in one
+    # process (decode_worker/ and prefill_worker/tensor_parallel.py), and KV moves between pools
+    # of any TP degrees (whole-head pages, cut or gathered at the TP worker's edge). On Ray a
+    # decode/mixed worker is N actors, one per rank, each asking for the pool's num_cpus /
+    # num_gpus / resources (cluster/control/controller.py); TP prefill pools and prefill
+    # workers beside a TP pool are refused there (``refuse_unbuilt_tp_kv_transfer``).
     tensor_parallel: int = 1
 
     def __post_init__(self) -> None:
@@ -184,11 +185,6 @@ class PoolConfig:
             f"must be an int >= 1, got {self.tensor_parallel!r}",
         )
         if self.tensor_parallel > 1:
-            _check(
-                self.role in ("decode", "mixed"),
-                "tensor_parallel",
-                f"tensor parallelism runs on decode and mixed pools, not on a {self.role} pool",
-            )
             _check(
                 self.experts == 1,
                 "tensor_parallel",
@@ -520,13 +516,6 @@ class ServeConfig:
             "need at least one worker in a decode or mixed pool",
         )
         _check_attention_pools(self.pools)
-        tp = [i for i, p in enumerate(self.pools) if p.tensor_parallel > 1 and p.num_workers > 0]
-        _check(
-            not tp or not any(p.role == "prefill" and p.num_workers > 0 for p in self.pools),
-            f"pools[{tp[0] if tp else 0}].tensor_parallel",
-            "a tensor-parallel pool takes no KV from prefill workers yet (KV transfer between TP degrees is not "
-            "built): give the prefill pools 0 workers, the TP workers prefill their own prompts",
-        )
         ports: dict[int, str] = {}
         for name in ("grpc_port", "http_port", "metrics_port"):
             port = getattr(self, name)
@@ -586,6 +575,30 @@ class ServeConfig:
         else:
             raise ConfigError("", f"{path}: unknown config file type (use .yaml, .yml or .json)")
         return ServeConfig.from_dict(data)
+
+
+def refuse_unbuilt_tp_kv_transfer(config: ServeConfig) -> None:
+    """Raise ConfigError for what only the in-process cluster (LocalCluster) builds of tensor
+    parallelism with KV transfer: a tensor-parallel prefill pool, and prefill workers beside a
+    tensor-parallel decode/mixed pool (whose Ray workers have no head-splitting KV receiver).
+    The Ray Controller (hence ``serve``) calls it; refused, never served at TP=1."""
+    prefill = [i for i, p in enumerate(config.pools) if p.role == "prefill" and p.num_workers > 0]
+    for i, pool in enumerate(config.pools):
+        if pool.tensor_parallel == 1 or pool.num_workers == 0:
+            continue
+        _check(
+            pool.role != "prefill",
+            f"pools[{i}].tensor_parallel",
+            f"is {pool.tensor_parallel} on a prefill pool, but tensor-parallel prefill workers run only in "
+            "process (LocalCluster) so far, not on Ray",
+        )
+        _check(
+            not prefill,
+            f"pools[{i}].tensor_parallel",
+            f"is {pool.tensor_parallel} beside prefill pool pools[{prefill[0] if prefill else 0}], but KV transfer "
+            "into a tensor-parallel worker runs only in process (LocalCluster) so far, not on Ray: give the "
+            "prefill pools 0 workers (the TP workers prefill their own prompts)",
+        )
 
 
 # ---------------------------------------------------------------- generic dict -> dataclass

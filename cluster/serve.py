@@ -58,6 +58,7 @@ from cluster.config import (
     TRANSFER_KINDS,
     ConfigError,
     ServeConfig,
+    refuse_unbuilt_tp_kv_transfer,
 )
 from cluster.control.errors import EXCEPTION_LINE
 from cluster.control.info import ClusterInfo
@@ -136,6 +137,14 @@ def add_serve_parser(sub: Any) -> None:
         help="tensor parallelism: every decode and mixed pool's workers become N ranks each (pool "
         "`tensor_parallel`, one Ray actor per rank, the pool's resources per rank; N must divide the "
         "model's heads; give --prefill 0: KV transfer between TP degrees is not built)",
+    )
+    p.add_argument(
+        "--prefill-tp",
+        type=positive_int,
+        metavar="N",
+        help="tensor parallelism: every prefill pool's workers become N ranks each (pool `tensor_parallel`; "
+        "KV moves between TP degrees as whole-head pages). Checked, then refused: TP prefill workers run "
+        "only in process (LocalCluster) so far, not on Ray",
     )
     p.add_argument(
         "--expert-routing-log",
@@ -272,6 +281,13 @@ def serve_config_from_args(args: argparse.Namespace, default_model: Callable[[],
             raise ConfigError("--decode-tp", "there is no decode or mixed pool to make tensor-parallel")
         for p in tp_pools:
             p["tensor_parallel"] = decode_tp
+    prefill_tp = getattr(args, "prefill_tp", None)
+    if prefill_tp is not None:
+        tp_pools = [p for p in pools if p.get("role", p.get("name")) == "prefill"]
+        if not tp_pools:
+            raise ConfigError("--prefill-tp", "there is no prefill pool to make tensor-parallel")
+        for p in tp_pools:
+            p["tensor_parallel"] = prefill_tp
     routing_log = getattr(args, "expert_routing_log", None)
     if routing_log is not None:
         ep_pools = [p for p in pools if p.get("experts", 1) > 1]
@@ -463,6 +479,10 @@ def resolve_model(cfg: ServeConfig) -> ServeConfig:
                 plan_shard(engine_config.model, 0, pool.tensor_parallel)
             except TPDivisibilityError as e:
                 raise ServeFailure(f"pools[{i}].tensor_parallel: {e}", 2) from None
+    try:
+        refuse_unbuilt_tp_kv_transfer(cfg)
+    except ConfigError as e:
+        raise ServeFailure(f"config error: {_one_line(str(e))}", 2) from None
     return dataclasses.replace(cfg, model=path)
 
 

@@ -7,13 +7,13 @@ from typing import Any
 from attention_offload.build import shard_layout
 from attention_offload.dist_transport import DistAttentionTransport
 from attention_offload.offloaded import OffloadedEngine
-from decode_worker.tensor_parallel import TPFollowerLink, TPLeaderEngine
 from decode_worker.tp_follower import leader_communicator
 from decode_worker.worker import DecodeWorker
 from engine.engine import EngineCore
 from engine.llm import build_engine_config
 from engine.models.gguf import resolve_model_path
 from engine.parallel import DeferredCommunicator
+from engine.runtime.tensor_parallel import TPFollowerLink, TPLeaderEngine
 from engine.tokenizer import load_tokenizer
 from expert_router.dispatcher import EPDispatcher
 from expert_router.group import EPSetupError, build_ep_engine, serving_placement

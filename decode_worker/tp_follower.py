@@ -1,7 +1,7 @@
 """A tensor-parallel follower rank in its own process, and rank 0's link to it.
 
 A TP worker of degree N on Ray (issue 15, pools) is N actors: rank 0 the routed DecodeActor
-whose engine is a ``TPLeaderEngine`` (decode_worker/tensor_parallel.py), ranks 1..N-1
+whose engine is a ``TPLeaderEngine`` (engine/runtime/tensor_parallel.py), ranks 1..N-1
 ``TPFollowerWorker``s (their Ray shell: decode_worker/actor.TPFollowerActor). Neither knows
 Ray here; the channel between them is injected (``FollowerChannel``).
 
@@ -43,12 +43,12 @@ from typing import Any, Protocol
 
 import torch
 
-from decode_worker.tensor_parallel import AddRequest, EngineCall, Reserve, TPFollower, TPFollowerFailed
 from engine.engine import EngineCore
 from engine.llm import build_engine_config
 from engine.models.gguf import resolve_model_path
 from engine.parallel import DeferredCommunicator
 from engine.runtime.groups import GroupSpec, free_port, join_deferred
+from engine.runtime.tensor_parallel import AddRequest, EngineCall, Reserve, TPFollower, TPFollowerFailed
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
 from engine.types import EngineStopped
 

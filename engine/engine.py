@@ -122,7 +122,7 @@ class EngineCore:
         if spec is None and (proposer is not None or policy is not None):
             raise ValueError("a proposer or speculation policy was given but EngineConfig.speculative is None")
         dtype = getattr(torch, config.dtype)
-        kv_heads = mc.num_kv_heads
+        kv_heads, kv_head_start = mc.num_kv_heads, 0
         if tokenweave is not None and tensor_parallel is None:
             raise ValueError("tokenweave was given without tensor_parallel (it overlaps TP's all-reduces)")
         if tensor_parallel is None:
@@ -146,8 +146,18 @@ class EngineCore:
                 path, mc, tensor_parallel, config.max_model_len, dtype, config.device, tokenweave
             )
             kv_heads = plan.kv_heads  # the paged cache holds this rank's KV heads only
+            kv_head_start = plan.rank * plan.kv_heads
         self.tensor_parallel = tensor_parallel
-        self.layout = KVLayout(config.dtype, config.cache.block_size, mc.num_layers, kv_heads, mc.head_dim)
+        # a TP rank's layout names its heads [rank * kv_heads, (rank + 1) * kv_heads) of the model's
+        self.layout = KVLayout(
+            config.dtype,
+            config.cache.block_size,
+            mc.num_layers,
+            kv_heads,
+            mc.head_dim,
+            kv_head_start=kv_head_start,
+            total_kv_heads=mc.num_kv_heads,
+        )
         draft_path = draft_config = None
         if spec is not None and spec.method == "draft_model" and proposer is None:
             draft_path = resolve_model_path(spec.model, progress=progress)

@@ -71,7 +71,7 @@ import abc
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -192,10 +192,26 @@ class KVSender(abc.ABC):
         """Flush queued work (bounded wait), then drop the connection. Idempotent."""
 
 
-class KVReceiver(abc.ABC):
-    """Receives K/V pages into reserved blocks of a PagedKVCache."""
+class PageSink(Protocol):
+    """What a receiver writes through when it is given something other than a PagedKVCache
+    (a tensor-parallel decode worker's head-splitting sink, decode_worker/tp_kv_receiver.py):
+    verified pages go to ``write_pages``, never by memcpy into ``kv``."""
 
-    def __init__(self, layout: KVLayout, cache: PagedKVCache):
+    layout: KVLayout
+
+    @property
+    def num_blocks(self) -> int: ...
+
+    @property
+    def kv(self) -> torch.Tensor: ...  # read for its device only
+
+    def write_pages(self, layer: int, block_ids: list[int], pages: torch.Tensor) -> None: ...
+
+
+class KVReceiver(abc.ABC):
+    """Receives K/V pages into reserved blocks of a PagedKVCache (or a PageSink)."""
+
+    def __init__(self, layout: KVLayout, cache: PagedKVCache | PageSink):
         check_layouts(layout, cache.layout, "receiver's own cache")
         self.layout = layout
         self.cache = cache

@@ -35,11 +35,21 @@ _MSG_LIMIT = 4 << 20  # gRPC's default; parts stay below it, with room for the e
 
 
 def _layout_msg(layout: KVLayout) -> pb.LayoutMsg:
-    return pb.LayoutMsg(**layout.to_dict())
+    fields = layout.to_dict()
+    fields["total_kv_heads"] = layout.total_kv_heads or 0  # 0 on the wire: whole (what an older peer sends)
+    return pb.LayoutMsg(**fields)
 
 
 def _layout_from(msg: pb.LayoutMsg) -> KVLayout:
-    return KVLayout(msg.dtype, msg.block_size, msg.num_layers, msg.num_kv_heads, msg.head_dim)
+    return KVLayout(
+        msg.dtype,
+        msg.block_size,
+        msg.num_layers,
+        msg.num_kv_heads,
+        msg.head_dim,
+        msg.kv_head_start,
+        msg.total_kv_heads or None,  # 0: a peer without the partition fields holds every head
+    )
 
 
 class _Servicer(pb_grpc.KVTransferServicer):

@@ -3,7 +3,8 @@
 ``ReceiverBook`` owns the per-request state machine described in ``kv_transfer.base``:
 pending requests, chunk counting, size and checksum verification, the page-coverage check,
 writing verified pages into the PagedKVCache (a CPU cache directly, one memcpy per run of
-consecutive blocks, see ``bytes_ops.PageScatter``; any other cache through ``write_pages``),
+consecutive blocks, see ``bytes_ops.PageScatter``; any other cache, or a ``PageSink`` such as
+a tensor-parallel worker's head-splitting one, through ``write_pages``),
 buffering of chunks that arrive before ``expect``, cancellation tombstones. A transport
 only decodes its wire format into ``on_chunk`` / ``on_finish`` / ``on_stream_error`` calls;
 ``BookedReceiver`` implements the transport-independent half of the KVReceiver ABC on top
@@ -76,7 +77,9 @@ class ReceiverBook:
         # cancels a request's bookkeeping once it has admitted it: that is no failure)
         self._tombstones: OrderedDict[str, bool] = OrderedDict()
         self._terminal: deque[str] = deque()
-        self._scatter = PageScatter(cache) if PageScatter.supports(cache) else None
+        # a PagedKVCache on the CPU: memcpy straight into it; any other sink (a tensor-parallel
+        # worker's, which splits pages by head: decode_worker/tp_kv_receiver.py) gets write_pages
+        self._scatter = PageScatter(cache) if isinstance(cache, PagedKVCache) and PageScatter.supports(cache) else None
 
     # ------------------------------------------------------------------ decode-worker side
     def expect(self, request_id: str, block_ids: list[int]) -> None:
@@ -270,7 +273,7 @@ class ReceiverBook:
             self._scatter.write(layer, block_ids, tensor_bytes(payload).numpy())
             return
         raw = payload.detach().contiguous().reshape(-1).view(torch.uint8)  # stays on its device
-        if raw.storage_offset() % self.cache.kv.element_size():
+        if raw.storage_offset() % self.layout.torch_dtype.itemsize:
             raw = raw.clone()  # misaligned view (e.g. of a transport buffer): realign
         # pages: [n, 2, block_size, Hkv, D] reinterpreted from the payload bytes
         pages = raw.view(self.layout.torch_dtype).view(len(block_ids), *self.layout.page_shape)

@@ -44,7 +44,6 @@ from dataclasses import dataclass, field
 from engine.config import SchedulerMode
 from engine.engine import EngineCore
 from engine.kv_cache.layout import KVLayoutMismatch
-from engine.kv_cache.paged_cache import PagedKVCache
 from engine.request import Request, RequestStatus
 from engine.runtime.continuation import replay_emitted
 from engine.runtime.stats import QUEUE_SECONDS_BUCKETS, TRANSFER_SECONDS_BUCKETS, CumulativeHistogram
@@ -170,17 +169,16 @@ class PrefillWorker(RuntimeWorker, PrefillAPI):
 
     def _push_layer(self, layer: int, out: SchedulerOutput) -> None:
         bs = self.engine.layout.block_size
-        cache = self.engine.cache
         for sr in out.scheduled:
             o = self._out.get(sr.request_id)
             if o is None or o.failed is not None:
                 continue
             try:
-                self._push_request_layer(layer, sr, o, bs, cache)
+                self._push_request_layer(layer, sr, o, bs)
             except LINK_ERRORS as e:  # this request's receiver is gone; the step goes on
                 o.failed = f"{KV_TRANSFER_FAILED}: {type(e).__name__}: {e}"
 
-    def _push_request_layer(self, layer: int, sr: ScheduledRequest, o: _Outgoing, bs: int, cache: PagedKVCache) -> None:
+    def _push_request_layer(self, layer: int, sr: ScheduledRequest, o: _Outgoing, bs: int) -> None:
         """Send what layer ``layer`` of this step made final of request ``sr`` (see _push_layer)."""
         end = sr.start_pos + sr.num_tokens  # tokens in the cache once this step is done
         last = (end - 1) // bs
@@ -189,24 +187,30 @@ class PrefillWorker(RuntimeWorker, PrefillAPI):
         # chunk does (the next chunk appends to it): copy it now
         fixed = last + 1 if sr.sample or end % bs == 0 else last
         if fixed > first:
-            self._sent(o, fixed - first)
-            self._pin(o, sr.block_ids[first:fixed])
-            o.sender.send_blocks(sr.request_id, layer, first, cache, sr.block_ids[first:fixed])
-            o.chunks += 1
+            self._send_fixed(o, sr.request_id, layer, first, sr.block_ids[first:fixed])
         if fixed <= last:
-            self._sent(o, 1)
-            o.sender.send(sr.request_id, layer, last, cache.kv[layer, sr.block_ids[last : last + 1]])  # a copy
-            o.chunks += 1
+            self._send_copy(o, sr.request_id, layer, last, sr.block_ids[last : last + 1])
         if layer == self.engine.layout.num_layers - 1:
             o.next_page = end // bs
 
     def _push_all(self, rid: str, o: _Outgoing) -> None:
         blocks = self.engine.block_ids(rid)  # the prompt is done: none of them changes again
-        self._pin(o, blocks)
         for layer in range(self.engine.layout.num_layers):
-            self._sent(o, len(blocks))
-            o.sender.send_blocks(rid, layer, 0, self.engine.cache, blocks)
-            o.chunks += 1
+            self._send_fixed(o, rid, layer, 0, blocks)
+
+    def _send_fixed(self, o: _Outgoing, rid: str, layer: int, first: int, blocks: list[int]) -> None:
+        """Queue pages ``blocks`` of ``layer`` (pages ``first..`` of the request), which stay
+        unchanged until the transfer settles, as one chunk: by reference, the blocks pinned."""
+        self._sent(o, len(blocks))
+        self._pin(o, blocks)
+        o.sender.send_blocks(rid, layer, first, self.engine.cache, blocks)
+        o.chunks += 1
+
+    def _send_copy(self, o: _Outgoing, rid: str, layer: int, first: int, blocks: list[int]) -> None:
+        """Queue a copy of pages ``blocks`` of ``layer`` (a page the next chunk still changes)."""
+        self._sent(o, len(blocks))
+        o.sender.send(rid, layer, first, self.engine.cache.kv[layer, blocks])  # advanced index: a copy
+        o.chunks += 1
 
     def _pin(self, o: _Outgoing, blocks: list[int]) -> None:
         new = [b for b in blocks if b not in o.pinned]
@@ -220,7 +224,7 @@ class PrefillWorker(RuntimeWorker, PrefillAPI):
     def _sent(self, o: _Outgoing, num_pages: int) -> None:
         if o.first_sent is None:
             o.first_sent = time.monotonic()
-        o.nbytes += num_pages * self.engine.layout.page_bytes
+        o.nbytes += num_pages * o.sender.layout.page_bytes  # the pages on the wire
 
     def _step(self) -> None:
         hook = self._push_layer if self.layerwise else None

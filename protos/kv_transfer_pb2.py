@@ -24,23 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18protos/kv_transfer.proto\x12\rsplitserve.v1\"j\n\tLayoutMsg\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\r\x12\x10\n\x08head_dim\x18\x05 \x01(\r\"\x80\x01\n\x08PageData\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x12\n\nfirst_page\x18\x02 \x01(\r\x12\x11\n\tnum_pages\x18\x03 \x01(\r\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x07 \x01(\r\"\x1f\n\tStreamEnd\x12\x12\n\nnum_chunks\x18\x01 \x01(\r\"x\n\x07KVChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x05pages\x18\x02 \x01(\x0b\x32\x17.splitserve.v1.PageDataH\x00\x12\'\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x18.splitserve.v1.StreamEndH\x00\x42\x06\n\x04\x62ody\"&\n\x07PushAck\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t2\x87\x01\n\nKVTransfer\x12?\n\tHandshake\x12\x18.splitserve.v1.LayoutMsg\x1a\x18.splitserve.v1.LayoutMsg\x12\x38\n\x04Push\x12\x16.splitserve.v1.KVChunk\x1a\x16.splitserve.v1.PushAck(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18protos/kv_transfer.proto\x12\rsplitserve.v1\"\x99\x01\n\tLayoutMsg\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\r\x12\x10\n\x08head_dim\x18\x05 \x01(\r\x12\x15\n\rkv_head_start\x18\x06 \x01(\r\x12\x16\n\x0etotal_kv_heads\x18\x07 \x01(\r\"\x80\x01\n\x08PageData\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x12\n\nfirst_page\x18\x02 \x01(\r\x12\x11\n\tnum_pages\x18\x03 \x01(\r\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x07 \x01(\r\"\x1f\n\tStreamEnd\x12\x12\n\nnum_chunks\x18\x01 \x01(\r\"x\n\x07KVChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x05pages\x18\x02 \x01(\x0b\x32\x17.splitserve.v1.PageDataH\x00\x12\'\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x18.splitserve.v1.StreamEndH\x00\x42\x06\n\x04\x62ody\"&\n\x07PushAck\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t2\x87\x01\n\nKVTransfer\x12?\n\tHandshake\x12\x18.splitserve.v1.LayoutMsg\x1a\x18.splitserve.v1.LayoutMsg\x12\x38\n\x04Push\x12\x16.splitserve.v1.KVChunk\x1a\x16.splitserve.v1.PushAck(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.kv_transfer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LAYOUTMSG']._serialized_start=43
-  _globals['_LAYOUTMSG']._serialized_end=149
-  _globals['_PAGEDATA']._serialized_start=152
-  _globals['_PAGEDATA']._serialized_end=280
-  _globals['_STREAMEND']._serialized_start=282
-  _globals['_STREAMEND']._serialized_end=313
-  _globals['_KVCHUNK']._serialized_start=315
-  _globals['_KVCHUNK']._serialized_end=435
-  _globals['_PUSHACK']._serialized_start=437
-  _globals['_PUSHACK']._serialized_end=475
-  _globals['_KVTRANSFER']._serialized_start=478
-  _globals['_KVTRANSFER']._serialized_end=613
+  _globals['_LAYOUTMSG']._serialized_start=44
+  _globals['_LAYOUTMSG']._serialized_end=197
+  _globals['_PAGEDATA']._serialized_start=200
+  _globals['_PAGEDATA']._serialized_end=328
+  _globals['_STREAMEND']._serialized_start=330
+  _globals['_STREAMEND']._serialized_end=361
+  _globals['_KVCHUNK']._serialized_start=363
+  _globals['_KVCHUNK']._serialized_end=483
+  _globals['_PUSHACK']._serialized_start=485
+  _globals['_PUSHACK']._serialized_end=523
+  _globals['_KVTRANSFER']._serialized_start=526
+  _globals['_KVTRANSFER']._serialized_end=661
 # @@protoc_insertion_point(module_scope)

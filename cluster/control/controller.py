@@ -86,7 +86,7 @@ import ray
 from attention_offload.actor import AttentionActor
 from attention_offload.api import AttentionWorkerStats
 from attention_offload.worker import attention_blocks, attention_engine_config
-from cluster.config import ATTENTION_ROLE, PoolConfig, ServeConfig
+from cluster.config import ATTENTION_ROLE, PoolConfig, ServeConfig, refuse_unbuilt_tp_kv_transfer
 from cluster.control.expert_affinity import build_expert_affinities
 from cluster.control.groups import form_group, group_backend
 from cluster.control.handles import (
@@ -192,6 +192,7 @@ class Controller:
                 f"transfer.kind {kind!r} cannot move KV between Ray actors ('loopback' works only inside "
                 f"one process): use one of {list(RAY_TRANSPORTS)} ('shm' within a node, 'grpc' or 'torch' across nodes)"
             )
+        refuse_unbuilt_tp_kv_transfer(config)
         self.config = config
         self.options = options or ControllerOptions()
         self.store = make_state_store(config.state)

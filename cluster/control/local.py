@@ -26,10 +26,12 @@ does) before serving. ``replace_worker`` refuses an EP member (the controller re
 broken group as a whole; this in-process cluster does not).
 
 Tensor-parallel pools (``tensor_parallel`` = N > 1): worker ``<pool>-<i>`` is N EngineCore
-shards in this process over the gloo group ``tp/<pool>-<i>`` (decode_worker/tensor_parallel.py:
-rank 0 the routed DecodeWorker, ranks 1..N-1 followers replaying its engine calls), with no
-KV receiver (the config allows no prefill workers beside them). ``kill_worker`` and
-``replace_worker`` stop and rebuild every rank (a new group).
+shards in this process over the gloo group ``tp/<pool>-<i>`` (decode_worker/ and
+prefill_worker/tensor_parallel.py: rank 0 the routed worker, ranks 1..N-1 followers replaying
+its engine calls). KV moves between pools of any TP degrees as whole-head pages: a TP decode
+worker's receiver cuts them by head for its ranks, a TP prefill worker gathers them over its
+group before sending. ``kill_worker`` and ``replace_worker`` stop and rebuild every rank (a
+new group).
 """
 
 from __future__ import annotations
@@ -46,10 +48,12 @@ from cluster.control.router import Router
 from cluster.control.routing import RoutingPolicy
 from cluster.control.state import StateStore, make_state_store
 from decode_worker.build import build_decode_worker
-from decode_worker.tensor_parallel import TPWorker, build_tp_decode_worker
+from decode_worker.tensor_parallel import build_tp_decode_worker
 from decode_worker.worker import DecodeWorker
 from engine.runtime.groups import GroupBackend
+from engine.runtime.tensor_parallel import TPWorker
 from prefill_worker.build import build_prefill_worker
+from prefill_worker.tensor_parallel import build_tp_prefill_worker
 from prefill_worker.worker import PrefillWorker
 
 
@@ -75,7 +79,8 @@ class LocalCluster:
         )
         self.killed: set[str] = set()
         self.ep_group_timeout_s = ep_group_timeout_s
-        self.tp_workers: dict[str, TPWorker] = {}  # TP workers' follower ranks, by routed worker id
+        # TP workers (routed rank 0 + follower ranks), by routed worker id
+        self.tp_workers: dict[str, TPWorker[DecodeWorker] | TPWorker[PrefillWorker]] = {}
         self.handles: dict[str, DecodeHandle] = {}  # decode-capable workers' handles
         self.attention: dict[str, AttentionWorker] = {}  # attention workers by id
         self.attention_handles: dict[str, AttentionHandle] = {}
@@ -96,6 +101,22 @@ class LocalCluster:
             aw = build_attention_worker(self.config.model, pool.engine, worker_id=wid)
             self.attention[wid] = aw
             self.attention_handles[wid] = local_attention(wid, aw)
+        elif pool.role == "prefill" and pool.tensor_parallel > 1:  # N shards in this process, group tp/<wid>
+            tp = build_tp_prefill_worker(
+                self.config.model,
+                pool.engine,
+                pool.tensor_parallel,
+                wid,
+                t.kind,
+                self.transport_options or None,
+                layerwise=t.layerwise,
+                transfer_timeout_s=t.timeout_s,
+                max_pending=bound,
+                group_timeout_s=self.ep_group_timeout_s,
+            )
+            self.tp_workers[wid] = tp
+            self.router.add_worker(wid, local_prefill(wid, tp.worker), pool.role)
+            self.workers[wid] = tp.worker
         elif pool.role == "prefill":
             pw = build_prefill_worker(
                 self.config.model,
@@ -118,10 +139,12 @@ class LocalCluster:
                 role=pool.role,
                 max_pending=bound,
                 group_timeout_s=self.ep_group_timeout_s,
+                transport=t.kind,
+                transfer_timeout_s=t.timeout_s,
             )
             self.tp_workers[wid] = tw
             self.handles[wid] = local_decode(wid, tw.worker)
-            self.router.add_worker(wid, self.handles[wid], pool.role, None)
+            self.router.add_worker(wid, self.handles[wid], pool.role, tw.worker.kv_address())
             self.workers[wid] = tw.worker
         else:
             ep: dict[str, Any] = {}

@@ -172,7 +172,7 @@ def test_rank_0s_channel_reports_a_failed_follower_call_and_a_dead_follower(ray_
     comes back (without blocking rank 0) as the follower's TPFollowerFailed; a dead actor as
     "actor gone", from both ``failures`` and ``ask``."""
     from decode_worker.actor import RayFollowerChannel, TPFollowerActor
-    from decode_worker.tensor_parallel import Admit, Step
+    from engine.runtime.tensor_parallel import Admit, Step
 
     ckpt = tiny_checkpoint("llama", vocab_size=515, **WIDE)
     actor = TPFollowerActor.options(num_cpus=0.5).remote(ckpt, {**ENGINE, "skip_tokenizer_init": True}, 1, 2, "m-0")

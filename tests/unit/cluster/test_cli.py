@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cluster.cli import build_parser
-from cluster.config import ConfigError, PoolConfig, ServeConfig
+from cluster.config import ConfigError, PoolConfig, ServeConfig, refuse_unbuilt_tp_kv_transfer
 from cluster.serve import (
     DEFAULT_MODEL_ENGINE,
     DEMO_MAX_TOKENS,
@@ -484,8 +484,9 @@ def test_expert_routing_log_flag_sets_every_ep_pool_and_is_checked_against_the_m
 def test_decode_tp_flag_sets_the_decode_pools_tensor_parallel():
     cfg = serve_config_from_args(_parse(*"serve --model /m --prefill 0 --decode-tp 2".split()), _Tiny())
     assert [(p.name, p.num_workers, p.tensor_parallel) for p in cfg.pools] == [("prefill", 0, 1), ("decode", 1, 2)]
-    with pytest.raises(ConfigError, match=r"^pools\[1\]\.tensor_parallel: a tensor-parallel pool takes no KV"):
-        serve_config_from_args(_parse(*"serve --model /m --decode-tp 2".split()), _Tiny())
+    beside = serve_config_from_args(_parse(*"serve --model /m --decode-tp 2".split()), _Tiny())  # in process: served
+    with pytest.raises(ConfigError, match=r"^pools\[1\]\.tensor_parallel: is 2 beside prefill pool pools\[0\]"):
+        refuse_unbuilt_tp_kv_transfer(beside)  # on Ray: refused before Ray starts (resolve_model)
     with pytest.raises(ConfigError, match=r"^pools\[1\]\.tensor_parallel: .*speculative decoding"):
         serve_config_from_args(
             _parse(
@@ -495,6 +496,25 @@ def test_decode_tp_flag_sets_the_decode_pools_tensor_parallel():
             ),
             _Tiny(),
         )
+
+
+def test_prefill_tp_flag_sets_the_prefill_pools_tensor_parallel_and_ray_refuses_it(tiny_checkpoint, tmp_path):
+    from cluster.serve import ServeFailure, resolve_model
+
+    cfg = serve_config_from_args(_parse(*"serve --model /m --prefill-tp 2".split()), _Tiny())
+    assert [(p.name, p.num_workers, p.tensor_parallel) for p in cfg.pools] == [("prefill", 1, 2), ("decode", 1, 1)]
+    mixed_only = tmp_path / "mixed.json"
+    mixed_only.write_text('{"model": "/m", "pools": [{"name": "m", "role": "mixed"}]}')
+    with pytest.raises(ConfigError, match=r"^--prefill-tp: there is no prefill pool"):
+        serve_config_from_args(_parse("serve", "--config", str(mixed_only), "--prefill-tp", "2"), _Tiny())
+    wide = {"num_attention_heads": 16, "num_key_value_heads": 8, "hidden_size": 128, "intermediate_size": 256}
+    model = tiny_checkpoint("llama", **wide)
+    bad = serve_config_from_args(_parse("serve", "--model", model, "--prefill-tp", "3"), _Tiny())
+    with pytest.raises(ServeFailure, match=r"^pools\[0\]\.tensor_parallel: tensor_parallel=3 does not divide"):
+        resolve_model(bad)
+    divides = serve_config_from_args(_parse("serve", "--model", model, "--prefill-tp", "2"), _Tiny())
+    with pytest.raises(ServeFailure, match=r"pools\[0\]\.tensor_parallel: is 2 on a prefill pool, .* not on Ray"):
+        resolve_model(divides)
 
 
 def test_decode_tp_is_checked_against_the_model_before_ray(tiny_checkpoint):

@@ -133,7 +133,6 @@ def with_(path: str, value) -> dict:
         ("pools[2].experts", 0, r"^pools\[2\]\.experts: must be an int >= 1, got 0"),
         ("pools[1].expert_cache_slots", 1, r"^pools\[1\]\.expert_cache_slots: needs experts > 1"),
         ("pools[1].expert_placement", "/p.json", r"^pools\[1\]\.expert_placement: needs experts > 1"),
-        ("pools[0].tensor_parallel", 2, r"^pools\[0\]\.tensor_parallel: tensor parallelism runs on decode and mixed"),
         ("pools[1].tensor_parallel", 0, r"^pools\[1\]\.tensor_parallel: must be an int >= 1, got 0"),
         (
             "pools[1].group_transport",

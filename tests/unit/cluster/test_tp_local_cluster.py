@@ -12,7 +12,7 @@ import asyncio
 
 import pytest
 
-from cluster.config import ConfigError, PoolConfig, ServeConfig, TransferConfig
+from cluster.config import ConfigError, PoolConfig, ServeConfig, TransferConfig, refuse_unbuilt_tp_kv_transfer
 from cluster.control.local import LocalCluster
 from engine import LLM, SamplingParams
 from engine.types import RequestSpec
@@ -68,12 +68,28 @@ def test_tp_pool_in_process_serves_as_llm_and_is_replaced_whole(tiny_checkpoint)
     assert again == want[2]
 
 
-def test_tp_pool_takes_no_prefill_workers_beside_it() -> None:
-    with pytest.raises(ConfigError, match=r"^pools\[1\]\.tensor_parallel: a tensor-parallel pool takes no KV"):
+def test_prefill_workers_beside_a_tp_pool_are_served_in_process_and_refused_on_ray() -> None:
+    # LocalCluster moves KV between TP degrees (tests/unit/cluster/test_tp_kv_transfer_local_cluster.py);
+    # the Ray controller refuses what only the in-process cluster builds, naming the field
+    beside = ServeConfig(
+        model="/m", pools=(PoolConfig("prefill", "prefill", 1), PoolConfig("decode", "decode", 1, tensor_parallel=2))
+    )
+    with pytest.raises(
+        ConfigError, match=r"^pools\[1\]\.tensor_parallel: is 2 beside prefill pool pools\[0\].* not on Ray"
+    ):
+        refuse_unbuilt_tp_kv_transfer(beside)
+    tp_prefill = ServeConfig(
+        model="/m", pools=(PoolConfig("prefill", "prefill", 1, tensor_parallel=2), PoolConfig("decode", "decode", 1))
+    )
+    with pytest.raises(ConfigError, match=r"^pools\[0\]\.tensor_parallel: is 2 on a prefill pool, .* not on Ray"):
+        refuse_unbuilt_tp_kv_transfer(tp_prefill)
+    # no prefill workers: nothing to refuse here (a TP decode pool prefills its own prompts)
+    refuse_unbuilt_tp_kv_transfer(
         ServeConfig(
             model="/m",
-            pools=(PoolConfig("prefill", "prefill", 1), PoolConfig("decode", "decode", 1, tensor_parallel=2)),
+            pools=(PoolConfig("prefill", "prefill", 0), PoolConfig("decode", "decode", 1, tensor_parallel=2)),
         )
+    )
 
 
 def test_a_dead_rank_fails_the_tp_worker_within_the_timeout_and_its_request_continues_on_the_replacement(

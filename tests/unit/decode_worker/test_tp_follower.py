@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from decode_worker.tensor_parallel import Abort, AddRequest, Admit, Step, TPFollowerFailed, TPLeaderEngine
 from decode_worker.tp_follower import RemoteFollower, StopState, TPFollowerWorker, WireCall, from_wire, to_wire
 from engine.parallel import CommunicationError, DeferredCommunicator, LocalCommunicator
 from engine.request import Request, SamplingParams
 from engine.runtime.groups import GroupSpec, free_port, join_deferred
+from engine.runtime.tensor_parallel import Abort, AddRequest, Admit, Step, TPFollowerFailed, TPLeaderEngine
 from engine.tokenizer import IncrementalDetokenizer
 from engine.types import EngineStopped
 
