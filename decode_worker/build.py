@@ -8,6 +8,7 @@ from attention_offload.build import shard_layout
 from attention_offload.dist_transport import DistAttentionTransport
 from attention_offload.offloaded import OffloadedEngine
 from decode_worker.tp_follower import leader_communicator
+from decode_worker.tp_kv_receiver import TPPageSink
 from decode_worker.worker import DecodeWorker
 from engine.engine import EngineCore
 from engine.llm import build_engine_config
@@ -58,7 +59,9 @@ def build_decode_worker(
     ``tp_followers`` (ranks 1..N-1 of a tensor-parallel worker of degree N, e.g.
     decode_worker/tp_follower.RemoteFollower): the worker is rank 0, its engine a
     TPLeaderEngine over rank 0's shard, built on a DeferredCommunicator that ``join_group``
-    connects (the group ``tp/<worker_id>``); no KV receiver (no prefill pool beside TP)."""
+    connects (the group ``tp/<worker_id>``); its KV receiver (with a ``transport``) writes
+    through decode_worker/tp_kv_receiver.TPPageSink: rank 0's heads into its cache, each
+    follower's as a WriteKV call."""
     model = resolve_model_path(model)  # a .gguf converts once (cached); every later call reuses it
     opts = {k: v for k, v in (engine_options or {}).items() if k != "mode"}
     skip_tokenizer_init = bool(opts.pop("skip_tokenizer_init", False))
@@ -66,12 +69,14 @@ def build_decode_worker(
     dispatcher: EPDispatcher | None = None
     attention: OffloadedEngine | None = None
     tp_comm: DeferredCommunicator | None = None
+    tp_sink: TPPageSink | None = None
     if tp_followers:
         if experts > 1 or attention_blocks is not None:
             raise ValueError("a tensor-parallel worker is not an EP rank or an attention-offloaded model worker")
         tp_comm = leader_communicator(len(tp_followers) + 1, config.device, worker_id)
-        engine = TPLeaderEngine(EngineCore(config, progress=True, tensor_parallel=tp_comm), tp_followers)
-        transport = None
+        core = EngineCore(config, progress=True, tensor_parallel=tp_comm)
+        engine = TPLeaderEngine(core, tp_followers)
+        tp_sink = TPPageSink(core, list(tp_followers))  # whole-head pages in, each rank's heads out
     elif attention_blocks is not None:
         if experts > 1:
             raise ValueError("an attention-offloaded model worker is not an EP rank")
@@ -92,11 +97,12 @@ def build_decode_worker(
         engine, dispatcher = build_ep_engine(config, None, placement, cache, rank=expert_rank, world_size=experts)
     else:
         engine = EngineCore(config, progress=True)
-    receiver = (
-        None
-        if transport is None
-        else make_receiver(transport, engine.layout, engine.cache, **(transport_options or {}))
-    )
+    if transport is None:
+        receiver = None
+    elif tp_sink is not None:  # the prefill worker sends whole-head pages; the sink cuts them per rank
+        receiver = make_receiver(transport, tp_sink.layout, tp_sink, **(transport_options or {}))  # type: ignore[arg-type]
+    else:
+        receiver = make_receiver(transport, engine.layout, engine.cache, **(transport_options or {}))
     return DecodeWorker(
         engine,
         receiver,

@@ -271,10 +271,15 @@ class RemoteFollower:
         self.channel = channel
         self._seq = 0
         self._failure: str | None = None
+        # rank 0's loop thread and its KV receiver's transport thread (WriteKV) both submit:
+        # a number and its send go together, so numbers leave in the order they were taken
+        self._submit_lock = threading.Lock()
 
     def submit(self, call: EngineCall) -> None:
-        self._seq += 1
-        self.channel.send(self._seq, to_wire(call))
+        wire = to_wire(call)
+        with self._submit_lock:
+            self._seq += 1
+            self.channel.send(self._seq, wire)
 
     def failure(self, wait_s: float = 0.0) -> str | None:
         if self._failure is None:

@@ -8,7 +8,11 @@ and both ranks. Rank 1 killed mid-request
 fails rank 0's next step within seconds with an error naming the dead rank (the health
 watcher's period is long here, so the failure is rank 0's own, not the controller's; failover
 is off, so the client sees it: never a hang); the next health round (driven by the test)
-replaces the whole worker (both ranks, a new group) and it serves LLM's tokens again."""
+replaces the whole worker (both ranks, a new group) and it serves LLM's tokens again.
+
+A prefill worker (TP=1) beside a TP=2 decode pool: every prompt's KV goes over shm, layer by
+layer, as whole-head pages into rank 0's receiver, which cuts each rank's heads (rank 1's as
+WriteKV calls over Ray); the tokens are LLM's."""
 
 from __future__ import annotations
 
@@ -19,12 +23,13 @@ import time
 import pytest
 import ray
 
-from cluster.config import FailoverConfig, PoolConfig, ServeConfig, TransferConfig
+from cluster.config import FailoverConfig, PoolConfig, RouterConfig, ServeConfig, TransferConfig
 from cluster.control.controller import Controller, ControllerOptions
 from cluster.frontends.grpc_server import server_info_message
 from cluster.frontends.service import ServerInfo
 from engine import LLM, SamplingParams
 from engine.types import RequestSpec
+from tests.integration.fast_options import FAST_GROUPS
 from tests.router_streams import collect
 
 pytestmark = pytest.mark.integration
@@ -165,6 +170,52 @@ def test_a_tp_pool_on_ray_serves_as_llm_and_a_dead_rank_fails_and_replaces_the_w
     assert (w.worker_id, w.healthy, w.restarts) == ("mixed-0", True, 1)
     assert "mixed-0/tp1" in (w.last_failure or ""), w.last_failure
     assert _agreement([tokens for tokens, _ in after], want) >= 0.99
+
+
+def test_a_prefill_pool_beside_a_tp_decode_pool_on_ray_sends_whole_head_pages_cut_per_rank(
+    ray_local, tiny_checkpoint
+) -> None:
+    ckpt = tiny_checkpoint("llama", vocab_size=515, **WIDE)
+    want = [o.token_ids for o in LLM(ckpt, **ENGINE).generate(PROMPTS, GREEDY)]
+    cfg = ServeConfig(
+        model=ckpt,
+        pools=(
+            PoolConfig("prefill", "prefill", 1, num_cpus=0.4, engine=ENGINE),
+            PoolConfig("decode", "decode", 1, num_cpus=0.4, engine=ENGINE, tensor_parallel=2),
+        ),
+        router=RouterConfig(short_prompt_threshold=0),  # every prompt is prefilled by the prefill worker
+        transfer=TransferConfig(kind="shm", layerwise=True),
+    )
+
+    async def run():
+        c = await Controller(cfg, FAST_GROUPS).start()
+        try:
+            got = await asyncio.gather(*(collect(c.router, f"r{i}", p, GREEDY) for i, p in enumerate(PROMPTS)))
+            # the decode worker's blocks go back once the streams end: poll both ranks' pools
+            deadline = time.monotonic() + 30.0
+            while True:
+                await c.check_health()  # polls the workers' and the follower's stats
+                info = c.info()
+                (dec,) = (w for w in info.workers if w.pool == "decode")
+                (rank1,) = info.tp_ranks
+                full = 0 < dec.stats.engine.total_kv_blocks == dec.stats.engine.free_kv_blocks
+                full = full and 0 < rank1.total_blocks == rank1.free_blocks
+                if full or time.monotonic() > deadline:
+                    return got, info, full
+                await asyncio.sleep(0.1)  # poll interval
+        finally:
+            await c.shutdown()
+
+    got, info, full = asyncio.run(run())
+    served = [tokens for tokens, _ in got]
+    agreement = _agreement(served, want)
+    print(f"prefill TP=1 -> decode TP=2 on Ray: {agreement:.4f} of {sum(map(len, want))} tokens equal engine.LLM's")
+    assert agreement >= 0.99, (served, want)
+    assert [last.error for _, last in got] == [None] * len(PROMPTS)  # type: ignore[union-attr]
+    (pre,) = (w.stats for w in info.workers if w.pool == "prefill")
+    (dec,) = (w.stats for w in info.workers if w.pool == "decode")
+    assert pre.transfer_bytes and dec.transfer_failures == 0  # the KV really crossed, none failed
+    assert full, (dec.engine, info.tp_ranks)
 
 
 def test_rank_0s_channel_reports_a_failed_follower_call_and_a_dead_follower(ray_local, tiny_checkpoint) -> None:

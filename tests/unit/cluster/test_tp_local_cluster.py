@@ -68,26 +68,20 @@ def test_tp_pool_in_process_serves_as_llm_and_is_replaced_whole(tiny_checkpoint)
     assert again == want[2]
 
 
-def test_prefill_workers_beside_a_tp_pool_are_served_in_process_and_refused_on_ray() -> None:
-    # LocalCluster moves KV between TP degrees (tests/unit/cluster/test_tp_kv_transfer_local_cluster.py);
-    # the Ray controller refuses what only the in-process cluster builds, naming the field
-    beside = ServeConfig(
-        model="/m", pools=(PoolConfig("prefill", "prefill", 1), PoolConfig("decode", "decode", 1, tensor_parallel=2))
-    )
-    with pytest.raises(
-        ConfigError, match=r"^pools\[1\]\.tensor_parallel: is 2 beside prefill pool pools\[0\].* not on Ray"
-    ):
-        refuse_unbuilt_tp_kv_transfer(beside)
+def test_ray_refuses_tp_prefill_pools_only() -> None:
+    # LocalCluster moves KV between TP degrees both ways (tests/unit/cluster/
+    # test_tp_kv_transfer_local_cluster.py); the Ray controller refuses what only the
+    # in-process cluster builds, a TP prefill pool, naming the field
     tp_prefill = ServeConfig(
         model="/m", pools=(PoolConfig("prefill", "prefill", 1, tensor_parallel=2), PoolConfig("decode", "decode", 1))
     )
     with pytest.raises(ConfigError, match=r"^pools\[0\]\.tensor_parallel: is 2 on a prefill pool, .* not on Ray"):
         refuse_unbuilt_tp_kv_transfer(tp_prefill)
-    # no prefill workers: nothing to refuse here (a TP decode pool prefills its own prompts)
+    # prefill workers beside a TP decode pool: served on Ray (tests/integration/test_tp_ray.py)
     refuse_unbuilt_tp_kv_transfer(
         ServeConfig(
             model="/m",
-            pools=(PoolConfig("prefill", "prefill", 0), PoolConfig("decode", "decode", 1, tensor_parallel=2)),
+            pools=(PoolConfig("prefill", "prefill", 1), PoolConfig("decode", "decode", 1, tensor_parallel=2)),
         )
     )
 
