@@ -134,8 +134,8 @@ class PoolConfig:
     # process (decode_worker/ and prefill_worker/tensor_parallel.py), and KV moves between pools
     # of any TP degrees (whole-head pages, cut or gathered at the TP worker's edge). On Ray a
     # decode/mixed worker is N actors, one per rank, each asking for the pool's num_cpus /
-    # num_gpus / resources (cluster/control/controller.py), prefill workers beside them
-    # included; TP prefill pools are refused there (``refuse_unbuilt_tp_kv_transfer``).
+    # num_gpus / resources (cluster/control/controller.py), prefill and decode alike, with KV
+    # moving between pools of any TP degrees there too.
     tensor_parallel: int = 1
 
     def __post_init__(self) -> None:
@@ -575,23 +575,6 @@ class ServeConfig:
         else:
             raise ConfigError("", f"{path}: unknown config file type (use .yaml, .yml or .json)")
         return ServeConfig.from_dict(data)
-
-
-def refuse_unbuilt_tp_kv_transfer(config: ServeConfig) -> None:
-    """Raise ConfigError for what only the in-process cluster (LocalCluster) builds of tensor
-    parallelism: a tensor-parallel prefill pool (its Ray workers would need follower actors
-    and the all-gather of its pages). The Ray Controller (hence ``serve``) calls it; refused,
-    never served at TP=1. Prefill workers beside a TP decode/mixed pool serve on Ray too: its
-    rank 0 receives whole-head pages and cuts them per rank (decode_worker/tp_kv_receiver.py)."""
-    for i, pool in enumerate(config.pools):
-        if pool.tensor_parallel == 1 or pool.num_workers == 0:
-            continue
-        _check(
-            pool.role != "prefill",
-            f"pools[{i}].tensor_parallel",
-            f"is {pool.tensor_parallel} on a prefill pool, but tensor-parallel prefill workers run only in "
-            "process (LocalCluster) so far, not on Ray",
-        )
 
 
 # ---------------------------------------------------------------- generic dict -> dataclass

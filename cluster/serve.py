@@ -58,7 +58,6 @@ from cluster.config import (
     TRANSFER_KINDS,
     ConfigError,
     ServeConfig,
-    refuse_unbuilt_tp_kv_transfer,
 )
 from cluster.control.errors import EXCEPTION_LINE
 from cluster.control.info import ClusterInfo
@@ -136,15 +135,14 @@ def add_serve_parser(sub: Any) -> None:
         metavar="N",
         help="tensor parallelism: every decode and mixed pool's workers become N ranks each (pool "
         "`tensor_parallel`, one Ray actor per rank, the pool's resources per rank; N must divide the "
-        "model's heads; give --prefill 0: KV transfer between TP degrees is not built)",
+        "model's heads; KV from prefill workers of any TP degree is cut per rank)",
     )
     p.add_argument(
         "--prefill-tp",
         type=positive_int,
         metavar="N",
         help="tensor parallelism: every prefill pool's workers become N ranks each (pool `tensor_parallel`; "
-        "KV moves between TP degrees as whole-head pages). Checked, then refused: TP prefill workers run "
-        "only in process (LocalCluster) so far, not on Ray",
+        "N must divide the model's heads; KV moves between TP degrees as whole-head pages)",
     )
     p.add_argument(
         "--expert-routing-log",
@@ -479,10 +477,6 @@ def resolve_model(cfg: ServeConfig) -> ServeConfig:
                 plan_shard(engine_config.model, 0, pool.tensor_parallel)
             except TPDivisibilityError as e:
                 raise ServeFailure(f"pools[{i}].tensor_parallel: {e}", 2) from None
-    try:
-        refuse_unbuilt_tp_kv_transfer(cfg)
-    except ConfigError as e:
-        raise ServeFailure(f"config error: {_one_line(str(e))}", 2) from None
     return dataclasses.replace(cfg, model=path)
 
 

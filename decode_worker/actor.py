@@ -14,8 +14,8 @@ default concurrency group needs about as many threads as requests streaming at o
 (``max_concurrency``). ``ping``, ``stats``, ``limits``, ``kv_address`` and ``node_id`` run in
 a small "control" group so health checks are answered however many reads are waiting.
 
-Tensor-parallel followers (``TPFollowerActor``, the shell over decode_worker/tp_follower's
-TPFollowerWorker; ``RayFollowerChannel``, rank 0's channel to one): the controller starts a
+Tensor-parallel followers (``TPFollowerActor``, the shell over engine/runtime/tp_follower's
+TPFollowerWorker; ``ray_follower_channel``, rank 0's channel to one): the controller starts a
 TP worker's follower actors first (``__init__`` pins torch's threads to the actor's CPU share
 and loads the rank's shard; the first ``ping`` returns once that is done: the readiness
 probe), then rank 0's DecodeActor with their handles, then forms the group ``tp/<worker id>``
@@ -36,9 +36,16 @@ import ray
 
 from decode_worker.api import DecodeAPI
 from decode_worker.build import build_decode_worker
-from decode_worker.tp_follower import RemoteFollower, TPFollowerAPI, TPFollowerStats, TPFollowerWorker, WireCall
 from engine.runtime.groups import GroupSpec
 from engine.runtime.threads import set_threads_for_cpu_share
+from engine.runtime.tp_follower import (
+    FutureFollowerChannel,
+    RemoteFollower,
+    TPFollowerAPI,
+    TPFollowerStats,
+    TPFollowerWorker,
+    WireCall,
+)
 from engine.types import FirstToken, KVAddress, RequestSpec, StreamChunk, WorkerLimits, WorkerStats
 
 DEFAULT_MAX_CONCURRENCY = 64
@@ -90,7 +97,8 @@ class DecodeActor(DecodeAPI):
             node_ip=ray.util.get_node_ip_address(),
             attention_blocks=attention_blocks,
             tp_followers=[
-                RemoteFollower(f"{worker_id}/tp{r}", RayFollowerChannel(h)) for r, h in enumerate(tp_followers or (), 1)
+                RemoteFollower(f"{worker_id}/tp{r}", ray_follower_channel(h))
+                for r, h in enumerate(tp_followers or (), 1)
             ]
             or None,
         )
@@ -153,10 +161,21 @@ class DecodeActor(DecodeAPI):
 # ---------------------------------------------------------------- tensor-parallel follower ranks
 @ray.remote(max_concurrency=4, concurrency_groups={CONTROL_GROUP: 2})
 class TPFollowerActor(TPFollowerAPI):
-    def __init__(self, model: str, engine_options: dict[str, Any] | None, rank: int, world_size: int, worker_id: str):
+    """A follower rank of a TP decode/mixed (``mode`` "decode_only") or prefill ("prefill_only")
+    worker: the Ray shell of engine/runtime/tp_follower.TPFollowerWorker."""
+
+    def __init__(
+        self,
+        model: str,
+        engine_options: dict[str, Any] | None,
+        rank: int,
+        world_size: int,
+        worker_id: str,
+        mode: str = "decode_only",
+    ):
         self.num_threads = set_threads_for_cpu_share(ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0))
         self.worker = TPFollowerWorker(
-            model, engine_options, rank, world_size, worker_id, node_ip=ray.util.get_node_ip_address()
+            model, engine_options, rank, world_size, worker_id, node_ip=ray.util.get_node_ip_address(), mode=mode
         )
 
     @ray.method(concurrency_group=CONTROL_GROUP)
@@ -193,43 +212,9 @@ class TPFollowerActor(TPFollowerAPI):
         self.worker.shutdown()
 
 
-class RayFollowerChannel:
-    """Rank 0's FollowerChannel to a TPFollowerActor. Keeps the references of the submissions
-    not known to have succeeded; ``failures`` collects the finished ones without blocking
-    (a dead actor's fail with RayActorError, a failed follower's with its TPFollowerFailed)."""
-
-    def __init__(self, actor: Any):
-        self.actor = actor
-        self._pending: list[Any] = []  # ObjectRefs of submit calls, oldest first
-
-    def send(self, seq: int, call: WireCall) -> None:
-        self._pending.append(self.actor.submit.remote(seq, call))
-
-    def failures(self) -> list[str]:
-        if not self._pending:
-            return []
-        done, self._pending = ray.wait(self._pending, num_returns=len(self._pending), timeout=0, fetch_local=True)
-        failed = []
-        for ref in done:
-            try:
-                ray.get(ref)
-            except Exception as e:  # noqa: BLE001 - the actor is gone or the follower failed: report it
-                failed.append(_cause(e))
-        return failed
-
-    def ask(self, timeout_s: float) -> str | None:
-        try:
-            return ray.get(self.actor.check.remote(), timeout=timeout_s)
-        except Exception as e:  # noqa: BLE001 - reported to the caller as the follower's failure
-            raise RuntimeError(_cause(e)) from None
-
-
-def _cause(e: BaseException) -> str:
-    """One line for a Ray error: the remote exception's own message where there is one."""
-    cause = getattr(e, "cause", None)
-    if isinstance(e, ray.exceptions.RayActorError | ray.exceptions.ActorUnavailableError):
-        return f"actor gone: {type(e).__name__}"
-    if cause is not None:
-        e = cause
-    lines = [line for line in str(e).splitlines() if line.strip()]
-    return f"{type(e).__name__}: {lines[-1].strip() if lines else ''}"[:500]
+def ray_follower_channel(actor: Any) -> FutureFollowerChannel:
+    """Rank 0's FollowerChannel to a TPFollowerActor (engine/runtime/tp_follower.py): its
+    submissions and checks as Ray calls, their ObjectRefs as futures."""
+    return FutureFollowerChannel(
+        lambda seq, call: actor.submit.remote(seq, call).future(), lambda: actor.check.remote().future()
+    )

@@ -7,7 +7,6 @@ from typing import Any
 from attention_offload.build import shard_layout
 from attention_offload.dist_transport import DistAttentionTransport
 from attention_offload.offloaded import OffloadedEngine
-from decode_worker.tp_follower import leader_communicator
 from decode_worker.tp_kv_receiver import TPPageSink
 from decode_worker.worker import DecodeWorker
 from engine.engine import EngineCore
@@ -15,6 +14,7 @@ from engine.llm import build_engine_config
 from engine.models.gguf import resolve_model_path
 from engine.parallel import DeferredCommunicator
 from engine.runtime.tensor_parallel import TPFollowerLink, TPLeaderEngine
+from engine.runtime.tp_follower import leader_communicator
 from engine.tokenizer import load_tokenizer
 from expert_router.dispatcher import EPDispatcher
 from expert_router.group import EPSetupError, build_ep_engine, serving_placement
@@ -57,7 +57,7 @@ def build_decode_worker(
     by ``join_group``; it has no KV receiver (no prefill pool with an attention pool).
 
     ``tp_followers`` (ranks 1..N-1 of a tensor-parallel worker of degree N, e.g.
-    decode_worker/tp_follower.RemoteFollower): the worker is rank 0, its engine a
+    engine/runtime/tp_follower.RemoteFollower): the worker is rank 0, its engine a
     TPLeaderEngine over rank 0's shard, built on a DeferredCommunicator that ``join_group``
     connects (the group ``tp/<worker_id>``); its KV receiver (with a ``transport``) writes
     through decode_worker/tp_kv_receiver.TPPageSink: rank 0's heads into its cache, each

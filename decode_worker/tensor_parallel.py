@@ -13,7 +13,7 @@ the whole layout (every KV head of the model, ``KVLayout.whole()``) and writes t
 Lifecycle: ``build_tp_decode_worker`` joins the group ``tp/<worker id>`` (gloo, one thread
 per rank), builds the N shards concurrently, starts the followers and returns the worker
 with its followers (a TPWorker); ``stop_followers`` after the worker's shutdown ends the
-follower threads. On Ray each rank is an actor (decode_worker/tp_follower.py, actor.py).
+follower threads. On Ray each rank is an actor (engine/runtime/tp_follower.py, actor.py).
 Not with EP, attention offload or speculation (EngineCore refuses them with tensor_parallel).
 """
 

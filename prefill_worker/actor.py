@@ -17,7 +17,9 @@ from typing import Any
 
 import ray
 
+from engine.runtime.groups import GroupSpec
 from engine.runtime.threads import set_threads_for_cpu_share
+from engine.runtime.tp_follower import FutureFollowerChannel, RemoteFollower
 from engine.types import KVAddress, RequestSpec, StreamChunk, WorkerLimits, WorkerStats
 from prefill_worker.api import PrefillAPI
 from prefill_worker.build import build_prefill_worker
@@ -38,9 +40,15 @@ class PrefillActor(PrefillAPI):
         layerwise: bool = True,
         transfer_timeout_s: float = 60.0,
         max_pending: int = 512,
+        tp_followers: list[Any] | None = None,
     ):
+        """``tp_followers``: the TPFollowerActor handles (decode_worker/actor.py, built with
+        mode "prefill_only") of ranks 1..N-1 when this actor is rank 0 of a TP prefill worker."""
         # torch threads = this actor's Ray CPU share
         self.num_threads = set_threads_for_cpu_share(ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0))
+        followers = [
+            RemoteFollower(f"{worker_id}/tp{r}", _follower_channel(h)) for r, h in enumerate(tp_followers or (), 1)
+        ]
         self.worker = build_prefill_worker(
             model,
             engine_options,
@@ -50,6 +58,8 @@ class PrefillActor(PrefillAPI):
             layerwise=layerwise,
             transfer_timeout_s=transfer_timeout_s,
             max_pending=max_pending,
+            node_ip=ray.util.get_node_ip_address(),
+            tp_followers=followers or None,
         )
 
     # ------------------------------------------------------------ control group
@@ -69,6 +79,17 @@ class PrefillActor(PrefillAPI):
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def node_ip(self) -> str:
+        return self.worker.node_ip()
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def free_port(self) -> int:
+        return self.worker.free_port()
+
+    def join_group(self, spec: GroupSpec) -> None:
+        self.worker.join_group(spec)  # blocks until every rank joined: not in the control group
+
     # ------------------------------------------------------------ requests
     def prefill(
         self, spec: RequestSpec, decode_address: KVAddress, timeout: float | None = None, emitted: tuple[int, ...] = ()
@@ -80,3 +101,11 @@ class PrefillActor(PrefillAPI):
 
     def shutdown(self) -> None:
         self.worker.shutdown()
+
+
+def _follower_channel(actor: Any) -> FutureFollowerChannel:
+    """Rank 0's FollowerChannel to a TPFollowerActor: its submissions and checks as Ray calls,
+    their ObjectRefs as futures (as decode_worker/actor.ray_follower_channel)."""
+    return FutureFollowerChannel(
+        lambda seq, call: actor.submit.remote(seq, call).future(), lambda: actor.check.remote().future()
+    )

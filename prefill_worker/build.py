@@ -7,8 +7,11 @@ from typing import Any
 from engine.engine import EngineCore
 from engine.llm import build_engine_config
 from engine.models.gguf import resolve_model_path
+from engine.runtime.tensor_parallel import TPFollowerLink, TPLeaderEngine
+from engine.runtime.tp_follower import leader_communicator
 from engine.tokenizer import load_tokenizer
 from kv_transfer import make_sender
+from prefill_worker.tensor_parallel import TPPrefillWorker
 from prefill_worker.worker import PrefillWorker
 
 
@@ -21,10 +24,32 @@ def build_prefill_worker(
     layerwise: bool = True,
     transfer_timeout_s: float = 60.0,
     max_pending: int = 512,
+    node_ip: str = "127.0.0.1",
+    tp_followers: list[TPFollowerLink] | None = None,
 ) -> PrefillWorker:
+    """``tp_followers`` (ranks 1..N-1 of a tensor-parallel worker of degree N, e.g.
+    engine/runtime/tp_follower.RemoteFollower): the worker is rank 0, a TPPrefillWorker
+    (prefill_worker/tensor_parallel.py: it sends whole-head pages all-gathered over the
+    group) over a shard built on a DeferredCommunicator that ``join_group`` connects."""
     model = resolve_model_path(model)  # a .gguf converts once (cached); every later call reuses it
     opts = {k: v for k, v in (engine_options or {}).items() if k != "mode"}
     skip_tokenizer_init = bool(opts.pop("skip_tokenizer_init", False))
+    if tp_followers:
+        config = build_engine_config(model, **opts, mode="prefill_only")
+        tp_comm = leader_communicator(len(tp_followers) + 1, config.device, worker_id)
+        leader = TPLeaderEngine(EngineCore(config, progress=True, tensor_parallel=tp_comm), tp_followers)
+        whole = leader.whole_layout  # pages go out whole (gathered), whatever the TP degrees
+        return TPPrefillWorker(
+            leader,
+            lambda: make_sender(transport, whole, **(transport_options or {})),
+            tokenizer=load_tokenizer(model, skip_tokenizer_init),
+            layerwise=layerwise,
+            worker_id=worker_id,
+            transfer_timeout_s=transfer_timeout_s,
+            max_pending=max_pending,
+            node_ip=node_ip,
+            tp_comm=tp_comm,
+        )
     if transport == "shm" and str(opts.get("device", "cpu")).split(":")[0] == "cpu":
         # the decode worker copies pages straight out of this cache (one copy, not two)
         opts.setdefault("kv_cache_shared", True)
@@ -37,4 +62,5 @@ def build_prefill_worker(
         worker_id=worker_id,
         transfer_timeout_s=transfer_timeout_s,
         max_pending=max_pending,
+        node_ip=node_ip,
     )

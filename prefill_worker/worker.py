@@ -44,8 +44,10 @@ from dataclasses import dataclass, field
 from engine.config import SchedulerMode
 from engine.engine import EngineCore
 from engine.kv_cache.layout import KVLayoutMismatch
+from engine.parallel import DeferredCommunicator
 from engine.request import Request, RequestStatus
 from engine.runtime.continuation import replay_emitted
+from engine.runtime.groups import GroupSpec, free_port, join_deferred
 from engine.runtime.stats import QUEUE_SECONDS_BUCKETS, TRANSFER_SECONDS_BUCKETS, CumulativeHistogram
 from engine.runtime.streams import OutputStream
 from engine.runtime.worker import RuntimeWorker, WorkerRuntime
@@ -90,7 +92,12 @@ class PrefillWorker(RuntimeWorker, PrefillAPI):
         worker_id: str = "prefill-0",
         transfer_timeout_s: float = 60.0,
         max_pending: int = 512,
+        node_ip: str = "127.0.0.1",
+        tp_comm: DeferredCommunicator | None = None,
     ):
+        """``tp_comm``: this worker is rank 0 of a tensor-parallel worker on Ray (``engine`` a
+        TPLeaderEngine over a shard built on it); ``join_group`` connects it, and the loop
+        steps only from then on."""
         if engine.config.scheduler.mode != SchedulerMode.PREFILL_ONLY:
             raise ValueError("PrefillWorker needs an engine in prefill_only mode")
         self.engine = engine
@@ -109,7 +116,10 @@ class PrefillWorker(RuntimeWorker, PrefillAPI):
         self.transfer_bytes = 0  # payload bytes of transfers that ended DONE
         self.transfer_seconds = CumulativeHistogram(TRANSFER_SECONDS_BUCKETS)  # first chunk -> sender DONE
         self.queue_seconds = CumulativeHistogram(QUEUE_SECONDS_BUCKETS)  # arrival -> first scheduled
-        self.runtime = WorkerRuntime(engine, worker_id, self._step, self._tick, self._compute_stats)
+        self._node_ip = node_ip
+        self.tp_comm = tp_comm
+        has_work = None if tp_comm is None else (lambda: tp_comm.connected and engine.has_work())
+        self.runtime = WorkerRuntime(engine, worker_id, self._step, self._tick, self._compute_stats, has_work=has_work)
 
     # ------------------------------------------------------------ called from any thread
     def prefill(
@@ -120,6 +130,18 @@ class PrefillWorker(RuntimeWorker, PrefillAPI):
 
     def abort(self, request_id: str) -> None:
         self.loop.run(lambda: self._abort(request_id))
+
+    def node_ip(self) -> str:
+        return self._node_ip
+
+    def free_port(self) -> int:
+        return free_port(self._node_ip)
+
+    def join_group(self, spec: GroupSpec) -> None:
+        if self.tp_comm is None:
+            raise ValueError(f"{self.worker_id} is not rank 0 of a tensor-parallel worker: it joins no group")
+        join_deferred(self.tp_comm, spec)  # raises for another rank or size than the shard's
+        self.loop.wake()
 
     def shutdown(self) -> None:
         self.runtime.stop()

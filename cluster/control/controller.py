@@ -86,7 +86,7 @@ import ray
 from attention_offload.actor import AttentionActor
 from attention_offload.api import AttentionWorkerStats
 from attention_offload.worker import attention_blocks, attention_engine_config
-from cluster.config import ATTENTION_ROLE, PoolConfig, ServeConfig, refuse_unbuilt_tp_kv_transfer
+from cluster.config import ATTENTION_ROLE, PoolConfig, ServeConfig
 from cluster.control.expert_affinity import build_expert_affinities
 from cluster.control.groups import form_group, group_backend
 from cluster.control.handles import (
@@ -103,7 +103,7 @@ from cluster.control.router import Router
 from cluster.control.routing import RoutingPolicy
 from cluster.control.state import WorkerRegistration, make_state_store
 from decode_worker.actor import DecodeActor, TPFollowerActor
-from decode_worker.tp_follower import TPFollowerStats
+from engine.runtime.tp_follower import TPFollowerStats
 from engine.types import KVAddress
 from prefill_worker.actor import PrefillActor
 
@@ -192,7 +192,6 @@ class Controller:
                 f"transfer.kind {kind!r} cannot move KV between Ray actors ('loopback' works only inside "
                 f"one process): use one of {list(RAY_TRANSPORTS)} ('shm' within a node, 'grpc' or 'torch' across nodes)"
             )
-        refuse_unbuilt_tp_kv_transfer(config)
         self.config = config
         self.options = options or ControllerOptions()
         self.store = make_state_store(config.state)
@@ -391,8 +390,9 @@ class Controller:
         """A TP worker's ranks 1..N-1 (none for N = 1); they load their shards meanwhile."""
         out = []
         for rank, fid in enumerate(rank_ids(wid, pool)[1:], 1):
+            mode = "prefill_only" if pool.role == "prefill" else "decode_only"  # rank 0's engine mode
             actor = TPFollowerActor.options(**self._actor_options(fid, pool)).remote(
-                self.config.model, self._engine_options(pool), rank, pool.tensor_parallel, wid
+                self.config.model, self._engine_options(pool), rank, pool.tensor_parallel, wid, mode
             )
             out.append(FollowerRank(fid, actor, TPFollowerHandle(fid, RayInvoker(fid, actor))))
         return out
@@ -406,7 +406,15 @@ class Controller:
             return AttentionActor.options(**placement).remote(self.config.model, engine, wid)
         if pool.role == "prefill":
             return PrefillActor.options(**placement).remote(
-                self.config.model, engine, t.kind, None, wid, t.layerwise, t.timeout_s, bound
+                self.config.model,
+                engine,
+                t.kind,
+                None,
+                wid,
+                t.layerwise,
+                t.timeout_s,
+                bound,
+                tp_followers=[f.actor for f in followers] or None,  # rank 0 of a TP prefill worker
             )
         # decode and mixed workers both decode; mixed ones also prefill locally (as LocalCluster)
         ep: dict[str, Any] = {}

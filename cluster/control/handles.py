@@ -23,9 +23,9 @@ from typing import Any, Protocol, TypeVar
 from attention_offload.api import AttentionAPI, AttentionWorkerStats
 from cluster.control.errors import one_line
 from decode_worker.api import DecodeAPI
-from decode_worker.tp_follower import TPFollowerAPI, TPFollowerStats, WireCall
 from engine.runtime.api import WorkerAPI
 from engine.runtime.groups import GroupSpec
+from engine.runtime.tp_follower import TPFollowerAPI, TPFollowerStats, WireCall
 from engine.types import (
     EngineStopped,
     FirstToken,
@@ -125,6 +125,15 @@ class PrefillHandle(WorkerHandle):
     async def abort(self, request_id: str) -> None:
         return await self.invoker.invoke(PrefillAPI.abort, request_id)
 
+    async def node_ip(self) -> str:
+        return await self.invoker.invoke(PrefillAPI.node_ip)
+
+    async def free_port(self) -> int:
+        return await self.invoker.invoke(PrefillAPI.free_port)
+
+    async def join_group(self, spec: GroupSpec) -> None:
+        return await self.invoker.invoke(PrefillAPI.join_group, spec)
+
 
 class DecodeHandle(WorkerHandle):
     api = DecodeAPI
@@ -192,7 +201,7 @@ class AttentionHandle:
 
 
 class TPFollowerHandle:
-    """A tensor-parallel follower rank (decode_worker/tp_follower.py): not routed to; grouped with
+    """A tensor-parallel follower rank (engine/runtime/tp_follower.py): not routed to; grouped with
     its rank 0, watched and shut down with it. Rank 0 itself talks to it directly."""
 
     api = TPFollowerAPI

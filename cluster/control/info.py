@@ -15,7 +15,7 @@ from attention_offload.api import AttentionWorkerStats
 from cluster.config import PoolConfig
 from cluster.control.router import Router
 from cluster.control.state import StoreHealth
-from decode_worker.tp_follower import TPFollowerStats
+from engine.runtime.tp_follower import TPFollowerStats
 from engine.types import WorkerStats
 
 

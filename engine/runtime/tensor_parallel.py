@@ -33,7 +33,7 @@ when its own step fails it asks them (briefly) why, raising ``TPFollowerFailed``
 follower's error chained to its own.
 
 Followers are ``TPFollowerLink``s: ``TPFollower`` (a thread in this process) or a follower
-rank in another process (decode_worker/tp_follower.RemoteFollower, a Ray actor). Every call
+rank in another process (engine/runtime/tp_follower.RemoteFollower, a Ray actor). Every call
 is a frozen dataclass of plain values and torch tensors, so it can cross a process boundary.
 
 Layer hooks (a prefill worker's layer-wise KV push): a TP step cannot run a hook between

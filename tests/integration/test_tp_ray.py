@@ -10,9 +10,10 @@ watcher's period is long here, so the failure is rank 0's own, not the controlle
 is off, so the client sees it: never a hang); the next health round (driven by the test)
 replaces the whole worker (both ranks, a new group) and it serves LLM's tokens again.
 
-A prefill worker (TP=1) beside a TP=2 decode pool: every prompt's KV goes over shm, layer by
-layer, as whole-head pages into rank 0's receiver, which cuts each rank's heads (rank 1's as
-WriteKV calls over Ray); the tokens are LLM's."""
+KV between pools of different TP degrees on Ray (prefill TP 1 -> decode TP 2, 2 -> 1, 2 -> 2):
+every prompt's KV goes over shm, layer by layer, as whole-head pages: a TP prefill worker
+all-gathers them over its group, a TP decode worker's rank 0 cuts each rank's heads (rank 1's
+as WriteKV calls over Ray); the tokens are LLM's and every rank's pool is full afterwards."""
 
 from __future__ import annotations
 
@@ -172,16 +173,17 @@ def test_a_tp_pool_on_ray_serves_as_llm_and_a_dead_rank_fails_and_replaces_the_w
     assert _agreement([tokens for tokens, _ in after], want) >= 0.99
 
 
-def test_a_prefill_pool_beside_a_tp_decode_pool_on_ray_sends_whole_head_pages_cut_per_rank(
-    ray_local, tiny_checkpoint
+@pytest.mark.parametrize(("prefill_tp", "decode_tp"), [(1, 2), (2, 1), (2, 2)], ids=["1to2", "2to1", "2to2"])
+def test_kv_moves_between_pools_of_different_tp_degrees_on_ray(
+    ray_local, tiny_checkpoint, prefill_tp: int, decode_tp: int
 ) -> None:
     ckpt = tiny_checkpoint("llama", vocab_size=515, **WIDE)
     want = [o.token_ids for o in LLM(ckpt, **ENGINE).generate(PROMPTS, GREEDY)]
     cfg = ServeConfig(
         model=ckpt,
         pools=(
-            PoolConfig("prefill", "prefill", 1, num_cpus=0.4, engine=ENGINE),
-            PoolConfig("decode", "decode", 1, num_cpus=0.4, engine=ENGINE, tensor_parallel=2),
+            PoolConfig("prefill", "prefill", 1, num_cpus=0.4, engine=ENGINE, tensor_parallel=prefill_tp),
+            PoolConfig("decode", "decode", 1, num_cpus=0.4, engine=ENGINE, tensor_parallel=decode_tp),
         ),
         router=RouterConfig(short_prompt_threshold=0),  # every prompt is prefilled by the prefill worker
         transfer=TransferConfig(kind="shm", layerwise=True),
@@ -191,44 +193,45 @@ def test_a_prefill_pool_beside_a_tp_decode_pool_on_ray_sends_whole_head_pages_cu
         c = await Controller(cfg, FAST_GROUPS).start()
         try:
             got = await asyncio.gather(*(collect(c.router, f"r{i}", p, GREEDY) for i, p in enumerate(PROMPTS)))
-            # the decode worker's blocks go back once the streams end: poll both ranks' pools
+            # blocks go back once the streams end and the transfers settle: poll every rank's pool
             deadline = time.monotonic() + 30.0
             while True:
-                await c.check_health()  # polls the workers' and the follower's stats
+                await c.check_health()  # polls the workers' and the followers' stats
                 info = c.info()
-                (dec,) = (w for w in info.workers if w.pool == "decode")
-                (rank1,) = info.tp_ranks
-                full = 0 < dec.stats.engine.total_kv_blocks == dec.stats.engine.free_kv_blocks
-                full = full and 0 < rank1.total_blocks == rank1.free_blocks
+                pools = [(w.stats.engine.free_kv_blocks, w.stats.engine.total_kv_blocks) for w in info.workers]
+                pools += [(r.free_blocks, r.total_blocks) for r in info.tp_ranks]
+                full = all(0 < total == free for free, total in pools)
                 if full or time.monotonic() > deadline:
-                    return got, info, full
+                    return got, info, full, pools
                 await asyncio.sleep(0.1)  # poll interval
         finally:
             await c.shutdown()
 
-    got, info, full = asyncio.run(run())
+    got, info, full, pools = asyncio.run(run())
     served = [tokens for tokens, _ in got]
     agreement = _agreement(served, want)
-    print(f"prefill TP=1 -> decode TP=2 on Ray: {agreement:.4f} of {sum(map(len, want))} tokens equal engine.LLM's")
+    print(f"prefill TP={prefill_tp} -> decode TP={decode_tp} on Ray: {agreement:.4f} of {sum(map(len, want))} equal")
     assert agreement >= 0.99, (served, want)
     assert [last.error for _, last in got] == [None] * len(PROMPTS)  # type: ignore[union-attr]
+    # every rank of both workers is up: the followers are the TP ranks beyond rank 0
+    assert len(info.tp_ranks) == (prefill_tp - 1) + (decode_tp - 1)
     (pre,) = (w.stats for w in info.workers if w.pool == "prefill")
     (dec,) = (w.stats for w in info.workers if w.pool == "decode")
     assert pre.transfer_bytes and dec.transfer_failures == 0  # the KV really crossed, none failed
-    assert full, (dec.engine, info.tp_ranks)
+    assert full, pools
 
 
 def test_rank_0s_channel_reports_a_failed_follower_call_and_a_dead_follower(ray_local, tiny_checkpoint) -> None:
-    """RayFollowerChannel against a real TPFollowerActor: a call that raised on the follower
+    """ray_follower_channel against a real TPFollowerActor: a call that raised on the follower
     comes back (without blocking rank 0) as the follower's TPFollowerFailed; a dead actor as
     "actor gone", from both ``failures`` and ``ask``."""
-    from decode_worker.actor import RayFollowerChannel, TPFollowerActor
+    from decode_worker.actor import TPFollowerActor, ray_follower_channel
     from engine.runtime.tensor_parallel import Admit, Step
 
     ckpt = tiny_checkpoint("llama", vocab_size=515, **WIDE)
     actor = TPFollowerActor.options(num_cpus=0.5).remote(ckpt, {**ENGINE, "skip_tokenizer_init": True}, 1, 2, "m-0")
     assert ray.get(actor.ping.remote(), timeout=120) == "m-0/tp1"
-    channel = RayFollowerChannel(actor)
+    channel = ray_follower_channel(actor)
 
     def poll(what):
         deadline = time.monotonic() + 30.0

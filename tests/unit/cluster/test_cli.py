@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cluster.cli import build_parser
-from cluster.config import ConfigError, PoolConfig, ServeConfig, refuse_unbuilt_tp_kv_transfer
+from cluster.config import ConfigError, PoolConfig, ServeConfig
 from cluster.serve import (
     DEFAULT_MODEL_ENGINE,
     DEMO_MAX_TOKENS,
@@ -485,7 +485,7 @@ def test_decode_tp_flag_sets_the_decode_pools_tensor_parallel():
     cfg = serve_config_from_args(_parse(*"serve --model /m --prefill 0 --decode-tp 2".split()), _Tiny())
     assert [(p.name, p.num_workers, p.tensor_parallel) for p in cfg.pools] == [("prefill", 0, 1), ("decode", 1, 2)]
     beside = serve_config_from_args(_parse(*"serve --model /m --decode-tp 2".split()), _Tiny())
-    refuse_unbuilt_tp_kv_transfer(beside)  # a prefill pool beside a TP decode pool serves on Ray too
+    assert [(p.name, p.num_workers, p.tensor_parallel) for p in beside.pools] == [("prefill", 1, 1), ("decode", 1, 2)]
     with pytest.raises(ConfigError, match=r"^pools\[1\]\.tensor_parallel: .*speculative decoding"):
         serve_config_from_args(
             _parse(
@@ -497,7 +497,7 @@ def test_decode_tp_flag_sets_the_decode_pools_tensor_parallel():
         )
 
 
-def test_prefill_tp_flag_sets_the_prefill_pools_tensor_parallel_and_ray_refuses_it(tiny_checkpoint, tmp_path):
+def test_prefill_tp_flag_sets_the_prefill_pools_tensor_parallel_checked_against_the_model(tiny_checkpoint, tmp_path):
     from cluster.serve import ServeFailure, resolve_model
 
     cfg = serve_config_from_args(_parse(*"serve --model /m --prefill-tp 2".split()), _Tiny())
@@ -512,8 +512,7 @@ def test_prefill_tp_flag_sets_the_prefill_pools_tensor_parallel_and_ray_refuses_
     with pytest.raises(ServeFailure, match=r"^pools\[0\]\.tensor_parallel: tensor_parallel=3 does not divide"):
         resolve_model(bad)
     divides = serve_config_from_args(_parse("serve", "--model", model, "--prefill-tp", "2"), _Tiny())
-    with pytest.raises(ServeFailure, match=r"pools\[0\]\.tensor_parallel: is 2 on a prefill pool, .* not on Ray"):
-        resolve_model(divides)
+    assert resolve_model(divides).pool("prefill").tensor_parallel == 2  # served on Ray: 2 actors per worker
 
 
 def test_decode_tp_is_checked_against_the_model_before_ray(tiny_checkpoint):

@@ -20,8 +20,8 @@ from cluster.control.handles import (
     WorkerUnavailable,
 )
 from decode_worker.api import DecodeAPI
-from decode_worker.tp_follower import TPFollowerAPI
 from engine.runtime.api import WorkerAPI
+from engine.runtime.tp_follower import TPFollowerAPI
 from engine.types import EngineStopped, UnknownRequest
 from prefill_worker.api import PrefillAPI
 
@@ -60,8 +60,8 @@ def test_handles_have_nothing_the_api_lacks():
 @pytest.mark.parametrize("api", [PrefillAPI, DecodeAPI, TPFollowerAPI], ids=lambda c: c.__name__)
 def test_workers_and_actor_shells_implement_the_api(api):
     from decode_worker.actor import DecodeActor, TPFollowerActor
-    from decode_worker.tp_follower import TPFollowerWorker
     from decode_worker.worker import DecodeWorker
+    from engine.runtime.tp_follower import TPFollowerWorker
     from prefill_worker.actor import PrefillActor
     from prefill_worker.worker import PrefillWorker
 

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
-from cluster.config import ConfigError, PoolConfig, ServeConfig, TransferConfig, refuse_unbuilt_tp_kv_transfer
+from cluster.config import PoolConfig, ServeConfig, TransferConfig
 from cluster.control.local import LocalCluster
 from engine import LLM, SamplingParams
 from engine.types import RequestSpec
@@ -66,24 +64,6 @@ def test_tp_pool_in_process_serves_as_llm_and_is_replaced_whole(tiny_checkpoint)
     want = [o.token_ids for o in LLM(ckpt, **ENGINE).generate(PROMPTS, GREEDY)]
     assert got == want
     assert again == want[2]
-
-
-def test_ray_refuses_tp_prefill_pools_only() -> None:
-    # LocalCluster moves KV between TP degrees both ways (tests/unit/cluster/
-    # test_tp_kv_transfer_local_cluster.py); the Ray controller refuses what only the
-    # in-process cluster builds, a TP prefill pool, naming the field
-    tp_prefill = ServeConfig(
-        model="/m", pools=(PoolConfig("prefill", "prefill", 1, tensor_parallel=2), PoolConfig("decode", "decode", 1))
-    )
-    with pytest.raises(ConfigError, match=r"^pools\[0\]\.tensor_parallel: is 2 on a prefill pool, .* not on Ray"):
-        refuse_unbuilt_tp_kv_transfer(tp_prefill)
-    # prefill workers beside a TP decode pool: served on Ray (tests/integration/test_tp_ray.py)
-    refuse_unbuilt_tp_kv_transfer(
-        ServeConfig(
-            model="/m",
-            pools=(PoolConfig("prefill", "prefill", 1), PoolConfig("decode", "decode", 1, tensor_parallel=2)),
-        )
-    )
 
 
 def test_a_dead_rank_fails_the_tp_worker_within_the_timeout_and_its_request_continues_on_the_replacement(

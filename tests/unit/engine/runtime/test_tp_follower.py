@@ -1,4 +1,4 @@
-"""A tensor-parallel follower rank in another process, without Ray (decode_worker/tp_follower.py):
+"""A tensor-parallel follower rank in another process, without Ray (engine/runtime/tp_follower.py):
 its shard loads before any group exists (DeferredCommunicator), it applies rank 0's numbered
 calls in number order whatever order they arrive in, a failed call surfaces at rank 0
 (TPLeaderEngine.step raises TPFollowerFailed naming it) and at the controller (ping), and a
@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from decode_worker.tp_follower import RemoteFollower, StopState, TPFollowerWorker, WireCall, from_wire, to_wire
 from engine.parallel import CommunicationError, DeferredCommunicator, LocalCommunicator
 from engine.request import Request, SamplingParams
 from engine.runtime.groups import GroupSpec, free_port, join_deferred
 from engine.runtime.tensor_parallel import Abort, AddRequest, Admit, Step, TPFollowerFailed, TPLeaderEngine
+from engine.runtime.tp_follower import RemoteFollower, StopState, TPFollowerWorker, WireCall, from_wire, to_wire
 from engine.tokenizer import IncrementalDetokenizer
 from engine.types import EngineStopped
 
@@ -135,7 +135,7 @@ class StubCore:
         self.step_error = step_error
         self.steps = 0
 
-    def step(self):
+    def step(self, layer_hook=None):
         self.steps += 1
         if self.step_error is not None:
             raise self.step_error

@@ -1,9 +1,11 @@
-"""A tensor-parallel follower rank in its own process, and rank 0's link to it.
+"""A tensor-parallel follower rank in its own process, and rank 0's link to it (every worker
+kind: a TP decode/mixed worker and a TP prefill worker use the same follower).
 
 A TP worker of degree N on Ray (issue 15, pools) is N actors: rank 0 the routed DecodeActor
-whose engine is a ``TPLeaderEngine`` (engine/runtime/tensor_parallel.py), ranks 1..N-1
-``TPFollowerWorker``s (their Ray shell: decode_worker/actor.TPFollowerActor). Neither knows
-Ray here; the channel between them is injected (``FollowerChannel``).
+or PrefillActor whose engine is a ``TPLeaderEngine`` (engine/runtime/tensor_parallel.py),
+ranks 1..N-1 ``TPFollowerWorker``s (their Ray shell: decode_worker/actor.TPFollowerActor),
+built in rank 0's engine mode. Neither knows Ray here; the channel between them is injected
+(``FollowerChannel``; ``FutureFollowerChannel`` over any RPC whose calls return futures).
 
 Lifecycle of a follower rank::
 
@@ -38,6 +40,8 @@ import abc
 import copy
 import logging
 import threading
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -161,14 +165,17 @@ class TPFollowerWorker(TPFollowerAPI):
         world_size: int,
         worker_id: str,
         node_ip: str = "127.0.0.1",
+        mode: str = "decode_only",
     ):
-        """Rank ``rank`` (>= 1) of TP worker ``worker_id`` (rank 0's id): loads the shard."""
+        """Rank ``rank`` (>= 1) of TP worker ``worker_id`` (rank 0's id): loads the shard, in
+        rank 0's engine ``mode`` ("decode_only" for a decode/mixed worker, "prefill_only" for a
+        prefill worker: every rank must schedule alike)."""
         if not 1 <= rank < world_size:
             raise ValueError(f"a follower is rank 1..{world_size - 1} of {world_size}, got {rank}")
         model = resolve_model_path(model)
         opts = {k: v for k, v in (engine_options or {}).items() if k != "mode"}
         skip_tokenizer_init = bool(opts.pop("skip_tokenizer_init", False))
-        config = build_engine_config(model, **opts, mode="decode_only")
+        config = build_engine_config(model, **opts, mode=mode)
         self.worker_id = f"{worker_id}/tp{rank}"
         self.rank, self.world_size = rank, world_size
         self.comm = DeferredCommunicator(rank, world_size, _rank_device(config.device), name=f"tp/{worker_id}")
@@ -250,8 +257,8 @@ def leader_communicator(world_size: int, device: str, worker_id: str) -> Deferre
 
 # ---------------------------------------------------------------- rank 0's side
 class FollowerChannel(Protocol):
-    """How rank 0 reaches one follower process (decode_worker/actor.RayFollowerChannel, or a
-    test's stand-in). ``send`` returns at once; ``failures`` reports sends that failed (the
+    """How rank 0 reaches one follower process (``FutureFollowerChannel`` over Ray actor
+    calls, see decode_worker/actor.py and prefill_worker/actor.py, or a test's stand-in). ``send`` returns at once; ``failures`` reports sends that failed (the
     follower raised or is gone) without blocking; ``ask`` calls the follower's ``check``,
     waiting at most ``timeout_s`` (raises if it cannot answer)."""
 
@@ -260,6 +267,54 @@ class FollowerChannel(Protocol):
     def failures(self) -> list[str]: ...
 
     def ask(self, timeout_s: float) -> str | None: ...
+
+
+# RPC errors that mean the follower's process is gone (Ray's, matched by class name so that
+# this module needs no RPC library): reported as "actor gone: <class>"
+_GONE = frozenset({"RayActorError", "ActorDiedError", "ActorUnavailableError"})
+
+
+def describe_remote_error(e: BaseException) -> str:
+    """One line for an RPC error: "actor gone: ..." for a dead process, else the remote
+    exception's own class and last message line (``e.cause``, where the RPC wraps it)."""
+    if any(c.__name__ in _GONE for c in type(e).__mro__):
+        return f"actor gone: {type(e).__name__}"
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException):
+        e = cause
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[-1].strip() if lines else ''}"[:500]
+
+
+class FutureFollowerChannel:
+    """A FollowerChannel over an RPC whose calls return futures: ``submit(seq, call)`` sends
+    the follower its call (e.g. ``lambda s, c: actor.submit.remote(s, c).future()`` on Ray),
+    ``check()`` asks it why it failed. Keeps the futures of the submissions not yet known to
+    have succeeded; ``failures`` collects the finished ones without blocking."""
+
+    def __init__(
+        self,
+        submit: Callable[[int, WireCall], Future[None]],
+        check: Callable[[], Future[str | None]],
+    ):
+        self._submit, self._check = submit, check
+        self._pending: list[Future[None]] = []  # oldest first
+
+    def send(self, seq: int, call: WireCall) -> None:
+        self._pending.append(self._submit(seq, call))
+
+    def failures(self) -> list[str]:
+        done = [f for f in self._pending if f.done()]
+        if not done:
+            return []
+        self._pending = [f for f in self._pending if not f.done()]
+        return [describe_remote_error(e) for e in (f.exception() for f in done) if e is not None]
+
+    def ask(self, timeout_s: float) -> str | None:
+        try:
+            return self._check().result(timeout=timeout_s)
+        except Exception as e:  # noqa: BLE001 - reported to the caller as the follower's failure
+            raise RuntimeError(describe_remote_error(e)) from None
 
 
 class RemoteFollower:
