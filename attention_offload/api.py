@@ -13,7 +13,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 
-from engine.runtime.groups import GroupSpec
+from engine.runtime.api import GroupMemberAPI
 
 STATES = ("waiting", "serving", "closed", "failed")
 
@@ -29,7 +29,9 @@ class AttentionWorkerStats:
     error: str | None  # why the loop failed ("failed" only)
 
 
-class AttentionAPI(abc.ABC):
+class AttentionAPI(GroupMemberAPI):
+    """``join_group`` (GroupMemberAPI): the attention group as rank >= 1, then serve."""
+
     @abc.abstractmethod
     def ping(self) -> str:
         """The worker id, once the worker is built (the readiness probe). Raises EngineStopped
@@ -41,17 +43,6 @@ class AttentionAPI(abc.ABC):
     @abc.abstractmethod
     def node_id(self) -> str:
         """The Ray node the worker runs on ("local" in process)."""
-
-    @abc.abstractmethod
-    def node_ip(self) -> str:
-        """The address the model worker reaches this worker's node at."""
-
-    @abc.abstractmethod
-    def free_port(self) -> int: ...
-
-    @abc.abstractmethod
-    def join_group(self, spec: GroupSpec) -> None:
-        """Join the attention group as rank >= 1 (blocks until every rank joined), then serve."""
 
     @abc.abstractmethod
     def shutdown(self) -> None: ...

@@ -22,14 +22,17 @@ from __future__ import annotations
 
 import abc
 
-from engine.runtime.api import WorkerAPI
-from engine.runtime.groups import GroupSpec
+from engine.runtime.api import GroupMemberAPI, WorkerAPI
 from engine.types import KV_TRANSFER_FAILED, KV_TRANSFER_TIMED_OUT, FirstToken, KVAddress, RequestSpec, StreamChunk
 
 __all__ = ["KV_TRANSFER_FAILED", "KV_TRANSFER_TIMED_OUT", "DecodeAPI"]
 
 
-class DecodeAPI(WorkerAPI):
+class DecodeAPI(WorkerAPI, GroupMemberAPI):
+    """``join_group`` (GroupMemberAPI): an EP rank's group (then the worker steps in lock-step
+    with it), a model worker's attention group, or rank 0's tensor-parallel group
+    ``tp/<worker id>``."""
+
     @abc.abstractmethod
     def kv_address(self) -> KVAddress:
         """Where prefill workers send this worker's KV (its receiver's address)."""
@@ -63,19 +66,3 @@ class DecodeAPI(WorkerAPI):
         """Queueing at the decode pool (>= 0, from the router): a speculating worker's policy
         prices speculative work up by it and turns speculation off under load. No-op on a
         worker that does not speculate."""
-
-    @abc.abstractmethod
-    def node_ip(self) -> str:
-        """The address group peers reach this worker's node at."""
-
-    @abc.abstractmethod
-    def free_port(self) -> int:
-        """A TCP port free on this worker's node now (a group's rendezvous, hosted by rank 0)."""
-
-    @abc.abstractmethod
-    def join_group(self, spec: GroupSpec) -> None:
-        """Join this worker's group (blocks until every rank joined, at most
-        ``spec.timeout_s``): an EP rank's (then step in lock-step with it), a model worker's
-        attention group, or rank 0's tensor-parallel group ``tp/<worker id>``. ValueError on a
-        worker that joins no group or for another rank than its own; GroupJoinError if it
-        cannot join."""

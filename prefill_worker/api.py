@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import abc
 
-from engine.runtime.api import WorkerAPI
-from engine.runtime.groups import GroupSpec
+from engine.runtime.api import GroupMemberAPI, WorkerAPI
 from engine.types import KVAddress, RequestSpec, StreamChunk
 
 
-class PrefillAPI(WorkerAPI):
+class PrefillAPI(WorkerAPI, GroupMemberAPI):
+    """``join_group`` (GroupMemberAPI): rank 0's tensor-parallel group ``tp/<worker id>``
+    (ValueError on a worker that is not rank 0 of a TP worker)."""
+
     @abc.abstractmethod
     def prefill(
         self, spec: RequestSpec, decode_address: KVAddress, timeout: float | None = None, emitted: tuple[int, ...] = ()
@@ -26,17 +28,3 @@ class PrefillAPI(WorkerAPI):
     @abc.abstractmethod
     def abort(self, request_id: str) -> None:
         """Cancel the request here (queued, prefilling, or its transfer settling); frees its blocks."""
-
-    @abc.abstractmethod
-    def node_ip(self) -> str:
-        """The address group peers reach this worker's node at."""
-
-    @abc.abstractmethod
-    def free_port(self) -> int:
-        """A TCP port free on this worker's node now (a group's rendezvous, hosted by rank 0)."""
-
-    @abc.abstractmethod
-    def join_group(self, spec: GroupSpec) -> None:
-        """Join rank 0's tensor-parallel group ``tp/<worker id>`` (blocks until every rank
-        joined, at most ``spec.timeout_s``). ValueError on a worker that is not rank 0 of a TP
-        worker or for another rank than its own; GroupJoinError if it cannot join."""

@@ -23,7 +23,7 @@ from typing import Any, Protocol, TypeVar
 from attention_offload.api import AttentionAPI, AttentionWorkerStats
 from cluster.control.errors import one_line
 from decode_worker.api import DecodeAPI
-from engine.runtime.api import WorkerAPI
+from engine.runtime.api import GroupMemberAPI, WorkerAPI
 from engine.runtime.groups import GroupSpec
 from engine.runtime.tp_follower import TPFollowerAPI, TPFollowerStats, WireCall
 from engine.types import (
@@ -114,7 +114,23 @@ class WorkerHandle:
         return await self.invoker.invoke(WorkerAPI.shutdown)
 
 
-class PrefillHandle(WorkerHandle):
+class GroupMemberHandle:
+    """The methods of ``GroupMemberAPI``, async: what ``form_group`` calls on a member (the
+    cluster's GroupMember protocol). Mixed into the handles of the kinds that join groups."""
+
+    invoker: Invoker
+
+    async def node_ip(self) -> str:
+        return await self.invoker.invoke(GroupMemberAPI.node_ip)
+
+    async def free_port(self) -> int:
+        return await self.invoker.invoke(GroupMemberAPI.free_port)
+
+    async def join_group(self, spec: GroupSpec) -> None:
+        return await self.invoker.invoke(GroupMemberAPI.join_group, spec)
+
+
+class PrefillHandle(WorkerHandle, GroupMemberHandle):
     api = PrefillAPI
 
     async def prefill(
@@ -125,17 +141,8 @@ class PrefillHandle(WorkerHandle):
     async def abort(self, request_id: str) -> None:
         return await self.invoker.invoke(PrefillAPI.abort, request_id)
 
-    async def node_ip(self) -> str:
-        return await self.invoker.invoke(PrefillAPI.node_ip)
 
-    async def free_port(self) -> int:
-        return await self.invoker.invoke(PrefillAPI.free_port)
-
-    async def join_group(self, spec: GroupSpec) -> None:
-        return await self.invoker.invoke(PrefillAPI.join_group, spec)
-
-
-class DecodeHandle(WorkerHandle):
+class DecodeHandle(WorkerHandle, GroupMemberHandle):
     api = DecodeAPI
 
     async def kv_address(self) -> KVAddress:
@@ -159,17 +166,8 @@ class DecodeHandle(WorkerHandle):
     async def set_speculation_pressure(self, pressure: float) -> None:
         return await self.invoker.invoke(DecodeAPI.set_speculation_pressure, pressure)
 
-    async def node_ip(self) -> str:
-        return await self.invoker.invoke(DecodeAPI.node_ip)
 
-    async def free_port(self) -> int:
-        return await self.invoker.invoke(DecodeAPI.free_port)
-
-    async def join_group(self, spec: GroupSpec) -> None:
-        return await self.invoker.invoke(DecodeAPI.join_group, spec)
-
-
-class AttentionHandle:
+class AttentionHandle(GroupMemberHandle):
     """An attention worker (attention_offload/api.py): not routed to, only grouped and watched."""
 
     api = AttentionAPI
@@ -187,20 +185,11 @@ class AttentionHandle:
     async def node_id(self) -> str:
         return await self.invoker.invoke(AttentionAPI.node_id)
 
-    async def node_ip(self) -> str:
-        return await self.invoker.invoke(AttentionAPI.node_ip)
-
-    async def free_port(self) -> int:
-        return await self.invoker.invoke(AttentionAPI.free_port)
-
-    async def join_group(self, spec: GroupSpec) -> None:
-        return await self.invoker.invoke(AttentionAPI.join_group, spec)
-
     async def shutdown(self) -> None:
         return await self.invoker.invoke(AttentionAPI.shutdown)
 
 
-class TPFollowerHandle:
+class TPFollowerHandle(GroupMemberHandle):
     """A tensor-parallel follower rank (engine/runtime/tp_follower.py): not routed to; grouped with
     its rank 0, watched and shut down with it. Rank 0 itself talks to it directly."""
 
@@ -218,15 +207,6 @@ class TPFollowerHandle:
 
     async def node_id(self) -> str:
         return await self.invoker.invoke(TPFollowerAPI.node_id)
-
-    async def node_ip(self) -> str:
-        return await self.invoker.invoke(TPFollowerAPI.node_ip)
-
-    async def free_port(self) -> int:
-        return await self.invoker.invoke(TPFollowerAPI.free_port)
-
-    async def join_group(self, spec: GroupSpec) -> None:
-        return await self.invoker.invoke(TPFollowerAPI.join_group, spec)
 
     async def submit(self, seq: int, call: WireCall) -> None:
         return await self.invoker.invoke(TPFollowerAPI.submit, seq, call)

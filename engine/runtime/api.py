@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 
+from engine.runtime.groups import GroupSpec
 from engine.types import WorkerLimits, WorkerStats
 
 
@@ -39,3 +40,24 @@ class WorkerAPI(abc.ABC):
     @abc.abstractmethod
     def shutdown(self) -> None:
         """Stop the engine loop and close transports. Idempotent."""
+
+
+class GroupMemberAPI(abc.ABC):
+    """What forming a group needs of a worker (cluster/control/groups.py ``form_group``, every
+    rank at once): EP ranks, a model worker and its attention workers, the ranks of a
+    tensor-parallel worker. Each kind's API derives from it where that kind joins groups."""
+
+    @abc.abstractmethod
+    def node_ip(self) -> str:
+        """The address group peers reach this worker's node at."""
+
+    @abc.abstractmethod
+    def free_port(self) -> int:
+        """A TCP port free on this worker's node now (a group's rendezvous, hosted by rank 0)."""
+
+    @abc.abstractmethod
+    def join_group(self, spec: GroupSpec) -> None:
+        """Join the group ``spec`` names as ``spec.rank`` (blocks until every rank joined, at
+        most ``spec.timeout_s``). ValueError on a worker that joins no group or for another
+        rank than its own; GroupJoinError if it cannot join. What the worker does once joined
+        is its kind's (see each API)."""

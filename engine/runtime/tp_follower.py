@@ -51,6 +51,7 @@ from engine.engine import EngineCore
 from engine.llm import build_engine_config
 from engine.models.gguf import resolve_model_path
 from engine.parallel import DeferredCommunicator
+from engine.runtime.api import GroupMemberAPI
 from engine.runtime.groups import GroupSpec, free_port, join_deferred
 from engine.runtime.tensor_parallel import AddRequest, EngineCall, Reserve, TPFollower, TPFollowerFailed
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
@@ -120,8 +121,9 @@ class TPFollowerStats:
     error: str | None  # why the apply thread stopped, if it failed
 
 
-class TPFollowerAPI(abc.ABC):
-    """What the control plane and rank 0 call on a follower rank (module docstring)."""
+class TPFollowerAPI(GroupMemberAPI):
+    """What the control plane and rank 0 call on a follower rank (module docstring);
+    ``join_group`` (GroupMemberAPI): the TP group as this rank."""
 
     @abc.abstractmethod
     def ping(self) -> str:
@@ -132,16 +134,6 @@ class TPFollowerAPI(abc.ABC):
 
     @abc.abstractmethod
     def node_id(self) -> str: ...
-
-    @abc.abstractmethod
-    def node_ip(self) -> str: ...
-
-    @abc.abstractmethod
-    def free_port(self) -> int: ...
-
-    @abc.abstractmethod
-    def join_group(self, spec: GroupSpec) -> None:
-        """Join the TP group as this rank (blocks until every rank joined)."""
 
     @abc.abstractmethod
     def submit(self, seq: int, call: WireCall) -> None:

@@ -13,6 +13,7 @@ from attention_offload.api import AttentionAPI
 from cluster.control.handles import (
     AttentionHandle,
     DecodeHandle,
+    GroupMemberHandle,
     LocalInvoker,
     PrefillHandle,
     TPFollowerHandle,
@@ -20,13 +21,14 @@ from cluster.control.handles import (
     WorkerUnavailable,
 )
 from decode_worker.api import DecodeAPI
-from engine.runtime.api import WorkerAPI
+from engine.runtime.api import GroupMemberAPI, WorkerAPI
 from engine.runtime.tp_follower import TPFollowerAPI
 from engine.types import EngineStopped, UnknownRequest
 from prefill_worker.api import PrefillAPI
 
 HANDLES = [
     (WorkerHandle, WorkerAPI),
+    (GroupMemberHandle, GroupMemberAPI),
     (PrefillHandle, PrefillAPI),
     (DecodeHandle, DecodeAPI),
     (AttentionHandle, AttentionAPI),
