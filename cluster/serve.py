@@ -160,7 +160,7 @@ def add_serve_parser(sub: Any) -> None:
     p.add_argument(
         "--group-transport",
         choices=GROUP_TRANSPORTS,
-        help="how the ranks of the EP and attention-offload groups talk (every pool's `group_transport`): "
+        help="how the ranks of the EP, attention-offload and TP groups talk (every pool's `group_transport`): "
         "auto = NCCL on GPU pools, else gloo; shm = shared memory, every rank on this node",
     )
     p.add_argument(
