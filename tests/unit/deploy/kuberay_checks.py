@@ -147,9 +147,11 @@ def check_pool_placement(cfg: ServeConfig, rc: dict) -> None:
         if pool.num_cpus > 0:
             per_pod.append(quantity(limits.get("cpu", 0)) // pool.num_cpus)
         capacity = int(min(per_pod, default=float("inf")) * group["replicas"]) if per_pod else 0
-        if capacity < pool.num_workers:
+        actors = pool.num_workers * pool.tensor_parallel  # a TP worker is one actor per rank, each asking the above
+        if capacity < actors:
+            ranks = f" x {pool.tensor_parallel} TP ranks" if pool.tensor_parallel > 1 else ""
             fail(
-                f"pool {pool.name}: {pool.num_workers} workers but group {matches[0]} fits {capacity} "
+                f"pool {pool.name}: {pool.num_workers} workers{ranks} but group {matches[0]} fits {capacity} "
                 f"({group['replicas']} replicas); raise replicas before num_workers"
             )
 

@@ -335,15 +335,21 @@ def test_an_invalid_serve_config_in_the_configmap_is_a_config_error(docs, rc):
         config_from_configmap(docs)
 
 
-def _commented_ep_pool() -> dict:
-    """The EP pool example commented out in deploy/serve-config.yaml, as a pool dict."""
+def _commented_pool(heading: str) -> dict:
+    """The pool example commented out in deploy/serve-config.yaml under the comment starting
+    ``heading``, as a pool dict: the first run of ``  #   `` lines after it."""
     from tests.unit.deploy.deploy_helpers import SERVE_CONFIG_FILE
 
     lines = SERVE_CONFIG_FILE.read_text().splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("  # Expert parallelism"))
-    body = [line[len("  #   ") :] for line in lines[start:] if line.startswith("  #   ")]
-    (pool,) = yaml.safe_load("\n".join(body))
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"  # {heading}"))
+    first = next(i for i in range(start, len(lines)) if lines[i].startswith("  #   "))
+    end = next((i for i in range(first, len(lines)) if not lines[i].startswith("  #   ")), len(lines))
+    (pool,) = yaml.safe_load("\n".join(line[len("  #   ") :] for line in lines[first:end]))
     return pool
+
+
+def _commented_ep_pool() -> dict:
+    return _commented_pool("Expert parallelism")
 
 
 def test_the_commented_ep_pool_fits_the_expert_group_once_its_replicas_are_raised(rc):
@@ -369,3 +375,21 @@ def test_the_commented_ep_pool_fits_the_expert_group_once_its_replicas_are_raise
     mounts = {m["mountPath"]: m["name"] for m in spec["containers"][0]["volumeMounts"]}
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+
+
+def test_the_commented_tp_pool_needs_a_pod_per_rank(rc):
+    """The tensor-parallel example in deploy/serve-config.yaml: each rank is an actor asking for
+    the pool's resources, so one TP=2 worker needs two decode pods' worth."""
+    from tests.unit.deploy.deploy_helpers import SERVE_CONFIG_FILE
+
+    raw = yaml.safe_load(SERVE_CONFIG_FILE.read_text())
+    pool = _commented_pool("Tensor parallelism")
+    assert pool["tensor_parallel"] == 2 and pool["num_workers"] == 1 and pool["resources"] == {"decode_node": 1}
+    raw["pools"] = [p for p in raw["pools"] if p["name"] != "decode"] + [pool]
+    cfg = ServeConfig.from_dict(raw)
+    groups = {g["groupName"]: g for g in rc["spec"]["workerGroupSpecs"]}
+    groups["decode"]["replicas"] = 1  # one pod: room for one rank, not two
+    with pytest.raises(ManifestError, match=r"1 workers x 2 TP ranks but group decode fits 1"):
+        check_pool_placement(cfg, rc)
+    groups["decode"]["replicas"] = 2
+    check_pool_placement(cfg, rc)
