@@ -249,7 +249,7 @@ def test_rank_0s_channel_reports_a_failed_follower_call_and_a_dead_follower(ray_
     deadline = time.monotonic() + 30.0
     while time.monotonic() < deadline:
         try:
-            ray.get(actor.ping.remote(), timeout=5.0)
+            ray.get(actor.check.remote(), timeout=5.0)  # answers (the failure) until the actor is dead
         except ray.exceptions.RayActorError:
             break
         time.sleep(0.02)  # poll interval
