@@ -100,7 +100,7 @@ def build_decode_worker(
     if transport is None:
         receiver = None
     elif tp_sink is not None:  # the prefill worker sends whole-head pages; the sink cuts them per rank
-        receiver = make_receiver(transport, tp_sink.layout, tp_sink, **(transport_options or {}))  # type: ignore[arg-type]
+        receiver = make_receiver(transport, tp_sink.layout, tp_sink, **(transport_options or {}))
     else:
         receiver = make_receiver(transport, engine.layout, engine.cache, **(transport_options or {}))
     return DecodeWorker(

@@ -57,7 +57,7 @@ def build_tp_decode_worker(
     receiver = None
     if transport is not None:
         sink = TPPageSink(cores[0], list(followers))
-        receiver = make_receiver(transport, sink.layout, sink, **(transport_options or {}))  # type: ignore[arg-type]
+        receiver = make_receiver(transport, sink.layout, sink, **(transport_options or {}))
     worker = DecodeWorker(
         TPLeaderEngine(cores[0], list(followers)),  # type: ignore[arg-type]  # an EngineCore to the worker
         receiver,

@@ -20,7 +20,7 @@ from typing import Any
 
 from engine.kv_cache.layout import KVLayout, KVLayoutMismatch
 from engine.kv_cache.paged_cache import PagedKVCache
-from kv_transfer.base import KVChunk, KVReceiver, KVSender, KVTransferError, TransferStatus, tensor_checksum
+from kv_transfer.base import KVChunk, KVReceiver, KVSender, KVTransferError, PageSink, TransferStatus, tensor_checksum
 
 # kind -> (module, sender class, receiver class)
 TRANSPORTS: dict[str, tuple[str, str, str]] = {
@@ -44,8 +44,9 @@ def make_sender(kind: str, layout: KVLayout, **opts: Any) -> KVSender:
     return getattr(module, sender)(layout, **opts)
 
 
-def make_receiver(kind: str, layout: KVLayout, cache: PagedKVCache, **opts: Any) -> KVReceiver:
-    """A receiver of transport ``kind`` writing into ``cache``; it listens once built."""
+def make_receiver(kind: str, layout: KVLayout, cache: PagedKVCache | PageSink, **opts: Any) -> KVReceiver:
+    """A receiver of transport ``kind`` writing into ``cache`` (a PagedKVCache, or a PageSink such
+    as a tensor-parallel worker's head-splitting one); it listens once built."""
     module, _, receiver = _transport(kind)
     return getattr(module, receiver)(layout, cache, **opts)
 
@@ -57,6 +58,7 @@ __all__ = [
     "KVReceiver",
     "KVSender",
     "KVTransferError",
+    "PageSink",
     "TransferStatus",
     "make_receiver",
     "make_sender",

@@ -25,7 +25,7 @@ import torch
 
 from engine.kv_cache.layout import KVLayout
 from engine.kv_cache.paged_cache import PagedKVCache
-from kv_transfer.base import FaultHook, KVChunk, KVTransferError, check_layouts, tensor_bytes
+from kv_transfer.base import FaultHook, KVChunk, KVTransferError, PageSink, check_layouts, tensor_bytes
 from kv_transfer.receiver_book import BookedReceiver
 from kv_transfer.sender_book import BookedSender
 from protos import kv_transfer_pb2 as pb
@@ -110,7 +110,7 @@ class GrpcReceiver(BookedReceiver):
     def __init__(
         self,
         layout: KVLayout,
-        cache: PagedKVCache,
+        cache: PagedKVCache | PageSink,
         *,
         host: str = "127.0.0.1",
         port: int = 0,

@@ -14,7 +14,7 @@ import weakref
 
 from engine.kv_cache.layout import KVLayout
 from engine.kv_cache.paged_cache import PagedKVCache
-from kv_transfer.base import FaultHook, KVChunk, KVTransferError, check_layouts
+from kv_transfer.base import FaultHook, KVChunk, KVTransferError, PageSink, check_layouts
 from kv_transfer.receiver_book import BookedReceiver
 from kv_transfer.sender_book import BookedSender
 
@@ -25,7 +25,12 @@ _names = itertools.count()
 
 class LoopbackReceiver(BookedReceiver):
     def __init__(
-        self, layout: KVLayout, cache: PagedKVCache, *, name: str | None = None, max_unexpected_bytes: int = 64 << 20
+        self,
+        layout: KVLayout,
+        cache: PagedKVCache | PageSink,
+        *,
+        name: str | None = None,
+        max_unexpected_bytes: int = 64 << 20,
     ):
         super().__init__(layout, cache, max_unexpected_bytes)
         self._name = name if name is not None else f"loopback-{next(_names)}"

@@ -31,7 +31,7 @@ import torch
 
 from engine.kv_cache.layout import KVLayout
 from engine.kv_cache.paged_cache import PagedKVCache
-from kv_transfer.base import KVChunk, KVReceiver, KVTransferError, TransferStatus, tensor_checksum
+from kv_transfer.base import KVChunk, KVReceiver, KVTransferError, PageSink, TransferStatus, tensor_checksum
 from kv_transfer.bytes_ops import PageScatter, tensor_bytes
 
 _MAX_TERMINAL = 4096  # DONE/FAILED entries kept for poll() before the oldest are forgotten
@@ -60,7 +60,7 @@ class ReceiverBook:
     def __init__(
         self,
         layout: KVLayout,
-        cache: PagedKVCache,
+        cache: PagedKVCache | PageSink,
         max_unexpected_bytes: int = 64 << 20,
         on_terminal: Callable[[], None] | None = None,
     ):
@@ -378,7 +378,7 @@ class BookedReceiver(KVReceiver):
     """KVReceiver whose request state lives in a ReceiverBook; transports add ``address``
     and ``close`` and feed ``self.book`` from their receive threads."""
 
-    def __init__(self, layout: KVLayout, cache: PagedKVCache, max_unexpected_bytes: int = 64 << 20):
+    def __init__(self, layout: KVLayout, cache: PagedKVCache | PageSink, max_unexpected_bytes: int = 64 << 20):
         super().__init__(layout, cache)
         self.book = ReceiverBook(layout, cache, max_unexpected_bytes, on_terminal=self._terminal_reached)
 

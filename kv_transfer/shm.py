@@ -76,7 +76,7 @@ import torch
 
 from engine.kv_cache.layout import KVLayout, KVLayoutMismatch
 from engine.kv_cache.paged_cache import PagedKVCache
-from kv_transfer.base import FaultHook, KVChunk, KVLinkBroken, KVTransferError, check_layouts
+from kv_transfer.base import FaultHook, KVChunk, KVLinkBroken, KVTransferError, PageSink, check_layouts
 from kv_transfer.bytes_ops import checksum_pages, copy_with_checksum, page_rows, tensor_bytes
 from kv_transfer.receiver_book import BookedReceiver
 from kv_transfer.sender_book import BookedSender
@@ -106,7 +106,7 @@ class ShmReceiver(BookedReceiver):
     def __init__(
         self,
         layout: KVLayout,
-        cache: PagedKVCache,
+        cache: PagedKVCache | PageSink,
         *,
         arena_bytes: int = 64 << 20,
         max_unexpected_bytes: int = 64 << 20,

@@ -44,7 +44,7 @@ from engine.kv_cache.layout import KVLayout, KVLayoutMismatch
 from engine.kv_cache.paged_cache import PagedKVCache
 from engine.parallel import ProcessGroup
 from engine.runtime.groups import GroupBackend, GroupSpec, join_group
-from kv_transfer.base import FaultHook, KVChunk, KVTransferError, check_layouts, tensor_bytes
+from kv_transfer.base import FaultHook, KVChunk, KVTransferError, PageSink, check_layouts, tensor_bytes
 from kv_transfer.receiver_book import BookedReceiver
 from kv_transfer.sender_book import BookedSender
 
@@ -90,7 +90,7 @@ class TorchDistReceiver(BookedReceiver):
     def __init__(
         self,
         layout: KVLayout,
-        cache: PagedKVCache,
+        cache: PagedKVCache | PageSink,
         *,
         host: str = "127.0.0.1",
         port: int = 0,
