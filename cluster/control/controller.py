@@ -38,8 +38,8 @@ fails, all of them are given up, restarted and the group formed again
 Tensor-parallel pools (``PoolConfig.tensor_parallel`` = N > 1): worker ``<pool>-<i>`` is N
 actors, one per rank, each in its own placement bundle (the pool's resources are per rank):
 ranks 1..N-1 are TPFollowerActors ``<pool>-<i>/tp<r>`` (decode_worker/actor.py), started
-first; rank 0 is the routed DecodeActor, started with their handles (its engine a
-TPLeaderEngine sending them every engine call). Every rank loads its shard on its own (no
+first (in rank 0's engine mode); rank 0 is the routed DecodeActor or PrefillActor, started
+with their handles (its engine a TPLeaderEngine sending them every engine call). Every rank loads its shard on its own (no
 group needed for that), then the worker's group ``tp/<pool>-<i>`` is formed over
 [rank 0, followers] (``ep_group_timeout_s`` bounds forming and every collective), and only
 then is the worker routed. The followers are not workers of their own: they live in their

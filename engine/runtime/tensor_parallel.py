@@ -51,6 +51,7 @@ from __future__ import annotations
 import copy
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -60,9 +61,9 @@ from engine.config import EngineConfig
 from engine.engine import EngineCore, StepResult
 from engine.kv_cache.layout import KVLayout
 from engine.kv_cache.reshard import gather_heads
-from engine.parallel import CommunicationError, TorchDistCommunicator
+from engine.parallel import CommunicationError
 from engine.request import Request
-from engine.runtime.groups import GroupSpec, free_port, join_group
+from engine.runtime.groups import GroupSpec, free_port, join_communicator
 from engine.spec.speculator import SpecStats
 from engine.types import EngineStats, WorkerLimits
 
@@ -204,8 +205,8 @@ class TPFollower:
 
     Lifecycle: started at construction -> ``submit`` from rank 0's loop thread (and WriteKV
     from its KV receiver) -> ``stop`` (a Stop call; the thread ends after the calls before
-    it). A call that raises ends the thread with ``error`` set; rank 0 notices at its next
-    collective (it times out)."""
+    it). A call that raises ends the thread with ``error`` set; rank 0 sees it through
+    ``failure`` before its next collective (TPLeaderEngine refuses to step)."""
 
     def __init__(self, engine: EngineCore, name: str):
         self.engine = engine
@@ -281,7 +282,8 @@ class TPLeaderEngine:
 
     # ---------------------------------------------------------------- writes: replayed
 
-    def _send(self, make: Any) -> None:
+    def _send(self, make: Callable[[], EngineCall]) -> None:
+        """One call per follower, each built by ``make`` (a follower's own copy)."""
         for f in self.followers:
             f.submit(make())
 
@@ -399,7 +401,7 @@ def build_tp_cores(
     def rank_main(rank: int) -> None:
         try:
             spec = GroupSpec(name, rank, world_size, host, port, "gloo", group_timeout_s, local_host=host)
-            comm = TorchDistCommunicator(join_group(spec), timeout_s=group_timeout_s, name=name)
+            comm = join_communicator(spec)
             engines[rank] = EngineCore(config, progress=rank == 0, tensor_parallel=comm)
         except BaseException as e:  # noqa: BLE001 - re-raised below, on the caller's thread
             errors.append(e)
