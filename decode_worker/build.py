@@ -13,8 +13,8 @@ from engine.engine import EngineCore
 from engine.llm import build_engine_config
 from engine.models.gguf import resolve_model_path
 from engine.parallel import DeferredCommunicator
-from engine.runtime.tensor_parallel import TPFollowerLink, TPLeaderEngine
-from engine.runtime.tp_follower import leader_communicator
+from engine.runtime.tensor_parallel import TPFollowerLink
+from engine.runtime.tp_follower import build_leader
 from engine.tokenizer import load_tokenizer
 from expert_router.dispatcher import EPDispatcher
 from expert_router.group import EPSetupError, build_ep_engine, serving_placement
@@ -73,10 +73,8 @@ def build_decode_worker(
     if tp_followers:
         if experts > 1 or attention_blocks is not None:
             raise ValueError("a tensor-parallel worker is not an EP rank or an attention-offloaded model worker")
-        tp_comm = leader_communicator(len(tp_followers) + 1, config.device, worker_id)
-        core = EngineCore(config, progress=True, tensor_parallel=tp_comm)
-        engine = TPLeaderEngine(core, tp_followers)
-        tp_sink = TPPageSink(core, list(tp_followers))  # whole-head pages in, each rank's heads out
+        engine, tp_comm = build_leader(config, tp_followers, worker_id)
+        tp_sink = TPPageSink(engine.core, list(tp_followers))  # whole-head pages in, each rank's heads out
     elif attention_blocks is not None:
         if experts > 1:
             raise ValueError("an attention-offloaded model worker is not an EP rank")

@@ -7,8 +7,8 @@ from typing import Any
 from engine.engine import EngineCore
 from engine.llm import build_engine_config
 from engine.models.gguf import resolve_model_path
-from engine.runtime.tensor_parallel import TPFollowerLink, TPLeaderEngine
-from engine.runtime.tp_follower import leader_communicator
+from engine.runtime.tensor_parallel import TPFollowerLink
+from engine.runtime.tp_follower import build_leader
 from engine.tokenizer import load_tokenizer
 from kv_transfer import make_sender
 from prefill_worker.tensor_parallel import TPPrefillWorker
@@ -36,8 +36,7 @@ def build_prefill_worker(
     skip_tokenizer_init = bool(opts.pop("skip_tokenizer_init", False))
     if tp_followers:
         config = build_engine_config(model, **opts, mode="prefill_only")
-        tp_comm = leader_communicator(len(tp_followers) + 1, config.device, worker_id)
-        leader = TPLeaderEngine(EngineCore(config, progress=True, tensor_parallel=tp_comm), tp_followers)
+        leader, tp_comm = build_leader(config, tp_followers, worker_id)
         whole = leader.whole_layout  # pages go out whole (gathered), whatever the TP degrees
         return TPPrefillWorker(
             leader,

@@ -47,13 +47,22 @@ from typing import Any, Protocol
 
 import torch
 
+from engine.config import EngineConfig
 from engine.engine import EngineCore
 from engine.llm import build_engine_config
 from engine.models.gguf import resolve_model_path
 from engine.parallel import DeferredCommunicator
 from engine.runtime.api import GroupMemberAPI
 from engine.runtime.groups import GroupSpec, free_port, join_deferred
-from engine.runtime.tensor_parallel import AddRequest, EngineCall, Reserve, TPFollower, TPFollowerFailed
+from engine.runtime.tensor_parallel import (
+    AddRequest,
+    EngineCall,
+    Reserve,
+    TPFollower,
+    TPFollowerFailed,
+    TPFollowerLink,
+    TPLeaderEngine,
+)
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
 from engine.types import EngineStopped
 
@@ -242,9 +251,14 @@ def _rank_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def leader_communicator(world_size: int, device: str, worker_id: str) -> DeferredCommunicator:
-    """Rank 0's communicator of TP worker ``worker_id`` (engine.runtime.groups.join_deferred connects it)."""
-    return DeferredCommunicator(0, world_size, _rank_device(device), name=f"tp/{worker_id}")
+def build_leader(
+    config: EngineConfig, followers: list[TPFollowerLink], worker_id: str
+) -> tuple[TPLeaderEngine, DeferredCommunicator]:
+    """Rank 0 of TP worker ``worker_id`` on its own process: its shard on a DeferredCommunicator
+    (engine.runtime.groups.join_deferred connects it at the worker's ``join_group``), wrapped
+    in a TPLeaderEngine that replays its calls on ``followers`` (ranks 1..N-1)."""
+    comm = DeferredCommunicator(0, len(followers) + 1, _rank_device(config.device), name=f"tp/{worker_id}")
+    return TPLeaderEngine(EngineCore(config, progress=True, tensor_parallel=comm), followers), comm
 
 
 # ---------------------------------------------------------------- rank 0's side
