@@ -258,8 +258,8 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
                 log.warning("%s: closing the attention group: %s", self.worker_id, e)
         if self.receiver is not None:
             self.receiver.close()
-        for comm in self._comms:  # the loop is stopped and the group's last op done
-            comm.close()
+        for comm in (*self._comms, *([self.tp_comm] if self.tp_comm is not None else [])):
+            comm.close()  # the loop is stopped and the group's last op done
 
     # ------------------------------------------------------------ loop thread only
     def _new_request(self, spec: RequestSpec, emitted: tuple[int, ...]) -> Request:

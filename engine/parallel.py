@@ -427,6 +427,11 @@ class DeferredCommunicator(RankedCommunicator):
     def _start_recv(self, out: torch.Tensor, src: int, tag: int) -> Pending[torch.Tensor]:
         return self._inner("recv").recv_async(out, src, tag)
 
+    def close(self) -> None:
+        """Closes the joined group's communicator (nothing before ``connect``)."""
+        if self._comm is not None:
+            self._comm.close()
+
 
 # ============================================================================ communication worker
 

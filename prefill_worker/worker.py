@@ -147,6 +147,8 @@ class PrefillWorker(RuntimeWorker, PrefillAPI):
         self.runtime.stop()
         for s in self._senders.values():
             s.close()
+        if self.tp_comm is not None:  # the loop is stopped: its last collective is done
+            self.tp_comm.close()
 
     # ------------------------------------------------------------ loop thread only
     def _add(self, spec: RequestSpec, decode_address: KVAddress, emitted: tuple[int, ...]) -> OutputStream:

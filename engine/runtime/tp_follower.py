@@ -242,6 +242,8 @@ class TPFollowerWorker(TPFollowerAPI):
             self._applier.stop(timeout_s=5.0)
         except RuntimeError as e:  # blocked in a collective whose peers are gone: it fails on its own
             log.warning("%s", e)
+            return  # the apply thread may still use the group: leave it to the process's end
+        self.comm.close()
 
 
 def _rank_device(device: str) -> torch.device:
