@@ -317,6 +317,11 @@ def test_a_follower_that_takes_a_request_over_is_admitted(served, expected):
 
 def test_refusals_carry_retry_after(model):
     s = Served(model, max_queue=1)
+    # the decode worker generates nothing past the 2nd token until the refusals are checked, so
+    # the one request in flight cannot finish (and free the queue) first, however fast the machine
+    decode = s.cluster.workers["decode-0"]
+    paused = threading.Event()
+    real_step = _pause_at(decode, 2, paused)
     try:
         with Client(s.target, max_retries=0) as c, httpx.Client(base_url=s.base, timeout=60) as http:
             stream = c.stream(PROMPT, **GREEDY)
@@ -326,8 +331,11 @@ def test_refusals_carry_retry_after(model):
             assert e.value.retry_after_s == 1.0
             r = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2})
             assert r.status_code == 429 and r.headers["retry-after"] == "1"
+            paused.clear()
             stream.close()
     finally:
+        paused.clear()
+        decode.engine.step = real_step
         s.close()
 
 
