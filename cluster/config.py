@@ -110,7 +110,7 @@ class PoolConfig:
     # their names are validated there, not here. Treat as read-only.
     engine: dict[str, Any] = field(default_factory=dict)
     # Expert parallelism (expert_router/): >1 makes the pool ONE EP group of ``experts`` workers
-    # (num_workers must equal it; decode and mixed pools only): attention data-parallel, each
+    # (num_workers must equal it; decode, mixed and prefill pools): attention data-parallel, each
     # worker holding 1/experts of every MoE layer's routed experts, worker i = EP rank i. Needs
     # an MoE model whose expert count ``experts`` divides (checked against the model by
     # ``check_experts_against_model``, before any actor starts). 1: no EP.
@@ -166,9 +166,9 @@ class PoolConfig:
         )
         if self.experts > 1:
             _check(
-                self.role in ("decode", "mixed"),
+                self.role in ("decode", "mixed", "prefill"),
                 "experts",
-                f"expert parallelism runs on decode and mixed pools, not on a {self.role} pool",
+                f"expert parallelism runs on decode, mixed and prefill pools, not on a {self.role} pool",
             )
             _check(
                 self.num_workers == self.experts,

@@ -130,6 +130,13 @@ def add_serve_parser(sub: Any) -> None:
         "(pool `experts`; needs an MoE model whose expert count N divides)",
     )
     p.add_argument(
+        "--prefill-experts",
+        type=positive_int,
+        metavar="N",
+        help="expert parallelism for prefill: every prefill pool becomes one EP group of N workers "
+        "(pool `experts`; attention data parallel, 1/N of the routed experts per worker)",
+    )
+    p.add_argument(
         "--decode-tp",
         type=positive_int,
         metavar="N",
@@ -262,38 +269,36 @@ def serve_config_from_args(args: argparse.Namespace, default_model: Callable[[],
             matching[0]["num_workers"] = count
         else:
             pools.append({"name": name, "role": name, "num_workers": count})
-    experts = getattr(args, "experts", None)
-    if experts is not None:
-        if args.decode is not None and args.decode != experts:
-            raise ConfigError("--experts", f"makes the decode pool {experts} workers, but --decode asks {args.decode}")
-        ep_pools = [p for p in pools if p.get("role", p.get("name")) in ("decode", "mixed")]
-        if not ep_pools:
-            raise ConfigError("--experts", "there is no decode or mixed pool to make expert-parallel")
-        for p in ep_pools:
-            p["experts"] = experts
-            p["num_workers"] = experts
-    decode_tp = getattr(args, "decode_tp", None)
-    if decode_tp is not None:
-        tp_pools = [p for p in pools if p.get("role", p.get("name")) in ("decode", "mixed")]
-        if not tp_pools:
-            raise ConfigError("--decode-tp", "there is no decode or mixed pool to make tensor-parallel")
-        for p in tp_pools:
-            p["tensor_parallel"] = decode_tp
-    prefill_tp = getattr(args, "prefill_tp", None)
-    if prefill_tp is not None:
-        tp_pools = [p for p in pools if p.get("role", p.get("name")) == "prefill"]
-        if not tp_pools:
-            raise ConfigError("--prefill-tp", "there is no prefill pool to make tensor-parallel")
-        for p in tp_pools:
-            p["tensor_parallel"] = prefill_tp
+    _apply_attention_flag(pools, getattr(args, "attention", None), pools_from_config)  # it may drop the prefill pool
+    decoders, prefillers = ("decode", "mixed"), ("prefill",)
+    for flag, count_flag, roles, value in (
+        ("--experts", args.decode, decoders, getattr(args, "experts", None)),
+        ("--prefill-experts", args.prefill, prefillers, getattr(args, "prefill_experts", None)),
+    ):
+        if value is None:
+            continue
+        if count_flag is not None and count_flag != value:
+            pool = "decode" if roles is decoders else "prefill"
+            raise ConfigError(flag, f"makes the {pool} pool {value} workers, but --{pool} asks {count_flag}")
+        for p in _pools_of(pools, roles, flag, "expert-parallel"):
+            p["experts"] = value
+            p["num_workers"] = value
+    for flag, roles, value in (
+        ("--decode-tp", decoders, getattr(args, "decode_tp", None)),
+        ("--prefill-tp", prefillers, getattr(args, "prefill_tp", None)),
+    ):
+        if value is not None:
+            for p in _pools_of(pools, roles, flag, "tensor-parallel"):
+                p["tensor_parallel"] = value
     routing_log = getattr(args, "expert_routing_log", None)
     if routing_log is not None:
         ep_pools = [p for p in pools if p.get("experts", 1) > 1]
         if not ep_pools:
-            raise ConfigError("--expert-routing-log", "there is no expert-parallel pool (give --experts N)")
+            raise ConfigError(
+                "--expert-routing-log", "there is no expert-parallel pool (give --experts N or --prefill-experts N)"
+            )
         for p in ep_pools:
             p["expert_routing_log"] = routing_log
-    _apply_attention_flag(pools, getattr(args, "attention", None), pools_from_config)
     if args.num_cpus_per_worker is not None:
         for p in pools:
             p["num_cpus"] = args.num_cpus_per_worker
@@ -340,6 +345,15 @@ def serve_config_from_args(args: argparse.Namespace, default_model: Callable[[],
             "(set it in the config or pass --transport)",
         )
     return cfg
+
+
+def _pools_of(pools: list[dict[str, Any]], roles: tuple[str, ...], flag: str, kind: str) -> list[dict[str, Any]]:
+    """The raw pools whose role (default: their name) is one of ``roles``; none is a
+    ConfigError naming ``flag`` (it would change nothing)."""
+    matching = [p for p in pools if p.get("role", p.get("name")) in roles]
+    if not matching:
+        raise ConfigError(flag, f"there is no {' or '.join(roles)} pool to make {kind}")
+    return matching
 
 
 def _apply_attention_flag(pools: list[dict[str, Any]], count: int | None, from_config: bool) -> None:

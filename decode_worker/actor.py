@@ -47,6 +47,7 @@ from engine.runtime.tp_follower import (
     WireCall,
 )
 from engine.types import FirstToken, KVAddress, RequestSpec, StreamChunk, WorkerLimits, WorkerStats
+from expert_router.group import EPRankOptions
 
 DEFAULT_MAX_CONCURRENCY = 64
 CONTROL_GROUP = "control"
@@ -65,11 +66,7 @@ class DecodeActor(DecodeAPI):
         transfer_timeout_s: float = 60.0,
         role: str = "decode",
         max_pending: int = 512,
-        experts: int = 1,
-        expert_rank: int = 0,
-        expert_placement_json: str | None = None,
-        expert_cache_slots: int | None = None,
-        expert_routing_log: bytes | None = None,
+        ep: EPRankOptions | None = None,
         attention_blocks: list[int] | None = None,
         tp_followers: list[Any] | None = None,
     ):
@@ -89,11 +86,7 @@ class DecodeActor(DecodeAPI):
             transfer_timeout_s=transfer_timeout_s,
             role=role,
             max_pending=max_pending,
-            experts=experts,
-            expert_rank=expert_rank,
-            expert_placement_json=expert_placement_json,
-            expert_cache_slots=expert_cache_slots,
-            expert_routing_log=expert_routing_log,
+            ep=ep,
             node_ip=ray.util.get_node_ip_address(),
             attention_blocks=attention_blocks,
             tp_followers=[

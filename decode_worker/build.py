@@ -17,8 +17,7 @@ from engine.runtime.tensor_parallel import TPFollowerLink
 from engine.runtime.tp_follower import build_leader
 from engine.tokenizer import load_tokenizer
 from expert_router.dispatcher import EPDispatcher
-from expert_router.group import EPSetupError, build_ep_engine, serving_placement
-from expert_router.routing_log import RoutingLog
+from expert_router.group import EPRankOptions, build_serving_ep_engine
 from kv_transfer import make_receiver
 
 
@@ -31,11 +30,7 @@ def build_decode_worker(
     transfer_timeout_s: float = 60.0,
     role: str = "decode",
     max_pending: int = 512,
-    experts: int = 1,
-    expert_rank: int = 0,
-    expert_placement_json: str | None = None,
-    expert_cache_slots: int | None = None,
-    expert_routing_log: bytes | None = None,
+    ep: EPRankOptions | None = None,
     node_ip: str = "127.0.0.1",
     attention_blocks: list[int] | None = None,
     attention_rotation: int = 2,
@@ -43,12 +38,10 @@ def build_decode_worker(
 ) -> DecodeWorker:
     """``transport=None`` builds a worker without a receiver (mixed/colocated use only).
 
-    ``experts`` > 1: the worker is EP rank ``expert_rank`` of a group of ``experts`` (its
-    position in the pool, so a replacement gets the same rank): it loads only its share of
-    the routed experts (``expert_placement_json``: an ExpertPlacement's JSON text, else contiguous;
-    ``expert_cache_slots``: a fast tier, LRU, or ExpertFlow's predictor and policy fitted on
-    ``expert_routing_log``, the routing log's .npz bytes) and serves once ``join_group``
-    formed the group.
+    ``ep``: the worker is that rank of an EP group (expert_router/group.EPRankOptions): it
+    loads only its share of the routed experts (a fast tier, LRU, or ExpertFlow's predictor
+    fitted on the routing log, with ``cache_slots``) and serves once ``join_group`` formed the
+    group.
     Raises EPSetupError naming the pool field when the settings do not fit the model.
 
     ``attention_blocks`` (one block count per attention worker, rank 1..N): the worker is the
@@ -71,12 +64,12 @@ def build_decode_worker(
     tp_comm: DeferredCommunicator | None = None
     tp_sink: TPPageSink | None = None
     if tp_followers:
-        if experts > 1 or attention_blocks is not None:
+        if ep is not None or attention_blocks is not None:
             raise ValueError("a tensor-parallel worker is not an EP rank or an attention-offloaded model worker")
         engine, tp_comm = build_leader(config, tp_followers, worker_id)
         tp_sink = TPPageSink(engine.core, list(tp_followers))  # whole-head pages in, each rank's heads out
     elif attention_blocks is not None:
-        if experts > 1:
+        if ep is not None:
             raise ValueError("an attention-offloaded model worker is not an EP rank")
         ranks = list(range(1, len(attention_blocks) + 1))
         attention = OffloadedEngine(
@@ -84,15 +77,8 @@ def build_decode_worker(
         )
         engine = attention.core
         transport = None
-    elif experts > 1:
-        log = None
-        if expert_routing_log is not None and expert_cache_slots is not None:  # only the cache reads it
-            try:
-                log = RoutingLog.load(expert_routing_log)
-            except (ValueError, KeyError, OSError) as e:
-                raise EPSetupError("expert_routing_log", f"not a routing log: {e}") from None
-        placement, cache = serving_placement(config.model, experts, expert_placement_json, expert_cache_slots, log)
-        engine, dispatcher = build_ep_engine(config, None, placement, cache, rank=expert_rank, world_size=experts)
+    elif ep is not None:
+        engine, dispatcher = build_serving_ep_engine(config, ep)
     else:
         engine = EngineCore(config, progress=True)
     if transport is None:

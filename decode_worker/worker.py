@@ -69,16 +69,14 @@ from engine.runtime.worker import RuntimeWorker, WorkerRuntime
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from engine.types import (
     AttentionOffloadReport,
-    EngineStopped,
-    ExpertCacheReport,
-    ExpertParallelReport,
     FirstToken,
     KVAddress,
     RequestSpec,
     StreamChunk,
     WorkerStats,
 )
-from expert_router.dispatcher import EPDispatcher, LockstepStepper
+from expert_router.dispatcher import EPDispatcher
+from expert_router.member import EPMember
 from kv_transfer.base import KVReceiver, TransferStatus
 
 log = logging.getLogger(__name__)
@@ -136,8 +134,6 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
         self._unscheduled: dict[str, Request] = {}  # local prefills not scheduled yet
         self.dispatcher = dispatcher
         self._node_ip = node_ip
-        self._closing = False
-        self._group_timeout_s = 0.0  # the EP group's collective timeout, set by join_group
         self._comms: list[Communicator] = []  # the groups joined (join_group); closed at shutdown
         if attention is not None and (attention.core is not engine or dispatcher is not None):
             raise ValueError("an attention-offloaded worker's engine is attention.core, and it is not an EP rank")
@@ -149,8 +145,12 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
         self.tp_comm = tp_comm
         self._attn_step_seconds = 0.0  # engine steps' wall time (attention offload report)
         self._attn_transport = None if attention is None else attention.transport  # a DistAttentionTransport
-        if dispatcher is None:
-            self.stepper: LockstepStepper | None = None
+        self.ep = None if dispatcher is None else EPMember(worker_id, dispatcher, self._step, engine.has_work)
+        if self.ep is not None:
+            self.runtime = WorkerRuntime(
+                engine, worker_id, self.ep.step, self._tick, self._compute_stats, has_work=self.ep.has_work
+            )
+        else:
             self.runtime = WorkerRuntime(
                 engine,
                 worker_id,
@@ -158,11 +158,6 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
                 self._tick,
                 self._compute_stats,
                 has_work=self._attention_has_work if attention is not None else None,
-            )
-        else:
-            self.stepper = LockstepStepper(self._step, engine.has_work, dispatcher)
-            self.runtime = WorkerRuntime(
-                engine, worker_id, self._ep_step, self._tick, self._compute_stats, has_work=self._ep_has_work
             )
         if receiver is not None:  # a finished transfer is admitted at once, not on the next idle poll
             receiver.on_terminal = self.runtime.loop.wake
@@ -203,23 +198,14 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
     def join_group(self, spec: GroupSpec) -> None:
         if self.tp_comm is not None:  # rank 0 of tp/<worker id>; routed only once joined
             join_deferred(self.tp_comm, spec)
-            self._group_timeout_s = spec.timeout_s
             self.loop.wake()
             return
         if self.attention is not None:
             self._join_attention_group(spec)
             return
-        if self.dispatcher is None:
+        if self.ep is None:
             raise ValueError(f"{self.worker_id} is not an expert-parallel worker: it joins no group")
-        if spec.rank != self.dispatcher.rank or spec.world_size != self.dispatcher.world_size:
-            raise ValueError(
-                f"{self.worker_id} is EP rank {self.dispatcher.rank} of {self.dispatcher.world_size}, "
-                f"asked to join as rank {spec.rank} of {spec.world_size}"
-            )
-        comm = join_communicator(spec)
-        self._comms.append(comm)
-        self._group_timeout_s = spec.timeout_s
-        self.dispatcher.connect(comm)  # the loop starts stepping in lock-step from here
+        self.ep.join(spec)
         self.loop.wake()
 
     def _join_attention_group(self, spec: GroupSpec) -> None:
@@ -232,7 +218,6 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
             )
         comm = join_communicator(spec)
         self._comms.append(comm)
-        self._group_timeout_s = spec.timeout_s
         self.attention.keepalive_s = spec.timeout_s / 4
         transport.connect(comm)  # the loop starts stepping from here
         self.loop.wake()
@@ -242,14 +227,8 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
         return self._attn_transport.connected and self.engine.has_work()
 
     def shutdown(self) -> None:
-        self._closing = True
-        if self.stepper is not None and self.dispatcher is not None and self.dispatcher.connected:
-            # the group stops together (no rank left waiting in a collective); a peer already
-            # gone fails the last round within the group's timeout instead
-            self.stepper.request_stop()
-            deadline = time.monotonic() + self._group_timeout_s + 1.0
-            while not self.stepper.stopped and self.loop.error is None and time.monotonic() < deadline:
-                time.sleep(0.005)
+        if self.ep is not None:
+            self.ep.stop(lambda: self.loop.error)
         self.runtime.stop()
         if isinstance(self._attn_transport, DistAttentionTransport) and self._attn_transport.connected:
             try:  # the loop has stopped: this thread may use the transport now
@@ -260,6 +239,8 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
             self.receiver.close()
         for comm in (*self._comms, *([self.tp_comm] if self.tp_comm is not None else [])):
             comm.close()  # the loop is stopped and the group's last op done
+        if self.ep is not None:
+            self.ep.close()
 
     # ------------------------------------------------------------ loop thread only
     def _new_request(self, spec: RequestSpec, emitted: tuple[int, ...]) -> Request:
@@ -345,21 +326,6 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
                 self.transfer_failures += 1
                 self._abort(rid, f"{KV_TRANSFER_TIMED_OUT} after {self.transfer_timeout_s}s ({st.value})")
 
-    def _ep_has_work(self) -> bool:
-        """An EP rank steps once its group formed, and until the group stopped for this
-        worker's own shutdown."""
-        assert self.dispatcher is not None and self.stepper is not None
-        if not self.dispatcher.connected:
-            return False
-        return not (self._closing and self.stepper.stopped)
-
-    def _ep_step(self) -> None:
-        """One lock-step iteration of the group (LockstepStepper.step)."""
-        assert self.stepper is not None
-        if self.stepper.stopped and not self._closing:
-            raise EngineStopped(f"{self.worker_id}: its expert-parallel group stopped (a peer shut down)")
-        self.stepper.step()
-
     def _step(self) -> None:
         t0 = time.monotonic()  # step() schedules first: requests it picks up were scheduled now
         wall0 = time.time()
@@ -421,7 +387,7 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
             handoff_seconds=self.handoff_seconds.report(),
             speculation=speculation_report(self.engine),
             cached_block_hashes=self.engine.cached_block_hashes(),
-            expert_parallel=self._ep_report(),
+            expert_parallel=None if self.ep is None else self.ep.report(),
             attention=self._attention_report(),
         )
 
@@ -441,42 +407,4 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
             control_bytes=c.control,
             wait_seconds=c.wait_seconds,
             step_seconds=self._attn_step_seconds,
-        )
-
-    def _ep_report(self) -> ExpertParallelReport | None:
-        d = self.dispatcher
-        if d is None:
-            return None
-        st = d.stats
-        return ExpertParallelReport(
-            rank=d.rank,
-            world_size=d.world_size,
-            connected=d.connected,
-            rounds=st.rounds,
-            tokens=st.tokens,
-            local_tokens=st.local_tokens,
-            remote_pairs=st.remote_pairs,
-            dispatch_bytes=st.dispatch_bytes,
-            combine_bytes=st.combine_bytes,
-            comm_seconds=st.comm_s,
-            cache=self._ep_cache_report(),
-        )
-
-    def _ep_cache_report(self) -> ExpertCacheReport | None:
-        """The fast tier's counters (zeros until the first MoE round builds it); None without one."""
-        d = self.dispatcher
-        if d is None or d.cache is None:
-            return None
-        tiers = d.tiers
-        cs = tiers.core.stats if tiers is not None else None
-        return ExpertCacheReport(
-            slots=d.cache.slots,
-            hits=cs.hits if cs else 0,
-            misses=cs.misses if cs else 0,
-            prefetches=cs.prefetches if cs else 0,
-            prefetch_used=cs.prefetch_used if cs else 0,
-            evictions=cs.evictions if cs else 0,
-            load_bytes=tiers.load_bytes if tiers else 0,
-            load_seconds=tiers.modelled_load_s if tiers else 0.0,
-            copy_seconds=tiers.copy_s if tiers else 0.0,
         )

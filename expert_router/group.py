@@ -3,6 +3,8 @@ creation: the caller joined the group and passes its communicator)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from engine.config import EngineConfig, ModelConfig
 from engine.engine import EngineCore
 from engine.parallel import Communicator
@@ -23,6 +25,38 @@ class EPSetupError(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field = field
+
+
+@dataclass(frozen=True)
+class EPRankOptions:
+    """One served EP rank's settings, as the control plane hands them to a worker (plain
+    values: they cross Ray to actors that may be on other nodes, so files travel as contents).
+
+    ``experts``: the group's size (>= 2); ``rank``: this worker's rank (its index in its pool,
+    which a replacement keeps); ``placement_json``: an ExpertPlacement's JSON text (None:
+    contiguous); ``cache_slots``: the ExpertFlow fast tier's experts per MoE layer (None: the
+    whole share resident); ``routing_log``: the routing log's .npz bytes (the fast tier's
+    predictor; read only with ``cache_slots``)."""
+
+    experts: int
+    rank: int
+    placement_json: str | None = None
+    cache_slots: int | None = None
+    routing_log: bytes | None = None
+
+
+def build_serving_ep_engine(config: EngineConfig, opts: EPRankOptions) -> tuple[EngineCore, EPDispatcher]:
+    """This served rank's engine and dispatcher (not connected: the worker's ``join_group``
+    connects it). Raises EPSetupError naming the pool field when the settings do not fit the
+    model."""
+    log = None
+    if opts.routing_log is not None and opts.cache_slots is not None:  # only the cache reads it
+        try:
+            log = RoutingLog.load(opts.routing_log)
+        except (ValueError, KeyError, OSError) as e:
+            raise EPSetupError("expert_routing_log", f"not a routing log: {e}") from None
+    placement, cache = serving_placement(config.model, opts.experts, opts.placement_json, opts.cache_slots, log)
+    return build_ep_engine(config, None, placement, cache, rank=opts.rank, world_size=opts.experts)
 
 
 def serving_placement(

@@ -21,6 +21,7 @@ from engine.runtime.groups import GroupSpec
 from engine.runtime.threads import set_threads_for_cpu_share
 from engine.runtime.tp_follower import FutureFollowerChannel, RemoteFollower
 from engine.types import KVAddress, RequestSpec, StreamChunk, WorkerLimits, WorkerStats
+from expert_router.group import EPRankOptions
 from prefill_worker.api import PrefillAPI
 from prefill_worker.build import build_prefill_worker
 
@@ -41,9 +42,11 @@ class PrefillActor(PrefillAPI):
         transfer_timeout_s: float = 60.0,
         max_pending: int = 512,
         tp_followers: list[Any] | None = None,
+        ep: EPRankOptions | None = None,
     ):
         """``tp_followers``: the TPFollowerActor handles (decode_worker/actor.py, built with
-        mode "prefill_only") of ranks 1..N-1 when this actor is rank 0 of a TP prefill worker."""
+        mode "prefill_only") of ranks 1..N-1 when this actor is rank 0 of a TP prefill worker.
+        ``ep``: this actor is that rank of an EP prefill pool (the controller forms the group)."""
         # torch threads = this actor's Ray CPU share
         self.num_threads = set_threads_for_cpu_share(ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0))
         followers = [
@@ -60,6 +63,7 @@ class PrefillActor(PrefillAPI):
             max_pending=max_pending,
             node_ip=ray.util.get_node_ip_address(),
             tp_followers=followers or None,
+            ep=ep,
         )
 
     # ------------------------------------------------------------ control group

@@ -10,6 +10,7 @@ from engine.models.gguf import resolve_model_path
 from engine.runtime.tensor_parallel import TPFollowerLink
 from engine.runtime.tp_follower import build_leader
 from engine.tokenizer import load_tokenizer
+from expert_router.group import EPRankOptions, build_serving_ep_engine
 from kv_transfer import make_sender
 from prefill_worker.tensor_parallel import TPPrefillWorker
 from prefill_worker.worker import PrefillWorker
@@ -26,15 +27,23 @@ def build_prefill_worker(
     max_pending: int = 512,
     node_ip: str = "127.0.0.1",
     tp_followers: list[TPFollowerLink] | None = None,
+    ep: EPRankOptions | None = None,
 ) -> PrefillWorker:
     """``tp_followers`` (ranks 1..N-1 of a tensor-parallel worker of degree N, e.g.
     engine/runtime/tp_follower.RemoteFollower): the worker is rank 0, a TPPrefillWorker
     (prefill_worker/tensor_parallel.py: it sends whole-head pages all-gathered over the
-    group) over a shard built on a DeferredCommunicator that ``join_group`` connects."""
+    group) over a shard built on a DeferredCommunicator that ``join_group`` connects.
+
+    ``ep``: the worker is that rank of an EP group of prefill workers (expert_router/group.
+    EPRankOptions): it loads only its share of the routed experts and prefills once
+    ``join_group`` formed the group. Raises EPSetupError naming the pool field when the
+    settings do not fit the model."""
     model = resolve_model_path(model)  # a .gguf converts once (cached); every later call reuses it
     opts = {k: v for k, v in (engine_options or {}).items() if k != "mode"}
     skip_tokenizer_init = bool(opts.pop("skip_tokenizer_init", False))
     if tp_followers:
+        if ep is not None:
+            raise ValueError("a tensor-parallel prefill worker is not an EP rank")
         config = build_engine_config(model, **opts, mode="prefill_only")
         leader, tp_comm = build_leader(config, tp_followers, worker_id)
         whole = leader.whole_layout  # pages go out whole (gathered), whatever the TP degrees
@@ -52,7 +61,12 @@ def build_prefill_worker(
     if transport == "shm" and str(opts.get("device", "cpu")).split(":")[0] == "cpu":
         # the decode worker copies pages straight out of this cache (one copy, not two)
         opts.setdefault("kv_cache_shared", True)
-    engine = EngineCore(build_engine_config(model, **opts, mode="prefill_only"), progress=True)
+    config = build_engine_config(model, **opts, mode="prefill_only")
+    dispatcher = None
+    if ep is not None:
+        engine, dispatcher = build_serving_ep_engine(config, ep)
+    else:
+        engine = EngineCore(config, progress=True)
     return PrefillWorker(
         engine,
         lambda: make_sender(transport, engine.layout, **(transport_options or {})),
@@ -62,4 +76,5 @@ def build_prefill_worker(
         transfer_timeout_s=transfer_timeout_s,
         max_pending=max_pending,
         node_ip=node_ip,
+        dispatcher=dispatcher,
     )

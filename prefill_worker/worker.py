@@ -29,6 +29,14 @@ continue: prompt + emitted output (stop-string checker fed the emitted tokens, p
 logprobs for them), so the KV sent covers prompt + emitted and ``prefill`` returns the next
 token alone (read from the stream at ``len(emitted)``).
 
+Expert parallelism (``dispatcher``: the EPDispatcher of an engine built by
+``expert_router.group.build_ep_engine`` for this worker's rank; ``splitserve serve
+--prefill-experts N``): the worker is one rank of an EP group of prefill workers, attention data
+parallel (its own prompts), 1/N of every MoE layer's routed experts. Its loop does not step
+until ``join_group`` joined the group; from then on every iteration is one group round
+(expert_router/member.EPMember), so a rank without prompts still serves its experts while any
+rank prefills. The group lives and dies as one, as the decode worker's (see there).
+
 Bound: at ``max_pending`` requests being prefilled (``_out``) a new one is refused with
 queue.Full; requests whose KV is settling are bounded by the transfer timeout.
 """
@@ -54,6 +62,8 @@ from engine.runtime.worker import RuntimeWorker, WorkerRuntime
 from engine.scheduler.output import ScheduledRequest, SchedulerOutput
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from engine.types import KV_TRANSFER_FAILED, KVAddress, PeerUnreachable, RequestSpec, StreamChunk, WorkerStats
+from expert_router.dispatcher import EPDispatcher
+from expert_router.member import EPMember
 from kv_transfer.base import KVLinkBroken, KVSender, TransferStatus
 from prefill_worker.api import PrefillAPI
 
@@ -94,10 +104,11 @@ class PrefillWorker(RuntimeWorker, PrefillAPI):
         max_pending: int = 512,
         node_ip: str = "127.0.0.1",
         tp_comm: DeferredCommunicator | None = None,
+        dispatcher: EPDispatcher | None = None,
     ):
         """``tp_comm``: this worker is rank 0 of a tensor-parallel worker on Ray (``engine`` a
         TPLeaderEngine over a shard built on it); ``join_group`` connects it, and the loop
-        steps only from then on."""
+        steps only from then on. ``dispatcher``: this worker is that EP rank (module docstring)."""
         if engine.config.scheduler.mode != SchedulerMode.PREFILL_ONLY:
             raise ValueError("PrefillWorker needs an engine in prefill_only mode")
         self.engine = engine
@@ -118,8 +129,15 @@ class PrefillWorker(RuntimeWorker, PrefillAPI):
         self.queue_seconds = CumulativeHistogram(QUEUE_SECONDS_BUCKETS)  # arrival -> first scheduled
         self._node_ip = node_ip
         self.tp_comm = tp_comm
-        has_work = None if tp_comm is None else (lambda: tp_comm.connected and engine.has_work())
-        self.runtime = WorkerRuntime(engine, worker_id, self._step, self._tick, self._compute_stats, has_work=has_work)
+        if tp_comm is not None and dispatcher is not None:
+            raise ValueError("a tensor-parallel prefill worker is not an EP rank")
+        self.ep = None if dispatcher is None else EPMember(worker_id, dispatcher, self._step, engine.has_work)
+        if self.ep is not None:
+            step, has_work = self.ep.step, self.ep.has_work
+        else:
+            step = self._step
+            has_work = None if tp_comm is None else (lambda: tp_comm.connected and engine.has_work())
+        self.runtime = WorkerRuntime(engine, worker_id, step, self._tick, self._compute_stats, has_work=has_work)
 
     # ------------------------------------------------------------ called from any thread
     def prefill(
@@ -138,17 +156,24 @@ class PrefillWorker(RuntimeWorker, PrefillAPI):
         return free_port(self._node_ip)
 
     def join_group(self, spec: GroupSpec) -> None:
-        if self.tp_comm is None:
-            raise ValueError(f"{self.worker_id} is not rank 0 of a tensor-parallel worker: it joins no group")
-        join_deferred(self.tp_comm, spec)  # raises for another rank or size than the shard's
+        if self.ep is not None:
+            self.ep.join(spec)
+        elif self.tp_comm is not None:
+            join_deferred(self.tp_comm, spec)  # raises for another rank or size than the shard's
+        else:
+            raise ValueError(f"{self.worker_id} is neither an EP rank nor rank 0 of a tensor-parallel worker")
         self.loop.wake()
 
     def shutdown(self) -> None:
+        if self.ep is not None:
+            self.ep.stop(lambda: self.loop.error)
         self.runtime.stop()
         for s in self._senders.values():
             s.close()
         if self.tp_comm is not None:  # the loop is stopped: its last collective is done
             self.tp_comm.close()
+        if self.ep is not None:
+            self.ep.close()
 
     # ------------------------------------------------------------ loop thread only
     def _add(self, spec: RequestSpec, decode_address: KVAddress, emitted: tuple[int, ...]) -> OutputStream:
@@ -358,4 +383,5 @@ class PrefillWorker(RuntimeWorker, PrefillAPI):
             handoff_seconds=None,
             speculation=None,  # the prompt is prefilled here; speculation runs where tokens are decoded
             cached_block_hashes=self.engine.cached_block_hashes(),
+            expert_parallel=None if self.ep is None else self.ep.report(),
         )

@@ -87,6 +87,7 @@ from attention_offload.actor import AttentionActor
 from attention_offload.api import AttentionWorkerStats
 from attention_offload.worker import attention_blocks, attention_engine_config
 from cluster.config import ATTENTION_ROLE, PoolConfig, ServeConfig
+from cluster.control.ep_options import ep_rank_options, read_ep_files
 from cluster.control.expert_affinity import build_expert_affinities
 from cluster.control.groups import form_group, group_backend
 from cluster.control.handles import (
@@ -207,23 +208,9 @@ class Controller:
         self._replacing: dict[str, asyncio.Task] = {}
         self._closing = False
         self._placement: WorkerPlacement | None = None  # created by start(), removed by shutdown()
-        # EP pools' placement JSON (read once here, handed to every rank's actor); None: contiguous
-        self._expert_placement: dict[str, str | None] = {}
-        for i, pool in enumerate(config.pools):
-            if pool.experts > 1 and pool.expert_placement is not None:
-                try:
-                    with open(pool.expert_placement, encoding="utf-8") as f:
-                        self._expert_placement[pool.name] = f.read()
-                except OSError as e:
-                    raise ValueError(
-                        f"pools[{i}].expert_placement: cannot read {pool.expert_placement!r}: {e}"
-                    ) from None
-        # EP pools' routing logs, as bytes (the ranks' ExpertFlow predictor; actors may be on other nodes)
-        self._expert_routing_log = {
-            pool.name: _read_bytes(pool.expert_routing_log, f"pools[{i}].expert_routing_log")
-            for i, pool in enumerate(config.pools)
-            if pool.experts > 1 and pool.expert_routing_log is not None
-        }
+        # EP pools' files, read once here and handed to every rank's actor (actors may run on
+        # nodes without them)
+        self._ep_files = {pool.name: read_ep_files(pool, i) for i, pool in enumerate(config.pools) if pool.experts > 1}
         # attention offload: blocks per attention worker (rank 1..N), the model worker's pool
         self._attention_blocks: list[int] | None = None
         self._attention_stats: dict[str, AttentionWorkerStats] = {}  # last report, by health round
@@ -415,23 +402,21 @@ class Controller:
                 t.timeout_s,
                 bound,
                 tp_followers=[f.actor for f in followers] or None,  # rank 0 of a TP prefill worker
+                ep=ep_rank_options(pool, wid, self._ep_files.get(pool.name)),
             )
         # decode and mixed workers both decode; mixed ones also prefill locally (as LocalCluster)
-        ep: dict[str, Any] = {}
-        if pool.experts > 1:  # EP rank = the worker's index in its pool (a replacement keeps it)
-            ep = {
-                "experts": pool.experts,
-                "expert_rank": int(wid.rsplit("-", 1)[1]),
-                "expert_placement_json": self._expert_placement.get(pool.name),
-                "expert_cache_slots": pool.expert_cache_slots,
-                "expert_routing_log": self._expert_routing_log.get(pool.name),
-            }
-        if self._attention_blocks is not None:  # the model worker of the attention pool
-            ep["attention_blocks"] = self._attention_blocks
-        if followers:  # rank 0 of a tensor-parallel worker
-            ep["tp_followers"] = [f.actor for f in followers]
         return DecodeActor.options(**placement).remote(
-            self.config.model, engine, t.kind, None, wid, t.timeout_s, pool.role, bound, **ep
+            self.config.model,
+            engine,
+            t.kind,
+            None,
+            wid,
+            t.timeout_s,
+            pool.role,
+            bound,
+            ep=ep_rank_options(pool, wid, self._ep_files.get(pool.name)),
+            attention_blocks=self._attention_blocks,  # set: the model worker of the attention pool
+            tp_followers=[f.actor for f in followers] or None,  # rank 0 of a tensor-parallel worker
         )
 
     def _members(self, pool: PoolConfig) -> list[WorkerRecord]:
@@ -445,7 +430,7 @@ class Controller:
         """Every member joins the pool's EP group (rank i = members[i]); raises
         GroupFormationError (a RuntimeError) naming the members that failed."""
         handles = [r.handle for r in members]
-        assert all(isinstance(h, DecodeHandle) for h in handles)
+        assert all(isinstance(h, DecodeHandle | PrefillHandle) for h in handles)
         await form_group(
             _ep_group_name(pool),
             handles,  # type: ignore[arg-type]
@@ -730,14 +715,6 @@ def _handle(wid: str, pool: PoolConfig, actor: Any) -> PrefillHandle | DecodeHan
     if pool.role == ATTENTION_ROLE:
         return AttentionHandle(wid, invoker)
     return PrefillHandle(wid, invoker) if pool.role == "prefill" else DecodeHandle(wid, invoker)
-
-
-def _read_bytes(path: str, field: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise ValueError(f"{field}: cannot read {path!r}: {e}") from None
 
 
 def _ep_group_name(pool: PoolConfig) -> str:

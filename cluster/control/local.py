@@ -20,7 +20,7 @@ AttentionWorker (not routed to); the one decode-capable worker is built as their
 [model worker, attention workers] (``attn/<model worker id>``, gloo) before serving.
 ``shutdown`` stops the model worker first (its CLOSE ends the attention workers' loops).
 
-Expert-parallel pools (``experts`` > 1): worker ``<pool>-<i>`` is built as EP rank i and
+Expert-parallel pools (``experts`` > 1; decode, mixed or prefill): worker ``<pool>-<i>`` is built as EP rank i and
 ``start`` forms each pool's group (gloo over localhost, ``form_group`` as the controller
 does) before serving. ``replace_worker`` refuses an EP member (the controller replaces a
 broken group as a whole; this in-process cluster does not).
@@ -40,9 +40,17 @@ from typing import Any
 
 from attention_offload.worker import AttentionWorker, attention_blocks, attention_engine_config, build_attention_worker
 from cluster.config import ATTENTION_ROLE, ConfigError, PoolConfig, ServeConfig
+from cluster.control.ep_options import ep_rank_options, read_ep_files
 from cluster.control.expert_affinity import build_expert_affinities
 from cluster.control.groups import form_group, group_backend
-from cluster.control.handles import AttentionHandle, DecodeHandle, local_attention, local_decode, local_prefill
+from cluster.control.handles import (
+    AttentionHandle,
+    DecodeHandle,
+    PrefillHandle,
+    local_attention,
+    local_decode,
+    local_prefill,
+)
 from cluster.control.info import ClusterInfo, pool_info, worker_info
 from cluster.control.router import Router
 from cluster.control.routing import RoutingPolicy
@@ -82,6 +90,9 @@ class LocalCluster:
         # TP workers (routed rank 0 + follower ranks), by routed worker id
         self.tp_workers: dict[str, TPWorker[DecodeWorker] | TPWorker[PrefillWorker]] = {}
         self.handles: dict[str, DecodeHandle] = {}  # decode-capable workers' handles
+        self.prefill_handles: dict[str, PrefillHandle] = {}
+        # EP pools' files (placement JSON, routing log), read once
+        self._ep_files = {pool.name: read_ep_files(pool, i) for i, pool in enumerate(config.pools) if pool.experts > 1}
         self.attention: dict[str, AttentionWorker] = {}  # attention workers by id
         self.attention_handles: dict[str, AttentionHandle] = {}
         att = config.attention_pool()
@@ -127,8 +138,10 @@ class LocalCluster:
                 layerwise=t.layerwise,
                 transfer_timeout_s=t.timeout_s,
                 max_pending=bound,
+                ep=ep_rank_options(pool, wid, self._ep_files.get(pool.name)),
             )
-            self.router.add_worker(wid, local_prefill(wid, pw), pool.role)
+            self.prefill_handles[wid] = local_prefill(wid, pw)
+            self.router.add_worker(wid, self.prefill_handles[wid], pool.role)
             self.workers[wid] = pw
         elif pool.tensor_parallel > 1:  # N shards in this process, group tp/<wid>
             tw = build_tp_decode_worker(
@@ -147,21 +160,6 @@ class LocalCluster:
             self.router.add_worker(wid, self.handles[wid], pool.role, tw.worker.kv_address())
             self.workers[wid] = tw.worker
         else:
-            ep: dict[str, Any] = {}
-            if pool.experts > 1:
-                placement = None
-                if pool.expert_placement is not None:
-                    with open(pool.expert_placement, encoding="utf-8") as f:
-                        placement = f.read()
-                ep = {
-                    "experts": pool.experts,
-                    "expert_rank": int(wid.rsplit("-", 1)[1]),
-                    "expert_placement_json": placement,
-                    "expert_cache_slots": pool.expert_cache_slots,
-                }
-                if pool.expert_routing_log is not None:  # the ranks' ExpertFlow predictor
-                    with open(pool.expert_routing_log, "rb") as f:
-                        ep["expert_routing_log"] = f.read()
             dw = build_decode_worker(
                 self.config.model,
                 pool.engine,
@@ -171,7 +169,7 @@ class LocalCluster:
                 role=pool.role,
                 max_pending=bound,
                 attention_blocks=self._attention_blocks,
-                **ep,
+                ep=ep_rank_options(pool, wid, self._ep_files.get(pool.name)),
             )
             self.handles[wid] = local_decode(wid, dw)
             self.router.add_worker(wid, self.handles[wid], pool.role, dw.kv_address())
@@ -181,7 +179,8 @@ class LocalCluster:
     async def start(self) -> LocalCluster:
         for pool in self.config.pools:
             if pool.experts > 1:
-                members = [self.handles[f"{pool.name}-{i}"] for i in range(pool.num_workers)]
+                handles = self.prefill_handles if pool.role == "prefill" else self.handles
+                members = [handles[f"{pool.name}-{i}"] for i in range(pool.num_workers)]
                 backend = _in_process_backend([pool])
                 await form_group(f"ep/{pool.name}", members, backend=backend, timeout_s=self.ep_group_timeout_s)
         att = self.config.attention_pool()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 
 import pytest
 import ray
@@ -103,4 +104,65 @@ def test_an_ep_mixed_pool_serves_as_llm_and_comes_back_after_a_member_dies(
         "mixed-0": (True, 1),  # the living member was restarted with the dead one: its group broke
         "mixed-1": (True, 1),
     }
+    assert [tokens for tokens, _ in after] == expected  # the re-formed group serves as before
+
+
+def test_an_ep_prefill_pool_serves_as_llm_and_comes_back_after_a_member_dies(ray_local, tiny_checkpoint) -> None:
+    """``--prefill-experts 2``: the prefill pool is one EP group of two PrefillActors over a
+    shared-memory group, each holding half the experts and prefilling its own prompts in
+    lock-step; their KV goes to a plain decode worker. The tokens equal engine.LLM's; both
+    ranks prefilled; a killed prefill member takes its group down, a stream already decoding
+    goes on untouched (its KV had moved), and the re-formed group serves again."""
+    ckpt = tiny_checkpoint("mixtral")
+    rng = random.Random(7)
+    prompts = [[rng.randrange(3, 500) for _ in range(n)] for n in (40, 57, 49, 70, 52, 43)]
+    long_prompt = [rng.randrange(3, 500) for _ in range(45)]
+    long_params = SamplingParams(max_tokens=150, temperature=0.0, ignore_eos=True)
+    llm = LLM(ckpt, **ENGINE)
+    expected = [o.token_ids for o in llm.generate(prompts, GREEDY)]
+    long_expected = llm.generate([long_prompt], long_params)[0].token_ids
+    cfg = ServeConfig(
+        model=ckpt,
+        pools=(
+            PoolConfig("prefill", "prefill", 2, num_cpus=0.5, engine=ENGINE, experts=2, group_transport="shm"),
+            PoolConfig("decode", "decode", 1, num_cpus=0.5, engine=ENGINE),
+        ),
+        transfer=TransferConfig(kind="shm"),
+    )
+
+    async def run():
+        c = await Controller(cfg, FAST_GROUPS).start()
+        try:
+            results = await asyncio.gather(*(_collect(c, f"r{i}", p, GREEDY) for i, p in enumerate(prompts)))
+            await c.router.refresh_loads()
+            info = c.info()
+            stream = c.router.generate(RequestSpec("long", long_prompt, long_params))
+            first = await anext(stream)  # decoding: its KV has moved to the decode worker
+            ray.kill(c.workers["prefill-1"].actor, no_restart=True)
+            rest = [chunk async for chunk in stream]
+            # no request touches the dead member: the health check finds it; wait for the group's
+            # replacement to be done (both members restarted and routed again)
+            deadline = time.monotonic() + 180
+            while not all(w.restarts == 1 and w.healthy for w in c.info().workers if w.pool == "prefill"):
+                assert time.monotonic() < deadline, [(w.worker_id, w.restarts, w.healthy) for w in c.info().workers]
+                await asyncio.sleep(0.1)  # poll interval
+            after = await asyncio.gather(*(_collect(c, f"a{i}", p, GREEDY) for i, p in enumerate(prompts)))
+            return results, info, first, rest, after, c.info()
+        finally:
+            await c.shutdown()
+
+    results, info, first, rest, after, info_after = asyncio.run(run())
+    assert [tokens for tokens, _ in results] == expected
+    eps = {w.worker_id: w.stats.expert_parallel for w in info.workers if w.pool == "prefill"}
+    assert {wid: (e.rank, e.world_size, e.connected) for wid, e in eps.items()} == {
+        "prefill-0": (0, 2, True),
+        "prefill-1": (1, 2, True),
+    }
+    assert all(e.rounds > 0 and e.dispatch_bytes > 0 for e in eps.values()), eps
+    transfers = {w.worker_id: w.stats.transfer_bytes for w in info.workers if w.pool == "prefill"}
+    assert all(b > 0 for b in transfers.values()), transfers  # both ranks prefilled prompts
+    assert rest[-1].finish_reason == "length" and rest[-1].error is None, rest[-1]
+    assert first.token_ids + [t for ch in rest for t in ch.token_ids] == long_expected
+    restarts = {w.worker_id: (w.healthy, w.restarts) for w in info_after.workers}
+    assert restarts == {"prefill-0": (True, 1), "prefill-1": (True, 1), "decode-0": (True, 0)}, restarts
     assert [tokens for tokens, _ in after] == expected  # the re-formed group serves as before

@@ -437,6 +437,26 @@ def test_experts_flag_makes_the_decode_pool_one_ep_group():
         serve_config_from_args(_parse(*"serve --model /m --experts 2 --decode 3".split()), _Tiny())
 
 
+def test_prefill_experts_flag_makes_the_prefill_pool_one_ep_group(tiny_checkpoint):
+    from cluster.serve import ServeFailure, resolve_model
+
+    cfg = serve_config_from_args(_parse(*"serve --model /m --prefill-experts 2".split()), _Tiny())
+    assert [(p.name, p.num_workers, p.experts) for p in cfg.pools] == [("prefill", 2, 2), ("decode", 1, 1)]
+    both = serve_config_from_args(_parse(*"serve --model /m --prefill-experts 2 --experts 4".split()), _Tiny())
+    assert [(p.name, p.num_workers, p.experts) for p in both.pools] == [("prefill", 2, 2), ("decode", 4, 4)]
+    with pytest.raises(
+        ConfigError, match=r"^--prefill-experts: makes the prefill pool 2 workers, but --prefill asks 3"
+    ):
+        serve_config_from_args(_parse(*"serve --model /m --prefill-experts 2 --prefill 3".split()), _Tiny())
+    with pytest.raises(ConfigError, match=r"^--prefill-experts: there is no prefill pool to make expert-parallel"):
+        serve_config_from_args(_parse(*"serve --model /m --attention 2 --prefill-experts 2".split()), _Tiny())
+    dense = serve_config_from_args(
+        _parse("serve", "--model", tiny_checkpoint("llama"), "--prefill-experts", "2"), _Tiny()
+    )
+    with pytest.raises(ServeFailure, match=r"^pools\[0\]\.experts: .*dense model"):
+        resolve_model(dense)
+
+
 def test_group_transport_flag_goes_to_every_pool():
     cfg = serve_config_from_args(_parse(*"serve --model /m --experts 2 --group-transport shm".split()), _Tiny())
     assert [(p.name, p.group_transport) for p in cfg.pools] == [("prefill", "shm"), ("decode", "shm")]

@@ -128,7 +128,7 @@ def with_(path: str, value) -> dict:
         ("grpc_port", 70000, r"^grpc_port: must be in \[0, 65535\]"),
         ("max_queue", 0, r"^max_queue: must be >= 1"),
         ("placement", "pack", r"^placement: must be one of \[.auto., .none., .PACK."),
-        ("pools[0].experts", 2, r"^pools\[0\]\.experts: expert parallelism runs on decode and mixed pools"),
+        ("pools[0].experts", 3, r"^pools\[0\]\.experts: an EP pool is one group .*num_workers must be 3"),
         ("pools[1].experts", 2, r"^pools\[1\]\.experts: an EP pool is one group .*num_workers must be 2, got 3"),
         ("pools[2].experts", 0, r"^pools\[2\]\.experts: must be an int >= 1, got 0"),
         ("pools[1].expert_cache_slots", 1, r"^pools\[1\]\.expert_cache_slots: needs experts > 1"),

@@ -1,12 +1,15 @@
-"""An expert-parallel pool in the in-process LocalCluster, mixed or as the decode pool of a
-disaggregated cluster (prompts prefilled by a dense-attention prefill worker holding every
-expert, their KV moved to an EP rank): the router places concurrent requests on either EP
-rank, the tokens equal engine.LLM's, ClusterInfo shows the ranks, and replacing one member
-alone is refused (a group is replaced as a whole)."""
+"""An expert-parallel pool in the in-process LocalCluster: mixed, as the decode pool of a
+disaggregated cluster (prompts prefilled by a prefill worker holding every expert, their KV
+moved to an EP rank), or as the prefill pool (``--prefill-experts``: two prefill workers, each
+holding half the experts, prefilling their own prompts in lock-step, their KV moved to a
+decode worker): the router places concurrent requests on either EP rank, the tokens equal
+engine.LLM's, ClusterInfo shows the ranks, and replacing one member alone is refused (a group
+is replaced as a whole)."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 
@@ -26,20 +29,29 @@ async def _collect(cluster: LocalCluster, rid: str, prompt: list[int]) -> list[i
 
 
 @pytest.mark.parametrize(
-    ("disaggregated", "transport"),
-    [(False, "auto"), (True, "auto"), (False, "shm")],
-    ids=["mixed", "prefill+ep-decode", "mixed-shm-group"],
+    ("layout", "transport"),
+    [("mixed", "auto"), ("prefill+ep-decode", "auto"), ("mixed", "shm"), ("ep-prefill+decode", "shm")],
+    ids=["mixed", "prefill+ep-decode", "mixed-shm-group", "ep-prefill+decode-shm-group"],
 )
-def test_ep_pool_in_process_serves_as_llm(tiny_checkpoint, monkeypatch, disaggregated: bool, transport: str) -> None:
+def test_ep_pool_in_process_serves_as_llm(tiny_checkpoint, monkeypatch, layout: str, transport: str) -> None:
     ckpt = tiny_checkpoint("qwen2_moe")
     shm_ranks: list[int] = []  # the ranks that joined a shared-memory group (engine/runtime/shm_group.py)
     real_join_shm = groups.join_shm
     monkeypatch.setattr(groups, "join_shm", lambda *a, **k: shm_ranks.append(a[1]) or real_join_shm(*a, **k))
-    role = "decode" if disaggregated else "mixed"
-    ep_pool = PoolConfig("mixed", role, 2, engine=ENGINE, experts=2, group_transport=transport)
+    disaggregated = layout != "mixed"
+    ep_pool_name = "prefill" if layout == "ep-prefill+decode" else "mixed"
+    if layout == "ep-prefill+decode":
+        pools = (
+            PoolConfig("prefill", "prefill", 2, engine=ENGINE, experts=2, group_transport=transport),
+            PoolConfig("mixed", "decode", 1, engine=ENGINE),
+        )
+    else:
+        ep_pool = PoolConfig("mixed", "decode" if disaggregated else "mixed", 2, engine=ENGINE, experts=2)
+        ep_pool = dataclasses.replace(ep_pool, group_transport=transport)
+        pools = (PoolConfig("prefill", "prefill", 1, engine=ENGINE), ep_pool) if disaggregated else (ep_pool,)
     cfg = ServeConfig(
         model=ckpt,
-        pools=((PoolConfig("prefill", "prefill", 1, engine=ENGINE), ep_pool) if disaggregated else (ep_pool,)),
+        pools=pools,
         router=RouterConfig(short_prompt_threshold=0 if disaggregated else 32),  # 0: every prompt transfers
         transfer=TransferConfig(kind="loopback"),
     )
@@ -62,7 +74,7 @@ def test_ep_pool_in_process_serves_as_llm(tiny_checkpoint, monkeypatch, disaggre
             assert full, [(w.worker_id, w.stats.engine.free_kv_blocks) for w in info.workers]
             assert len(cluster.router.requests) == 0
             with pytest.raises(NotImplementedError, match="replaced as a whole"):
-                cluster.replace_worker("mixed-1")
+                cluster.replace_worker(f"{ep_pool_name}-1")
             return got, info
         finally:
             await cluster.stop()
@@ -70,13 +82,18 @@ def test_ep_pool_in_process_serves_as_llm(tiny_checkpoint, monkeypatch, disaggre
     got, info = asyncio.run(run())
     assert got == [o.token_ids for o in LLM(ckpt, **ENGINE).generate(PROMPTS, GREEDY)]
     assert sorted(shm_ranks) == (list(range(2)) if transport == "shm" else [])
-    eps = {w.worker_id: w.stats.expert_parallel for w in info.workers if w.pool == "mixed"}
-    if disaggregated:  # the prefill worker prefilled every prompt and sent its KV to an EP rank
+    eps = {w.worker_id: w.stats.expert_parallel for w in info.workers if w.pool == ep_pool_name}
+    if layout == "prefill+ep-decode":  # the prefill worker prefilled every prompt and sent its KV to an EP rank
         (prefill,) = (w.stats for w in info.workers if w.pool == "prefill")
         assert prefill.expert_parallel is None and prefill.transfer_bytes > 0
+    if layout == "ep-prefill+decode":  # both EP prefill ranks prefilled prompts and sent their KV
+        prefills = [w.stats for w in info.workers if w.pool == "prefill"]
+        assert all(p.transfer_bytes > 0 for p in prefills), [p.transfer_bytes for p in prefills]
+        (decode,) = (w.stats for w in info.workers if w.pool == "mixed")
+        assert decode.expert_parallel is None
     assert {wid: (e.rank, e.world_size, e.connected) for wid, e in eps.items()} == {
-        "mixed-0": (0, 2, True),
-        "mixed-1": (1, 2, True),
+        f"{ep_pool_name}-0": (0, 2, True),
+        f"{ep_pool_name}-1": (1, 2, True),
     }
     assert all(e.rounds > 0 and e.tokens > 0 for e in eps.values()), eps  # both ranks ran requests
 

@@ -16,7 +16,7 @@ from cluster.control.handles import local_decode
 from decode_worker.build import build_decode_worker
 from engine import LLM, SamplingParams
 from engine.types import EngineStopped, RequestSpec
-from expert_router.group import EPSetupError
+from expert_router.group import EPRankOptions, EPSetupError
 
 ENGINE = {"block_size": 8, "num_blocks": 64, "attention_backend": "sdpa", "skip_tokenizer_init": True}
 PARAMS = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -36,7 +36,7 @@ def _drain(w, rid: str, timeout_s: float = 120.0):
 
 def _group(ckpt: str, timeout_s: float):
     workers = [
-        build_decode_worker(ckpt, ENGINE, None, worker_id=f"ep-{r}", role="mixed", experts=2, expert_rank=r)
+        build_decode_worker(ckpt, ENGINE, None, worker_id=f"ep-{r}", role="mixed", ep=EPRankOptions(2, r))
         for r in range(2)
     ]
     handles = [local_decode(w.worker_id, w) for w in workers]
@@ -89,12 +89,12 @@ def test_a_dead_rank_fails_its_peers_requests_within_the_timeout(tiny_checkpoint
 
 def test_ep_settings_that_do_not_fit_the_model_are_refused_naming_the_field(tiny_checkpoint) -> None:
     with pytest.raises(EPSetupError, match="^experts: .*dense model"):
-        build_decode_worker(tiny_checkpoint("llama"), ENGINE, None, experts=2)
+        build_decode_worker(tiny_checkpoint("llama"), ENGINE, None, ep=EPRankOptions(2, 0))
     moe = tiny_checkpoint("mixtral")  # 4 experts
     with pytest.raises(EPSetupError, match=r"^experts: must be >= 2 and divide the model's 4 routed experts, got 3"):
-        build_decode_worker(moe, ENGINE, None, experts=3)
+        build_decode_worker(moe, ENGINE, None, ep=EPRankOptions(3, 0))
     with pytest.raises(EPSetupError, match=r"^expert_cache_slots: must be in \[1, 2\]"):
-        build_decode_worker(moe, ENGINE, None, experts=2, expert_cache_slots=3)
+        build_decode_worker(moe, ENGINE, None, ep=EPRankOptions(2, 0, cache_slots=3))
     plain = build_decode_worker(moe, ENGINE, None)
     try:
         with pytest.raises(ValueError, match="not an expert-parallel worker"):
@@ -116,10 +116,7 @@ def test_ep_workers_with_a_placement_file_and_an_expert_cache_serve_as_llm(tiny_
             None,
             worker_id=f"ep-{r}",
             role="mixed",
-            experts=2,
-            expert_rank=r,
-            expert_placement_json=placement,
-            expert_cache_slots=1,
+            ep=EPRankOptions(2, r, placement_json=placement, cache_slots=1),
         )
         for r in range(2)
     ]
@@ -158,7 +155,7 @@ def test_ep_workers_with_a_routing_log_run_expertflow_prefetch_and_serve_as_llm(
     with open(path, "rb") as f:
         log_bytes = f.read()
     with pytest.raises(EPSetupError, match=r"^expert_routing_log: not a routing log"):
-        build_decode_worker(ckpt, ENGINE, None, experts=2, expert_cache_slots=1, expert_routing_log=b"junk")
+        build_decode_worker(ckpt, ENGINE, None, ep=EPRankOptions(2, 0, cache_slots=1, routing_log=b"junk"))
     workers = [
         build_decode_worker(
             ckpt,
@@ -166,10 +163,7 @@ def test_ep_workers_with_a_routing_log_run_expertflow_prefetch_and_serve_as_llm(
             None,
             worker_id=f"ep-{r}",
             role="mixed",
-            experts=2,
-            expert_rank=r,
-            expert_cache_slots=1,
-            expert_routing_log=log_bytes,
+            ep=EPRankOptions(2, r, cache_slots=1, routing_log=log_bytes),
         )
         for r in range(2)
     ]
