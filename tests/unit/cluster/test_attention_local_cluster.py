@@ -55,13 +55,17 @@ def test_attention_pool_in_process_serves_as_llm(tiny_checkpoint, monkeypatch, t
         cluster = await LocalCluster(cfg, ep_group_timeout_s=30.0).start()
         try:
             got = await asyncio.gather(*(_collect(cluster, f"r{i}", p) for i, p in enumerate(PROMPTS)))
-            # releases reach the attention workers asynchronously: poll until their pools are full
+            # the model worker's engine frees the shards' pages; its load report reaches the
+            # router asynchronously: poll until every attention worker's pages read as free
             deadline = asyncio.get_running_loop().time() + 30.0
             while True:
                 await cluster.router.refresh_loads()
                 info = cluster.info()
                 workers = info.attention_workers  # none listed would make all() vacuous
-                full = bool(workers) and all(a.free_blocks == a.total_blocks > 0 and a.sequences == 0 for a in workers)
+                full = bool(workers) and all(
+                    info.attention_free_blocks(a) == a.total_blocks > 0 and a.live_contexts == 0 and a.batches > 0
+                    for a in workers
+                )
                 if full or asyncio.get_running_loop().time() > deadline:
                     break
                 await asyncio.sleep(0.05)  # poll interval
