@@ -32,6 +32,8 @@ from attention_offload.transport import AttentionTransport
 from engine.config import EngineConfig
 from engine.engine import EngineCore, StepResult
 from engine.request import Request
+from engine.spec.proposer import Proposer
+from engine.spec.smartspec import SpeculationPolicy
 
 
 def offload_config(config: EngineConfig, blocks_per_shard: list[int]) -> EngineConfig:
@@ -52,14 +54,17 @@ class OffloadedEngine:
         blocks_per_shard: list[int],
         rotation: int,
         keepalive_s: float | None = None,
+        proposer: Proposer | None = None,
+        policy: SpeculationPolicy | None = None,
     ):
         """``keepalive_s``: ``keepalive()`` pings the shards once this long passed without a
-        step (set it below the transport's receive timeout); None: it never pings."""
+        step (set it below the transport's receive timeout); None: it never pings.
+        ``proposer`` / ``policy``: EngineCore's (speculation; tests inject oracles)."""
         config = offload_config(config, blocks_per_shard)
         if keepalive_s is not None and not keepalive_s > 0:
             raise ValueError(f"keepalive_s must be > 0 seconds or None, got {keepalive_s}")
         self.backend = RemoteAttentionBackend(transport, blocks_per_shard, config.cache.block_size, rotation)
-        self.core = EngineCore(config, attention_backend=self.backend)
+        self.core = EngineCore(config, attention_backend=self.backend, proposer=proposer, policy=policy)
         self.transport = transport
         self.keepalive_s = keepalive_s
         # when the shards last heard from us, as seen at a keepalive() call: the transport's

@@ -173,7 +173,11 @@ def test_payload_bytes_equal_the_analytic_volume(dense, shards, rotation):
     c = engine.transport.counters
     assert c.payload_out == tokens * mc.num_layers * per_layer_token_out
     assert c.payload_in == tokens * mc.num_layers * per_layer_token_in
-    assert c.control > 0
+    # the block tables: once per step and sequence (not per layer), ceil(context / block) ids
+    # each; a prompt of P tokens and G outputs has contexts P (its prefill), P + 1 .. P + G - 1
+    contexts = [n for p, o in zip(PROMPTS, out, strict=True) for n in [len(p), *range(len(p) + 1, len(p) + len(o))]]
+    assert c.tables == sum(-(-n // BLOCK) for n in contexts) * 8
+    assert c.control > c.tables
     engine.transport.close()
 
 
@@ -297,6 +301,8 @@ def test_gloo_transport_two_shards_equal_llm_and_count_bytes(dense, refs, rotati
         == tokens * mc.num_layers * (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim * 4
     )
     assert transport.counters.payload_in == tokens * mc.num_layers * mc.num_heads * mc.head_dim * 4
+    contexts = [n for p, o in zip(prompts, out, strict=True) for n in [len(p), *range(len(p) + 1, len(p) + len(o))]]
+    assert transport.counters.tables == sum(-(-n // BLOCK) for n in contexts) * 8  # sent once per step
     assert len(served) == 2 and all(n > 0 for n in served)
     if num_prompts == 2:  # one ATTEND per layer and step on each shard, not one per micro-batch
         assert transport.counters.attends == len(out[0]) * mc.num_layers * 2
