@@ -139,3 +139,10 @@ def test_attention_flag_over_a_config_keeps_its_pools(tmp_path):
     assert cfg.attention_pool().num_workers == 2 and "enable_prefix_caching" not in cfg.pool("decode").engine
     with pytest.raises(SystemExit):
         _args("serve --model /m --attention 0")
+
+
+def test_attention_flag_with_speculation_keeps_it_on_the_model_worker():
+    cfg = _args('serve --model /m --attention 2 --speculative-config {"method":"ngram","num_speculative_tokens":3}')
+    (model,) = [p for p in cfg.pools if p.role == "mixed"]
+    assert model.engine["speculative_config"]["num_speculative_tokens"] == 3
+    assert "speculative_config" not in cfg.attention_pool().engine
