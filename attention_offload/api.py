@@ -22,9 +22,13 @@ STATES = ("waiting", "serving", "closed", "failed")
 class AttentionWorkerStats:
     worker_id: str
     state: str  # one of STATES: waiting (no group yet) -> serving -> closed (CLOSE) | failed
-    free_blocks: int
-    total_blocks: int
-    sequences: int  # sequences with pages on this shard
+    # its shard index at the model worker (group rank - 1; None before joining). The shard keeps
+    # no block accounting: which pages are free is the model worker's engine's (its
+    # AttentionOffloadReport.used_blocks[shard]; ClusterInfo.attention_free_blocks)
+    shard: int | None
+    total_blocks: int  # pages of every layer it holds
+    live_contexts: int  # batch contexts begun and not ended (0 between steps)
+    batches: int  # non-empty batch contexts served
     served: int  # messages served by a finished loop (0 while serving)
     error: str | None  # why the loop failed ("failed" only)
 

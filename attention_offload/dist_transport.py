@@ -4,15 +4,17 @@ written but untested here: no GPU machine).
 
 Ranks: the model worker is ``model_rank`` (0 by default), shard s is ``shard_ranks[s]``.
 Messages go model -> shard on tag 0 and replies shard -> model on tag 1; a header is
-int64 [6] = [kind, ctx, micro-batch index, n, width, micro-batch count]. Each side issues
-its ops in message order, so sends and receives pair up by order per peer and tag.
+int64 [7] = [kind, ctx, micro-batch index, n, width, micro-batch count, b] (b: the BEGIN
+body's block-table entries). Each side issues its ops in message order, so sends and
+receives pair up by order per peer and tag.
 
 Within a step ATTENDs carry no header (two ops per layer and micro-batch: q|k|v out, the
 output back): every shard gets a BEGIN for every micro-batch (empty where none of its
 requests is in it), the first announcing the step's micro-batch count, and the layer loop
 submits in a fixed order (layer l of micro-batches 0..count-1, then layer l + 1; BEGIN i
 right before micro-batch i's layer 0), which the shard's loop follows. Between steps the
-shard reads headers: BEGIN (a step starts), RELEASE, STATS, CLOSE.
+shard reads headers: BEGIN (a step starts), STATS, PING, CLOSE. No RELEASE: the shard's
+pages are the engine's blocks (shard.py).
 
 The model side never blocks on a send: sends are asynchronous and waited with the attention
 output's receive (or at the next ``stats``/``close``), so a micro-batch's q/k/v leave while the next
@@ -22,7 +24,7 @@ op that timed out leaves the group unusable, so the shard cannot just wait again
 model worker keeps its shards alive with PING headers (``ping``, no reply, called between
 steps at least once per timeout: OffloadedEngine.keepalive), while inside a step every
 receive still fails fast within the timeout.
-A shard error (a full pool, a context mismatch) ends its loop with the exception; the model
+A shard error (a block table it cannot hold, a context mismatch) ends its loop with the exception; the model
 worker's waits then fail with CommunicationError within the timeout, never a wrong token.
 """
 
@@ -34,11 +36,11 @@ from typing import Any
 import torch
 
 from attention_offload.shard import AttentionShard, ShardBatch, ShardStats
-from attention_offload.transport import HEADER_INTS, AttentionTransport, begin_body
+from attention_offload.transport import HEADER_INTS, AttentionTransport, begin_body, parse_begin_body
 from engine.kv_cache.layout import KVLayout
 from engine.parallel import Communicator, Pending
 
-BEGIN, RELEASE, STATS, CLOSE, PING = 1, 3, 4, 5, 6
+BEGIN, STATS, CLOSE, PING = 1, 4, 5, 6  # 3 was RELEASE (the shard keeps no per-request state)
 REQUEST_TAG, REPLY_TAG = 0, 1
 
 
@@ -80,9 +82,17 @@ class DistAttentionTransport(AttentionTransport):
         return len(self.ranks)
 
     def _header(
-        self, shard: int, kind: int, ctx: int = 0, index: int = 0, n: int = 0, width: int = 0, count: int = 0
+        self,
+        shard: int,
+        kind: int,
+        ctx: int = 0,
+        index: int = 0,
+        n: int = 0,
+        width: int = 0,
+        count: int = 0,
+        entries: int = 0,
     ) -> None:
-        self._send(shard, torch.tensor([kind, ctx, index, n, width, count], dtype=torch.long))
+        self._send(shard, torch.tensor([kind, ctx, index, n, width, count, entries], dtype=torch.long))
         self._count_control(HEADER_INTS)
 
     def _send(self, shard: int, x: torch.Tensor) -> None:
@@ -95,11 +105,10 @@ class DistAttentionTransport(AttentionTransport):
 
     def begin(self, shard: int, batch: ShardBatch) -> None:
         index, count = batch.micro_batch
-        self._header(shard, BEGIN, batch.ctx, index, len(batch.seq_ids), batch.width, count)
-        if batch.seq_ids:
-            body = begin_body(batch)
-            self._send(shard, body)
-            self._count_control(body.numel())
+        self._header(shard, BEGIN, batch.ctx, index, batch.num_seqs, batch.width, count, batch.num_table_entries)
+        if batch.seq_lens:
+            self._send(shard, begin_body(batch))
+        self._count_begin_body(batch)
 
     def attend(self, shard: int, ctx: int, layer: int, qkv: torch.Tensor) -> Pending[torch.Tensor]:
         n, width = qkv.shape  # no header: the shard expects this (ctx, layer) next
@@ -112,19 +121,15 @@ class DistAttentionTransport(AttentionTransport):
         sends, self._unwaited = self._unwaited, []
         return _Reply(self, sends, recv)
 
-    def release(self, shard: int, seq_id: int) -> None:
-        self._header(shard, RELEASE, n=seq_id)
-
     def stats(self, shard: int) -> ShardStats:
         self._header(shard, STATS)
         reply = self.comm.recv(torch.empty(3, dtype=torch.long, device=self.comm.device), self.ranks[shard], REPLY_TAG)
         self._count_control(3)
         self._drain()
-        free, total, seqs = reply.tolist()
-        return ShardStats(free, total, seqs)
+        return ShardStats(*reply.tolist())
 
     def ping(self) -> None:
-        self._drain()  # the previous pings (and releases): the unwaited list stays bounded while idle
+        self._drain()  # the previous pings: the unwaited list stays bounded while idle
         for s in range(self.num_shards):
             self._header(s, PING)
 
@@ -160,17 +165,16 @@ def serve_shard(comm: Communicator, shard: AttentionShard, model_rank: int = 0) 
 def _serve(comm: Communicator, shard: AttentionShard, model_rank: int) -> int:
     dev, served = comm.device, 0
     while True:
-        kind, ctx, index, n, width, count = _recv_header(comm, model_rank)
+        header = _recv_header(comm, model_rank)
+        kind, index = header[0], header[2]
         served += 1
         if kind == BEGIN:
             if index != 0:
                 raise ValueError(f"attention shard: a step starts with micro-batch {index}, not 0")
-            served += _serve_step(comm, shard, model_rank, (ctx, n, width, count))
-        elif kind == RELEASE:
-            shard.release(n)
+            served += _serve_step(comm, shard, model_rank, header)
         elif kind == STATS:
             s = shard.stats()
-            comm.send(torch.tensor([s.free_blocks, s.total_blocks, s.sequences], device=dev), model_rank, REPLY_TAG)
+            comm.send(torch.tensor([s.total_blocks, s.live_contexts, s.batches], device=dev), model_rank, REPLY_TAG)
         elif kind == PING:
             pass  # keepalive: the model worker is idle
         elif kind == CLOSE:
@@ -184,32 +188,36 @@ def _recv_header(comm: Communicator, model_rank: int) -> list[int]:
     return comm.recv(header, model_rank, REQUEST_TAG).tolist()
 
 
-def _begin(
-    comm: Communicator, shard: AttentionShard, model_rank: int, ctx: int, n: int, index: int, width: int, count: int
-) -> None:
+def _begin(comm: Communicator, shard: AttentionShard, model_rank: int, header: list[int]) -> None:
+    """A BEGIN's body (none when n = 0) -> the shard's batch context."""
+    _, ctx, index, n, width, count, entries = header
     body: list[int] = []
     if n:
-        body = comm.recv(torch.empty(3 * n, dtype=torch.long, device=comm.device), model_rank, REQUEST_TAG).tolist()
-    shard.begin(ShardBatch(ctx, body[:n], body[n : 2 * n], body[2 * n :], (index, count), width))
+        size = 2 * n + entries
+        body = comm.recv(torch.empty(size, dtype=torch.long, device=comm.device), model_rank, REQUEST_TAG).tolist()
+    seq_lens, q_lens, tables = parse_begin_body(body, n, shard.layout.block_size)
+    shard.begin(ShardBatch(ctx, seq_lens, q_lens, tables, (index, count), width))
 
 
-def _serve_step(comm: Communicator, shard: AttentionShard, model_rank: int, first: tuple[int, int, int, int]) -> int:
-    """One step of ``count`` micro-batches, in the layer loop's order -> messages served."""
-    ctx0, n0, width, count = first
-    _begin(comm, shard, model_rank, ctx0, n0, 0, width, count)
+def _serve_step(comm: Communicator, shard: AttentionShard, model_rank: int, first: list[int]) -> int:
+    """One step of ``count`` micro-batches (``first``: micro-batch 0's BEGIN header), in the
+    layer loop's order -> messages served."""
+    _, ctx0, _, n0, width, count, _ = first
+    _begin(comm, shard, model_rank, first)
     batches = [(ctx0, n0)]
     dtype, served = shard.layout.torch_dtype, 0
     for layer in range(shard.layout.num_layers):
         for i in range(count):
             if layer == 0 and i > 0:
-                kind, ctx, index, n, w, c = _recv_header(comm, model_rank)
+                header = _recv_header(comm, model_rank)
+                kind, ctx, index, n, w, c, _ = header
                 served += 1
                 if (kind, index, w, c) != (BEGIN, i, width, count):
                     raise ValueError(
                         f"attention shard: expected BEGIN of micro-batch {i}/{count} (width {width}), "
                         f"got kind {kind}, micro-batch {index}/{c}, width {w}"
                     )
-                _begin(comm, shard, model_rank, ctx, n, i, width, count)
+                _begin(comm, shard, model_rank, header)
                 batches.append((ctx, n))
             ctx, n = batches[i]
             if n:  # n sequences here; their rows: the context's query rows

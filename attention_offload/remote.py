@@ -7,17 +7,16 @@ the Pending's ``wait`` scatters the shards' outputs back into the step's row ord
 ``rotation`` asks the layer loop for micro-batches (2 by default) so that one micro-batch's
 dense part runs while another's attention is away.
 
-Placement is the engine's: its block pool is partitioned like the shards (``kv_partitions``,
-engine/kv_cache/partitioned.py), it places a request in the partition with the most free
-blocks at its first allocation and calls ``place`` before the step that first runs it; its
-scheduler then preempts or keeps a request waiting when that request's shard is full, exactly
-as when a local pool is full. This backend mirrors each shard's block count from the lengths
-it sends (the shard checks the same arithmetic); a step that outgrows the mirror means the
-engine's accounting and the shards disagree: AttentionShardFull, a bug, not load. A request
-placed again without a release, or whose step starts at token 0 while its shard holds
-tokens of it, is an error. ``release`` frees its pages on the shard: the engine calls it
-(``RemoteKVBackend``) whenever it frees the request's blocks (finished, cancelled,
-preempted: inside ``schedule``, before the step runs).
+Placement and pages are the engine's: its block pool is partitioned like the shards
+(``kv_partitions``, engine/kv_cache/partitioned.py), block ``starts[s] + b`` of the engine
+is page ``b`` of shard s, and a request's blocks all lie in one partition, so its shard is
+the partition of its blocks. The engine allocates, shares prefix-cached blocks, truncates
+rejected drafts and frees; this backend only translates: per step and micro-batch it sends
+each shard its sequences' block tables (shard page ids), context lengths and new-token
+counts (a BEGIN), then per layer the packed q|k|v rows. A full shard is the scheduler's
+ordinary "no free block" (preempt or wait), since the engine's sub-pool is the shard's
+capacity. Nothing is sent when a request leaves: the shard keeps no per-request state (see
+shard.py for why reusing a freed page needs nothing from it).
 
 Per step, the first ``submit`` of a metadata object plans it (``meta.plans["remote"]``: rows
 per shard, the BEGIN of each shard's batch context); every layer reuses the plan.
@@ -25,12 +24,13 @@ per shard, the BEGIN of each shard's batch context); every layer reuses the plan
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from dataclasses import dataclass
 
 import torch
 
-from attention_offload.shard import AttentionShardFull, ShardBatch
+from attention_offload.shard import ShardBatch
 from attention_offload.transport import AttentionTransport
 from engine.attention.backend import AttentionMetadata
 from engine.parallel import Pending
@@ -45,14 +45,9 @@ class _Part:
     rows: torch.Tensor | None  # [n] int64 query rows of this shard; None = every row, in order
 
 
-@dataclass(frozen=True)
-class _Placement:
-    shard: int
-    seq_id: int
-
-
 class RemoteAttentionBackend:
-    """``blocks_per_shard[s]``: shard s's pool size; ``block_size``: its page size (tokens)."""
+    """``blocks_per_shard[s]``: shard s's page count (the engine's sub-pool s); ``block_size``:
+    its page size (tokens)."""
 
     name = PLAN_KEY
     keeps_kv_remotely = True  # engine.attention.backend.RemoteKVBackend: no local pages
@@ -65,49 +60,23 @@ class RemoteAttentionBackend:
         self.transport = transport
         self.rotation = rotation
         self.block_size = block_size
-        self.capacity = list(blocks_per_shard)
         self.kv_partitions = list(blocks_per_shard)  # RemoteKVBackend: the engine's pool partitions
-        self.used = [0] * len(blocks_per_shard)  # blocks each shard holds (mirror)
-        self._placed: dict[str, _Placement] = {}
-        self._tokens: dict[str, int] = {}  # request -> tokens its shard holds
-        self._seq_ids = itertools.count()
+        # engine block id starts[s] + b is page b of shard s (PartitionedBlockPool's numbering)
+        self.starts = list(itertools.accumulate(blocks_per_shard, initial=0))[:-1]
         self._ctx_ids = itertools.count()
 
-    # ------------------------------------------------------------ lifecycle
-    def shard_of(self, request_id: str) -> int | None:
-        p = self._placed.get(request_id)
-        return None if p is None else p.shard
-
-    def place(self, request_id: str, partition: int) -> None:
-        """The engine put the request on shard ``partition`` (its first allocation, or its first
-        after a release); its pages there are taken by the steps that follow."""
-        if request_id in self._placed:
-            raise RuntimeError(
-                f"request {request_id!r} placed on shard {partition} but it is still on shard "
-                f"{self._placed[request_id].shard} (never released)"
+    def shard_pages(self, request_id: str, table: list[int]) -> tuple[int, list[int]]:
+        """A request's engine block table -> (its shard, the shard's page ids)."""
+        if not table:
+            raise ValueError(f"request {request_id!r} is in a step with an empty block table")
+        s = bisect.bisect_right(self.starts, table[0]) - 1
+        lo, hi = self.starts[s], self.starts[s] + self.kv_partitions[s]
+        if not all(lo <= b < hi for b in table):
+            raise RuntimeError(  # the engine's partitioned pool keeps a request in one partition
+                f"request {request_id!r} holds blocks of several attention shards: {table} "
+                f"(shard {s} is blocks [{lo}, {hi}))"
             )
-        if not 0 <= partition < len(self.capacity):
-            raise ValueError(f"request {request_id!r}: shard {partition} out of range ({len(self.capacity)} shards)")
-        self._placed[request_id] = _Placement(partition, next(self._seq_ids))
-        self._tokens[request_id] = 0
-
-    def release(self, request_id: str) -> None:
-        """The request left (finished, cancelled, preempted): free its pages. No-op if unknown;
-        placed but never in a step: forgotten here, the shard never heard of it."""
-        p = self._placed.pop(request_id, None)
-        if p is None:
-            return
-        tokens = self._tokens.pop(request_id)
-        if tokens == 0:
-            return
-        self.used[p.shard] -= self._blocks(tokens)
-        self.transport.release(p.shard, p.seq_id)
-
-    def free_blocks(self) -> list[int]:
-        return [c - u for c, u in zip(self.capacity, self.used, strict=True)]
-
-    def _blocks(self, tokens: int) -> int:
-        return -(-tokens // self.block_size)
+        return s, [b - lo for b in table]
 
     # ------------------------------------------------------------ the step
     def _plan(self, meta: AttentionMetadata, width: int) -> list[_Part]:
@@ -116,34 +85,23 @@ class RemoteAttentionBackend:
             return plan
         if len(meta.request_ids) != meta.num_seqs:
             raise ValueError("RemoteAttentionBackend needs AttentionMetadata.request_ids (one per sequence)")
-        per_shard: dict[int, tuple[list[int], list[int], list[int], list[int]]] = {}
-        qsl = meta.query_start_loc
+        per_shard: dict[int, tuple[list[int], list[int], list[list[int]], list[int]]] = {}
+        qsl, bs = meta.query_start_loc, self.block_size
+        tables = meta.block_tables.tolist()  # [B, max_blocks], rows padded with 0
         for i, rid in enumerate(meta.request_ids):
             seq_len, q_len = meta.seq_lens[i], qsl[i + 1] - qsl[i]
-            place = self._placed.get(rid)
-            if place is None:
-                raise RuntimeError(f"request {rid!r} is in a step but the engine never placed it on a shard")
-            if seq_len - q_len == 0 and self._tokens[rid]:  # the engine frees before it recomputes
-                raise RuntimeError(f"request {rid!r} starts again at token 0 but its shard pages were never released")
-            grow = self._blocks(seq_len) - self._blocks(self._tokens[rid])
-            if grow > self.free_blocks()[place.shard]:
-                raise AttentionShardFull(  # the engine's per-shard pool should have prevented it
-                    f"request {rid!r} needs {grow} more blocks on attention shard {place.shard}, "
-                    f"{self.free_blocks()[place.shard]} free (engine and shard accounting disagree)"
-                )
-            self.used[place.shard] += grow
-            self._tokens[rid] = seq_len
-            seqs, lens, qlens, rows = per_shard.setdefault(place.shard, ([], [], [], []))
-            seqs.append(place.seq_id)
+            shard, pages = self.shard_pages(rid, tables[i][: -(-seq_len // bs)])
+            lens, qlens, shard_tables, rows = per_shard.setdefault(shard, ([], [], [], []))
             lens.append(seq_len)
             qlens.append(q_len)
+            shard_tables.append(pages)
             rows.extend(range(qsl[i], qsl[i + 1]))
         plan = []
         for shard in range(self.transport.num_shards):  # every shard hears of every micro-batch
-            seqs, lens, qlens, rows = per_shard.get(shard, ([], [], [], []))
+            lens, qlens, shard_tables, rows = per_shard.get(shard, ([], [], [], []))
             ctx = next(self._ctx_ids)
-            self.transport.begin(shard, ShardBatch(ctx, seqs, lens, qlens, meta.micro_batch, width))
-            if seqs:
+            self.transport.begin(shard, ShardBatch(ctx, lens, qlens, shard_tables, meta.micro_batch, width))
+            if lens:
                 whole = len(per_shard) == 1
                 plan.append(_Part(shard, ctx, None if whole else torch.tensor(rows, dtype=torch.long)))
         meta.plans[PLAN_KEY] = plan

@@ -1,4 +1,4 @@
-"""AttentionShard: one attention worker's part of the decode KV cache and its batched attention.
+"""AttentionShard: one attention worker's pages of the decode KV cache and its batched attention.
 
 Partitioning is by request: a shard holds every layer's K/V of every request placed on it,
 whole. Attention of a request then needs nothing from any other shard (no cross-shard
@@ -6,16 +6,32 @@ softmax reduction), a shard's capacity is a plain block count (admission is per 
 it works for any KV-head count: SmolLM2-135M has 3 KV heads, which 2 shards cannot split
 evenly by head group.
 
-Lifecycle of a sequence (``seq_id``, an int the model worker assigns to a request):
+The shard is storage addressed by the model worker's block ids: page ``b`` of this shard is
+block ``b`` of the engine's sub-pool for this shard (engine/kv_cache/partitioned.py). The
+engine owns everything about blocks: allocation, prefix caching (several requests reading
+one cached page), speculative rollback (truncating a block table) and freeing. The shard
+keeps no per-request state; each step tells it, per sequence of a micro-batch, the sequence's
+block table, context length and new-token count (``ShardBatch``), once per step, not per
+layer.
 
-    begin(batch) with the sequence's first tokens (context start 0)  -> blocks allocated
-    begin(batch) per later step: context start == tokens already held -> blocks grown
-    release(seq_id)  (finished, cancelled or preempted)              -> blocks freed
+Lifecycle of a batch context (``ShardBatch.ctx``):
 
-A batch context (``ShardBatch.ctx``) lives from ``begin`` until ``attend`` of the last layer.
-Each step's K/V are written layer by layer by ``attend`` (the engine's attention backend
-stores them at the slots ``begin`` planned). The shard never guesses: a context start that
-disagrees with what it holds, an unknown context or a full pool is an error naming it.
+    begin(batch)                     metadata planned from the block tables (slots of the new tokens)
+    attend(ctx, layer, ...) per layer  the new tokens' K/V written at their slots, then attention
+    attend of the last layer         the context ends
+
+Invariant that makes freeing a no-op here: the engine never lets a step read a slot that no
+step wrote for the tokens now at that position. A block freed by the engine and handed out
+again still holds its previous owner's K/V on the shard; the new owner's step writes every
+slot of the tokens it computes before attention reads them (the backend stores k/v, then
+attends over positions up to the new tokens), and positions before them are either written
+by this request's earlier steps or are a prefix-cache hit, whose page holds exactly the
+hashed content (the engine evicts a block's hash when it hands the block out). Rejected
+draft slots past the kept tokens are rewritten by the next tokens before they are read. So
+the shard needs no release, no truncate and no zeroing.
+
+The shard never guesses: a block table shorter than the context, a block id outside its
+pages, or an unknown context is an error naming it.
 """
 
 from __future__ import annotations
@@ -26,34 +42,30 @@ import torch
 
 from engine.attention.backend import AttentionMetadata
 from engine.engine import make_attention_backend
-from engine.kv_cache.block_pool import BlockPool
 from engine.kv_cache.layout import KVLayout
 from engine.kv_cache.paged_cache import PagedKVCache
-
-
-class AttentionShardFull(RuntimeError):
-    """The shard's pool cannot hold a sequence's next tokens (the model worker's accounting
-    of this shard should have prevented it)."""
 
 
 @dataclass(frozen=True)
 class ShardBatch:
     """One micro-batch's sequences on one shard, in query-row order: sequence i has
-    ``q_lens[i]`` new tokens at the end of ``seq_lens[i]`` tokens of context. A micro-batch
-    with none of its requests here is an empty batch (every shard hears of every micro-batch,
-    so a shard's serve loop knows the order of the step's ATTENDs without a header each)."""
+    ``q_lens[i]`` new tokens at the end of ``seq_lens[i]`` tokens of context, held in pages
+    ``block_tables[i]`` (this shard's page ids, exactly ceil(seq_lens[i] / block_size) of them:
+    page j holds tokens [j * block_size, (j + 1) * block_size)). A micro-batch with none of
+    its requests here is an empty batch (every shard hears of every micro-batch, so a shard's
+    serve loop knows the order of the step's ATTENDs without a header each)."""
 
     ctx: int  # the batch context id, unique among the shard's live contexts
-    seq_ids: list[int]
     seq_lens: list[int]
     q_lens: list[int]
+    block_tables: list[list[int]]
     micro_batch: tuple[int, int] = (0, 1)  # (index, count) in the step (AttentionMetadata.micro_batch)
     width: int = 0  # q|k|v row width, (H + 2 Hkv) D, of the packed ATTEND tensors
 
     def __post_init__(self) -> None:
-        n = len(self.seq_ids)
-        if len(self.seq_lens) != n or len(self.q_lens) != n:
-            raise ValueError(f"ShardBatch {self.ctx}: seq_ids, seq_lens, q_lens must be equal-length lists")
+        n = len(self.seq_lens)
+        if len(self.q_lens) != n or len(self.block_tables) != n:
+            raise ValueError(f"ShardBatch {self.ctx}: seq_lens, q_lens, block_tables must be equal-length lists")
         i, count = self.micro_batch
         if not 0 <= i < count:
             raise ValueError(f"ShardBatch {self.ctx}: micro_batch {self.micro_batch} is not (index < count)")
@@ -61,20 +73,29 @@ class ShardBatch:
             raise ValueError(f"ShardBatch {self.ctx}: need 1 <= q_len <= seq_len, got {self.q_lens} / {self.seq_lens}")
 
     @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens)
+
+    @property
     def num_tokens(self) -> int:
         return sum(self.q_lens)
+
+    @property
+    def num_table_entries(self) -> int:
+        return sum(len(t) for t in self.block_tables)
 
 
 @dataclass(frozen=True)
 class ShardStats:
-    free_blocks: int
-    total_blocks: int
-    sequences: int  # sequences holding blocks
+    total_blocks: int  # pages of every layer this shard holds (its sub-pool's size at the engine)
+    live_contexts: int  # batch contexts begun and not ended (0 between steps)
+    batches: int  # non-empty batch contexts begun since the shard was built
 
 
 class AttentionShard:
-    """Owns ``num_blocks`` pages of every layer (``PagedKVCache``), a block pool without
-    prefix caching, and an engine attention backend (``kind``: "sdpa", "triton", "auto")."""
+    """Owns ``num_blocks`` pages of every layer (``PagedKVCache``) and an engine attention
+    backend (``kind``: "sdpa", "triton", "auto"). No block pool: the model worker's engine
+    allocates (module docstring)."""
 
     def __init__(
         self,
@@ -86,49 +107,39 @@ class AttentionShard:
     ):
         self.layout = layout
         self.cache = PagedKVCache(layout, num_blocks, device)
-        self.pool = BlockPool(num_blocks, enable_prefix_caching=False)
         self.backend = make_attention_backend(backend, self.cache, sliding_window)
-        self._blocks: dict[int, list[int]] = {}  # seq_id -> its pages, in token order
-        self._tokens: dict[int, int] = {}  # seq_id -> tokens whose K/V are (being) written
         self._ctx: dict[int, AttentionMetadata] = {}
+        self._batches = 0
 
     @property
     def num_blocks(self) -> int:
-        return self.pool.num_blocks
+        return self.cache.num_blocks
 
     def stats(self) -> ShardStats:
-        return ShardStats(self.pool.num_free, self.pool.num_blocks, len(self._blocks))
+        return ShardStats(self.num_blocks, len(self._ctx), self._batches)
 
     def begin(self, batch: ShardBatch) -> None:
-        """Grow each sequence's pages to ``seq_len`` tokens and plan the context's metadata
-        (an empty batch opens no context)."""
-        if not batch.seq_ids:
+        """Plan the context's metadata from its block tables (an empty batch opens no context)."""
+        if not batch.seq_lens:
             return
         if batch.ctx in self._ctx:
             raise ValueError(f"attention shard: batch context {batch.ctx} is already live")
         bs = self.layout.block_size
-        need = 0
-        for sid, seq_len, q_len in zip(batch.seq_ids, batch.seq_lens, batch.q_lens, strict=True):
-            held = self._tokens.get(sid, 0)
-            if seq_len - q_len != held:
+        slots: list[int] = []
+        for i, (seq_len, q_len, table) in enumerate(zip(batch.seq_lens, batch.q_lens, batch.block_tables, strict=True)):
+            if len(table) != -(-seq_len // bs):
                 raise ValueError(
-                    f"attention shard: sequence {sid} continues at token {seq_len - q_len} but the shard holds {held}"
+                    f"attention shard: batch {batch.ctx} sequence {i}: block table of {len(table)} pages "
+                    f"for {seq_len} tokens (need {-(-seq_len // bs)} of {bs} tokens)"
                 )
-            need += -(-seq_len // bs) - len(self._blocks.get(sid, ()))
-        if need > self.pool.num_free:
-            raise AttentionShardFull(
-                f"attention shard: batch {batch.ctx} needs {need} blocks, {self.pool.num_free} free"
-            )
-        slots, tables = [], []
-        for sid, seq_len, q_len in zip(batch.seq_ids, batch.seq_lens, batch.q_lens, strict=True):
-            blocks = self._blocks.setdefault(sid, [])
-            grow = -(-seq_len // bs) - len(blocks)
-            if grow > 0:
-                blocks.extend(self.pool.allocate(grow))
-            self._tokens[sid] = seq_len
-            slots.extend(blocks[p // bs] * bs + p % bs for p in range(seq_len - q_len, seq_len))
-            tables.append(blocks)
-        width = max(len(t) for t in tables)
+            bad = [b for b in table if not 0 <= b < self.num_blocks]
+            if bad:
+                raise ValueError(
+                    f"attention shard: batch {batch.ctx} sequence {i}: block {bad[0]} is outside the shard's "
+                    f"{self.num_blocks} pages"
+                )
+            slots.extend(table[p // bs] * bs + p % bs for p in range(seq_len - q_len, seq_len))
+        width = max(len(t) for t in batch.block_tables)
         dev = self.cache.kv.device
         qsl = [0]
         for q in batch.q_lens:
@@ -137,8 +148,9 @@ class AttentionShard:
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             query_start_loc=qsl,
             seq_lens=list(batch.seq_lens),
-            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long),
+            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in batch.block_tables], dtype=torch.long),
         )
+        self._batches += 1
 
     def rows(self, ctx: int) -> int:
         """Query rows of a live context (its ATTEND tensors' first dim)."""
@@ -149,7 +161,7 @@ class AttentionShard:
 
     def attend(self, ctx: int, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [n, H, D], k/v: [n, Hkv, D] (the context's new tokens, in row order) -> [n, H, D].
-        Writes k/v into the pages; the last layer ends the context."""
+        Writes k/v into the pages (before reading them); the last layer ends the context."""
         meta = self._ctx.get(ctx)
         if meta is None:
             raise ValueError(f"attention shard: unknown batch context {ctx} (layer {layer})")
@@ -171,11 +183,3 @@ class AttentionShard:
         k = qkv[:, nq : nq + hkv * d].reshape(n, hkv, d).contiguous()
         v = qkv[:, nq + hkv * d :].reshape(n, hkv, d).contiguous()
         return self.attend(ctx, layer, q, k, v).reshape(n, nq)
-
-    def release(self, seq_id: int) -> None:
-        """Free the sequence's pages (unknown ids are an error: the model worker tracks them)."""
-        blocks = self._blocks.pop(seq_id, None)
-        if blocks is None:
-            raise KeyError(f"attention shard: release of unknown sequence {seq_id}")
-        del self._tokens[seq_id]
-        self.pool.free(list(reversed(blocks)))

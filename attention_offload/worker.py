@@ -1,7 +1,8 @@
 """AttentionWorker: one attention worker of an `attention` pool (plain class; Ray shell in actor.py).
 
-It holds one AttentionShard (a share of the model worker's decode KV, every layer, its own
-block pool) and serves it to ONE model worker over a torch.distributed group:
+It holds one AttentionShard (a share of the model worker's decode KV, every layer, pages
+addressed by the model worker's block ids: no block pool of its own) and serves it to ONE
+model worker over a torch.distributed group:
 
     build_attention_worker(model, engine_options)   the shard: layout from the model config,
                                                      ``num_blocks`` from the pool's engine options
@@ -11,7 +12,7 @@ block pool) and serves it to ONE model worker over a torch.distributed group:
                                                      [model worker = rank 0, attention workers 1..N];
                                                      join_group returns once joined and starts the
                                                      serve thread (``serve_shard`` until CLOSE)
-    stats()                                          the shard's pool and the serve state
+    stats()                                          the shard's pages, contexts and serve state
     shutdown()                                       waits for the serve thread within the group's
                                                      timeout (the model worker's CLOSE ends it;
                                                      otherwise its next receive times out)
@@ -69,6 +70,7 @@ class AttentionWorker(AttentionAPI):
         self._served = 0
         self._thread: threading.Thread | None = None
         self._timeout_s = 0.0
+        self._shard_index: int | None = None  # group rank - 1, once joined
         self._lock = threading.Lock()
 
     def ping(self) -> str:
@@ -95,6 +97,7 @@ class AttentionWorker(AttentionAPI):
             raise RuntimeError(f"{self.worker_id} already joined a group (state {self._state}); build a fresh worker")
         comm = join_communicator(spec)
         self._timeout_s = spec.timeout_s
+        self._shard_index = spec.rank - 1
         self._state = "serving"
         self._thread = threading.Thread(target=self._serve, args=(comm,), name=f"{self.worker_id}-serve", daemon=True)
         self._thread.start()
@@ -117,7 +120,14 @@ class AttentionWorker(AttentionAPI):
         s = self.shard.stats()  # ints read from another thread: a snapshot, possibly mid-step
         with self._lock:
             return AttentionWorkerStats(
-                self.worker_id, self._state, s.free_blocks, s.total_blocks, s.sequences, self._served, self._error
+                self.worker_id,
+                self._state,
+                self._shard_index,
+                s.total_blocks,
+                s.live_contexts,
+                s.batches,
+                self._served,
+                self._error,
             )
 
     def wait_stopped(self, timeout_s: float) -> bool:

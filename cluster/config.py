@@ -583,7 +583,9 @@ class ServeConfig:
 def _check_attention_pools(pools: tuple[PoolConfig, ...]) -> None:
     """An attention pool (attention offload, attention_offload/) serves ONE decode-capable
     worker: that model worker runs an OffloadedEngine over all the pool's workers (1 x N).
-    What the offloaded engine does not support yet is refused here, naming the field."""
+    What the offloaded engine does not support yet is refused here, naming the field (prefix
+    caching and speculation on the model worker are supported: its engine owns the shards'
+    pages)."""
     att = [(i, p) for i, p in enumerate(pools) if p.role == ATTENTION_ROLE and p.num_workers > 0]
     if not att:
         return
@@ -606,16 +608,6 @@ def _check_attention_pools(pools: tuple[PoolConfig, ...]) -> None:
         model.tensor_parallel == 1,
         f"pools[{j}].tensor_parallel",
         "tensor parallelism with an attention pool is not supported",
-    )
-    _check(
-        model.engine.get("enable_prefix_caching") is False,
-        f"pools[{j}].engine.enable_prefix_caching",
-        "must be false with an attention pool (the offloaded engine keeps no prefix KV yet)",
-    )
-    _check(
-        model.engine.get("speculative_config") is None,
-        f"pools[{j}].engine.speculative_config",
-        "speculative decoding with an attention pool is not supported yet",
     )
     prefill = [k for k, p in enumerate(pools) if p.role == "prefill" and p.num_workers > 0]
     _check(

@@ -162,7 +162,7 @@ def add_serve_parser(sub: Any) -> None:
         type=positive_int,
         metavar="N",
         help="attention offload: an 'attention' pool of N attention workers holding the KV of the one "
-        "decode/mixed worker (without a config's pools: one mixed worker, no prefill pool; prefix caching off)",
+        "decode/mixed worker (without a config's pools: one mixed worker, no prefill pool)",
     )
     p.add_argument(
         "--group-transport",
@@ -359,8 +359,8 @@ def _pools_of(pools: list[dict[str, Any]], roles: tuple[str, ...], flag: str, ki
 def _apply_attention_flag(pools: list[dict[str, Any]], count: int | None, from_config: bool) -> None:
     """``--attention N``: an 'attention' pool of N workers (its engine options: the model
     worker's, so dtype and block size match). Without a config's pools the default layout
-    becomes one mixed worker (the offloaded model worker prefills itself); every decode/mixed
-    pool's prefix caching is turned off (the offloaded engine keeps no prefix KV)."""
+    becomes one mixed worker (the offloaded model worker prefills itself). Prefix caching and
+    speculation stay as the pools set them (the model worker's engine owns the shards' pages)."""
     if count is None:
         return
     if not from_config:
@@ -371,8 +371,6 @@ def _apply_attention_flag(pools: list[dict[str, Any]], count: int | None, from_c
     served = [p for p in pools if p.get("role", p.get("name")) in ("decode", "mixed")]
     if not served:
         raise ConfigError("--attention", "there is no decode or mixed pool for the attention workers to serve")
-    for p in served:
-        p["engine"] = {**(p.get("engine") or {}), "enable_prefix_caching": False}
     engine = {k: v for k, v in (served[0].get("engine") or {}).items() if k in ("dtype", "block_size")}
     matching = [p for p in pools if p.get("role") == "attention"]
     if matching:
@@ -733,7 +731,8 @@ def _print_layout(info: ClusterInfo) -> None:
                 _say(f"    {r.worker_id:<12} TP rank {r.rank}/{r.world_size}  {state}")
         if pool.role == "attention":  # attention offload: not routed, listed with their shards' blocks
             for a in (a for a in info.attention_workers if a.worker_id.rsplit("-", 1)[0] == pool.name):
-                _say(f"  {a.worker_id:<12} {a.state}  KV blocks {a.free_blocks}/{a.total_blocks}")
+                free = info.attention_free_blocks(a)
+                _say(f"  {a.worker_id:<12} {a.state}  KV blocks {'?' if free is None else free}/{a.total_blocks}")
 
 
 def demo_prompt_ids(tokenizer: Any, template: Any, prompt: str) -> list[int]:

@@ -400,8 +400,8 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
         return AttentionOffloadReport(
             attention_workers=self._attn_transport.num_shards,
             connected=self._attn_transport.connected,
-            used_blocks=tuple(a.backend.used),
-            total_blocks=tuple(a.backend.capacity),
+            used_blocks=tuple(a.used_blocks()),
+            total_blocks=tuple(a.capacity),
             tokens=c.payload_out // row_bytes,
             payload_bytes=c.payload_out + c.payload_in,
             control_bytes=c.control,

@@ -182,19 +182,15 @@ class EngineCore:
             config.attention_backend, self.cache, mc.sliding_window
         )
         self.model.set_attention_backend(self.backend)
-        if remote_kv:  # one sub-pool per remote store; the remote pages follow the pool's blocks
+        if remote_kv:  # one sub-pool per remote store; its block ids address the store's pages
             parts = list(attention_backend.kv_partitions)
             if sum(parts) != num_blocks:
                 raise ValueError(
                     f"CacheConfig.num_blocks ({num_blocks}) must equal the remote stores' total "
                     f"kv_partitions {parts} (sum {sum(parts)})"
                 )
-            if config.cache.enable_prefix_caching:
-                raise ValueError("CacheConfig.enable_prefix_caching must be False with K/V kept remotely")
-            self.pool = PartitionedBlockPool(parts)
+            self.pool = PartitionedBlockPool(parts, config.cache.enable_prefix_caching)
             self.kv = PartitionedKVCacheManager(self.pool, config.cache.block_size)
-            self.kv.on_place = attention_backend.place
-            self.kv.on_free = attention_backend.release
         else:
             self.pool = BlockPool(num_blocks, config.cache.enable_prefix_caching)
             self.kv = KVCacheManager(self.pool, config.cache.block_size)

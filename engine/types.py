@@ -163,11 +163,11 @@ class AttentionOffloadReport:
 
     attention_workers: int
     connected: bool  # its attention group formed (before that the worker serves nothing)
-    used_blocks: tuple[int, ...]  # per attention worker: blocks its requests hold (the mirror)
-    total_blocks: tuple[int, ...]  # per attention worker: its pool
+    used_blocks: tuple[int, ...]  # per attention worker: blocks in use in the engine's sub-pool for it
+    total_blocks: tuple[int, ...]  # per attention worker: its pages (the sub-pool's size)
     tokens: int
     payload_bytes: int
-    control_bytes: int
+    control_bytes: int  # headers and BEGIN bodies (the per-step block tables included)
     wait_seconds: float  # the model worker blocked waiting for attention outputs
     step_seconds: float  # the model worker's engine steps (wait / step: the share not overlapped)
 

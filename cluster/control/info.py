@@ -62,6 +62,17 @@ class ClusterInfo:
     # ``workers``): group joined, calls applied, KV pool, failure; by the last health round
     tp_ranks: tuple[TPFollowerStats, ...] = ()
 
+    def attention_free_blocks(self, worker: AttentionWorkerStats) -> int | None:
+        """An attention worker's free pages, as its model worker's engine accounts them (the
+        shard keeps no accounting); None before it joined or before the model worker's report."""
+        if worker.shard is None:
+            return None
+        for w in self.workers:
+            report = w.stats.attention if w.stats is not None else None
+            if report is not None and worker.shard < len(report.total_blocks):
+                return report.total_blocks[worker.shard] - report.used_blocks[worker.shard]
+        return None
+
     def to_json(self) -> dict[str, Any]:
         """A JSON-able view (cached block hashes shown as a count)."""
         out = dataclasses.asdict(self)

@@ -500,7 +500,7 @@ def server_info_message(info: ServerInfo) -> pb.ServerInfo:
                 role="attention",
                 current_role="attention",
                 healthy=healthy,
-                free_kv_blocks=a.free_blocks,
+                free_kv_blocks=cluster.attention_free_blocks(a) or 0,  # unknown: unset (0 on the wire)
                 total_kv_blocks=a.total_blocks,
             )
         )

@@ -123,22 +123,20 @@ class EagerSubmit:
 @runtime_checkable
 class RemoteKVBackend(Protocol):
     """A backend that keeps every request's K/V elsewhere (attention offload's shards). The
-    engine then allocates no local pages (a one-block placeholder cache: its block pool only
-    accounts for the remote pages) and calls ``release`` whenever a request's blocks are freed
-    (finished, aborted, preempted), before the step that follows runs; unknown ids are a no-op.
+    engine then allocates no local pages (a one-block placeholder cache: its block pool
+    accounts for the remote pages, which are addressed by the engine's block ids).
 
     The remote K/V lives in ``kv_partitions`` separate stores (block counts; a request whole in
-    one): the engine's pool is partitioned the same way (engine/kv_cache/partitioned.py), it
-    chooses each request's store at its first allocation and tells the backend with ``place``
-    before the step that first runs it, so a full store is the scheduler's ordinary "no free
-    block" (preempt or wait), never a failure inside the step."""
+    one): the engine's pool is partitioned the same way (engine/kv_cache/partitioned.py:
+    partition p is block ids [sum of the sizes before p, + kv_partitions[p])), it chooses each
+    request's store at its first allocation, and a full store is the scheduler's ordinary "no
+    free block" (preempt or wait), never a failure inside the step. The backend reads each
+    request's store and pages off the step's block tables; the engine tells it nothing when a
+    request's blocks are freed (the store reuses a page only when the engine hands the block
+    out again, whose new owner writes it before reading it)."""
 
     keeps_kv_remotely: bool  # True
     kv_partitions: list[int]  # blocks of each remote store, in the engine's block size
-
-    def release(self, request_id: str) -> None: ...
-
-    def place(self, request_id: str, partition: int) -> None: ...
 
 
 def split_backend(backend: AttentionBackend) -> SplitAttentionBackend:

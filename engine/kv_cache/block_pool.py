@@ -82,6 +82,10 @@ class BlockPool:
             self.prefix_hits += 1
         return b
 
+    def peek(self, h: BlockHash) -> int | None:
+        """``lookup`` without counting it (a partitioned pool compares its sub-pools first)."""
+        return self._cached.get(h) if self.enable_prefix_caching else None
+
     def cache(self, block: int, h: BlockHash) -> None:
         """Record that ``block`` is full and holds the content identified by ``h``."""
         if not self.enable_prefix_caching or self.block_hash[block] is not None:

@@ -7,8 +7,6 @@ map to equal hashes and can be shared (ref-counted) by later requests.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from engine.kv_cache.block_pool import BlockHash, BlockPool
 from engine.request import Request
 
@@ -40,9 +38,6 @@ class KVCacheManager:
         self.block_size = block_size
         self.blocks: dict[str, list[int]] = {}
         self._hashes: dict[str, list[BlockHash]] = {}  # hashes of a request's cached full blocks
-        # Called with the request id each time ``free`` drops a request's blocks (finished,
-        # aborted, preempted): a backend keeping that request's K/V elsewhere frees it there.
-        self.on_free: Callable[[str], None] | None = None
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -147,8 +142,6 @@ class KVCacheManager:
         blocks = self.blocks.pop(request_id, [])
         self._hashes.pop(request_id, None)
         self.pool.free(list(reversed(blocks)))
-        if self.on_free is not None:
-            self.on_free(request_id)
 
     def block_ids(self, request_id: str) -> list[int]:
         return self.blocks.get(request_id, [])

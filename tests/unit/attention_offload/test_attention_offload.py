@@ -13,9 +13,9 @@ import torch
 
 from attention_offload.build import build_loopback, build_shard, shard_layout
 from attention_offload.dist_transport import DistAttentionTransport, serve_shard
-from attention_offload.offloaded import OffloadedEngine, offload_config
+from attention_offload.offloaded import OffloadedEngine
 from attention_offload.remote import RemoteAttentionBackend
-from attention_offload.shard import AttentionShardFull, ShardBatch
+from attention_offload.shard import ShardBatch
 from engine.attention.backend import AttentionMetadata, EagerSubmit, SplitAttentionBackend, split_backend
 from engine.attention.sdpa import TorchSDPABackend
 from engine.kv_cache.paged_cache import PagedKVCache
@@ -58,12 +58,16 @@ def agreement(ours: list[list[int]], ref: list[list[int]]) -> float:
 
 
 def assert_pools_full(engine: OffloadedEngine) -> None:
+    """Every shard's sub-pool at the engine is free again (the shards' pages are its blocks) and
+    no shard holds a live batch context."""
     t = engine.transport
     for s in range(t.num_shards):
         st = t.stats(s)
-        assert st.total_blocks > 0 and (st.free_blocks, st.sequences) == (st.total_blocks, 0), f"shard {s}: {st}"
-    assert engine.backend.free_blocks() == engine.backend.capacity
-    assert engine.core.pool.num_free == engine.core.pool.num_blocks > 0  # 0 of 0 would not be "full"
+        assert st.total_blocks == engine.capacity[s] > 0 and st.live_contexts == 0, f"shard {s}: {st}"
+    assert engine.used_blocks() == [0] * t.num_shards
+    pool = engine.core.pool
+    assert pool.num_free == pool.num_blocks > 0 and not any(pool.ref_counts)  # 0 of 0 would not be "full"
+    assert not engine.core.kv.blocks
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +133,8 @@ def test_greedy_output_equals_llm(family, shards, rotation, dense, moe, refs):
     frac = agreement(out, refs[family])
     assert frac == 1.0, f"{family}, {shards} shard(s), rotation {rotation}: {frac:.2%} of tokens equal"
     if shards == 2:  # both shards held requests
-        assert len({engine.backend.shard_of(f"r{i}") for i in range(len(PROMPTS))} - {None}) == 0  # all released
+        assert len({engine.shard_of(f"r{i}") for i in range(len(PROMPTS))} - {None}) == 0  # all freed
+        assert all(engine.transport.stats(s).batches > 0 for s in range(2))  # both shards attended
     stats = engine.core.model.rotation_stats
     assert (stats.runs > 0) == (rotation > 1)
     assert_pools_full(engine)
@@ -141,10 +146,12 @@ def test_two_shards_split_the_requests(dense):
     for i, p in enumerate(PROMPTS):
         engine.add_request(Request(f"r{i}", list(p), GREEDY))
     engine.step()
-    placed = [engine.backend.shard_of(f"r{i}") for i in range(len(PROMPTS))]
+    placed = [engine.shard_of(f"r{i}") for i in range(len(PROMPTS))]
     assert set(placed) == {0, 1}, placed
-    held = [engine.transport.stats(s).sequences for s in range(2)]
-    assert held == [placed.count(0), placed.count(1)]
+    for s in range(2):  # a request's blocks all lie in its shard's partition of the engine's pool
+        mine = [b for i in range(len(PROMPTS)) if placed[i] == s for b in engine.core.block_ids(f"r{i}")]
+        assert {engine.core.pool.partition_of(b) for b in mine} == {s}
+        assert engine.used_blocks()[s] == len(mine) and engine.transport.stats(s).batches >= 1  # 1 per micro-batch
     while engine.has_work():
         engine.step()
     assert_pools_full(engine)
@@ -166,7 +173,11 @@ def test_payload_bytes_equal_the_analytic_volume(dense, shards, rotation):
     c = engine.transport.counters
     assert c.payload_out == tokens * mc.num_layers * per_layer_token_out
     assert c.payload_in == tokens * mc.num_layers * per_layer_token_in
-    assert c.control > 0
+    # the block tables: once per step and sequence (not per layer), ceil(context / block) ids
+    # each; a prompt of P tokens and G outputs has contexts P (its prefill), P + 1 .. P + G - 1
+    contexts = [n for p, o in zip(PROMPTS, out, strict=True) for n in [len(p), *range(len(p) + 1, len(p) + len(o))]]
+    assert c.tables == sum(-(-n // BLOCK) for n in contexts) * 8
+    assert c.control > c.tables
     engine.transport.close()
 
 
@@ -179,10 +190,12 @@ def test_cancel_mid_run_returns_the_pools_to_full(dense):
         engine.add_request(Request(f"r{i}", list(p), GREEDY))
     for _ in range(3):
         engine.step()
-    assert sum(engine.transport.stats(s).sequences for s in range(2)) == len(PROMPTS)
+    held = sum(engine.used_blocks())
+    assert held == sum(len(engine.core.block_ids(f"r{i}")) for i in range(len(PROMPTS))) > 0
     for i in range(0, len(PROMPTS), 2):
         engine.abort(f"r{i}")
-    assert sum(engine.transport.stats(s).sequences for s in range(2)) == len(PROMPTS) // 2
+    assert sum(engine.used_blocks()) == sum(len(engine.core.block_ids(f"r{i}")) for i in range(1, len(PROMPTS), 2))
+    assert sum(engine.used_blocks()) < held
     while engine.has_work():
         engine.step()
     assert_pools_full(engine)
@@ -203,26 +216,48 @@ def test_preemption_recomputes_on_the_shard_and_matches_llm(dense):
     engine.transport.close()
 
 
-def test_offload_refuses_prefix_caching_and_speculation(dense):
-    with pytest.raises(ValueError, match="enable_prefix_caching"):
-        offload_config(build_engine_config(dense, block_size=BLOCK), [8])
-    with pytest.raises(ValueError, match="speculative"):
-        offload_config(config(dense, speculative_config={"method": "ngram", "num_speculative_tokens": 2}), [8])
-
-
-def test_shard_refuses_a_context_it_does_not_hold_and_a_full_pool(dense):
+def test_shard_refuses_a_table_it_cannot_hold_and_an_unknown_context(dense):
     shard = build_shard(config(dense), num_blocks=2)
-    shard.begin(ShardBatch(0, [7], [5], [5]))
-    with pytest.raises(ValueError, match="continues at token 9 but the shard holds 5"):
-        shard.begin(ShardBatch(1, [7], [10], [1]))
-    with pytest.raises(AttentionShardFull, match="needs 2 blocks, 1 free"):
-        shard.begin(ShardBatch(2, [8], [9], [9]))
-    with pytest.raises(KeyError, match="unknown sequence 8"):
-        shard.release(8)
+    with pytest.raises(ValueError, match="block table of 1 pages for 9 tokens"):
+        shard.begin(ShardBatch(0, [9], [9], [[0]]))
+    with pytest.raises(ValueError, match="block 2 is outside the shard's 2 pages"):
+        shard.begin(ShardBatch(1, [9], [1], [[0, 2]]))
     with pytest.raises(ValueError, match="unknown batch context 5"):
         shard.attend_packed(5, 0, torch.zeros(1, 128))
-    shard.release(7)
-    assert shard.stats().free_blocks == 2
+    with pytest.raises(ValueError, match="equal-length"):
+        ShardBatch(2, [5], [5], [])
+    shard.begin(ShardBatch(3, [9], [9], [[1, 0]]))
+    with pytest.raises(ValueError, match="context 3 is already live"):
+        shard.begin(ShardBatch(3, [1], [1], [[0]]))
+    assert shard.stats().live_contexts == 1 and shard.rows(3) == 9
+
+
+def _attend_all(shard, ctx: int, seq_len: int, table: list[int], qkv: torch.Tensor) -> list[torch.Tensor]:
+    """One context of ``qkv.shape[0]`` new tokens through every layer -> each layer's output."""
+    shard.begin(ShardBatch(ctx, [seq_len], [qkv.shape[0]], [table]))
+    return [shard.attend_packed(ctx, layer, qkv) for layer in range(shard.layout.num_layers)]
+
+
+def test_the_shard_reads_pages_another_context_wrote_and_reuses_pages_without_a_release(dense):
+    """The shard keeps no per-request state: a context naming pages an earlier one wrote reads
+    that K/V (a prefix hit), and a page an earlier sequence left (freed at the engine) is
+    rewritten by its new owner before it is read: the outputs equal a fresh shard's."""
+    cfg = config(dense)
+    mc = cfg.model
+    width = (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim
+    a, c, b = torch.randn(9, width), torch.randn(2, width), torch.randn(5, width)
+    shard = build_shard(cfg, 4, "sdpa")
+    _attend_all(shard, 0, 9, [3, 1], a)  # request A: tokens 0..8 on pages 3, 1
+    hit = _attend_all(shard, 1, 10, [3, 0], torch.cat([a[8:], c[1:]]))  # C: A's first block cached, 2 new
+    reused = _attend_all(shard, 2, 5, [1], b)  # B: page 1 (A's, freed) reused
+    fresh = _attend_all(build_shard(cfg, 4, "sdpa"), 0, 10, [3, 0], torch.cat([a[:9], c[1:]]))
+    for layer in range(mc.num_layers):
+        torch.testing.assert_close(hit[layer], fresh[layer][8:])
+    fresh_b = _attend_all(build_shard(cfg, 4, "sdpa"), 0, 5, [2], b)
+    for layer in range(mc.num_layers):
+        torch.testing.assert_close(reused[layer], fresh_b[layer])
+    st = shard.stats()
+    assert (st.total_blocks, st.live_contexts, st.batches) == (4, 0, 3)
 
 
 # ------------------------------------------------------------------ gloo transport
@@ -266,14 +301,17 @@ def test_gloo_transport_two_shards_equal_llm_and_count_bytes(dense, refs, rotati
         == tokens * mc.num_layers * (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim * 4
     )
     assert transport.counters.payload_in == tokens * mc.num_layers * mc.num_heads * mc.head_dim * 4
+    contexts = [n for p, o in zip(prompts, out, strict=True) for n in [len(p), *range(len(p) + 1, len(p) + len(o))]]
+    assert transport.counters.tables == sum(-(-n // BLOCK) for n in contexts) * 8  # sent once per step
     assert len(served) == 2 and all(n > 0 for n in served)
     if num_prompts == 2:  # one ATTEND per layer and step on each shard, not one per micro-batch
         assert transport.counters.attends == len(out[0]) * mc.num_layers * 2
 
 
 def test_a_failing_shard_fails_the_step_with_a_communication_error(dense):
-    """The shard holds fewer blocks than the model worker was told: its BEGIN raises, its loop
-    ends, and the model worker's wait fails within the timeout; no token is produced."""
+    """The shard holds fewer pages than the model worker was told: its BEGIN names a page it
+    does not have and raises, its loop ends, and the model worker's wait fails within the
+    timeout; no token is produced."""
     cfg = config(dense)
     comms = gloo_comms(world_size=2, timeout_s=3.0)
     shard = build_shard(cfg, 1, "sdpa")  # one block: the first prompt does not fit
@@ -294,7 +332,7 @@ def test_a_failing_shard_fails_the_step_with_a_communication_error(dense):
         engine.step()
     thread.join(timeout=30)
     assert not thread.is_alive()
-    assert len(errors) == 1 and isinstance(errors[0], AttentionShardFull)
+    assert len(errors) == 1 and isinstance(errors[0], ValueError) and "outside the shard's 1 pages" in str(errors[0])
     assert req.output_token_ids == []
 
 
@@ -306,7 +344,7 @@ def test_the_model_worker_holds_no_kv_pages_and_its_batch_is_bounded_by_the_shar
     for i, p in enumerate(PROMPTS):
         engine.add_request(Request(f"r{i}", list(p), GREEDY))
     engine.step()
-    held = BLOCKS - sum(engine.transport.stats(s).free_blocks for s in range(2))
+    held = sum(engine.used_blocks())
     assert held == BLOCKS - engine.core.pool.num_free > 1  # all of it on the shards
     while engine.has_work():
         engine.step()

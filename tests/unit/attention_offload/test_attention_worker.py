@@ -92,10 +92,10 @@ def test_keepalive_carries_idle_shards_past_the_timeout_and_output_equals_llm(de
         _idle(engine, 2 * timeout_s)  # idle again after serving
         assert engine.pings > pings
         out2 = run(engine, PROMPTS[:2])
-        assert_pools_full(engine)  # a STATS round trip: every RELEASE before it is served
-        for w in workers:
+        assert_pools_full(engine)  # a STATS round trip: every step before it is served
+        for i, w in enumerate(workers):
             s = w.stats()
-            assert (s.state, s.free_blocks, s.total_blocks, s.sequences) == ("serving", BLOCKS, BLOCKS, 0)
+            assert (s.state, s.shard, s.total_blocks, s.live_contexts) == ("serving", i, BLOCKS, 0) and s.batches > 0
     finally:
         transport.close()
     ref = reference(dense)

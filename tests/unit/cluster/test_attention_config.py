@@ -24,6 +24,14 @@ def test_an_attention_pool_serves_one_mixed_worker():
     assert _cfg(PoolConfig("d", "decode", 2), PoolConfig("a", "attention", 0)).attention_pool() is None
 
 
+def test_prefix_caching_and_speculation_on_the_model_worker_are_accepted():
+    """The model worker's engine owns the shards' pages: its prefix cache and its speculative
+    rollback work with an attention pool (tests/unit/attention_offload/test_engine_blocks.py)."""
+    spec = {"enable_prefix_caching": True, "speculative_config": {"method": "ngram", "num_speculative_tokens": 2}}
+    cfg = _cfg(PoolConfig("m", "mixed", 1, engine=spec), PoolConfig("a", "attention", 2))
+    assert cfg.pool("m").engine == spec and cfg.attention_pool().num_workers == 2
+
+
 def test_an_attention_pool_without_a_decode_or_mixed_pool_is_refused():
     with pytest.raises(ConfigError, match=r"^pools: need at least one worker in a decode or mixed pool"):
         _cfg(PoolConfig("attn", "attention", 2))
@@ -47,19 +55,6 @@ def test_an_attention_pool_without_a_decode_or_mixed_pool_is_refused():
             ],
             r"pools\[2\]",
             "got 2 decode-capable workers",
-        ),
-        (
-            [PoolConfig("m", "mixed", 1), PoolConfig("a", "attention", 1)],
-            r"pools\[0\]\.engine\.enable_prefix_caching",
-            "must be false",
-        ),
-        (
-            [
-                PoolConfig("m", "mixed", 1, engine={**NO_PREFIX, "speculative_config": {"method": "ngram"}}),
-                PoolConfig("a", "attention", 1),
-            ],
-            r"pools\[0\]\.engine\.speculative_config",
-            "not supported",
         ),
         (
             [
@@ -125,7 +120,7 @@ def test_attention_flag_makes_one_mixed_worker_and_an_attention_pool():
         ("decode", "mixed", 1),
         ("attention", "attention", 2),
     ]
-    assert cfg.pool("decode").engine["enable_prefix_caching"] is False
+    assert "enable_prefix_caching" not in cfg.pool("decode").engine  # the engine's default: on
     # the default model's layout too; the attention pool takes the model worker's dtype and block size
     cfg = _args("serve --attention 1")
     model, attn = cfg.pools
@@ -141,6 +136,13 @@ def test_attention_flag_over_a_config_keeps_its_pools(tmp_path):
     with pytest.raises(ConfigError, match=r"^pools\[0\]\.num_workers: disaggregated prefill"):
         _args(f"serve --config {path} --attention 2")
     cfg = _args(f"serve --config {path} --attention 2 --prefill 0")
-    assert cfg.attention_pool().num_workers == 2 and cfg.pool("decode").engine["enable_prefix_caching"] is False
+    assert cfg.attention_pool().num_workers == 2 and "enable_prefix_caching" not in cfg.pool("decode").engine
     with pytest.raises(SystemExit):
         _args("serve --model /m --attention 0")
+
+
+def test_attention_flag_with_speculation_keeps_it_on_the_model_worker():
+    cfg = _args('serve --model /m --attention 2 --speculative-config {"method":"ngram","num_speculative_tokens":3}')
+    (model,) = [p for p in cfg.pools if p.role == "mixed"]
+    assert model.engine["speculative_config"]["num_speculative_tokens"] == 3
+    assert "speculative_config" not in cfg.attention_pool().engine

@@ -55,13 +55,17 @@ def test_attention_pool_in_process_serves_as_llm(tiny_checkpoint, monkeypatch, t
         cluster = await LocalCluster(cfg, ep_group_timeout_s=30.0).start()
         try:
             got = await asyncio.gather(*(_collect(cluster, f"r{i}", p) for i, p in enumerate(PROMPTS)))
-            # releases reach the attention workers asynchronously: poll until their pools are full
+            # the model worker's engine frees the shards' pages; its load report reaches the
+            # router asynchronously: poll until every attention worker's pages read as free
             deadline = asyncio.get_running_loop().time() + 30.0
             while True:
                 await cluster.router.refresh_loads()
                 info = cluster.info()
                 workers = info.attention_workers  # none listed would make all() vacuous
-                full = bool(workers) and all(a.free_blocks == a.total_blocks > 0 and a.sequences == 0 for a in workers)
+                full = bool(workers) and all(
+                    info.attention_free_blocks(a) == a.total_blocks > 0 and a.live_contexts == 0 and a.batches > 0
+                    for a in workers
+                )
                 if full or asyncio.get_running_loop().time() > deadline:
                     break
                 await asyncio.sleep(0.05)  # poll interval
@@ -176,3 +180,44 @@ def test_a_tight_attention_pool_serves_every_stream(tiny_checkpoint) -> None:
     assert got == [o.token_ids for o in ref]
     assert stats.free_kv_blocks == stats.total_kv_blocks == 2 * tight
     assert limit == tight * 8  # one attention worker's blocks: what one request can hold
+
+
+def test_prefix_caching_and_speculation_on_the_model_worker(tiny_checkpoint) -> None:
+    """The model worker's engine owns the attention workers' pages: with its prefix cache and
+    n-gram speculation on, a second wave of prompts sharing the first wave's prefixes hits the
+    cache (on the attention worker holding it), drafts are verified on the attention workers,
+    and every stream equals engine.LLM with the same features."""
+    ckpt = tiny_checkpoint("llama")
+    ngram = {"method": "ngram", "num_speculative_tokens": 3, "policy": "fixed", "prompt_lookup_min": 1}
+    engine = {**MODEL_ENGINE, "enable_prefix_caching": True, "speculative_config": ngram}
+    cfg = ServeConfig(
+        model=ckpt,
+        pools=(
+            PoolConfig("mixed", "mixed", 1, engine=engine),
+            PoolConfig("attention", "attention", 2, engine=ATTN_ENGINE),
+        ),
+        router=RouterConfig(short_prompt_threshold=1024),
+        transfer=TransferConfig(kind="loopback"),
+    )
+    shared = [list(range(3, 27)), [9, 8, 7, 6] * 6]  # 3 full blocks each
+    wave1 = [shared[0] + [1], shared[1] + [2, 3]]
+    wave2 = [shared[0] + [4, 5], shared[1] + [6], shared[0] + [7]]
+
+    async def run():
+        cluster = await LocalCluster(cfg, ep_group_timeout_s=30.0).start()
+        try:
+            got1 = await asyncio.gather(*(_collect(cluster, f"a{i}", p) for i, p in enumerate(wave1)))
+            got2 = await asyncio.gather(*(_collect(cluster, f"b{i}", p) for i, p in enumerate(wave2)))
+            await cluster.router.refresh_loads()
+            stats = cluster.info().workers[0].stats
+        finally:
+            await cluster.stop()
+        return got1, got2, stats
+
+    got1, got2, stats = asyncio.run(run())
+    llm = LLM(ckpt, **{**engine, "num_blocks": 2 * ATTN_BLOCKS})
+    assert got1 == [o.token_ids for o in llm.generate(wave1, GREEDY)]
+    assert got2 == [o.token_ids for o in llm.generate(wave2, GREEDY)]
+    assert stats.engine.prefix_cache_hits >= 3 * 3  # each wave-2 prompt's 3 shared blocks
+    assert stats.speculation is not None and stats.speculation.proposed_tokens > 0
+    assert stats.attention.used_blocks == (0, 0) and stats.engine.free_kv_blocks == 2 * ATTN_BLOCKS
