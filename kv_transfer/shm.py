@@ -77,7 +77,7 @@ import torch
 from engine.kv_cache.layout import KVLayout, KVLayoutMismatch
 from engine.kv_cache.paged_cache import PagedKVCache
 from kv_transfer.base import FaultHook, KVChunk, KVLinkBroken, KVTransferError, PageSink, check_layouts
-from kv_transfer.bytes_ops import checksum_pages, copy_with_checksum, page_rows, tensor_bytes
+from kv_transfer.bytes_ops import checksum_pages, copy_with_checksum, page_rows, tensor_bytes, warm_native
 from kv_transfer.receiver_book import BookedReceiver
 from kv_transfer.sender_book import BookedSender
 from kv_transfer.shm_ring import (
@@ -116,6 +116,7 @@ class ShmReceiver(BookedReceiver):
         if arena_bytes < layout.page_bytes:
             raise ValueError(f"arena_bytes={arena_bytes} is smaller than one page ({layout.page_bytes} bytes)")
         self.arena_bytes = arena_bytes
+        warm_native()  # the page copy's kernel, loaded before any chunk (and lock) can need it
         self._dir = tempfile.mkdtemp(prefix="splitserve-kv-")  # mode 0700: only this user
         self._path = os.path.join(self._dir, "rx.sock")
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -303,6 +304,7 @@ class ShmSender(BookedSender):
             raise ValueError(f"window_bytes must be positive, got {window_bytes}")
         self.stall_timeout_s = stall_timeout_s
         self.window_bytes = window_bytes
+        warm_native()  # send_blocks hashes on the caller's thread: no first-call build there
         self._sock: socket.socket | None = None
         self._arena: Arena | None = None
         self._cond = threading.Condition()
