@@ -21,8 +21,8 @@ talks over a Unix domain socket in a private temp dir; the socket path is the re
       desc(index, layer, first, n,
            checksum, rid, ids)        ─────>  check ids < num_blocks, n == len(ids); copy
                                               the pages from the mapping straight into the
-                                              reserved blocks, hashing each piece as it
-                                              lands (ReceiverBook.on_shared_pages, under
+                                              reserved blocks, hashing the bytes as they
+                                              land (ReceiverBook.on_shared_pages, under
                                               its lock); mismatch -> request FAILED
                                       <─────  ack byte: those source pages were read
     send(rid, layer, first, pages)                    (by copy: the ring)
@@ -38,8 +38,11 @@ talks over a Unix domain socket in a private temp dir; the socket path is the re
     (credit and ack bytes go out in one write once no further frame is buffered)
 
 By reference, every byte crosses the memory bus once: the sender hashes its pages in place
-(xxh3, ~3x faster than a copy) and the receiver copies them once, hashing each 512 KiB piece
-from the destination while it is still in L2 (``bytes_ops.copy_pages_with_checksum``). The
+(xxh3) and the receiver copies them once, hashing on the way (``bytes_ops.
+copy_pages_with_checksum``: with the native kernel each 64-byte stripe is stored from and
+hashed from the same register, in one pass at memcpy speed; without it each 512 KiB piece is
+hashed from the destination while it is still in L2). Both load the kernel when they are
+created, before any lock is held. The
 checksum is taken during ``send_blocks``, so a source block the caller writes before DONE
 (it must not) fails the request at the receiver instead of landing silently; hashing the
 destination, not the source, means a torn read can never verify either. A failing chunk may
