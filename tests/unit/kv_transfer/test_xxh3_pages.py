@@ -16,17 +16,12 @@ from engine import native
 from kv_transfer import bytes_ops
 from kv_transfer.base import tensor_checksum
 from kv_transfer.bytes_ops import checksum_pages, copy_pages_with_checksum
-from tests.prereq import require
+from tests.prereq import require_native
 
 
 @pytest.fixture(scope="module")
 def mod():
-    m = native.load()
-    require(
-        m is not None,
-        "native CPU kernels could not be built: needs g++ and ninja (`make system-deps`); see the logged warning",
-    )
-    return m
+    return require_native()
 
 
 def _impls(mod) -> list[int]:
