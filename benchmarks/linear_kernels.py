@@ -11,6 +11,8 @@ in the model (538 MB fp32, far above the caches), under:
 - ``native``: ``stream_linear`` (engine/native/csrc/linear.cpp), each weight row read once;
 - ``onednn``: ``torch.ops.mkldnn._linear_pointwise`` (what ``engine.models.layers.linear``
   calls for large fp32 weights);
+- ``packed``: the same op on weights reordered once into oneDNN's blocked layout
+  (``pack_linear_weight``; KernelConfig.prepack_linear);
 - ``mkl``: ``F.linear``.
 
 Best of 5 per cell, the kernels interleaved per M; the 1-minute load average is recorded.
@@ -34,6 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.common import RESULTS_DIR, machine_description  # noqa: E402
 from engine import native  # noqa: E402
+from engine.models.layers import pack_linear_weight  # noqa: E402
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # per layer, [out, in]
 LAYERS, HEAD = 30, (49152, 576)
@@ -70,20 +73,21 @@ def main() -> None:
     for dtype in (torch.float32, torch.bfloat16):
         weights = [torch.randn(*s).to(dtype) for _ in range(LAYERS) for s in SHAPES] + [torch.randn(*HEAD).to(dtype)]
         mb = sum(w.numel() * w.element_size() for w in weights) / 1e6
-        kernels = {"native": module.stream_linear, "mkl": F.linear}
+        kernels = {"native": (module.stream_linear, weights), "mkl": (F.linear, weights)}
         if dtype == torch.float32:
-            kernels["onednn"] = onednn
+            kernels["onednn"] = (onednn, weights)
+            kernels["packed"] = (onednn, [pack_linear_weight(w) for w in weights])
         table = []
         print(f"\n{dtype} ({mb:.0f} MB of weights per step)")
         print("| rows | " + " | ".join(f"{k} ms" for k in kernels) + " | load |")
         print("|---:|" + "---:|" * (len(kernels) + 1))
         for m in ROWS:
-            row = {k: step_ms(fn, weights, m, dtype) for k, fn in kernels.items()}
+            row = {k: step_ms(fn, ws, m, dtype) for k, (fn, ws) in kernels.items()}
             row.update(rows=m, load=os.getloadavg()[0])
             table.append(row)
             print(f"| {m} | " + " | ".join(f"{row[k]:.1f}" for k in kernels) + f" | {row['load']:.1f} |", flush=True)
         results["tables"][str(dtype).removeprefix("torch.")] = {"weights_mb": mb, "rows": table}
-        del weights
+        del weights, kernels
     out = RESULTS_DIR / "linear_kernels.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwrote {out}")

@@ -230,6 +230,14 @@ class KernelConfig:
     # the native kernel; larger ones use oneDNN / MKL (0: never). 16 is where oneDNN catches up
     # on the 2-core dev machine (benchmarks/linear_kernels.py).
     stream_linear_max_rows: int = 16
+    # Reorder float32 linear weights (attention, dense MLP, head; at least ONEDNN_MIN_WEIGHT
+    # elements) once at load into oneDNN's blocked layout (engine/models/layers.py
+    # pack_linear_weight): every row count then runs oneDNN without its per-call reorder. In
+    # micro-benchmarks of SmolLM2's linears it beat the streaming kernel and plain oneDNN at
+    # 1-256 rows; end to end it is not measured on a quiet machine yet, so it is off by
+    # default. A tied head keeps a packed copy beside the embedding (its bytes once more).
+    # CPU only; SPLITSERVE_ONEDNN_LINEAR=0 turns it off too.
+    prepack_linear: bool = False
 
     def __post_init__(self) -> None:
         if self.stream_linear_max_rows < 0:

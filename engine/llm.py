@@ -23,7 +23,11 @@ _CACHE_FIELDS = {f.name for f in dataclasses.fields(CacheConfig)}
 _SCHED_FIELDS = {f.name for f in dataclasses.fields(SchedulerConfig)}
 _ENGINE_FIELDS = {"attention_backend", "max_model_len", "kv_cache_shared"}
 # KernelConfig fields under their LLM option names
-_KERNEL_OPTIONS = {"native_kernels": "native", "stream_linear_max_rows": "stream_linear_max_rows"}
+_KERNEL_OPTIONS = {
+    "native_kernels": "native",
+    "stream_linear_max_rows": "stream_linear_max_rows",
+    "prepack_linear": "prepack_linear",
+}
 
 
 @dataclass
@@ -46,7 +50,8 @@ def build_engine_config(
 ) -> EngineConfig:
     """EngineConfig from flat keyword options: CacheConfig / SchedulerConfig field names,
     ``attention_backend`` / ``max_model_len`` / ``kv_cache_shared``, and ``native_kernels`` /
-    ``stream_linear_max_rows`` (KernelConfig's ``native`` / ``stream_linear_max_rows``).
+    ``stream_linear_max_rows`` / ``prepack_linear`` (KernelConfig's ``native`` /
+    ``stream_linear_max_rows`` / ``prepack_linear``).
     ``speculative_config``: a SpeculativeConfig or vLLM's dict form
     (``SpeculativeConfig.from_dict``), None for plain decoding.
 

@@ -90,7 +90,10 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.device = torch.device(device)
-        model.set_native_kernels(native_kernels_for(model, self.device, kernels or KernelConfig()))
+        kernels = kernels or KernelConfig()
+        model.set_native_kernels(native_kernels_for(model, self.device, kernels))
+        if kernels.prepack_linear and self.device.type == "cpu":
+            model.prepack_linears()  # the weights are loaded (and TP-sharded) by now
 
     @torch.inference_mode()
     def execute(

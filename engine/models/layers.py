@@ -21,17 +21,47 @@ ONEDNN_LINEAR = (
     and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 )
 ONEDNN_MIN_WEIGHT = 1 << 18  # elements; below this oneDNN's ~15 us fixed cost per call dominates
+# The row count oneDNN is told to expect when it reorders a weight (pack_linear_weight): its
+# blocked layout then serves every row count, 1 to hundreds (benchmarks/linear_kernels.py).
+PACK_ROWS_HINT = 16
+
+
+def packable(w: torch.Tensor) -> bool:
+    """Whether ``pack_linear_weight`` takes ``w``: a plain fp32 CPU matrix large enough that
+    oneDNN pays (``ONEDNN_MIN_WEIGHT``), with oneDNN linear on (``ONEDNN_LINEAR``)."""
+    return (
+        ONEDNN_LINEAR
+        and w.dim() == 2
+        and not w.is_mkldnn
+        and w.dtype == torch.float32
+        and w.device.type == "cpu"
+        and w.numel() >= ONEDNN_MIN_WEIGHT
+    )
+
+
+def pack_linear_weight(w: torch.Tensor) -> nn.Parameter:
+    """``w`` [out, in] reordered once into oneDNN's blocked layout (an mkldnn tensor, same
+    shape and dtype, no grad): ``linear`` then skips the reorder oneDNN otherwise does on every
+    call. The values are ``w``'s; only the summation order of a product may differ from the
+    plain path's (float rounding, ~1e-6 relative)."""
+    if not packable(w):
+        raise ValueError(f"pack_linear_weight: not a packable weight ({w.dtype}, {tuple(w.shape)}, {w.device})")
+    return nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_ROWS_HINT), requires_grad=False)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, w, b)``; x: [..., in], w: [out, in] -> [..., out].
 
-    On CPU, MKL's fp32 GEMV (batch-1 decode) streams weights at about half the memory
-    bandwidth and ignores the second thread; oneDNN's reaches close to full bandwidth and is
-    also 1.1-1.8x faster for 8-64 rows (measured on the 2-core AMD EPYC dev machine, see
-    BENCHMARKS.md). Both compute the same fp32 dot products; only the summation order (float
-    rounding, ~1e-6 relative) differs. Inference only: oneDNN's op has no autograd formula.
+    A packed weight (``pack_linear_weight``, an mkldnn tensor) goes through oneDNN's linear
+    without a reorder. A plain one: on CPU, MKL's fp32 GEMV (batch-1 decode) streams weights
+    at about half the memory bandwidth and ignores the second thread; oneDNN's reaches close
+    to full bandwidth and is also 1.1-1.8x faster for 8-64 rows (measured on the 2-core AMD
+    EPYC dev machine, see BENCHMARKS.md). Both compute the same fp32 dot products; only the
+    summation order (float rounding, ~1e-6 relative) differs. Inference only: oneDNN's op has
+    no autograd formula.
     """
+    if w.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
     if (
         ONEDNN_LINEAR
         and w.numel() >= ONEDNN_MIN_WEIGHT
@@ -48,9 +78,9 @@ class NativeKernels:
     """The compiled CPU kernels of engine/native (``csrc/linear.cpp``, ``csrc/fused_ops.cpp``)
     as the model calls them; a model without one runs the torch ops above and below.
 
-    ``max_rows``: ``linear`` streams the weight once through ``stream_linear`` when x has at most
-    this many rows (decode batches), and goes through ``linear`` (oneDNN / MKL) above it; 0 never
-    streams. The cut is a fixed number, not a per-call measurement, so the kernel a step uses
+    ``max_rows``: ``linear`` streams a plain weight once through ``stream_linear`` when x has at
+    most this many rows (decode batches), and goes through ``linear`` (oneDNN / MKL) above it; 0
+    never streams. A packed weight (``pack_linear_weight``) always goes through oneDNN. The cut is a fixed number, not a per-call measurement, so the kernel a step uses
     (hence its rounding) depends only on the step's shape, never on timing noise: see
     ``benchmarks/linear_kernels.py`` for the measurements behind the default (EngineConfig).
     """
@@ -60,7 +90,7 @@ class NativeKernels:
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         """x: [T, in], w: [out, in] -> [T, out]."""
-        if x.shape[0] <= self.max_rows and w.dtype in _STREAM_DTYPES:
+        if x.shape[0] <= self.max_rows and w.dtype in _STREAM_DTYPES and not w.is_mkldnn:
             return self.module.stream_linear(x, w, b)
         return linear(x, w, b)
 

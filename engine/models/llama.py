@@ -16,7 +16,15 @@ from torch import nn
 
 from engine.attention.backend import AttentionBackend, AttentionMetadata, SplitAttentionBackend, split_backend
 from engine.config import ModelConfig
-from engine.models.layers import GatedMLP, NativeKernels, RMSNorm, RotaryEmbedding, linear
+from engine.models.layers import (
+    GatedMLP,
+    NativeKernels,
+    RMSNorm,
+    RotaryEmbedding,
+    linear,
+    pack_linear_weight,
+    packable,
+)
 from engine.models.moe import LocalExpertDispatcher, LocalExperts, MoEBlock
 from engine.moe import ExpertDispatcher
 from engine.parallel import OverlapStats, Pending, Stage, run_overlapped
@@ -186,6 +194,8 @@ class DecoderLM(nn.Module):
         # Tensor parallelism (``set_tensor_parallel``): this model is one rank's shard and these
         # complete its partial values; None: the whole model.
         self.parallel: ShardReductions | None = None
+        # A tied head's oneDNN-packed copy (``prepack_linears``); None: the head is read plain
+        self.head_packed: nn.Parameter | None = None
 
     def _make_mlp(self, layer: int) -> nn.Module:
         moe = self.cfg.moe
@@ -216,6 +226,29 @@ class DecoderLM(nn.Module):
         if kernels is not None and not self.native_capable:
             raise ValueError(f"{self.cfg.architecture}: the native kernel path needs dense layers without q/k norm")
         self.native = kernels
+
+    def prepack_linears(self) -> int:
+        """Reorder every packable linear weight once into oneDNN's blocked layout
+        (layers.pack_linear_weight): attention qkv / o, the dense MLPs' (and MoE shared
+        experts') gate_up / down, and the head. A tied head gets a packed copy beside the
+        embedding, which lookups still read (its bytes once more); routed experts and gates
+        stay plain. Call once, after the weights are loaded (loading and TP sharding write
+        plain tensors). Returns the number of weights packed."""
+        packed = 0
+        for module in self.modules():
+            if not isinstance(module, Attention | GatedMLP):
+                continue
+            for name in ("qkv", "o") if isinstance(module, Attention) else ("gate_up", "down"):
+                if packable(getattr(module, name)):
+                    setattr(module, name, pack_linear_weight(getattr(module, name)))
+                    packed += 1
+        if self.lm_head is not None and packable(self.lm_head):
+            self.lm_head = pack_linear_weight(self.lm_head)
+            packed += 1
+        elif self.lm_head is None and packable(self.embed):
+            self.head_packed = pack_linear_weight(self.embed)
+            packed += 1
+        return packed
 
     @property
     def native_capable(self) -> bool:
@@ -326,9 +359,16 @@ class DecoderLM(nn.Module):
         outs = run_overlapped(inputs, stages, self.rotation_stats)
         return torch.cat([h for h, _ in outs], dim=0)
 
+    def head_weight(self) -> torch.Tensor:
+        """The head's [vocab, hidden] weight: lm_head, else the tied embedding (its packed
+        copy once ``prepack_linears`` made one)."""
+        if self.lm_head is not None:
+            return self.lm_head
+        return self.embed if self.head_packed is None else self.head_packed
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> fp32 logits [N, vocab]."""
-        w = self.embed if self.lm_head is None else self.lm_head
+        w = self.head_weight()
         if self.parallel is not None:  # this rank's vocab slice [N, Vs] -> gathered [N, V]
             return self.parallel.gather_logits(linear(hidden, w).float())
         if self.native is not None:

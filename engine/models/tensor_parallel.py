@@ -620,7 +620,7 @@ class TPModel:
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> fp32 logits [N, V], gathered from the vocab shards."""
         m = self.model
-        w = m.embed if m.lm_head is None else m.lm_head
+        w = m.head_weight()
         local = linear(hidden, w).float()  # [N, Vs]
         gathered = self.comm.all_gather(local.t().contiguous())  # [W * Vs, N]
         return gathered[: self.plan.vocab].t()

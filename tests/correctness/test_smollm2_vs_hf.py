@@ -34,9 +34,11 @@ MAX_NEW_TOKENS = 48
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def llm(smollm2_gguf: str) -> LLM:
-    return LLM(smollm2_gguf, dtype="float32", num_blocks=256)
+@pytest.fixture(scope="module", params=[False, True], ids=["plain-weights", "prepacked-weights"])
+def llm(smollm2_gguf: str, request) -> LLM:
+    """Plain float32 weights, and the same weights reordered into oneDNN's blocked layout
+    (KernelConfig.prepack_linear: only the summation order of the linears changes)."""
+    return LLM(smollm2_gguf, dtype="float32", num_blocks=256, prepack_linear=request.param)
 
 
 def test_weights_match_transformers_gguf_loading(smollm2_gguf: str, hf_model, chat_prompts) -> None:

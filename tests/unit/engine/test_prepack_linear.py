@@ -1,0 +1,65 @@
+"""oneDNN-packed linear weights (KernelConfig.prepack_linear, engine/models/layers.py
+pack_linear_weight): the engine reorders its float32 linear weights once at load, and every
+linear then runs oneDNN on the packed weight. Packing changes only the summation order, so
+logits stay within float rounding of the plain weights' and greedy tokens are equal."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from engine.models.layers import ONEDNN_LINEAR, ONEDNN_MIN_WEIGHT, NativeKernels, linear, pack_linear_weight, packable
+
+pytestmark = pytest.mark.skipif(not ONEDNN_LINEAR, reason="oneDNN linear is off (SPLITSERVE_ONEDNN_LINEAR=0)")
+
+# wide enough that every linear reaches ONEDNN_MIN_WEIGHT (o: 512 x 512 = 2^18 elements)
+WIDE = {"hidden_size": 512, "intermediate_size": 1024, "num_attention_heads": 8, "num_key_value_heads": 4}
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+PROMPTS = [[5, 9, 2, 7, 11, 3], list(range(20, 47)), [100, 4, 8, 15, 16, 23, 42]]
+ENGINE = {"block_size": 8, "num_blocks": 64, "skip_tokenizer_init": True}
+
+
+def _mkldnn_params(llm: LLM) -> list[str]:
+    return [n for n, p in llm.engine.model.named_parameters() if p.is_mkldnn]
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied-head", "tied-head"])
+def test_packed_weights_give_the_plain_weights_tokens(tiny_checkpoint, tied: bool) -> None:
+    ckpt = tiny_checkpoint("llama", tie_word_embeddings=tied, **WIDE)
+    packed = LLM(ckpt, prepack_linear=True, **ENGINE)
+    plain = LLM(ckpt, **ENGINE)  # the default: plain weights
+    layers = packed.engine.model.cfg.num_layers
+    names = _mkldnn_params(packed)
+    assert len(names) == 4 * layers + 1, names  # qkv, o, gate_up, down per layer + the head
+    assert _mkldnn_params(plain) == []
+    model = packed.engine.model
+    assert not model.embed.is_mkldnn  # lookups read the plain embedding
+    assert (model.head_packed is not None) == tied and (model.lm_head is None) == tied
+    got = [o.token_ids for o in packed.generate(PROMPTS, GREEDY)]
+    want = [o.token_ids for o in plain.generate(PROMPTS, GREEDY)]
+    assert got == want
+
+
+def test_a_packed_weight_computes_the_plain_product_in_every_path() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(1024, 512)
+    b = torch.randn(1024)
+    assert packable(w) and not packable(w[:, :100]) and not packable(w.bfloat16())
+    assert not packable(torch.randn(8, ONEDNN_MIN_WEIGHT // 8 - 1))
+    p = pack_linear_weight(w)
+    assert p.is_mkldnn and p.shape == w.shape and not p.requires_grad
+    with pytest.raises(ValueError, match="not a packable weight"):
+        pack_linear_weight(p)
+
+    class NoStream:  # a packed weight must never reach the streaming kernel
+        def stream_linear(self, *_):
+            raise AssertionError("stream_linear called with a packed weight")
+
+    kernels = NativeKernels(NoStream(), max_rows=64)  # type: ignore[arg-type]
+    with torch.inference_mode():
+        for rows in (1, 7, 64, 300):
+            x = torch.randn(rows, 512)
+            ref = torch.nn.functional.linear(x, w, b)
+            torch.testing.assert_close(linear(x, p, b), ref, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(kernels.linear(x, p, b), ref, rtol=1e-4, atol=1e-4)
