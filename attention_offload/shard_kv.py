@@ -18,9 +18,12 @@ only applies its decisions to the receiver, in the group's message order
     POLL(rids)           per request: its state's wire code (TRANSFER_STATES) and, when
                          failed, why
     CANCEL(rid)          receiver.cancel (a finished, failed or aborted transfer is forgotten;
-                         a late chunk is never written: once the serve loop applied CANCEL,
-                         the blocks may be the engine's next owner's, whose EXPECT comes later
-                         on the same ordered channel)
+                         fire-and-forget too: a chunk that lands before the serve loop applied
+                         it may still be written into the request's blocks, which is harmless:
+                         their next owner's EXPECT or step comes later on the same ordered
+                         channel, so after the CANCEL (the receiver's lock orders the write
+                         before it), and writes its slots before reading them (shard.py); a
+                         chunk after it is dropped unwritten)
     ADDRESS              the receiver's address (what prefill workers connect to), once, when
                          the model worker joins the group
 

@@ -117,7 +117,9 @@ class LocalCluster:
                 self.config.model,
                 pool.engine,
                 worker_id=wid,
-                receiver_factory=ReceiverFactory(t.kind),  # prefill workers push KV here (transport_options: senders only)
+                receiver_factory=ReceiverFactory(
+                    t.kind
+                ),  # prefill workers push KV here (transport_options: senders only)
             )
             self.attention[wid] = aw
             self.attention_handles[wid] = local_attention(wid, aw)

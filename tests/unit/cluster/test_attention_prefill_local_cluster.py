@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 
 import pytest
 import torch
 
+from attention_offload.shard_kv import FAILED_CODE
 from cluster.config import PoolConfig, RouterConfig, ServeConfig, TransferConfig
 from cluster.control.local import LocalCluster
 from decode_worker.attention_receiver import AttentionKVReceiver
@@ -24,7 +26,12 @@ from kv_transfer.base import KVChunk
 from tests.router_streams import collect_ok
 
 BS = 8
-MODEL_ENGINE = {"block_size": BS, "attention_backend": "sdpa", "skip_tokenizer_init": True, "enable_prefix_caching": False}
+MODEL_ENGINE = {
+    "block_size": BS,
+    "attention_backend": "sdpa",
+    "skip_tokenizer_init": True,
+    "enable_prefix_caching": False,
+}
 PREFILL_ENGINE = {"block_size": BS, "attention_backend": "sdpa", "skip_tokenizer_init": True}
 ATTN_BLOCKS = 24  # per attention worker
 ATTN_ENGINE = {"block_size": BS, "num_blocks": ATTN_BLOCKS, "attention_backend": "sdpa"}
@@ -117,18 +124,22 @@ def test_prefill_pushes_kv_straight_to_the_attention_workers(tiny_checkpoint, ki
     assert by_id["decode-0"].transfer_failures == 0 and polls > 0 and untouched
 
 
-def test_a_cancel_mid_stream_and_a_corrupted_transfer_free_every_pool(tiny_checkpoint) -> None:
-    """A client that goes away after its first token, and a transfer whose first chunk is
-    corrupted: the attention worker's receiver fails it at its checksum, the model worker
-    aborts the attempt and frees its blocks, the router retries it with a fresh transfer
-    (equal to engine.LLM); afterwards every pool is full and no transfer is left anywhere."""
+def test_cancels_mid_transfer_and_mid_stream_and_a_corrupted_transfer_free_every_pool(tiny_checkpoint) -> None:
+    """A client that goes away while its KV is on the wire (the attention worker's receiver
+    forgets it: once the CANCEL is applied, the late chunks are dropped unwritten), one that goes away after its first
+    token, and a transfer whose first chunk is corrupted (the attention worker's receiver fails
+    it at its checksum, the model worker aborts the attempt and frees its blocks, the router
+    retries it with a fresh transfer, equal to engine.LLM): afterwards every pool is full and
+    no transfer is left anywhere."""
     ckpt = tiny_checkpoint("llama")
     corrupted: list[str] = []
+    held, release = threading.Event(), threading.Event()
 
-    def corrupt_first_transfer(chunk: KVChunk) -> KVChunk:
-        if chunk.request_id != "bad" or (corrupted and corrupted[0] != "bad"):
-            return chunk
-        if corrupted:  # only the first chunk of the first attempt
+    def faults(chunk: KVChunk) -> KVChunk:
+        if chunk.request_id == "slow" and not held.is_set():  # its first chunk waits on the wire
+            held.set()
+            release.wait(DEADLINE_S)
+        if chunk.request_id != "bad" or corrupted:  # only the first chunk of "bad"'s first attempt
             return chunk
         corrupted.append(chunk.request_id)
         payload = chunk.payload.clone()
@@ -137,25 +148,52 @@ def test_a_cancel_mid_stream_and_a_corrupted_transfer_free_every_pool(tiny_check
 
     long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
 
+    async def wait_for(cond, what: str) -> None:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + DEADLINE_S
+        while not cond():
+            assert loop.time() < end, what
+            await asyncio.sleep(0.01)  # poll interval
+
     async def run():
-        cluster = await LocalCluster(
-            _config(ckpt), ep_group_timeout_s=30.0, transport_options={"fault_hook": corrupt_first_transfer}
-        ).start()
+        cluster = LocalCluster(_config(ckpt), ep_group_timeout_s=30.0, transport_options={"fault_hook": faults})
+        await cluster.start()
+        model = cluster.workers["decode-0"]
         try:
-            # a client that reads one token and goes away: the request is aborted everywhere
+            # 1. cancelled while its first chunk is on the wire
+            task = asyncio.ensure_future(collect_ok(cluster.router, "slow", PROMPTS[4], GREEDY))
+            await wait_for(held.is_set, "the first chunk of 'slow' was never sent")
+            assert model.stats().transfers_in_flight == 1
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await wait_for(lambda: model.stats().transfers_in_flight == 0, "the model worker kept the transfer")
+            # CANCEL is fire-and-forget; a POLL after it on the same ordered channel returns once
+            # the attention workers applied it: neither expects "slow" any more
+            transport = _model_receiver(cluster).transport
+            forgotten = model.loop.run(lambda: [transport.kv_poll(s, ["slow"])[0] for s in range(2)])
+            assert all(code == FAILED_CODE and "not expected" in why for code, why in forgotten), forgotten
+            bytes_before = sum(a.kv_bytes_received for a in cluster.info().attention_workers)
+            release.set()  # the late chunk reaches a receiver that forgot the request
+            await _pools_full(cluster)
+            late = sum(a.kv_bytes_received for a in cluster.info().attention_workers) - bytes_before
+            # 2. a client that reads one token and goes away
             gen = cluster.router.generate(RequestSpec("gone", PROMPTS[4], long))
             first = await gen.__anext__()
             assert first.token_ids and first.error is None
             await gen.aclose()
+            # 3. a corrupted transfer
             bad = await collect_ok(cluster.router, "bad", PROMPTS[2], GREEDY)
             await _pools_full(cluster)
-            failures = cluster.info().workers
+            workers = cluster.info().workers
             stats = cluster.router.stats
         finally:
+            release.set()
             await cluster.stop()
-        return bad, failures, stats
+        return late, bad, workers, stats
 
-    bad, workers, stats = asyncio.run(run())
+    late, bad, workers, stats = asyncio.run(run())
+    assert late == 0  # the cancelled request's chunk was dropped, not written
     assert corrupted == ["bad"]
     assert bad == _reference(ckpt, [PROMPTS[2]])[0]
     assert stats.failovers["kv_checksum"] == 1
