@@ -63,14 +63,21 @@ class AttentionKVReceiver(KVReceiver):
             raise ValueError(f"{len(addresses)} KV addresses for {self.transport.num_shards} attention workers")
         self._addresses = list(addresses)
 
-    def address_of(self, shard: int) -> Any:
-        """Where a prefill worker sends the KV of a request placed on ``shard``."""
+    def check_ready(self) -> None:
+        """Raises RuntimeError, naming why, unless every attention worker's address is known."""
         if self._addresses is None:
             raise RuntimeError("the attention workers' KV addresses are not known yet (the group has not formed)")
-        address = self._addresses[shard]
-        if address is None:
-            raise RuntimeError(f"attention worker {shard + 1} has no KV receiver (built without a transfer kind)")
-        return address
+        missing = [s + 1 for s, a in enumerate(self._addresses) if a is None]
+        if missing:
+            raise RuntimeError(
+                f"attention workers (ranks {missing}) have no KV receiver (built without a transfer kind)"
+            )
+
+    def address_of(self, shard: int) -> Any:
+        """Where a prefill worker sends the KV of a request placed on ``shard``."""
+        self.check_ready()
+        assert self._addresses is not None
+        return self._addresses[shard]
 
     @property
     def address(self) -> Any:

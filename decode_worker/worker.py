@@ -274,6 +274,8 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
     def _start_transfer(self, spec: RequestSpec, emitted: tuple[int, ...]) -> KVAddress | None:
         """-> where the prefill worker sends the KV: None = this worker's ``kv_address()``, or
         (an attention model worker) the address of the attention worker it is placed on."""
+        if isinstance(self.receiver, AttentionKVReceiver):
+            self.receiver.check_ready()  # before the request holds anything here
         req = self._new_request(spec, emitted)
         if req.is_finished:
             return None

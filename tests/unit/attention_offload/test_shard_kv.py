@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 
+from attention_offload.build import shard_layout
 from attention_offload.dist_transport import DistAttentionTransport, decode_strings, encode_strings, query_kv_addresses
+from attention_offload.remote import RemoteAttentionBackend
 from attention_offload.shard_kv import FAILED_CODE, TRANSFER_STATES
 from attention_offload.worker import build_attention_worker
+from decode_worker.attention_receiver import AttentionKVReceiver
+from engine.llm import build_engine_config
 from kv_transfer import ReceiverFactory, TransferStatus, make_sender
 from kv_transfer.base import KVChunk
 from tests.unit.attention_offload.test_attention_offload import BLOCK
@@ -101,3 +106,25 @@ def test_control_messages_drive_the_attention_workers_receiver(dense):  # noqa: 
     for x in w:
         assert x.wait_stopped(10.0) and x.stats().state == "closed"
         x.shutdown()
+
+
+def test_the_model_workers_proxy_needs_every_attention_workers_address(dense):  # noqa: F811 - the fixture
+    """decode_worker/attention_receiver.py: no address before the group formed, none for a worker
+    built without a receiver: start_transfer refuses, naming it, before holding anything."""
+    layout = shard_layout(build_engine_config(dense, block_size=BLOCK))
+    t = DistAttentionTransport(None, [1, 2], layout)
+    proxy = AttentionKVReceiver(layout, RemoteAttentionBackend(t, [4, 4], BLOCK), t)
+    assert proxy.address is None and proxy.bytes_received == 0
+    with pytest.raises(RuntimeError, match="not known yet"):
+        proxy.address_of(0)
+    proxy.set_addresses(["rx-1", None])
+    with pytest.raises(RuntimeError, match=r"ranks \[2\]\) have no KV receiver"):
+        proxy.check_ready()
+    with pytest.raises(ValueError, match="1 KV addresses for 2 attention workers"):
+        proxy.set_addresses(["rx-1"])
+    proxy.set_addresses(["rx-1", ("10.0.0.2", 5555)])
+    assert [proxy.address_of(s) for s in (0, 1)] == ["rx-1", ("10.0.0.2", 5555)]
+    with pytest.raises(KeyError, match="not expected"):
+        proxy.poll("never")
+    proxy.cancel("never")  # idempotent: nothing sent for a request never expected
+    assert t.counters.control == 0
