@@ -21,8 +21,8 @@ talks over a Unix domain socket in a private temp dir; the socket path is the re
       desc(index, layer, first, n,
            checksum, rid, ids)        ─────>  check ids < num_blocks, n == len(ids); copy
                                               the pages from the mapping straight into the
-                                              reserved blocks, hashing each piece as it
-                                              lands (ReceiverBook.on_shared_pages, under
+                                              reserved blocks, hashing the bytes as they
+                                              land (ReceiverBook.on_shared_pages, under
                                               its lock); mismatch -> request FAILED
                                       <─────  ack byte: those source pages were read
     send(rid, layer, first, pages)                    (by copy: the ring)
@@ -38,8 +38,11 @@ talks over a Unix domain socket in a private temp dir; the socket path is the re
     (credit and ack bytes go out in one write once no further frame is buffered)
 
 By reference, every byte crosses the memory bus once: the sender hashes its pages in place
-(xxh3, ~3x faster than a copy) and the receiver copies them once, hashing each 512 KiB piece
-from the destination while it is still in L2 (``bytes_ops.copy_pages_with_checksum``). The
+(xxh3) and the receiver copies them once, hashing on the way (``bytes_ops.
+copy_pages_with_checksum``: with the native kernel each 64-byte stripe is stored from and
+hashed from the same register, in one pass at memcpy speed; without it each 512 KiB piece is
+hashed from the destination while it is still in L2). Both load the kernel when they are
+created, before any lock is held. The
 checksum is taken during ``send_blocks``, so a source block the caller writes before DONE
 (it must not) fails the request at the receiver instead of landing silently; hashing the
 destination, not the source, means a torn read can never verify either. A failing chunk may
@@ -77,7 +80,7 @@ import torch
 from engine.kv_cache.layout import KVLayout, KVLayoutMismatch
 from engine.kv_cache.paged_cache import PagedKVCache
 from kv_transfer.base import FaultHook, KVChunk, KVLinkBroken, KVTransferError, PageSink, check_layouts
-from kv_transfer.bytes_ops import checksum_pages, copy_with_checksum, page_rows, tensor_bytes
+from kv_transfer.bytes_ops import checksum_pages, copy_with_checksum, page_rows, tensor_bytes, warm_native
 from kv_transfer.receiver_book import BookedReceiver
 from kv_transfer.sender_book import BookedSender
 from kv_transfer.shm_ring import (
@@ -116,6 +119,7 @@ class ShmReceiver(BookedReceiver):
         if arena_bytes < layout.page_bytes:
             raise ValueError(f"arena_bytes={arena_bytes} is smaller than one page ({layout.page_bytes} bytes)")
         self.arena_bytes = arena_bytes
+        warm_native()  # the page copy's kernel, loaded before any chunk (and lock) can need it
         self._dir = tempfile.mkdtemp(prefix="splitserve-kv-")  # mode 0700: only this user
         self._path = os.path.join(self._dir, "rx.sock")
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -303,6 +307,7 @@ class ShmSender(BookedSender):
             raise ValueError(f"window_bytes must be positive, got {window_bytes}")
         self.stall_timeout_s = stall_timeout_s
         self.window_bytes = window_bytes
+        warm_native()  # send_blocks hashes on the caller's thread: no first-call build there
         self._sock: socket.socket | None = None
         self._arena: Arena | None = None
         self._cond = threading.Condition()

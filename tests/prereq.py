@@ -74,3 +74,15 @@ def requires(condition: object, reason: str) -> Callable[[F], F]:
         return fail  # type: ignore[return-value]
 
     return decorate
+
+
+def require_native() -> Any:
+    """The compiled CPU kernels module (engine.native.load()), or skip / fail (CI) the test."""
+    from engine import native
+
+    module = native.load()
+    require(
+        module is not None,
+        "native CPU kernels could not be built: needs g++ and ninja (`make system-deps`); see the logged warning",
+    )
+    return module

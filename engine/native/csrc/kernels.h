@@ -27,4 +27,10 @@ at::Tensor argmax_rows(const at::Tensor& logits);
 void write_kv(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& k,
               const at::Tensor& v);
 
+// xxh3_pages.cpp: XXH3-64 of KV pages, optionally fused with copying them (kv_transfer shm).
+// Raw pointers: the Python binding checks the buffers (contiguous bytes) and releases the GIL.
+uint64_t xxh3_pages(const uint8_t* src, int64_t src_rows, const std::vector<int64_t>& src_ids, uint8_t* dst,
+                    int64_t dst_rows, const std::vector<int64_t>* dst_ids, int64_t page_bytes, int64_t impl);
+int64_t xxh3_pages_best_impl();
+
 }  // namespace splitserve

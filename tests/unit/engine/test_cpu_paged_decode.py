@@ -8,7 +8,7 @@ import torch
 from engine import native
 from engine.attention.backend import AttentionMetadata
 from engine.attention.sdpa import TorchSDPABackend
-from tests.prereq import require
+from tests.prereq import require_native
 from tests.unit.engine.paged_reference import block_tables as _tables
 from tests.unit.engine.paged_reference import random_cache as _cache
 from tests.unit.engine.paged_reference import reference_decode as _reference
@@ -18,12 +18,7 @@ LENS = [1, 13, 16, 37, 70, 32]  # one token, partial page, exactly one/two pages
 
 @pytest.fixture(scope="module")
 def mod():
-    m = native.load()
-    require(
-        m is not None,
-        "native CPU kernels could not be built: needs g++ and ninja (`make system-deps`); see the logged warning",
-    )
-    return m
+    return require_native()
 
 
 def _run(mod, h, hkv, d, bs, lens=LENS, window=None, dtype="float32"):

@@ -7,24 +7,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine import LLM, native
+from engine import LLM
 from engine.config import KernelConfig, ModelConfig, RopeConfig
 from engine.kv_cache.layout import KVLayout
 from engine.kv_cache.paged_cache import PagedKVCache
 from engine.model_runner import native_kernels_for
 from engine.models.layers import NativeKernels, RMSNorm, RotaryEmbedding
 from engine.models.llama import DecoderLM
-from tests.prereq import require
+from tests.prereq import require_native
 
 
 @pytest.fixture(scope="module")
 def mod():
-    m = native.load()
-    require(
-        m is not None,
-        "native CPU kernels could not be built: needs g++ and ninja (`make system-deps`); see the logged warning",
-    )
-    return m
+    return require_native()
 
 
 # ------------------------------------------------------------------ stream_linear
