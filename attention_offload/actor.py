@@ -17,6 +17,7 @@ from typing import Any
 import ray
 
 from attention_offload.api import AttentionAPI, AttentionWorkerStats
+from attention_offload.shard_kv import ShardReceiverFactory
 from attention_offload.worker import AttentionWorker, build_attention_worker
 from engine.runtime.groups import GroupSpec
 from engine.runtime.threads import set_threads_for_cpu_share
@@ -26,10 +27,22 @@ CONTROL_GROUP = "control"
 
 @ray.remote(max_concurrency=4, concurrency_groups={CONTROL_GROUP: 2})
 class AttentionActor(AttentionAPI):
-    def __init__(self, model: str, engine_options: dict[str, Any] | None = None, worker_id: str = "attention-0"):
+    def __init__(
+        self,
+        model: str,
+        engine_options: dict[str, Any] | None = None,
+        worker_id: str = "attention-0",
+        receiver_factory: ShardReceiverFactory | None = None,
+    ):
+        """``receiver_factory`` (kv_transfer.ReceiverFactory, pickled by Ray): the worker's KV
+        receiver, listening on this node's Ray IP for network kinds."""
         self.num_threads = set_threads_for_cpu_share(ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0))
         self.worker: AttentionWorker = build_attention_worker(
-            model, engine_options, worker_id=worker_id, node_ip=ray.util.get_node_ip_address()
+            model,
+            engine_options,
+            worker_id=worker_id,
+            node_ip=ray.util.get_node_ip_address(),
+            receiver_factory=receiver_factory,
         )
 
     @ray.method(concurrency_group=CONTROL_GROUP)

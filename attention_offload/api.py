@@ -31,6 +31,10 @@ class AttentionWorkerStats:
     batches: int  # non-empty batch contexts served
     served: int  # messages served by a finished loop (0 while serving)
     error: str | None  # why the loop failed ("failed" only)
+    # its KV receiver (prefill workers push prompts' KV straight into it, shard_kv.py): the
+    # address they connect to (None: built without one) and the page bytes written so far
+    kv_address: object = None
+    kv_bytes_received: int = 0
 
 
 class AttentionAPI(GroupMemberAPI):

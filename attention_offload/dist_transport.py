@@ -13,8 +13,23 @@ output back): every shard gets a BEGIN for every micro-batch (empty where none o
 requests is in it), the first announcing the step's micro-batch count, and the layer loop
 submits in a fixed order (layer l of micro-batches 0..count-1, then layer l + 1; BEGIN i
 right before micro-batch i's layer 0), which the shard's loop follows. Between steps the
-shard reads headers: BEGIN (a step starts), STATS, PING, CLOSE. No RELEASE: the shard's
+shard reads headers: BEGIN (a step starts), STATS, PING, CLOSE, and the KV-transfer control
+messages of shard_kv.py (EXPECT, POLL, CANCEL, ADDRESS: a prefill worker's KV goes straight
+into the shard's receiver; the model worker keeps the bookkeeping). No RELEASE: the shard's
 pages are the engine's blocks (shard.py).
+
+KV-transfer control (header field n = the body's int64 count, count = requests):
+
+    EXPECT   body [k, page ids (k), request id (encoded)]            fire-and-forget
+    CANCEL   body [request id (encoded)]                             fire-and-forget
+    POLL     body [request ids (encoded)]; reply int64 [count + 1] = state codes
+             (shard_kv.TRANSFER_STATES) | e, then, when e > 0, int64 [e] = the failed ones'
+             errors (encoded), in order
+    ADDRESS  no body; reply int64 [1] = e, then int64 [e] = the receiver's address as JSON
+             UTF-8 (e = 0: no receiver); sent once, at join, before the model worker steps
+
+Strings travel as int64 [len, bytes...] each (``encode_strings``): a few dozen bytes per
+request, once per request or poll, where the step's tensors are megabytes.
 
 The model side never blocks on a send: sends are asynchronous and waited with the attention
 output's receive (or at the next ``stats``/``close``), so a micro-batch's q/k/v leave while the next
@@ -30,17 +45,20 @@ worker's waits then fail with CommunicationError within the timeout, never a wro
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
 import torch
 
 from attention_offload.shard import AttentionShard, ShardBatch, ShardStats
+from attention_offload.shard_kv import FAILED_CODE, ShardKV
 from attention_offload.transport import HEADER_INTS, AttentionTransport, begin_body, parse_begin_body
 from engine.kv_cache.layout import KVLayout
 from engine.parallel import Communicator, Pending
 
 BEGIN, STATS, CLOSE, PING = 1, 4, 5, 6  # 3 was RELEASE (the shard keeps no per-request state)
+EXPECT, POLL, CANCEL, ADDRESS = 7, 8, 9, 10  # KV-transfer control (shard_kv.py)
 REQUEST_TAG, REPLY_TAG = 0, 1
 
 
@@ -138,6 +156,36 @@ class DistAttentionTransport(AttentionTransport):
             self._header(s, CLOSE)
         self._drain()
 
+    # ------------------------------------------------------------ KV-transfer control (between steps)
+    def _body(self, shard: int, kind: int, body: list[int], count: int = 0) -> None:
+        self._header(shard, kind, n=len(body), count=count)
+        self._send(shard, torch.tensor(body, dtype=torch.long))
+        self._count_control(len(body))
+
+    def kv_expect(self, shard: int, request_id: str, pages: list[int]) -> None:
+        """The shard's receiver expects the request's KV in ``pages`` (its page ids)."""
+        self._body(shard, EXPECT, [len(pages), *pages, *encode_strings([request_id])])
+
+    def kv_cancel(self, shard: int, request_id: str) -> None:
+        self._body(shard, CANCEL, encode_strings([request_id]))
+
+    def kv_poll(self, shard: int, request_ids: list[str]) -> list[tuple[int, str | None]]:
+        """Per request: (its state's code in shard_kv.TRANSFER_STATES, why it failed or None).
+        Blocking: one round trip."""
+        self._body(shard, POLL, encode_strings(request_ids), count=len(request_ids))
+        dev, rank = self.comm.device, self.ranks[shard]
+        head = self.comm.recv(torch.empty(len(request_ids) + 1, dtype=torch.long, device=dev), rank, REPLY_TAG)
+        *codes, e = head.tolist()
+        errors: list[str] = []
+        if e:
+            errors = decode_strings(self.comm.recv(torch.empty(e, dtype=torch.long, device=dev), rank, REPLY_TAG))
+        self._count_control(len(request_ids) + 1 + e)
+        self._drain()
+        out, it = [], iter(errors)
+        for code in codes:
+            out.append((code, next(it) if code == FAILED_CODE else None))
+        return out
+
 
 class _Reply:
     def __init__(self, transport: DistAttentionTransport, sends: list[Pending[Any]], recv: Pending[torch.Tensor]):
@@ -155,14 +203,82 @@ class _Reply:
         return self._out
 
 
-def serve_shard(comm: Communicator, shard: AttentionShard, model_rank: int = 0) -> int:
+def encode_strings(items: list[str]) -> list[int]:
+    """Strings -> int64 values [len, UTF-8 bytes...] per string (``decode_strings``'s input)."""
+    out: list[int] = []
+    for item in items:
+        raw = item.encode()
+        out.append(len(raw))
+        out.extend(raw)
+    return out
+
+
+def decode_strings(values: torch.Tensor | list[int]) -> list[str]:
+    flat = values.tolist() if isinstance(values, torch.Tensor) else list(values)
+    out, at = [], 0
+    while at < len(flat):
+        n = flat[at]
+        if n < 0 or at + 1 + n > len(flat):
+            raise ValueError(f"attention group: malformed string field (length {n} at {at} of {len(flat)})")
+        out.append(bytes(flat[at + 1 : at + 1 + n]).decode())
+        at += 1 + n
+    return out
+
+
+def _hashable(value: Any) -> Any:
+    """JSON's lists back to tuples (a torch transport's address is (host, port), used as a key)."""
+    return tuple(_hashable(v) for v in value) if isinstance(value, list) else value
+
+
+def query_kv_addresses(comm: Communicator, shard_ranks: list[int]) -> list[Any]:
+    """The model worker's side of ADDRESS, at join, before anything else uses ``comm``: each
+    shard's KV receiver address, in shard order (None: that worker has no receiver)."""
+    out = []
+    for rank in shard_ranks:
+        comm.send(torch.tensor([ADDRESS, 0, 0, 0, 0, 0, 0], dtype=torch.long, device=comm.device), rank, REQUEST_TAG)
+        (e,) = comm.recv(torch.empty(1, dtype=torch.long, device=comm.device), rank, REPLY_TAG).tolist()
+        raw = comm.recv(torch.empty(e, dtype=torch.long, device=comm.device), rank, REPLY_TAG).tolist() if e else []
+        out.append(_hashable(json.loads(bytes(raw).decode())) if raw else None)
+    return out
+
+
+def serve_shard(comm: Communicator, shard: AttentionShard, model_rank: int = 0, kv: ShardKV | None = None) -> int:
     """The attention worker's loop: serve the model worker's messages in order until CLOSE.
-    Returns the number of messages served; raises what the shard raised."""
+    ``kv``: the shard's KV receiver (None: none; EXPECTs fail, named). Returns the number of
+    messages served; raises what the shard raised."""
     with torch.inference_mode():
-        return _serve(comm, shard, model_rank)
+        return _serve(comm, shard, model_rank, kv if kv is not None else ShardKV(None))
 
 
-def _serve(comm: Communicator, shard: AttentionShard, model_rank: int) -> int:
+def _serve_kv(comm: Communicator, kv: ShardKV, model_rank: int, header: list[int]) -> None:
+    """One KV-transfer control message (module docstring)."""
+    kind, n, count, dev = header[0], header[3], header[5], comm.device
+    body = comm.recv(torch.empty(n, dtype=torch.long, device=dev), model_rank, REQUEST_TAG).tolist() if n else []
+    if kind == EXPECT:
+        k = body[0]
+        (rid,) = decode_strings(body[1 + k :])
+        kv.expect(rid, body[1 : 1 + k])
+    elif kind == CANCEL:
+        (rid,) = decode_strings(body)
+        kv.cancel(rid)
+    elif kind == POLL:
+        rids = decode_strings(body)
+        if len(rids) != count:
+            raise ValueError(f"attention shard: POLL of {count} requests carries {len(rids)} ids")
+        states = [kv.status(rid) for rid in rids]
+        errors = encode_strings([why or "" for code, why in states if code == FAILED_CODE])
+        comm.send(torch.tensor([*(c for c, _ in states), len(errors)], device=dev), model_rank, REPLY_TAG)
+        if errors:
+            comm.send(torch.tensor(errors, device=dev), model_rank, REPLY_TAG)
+    elif kind == ADDRESS:
+        address = kv.address
+        raw = list(json.dumps(address).encode()) if address is not None else []
+        comm.send(torch.tensor([len(raw)], device=dev), model_rank, REPLY_TAG)
+        if raw:
+            comm.send(torch.tensor(raw, dtype=torch.long, device=dev), model_rank, REPLY_TAG)
+
+
+def _serve(comm: Communicator, shard: AttentionShard, model_rank: int, kv: ShardKV) -> int:
     dev, served = comm.device, 0
     while True:
         header = _recv_header(comm, model_rank)
@@ -177,6 +293,8 @@ def _serve(comm: Communicator, shard: AttentionShard, model_rank: int) -> int:
             comm.send(torch.tensor([s.total_blocks, s.live_contexts, s.batches], device=dev), model_rank, REPLY_TAG)
         elif kind == PING:
             pass  # keepalive: the model worker is idle
+        elif kind in (EXPECT, POLL, CANCEL, ADDRESS):
+            _serve_kv(comm, kv, model_rank, header)
         elif kind == CLOSE:
             return served
         else:

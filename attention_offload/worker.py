@@ -12,10 +12,16 @@ model worker over a torch.distributed group:
                                                      [model worker = rank 0, attention workers 1..N];
                                                      join_group returns once joined and starts the
                                                      serve thread (``serve_shard`` until CLOSE)
-    stats()                                          the shard's pages, contexts and serve state
+    stats()                                          the shard's pages, contexts and serve state,
+                                                     its KV receiver's address and bytes
     shutdown()                                       waits for the serve thread within the group's
                                                      timeout (the model worker's CLOSE ends it;
                                                      otherwise its next receive times out)
+
+KV from prefill workers (``receiver_factory``, e.g. kv_transfer.ReceiverFactory): the worker
+builds a KV receiver writing into its shard's cache and listening at once; prefill workers
+push the prompts of requests placed on this shard straight into it, and the model worker
+drives it (EXPECT / POLL / CANCEL between steps, shard_kv.py). Closed at ``shutdown``.
 
 States: "waiting" (no group yet) -> "serving" -> "closed" (the model worker sent CLOSE) or
 "failed" (the shard or the link raised: the error is kept in ``stats().error``; the group is
@@ -34,6 +40,7 @@ from attention_offload.api import AttentionAPI, AttentionWorkerStats
 from attention_offload.build import build_shard, shard_layout
 from attention_offload.dist_transport import serve_shard
 from attention_offload.shard import AttentionShard
+from attention_offload.shard_kv import ShardKV, ShardKVReceiver, ShardReceiverFactory
 from engine.config import EngineConfig
 from engine.kv_cache.paged_cache import PagedKVCache
 from engine.llm import build_engine_config
@@ -63,8 +70,16 @@ def attention_engine_config(model: str, engine_options: dict[str, Any] | None) -
 
 
 class AttentionWorker(AttentionAPI):
-    def __init__(self, shard: AttentionShard, worker_id: str = "attention-0", node_ip: str = "127.0.0.1"):
+    def __init__(
+        self,
+        shard: AttentionShard,
+        worker_id: str = "attention-0",
+        node_ip: str = "127.0.0.1",
+        receiver: ShardKVReceiver | None = None,
+    ):
+        """``receiver``: writes into ``shard.cache`` (module docstring); None: no prefill pool."""
         self.shard, self.worker_id, self._node_ip = shard, worker_id, node_ip
+        self.kv = ShardKV(receiver, worker_id)
         self._state = "waiting"
         self._error: str | None = None
         self._served = 0
@@ -104,7 +119,7 @@ class AttentionWorker(AttentionAPI):
 
     def _serve(self, comm: Communicator) -> None:
         try:
-            served = serve_shard(comm, self.shard, MODEL_RANK)
+            served = serve_shard(comm, self.shard, MODEL_RANK, self.kv)
         except BaseException as e:  # noqa: BLE001 - kept and reported by stats(); the group is done
             log.error("%s: attention shard loop failed: %s: %s", self.worker_id, type(e).__name__, e)
             with self._lock:
@@ -128,6 +143,8 @@ class AttentionWorker(AttentionAPI):
                 s.batches,
                 self._served,
                 self._error,
+                self.kv.address,
+                self.kv.bytes_received,
             )
 
     def wait_stopped(self, timeout_s: float) -> bool:
@@ -142,6 +159,7 @@ class AttentionWorker(AttentionAPI):
         timeout; waits that long (+1 s), then leaves a stuck (daemon) thread behind loudly."""
         if not self.wait_stopped(self._timeout_s + 1.0):
             log.error("%s: serve loop still running %.0f s after shutdown", self.worker_id, self._timeout_s + 1.0)
+        self.kv.close()  # its receiver stops listening (a stuck loop's EXPECTs fail from here on)
 
 
 def build_attention_worker(
@@ -150,8 +168,13 @@ def build_attention_worker(
     worker_id: str = "attention-0",
     backend: str | None = None,
     node_ip: str = "127.0.0.1",
+    receiver_factory: ShardReceiverFactory | None = None,
 ) -> AttentionWorker:
-    """``backend``: the shard's attention backend; None: the pool's ``attention_backend``."""
+    """``backend``: the shard's attention backend; None: the pool's ``attention_backend``.
+    ``receiver_factory``: the worker's KV receiver over its shard's cache (a network kind
+    listens on ``node_ip``); None: none (no prefill pool)."""
     config = attention_engine_config(model, engine_options)
     kind = config.attention_backend if backend is None else backend
-    return AttentionWorker(build_shard(config, attention_blocks(config), kind), worker_id, node_ip)
+    shard = build_shard(config, attention_blocks(config), kind)
+    receiver = None if receiver_factory is None else receiver_factory(shard.layout, shard.cache, node_ip)
+    return AttentionWorker(shard, worker_id, node_ip, receiver)

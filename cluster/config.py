@@ -585,7 +585,8 @@ def _check_attention_pools(pools: tuple[PoolConfig, ...]) -> None:
     worker: that model worker runs an OffloadedEngine over all the pool's workers (1 x N).
     What the offloaded engine does not support yet is refused here, naming the field (prefix
     caching and speculation on the model worker are supported: its engine owns the shards'
-    pages)."""
+    pages). A prefill pool beside it is supported: prefill workers push each request's KV
+    straight to the attention worker holding it (decode_worker/attention_receiver.py)."""
     att = [(i, p) for i, p in enumerate(pools) if p.role == ATTENTION_ROLE and p.num_workers > 0]
     if not att:
         return
@@ -608,13 +609,6 @@ def _check_attention_pools(pools: tuple[PoolConfig, ...]) -> None:
         model.tensor_parallel == 1,
         f"pools[{j}].tensor_parallel",
         "tensor parallelism with an attention pool is not supported",
-    )
-    prefill = [k for k, p in enumerate(pools) if p.role == "prefill" and p.num_workers > 0]
-    _check(
-        not prefill,
-        f"pools[{prefill[0] if prefill else 0}].num_workers",
-        "disaggregated prefill with an attention pool is not supported yet (KV would have to reach the "
-        "attention workers): use a mixed pool and no prefill workers",
     )
     for key in ("block_size", "dtype"):
         _check(

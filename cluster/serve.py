@@ -162,7 +162,8 @@ def add_serve_parser(sub: Any) -> None:
         type=positive_int,
         metavar="N",
         help="attention offload: an 'attention' pool of N attention workers holding the KV of the one "
-        "decode/mixed worker (without a config's pools: one mixed worker, no prefill pool)",
+        "decode/mixed worker (without a config's pools or --prefill M: one mixed worker, no prefill pool; "
+        "with them, prefill workers push each request's KV straight to its attention worker)",
     )
     p.add_argument(
         "--group-transport",
@@ -269,7 +270,8 @@ def serve_config_from_args(args: argparse.Namespace, default_model: Callable[[],
             matching[0]["num_workers"] = count
         else:
             pools.append({"name": name, "role": name, "num_workers": count})
-    _apply_attention_flag(pools, getattr(args, "attention", None), pools_from_config)  # it may drop the prefill pool
+    # it may drop the prefill pool (not one --prefill asks for)
+    _apply_attention_flag(pools, getattr(args, "attention", None), pools_from_config or bool(args.prefill))
     decoders, prefillers = ("decode", "mixed"), ("prefill",)
     for flag, count_flag, roles, value in (
         ("--experts", args.decode, decoders, getattr(args, "experts", None)),
@@ -356,14 +358,16 @@ def _pools_of(pools: list[dict[str, Any]], roles: tuple[str, ...], flag: str, ki
     return matching
 
 
-def _apply_attention_flag(pools: list[dict[str, Any]], count: int | None, from_config: bool) -> None:
+def _apply_attention_flag(pools: list[dict[str, Any]], count: int | None, keep_prefill: bool) -> None:
     """``--attention N``: an 'attention' pool of N workers (its engine options: the model
-    worker's, so dtype and block size match). Without a config's pools the default layout
-    becomes one mixed worker (the offloaded model worker prefills itself). Prefix caching and
-    speculation stay as the pools set them (the model worker's engine owns the shards' pages)."""
+    worker's, so dtype and block size match). Unless ``keep_prefill`` (a config's pools, or
+    ``--prefill M``: prefill workers then push KV straight to the attention workers) the
+    default layout becomes one mixed worker (the offloaded model worker prefills itself).
+    Prefix caching and speculation stay as the pools set them (the model worker's engine
+    owns the shards' pages)."""
     if count is None:
         return
-    if not from_config:
+    if not keep_prefill:
         pools[:] = [p for p in pools if p.get("role", p.get("name")) != "prefill"]
         for p in pools:
             if p.get("role", p.get("name")) == "decode":

@@ -129,8 +129,8 @@ class DecodeActor(DecodeAPI):
         self.worker.join_group(spec)  # blocks until every rank joined: not in the control group
 
     # ------------------------------------------------------------ requests
-    def start_transfer(self, spec: RequestSpec, emitted: tuple[int, ...] = ()) -> None:
-        self.worker.start_transfer(spec, emitted)
+    def start_transfer(self, spec: RequestSpec, emitted: tuple[int, ...] = ()) -> KVAddress | None:
+        return self.worker.start_transfer(spec, emitted)
 
     def set_first_token(self, request_id: str, first: FirstToken) -> None:
         self.worker.set_first_token(request_id, first)

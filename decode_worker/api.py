@@ -35,13 +35,17 @@ class DecodeAPI(WorkerAPI, GroupMemberAPI):
 
     @abc.abstractmethod
     def kv_address(self) -> KVAddress:
-        """Where prefill workers send this worker's KV (its receiver's address)."""
+        """Where prefill workers send this worker's KV (its receiver's address). None: the
+        address is per request, returned by ``start_transfer`` (an attention model worker,
+        whose requests' KV goes straight to the attention worker holding them)."""
 
     @abc.abstractmethod
-    def start_transfer(self, spec: RequestSpec, emitted: tuple[int, ...] = ()) -> None:
+    def start_transfer(self, spec: RequestSpec, emitted: tuple[int, ...] = ()) -> KVAddress | None:
         """Prepare to receive the KV of ``spec``'s prompt (and of ``emitted``): reserve blocks
-        (queued FIFO while the pool is full) and open the request's stream. Raises queue.Full
-        at the worker's bound."""
+        (queued FIFO while the pool is full) and open the request's stream. Returns where the
+        prefill worker sends it: None = ``kv_address()``; a worker whose ``kv_address()`` is
+        None returns the request's own address (its callers wait for it before the prefill).
+        Raises queue.Full at the worker's bound."""
 
     @abc.abstractmethod
     def set_first_token(self, request_id: str, first: FirstToken) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 from attention_offload.build import shard_layout
 from attention_offload.dist_transport import DistAttentionTransport
 from attention_offload.offloaded import OffloadedEngine
+from decode_worker.attention_receiver import AttentionKVReceiver
 from decode_worker.tp_kv_receiver import TPPageSink
 from decode_worker.worker import DecodeWorker
 from engine.engine import EngineCore
@@ -47,7 +48,9 @@ def build_decode_worker(
     ``attention_blocks`` (one block count per attention worker, rank 1..N): the worker is the
     model worker of an attention pool: an OffloadedEngine (``attention_rotation`` micro-batches)
     whose pool is the attention workers' total, over a torch.distributed transport connected
-    by ``join_group``; it has no KV receiver (no prefill pool with an attention pool).
+    by ``join_group``; with a ``transport`` its receiver is an AttentionKVReceiver: a prefill
+    worker's KV goes straight to the attention worker holding the request (their receivers are
+    built with that transport kind), the model worker only drives them.
 
     ``tp_followers`` (ranks 1..N-1 of a tensor-parallel worker of degree N, e.g.
     engine/runtime/tp_follower.RemoteFollower): the worker is rank 0, its engine a
@@ -76,13 +79,15 @@ def build_decode_worker(
             config, DistAttentionTransport(None, ranks, shard_layout(config)), attention_blocks, attention_rotation
         )
         engine = attention.core
-        transport = None
     elif ep is not None:
         engine, dispatcher = build_serving_ep_engine(config, ep)
     else:
         engine = EngineCore(config, progress=True)
     if transport is None:
         receiver = None
+    elif attention is not None:  # the pages land on the attention workers; this one drives them
+        assert isinstance(attention.transport, DistAttentionTransport)
+        receiver = AttentionKVReceiver(shard_layout(config), attention.backend, attention.transport)
     elif tp_sink is not None:  # the prefill worker sends whole-head pages; the sink cuts them per rank
         receiver = make_receiver(transport, tp_sink.layout, tp_sink, **(transport_options or {}))
     else:

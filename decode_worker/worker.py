@@ -37,6 +37,13 @@ step until ``join_group`` connected the transport; from then on every idle tick 
 workers' receives never time out while idle). A dead attention worker fails the step's
 receive within the group's timeout (CommunicationError: the loop crashes, every stream fails
 with "engine failed", never a wrong token); ``shutdown`` sends CLOSE to the attention workers.
+Transferred requests of a model worker (a prefill pool beside the attention pool): its
+receiver is an AttentionKVReceiver (decode_worker/attention_receiver.py) and the KV goes
+straight to an attention worker. ``start_transfer`` places the request on a shard at once
+(``_place``: the shard with the most free blocks net of the transfers already queued for
+it), returns that attention worker's KV address (the router hands it to the prefill worker)
+and reserves the blocks in that shard's sub-pool (queued FIFO per shard while it is full:
+the KV may already be on its way there, so the request cannot move to another shard).
 
 Bound: ``_active`` holds every request accepted and not yet finished or aborted; at
 ``max_pending`` of them a new one is refused with queue.Full.
@@ -50,9 +57,10 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from attention_offload.dist_transport import DistAttentionTransport
+from attention_offload.dist_transport import DistAttentionTransport, query_kv_addresses
 from attention_offload.offloaded import OffloadedEngine
 from decode_worker.api import KV_TRANSFER_FAILED, KV_TRANSFER_TIMED_OUT, DecodeAPI
+from decode_worker.attention_receiver import AttentionKVReceiver
 from engine.config import SchedulerMode
 from engine.engine import EngineCore
 from engine.parallel import CommunicationError, Communicator, DeferredCommunicator
@@ -88,6 +96,7 @@ class _Incoming:
     deadline: float
     reserved: bool = False
     first: FirstToken | None = None  # the prefill's result, once the router forwards it
+    partition: int | None = None  # an attention model worker's: the shard its KV is sent to
 
 
 class DecodeWorker(RuntimeWorker, DecodeAPI):
@@ -123,6 +132,7 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
         self._active: set[str] = set()  # accepted, not finished or aborted (loop thread)
         self._incoming: dict[str, _Incoming] = {}
         self._reserve_queue: deque[str] = deque()  # ids waiting for blocks, FIFO
+        self._reserving = False  # inside _reserve_waiting (loop thread)
         self.transfer_failures = 0  # metrics: stats() totals restart from 0 with the worker
         # metrics (loop thread only): arrival -> first scheduled of local prefills (short
         # prompts, mixed role), and start_transfer -> KV blocks reserved (admission queue)
@@ -141,6 +151,8 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
             raise ValueError(
                 "an attention-offloaded worker's transport is a DistAttentionTransport (connected at join)"
             )
+        if attention is not None and receiver is not None and not isinstance(receiver, AttentionKVReceiver):
+            raise ValueError("an attention-offloaded worker's receiver is an AttentionKVReceiver (its KV is remote)")
         self.attention = attention
         self.tp_comm = tp_comm
         self._attn_step_seconds = 0.0  # engine steps' wall time (attention offload report)
@@ -166,10 +178,10 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
     def kv_address(self) -> KVAddress:
         return None if self.receiver is None else self.receiver.address
 
-    def start_transfer(self, spec: RequestSpec, emitted: tuple[int, ...] = ()) -> None:
+    def start_transfer(self, spec: RequestSpec, emitted: tuple[int, ...] = ()) -> KVAddress | None:
         if self.receiver is None:
             raise RuntimeError(f"{self.worker_id} has no KV receiver")
-        self.loop.run(lambda: self._start_transfer(spec, emitted))
+        return self.loop.run(lambda: self._start_transfer(spec, emitted))
 
     def set_first_token(self, request_id: str, first: FirstToken) -> None:
         self.loop.run(lambda: self._set_first_token(request_id, first))
@@ -219,6 +231,8 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
         comm = join_communicator(spec)
         self._comms.append(comm)
         self.attention.keepalive_s = spec.timeout_s / 4
+        if isinstance(self.receiver, AttentionKVReceiver):  # before connect: the loop does not use comm yet
+            self.receiver.set_addresses(query_kv_addresses(comm, transport.ranks))
         transport.connect(comm)  # the loop starts stepping from here
         self.loop.wake()
 
@@ -257,32 +271,76 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
             self._active.add(spec.request_id)
         return req
 
-    def _start_transfer(self, spec: RequestSpec, emitted: tuple[int, ...]) -> None:
+    def _start_transfer(self, spec: RequestSpec, emitted: tuple[int, ...]) -> KVAddress | None:
+        """-> where the prefill worker sends the KV: None = this worker's ``kv_address()``, or
+        (an attention model worker) the address of the attention worker it is placed on."""
+        if isinstance(self.receiver, AttentionKVReceiver):
+            self.receiver.check_ready()  # before the request holds anything here
         req = self._new_request(spec, emitted)
         if req.is_finished:
-            return
-        self._incoming[req.request_id] = _Incoming(req, time.monotonic() + self.transfer_timeout_s)
+            return None
+        inc = _Incoming(req, time.monotonic() + self.transfer_timeout_s)
+        address = None
+        if isinstance(self.receiver, AttentionKVReceiver):
+            inc.partition = self._place(req)
+            address = self.receiver.address_of(inc.partition)
+        self._incoming[req.request_id] = inc
         self._reserve_queue.append(req.request_id)
         self._reserve_waiting()
+        return address
+
+    def _place(self, req: Request) -> int:
+        """An attention model worker's shard for a transferred request: the most free blocks
+        net of the transfers queued for each shard (ties: the lowest index)."""
+        assert self.attention is not None
+        bs = self.engine.config.cache.block_size
+        room = [n - used for n, used in zip(self.attention.capacity, self.attention.used_blocks(), strict=True)]
+        for rid in self._reserve_queue:
+            inc = self._incoming.get(rid)
+            if inc is not None and inc.partition is not None:
+                room[inc.partition] -= -(-inc.req.num_tokens // bs)
+        return max(range(len(room)), key=lambda s: (room[s], -s))
 
     def _reserve_waiting(self) -> None:
+        """Reserve blocks for queued transfers in arrival order. A request that does not fit
+        blocks the ones behind it in its partition (all of them without partitions): FIFO per
+        pool, so a large request is never starved by smaller ones. Not reentrant: an abort
+        inside (a request that can never fit) held no blocks, so there is nothing new to try."""
+        if self._reserving:
+            return
+        self._reserving = True
+        try:
+            self._reserve_in_order()
+        finally:
+            self._reserving = False
+
+    def _reserve_in_order(self) -> None:
+        blocked: set[int | None] = set()
+        waiting: deque[str] = deque()
         while self._reserve_queue:
-            inc = self._incoming.get(self._reserve_queue[0])
+            rid = self._reserve_queue.popleft()
+            inc = self._incoming.get(rid)
             if inc is None:  # aborted while queued
-                self._reserve_queue.popleft()
+                continue
+            if inc.partition in blocked:
+                waiting.append(rid)
                 continue
             try:
-                blocks = self.engine.reserve(inc.req)
+                if inc.partition is None:
+                    blocks = self.engine.reserve(inc.req)
+                else:
+                    blocks = self.engine.reserve(inc.req, inc.partition)
             except ValueError as e:  # it can never fit this pool: fail it, not the loop
-                self._reserve_queue.popleft()
-                self._abort(inc.req.request_id, f"cannot reserve KV blocks: {e}")
+                self._abort(rid, f"cannot reserve KV blocks: {e}")
                 continue
             if blocks is None:
-                return
-            self._reserve_queue.popleft()
+                blocked.add(inc.partition)
+                waiting.append(rid)
+                continue
             inc.reserved = True
             self.reserve_wait_seconds.observe(max(0.0, time.monotonic() - inc.req.arrival_time))
-            self.receiver.expect(inc.req.request_id, blocks)
+            self.receiver.expect(rid, blocks)
+        self._reserve_queue = waiting
 
     def _set_first_token(self, rid: str, first: FirstToken) -> None:
         inc = self._incoming.get(rid)
@@ -307,8 +365,10 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
                 self.attention.keepalive()
         self._reserve_waiting()
         now = time.monotonic()
+        reserved = [rid for rid, inc in self._incoming.items() if inc.reserved]
+        states = self.receiver.poll_many(reserved) if reserved else {}
         for rid, inc in list(self._incoming.items()):
-            st = self.receiver.poll(rid) if inc.reserved else TransferStatus.BOOTSTRAPPING
+            st = states.get(rid, TransferStatus.BOOTSTRAPPING)
             if st == TransferStatus.DONE and inc.first is not None:
                 del self._incoming[rid]
                 self.receiver.cancel(rid)  # forget the finished transfer's bookkeeping

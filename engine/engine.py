@@ -255,12 +255,13 @@ class EngineCore:
             self.speculator.forget(request_id)
         return req
 
-    def reserve(self, req: Request) -> list[int] | None:
+    def reserve(self, req: Request, partition: int | None = None) -> list[int] | None:
         """decode_only: take blocks for ``req``'s prompt KV, computed elsewhere, before it
         arrives. Returns the block ids (the transport writes the pages there), or None when
         the pool has no room now (retry later). Raises ValueError for a request that can
-        never fit."""
-        return self.scheduler.reserve(self.prepare(req))
+        never fit. ``partition``: the sub-pool of a partitioned pool (a remote KV backend's
+        ``kv_partitions``) to take them from; None: the engine's choice (the most free)."""
+        return self.scheduler.reserve(self.prepare(req), partition)
 
     def admit(self, request_id: str, first_token: int) -> Request:
         """decode_only: the reserved request's prompt KV has arrived and its first token was

@@ -16,6 +16,7 @@ Transport modules are imported lazily, so e.g. a loopback-only process never imp
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass, field
 from typing import Any
 
 from engine.kv_cache.layout import KVLayout, KVLayoutMismatch
@@ -51,7 +52,32 @@ def make_receiver(kind: str, layout: KVLayout, cache: PagedKVCache | PageSink, *
     return getattr(module, receiver)(layout, cache, **opts)
 
 
+NETWORK_KINDS = ("grpc", "torch")  # receivers that listen on a ``host`` option
+
+
+@dataclass(frozen=True)
+class ReceiverFactory:
+    """``make_receiver`` of ``kind`` deferred to where the cache exists: a worker that is not
+    allowed to import kv_transfer (an attention worker, attention_offload/ is its sibling) is
+    handed one of these (picklable: it crosses into a Ray actor) and calls it with its own
+    cache. ``host``: the node's address, the default listening host of network kinds."""
+
+    kind: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _transport(self.kind)  # an unknown kind fails here, naming it
+
+    def __call__(self, layout: KVLayout, cache: PagedKVCache | PageSink, host: str | None = None) -> KVReceiver:
+        opts = dict(self.options)
+        if host is not None and self.kind in NETWORK_KINDS:
+            opts.setdefault("host", host)
+        return make_receiver(self.kind, layout, cache, **opts)
+
+
 __all__ = [
+    "NETWORK_KINDS",
+    "ReceiverFactory",
     "TRANSPORTS",
     "KVChunk",
     "KVLayoutMismatch",

@@ -234,6 +234,17 @@ class KVReceiver(abc.ABC):
     def poll(self, request_id: str) -> TransferStatus:
         """Receiver-side status (see the module docstring). KeyError for an unknown request."""
 
+    def poll_many(self, request_ids: list[str]) -> dict[str, TransferStatus]:
+        """``poll`` of each request, at once. A receiver whose requests' state lives elsewhere
+        (an attention model worker's proxy: decode_worker/attention_receiver.py) answers with
+        one round trip per store instead of one per request."""
+        return {rid: self.poll(rid) for rid in request_ids}
+
+    @property
+    def bytes_received(self) -> int:
+        """Page bytes verified and written into this receiver's cache (0 unless counted)."""
+        return 0
+
     @abc.abstractmethod
     def cancel(self, request_id: str) -> None:
         """Abort or forget the request: drop its state; chunks arriving later are ignored and

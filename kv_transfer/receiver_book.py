@@ -77,6 +77,7 @@ class ReceiverBook:
         # cancels a request's bookkeeping once it has admitted it: that is no failure)
         self._tombstones: OrderedDict[str, bool] = OrderedDict()
         self._terminal: deque[str] = deque()
+        self.bytes_received = 0  # page bytes verified and written into the cache (metrics, tests)
         # a PagedKVCache on the CPU: memcpy straight into it; any other sink (a tensor-parallel
         # worker's, which splits pages by head: decode_worker/tp_kv_receiver.py) gets write_pages
         self._scatter = PageScatter(cache) if isinstance(cache, PagedKVCache) and PageScatter.supports(cache) else None
@@ -262,6 +263,7 @@ class ReceiverBook:
         self._landed(rid, req, chunk.layer, first, n)
 
     def _landed(self, rid: str, req: _Request, layer: int, first: int, n: int) -> None:
+        self.bytes_received += n * self.layout.page_bytes
         req.written[layer, first : first + n] = True
         req.received += 1
         req.status = TransferStatus.TRANSFERRING
@@ -397,3 +399,7 @@ class BookedReceiver(KVReceiver):
 
     def error(self, request_id: str) -> str | None:
         return self.book.error(request_id)
+
+    @property
+    def bytes_received(self) -> int:
+        return self.book.bytes_received

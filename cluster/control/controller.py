@@ -106,6 +106,7 @@ from cluster.control.state import WorkerRegistration, make_state_store
 from decode_worker.actor import DecodeActor, TPFollowerActor
 from engine.runtime.tp_follower import TPFollowerStats
 from engine.types import KVAddress
+from kv_transfer import ReceiverFactory
 from prefill_worker.actor import PrefillActor
 
 log = logging.getLogger(__name__)
@@ -390,7 +391,8 @@ class Controller:
         t = self.config.transfer
         bound = self.config.failover.worker_max_pending
         if pool.role == ATTENTION_ROLE:
-            return AttentionActor.options(**placement).remote(self.config.model, engine, wid)
+            # its KV receiver: prefill workers push the prompts' KV straight to it
+            return AttentionActor.options(**placement).remote(self.config.model, engine, wid, ReceiverFactory(t.kind))
         if pool.role == "prefill":
             return PrefillActor.options(**placement).remote(
                 self.config.model,
@@ -681,7 +683,8 @@ class Controller:
 
     # ------------------------------------------------------------ placement checks
     def _check_shm_locality(self, strict: bool) -> None:
-        """shm moves KV through /dev/shm: every prefill and decode worker must share a node."""
+        """shm moves KV through /dev/shm: every prefill and decode worker (and attention worker,
+        whose receivers take the prefill workers' KV) must share a node."""
         if self.config.transfer.kind != "shm":
             return
         nodes = {r.node_id for r in self.workers.values() if r.node_id is not None}

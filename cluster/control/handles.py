@@ -148,7 +148,7 @@ class DecodeHandle(WorkerHandle, GroupMemberHandle):
     async def kv_address(self) -> KVAddress:
         return await self.invoker.invoke(DecodeAPI.kv_address)
 
-    async def start_transfer(self, spec: RequestSpec, emitted: tuple[int, ...] = ()) -> None:
+    async def start_transfer(self, spec: RequestSpec, emitted: tuple[int, ...] = ()) -> KVAddress | None:
         return await self.invoker.invoke(DecodeAPI.start_transfer, spec, emitted)
 
     async def set_first_token(self, request_id: str, first: FirstToken) -> None:

@@ -17,7 +17,10 @@ replacement does).
 Attention pools (role ``attention``, attention offload): worker ``<pool>-<i>`` is an
 AttentionWorker (not routed to); the one decode-capable worker is built as their model worker
 (an OffloadedEngine sized to their blocks) and ``start`` forms the group
-[model worker, attention workers] (``attn/<model worker id>``, gloo) before serving.
+[model worker, attention workers] (``attn/<model worker id>``, gloo) before serving. Each
+attention worker has a KV receiver of the transfer kind: a prefill pool's workers push each
+request's KV straight to the attention worker it is placed on (the model worker's
+start_transfer names it).
 ``shutdown`` stops the model worker first (its CLOSE ends the attention workers' loops).
 
 Expert-parallel pools (``experts`` > 1; decode, mixed or prefill): worker ``<pool>-<i>`` is built as EP rank i and
@@ -60,6 +63,7 @@ from decode_worker.tensor_parallel import build_tp_decode_worker
 from decode_worker.worker import DecodeWorker
 from engine.runtime.groups import GroupBackend
 from engine.runtime.tensor_parallel import TPWorker
+from kv_transfer import ReceiverFactory
 from prefill_worker.build import build_prefill_worker
 from prefill_worker.tensor_parallel import build_tp_prefill_worker
 from prefill_worker.worker import PrefillWorker
@@ -109,7 +113,14 @@ class LocalCluster:
         t = self.config.transfer
         bound = self.config.failover.worker_max_pending
         if pool.role == ATTENTION_ROLE:
-            aw = build_attention_worker(self.config.model, pool.engine, worker_id=wid)
+            aw = build_attention_worker(
+                self.config.model,
+                pool.engine,
+                worker_id=wid,
+                receiver_factory=ReceiverFactory(
+                    t.kind
+                ),  # prefill workers push KV here (transport_options: senders only)
+            )
             self.attention[wid] = aw
             self.attention_handles[wid] = local_attention(wid, aw)
         elif pool.role == "prefill" and pool.tensor_parallel > 1:  # N shards in this process, group tp/<wid>

@@ -8,7 +8,10 @@ so far; each placement ("attempt") continues it from there:
            prefix policy reads the PrefixIndex (hashed exactly as the engine's prefix cache)
     SPLIT: decode.start_transfer(spec, emitted) -> prefill.prefill(spec, emitted) returns the
            next token (yielded at once) -> decode.set_first_token -> decode.read from cursor
-           len(emitted) + 1 until finished
+           len(emitted) + 1 until finished. The two first calls overlap (the KV goes to the
+           decode worker's kv_address), except for a decode worker without one (an attention
+           model worker): its start_transfer returns the request's KV address (the attention
+           worker it is placed on), which the prefill then sends to
     local: decode.generate_local(spec, emitted) -> decode.read from len(emitted)
 
 A placement fails (AttemptFailed: a worker unavailable or declared lost, a KV transfer that
@@ -92,7 +95,9 @@ class RequestInFlight(ValueError):
 class WorkerEntry:
     handle: PrefillHandle | DecodeHandle  # PrefillHandle for role "prefill", else DecodeHandle
     role: str  # configured pool role
-    address: KVAddress | None = None  # KV receiver address (decode-capable workers)
+    # KV receiver address (decode-capable workers); None for a decode-capable worker: per
+    # request, returned by its start_transfer (an attention model worker, DecodeAPI.kv_address)
+    address: KVAddress | None = None
     healthy: bool = True
     inflight: int = 0  # requests the router has placed here and not seen finish
     prompt_tokens: int = 0  # prompt tokens placed here whose prefill has not returned
@@ -505,18 +510,31 @@ class Router:
         n = len(spec.prompt_token_ids) + len(emitted)
         p.inflight += 1
         p.prompt_tokens += n
-        # the decode worker reserves blocks while the prefill runs (its receiver buffers any
-        # chunk that arrives first), so the reservation round trip is off the TTFT path
-        reserve = asyncio.ensure_future(self._call(attempt, d.decode.start_transfer(spec, emitted), d))
+        reserve: asyncio.Future[KVAddress | None] | None = None
         try:
-            first = await self._call(attempt, p.prefill.prefill(spec, d.address, None, emitted), p)
+            if d.address is None:
+                # the KV address is per request (an attention model worker: the attention worker
+                # the request is placed on receives its KV): the prefill waits for start_transfer
+                address = await self._call(attempt, d.decode.start_transfer(spec, emitted), d)
+                if address is None:
+                    raise AttemptFailed(
+                        FailureCause.STREAM_FAILED, d.worker_id, "start_transfer named no KV address for the request"
+                    )
+            else:
+                # the decode worker reserves blocks while the prefill runs (its receiver buffers
+                # any chunk that arrives first), so the reservation round trip is off the TTFT path
+                address = d.address
+                reserve = asyncio.ensure_future(self._call(attempt, d.decode.start_transfer(spec, emitted), d))
+            first = await self._call(attempt, p.prefill.prefill(spec, address, None, emitted), p)
         except BaseException:
-            await asyncio.gather(reserve, return_exceptions=True)  # settle before the caller aborts
+            if reserve is not None:
+                await asyncio.gather(reserve, return_exceptions=True)  # settle before the caller aborts
             raise
         finally:
             p.inflight -= 1
             p.prompt_tokens -= n
-        await reserve
+        if reserve is not None:
+            await reserve
         return first
 
     async def _call(self, attempt: Attempt, aw: Awaitable[T], worker: WorkerEntry) -> T:

@@ -89,8 +89,11 @@ class KVCacheManager:
         self.blocks[req.request_id] = held + (self.pool.allocate(need) if need > 0 else [])
         return True
 
-    def reserve(self, request_id: str, num_tokens: int) -> list[int] | None:
-        """Allocate fresh blocks for ``num_tokens`` positions of a request arriving by transfer."""
+    def reserve(self, request_id: str, num_tokens: int, partition: int | None = None) -> list[int] | None:
+        """Allocate fresh blocks for ``num_tokens`` positions of a request arriving by transfer.
+        ``partition``: only a partitioned pool has any (PartitionedKVCacheManager)."""
+        if partition is not None:
+            raise ValueError(f"reserve: partition {partition} given, but this KV pool is not partitioned")
         need = self.blocks_needed(num_tokens)
         if need > self.pool.num_free:
             return None

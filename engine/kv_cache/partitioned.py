@@ -176,12 +176,13 @@ class PartitionedKVCacheManager(KVCacheManager):
         self.ppool.count_lookup(len(chosen), len(chosen) + (len(chosen) < len(hashes)))
         return chosen, hashes[: len(chosen)]
 
-    def _take(self, request_id: str, need: int) -> bool:
-        """``need`` more blocks for the request in its partition (placing it in the most free
-        one if new) -> False, changing nothing, when that partition cannot supply them."""
+    def _take(self, request_id: str, need: int, placed: int | None = None) -> bool:
+        """``need`` more blocks for the request in its partition (placing it in ``placed``, else
+        the most free one, if new) -> False, changing nothing, when that partition cannot
+        supply them."""
         p = self.partition.get(request_id)
         if p is None:
-            p = self._most_free()
+            p = self._most_free() if placed is None else placed
         if need > self.ppool.num_free_in(p):
             return False
         got = self.ppool.allocate_in(p, need) if need > 0 else []
@@ -214,10 +215,15 @@ class PartitionedKVCacheManager(KVCacheManager):
         self.partition[rid] = p
         return True
 
-    def reserve(self, request_id: str, num_tokens: int) -> list[int] | None:
+    def reserve(self, request_id: str, num_tokens: int, partition: int | None = None) -> list[int] | None:
+        """Fresh blocks in ``partition`` (None: the most free one); None when it has no room now.
+        A caller that must know the partition before blocks are free (a transfer whose KV goes
+        straight to that partition's store: decode_worker/attention_receiver.py) names it."""
         if request_id in self.blocks:
             raise ValueError(f"reserve: request {request_id!r} already holds blocks")
-        if not self._take(request_id, self.blocks_needed(num_tokens)):
+        if partition is not None and not 0 <= partition < self.ppool.num_partitions:
+            raise ValueError(f"reserve: partition {partition} is not in [0, {self.ppool.num_partitions})")
+        if not self._take(request_id, self.blocks_needed(num_tokens), partition):
             return None
         return list(self.blocks[request_id])
 

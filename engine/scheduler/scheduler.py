@@ -60,12 +60,13 @@ class Scheduler:
         self.requests[req.request_id] = req
         self.waiting.append(req)
 
-    def reserve(self, req: Request) -> list[int] | None:
-        """decode_only: take blocks for the prompt's KV before it arrives (None: no room now)."""
+    def reserve(self, req: Request, partition: int | None = None) -> list[int] | None:
+        """decode_only: take blocks for the prompt's KV before it arrives (None: no room now);
+        ``partition``: of a partitioned pool (KVCacheManager.reserve)."""
         if req.request_id in self.requests:
             raise ValueError(f"duplicate request id {req.request_id!r}")
         self._check_fits(req, req.num_tokens + 1)
-        blocks = self.kv.reserve(req.request_id, req.num_tokens)
+        blocks = self.kv.reserve(req.request_id, req.num_tokens, partition)
         if blocks is not None:
             self.requests[req.request_id] = req
             self.reserved[req.request_id] = req

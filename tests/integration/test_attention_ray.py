@@ -14,7 +14,7 @@ import random
 import pytest
 import ray
 
-from cluster.config import PoolConfig, ServeConfig, TransferConfig
+from cluster.config import PoolConfig, RouterConfig, ServeConfig, TransferConfig
 from cluster.control.controller import Controller
 from cluster.frontends.grpc_server import server_info_message
 from cluster.frontends.service import ServerInfo
@@ -100,3 +100,54 @@ def test_an_attention_pool_serves_as_llm_and_its_group_comes_back_after_a_member
         "attention-1": "serving",
     }
     assert [tokens for tokens, _ in after] == expected  # the re-formed group serves as before
+
+
+def test_a_prefill_pool_pushes_kv_straight_to_the_attention_actors(ray_local, tiny_checkpoint) -> None:
+    """A prefill actor, the model worker (a decode actor) and two attention actors, over shm:
+    every prompt is transferred (short_prompt_threshold 0), its KV going from the prefill actor
+    straight to the attention actor the model worker placed it on; streams equal engine.LLM,
+    both attention actors' receivers took pages and every byte sent landed on one of them; after
+    an attention actor dies and the group is replaced, the same prompts still equal LLM."""
+    ckpt = tiny_checkpoint("llama")
+    rng = random.Random(11)
+    prompts = [[rng.randrange(3, 500) for _ in range(n)] for n in (5, 17, 9, 30, 12, 3)]
+    expected = [o.token_ids for o in LLM(ckpt, **MODEL_ENGINE, num_blocks=2 * ATTN_BLOCKS).generate(prompts, GREEDY)]
+    cfg = ServeConfig(
+        model=ckpt,
+        pools=(
+            PoolConfig("prefill", "prefill", 1, num_cpus=0.5, engine={"block_size": 8, "attention_backend": "sdpa"}),
+            PoolConfig("decode", "decode", 1, num_cpus=0.5, engine=MODEL_ENGINE),
+            PoolConfig("attention", "attention", 2, num_cpus=0.5, engine=ATTN_ENGINE),
+        ),
+        router=RouterConfig(short_prompt_threshold=0),
+        transfer=TransferConfig(kind="shm"),
+    )
+
+    async def run():
+        c = await Controller(cfg, FAST_GROUPS).start()
+        try:
+            results = await asyncio.gather(*(_collect(c, f"r{i}", p, GREEDY) for i, p in enumerate(prompts)))
+            await c.router.refresh_loads()
+            await c.check_health()  # one round: the attention workers' stats are polled
+            info = c.info()
+            # an attention actor dies: the group is replaced as one, with new KV receivers (new
+            # addresses, learnt by the new model worker at join); the prefill actor reconnects
+            ray.kill(c.workers["attention-0"].actor, no_restart=True)
+            await c.check_health()
+            for wid in ("decode-0", "attention-0", "attention-1"):
+                await c.wait_replaced(wid, timeout=180)
+            after = await asyncio.gather(*(_collect(c, f"a{i}", p, GREEDY) for i, p in enumerate(prompts)))
+            await c.check_health()
+            return results, info, after, c.info()
+        finally:
+            await c.shutdown()
+
+    results, info, after, info_after = asyncio.run(run())
+    assert [tokens for tokens, _ in after] == expected
+    assert {w.worker_id: w.restarts for w in info_after.workers}["decode-0"] == 1  # the group was replaced
+    assert all(a.kv_bytes_received > 0 for a in info_after.attention_workers)  # the new receivers took KV
+    assert [last.finish_reason for _, last in results] == ["length"] * len(prompts)
+    assert [tokens for tokens, _ in results] == expected
+    sent = {w.worker_id: w.stats for w in info.workers}["prefill-0"].transfer_bytes
+    received = [a.kv_bytes_received for a in info.attention_workers]
+    assert sent > 0 and all(b > 0 for b in received) and sum(received) == sent, (sent, received)

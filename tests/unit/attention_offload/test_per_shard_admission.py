@@ -11,6 +11,8 @@ import pytest
 
 from attention_offload.build import build_loopback
 from engine.config import CacheConfig, SchedulerConfig
+from engine.kv_cache.block_pool import BlockPool
+from engine.kv_cache.manager import KVCacheManager
 from engine.kv_cache.partitioned import PartitionedBlockPool, PartitionedKVCacheManager
 from engine.llm import LLM, build_engine_config
 from engine.request import FinishReason, Request, SamplingParams
@@ -48,6 +50,22 @@ def test_each_request_draws_from_one_partition_and_a_full_partition_refuses():
     for rid in ("a", "b"):
         kv.free(rid)
     assert kv.pool.num_free == kv.pool.num_blocks == 5 and not kv.partition
+
+
+def test_a_reservation_names_its_partition_or_takes_the_most_free():
+    """A transfer whose KV goes straight to one store reserves in that store's partition
+    (decode_worker/worker.py places it before blocks are free); without one: the most free."""
+    kv = make_manager([2, 3])
+    assert kv.reserve("a", 4, partition=0) == [0] and kv.partition_of("a") == 0  # not the most free (1)
+    assert kv.reserve("b", 8, partition=0) is None and "b" not in kv.blocks  # 2 blocks, 1 free in 0
+    assert kv.reserve("b", 8) == [2, 3] and kv.partition_of("b") == 1  # the most free
+    with pytest.raises(ValueError, match=r"partition 2 is not in \[0, 2\)"):
+        kv.reserve("c", 4, partition=2)
+    with pytest.raises(ValueError, match="not partitioned"):
+        KVCacheManager(BlockPool(4), 4).reserve("d", 4, partition=0)
+    for rid in ("a", "b"):
+        kv.free(rid)
+    assert kv.pool.num_free == 5 and not kv.partition
 
 
 def make_sched(sizes: list[int], bs: int = 4) -> Scheduler:

@@ -32,6 +32,17 @@ def test_prefix_caching_and_speculation_on_the_model_worker_are_accepted():
     assert cfg.pool("m").engine == spec and cfg.attention_pool().num_workers == 2
 
 
+def test_a_prefill_pool_beside_an_attention_pool_is_accepted():
+    """Prefill workers push each request's KV straight to the attention worker holding it
+    (tests/unit/cluster/test_attention_prefill_local_cluster.py)."""
+    cfg = _cfg(
+        PoolConfig("p", "prefill", 2),
+        PoolConfig("d", "decode", 1, engine=NO_PREFIX),
+        PoolConfig("a", "attention", 2),
+    )
+    assert cfg.attention_pool().num_workers == 2 and cfg.pool("p").num_workers == 2
+
+
 def test_an_attention_pool_without_a_decode_or_mixed_pool_is_refused():
     with pytest.raises(ConfigError, match=r"^pools: need at least one worker in a decode or mixed pool"):
         _cfg(PoolConfig("attn", "attention", 2))
@@ -55,15 +66,6 @@ def test_an_attention_pool_without_a_decode_or_mixed_pool_is_refused():
             ],
             r"pools\[2\]",
             "got 2 decode-capable workers",
-        ),
-        (
-            [
-                PoolConfig("p", "prefill", 1),
-                PoolConfig("d", "decode", 1, engine=NO_PREFIX),
-                PoolConfig("a", "attention", 1),
-            ],
-            r"pools\[0\]\.num_workers",
-            "disaggregated prefill",
         ),
         (
             [
@@ -133,12 +135,25 @@ def test_attention_flag_makes_one_mixed_worker_and_an_attention_pool():
 def test_attention_flag_over_a_config_keeps_its_pools(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model: /m\npools:\n  - {name: prefill, role: prefill}\n  - {name: decode, role: decode}\n")
-    with pytest.raises(ConfigError, match=r"^pools\[0\]\.num_workers: disaggregated prefill"):
-        _args(f"serve --config {path} --attention 2")
+    cfg = _args(f"serve --config {path} --attention 2")  # prefill workers push KV to the attention workers
+    assert [(p.name, p.role, p.num_workers) for p in cfg.pools] == [
+        ("prefill", "prefill", 1),
+        ("decode", "decode", 1),
+        ("attention", "attention", 2),
+    ]
     cfg = _args(f"serve --config {path} --attention 2 --prefill 0")
     assert cfg.attention_pool().num_workers == 2 and "enable_prefix_caching" not in cfg.pool("decode").engine
     with pytest.raises(SystemExit):
         _args("serve --model /m --attention 0")
+
+
+def test_attention_flag_with_a_prefill_flag_keeps_the_prefill_pool():
+    cfg = _args("serve --model /m --attention 2 --prefill 2")
+    assert [(p.name, p.role, p.num_workers) for p in cfg.pools] == [
+        ("prefill", "prefill", 2),
+        ("decode", "decode", 1),
+        ("attention", "attention", 2),
+    ]
 
 
 def test_attention_flag_with_speculation_keeps_it_on_the_model_worker():
