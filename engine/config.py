@@ -232,12 +232,13 @@ class KernelConfig:
     stream_linear_max_rows: int = 16
     # Reorder float32 linear weights (attention, dense MLP, head; at least ONEDNN_MIN_WEIGHT
     # elements) once at load into oneDNN's blocked layout (engine/models/layers.py
-    # pack_linear_weight): every row count then runs oneDNN without its per-call reorder. In
-    # micro-benchmarks of SmolLM2's linears it beat the streaming kernel and plain oneDNN at
-    # 1-256 rows; end to end it is not measured on a quiet machine yet, so it is off by
-    # default. A tied head keeps a packed copy beside the embedding (its bytes once more).
-    # CPU only; SPLITSERVE_ONEDNN_LINEAR=0 turns it off too.
-    prepack_linear: bool = False
+    # pack_linear_weight): every row count then runs oneDNN without its per-call reorder. On
+    # SmolLM2's linears it beat the streaming kernel and plain oneDNN at 1-64 rows
+    # (benchmarks/linear_kernels.py; 43 vs 55-62 ms at 64 rows, 13.0 vs 13.3 ms at 1); end to
+    # end 1.08x tokens/s at batch 8 and 64, equal at batch 1. A tied head keeps a packed copy
+    # beside the embedding (its bytes once more). CPU only; SPLITSERVE_ONEDNN_LINEAR=0 turns it
+    # off too.
+    prepack_linear: bool = True
 
     def __post_init__(self) -> None:
         if self.stream_linear_max_rows < 0:

@@ -27,8 +27,8 @@ def _mkldnn_params(llm: LLM) -> list[str]:
 @pytest.mark.parametrize("tied", [False, True], ids=["untied-head", "tied-head"])
 def test_packed_weights_give_the_plain_weights_tokens(tiny_checkpoint, tied: bool) -> None:
     ckpt = tiny_checkpoint("llama", tie_word_embeddings=tied, **WIDE)
-    packed = LLM(ckpt, prepack_linear=True, **ENGINE)
-    plain = LLM(ckpt, **ENGINE)  # the default: plain weights
+    packed = LLM(ckpt, **ENGINE)  # the default: packed
+    plain = LLM(ckpt, prepack_linear=False, **ENGINE)
     layers = packed.engine.model.cfg.num_layers
     names = _mkldnn_params(packed)
     assert len(names) == 4 * layers + 1, names  # qkv, o, gate_up, down per layer + the head
