@@ -26,11 +26,12 @@ def decode_step_ms(llm: LLM, prompt: list[int], steps: int) -> float:
 
 
 def bytes_per_decode_step(llm: LLM, context_len: int) -> int:
-    """Every parameter once, except an untied embedding table (only one row is read), plus
-    the K/V of ``context_len`` tokens."""
+    """Every parameter once, except the embedding table when the head reads its own tensor
+    (an untied head, or a tied head's packed copy: only one embedding row is read), plus the
+    K/V of ``context_len`` tokens."""
     model = llm.engine.model
     total = sum(p.numel() * p.element_size() for p in model.parameters())
-    if model.lm_head is not None:
+    if model.lm_head is not None or model.head_packed is not None:  # the head is its own tensor
         total -= model.embed.numel() * model.embed.element_size()
     layout = llm.engine.layout
     kv_per_token = 2 * layout.num_layers * layout.num_kv_heads * layout.head_dim * model.embed.element_size()

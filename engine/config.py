@@ -227,17 +227,18 @@ class KernelConfig:
     # otherwise); False: torch ops only.
     native: bool | None = None
     # Linears with at most this many rows (tokens of the step) stream their weight once through
-    # the native kernel; larger ones use oneDNN / MKL (0: never). 16 is where oneDNN catches up
-    # on the 2-core dev machine (benchmarks/linear_kernels.py).
-    stream_linear_max_rows: int = 16
+    # the native kernel; larger ones use oneDNN / MKL (0: never). 4: measured in the engine's
+    # decode step on the 2-core dev machine, streaming wins at 1-4 rows and packed oneDNN
+    # (prepack_linear) from 8 (12.9 vs 14.2 ms at 1 row; 24.9 vs 26.6 ms at 8).
+    stream_linear_max_rows: int = 4
     # Reorder float32 linear weights (attention, dense MLP, head; at least ONEDNN_MIN_WEIGHT
     # elements) once at load into oneDNN's blocked layout (engine/models/layers.py
-    # pack_linear_weight): every row count then runs oneDNN without its per-call reorder. On
-    # SmolLM2's linears it beat the streaming kernel and plain oneDNN at 1-64 rows
-    # (benchmarks/linear_kernels.py; 43 vs 55-62 ms at 64 rows, 13.0 vs 13.3 ms at 1); end to
-    # end 1.08x tokens/s at batch 8 and 64, equal at batch 1. A tied head keeps a packed copy
-    # beside the embedding (its bytes once more). CPU only; SPLITSERVE_ONEDNN_LINEAR=0 turns it
-    # off too.
+    # pack_linear_weight), so oneDNN skips its per-call reorder: 1.07-1.11x decode steps at
+    # 8-16 rows, 1.08-1.2x tokens/s at batch 64 (BENCHMARKS.md). With the streaming kernel on
+    # (stream_linear_max_rows > 0) the plain weights stay for it and the packed copies are
+    # extra: the linear weights' bytes twice. Without it the packed form replaces the plain one
+    # (a tied head: a packed copy beside the embedding). CPU only; SPLITSERVE_ONEDNN_LINEAR=0
+    # turns it off too.
     prepack_linear: bool = True
 
     def __post_init__(self) -> None:

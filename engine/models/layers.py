@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 
 import torch
@@ -80,19 +80,23 @@ class NativeKernels:
 
     ``max_rows``: ``linear`` streams a plain weight once through ``stream_linear`` when x has at
     most this many rows (decode batches), and goes through ``linear`` (oneDNN / MKL) above it; 0
-    never streams. A packed weight (``pack_linear_weight``) always goes through oneDNN. The cut is a fixed number, not a per-call measurement, so the kernel a step uses
+    never streams. Above it a weight with a packed copy in ``packed`` (keyed by the plain
+    weight's ``id``; DecoderLM.prepack_linears) runs oneDNN on the copy; a packed weight
+    (``pack_linear_weight``) always goes through oneDNN. The cut is a fixed number, not a per-call measurement, so the kernel a step uses
     (hence its rounding) depends only on the step's shape, never on timing noise: see
     ``benchmarks/linear_kernels.py`` for the measurements behind the default (EngineConfig).
     """
 
     module: ModuleType
     max_rows: int
+    # id(plain weight) -> its oneDNN-packed copy; the model keeps the plain weights alive
+    packed: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         """x: [T, in], w: [out, in] -> [T, out]."""
         if x.shape[0] <= self.max_rows and w.dtype in _STREAM_DTYPES and not w.is_mkldnn:
             return self.module.stream_linear(x, w, b)
-        return linear(x, w, b)
+        return linear(x, self.packed.get(id(w), w), b)
 
     def rms_norm(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
         """x: [T, hidden] -> norm(x), as ``RMSNorm.forward`` computes it."""

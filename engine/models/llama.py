@@ -230,25 +230,33 @@ class DecoderLM(nn.Module):
     def prepack_linears(self) -> int:
         """Reorder every packable linear weight once into oneDNN's blocked layout
         (layers.pack_linear_weight): attention qkv / o, the dense MLPs' (and MoE shared
-        experts') gate_up / down, and the head. A tied head gets a packed copy beside the
-        embedding, which lookups still read (its bytes once more); routed experts and gates
-        stay plain. Call once, after the weights are loaded (loading and TP sharding write
-        plain tensors). Returns the number of weights packed."""
-        packed = 0
+        experts') gate_up / down, and the head; routed experts and gates stay plain. Call once,
+        after the weights are loaded (loading and TP sharding write plain tensors).
+
+        With native kernels that stream plain weights (``native.max_rows`` > 0) the plain
+        weights stay, and the packed copies go to ``native.packed`` (small row counts stream
+        the plain weight, larger ones run oneDNN on the copy: the weights' bytes twice);
+        otherwise each weight is replaced by its packed form, and a tied head gets a packed
+        copy beside the embedding, which lookups still read (its bytes once more). Returns the
+        number of weights packed."""
+        weights: list[tuple[nn.Module, str]] = []
         for module in self.modules():
-            if not isinstance(module, Attention | GatedMLP):
-                continue
-            for name in ("qkv", "o") if isinstance(module, Attention) else ("gate_up", "down"):
-                if packable(getattr(module, name)):
-                    setattr(module, name, pack_linear_weight(getattr(module, name)))
-                    packed += 1
-        if self.lm_head is not None and packable(self.lm_head):
-            self.lm_head = pack_linear_weight(self.lm_head)
-            packed += 1
-        elif self.lm_head is None and packable(self.embed):
-            self.head_packed = pack_linear_weight(self.embed)
-            packed += 1
-        return packed
+            if isinstance(module, Attention | GatedMLP):
+                names = ("qkv", "o") if isinstance(module, Attention) else ("gate_up", "down")
+                weights += [(module, name) for name in names if packable(getattr(module, name))]
+        head = (self, "lm_head") if self.lm_head is not None else (self, "embed")
+        if packable(getattr(*head)):
+            weights.append(head)
+        keep_plain = self.native is not None and self.native.max_rows > 0
+        for module, name in weights:
+            plain = getattr(module, name)
+            if keep_plain:
+                self.native.packed[id(plain)] = pack_linear_weight(plain)  # type: ignore[union-attr]
+            elif name == "embed":
+                self.head_packed = pack_linear_weight(plain)
+            else:
+                setattr(module, name, pack_linear_weight(plain))
+        return len(weights)
 
     @property
     def native_capable(self) -> bool:

@@ -10,6 +10,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.models.layers import ONEDNN_LINEAR, ONEDNN_MIN_WEIGHT, NativeKernels, linear, pack_linear_weight, packable
+from tests.prereq import require_native
 
 pytestmark = pytest.mark.skipif(not ONEDNN_LINEAR, reason="oneDNN linear is off (SPLITSERVE_ONEDNN_LINEAR=0)")
 
@@ -25,20 +26,33 @@ def _mkldnn_params(llm: LLM) -> list[str]:
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied-head", "tied-head"])
-def test_packed_weights_give_the_plain_weights_tokens(tiny_checkpoint, tied: bool) -> None:
+@pytest.mark.parametrize("native", [False, True], ids=["torch-ops", "native-kernels"])
+def test_packed_weights_give_the_plain_weights_tokens(tiny_checkpoint, tied: bool, native: bool) -> None:
+    """Without the streaming kernel the packed form replaces each weight; with it the plain
+    weights stay (rows <= stream_linear_max_rows stream them) and the packed copies sit in
+    the native kernels' map (larger row counts run oneDNN on them)."""
+    if native:
+        require_native()
     ckpt = tiny_checkpoint("llama", tie_word_embeddings=tied, **WIDE)
-    packed = LLM(ckpt, **ENGINE)  # the default: packed
-    plain = LLM(ckpt, prepack_linear=False, **ENGINE)
-    layers = packed.engine.model.cfg.num_layers
-    names = _mkldnn_params(packed)
-    assert len(names) == 4 * layers + 1, names  # qkv, o, gate_up, down per layer + the head
-    assert _mkldnn_params(plain) == []
+    packed = LLM(ckpt, native_kernels=native, **ENGINE)  # the default: prepack_linear=True
+    plain = LLM(ckpt, native_kernels=native, prepack_linear=False, **ENGINE)
     model = packed.engine.model
-    assert not model.embed.is_mkldnn  # lookups read the plain embedding
-    assert (model.head_packed is not None) == tied and (model.lm_head is None) == tied
+    n = 4 * model.cfg.num_layers + 1  # qkv, o, gate_up, down per layer + the head
+    assert _mkldnn_params(plain) == [] and (plain.engine.model.native is None or not plain.engine.model.native.packed)
+    if native:
+        assert _mkldnn_params(packed) == [] and model.head_packed is None  # the streaming kernel reads them
+        assert len(model.native.packed) == n and all(p.is_mkldnn for p in model.native.packed.values())
+        head = model.embed if tied else model.lm_head
+        assert id(head) in model.native.packed
+    else:
+        assert len(_mkldnn_params(packed)) == n, _mkldnn_params(packed)
+        assert not model.embed.is_mkldnn  # lookups read the plain embedding
+        assert (model.head_packed is not None) == tied and (model.lm_head is None) == tied
+    # prefill chunks (> stream_linear_max_rows rows) run the packed copies, 3-row decode steps stream
     got = [o.token_ids for o in packed.generate(PROMPTS, GREEDY)]
     want = [o.token_ids for o in plain.generate(PROMPTS, GREEDY)]
     assert got == want
+    assert [o.token_ids for o in packed.generate(PROMPTS[:1], GREEDY)] == want[:1]
 
 
 def test_a_packed_weight_computes_the_plain_product_in_every_path() -> None:
@@ -63,3 +77,20 @@ def test_a_packed_weight_computes_the_plain_product_in_every_path() -> None:
             ref = torch.nn.functional.linear(x, w, b)
             torch.testing.assert_close(linear(x, p, b), ref, rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(kernels.linear(x, p, b), ref, rtol=1e-4, atol=1e-4)
+
+    class Streams:  # counts the rows it streamed
+        rows: list[int] = []
+
+        def stream_linear(self, x, w, b):
+            self.rows.append(x.shape[0])
+            return torch.nn.functional.linear(x, w, b)
+
+    streams = Streams()
+    hybrid = NativeKernels(streams, max_rows=4, packed={id(w): p})  # type: ignore[arg-type]
+    with torch.inference_mode():
+        for rows in (1, 4, 5, 64):
+            x = torch.randn(rows, 512)
+            torch.testing.assert_close(
+                hybrid.linear(x, w, b), torch.nn.functional.linear(x, w, b), rtol=1e-4, atol=1e-4
+            )
+    assert streams.rows == [1, 4]  # above max_rows the packed copy ran
