@@ -233,8 +233,8 @@ class KernelConfig:
     stream_linear_max_rows: int = 4
     # Reorder float32 linear weights (attention, dense MLP, head; at least ONEDNN_MIN_WEIGHT
     # elements) once at load into oneDNN's blocked layout (engine/models/layers.py
-    # pack_linear_weight), so oneDNN skips its per-call reorder: 1.07-1.11x decode steps at
-    # 8-16 rows, 1.08-1.2x tokens/s at batch 64 (BENCHMARKS.md). With the streaming kernel on
+    # pack_linear_weight), so oneDNN skips its per-call reorder: decode steps 0.85x the time at
+    # 8 rows and 0.90x at 64 on SmolLM2 (BENCHMARKS.md, engine vs vLLM). With the streaming kernel on
     # (stream_linear_max_rows > 0) the plain weights stay for it and the packed copies are
     # extra: the linear weights' bytes twice. Without it the packed form replaces the plain one
     # (a tied head: a packed copy beside the embedding). CPU only; SPLITSERVE_ONEDNN_LINEAR=0
