@@ -10,9 +10,13 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.models.layers import ONEDNN_LINEAR, ONEDNN_MIN_WEIGHT, NativeKernels, linear, pack_linear_weight, packable
-from tests.prereq import require_native
+from tests.prereq import require, require_native
 
-pytestmark = pytest.mark.skipif(not ONEDNN_LINEAR, reason="oneDNN linear is off (SPLITSERVE_ONEDNN_LINEAR=0)")
+
+@pytest.fixture(autouse=True)
+def _onednn_linear() -> None:
+    require(ONEDNN_LINEAR, "oneDNN linear is off: a torch without mkldnn, or SPLITSERVE_ONEDNN_LINEAR=0")
+
 
 # wide enough that every linear reaches ONEDNN_MIN_WEIGHT (o: 512 x 512 = 2^18 elements)
 WIDE = {"hidden_size": 512, "intermediate_size": 1024, "num_attention_heads": 8, "num_key_value_heads": 4}
