@@ -7,7 +7,7 @@ import pytest
 
 from cluster.cli import build_parser
 from cluster.config import ConfigError, PoolConfig, ServeConfig
-from cluster.control.attention_groups import group_of, plan_attention_groups
+from cluster.control.attention_groups import plan_attention_groups
 from cluster.serve import TINY_ENGINE, ModelChoice, serve_config_from_args
 
 NO_PREFIX = {"enable_prefix_caching": False}
@@ -23,29 +23,6 @@ def test_an_attention_pool_serves_a_mixed_worker():
     assert _cfg(PoolConfig("decode", "decode", 1)).attention_pool() is None
     # an attention pool of 0 workers is no attention pool: nothing is checked against it
     assert _cfg(PoolConfig("d", "decode", 2), PoolConfig("a", "attention", 0)).attention_pool() is None
-
-
-def test_several_model_workers_split_the_attention_pool_evenly_in_config_order():
-    """Model worker i (decode-capable workers in config order) holds attention workers
-    [i*N/M, (i+1)*N/M) in its own group attn/<model worker>; prefill workers are in none."""
-    cfg = _cfg(
-        PoolConfig("p", "prefill", 1),
-        PoolConfig("d", "decode", 2, engine=NO_PREFIX),
-        PoolConfig("a", "attention", 4),
-    )
-    plans = plan_attention_groups(cfg)
-    assert [(p.name, p.members) for p in plans] == [
-        ("attn/d-0", ("d-0", "a-0", "a-1")),
-        ("attn/d-1", ("d-1", "a-2", "a-3")),
-    ]
-    assert group_of(plans, "a-2") == plans[1] and group_of(plans, "d-0") == plans[0]
-    assert group_of(plans, "p-0") is None
-    # across decode-capable pools, in the order they are listed; one attention worker each
-    mixed = _cfg(
-        PoolConfig("m", "mixed", 1, engine=NO_PREFIX), PoolConfig("d", "decode", 1), PoolConfig("a", "attention", 2)
-    )
-    assert [p.members for p in plan_attention_groups(mixed)] == [("m-0", "a-0"), ("d-0", "a-1")]
-    assert plan_attention_groups(_cfg(PoolConfig("d", "decode", 2))) == ()
 
 
 def test_prefix_caching_and_speculation_on_the_model_worker_are_accepted():

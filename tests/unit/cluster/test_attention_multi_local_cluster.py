@@ -21,6 +21,8 @@ import pytest
 from cluster.config import ConfigError, PoolConfig, RouterConfig, ServeConfig, TransferConfig
 from cluster.control.attention_groups import plan_attention_groups
 from cluster.control.local import LocalCluster
+from cluster.frontends.grpc_server import server_info_message
+from cluster.frontends.service import ServerInfo
 from engine import LLM, SamplingParams
 from engine.types import RequestSpec
 from tests.router_streams import collect_ok
@@ -175,6 +177,14 @@ def test_two_model_workers_each_serve_from_their_own_attention_workers(tiny_chec
         "attention-1": ATTN_BLOCKS,
         "attention-2": ATTN_BLOCKS - 3,
         "attention-3": ATTN_BLOCKS - 5,
+    }
+    # GetServerInfo: each model worker's pool is its own attention workers' total; theirs as above
+    msg = server_info_message(ServerInfo(cluster=skewed, inflight=0, max_queue=8))
+    assert {w.worker_id: (w.role, w.free_kv_blocks, w.total_kv_blocks) for w in msg.workers} == {
+        "prefill-0": ("prefill", by_id["prefill-0"].engine.total_kv_blocks, by_id["prefill-0"].engine.total_kv_blocks),
+        "decode-0": ("decode", 2 * ATTN_BLOCKS, 2 * ATTN_BLOCKS),
+        "decode-1": ("decode", 2 * ATTN_BLOCKS, 2 * ATTN_BLOCKS),  # its engine stats were left as reported
+        **{a: ("attention", n, ATTN_BLOCKS) for a, n in free.items()},
     }
 
 
