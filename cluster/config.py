@@ -100,7 +100,7 @@ class PoolConfig:
     # Custom Ray resources per worker, e.g. {"decode_node": 1} to pin a pool to labelled nodes.
     resources: dict[str, float] = field(default_factory=dict)
     # How the ranks of this pool's worker groups talk (its EP group; on Ray its TP workers'
-    # rank groups; for an attention pool, the model worker <-> attention workers group): one of
+    # rank groups; for an attention pool, each model worker <-> its attention workers group): one of
     # GROUP_TRANSPORTS. "auto": NCCL when the
     # pool has GPUs, else gloo. "shm": shared memory between processes of ONE node
     # (engine/runtime/shm_group.py; CPU pools only; a group Ray spread over nodes fails to form,

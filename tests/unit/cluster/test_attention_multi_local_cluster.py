@@ -23,6 +23,7 @@ from cluster.control.attention_groups import plan_attention_groups
 from cluster.control.local import LocalCluster
 from cluster.frontends.grpc_server import server_info_message
 from cluster.frontends.service import ServerInfo
+from cluster.serve import _print_layout
 from engine import LLM, SamplingParams
 from engine.types import RequestSpec
 from tests.router_streams import collect_ok
@@ -126,7 +127,7 @@ async def _pools_full(cluster: LocalCluster) -> None:
         await asyncio.sleep(0.05)  # poll interval
 
 
-def test_two_model_workers_each_serve_from_their_own_attention_workers(tiny_checkpoint) -> None:
+def test_two_model_workers_each_serve_from_their_own_attention_workers(tiny_checkpoint, capsys) -> None:
     ckpt = tiny_checkpoint("llama")
     cfg = _config(ckpt)
     assert {p.model_worker: p.attention_workers for p in plan_attention_groups(cfg)} == GROUPS
@@ -186,6 +187,16 @@ def test_two_model_workers_each_serve_from_their_own_attention_workers(tiny_chec
         "decode-1": ("decode", 2 * ATTN_BLOCKS, 2 * ATTN_BLOCKS),  # its engine stats were left as reported
         **{a: ("attention", n, ATTN_BLOCKS) for a, n in free.items()},
     }
+    # `splitserve serve` lists each attention worker with its blocks and its model worker
+    capsys.readouterr()
+    _print_layout(skewed)
+    lines = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("attention-")]
+    assert [(w[0], w[-3], w[-1]) for w in lines] == [
+        ("attention-0", f"{ATTN_BLOCKS}/{ATTN_BLOCKS}", "decode-0"),
+        ("attention-1", f"{ATTN_BLOCKS}/{ATTN_BLOCKS}", "decode-0"),
+        ("attention-2", f"{ATTN_BLOCKS - 3}/{ATTN_BLOCKS}", "decode-1"),
+        ("attention-3", f"{ATTN_BLOCKS - 5}/{ATTN_BLOCKS}", "decode-1"),
+    ]
 
 
 def test_a_killed_model_worker_takes_down_only_its_own_group(tiny_checkpoint) -> None:
