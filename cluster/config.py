@@ -100,7 +100,7 @@ class PoolConfig:
     # Custom Ray resources per worker, e.g. {"decode_node": 1} to pin a pool to labelled nodes.
     resources: dict[str, float] = field(default_factory=dict)
     # How the ranks of this pool's worker groups talk (its EP group; on Ray its TP workers'
-    # rank groups; for an attention pool, the model worker <-> attention workers group): one of
+    # rank groups; for an attention pool, each model worker <-> its attention workers group): one of
     # GROUP_TRANSPORTS. "auto": NCCL when the
     # pool has GPUs, else gloo. "shm": shared memory between processes of ONE node
     # (engine/runtime/shm_group.py; CPU pools only; a group Ray spread over nodes fails to form,
@@ -581,12 +581,14 @@ class ServeConfig:
 
 
 def _check_attention_pools(pools: tuple[PoolConfig, ...]) -> None:
-    """An attention pool (attention offload, attention_offload/) serves ONE decode-capable
-    worker: that model worker runs an OffloadedEngine over all the pool's workers (1 x N).
-    What the offloaded engine does not support yet is refused here, naming the field (prefix
-    caching and speculation on the model worker are supported: its engine owns the shards'
-    pages). A prefill pool beside it is supported: prefill workers push each request's KV
-    straight to the attention worker holding it (decode_worker/attention_receiver.py)."""
+    """An attention pool (attention offload, attention_offload/) of N workers serves the M
+    decode-capable (decode or mixed) workers, N a multiple of M: each is a model worker running
+    an OffloadedEngine over its own N / M attention workers (the assignment:
+    cluster/control/attention_groups.py). What the offloaded engine does not support yet is
+    refused here, naming the field (prefix caching and speculation on the model worker are
+    supported: its engine owns the shards' pages). A prefill pool beside it is supported:
+    prefill workers push each request's KV straight to the attention worker holding it
+    (decode_worker/attention_receiver.py)."""
     att = [(i, p) for i, p in enumerate(pools) if p.role == ATTENTION_ROLE and p.num_workers > 0]
     if not att:
         return
@@ -597,25 +599,26 @@ def _check_attention_pools(pools: tuple[PoolConfig, ...]) -> None:
         _check(key not in pool.engine, f"pools[{i}].engine.{key}", "is a model-worker option, not an attention pool's")
     served = [(j, p) for j, p in enumerate(pools) if p.role in ("decode", "mixed") and p.num_workers > 0]
     workers = sum(p.num_workers for _, p in served)
+    counts = " + ".join(f"pools[{j}].num_workers = {p.num_workers}" for j, p in served)
     _check(
-        workers == 1,
-        f"pools[{i}]",
-        f"an attention pool serves exactly one decode or mixed worker (all {pool.num_workers} attention workers "
-        f"hold its KV), got {workers} decode-capable workers",
+        pool.num_workers % workers == 0,
+        f"pools[{i}].num_workers",
+        f"the attention workers are split evenly among the decode and mixed workers ({counts}): "
+        f"{pool.num_workers} attention workers is not a multiple of {workers}",
     )
-    j, model = served[0]
-    _check(model.experts == 1, f"pools[{j}].experts", "expert parallelism with an attention pool is not supported")
-    _check(
-        model.tensor_parallel == 1,
-        f"pools[{j}].tensor_parallel",
-        "tensor parallelism with an attention pool is not supported",
-    )
-    for key in ("block_size", "dtype"):
+    for j, model in served:
+        _check(model.experts == 1, f"pools[{j}].experts", "expert parallelism with an attention pool is not supported")
         _check(
-            pool.engine.get(key) == model.engine.get(key),
-            f"pools[{i}].engine.{key}",
-            f"must equal the model worker's ({model.engine.get(key)!r}), got {pool.engine.get(key)!r}",
+            model.tensor_parallel == 1,
+            f"pools[{j}].tensor_parallel",
+            "tensor parallelism with an attention pool is not supported",
         )
+        for key in ("block_size", "dtype"):
+            _check(
+                pool.engine.get(key) == model.engine.get(key),
+                f"pools[{i}].engine.{key}",
+                f"must equal the model workers' (pools[{j}]: {model.engine.get(key)!r}), got {pool.engine.get(key)!r}",
+            )
 
 
 def _type_name(tp: Any) -> str:

@@ -59,6 +59,7 @@ from cluster.config import (
     ConfigError,
     ServeConfig,
 )
+from cluster.control.attention_groups import group_of
 from cluster.control.errors import EXCEPTION_LINE
 from cluster.control.info import ClusterInfo
 from cluster.frontends.launch import add_frontend_flags, apply_frontend_flags, start_frontends
@@ -161,9 +162,10 @@ def add_serve_parser(sub: Any) -> None:
         "--attention",
         type=positive_int,
         metavar="N",
-        help="attention offload: an 'attention' pool of N attention workers holding the KV of the one "
-        "decode/mixed worker (without a config's pools or --prefill M: one mixed worker, no prefill pool; "
-        "with them, prefill workers push each request's KV straight to its attention worker)",
+        help="attention offload: an 'attention' pool of N attention workers holding the KV of the decode/mixed "
+        "workers, N / M each for M of them (N a multiple of M; without a config's pools or --prefill M: the "
+        "decode pool becomes mixed, no prefill pool; with them, prefill workers push each request's KV "
+        "straight to its attention worker)",
     )
     p.add_argument(
         "--group-transport",
@@ -362,7 +364,8 @@ def _apply_attention_flag(pools: list[dict[str, Any]], count: int | None, keep_p
     """``--attention N``: an 'attention' pool of N workers (its engine options: the model
     worker's, so dtype and block size match). Unless ``keep_prefill`` (a config's pools, or
     ``--prefill M``: prefill workers then push KV straight to the attention workers) the
-    default layout becomes one mixed worker (the offloaded model worker prefills itself).
+    decode pool becomes a mixed pool (the offloaded model workers prefill themselves). Each
+    decode/mixed worker gets N / M of the attention workers (ServeConfig checks the division).
     Prefix caching and speculation stay as the pools set them (the model worker's engine
     owns the shards' pages)."""
     if count is None:
@@ -736,7 +739,9 @@ def _print_layout(info: ClusterInfo) -> None:
         if pool.role == "attention":  # attention offload: not routed, listed with their shards' blocks
             for a in (a for a in info.attention_workers if a.worker_id.rsplit("-", 1)[0] == pool.name):
                 free = info.attention_free_blocks(a)
-                _say(f"  {a.worker_id:<12} {a.state}  KV blocks {'?' if free is None else free}/{a.total_blocks}")
+                plan = group_of(info.attention_groups, a.worker_id)
+                of = f" of {plan.model_worker}" if plan is not None else ""
+                _say(f"  {a.worker_id:<12} {a.state}  KV blocks {'?' if free is None else free}/{a.total_blocks}{of}")
 
 
 def demo_prompt_ids(tokenizer: Any, template: Any, prompt: str) -> list[int]:

@@ -28,12 +28,14 @@ their requests fail over, or wait for the group), all of them are restarted and 
 formed again, and only then do they rejoin routing (``_replace_group``).
 
 Attention pools (role ``attention``, attention offload): worker ``<pool>-<i>`` is an
-AttentionActor, never routed to. The one decode-capable worker is their model worker (built
-with the attention workers' block counts); once every actor is ready, ``start`` forms the
-group [model worker, attention workers] (``attn/<model worker id>``) before routing starts.
-Like an EP group it lives and dies as one: when the model worker or any attention worker
-fails, all of them are given up, restarted and the group formed again
-(``_begin_replace_group`` with the attention group's members).
+AttentionActor, never routed to. Each of the M decode-capable workers is the model worker of
+its own N / M attention workers (cluster/control/attention_groups.py: model worker i gets
+attention workers [i*N/M, (i+1)*N/M); a replacement keeps them), built with their block
+counts; once every actor is ready, ``start`` forms one group per model worker,
+[model worker, its attention workers] (``attn/<model worker id>``), before routing starts.
+Like an EP group each lives and dies as one: when a model worker or one of its attention
+workers fails, that group's members are given up, restarted and the group formed again
+(``_begin_replace_group``); the other groups keep serving, untouched.
 
 Tensor-parallel pools (``PoolConfig.tensor_parallel`` = N > 1): worker ``<pool>-<i>`` is N
 actors, one per rank, each in its own placement bundle (the pool's resources are per rank):
@@ -87,6 +89,12 @@ from attention_offload.actor import AttentionActor
 from attention_offload.api import AttentionWorkerStats
 from attention_offload.worker import attention_blocks, attention_engine_config
 from cluster.config import ATTENTION_ROLE, PoolConfig, ServeConfig
+from cluster.control.attention_groups import (
+    AttentionGroupPlan,
+    group_of,
+    model_worker_blocks,
+    plan_attention_groups,
+)
 from cluster.control.ep_options import ep_rank_options, read_ep_files
 from cluster.control.expert_affinity import build_expert_affinities
 from cluster.control.groups import form_group, group_backend
@@ -159,6 +167,17 @@ class FollowerRank:
     stats: TPFollowerStats | None = None  # last report (health round); None until polled
 
 
+@dataclass(frozen=True)
+class WorkerGroup:
+    """Workers that live and die as one (one collective group): an EP pool's, or one model
+    worker's attention group. ``members`` in rank order; replaced together, never reused."""
+
+    kind: str  # "expert-parallel" | "attention"
+    name: str  # the group's name: ep/<pool> | attn/<model worker id>
+    members: list[WorkerRecord]
+    attention: AttentionGroupPlan | None = None  # an attention group's plan (None: EP)
+
+
 @dataclass
 class WorkerRecord:
     """One worker slot. ``actor``/``handle``/``address``/``node_id`` change on restart."""
@@ -212,14 +231,18 @@ class Controller:
         # EP pools' files, read once here and handed to every rank's actor (actors may run on
         # nodes without them)
         self._ep_files = {pool.name: read_ep_files(pool, i) for i, pool in enumerate(config.pools) if pool.experts > 1}
-        # attention offload: blocks per attention worker (rank 1..N), the model worker's pool
-        self._attention_blocks: list[int] | None = None
+        # attention offload: one group per model worker (attention_groups.py); blocks per
+        # attention worker of each model worker's group, by model worker id (none: not one)
+        self.attention_groups = plan_attention_groups(config)
         self._attention_stats: dict[str, AttentionWorkerStats] = {}  # last report, by health round
         att = config.attention_pool()
-        if att is not None:
-            self._attention_blocks = [attention_blocks(attention_engine_config(config.model, att.engine))] * (
-                att.num_workers
+        self._attention_blocks: dict[str, list[int]] = (
+            {}
+            if att is None
+            else model_worker_blocks(
+                self.attention_groups, attention_blocks(attention_engine_config(config.model, att.engine))
             )
+        )
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> Controller:
@@ -280,9 +303,11 @@ class Controller:
                 if pool.experts > 1:
                     await self._form_ep_group(pool, self._members(pool))
                     self._progress(f"  expert-parallel group {_ep_group_name(pool)} formed ({pool.experts} ranks)")
-            if self.config.attention_pool() is not None:
-                await self._form_attention_group(self._attention_members())
-                self._progress(f"  attention group formed ({len(self._attention_members()) - 1} attention workers)")
+            for plan in self.attention_groups:
+                await self._form_attention_group(plan)
+                self._progress(
+                    f"  attention group {plan.name} formed ({len(plan.attention_workers)} attention workers)"
+                )
         except RuntimeError:
             await self._kill_all()  # nothing half-started stays behind
             self.workers.clear()
@@ -355,6 +380,7 @@ class Controller:
             state=self.store.health(),
             attention_workers=tuple(self._attention_stats[w] for w in sorted(self._attention_stats)),
             tp_ranks=tuple(f.stats for r in self.workers.values() for f in r.followers if f.stats is not None),
+            attention_groups=self.attention_groups,
         )
 
     # ------------------------------------------------------------ actors
@@ -417,7 +443,7 @@ class Controller:
             pool.role,
             bound,
             ep=ep_rank_options(pool, wid, self._ep_files.get(pool.name)),
-            attention_blocks=self._attention_blocks,  # set: the model worker of the attention pool
+            attention_blocks=self._attention_blocks.get(wid),  # set: a model worker of the attention pool
             tp_followers=[f.actor for f in followers] or None,  # rank 0 of a tensor-parallel worker
         )
 
@@ -463,18 +489,17 @@ class Controller:
         for f in rec.followers:
             ray.kill(f.actor, no_restart=True)
 
-    def _attention_members(self) -> list[WorkerRecord]:
-        """The attention group in rank order: the model worker (the one decode-capable worker),
-        then the attention pool's workers."""
-        att = self.config.attention_pool()
-        assert att is not None
-        (model,) = (r for r in self.workers.values() if r.role in ("decode", "mixed"))
-        return [model, *self._members(att)]
+    def _records(self, plan: AttentionGroupPlan) -> list[WorkerRecord]:
+        """An attention group's records in rank order: its model worker, its attention workers."""
+        return [self.workers[wid] for wid in plan.members]
 
-    async def _form_attention_group(self, members: list[WorkerRecord]) -> None:
+    async def _form_attention_group(self, plan: AttentionGroupPlan) -> None:
+        """Its current incarnations join ``attn/<model worker>`` (rank 0 the model worker);
+        GroupFormationError (a RuntimeError) names the members that failed."""
+        members = self._records(plan)
         # the attention pool's transport decides (members[1:]), then the model worker's pool's
         await form_group(
-            f"attn/{members[0].worker_id}",
+            plan.name,
             [r.handle for r in members],  # type: ignore[misc]
             backend=group_backend([r.pool for r in (*members[1:], members[0])]),
             timeout_s=self.options.ep_group_timeout_s,
@@ -565,8 +590,9 @@ class Controller:
     def _begin_replace(self, rec: WorkerRecord, reason: str) -> None:
         if rec.worker_id in self._replacing or self._closing:
             return
-        if rec.pool.experts > 1 or self.config.attention_pool() is not None:
-            self._begin_replace_group(rec, reason)
+        group = self._group_of(rec)
+        if group is not None:
+            self._begin_replace_group(rec, group, reason)
             return
         log.error("worker %s failed (%s): replacing it", rec.worker_id, reason)
         rec.last_failure = reason
@@ -606,34 +632,42 @@ class Controller:
         finally:
             self._replacing.pop(wid, None)
 
-    def _begin_replace_group(self, failed: WorkerRecord, reason: str) -> None:
-        """An EP member failed: its group is broken for every member (see the module docstring).
-        With an attention pool, the group is the attention group (model worker + attention workers)."""
-        attention = self.config.attention_pool() is not None
-        members = self._attention_members() if attention else self._members(failed.pool)
-        kind = self._group_kind()
+    def _group_of(self, rec: WorkerRecord) -> WorkerGroup | None:
+        """The group ``rec`` lives and dies with: its attention group (a model worker or one of
+        its attention workers), its EP pool's group, else None (replaced alone)."""
+        plan = group_of(self.attention_groups, rec.worker_id)
+        if plan is not None:
+            return WorkerGroup("attention", plan.name, self._records(plan), plan)
+        if rec.pool.experts > 1:
+            return WorkerGroup("expert-parallel", _ep_group_name(rec.pool), self._members(rec.pool))
+        return None
+
+    def _begin_replace_group(self, failed: WorkerRecord, group: WorkerGroup, reason: str) -> None:
+        """A group member failed: the group is broken for every member (see the module
+        docstring); only its members are given up and replaced, other groups keep serving."""
+        members = group.members
         log.error(
-            "worker %s failed (%s): replacing its %s group %s",
+            "worker %s failed (%s): replacing its %s group %s %s",
             failed.worker_id,
             reason,
-            kind,
+            group.kind,
+            group.name,
             [r.worker_id for r in members],
         )
         failed.last_failure = reason
         for rec in members:
             if rec is not failed:
-                rec.last_failure = f"{kind} peer {failed.worker_id} failed: {reason}"
+                rec.last_failure = f"{group.kind} peer {failed.worker_id} failed: {reason}"
             self.router.mark_unhealthy(rec.worker_id)
-        task = asyncio.create_task(
-            self._replace_group(failed.pool, members, reason), name=f"replace-{failed.pool.name}"
-        )
+        task = asyncio.create_task(self._replace_group(group, reason), name=f"replace-{group.name}")
         for rec in members:
             self._replacing[rec.worker_id] = task
 
-    async def _replace_group(self, pool: PoolConfig, members: list[WorkerRecord], reason: str) -> None:
+    async def _replace_group(self, group: WorkerGroup, reason: str) -> None:
+        members = group.members
         try:
             for rec in members:  # their requests fail over now (or wait for the group)
-                await self.router.worker_lost(rec.worker_id, f"{reason} (its {self._group_kind()} group)")
+                await self.router.worker_lost(rec.worker_id, f"{reason} (its {group.kind} group {group.name})")
                 await self.store.deregister(rec.worker_id)
             while not self._closing:
                 for rec in members:
@@ -642,17 +676,18 @@ class Controller:
                     rec.handle = _handle(rec.worker_id, rec.pool, rec.actor)
                 try:
                     ready = await asyncio.gather(*(self._wait_ready(r.handle, r.pool) for r in members))
-                    if self.config.attention_pool() is not None:
-                        await self._form_attention_group(members)
+                    if group.attention is not None:
+                        await self._form_attention_group(group.attention)
                     else:
-                        await self._form_ep_group(pool, members)
+                        await self._form_ep_group(members[0].pool, members)
                     break
                 except Exception as e:
                     for rec in members:
                         rec.last_failure = f"group restart failed: {e}"
                     log.error(
-                        "restart of EP group %s failed, retrying in %ss: %s",
-                        pool.name,
+                        "restart of %s group %s failed, retrying in %ss: %s",
+                        group.kind,
+                        group.name,
                         self.options.restart_backoff_s,
                         e,
                     )
@@ -667,13 +702,10 @@ class Controller:
                 if rec.role != ATTENTION_ROLE:
                     self.router.add_worker(rec.worker_id, rec.handle, rec.role, address)
             self._check_shm_locality(strict=False)
-            log.warning("expert-parallel group %s replaced", pool.name)
+            log.warning("%s group %s replaced", group.kind, group.name)
         finally:
             for rec in members:
                 self._replacing.pop(rec.worker_id, None)
-
-    def _group_kind(self) -> str:
-        return "attention" if self.config.attention_pool() is not None else "expert-parallel"
 
     async def wait_replaced(self, worker_id: str, timeout: float | None = None) -> None:
         """Until ``worker_id`` is not being replaced (for tests and operators)."""

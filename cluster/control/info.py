@@ -13,6 +13,7 @@ from typing import Any
 
 from attention_offload.api import AttentionWorkerStats
 from cluster.config import PoolConfig
+from cluster.control.attention_groups import AttentionGroupPlan, group_of
 from cluster.control.router import Router
 from cluster.control.state import StoreHealth
 from engine.runtime.tp_follower import TPFollowerStats
@@ -61,17 +62,21 @@ class ClusterInfo:
     # tensor-parallel workers' follower ranks 1..N-1 (not routed; their rank 0 is in
     # ``workers``): group joined, calls applied, KV pool, failure; by the last health round
     tp_ranks: tuple[TPFollowerStats, ...] = ()
+    # which attention workers hold which model worker's KV (cluster/control/attention_groups.py)
+    attention_groups: tuple[AttentionGroupPlan, ...] = ()
 
     def attention_free_blocks(self, worker: AttentionWorkerStats) -> int | None:
-        """An attention worker's free pages, as its model worker's engine accounts them (the
-        shard keeps no accounting); None before it joined or before the model worker's report."""
-        if worker.shard is None:
+        """An attention worker's free pages, as ITS model worker's engine accounts them (the
+        shard keeps no accounting; each model worker reports its own shards only); None before
+        it joined its group or before its model worker's report."""
+        plan = group_of(self.attention_groups, worker.worker_id)
+        if worker.shard is None or plan is None:
             return None
-        for w in self.workers:
-            report = w.stats.attention if w.stats is not None else None
-            if report is not None and worker.shard < len(report.total_blocks):
-                return report.total_blocks[worker.shard] - report.used_blocks[worker.shard]
-        return None
+        model = next((w for w in self.workers if w.worker_id == plan.model_worker), None)
+        report = model.stats.attention if model is not None and model.stats is not None else None
+        if report is None or worker.shard >= len(report.total_blocks):
+            return None
+        return report.total_blocks[worker.shard] - report.used_blocks[worker.shard]
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able view (cached block hashes shown as a count)."""

@@ -15,13 +15,14 @@ the router it is lost (what the Ray controller does when an actor dies);
 replacement does).
 
 Attention pools (role ``attention``, attention offload): worker ``<pool>-<i>`` is an
-AttentionWorker (not routed to); the one decode-capable worker is built as their model worker
-(an OffloadedEngine sized to their blocks) and ``start`` forms the group
-[model worker, attention workers] (``attn/<model worker id>``, gloo) before serving. Each
-attention worker has a KV receiver of the transfer kind: a prefill pool's workers push each
-request's KV straight to the attention worker it is placed on (the model worker's
-start_transfer names it).
-``shutdown`` stops the model worker first (its CLOSE ends the attention workers' loops).
+AttentionWorker (not routed to). Each of the M decode-capable workers is built as the model
+worker of its own N / M attention workers (cluster/control/attention_groups.py: model worker i
+gets attention workers [i*N/M, (i+1)*N/M)), an OffloadedEngine sized to their blocks, and
+``start`` forms one group per model worker, [model worker, its attention workers]
+(``attn/<model worker id>``, gloo), before serving. Each attention worker has a KV receiver of
+the transfer kind: a prefill pool's workers push each request's KV straight to the attention
+worker it is placed on (its model worker's start_transfer names it).
+``shutdown`` stops the model workers first (their CLOSE ends the attention workers' loops).
 
 Expert-parallel pools (``experts`` > 1; decode, mixed or prefill): worker ``<pool>-<i>`` is built as EP rank i and
 ``start`` forms each pool's group (gloo over localhost, ``form_group`` as the controller
@@ -43,6 +44,7 @@ from typing import Any
 
 from attention_offload.worker import AttentionWorker, attention_blocks, attention_engine_config, build_attention_worker
 from cluster.config import ATTENTION_ROLE, ConfigError, PoolConfig, ServeConfig
+from cluster.control.attention_groups import group_of, model_worker_blocks, plan_attention_groups
 from cluster.control.ep_options import ep_rank_options, read_ep_files
 from cluster.control.expert_affinity import build_expert_affinities
 from cluster.control.groups import form_group, group_backend
@@ -100,11 +102,15 @@ class LocalCluster:
         self.attention: dict[str, AttentionWorker] = {}  # attention workers by id
         self.attention_handles: dict[str, AttentionHandle] = {}
         att = config.attention_pool()
-        # blocks per attention worker, rank 1..N: what the model worker's pool is sized to
-        self._attention_blocks: list[int] | None = None
-        if att is not None:
-            per_worker = attention_blocks(attention_engine_config(config.model, att.engine))
-            self._attention_blocks = [per_worker] * att.num_workers
+        self.attention_groups = plan_attention_groups(config)  # one per model worker
+        # blocks per attention worker of each model worker's group, by model worker id
+        self._attention_blocks: dict[str, list[int]] = (
+            {}
+            if att is None
+            else model_worker_blocks(
+                self.attention_groups, attention_blocks(attention_engine_config(config.model, att.engine))
+            )
+        )
         for pool in config.pools:
             for i in range(pool.num_workers):
                 self._build(f"{pool.name}-{i}", pool)
@@ -179,7 +185,7 @@ class LocalCluster:
                 transfer_timeout_s=t.timeout_s,
                 role=pool.role,
                 max_pending=bound,
-                attention_blocks=self._attention_blocks,
+                attention_blocks=self._attention_blocks.get(wid),
                 ep=ep_rank_options(pool, wid, self._ep_files.get(pool.name)),
             )
             self.handles[wid] = local_decode(wid, dw)
@@ -195,13 +201,12 @@ class LocalCluster:
                 backend = _in_process_backend([pool])
                 await form_group(f"ep/{pool.name}", members, backend=backend, timeout_s=self.ep_group_timeout_s)
         att = self.config.attention_pool()
-        if att is not None:
-            (model,) = self.handles.values()  # the config allows one decode-capable worker
-            members = [model, *(self.attention_handles[f"{att.name}-{i}"] for i in range(att.num_workers))]
-            backend = _in_process_backend(
-                [att, *(p for p in self.config.pools if p.name == self.pool_of[model.worker_id])]
-            )
-            await form_group(f"attn/{model.worker_id}", members, backend=backend, timeout_s=self.ep_group_timeout_s)
+        for plan in self.attention_groups:  # one group per model worker, over its own attention workers
+            assert att is not None
+            model = self.handles[plan.model_worker]
+            members = [model, *(self.attention_handles[w] for w in plan.attention_workers)]
+            backend = _in_process_backend([att, self.config.pool(self.pool_of[plan.model_worker])])
+            await form_group(plan.name, members, backend=backend, timeout_s=self.ep_group_timeout_s)
         await self.store.start()
         await self.router.start()
         await self.router.collect_limits()
@@ -219,7 +224,7 @@ class LocalCluster:
     def replace_worker(self, worker_id: str) -> None:
         """A fresh worker under ``worker_id`` (new engine, empty KV pool, new KV address)."""
         pool = self.config.pool(self.pool_of[worker_id])
-        if self.config.attention_pool() is not None:
+        if group_of(self.attention_groups, worker_id) is not None:
             raise NotImplementedError(
                 f"{worker_id}: a model worker and its attention workers are replaced as one group "
                 "(not supported in process)"
@@ -256,6 +261,7 @@ class LocalCluster:
                 for wid in self.workers
             ),
             attention_workers=tuple(w.stats() for w in self.attention.values()),
+            attention_groups=self.attention_groups,
             requests_in_flight=len(self.router.requests),
             state=self.store.health(),
         )

@@ -492,7 +492,7 @@ def server_info_message(info: ServerInfo) -> pb.ServerInfo:
         pool = pools.setdefault(w.current_role, pb.PoolInfo(role=w.current_role))
         pool.num_workers += 1
         pool.num_healthy += int(w.healthy)
-    for a in cluster.attention_workers:  # attention offload: they hold the model worker's KV
+    for a in cluster.attention_workers:  # attention offload: each holds its model worker's KV
         healthy = a.state in ("waiting", "serving")
         msg.workers.append(
             pb.WorkerInfo(

@@ -7,6 +7,7 @@ import pytest
 
 from cluster.cli import build_parser
 from cluster.config import ConfigError, PoolConfig, ServeConfig
+from cluster.control.attention_groups import plan_attention_groups
 from cluster.serve import TINY_ENGINE, ModelChoice, serve_config_from_args
 
 NO_PREFIX = {"enable_prefix_caching": False}
@@ -16,7 +17,7 @@ def _cfg(*pools: PoolConfig) -> ServeConfig:
     return ServeConfig("m", pools=pools)
 
 
-def test_an_attention_pool_serves_one_mixed_worker():
+def test_an_attention_pool_serves_a_mixed_worker():
     cfg = _cfg(PoolConfig("mixed", "mixed", 1, engine=NO_PREFIX), PoolConfig("attn", "attention", 2))
     assert cfg.attention_pool() == cfg.pool("attn") and cfg.attention_pool().num_workers == 2
     assert _cfg(PoolConfig("decode", "decode", 1)).attention_pool() is None
@@ -54,9 +55,10 @@ def test_an_attention_pool_without_a_decode_or_mixed_pool_is_refused():
     ("pools", "path", "says"),
     [
         (
-            [PoolConfig("m", "mixed", 2, engine=NO_PREFIX), PoolConfig("a", "attention", 2)],
-            r"pools\[1\]",
-            "exactly one decode or mixed worker",
+            [PoolConfig("m", "mixed", 2, engine=NO_PREFIX), PoolConfig("a", "attention", 3)],
+            r"pools\[1\]\.num_workers",
+            r"split evenly among the decode and mixed workers \(pools\[0\]\.num_workers = 2\): "
+            "3 attention workers is not a multiple of 2",
         ),
         (
             [
@@ -64,8 +66,8 @@ def test_an_attention_pool_without_a_decode_or_mixed_pool_is_refused():
                 PoolConfig("d", "decode", 1),
                 PoolConfig("a", "attention", 1),
             ],
-            r"pools\[2\]",
-            "got 2 decode-capable workers",
+            r"pools\[2\]\.num_workers",
+            r"\(pools\[0\]\.num_workers = 1 \+ pools\[1\]\.num_workers = 1\): 1 attention workers is not a multiple of 2",
         ),
         (
             [
@@ -79,7 +81,7 @@ def test_an_attention_pool_without_a_decode_or_mixed_pool_is_refused():
         (
             [PoolConfig("m", "mixed", 1, engine=NO_PREFIX), PoolConfig("a", "attention", 1, engine={"block_size": 32})],
             r"pools\[1\]\.engine\.block_size",
-            "must equal the model worker's",
+            r"must equal the model workers' \(pools\[0\]: None\), got 32",
         ),
         (
             [PoolConfig("m", "mixed", 1, engine=NO_PREFIX), PoolConfig("a", "attention", 1, engine=NO_PREFIX)],
@@ -130,6 +132,20 @@ def test_attention_flag_makes_one_mixed_worker_and_an_attention_pool():
     assert {k: attn.engine.get(k) for k in ("dtype", "block_size")} == {
         k: model.engine.get(k) for k in ("dtype", "block_size")
     }
+
+
+def test_attention_flag_with_several_decode_workers_splits_the_attention_pool():
+    cfg = _args("serve --model /m --attention 4 --decode 2")
+    assert [(p.name, p.role, p.num_workers) for p in cfg.pools] == [
+        ("decode", "mixed", 2),
+        ("attention", "attention", 4),
+    ]
+    assert [p.attention_workers for p in plan_attention_groups(cfg)] == [
+        ("attention-0", "attention-1"),
+        ("attention-2", "attention-3"),
+    ]
+    with pytest.raises(ConfigError, match=r"^pools\[1\]\.num_workers: .*3 attention workers is not a multiple of 2"):
+        _args("serve --model /m --attention 3 --decode 2")
 
 
 def test_attention_flag_over_a_config_keeps_its_pools(tmp_path):
