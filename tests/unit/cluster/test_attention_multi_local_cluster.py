@@ -18,27 +18,25 @@ import threading
 
 import pytest
 
-from cluster.config import ConfigError, PoolConfig, RouterConfig, ServeConfig, TransferConfig
+from cluster.config import ConfigError, PoolConfig, ServeConfig
 from cluster.control.attention_groups import plan_attention_groups
 from cluster.control.local import LocalCluster
 from cluster.frontends.grpc_server import server_info_message
 from cluster.frontends.service import ServerInfo
 from cluster.serve import _print_layout
-from engine import LLM, SamplingParams
+from engine import SamplingParams
 from engine.types import RequestSpec
 from tests.router_streams import collect_ok
+from tests.unit.cluster.attention_cluster import (
+    ATTN_BLOCKS,
+    ATTN_ENGINE,
+    GREEDY,
+    MODEL_ENGINE,
+    attention_config,
+    pools_full,
+    reference,
+)
 
-BS = 8
-MODEL_ENGINE = {
-    "block_size": BS,
-    "attention_backend": "sdpa",
-    "skip_tokenizer_init": True,
-    "enable_prefix_caching": False,
-}
-PREFILL_ENGINE = {"block_size": BS, "attention_backend": "sdpa", "skip_tokenizer_init": True}
-ATTN_BLOCKS = 24  # per attention worker
-ATTN_ENGINE = {"block_size": BS, "num_blocks": ATTN_BLOCKS, "attention_backend": "sdpa"}
-GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 PROMPTS = [
     list(range(3, 14)),
     list(range(20, 27)),
@@ -50,25 +48,10 @@ PROMPTS = [
     list(range(200, 222)),
 ]
 GROUPS = {"decode-0": ("attention-0", "attention-1"), "decode-1": ("attention-2", "attention-3")}
-DEADLINE_S = 30.0
 
 
 def _config(ckpt: str) -> ServeConfig:
-    return ServeConfig(
-        model=ckpt,
-        pools=(
-            PoolConfig("prefill", "prefill", 1, engine=PREFILL_ENGINE),
-            PoolConfig("decode", "decode", 2, engine=MODEL_ENGINE),
-            PoolConfig("attention", "attention", 4, engine=ATTN_ENGINE),
-        ),
-        # every prompt goes through a transfer; concurrent requests alternate between the model workers
-        router=RouterConfig(short_prompt_threshold=0, decode_policy="jsq"),
-        transfer=TransferConfig(kind="loopback"),
-    )
-
-
-def _reference(ckpt: str, prompts: list[list[int]], params: SamplingParams = GREEDY) -> list[list[int]]:
-    return [o.token_ids for o in LLM(ckpt, **{**MODEL_ENGINE, "num_blocks": 2 * ATTN_BLOCKS}).generate(prompts, params)]
+    return attention_config(ckpt, 2, 4)
 
 
 class Placements:
@@ -103,28 +86,7 @@ class Placements:
 
 
 async def _pools_full(cluster: LocalCluster) -> None:
-    """Polls (load reports reach the router asynchronously) until both model workers' pages on
-    their attention workers, the prefill worker's pool and every transfer are settled."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + DEADLINE_S
-    while True:
-        await cluster.router.refresh_loads()
-        info = cluster.info()
-        by_id = {w.worker_id: w.stats for w in info.workers}
-        models = [by_id[m] for m in GROUPS]
-        full = (
-            len(info.attention_workers) == 4
-            and all(m.attention.used_blocks == (0, 0) for m in models)
-            and all(m.attention.total_blocks == (ATTN_BLOCKS, ATTN_BLOCKS) for m in models)
-            and all(m.engine.free_kv_blocks == m.engine.total_kv_blocks == 2 * ATTN_BLOCKS for m in models)
-            and all(m.transfers_in_flight == 0 for m in models)
-            and by_id["prefill-0"].engine.free_kv_blocks == by_id["prefill-0"].engine.total_kv_blocks > 0
-            and all(info.attention_free_blocks(a) == a.total_blocks == ATTN_BLOCKS for a in info.attention_workers)
-        )
-        if full:
-            return
-        assert loop.time() < deadline, (models, info.attention_workers)
-        await asyncio.sleep(0.05)  # poll interval
+    await pools_full(cluster, list(GROUPS), 4)
 
 
 def test_two_model_workers_each_serve_from_their_own_attention_workers(tiny_checkpoint, capsys) -> None:
@@ -143,7 +105,7 @@ def test_two_model_workers_each_serve_from_their_own_attention_workers(tiny_chec
             await cluster.stop()
 
     got, placed, info = asyncio.run(run())
-    assert got == _reference(ckpt, PROMPTS)
+    assert got == reference(ckpt, PROMPTS)
     assert all(len(models) == 1 for models in placed.model.values()), placed.model  # no failover
     assert {models[0] for models in placed.model.values()} == set(GROUPS), placed.model  # both served
     # every request's KV went to exactly one attention worker, one of its model worker's own
@@ -225,8 +187,8 @@ def test_a_killed_model_worker_takes_down_only_its_own_group(tiny_checkpoint) ->
 
     victim, survivor, first, rest, after, placed, states = asyncio.run(run())
     assert all(ch.error is None for ch in rest), rest[-1]
-    assert first.token_ids + [t for ch in rest for t in ch.token_ids] == _reference(ckpt, [long_prompt], long)[0]
-    assert after == _reference(ckpt, PROMPTS)
+    assert first.token_ids + [t for ch in rest for t in ch.token_ids] == reference(ckpt, [long_prompt], long)[0]
+    assert after == reference(ckpt, PROMPTS)
     assert placed.pop("long") == [victim, survivor]  # the stream failed over to the other model worker
     assert set(placed) == {f"a{i}" for i in range(len(PROMPTS))}
     assert all(models == [survivor] for models in placed.values()), placed  # only the survivor serves

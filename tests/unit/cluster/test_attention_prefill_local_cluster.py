@@ -16,71 +16,32 @@ import pytest
 import torch
 
 from attention_offload.shard_kv import FAILED_CODE
-from cluster.config import PoolConfig, RouterConfig, ServeConfig, TransferConfig
+from cluster.config import ServeConfig
 from cluster.control.local import LocalCluster
 from decode_worker.attention_receiver import AttentionKVReceiver
-from engine import LLM, SamplingParams
+from engine import SamplingParams
 from engine.types import RequestSpec
 from kv_transfer import TransferStatus
 from kv_transfer.base import KVChunk
 from tests.router_streams import collect_ok
+from tests.unit.cluster.attention_cluster import (
+    ATTN_BLOCKS,
+    DEADLINE_S,
+    GREEDY,
+    attention_config,
+    pools_full,
+    reference,
+)
 
-BS = 8
-MODEL_ENGINE = {
-    "block_size": BS,
-    "attention_backend": "sdpa",
-    "skip_tokenizer_init": True,
-    "enable_prefix_caching": False,
-}
-PREFILL_ENGINE = {"block_size": BS, "attention_backend": "sdpa", "skip_tokenizer_init": True}
-ATTN_BLOCKS = 24  # per attention worker
-ATTN_ENGINE = {"block_size": BS, "num_blocks": ATTN_BLOCKS, "attention_backend": "sdpa"}
-GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 PROMPTS = [list(range(3, 14)), list(range(20, 27)), list(range(40, 59)), [5, 9, 2, 7], list(range(60, 90))]
-DEADLINE_S = 30.0
 
 
 def _config(ckpt: str, kind: str = "loopback", layerwise: bool = True) -> ServeConfig:
-    return ServeConfig(
-        model=ckpt,
-        pools=(
-            PoolConfig("prefill", "prefill", 1, engine=PREFILL_ENGINE),
-            PoolConfig("decode", "decode", 1, engine=MODEL_ENGINE),
-            PoolConfig("attention", "attention", 2, engine=ATTN_ENGINE),
-        ),
-        router=RouterConfig(short_prompt_threshold=0),  # every prompt goes through a transfer
-        transfer=TransferConfig(kind=kind, layerwise=layerwise),
-    )
-
-
-def _reference(ckpt: str, prompts: list[list[int]], params: SamplingParams = GREEDY) -> list[list[int]]:
-    return [o.token_ids for o in LLM(ckpt, **{**MODEL_ENGINE, "num_blocks": 2 * ATTN_BLOCKS}).generate(prompts, params)]
+    return attention_config(ckpt, 1, 2, kind, layerwise)
 
 
 async def _pools_full(cluster: LocalCluster) -> None:
-    """Polls (the load reports reach the router asynchronously) until the model worker's
-    pages on both attention workers, the prefill worker's pool and every transfer are settled."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + DEADLINE_S
-    while True:
-        await cluster.router.refresh_loads()
-        info = cluster.info()
-        by_id = {w.worker_id: w.stats for w in info.workers}
-        model, prefill = by_id["decode-0"], by_id["prefill-0"]
-        rep = model.attention
-        full = (
-            len(info.attention_workers) == 2
-            and rep.used_blocks == (0, 0)
-            and rep.total_blocks == (ATTN_BLOCKS, ATTN_BLOCKS)
-            and model.engine.free_kv_blocks == model.engine.total_kv_blocks == 2 * ATTN_BLOCKS
-            and prefill.engine.free_kv_blocks == prefill.engine.total_kv_blocks > 0
-            and model.transfers_in_flight == 0
-            and all(info.attention_free_blocks(a) == a.total_blocks == ATTN_BLOCKS for a in info.attention_workers)
-        )
-        if full:
-            return
-        assert loop.time() < deadline, (model, prefill, info.attention_workers)
-        await asyncio.sleep(0.05)  # poll interval
+    await pools_full(cluster, ["decode-0"], 2)
 
 
 def _model_receiver(cluster: LocalCluster) -> AttentionKVReceiver:
@@ -115,7 +76,7 @@ def test_prefill_pushes_kv_straight_to_the_attention_workers(tiny_checkpoint, ki
         return got, info, polls, untouched
 
     got, info, polls, untouched = asyncio.run(run())
-    assert got == _reference(ckpt, PROMPTS)
+    assert got == reference(ckpt, PROMPTS)
     by_id = {w.worker_id: w.stats for w in info.workers}
     assert by_id["prefill-0"].transfer_bytes > 0
     received = [a.kv_bytes_received for a in info.attention_workers]
@@ -195,7 +156,7 @@ def test_cancels_mid_transfer_and_mid_stream_and_a_corrupted_transfer_free_every
     late, bad, workers, stats = asyncio.run(run())
     assert late == 0  # the cancelled request's chunk was dropped, not written
     assert corrupted == ["bad"]
-    assert bad == _reference(ckpt, [PROMPTS[2]])[0]
+    assert bad == reference(ckpt, [PROMPTS[2]])[0]
     assert stats.failovers["kv_checksum"] == 1
     model = next(w.stats for w in workers if w.worker_id == "decode-0")
     assert model.transfer_failures == 1
