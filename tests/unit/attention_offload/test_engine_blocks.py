@@ -89,8 +89,11 @@ def test_a_cached_prefix_places_the_request_on_its_partition_unless_that_one_is_
     assert kv.pool.num_free == kv.pool.num_blocks == 10 and not any(kv.pool.ref_counts) and not kv.partition
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2_moe"])
 @pytest.mark.parametrize("rotation", [1, 2])
-def test_prefix_cached_requests_go_to_their_shard_and_equal_llm(target, rotation):
+def test_prefix_cached_requests_go_to_their_shard_and_equal_llm(tiny_checkpoint, target, rotation, family):
+    if family != "llama":
+        target = tiny_checkpoint(family, num_hidden_layers=4)
     llm = LLM(target, skip_tokenizer_init=True, enable_prefix_caching=True, num_blocks=64, block_size=BS)
     ref1 = [o.token_ids for o in llm.generate(WAVE1, GREEDY)]
     ref2 = [o.token_ids for o in llm.generate(WAVE2, GREEDY)]

@@ -51,12 +51,19 @@ def _model_receiver(cluster: LocalCluster) -> AttentionKVReceiver:
 
 
 @pytest.mark.parametrize(
-    ("kind", "layerwise"),
-    [("loopback", True), ("loopback", False), ("shm", True)],
-    ids=["loopback-layerwise", "loopback-whole", "shm-layerwise"],
+    ("kind", "layerwise", "family"),
+    [
+        ("loopback", True, "llama"),
+        ("loopback", False, "llama"),
+        ("shm", True, "llama"),
+        ("loopback", True, "qwen2_moe"),
+    ],
+    ids=["loopback-layerwise", "loopback-whole", "shm-layerwise", "moe-loopback-layerwise"],
 )
-def test_prefill_pushes_kv_straight_to_the_attention_workers(tiny_checkpoint, kind: str, layerwise: bool) -> None:
-    ckpt = tiny_checkpoint("llama")
+def test_prefill_pushes_kv_straight_to_the_attention_workers(
+    tiny_checkpoint, kind: str, layerwise: bool, family: str
+) -> None:
+    ckpt = tiny_checkpoint(family)
 
     async def run():
         cluster = await LocalCluster(_config(ckpt, kind, layerwise), ep_group_timeout_s=30.0).start()
