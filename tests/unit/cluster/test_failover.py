@@ -145,7 +145,10 @@ def test_single_decode_worker_death_waits_for_its_replacement(model, reference):
             await cluster.kill_worker("decode-0")
             for s in streams:
                 s.release()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 25.0  # within the requests' wait_for_worker_s (30 s)
             while cluster.router.stats.waiting < len(prompts):  # all of them wait for a worker
+                assert loop.time() < deadline, (cluster.router.stats, [len(s.tokens) for s in streams])
                 await asyncio.sleep(0.02)  # poll interval
             during = [len(s.tokens) for s in streams]
             cluster.replace_worker("decode-0")  # the controller's replacement arrives
