@@ -37,7 +37,6 @@ releases the GIL while it hashes a buffer as well.
 
 from __future__ import annotations
 
-import threading
 from types import ModuleType
 
 import numpy as np
@@ -55,10 +54,6 @@ _COPY_PIECE = 256 << 10
 _LAND_PIECE = 512 << 10
 
 
-_native_lock = threading.Lock()
-_native_state: list[ModuleType | None] = []  # [module or None] once loaded
-
-
 def warm_native() -> bool:
     """Load the native ``xxh3_pages`` kernel now (building it if this machine has no build
     yet); whether it is available. Transports call this when they are created, so the first
@@ -67,12 +62,10 @@ def warm_native() -> bool:
 
 
 def _xxh3() -> ModuleType | None:
-    if not _native_state:
-        with _native_lock:
-            if not _native_state:
-                mod = native.load()
-                _native_state.append(mod if mod is not None and hasattr(mod, "xxh3_pages") else None)
-    return _native_state[0]
+    """The native module when it has ``xxh3_pages`` (engine.native.load caches the build,
+    once per process, under its own lock)."""
+    mod = native.load()
+    return mod if mod is not None and hasattr(mod, "xxh3_pages") else None
 
 
 def _native_for(rows: np.ndarray, n: int) -> ModuleType | None:
