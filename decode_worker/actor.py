@@ -48,10 +48,10 @@ from engine.runtime.tp_follower import (
 )
 from engine.types import FirstToken, KVAddress, RequestSpec, StreamChunk, WorkerLimits, WorkerStats
 from expert_router.group import EPRankOptions
+from kv_transfer import NETWORK_KINDS
 
 DEFAULT_MAX_CONCURRENCY = 64
 CONTROL_GROUP = "control"
-NETWORK_TRANSPORTS = ("grpc", "torch")  # receivers that take a ``host`` option
 
 
 @ray.remote(max_concurrency=DEFAULT_MAX_CONCURRENCY, concurrency_groups={CONTROL_GROUP: 4})
@@ -75,7 +75,7 @@ class DecodeActor(DecodeAPI):
         # torch threads = this actor's Ray CPU share
         self.num_threads = set_threads_for_cpu_share(ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0))
         opts = dict(transport_options or {})
-        if transport in NETWORK_TRANSPORTS:
+        if transport in NETWORK_KINDS:  # receivers that listen on a ``host`` option
             opts.setdefault("host", ray.util.get_node_ip_address())
         self.worker = build_decode_worker(
             model,
