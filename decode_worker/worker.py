@@ -142,7 +142,6 @@ class DecodeWorker(RuntimeWorker, DecodeAPI):
         # admitted transferred requests not yet decoded once -> their prefill's end (wall clock)
         self._handoff_from: dict[str, float] = {}
         self._unscheduled: dict[str, Request] = {}  # local prefills not scheduled yet
-        self.dispatcher = dispatcher
         self._node_ip = node_ip
         self._comms: list[Communicator] = []  # the groups joined (join_group); closed at shutdown
         if attention is not None and (attention.core is not engine or dispatcher is not None):

@@ -120,7 +120,7 @@ def test_ep_workers_with_a_placement_file_and_an_expert_cache_serve_as_llm(tiny_
         )
         for r in range(2)
     ]
-    assert workers[0].dispatcher.placement.experts_of(0, 0) == (0, 2)
+    assert workers[0].ep.dispatcher.placement.experts_of(0, 0) == (0, 2)
     asyncio.run(form_group("ep/cached", [local_decode(w.worker_id, w) for w in workers], backend="gloo", timeout_s=30))
     try:
         before = [w.stats().expert_parallel.cache for w in workers]
@@ -133,7 +133,7 @@ def test_ep_workers_with_a_placement_file_and_an_expert_cache_serve_as_llm(tiny_
             w.shutdown()
     assert [e for _, e in got] == [None] * len(PROMPTS)
     assert [t for t, _ in got] == [o.token_ids for o in LLM(ckpt, **ENGINE).generate(PROMPTS, PARAMS)]
-    assert all(w.dispatcher.tiers is not None for w in workers)  # the fast tier ran
+    assert all(w.ep.dispatcher.tiers is not None for w in workers)  # the fast tier ran
     # the fast tier's counters in stats(): zeros before, moved after (1 slot of a 2-expert
     # share: some access must miss and load; LRU has no predictor, so no prefetches)
     assert [(c.slots, c.hits, c.misses, c.load_bytes) for c in before] == [(1, 0, 0, 0)] * 2
@@ -167,7 +167,7 @@ def test_ep_workers_with_a_routing_log_run_expertflow_prefetch_and_serve_as_llm(
         )
         for r in range(2)
     ]
-    assert all(w.dispatcher.cache.policy == "expertflow" and w.dispatcher.cache.predictor for w in workers)
+    assert all(w.ep.dispatcher.cache.policy == "expertflow" and w.ep.dispatcher.cache.predictor for w in workers)
     asyncio.run(form_group("ep/flow", [local_decode(w.worker_id, w) for w in workers], backend="gloo", timeout_s=30))
     try:
         for i, p in enumerate(PROMPTS):
