@@ -172,10 +172,14 @@ class WorkerGroup:
     """Workers that live and die as one (one collective group): an EP pool's, or one model
     worker's attention group. ``members`` in rank order; replaced together, never reused."""
 
-    kind: str  # "expert-parallel" | "attention"
     name: str  # the group's name: ep/<pool> | attn/<model worker id>
     members: list[WorkerRecord]
     attention: AttentionGroupPlan | None = None  # an attention group's plan (None: EP)
+
+    @property
+    def kind(self) -> str:
+        """For logs and failure reasons: "attention" or "expert-parallel"."""
+        return "expert-parallel" if self.attention is None else "attention"
 
 
 @dataclass
@@ -637,9 +641,9 @@ class Controller:
         its attention workers), its EP pool's group, else None (replaced alone)."""
         plan = group_of(self.attention_groups, rec.worker_id)
         if plan is not None:
-            return WorkerGroup("attention", plan.name, self._records(plan), plan)
+            return WorkerGroup(plan.name, self._records(plan), plan)
         if rec.pool.experts > 1:
-            return WorkerGroup("expert-parallel", _ep_group_name(rec.pool), self._members(rec.pool))
+            return WorkerGroup(_ep_group_name(rec.pool), self._members(rec.pool))
         return None
 
     def _begin_replace_group(self, failed: WorkerRecord, group: WorkerGroup, reason: str) -> None:
