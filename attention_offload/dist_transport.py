@@ -110,7 +110,7 @@ class DistAttentionTransport(AttentionTransport):
         count: int = 0,
         entries: int = 0,
     ) -> None:
-        self._send(shard, torch.tensor([kind, ctx, index, n, width, count, entries], dtype=torch.long))
+        self._send(shard, header_tensor(kind, ctx, index, n, width, count, entries))
         self._count_control(HEADER_INTS)
 
     def _send(self, shard: int, x: torch.Tensor) -> None:
@@ -203,6 +203,13 @@ class _Reply:
         return self._out
 
 
+def header_tensor(
+    kind: int, ctx: int = 0, index: int = 0, n: int = 0, width: int = 0, count: int = 0, entries: int = 0
+) -> torch.Tensor:
+    """A message header: int64 [HEADER_INTS] (module docstring)."""
+    return torch.tensor([kind, ctx, index, n, width, count, entries], dtype=torch.long)
+
+
 def encode_strings(items: list[str]) -> list[int]:
     """Strings -> int64 values [len, UTF-8 bytes...] per string (``decode_strings``'s input)."""
     out: list[int] = []
@@ -235,7 +242,7 @@ def query_kv_addresses(comm: Communicator, shard_ranks: list[int]) -> list[Any]:
     shard's KV receiver address, in shard order (None: that worker has no receiver)."""
     out = []
     for rank in shard_ranks:
-        comm.send(torch.tensor([ADDRESS, 0, 0, 0, 0, 0, 0], dtype=torch.long, device=comm.device), rank, REQUEST_TAG)
+        comm.send(header_tensor(ADDRESS).to(comm.device), rank, REQUEST_TAG)
         (e,) = comm.recv(torch.empty(1, dtype=torch.long, device=comm.device), rank, REPLY_TAG).tolist()
         raw = comm.recv(torch.empty(e, dtype=torch.long, device=comm.device), rank, REPLY_TAG).tolist() if e else []
         out.append(_hashable(json.loads(bytes(raw).decode())) if raw else None)
