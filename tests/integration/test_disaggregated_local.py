@@ -13,6 +13,7 @@ from cluster.config import PoolConfig, RouterConfig, ServeConfig, TransferConfig
 from cluster.control.local import LocalCluster
 from engine import LLM, SamplingParams
 from engine.types import RequestSpec, UnknownRequest
+from tests.kv_faults import flipped
 from tests.router_streams import collect
 
 pytestmark = pytest.mark.integration
@@ -188,7 +189,7 @@ def test_corrupted_transfer_fails_loudly_and_frees_blocks(tiny_checkpoint, refer
 
         def corrupting_factory():
             sender = real_factory()
-            sender.fault_hook = _flip_first_byte
+            sender.fault_hook = flipped
             return sender
 
         prefill._sender_factory = corrupting_factory
@@ -206,12 +207,6 @@ def test_corrupted_transfer_fails_loudly_and_frees_blocks(tiny_checkpoint, refer
     assert f"failed on {retries + 1} placements" in last.error
     # one token per placement (its prefill's), each the continuation of the ones before
     assert tokens == reference("llama", [prompt])[0][: retries + 1]
-
-
-def _flip_first_byte(chunk):
-    payload = chunk.payload.clone()
-    payload.view(-1).view(dtype=__import__("torch").uint8)[0] ^= 0xFF
-    return type(chunk)(**{**chunk.__dict__, "payload": payload})
 
 
 def test_first_token_can_finish_request(tiny_checkpoint):

@@ -19,7 +19,7 @@ from attention_offload.worker import build_attention_worker
 from decode_worker.attention_receiver import AttentionKVReceiver
 from engine.llm import build_engine_config
 from kv_transfer import ReceiverFactory, TransferStatus, make_sender
-from kv_transfer.base import KVChunk
+from tests.kv_faults import flipped
 from tests.unit.attention_offload.test_attention_offload import BLOCK
 from tests.unit.attention_offload.test_attention_worker import BLOCKS, _join, dense  # noqa: F401 - fixture
 
@@ -36,12 +36,6 @@ def _settled(t: DistAttentionTransport, rid: str) -> tuple[int, str | None]:
         if TRANSFER_STATES[code] in ("done", "failed") or time.monotonic() > end:
             return code, why
         time.sleep(0.005)  # poll interval
-
-
-def _flip_a_byte(chunk: KVChunk) -> KVChunk:
-    payload = chunk.payload.clone()
-    payload.reshape(-1).view(torch.uint8)[0] ^= 0xFF
-    return KVChunk(chunk.request_id, chunk.layer, chunk.first_page, chunk.num_pages, payload, chunk.checksum)
 
 
 def test_wire_states_are_the_transfer_states_and_strings_round_trip():
@@ -89,7 +83,7 @@ def test_control_messages_drive_the_attention_workers_receiver(dense):  # noqa: 
         assert torch.equal(w[0].shard.cache.kv[:, pages], data)  # written at the named pages
         assert w[0].stats().kv_bytes_received == 3 * layout.num_layers * layout.page_bytes
         # a corrupted chunk fails its request at the receiver's checksum, with the reason
-        bad = make_sender("loopback", layout, fault_hook=_flip_a_byte)
+        bad = make_sender("loopback", layout, fault_hook=flipped)
         bad.connect(addresses[0])
         t.kv_expect(0, "bad", [7])
         bad.send("bad", 0, 0, data[0, :1].clone())

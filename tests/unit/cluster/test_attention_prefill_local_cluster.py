@@ -13,7 +13,6 @@ import contextlib
 import threading
 
 import pytest
-import torch
 
 from attention_offload.shard_kv import FAILED_CODE
 from cluster.config import ServeConfig
@@ -23,6 +22,7 @@ from engine import SamplingParams
 from engine.types import RequestSpec
 from kv_transfer import TransferStatus
 from kv_transfer.base import KVChunk
+from tests.kv_faults import flipped
 from tests.router_streams import collect_ok
 from tests.unit.cluster.attention_cluster import (
     ATTN_BLOCKS,
@@ -110,9 +110,7 @@ def test_cancels_mid_transfer_and_mid_stream_and_a_corrupted_transfer_free_every
         if chunk.request_id != "bad" or corrupted:  # only the first chunk of "bad"'s first attempt
             return chunk
         corrupted.append(chunk.request_id)
-        payload = chunk.payload.clone()
-        payload.reshape(-1).view(torch.uint8)[0] ^= 0xFF
-        return KVChunk(chunk.request_id, chunk.layer, chunk.first_page, chunk.num_pages, payload, chunk.checksum)
+        return flipped(chunk)
 
     long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
 
