@@ -94,8 +94,12 @@ class NativeKernels:
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         """x: [T, in], w: [out, in] -> [T, out]."""
+        # The native kernels after this linear run on the threads it used (ChunkPool.set_openmp):
+        # the streaming kernel's pool, or OpenMP's after oneDNN.
         if x.shape[0] <= self.max_rows and w.dtype in _STREAM_DTYPES and not w.is_mkldnn:
+            self.module.set_openmp(False)
             return self.module.stream_linear(x, w, b)
+        self.module.set_openmp(True)
         return linear(x, self.packed.get(id(w), w), b)
 
     def rms_norm(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:

@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 #include <tuple>
 
+#include "chunk_pool.h"
 #include "kernels.h"
 
 namespace {
@@ -67,6 +68,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("page_bytes"), py::arg("impl") = 0);
   m.def("xxh3_pages_best_impl", &splitserve::xxh3_pages_best_impl,
         "xxh3_pages's default variant: 3 AVX-512F, 2 AVX2, 1 scalar");
+  m.def("set_openmp", &splitserve::ChunkPool::set_openmp,
+        "run the next kernels' parallel chunks on torch's OpenMP threads (True) or the kernels' own pool (False)",
+        py::arg("on"));
+  m.def("uses_openmp", &splitserve::ChunkPool::uses_openmp, "what set_openmp last set");
   m.def("write_kv", &write_kv, "store the step's K/V rows at their cache slots", py::arg("k_cache"),
         py::arg("v_cache"), py::arg("slots"), py::arg("k"), py::arg("v"), nogil);
 }

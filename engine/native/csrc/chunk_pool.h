@@ -56,6 +56,12 @@ class ChunkPool {
       for (int64_t c = 0; c < chunks; ++c) fn(c);
       return;
     }
+    if (openmp_.load(std::memory_order_relaxed)) {  // see set_openmp: torch's threads are the hot ones
+      at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t c = begin; c < end; ++c) fn(c);
+      });
+      return;
+    }
     std::lock_guard<std::mutex> guard(run_lock_);
     ensure_helpers(threads - 1);
     fn_ = &fn;
@@ -74,8 +80,19 @@ class ChunkPool {
     }
   }
 
+  // Which threads run the next jobs: false (default) this pool's helpers, true torch's
+  // OpenMP threads (at::parallel_for, static split, ending in its barrier). Set by the caller
+  // to match the library its step's linears use (engine/models/layers.py NativeKernels.linear):
+  // after a oneDNN linear, OpenMP's workers spin for a while, and on a 2-core machine a helper
+  // of this pool running beside a spinning OpenMP worker gets half a core (measured: paged
+  // decode attention 3x slower inside a 64-row decode step than alone). Output never depends on
+  // it: a chunk computes the same values on any thread.
+  static void set_openmp(bool on) { openmp_.store(on, std::memory_order_relaxed); }
+  static bool uses_openmp() { return openmp_.load(std::memory_order_relaxed); }
+
  private:
   ChunkPool() = default;
+  static inline std::atomic<bool> openmp_{false};
 
   // Claim and run chunks of the current job until none are left.
   void work() {

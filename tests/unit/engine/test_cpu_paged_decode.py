@@ -13,7 +13,9 @@ from tests.unit.engine.paged_reference import block_tables as _tables
 from tests.unit.engine.paged_reference import random_cache as _cache
 from tests.unit.engine.paged_reference import reference_decode as _reference
 
-LENS = [1, 13, 16, 37, 70, 32]  # one token, partial page, exactly one/two pages (bs 16), several
+# one token, partial page, exactly one/two pages (bs 16), several; 200: several 64-key chunks of
+# the AVX-512 path (head dims 64 and 128) with a partial 16-key block at the end
+LENS = [1, 13, 16, 37, 70, 32, 200]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +36,8 @@ def _run(mod, h, hkv, d, bs, lens=LENS, window=None, dtype="float32"):
 
 @pytest.mark.parametrize("bs", [1, 16])
 @pytest.mark.parametrize("d", [8, 24, 64, 128])
-@pytest.mark.parametrize("h,hkv", [(4, 4), (6, 2), (8, 2), (4, 1)])  # GQA 1, 3, 4, MQA
+# GQA 1, 3, 4, 7 (more query heads per kv head than the AVX-512 path keeps in registers at once), MQA
+@pytest.mark.parametrize("h,hkv", [(4, 4), (6, 2), (8, 2), (14, 2), (4, 1)])
 def test_kernel_matches_reference_fp32(mod, h, hkv, d, bs):
     out, ref = _run(mod, h, hkv, d, bs)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
@@ -42,8 +45,9 @@ def test_kernel_matches_reference_fp32(mod, h, hkv, d, bs):
 
 @pytest.mark.parametrize("window", [1, 5, 16, 33, 500])
 @pytest.mark.parametrize("bs", [1, 16])
-def test_kernel_sliding_window(mod, window, bs):
-    out, ref = _run(mod, 6, 2, 24, bs, window=window)
+@pytest.mark.parametrize("d", [24, 64])  # the generic path and the AVX-512 one
+def test_kernel_sliding_window(mod, window, bs, d):
+    out, ref = _run(mod, 6, 2, d, bs, window=window)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 
@@ -64,14 +68,17 @@ def test_kernel_threads_strided_q_and_separate_kv_strides(mod):
     before = torch.get_num_threads()
     try:
         outs = []
-        for threads in (1, 2, 3):  # same result whatever the thread split
-            torch.set_num_threads(threads)
-            outs.append(mod.paged_decode(q, k_cache, v_cache, table, torch.tensor(lens), 0.125, -1))
+        for openmp in (False, True):  # the kernels' own pool, then torch's OpenMP threads
+            mod.set_openmp(openmp)
+            for threads in (1, 2, 3):  # same result whatever the thread split
+                torch.set_num_threads(threads)
+                outs.append(mod.paged_decode(q, k_cache, v_cache, table, torch.tensor(lens), 0.125, -1))
     finally:
         torch.set_num_threads(before)
+        mod.set_openmp(False)
     ref = _reference(q, k_cache, v_cache, table, lens)  # 1/sqrt(64) = 0.125
     torch.testing.assert_close(outs[0].double(), ref, atol=1e-5, rtol=1e-5)
-    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
 def test_kernel_rejects_bad_inputs(mod):

@@ -74,6 +74,9 @@ def test_a_packed_weight_computes_the_plain_product_in_every_path() -> None:
         def stream_linear(self, *_):
             raise AssertionError("stream_linear called with a packed weight")
 
+        def set_openmp(self, on: bool) -> None:
+            assert on, "a packed weight runs on oneDNN's (OpenMP) threads"
+
     kernels = NativeKernels(NoStream(), max_rows=64)  # type: ignore[arg-type]
     with torch.inference_mode():
         for rows in (1, 7, 64, 300):
@@ -82,12 +85,16 @@ def test_a_packed_weight_computes_the_plain_product_in_every_path() -> None:
             torch.testing.assert_close(linear(x, p, b), ref, rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(kernels.linear(x, p, b), ref, rtol=1e-4, atol=1e-4)
 
-    class Streams:  # counts the rows it streamed
+    class Streams:  # counts the rows it streamed, and which threads each call chose
         rows: list[int] = []
+        openmp: list[bool] = []
 
         def stream_linear(self, x, w, b):
             self.rows.append(x.shape[0])
             return torch.nn.functional.linear(x, w, b)
+
+        def set_openmp(self, on: bool) -> None:
+            self.openmp.append(on)
 
     streams = Streams()
     hybrid = NativeKernels(streams, max_rows=4, packed={id(w): p})  # type: ignore[arg-type]
@@ -98,3 +105,4 @@ def test_a_packed_weight_computes_the_plain_product_in_every_path() -> None:
                 hybrid.linear(x, w, b), torch.nn.functional.linear(x, w, b), rtol=1e-4, atol=1e-4
             )
     assert streams.rows == [1, 4]  # above max_rows the packed copy ran
+    assert streams.openmp == [False, False, True, True]  # ... and the next kernels run on OpenMP's threads
