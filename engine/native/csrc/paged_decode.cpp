@@ -270,6 +270,7 @@ void paged_decode_impl(const at::Tensor& q, const at::Tensor& k_cache, const at:
 // same for any thread count (test_cpu_paged_decode).
 
 constexpr int64_t kChunk16 = 64;  // keys per online-softmax step (multiple of 16)
+constexpr int64_t kSegment = 512;  // split-K cut: keys per piece of a long sequence (multiple of kChunk16)
 
 inline __m512 load_row(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load_row(const at::BFloat16* p) {
@@ -384,8 +385,53 @@ void paged_decode_avx512(const at::Tensor& q, const at::Tensor& k_cache, const a
   const int64_t sl = seq_lens.stride(0);
   alignas(64) static const scalar_t zero_row[D] = {};
 
+  // Split-K: a sequence's keys [first, len) are cut at absolute multiples of kSegment and each
+  // piece is a task of its own (so one long sequence keeps every thread busy); a sequence cut in
+  // several pieces leaves per-piece (max, sum, unnormalised acc) partials that are merged after
+  // the parallel part. The cuts depend on positions only, never on the batch or the threads:
+  // a sequence's result is the same whatever it is batched with.
+  int64_t max_len = 0;
+  for (int64_t b = 0; b < B; ++b) max_len = std::max(max_len, std::min(lp[b * sl], nblk * bs));
+  const int64_t nseg = std::max<int64_t>(1, (max_len + kSegment - 1) / kSegment);  // pieces per (b, slice), at most
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  // partials, [B * slices * nseg, QH] (m, l) and [B * slices * nseg, QH, D] (acc); only when a cut exists
+  std::vector<float> part_m, part_l, part_acc;
+  if (nseg > 1) {
+    part_m.assign(B * slices * nseg * QH, neg_inf);
+    part_l.assign(B * slices * nseg * QH, 0.f);
+    part_acc.assign(B * slices * nseg * QH * D, 0.f);
+  }
+  struct Piece {
+    int64_t b, hk0, len, s0, s1;  // keys [s0, s1) of sequence b (context len), kv heads hk0 ..
+    const int64_t* table;
+    bool split;  // the sequence spans several pieces: write partials, not out
+  };
+  // task = (b * slices + slice) * nseg + segment -> its piece; false: the segment is outside the sequence
+  auto piece_of = [&](int64_t task, Piece& w) -> bool {
+    const int64_t seg = task % nseg, bsl = task / nseg;
+    w.b = bsl / slices;
+    w.hk0 = (bsl % slices) * HS;
+    w.len = lp[w.b * sl];
+    w.table = btp + w.b * sbt;
+    const int64_t first = window > 0 ? std::max<int64_t>(0, w.len - window) : 0;
+    const int64_t seg0 = first / kSegment, seg1 = w.len > first ? (w.len - 1) / kSegment : seg0;
+    if (seg < seg0 || seg > seg1) return false;
+    w.split = seg1 > seg0;
+    w.s0 = std::max(first, seg * kSegment);
+    w.s1 = std::max(w.s0, std::min(w.len, (seg + 1) * kSegment));  // s0 == s1: an empty sequence
+    return true;
+  };
+  // the piece's length and pages are valid (else nothing of it may be read)
+  auto valid_piece = [&](const Piece& w, int64_t upto) {
+    bool ok = w.len >= 0 && w.len <= nblk * bs;
+    for (int64_t pg = w.s0 / bs; ok && pg < (upto + bs - 1) / bs; ++pg) {
+      ok = w.table[pg * sbc] >= 0 && w.table[pg * sbc] < num_blocks;
+    }
+    return ok;
+  };
+
   std::atomic<bool> bad_block{false};
-  const int64_t ntasks = B * slices;
+  const int64_t ntasks = B * slices * nseg;
   const int64_t per = std::max<int64_t>(1, ntasks / (4 * at::get_num_threads()));
   splitserve::ChunkPool::get().run((ntasks + per - 1) / per, [&](int64_t chunk) {
     const int64_t begin = chunk * per, end = std::min(ntasks, begin + per);
@@ -408,19 +454,15 @@ void paged_decode_avx512(const at::Tensor& q, const at::Tensor& k_cache, const a
         }
       }
     };
+    Piece w, w1;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / slices, hk0 = (task % slices) * HS;
-      const int64_t len = lp[b * sl];
-      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-      const int64_t* table = btp + b * sbt;
-      bool ok = len >= 0 && len <= nblk * bs;
-      for (int64_t pg = first / bs; ok && pg < (len + bs - 1) / bs; ++pg) {
-        ok = table[pg * sbc] >= 0 && table[pg * sbc] < num_blocks;
-      }
-      if (!ok) {
+      if (!piece_of(task, w)) continue;
+      if (!valid_piece(w, w.s1)) {
         bad_block = true;
         continue;
       }
+      const int64_t b = w.b, hk0 = w.hk0, s1 = w.s1;
+      const int64_t* table = w.table;
       for (int64_t h = 0; h < QH; ++h) {
         const scalar_t* src = qp + b * sqb + (hk0 * G + h) * sqh;
         for (int c = 0; c < DV; ++c) {
@@ -433,26 +475,20 @@ void paged_decode_avx512(const at::Tensor& q, const at::Tensor& k_cache, const a
       auto row_of = [&](const scalar_t* base, int64_t sb, int64_t st, int64_t sh, int64_t t) {
         return base + table[(t / bs) * sbc] * sb + (t % bs) * st + hk0 * sh;
       };
-      for (int64_t t0 = first; t0 < len; t0 += kChunk16) {
-        const int64_t n = std::min(kChunk16, len - t0);
+      for (int64_t t0 = w.s0; t0 < s1; t0 += kChunk16) {
+        const int64_t n = std::min(kChunk16, s1 - t0);
         for (int64_t j = 0; j < n; ++j) {
           krows[j] = row_of(kp, skb, skt, skh, t0 + j);
           vrows[j] = row_of(vp, svb, svt, svh, t0 + j);
         }
-        // prefetch the next chunk's K/V rows while this one computes: this task's next
-        // chunk, or the next task's first (pages of another sequence: the hardware prefetcher
-        // would start cold there)
-        if (t0 + kChunk16 < len) {
-          prefetch(table, hk0, t0 + kChunk16, std::min(len, t0 + 2 * kChunk16));
-        } else if (task + 1 < end) {
-          const int64_t b1 = (task + 1) / slices, len1 = lp[b1 * sl];
-          const int64_t first1 = window > 0 ? std::max<int64_t>(0, len1 - window) : 0;
-          const int64_t* table1 = btp + b1 * sbt;
-          bool ok1 = len1 >= 0 && len1 <= nblk * bs;  // only prefetch what the next task will validate
-          for (int64_t pg = first1 / bs; ok1 && pg < (std::min(len1, first1 + kChunk16) + bs - 1) / bs; ++pg) {
-            ok1 = table1[pg * sbc] >= 0 && table1[pg * sbc] < num_blocks;
-          }
-          if (ok1) prefetch(table1, ((task + 1) % slices) * HS, first1, std::min(len1, first1 + kChunk16));
+        // prefetch the next chunk's K/V rows while this one computes: this piece's next
+        // chunk, or the next task's first (other pages: the hardware prefetcher would start
+        // cold there), only what that task will validate
+        if (t0 + kChunk16 < s1) {
+          prefetch(table, hk0, t0 + kChunk16, std::min(s1, t0 + 2 * kChunk16));
+        } else if (task + 1 < end && piece_of(task + 1, w1)) {
+          const int64_t upto = std::min(w1.s1, w1.s0 + kChunk16);
+          if (valid_piece(w1, upto)) prefetch(w1.table, w1.hk0, w1.s0, upto);
         }
         // scores -> probs[h][0, n); running max / sum; acc rescaled
         for (int64_t hh = 0; hh < HS; ++hh) {
@@ -499,6 +535,12 @@ void paged_decode_avx512(const at::Tensor& q, const at::Tensor& k_cache, const a
           }
         }
       }
+      if (w.split) {  // partials of piece `task`, merged below
+        std::copy(m.begin(), m.end(), part_m.begin() + task * QH);
+        std::copy(l.begin(), l.end(), part_l.begin() + task * QH);
+        std::copy(acc.begin(), acc.end(), part_acc.begin() + task * QH * D);
+        continue;
+      }
       for (int64_t h = 0; h < QH; ++h) {
         scalar_t* dst = op + b * sob + (hk0 * G + h) * soh;
         const float inv = l[h] > 0.f ? 1.f / l[h] : 0.f;  // l == 0 only for an empty sequence
@@ -507,6 +549,36 @@ void paged_decode_avx512(const at::Tensor& q, const at::Tensor& k_cache, const a
     }
   });
   TORCH_CHECK(!bad_block, "paged_decode: seq_lens exceed block_tables, or a block id is out of range");
+  if (nseg == 1) return;
+  // merge the pieces of each cut sequence, in segment order: out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M)
+  std::vector<float> merged(D);
+  for (int64_t bsl = 0; bsl < B * slices; ++bsl) {
+    Piece w;
+    int64_t seg0 = -1, seg1 = -1;  // the sequence's pieces (w: the last one)
+    for (int64_t seg = 0; seg < nseg; ++seg) {
+      if (piece_of(bsl * nseg + seg, w)) {
+        if (seg0 < 0) seg0 = seg;
+        seg1 = seg;
+      }
+    }
+    if (seg0 < 0 || seg1 == seg0) continue;  // one piece: written straight to out
+    for (int64_t h = 0; h < QH; ++h) {
+      float mx = neg_inf;
+      for (int64_t seg = seg0; seg <= seg1; ++seg) mx = std::max(mx, part_m[(bsl * nseg + seg) * QH + h]);
+      float sum = 0.f;
+      std::fill(merged.begin(), merged.end(), 0.f);
+      for (int64_t seg = seg0; seg <= seg1; ++seg) {
+        const int64_t i = (bsl * nseg + seg) * QH + h;
+        if (part_m[i] == neg_inf) continue;  // an empty piece
+        const float f = exp_nonpos(part_m[i] - mx);
+        sum += part_l[i] * f;
+        for (int64_t d = 0; d < D; ++d) merged[d] += part_acc[i * D + d] * f;
+      }
+      scalar_t* dst = op + w.b * sob + (w.hk0 * G + h) * soh;
+      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(merged[d] * inv);
+    }
+  }
 }
 #endif
 

@@ -51,6 +51,24 @@ def test_kernel_sliding_window(mod, window, bs, d):
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("d", [64, 128])  # the AVX-512 path, which cuts long sequences into 512-key pieces
+@pytest.mark.parametrize("window", [None, 700])
+def test_kernel_long_sequences_cut_into_pieces(mod, d, window):
+    lens = [1300, 5, 512, 513, 1024, 1]
+    cache = _cache(16, 2, d, num_blocks=sum(-(-n // 16) for n in lens) + 3)
+    k_cache, v_cache = cache.layer(0)
+    table = _tables(lens, 16, cache.num_blocks)
+    q = torch.randn(len(lens), 8, d)
+    out = mod.paged_decode(q, k_cache, v_cache, table, torch.tensor(lens), 1 / math.sqrt(d), window or -1)
+    ref = _reference(q, k_cache, v_cache, table, lens, window)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    for i, n in enumerate(lens):  # the cuts depend on positions only: alone, the same bits
+        alone = mod.paged_decode(
+            q[i : i + 1], k_cache, v_cache, table[i : i + 1], torch.tensor([n]), 1 / math.sqrt(d), window or -1
+        )
+        assert torch.equal(alone, out[i : i + 1])
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("window", [None, 20])
 def test_kernel_half_precision(mod, dtype, window):
