@@ -20,6 +20,7 @@
 #include <torch/extension.h>
 
 #include "chunk_pool.h"
+#include "exp_approx.h"
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
@@ -49,25 +50,7 @@ inline const float* as_float<float>(const float* src, float*, int64_t) {
   return src;
 }
 
-// exp(x) for x <= 0 (a score minus the running max), vectorisable; relative error < 2e-7.
-// Cephes expf: x = n ln2 + r, |r| <= ln2 / 2, degree-6 polynomial for exp(r), times 2^n.
-// x is clamped to -87 so 2^n stays a normal float; exp(-87) ~ 1.6e-38 is 0 for our sums.
-inline float exp_nonpos(float x) {
-  x = std::max(x, -87.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
+using splitserve::exp_nonpos;  // exp_approx.h
 
 // s[u] = q . k[u] for kUnroll rows at once (independent accumulators hide FMA latency).
 inline void dot4(const float* __restrict q, const float* const* k, int64_t d, float* s) {
@@ -299,22 +282,7 @@ inline __m512 sum16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_ps(w0, w1, 0x88), _mm512_shuffle_ps(w0, w1, 0xDD));
 }
 
-// exp(x) for x <= 0 lane-wise, the same Cephes polynomial as exp_nonpos (relative error < 2e-7).
-inline __m512 exp512_nonpos(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
-                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  const __m512 r =
-      _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
+using splitserve::exp_nonpos16;  // exp_approx.h
 
 // scores[j] = q . k_j for the 16 keys of a block (rows[j] of DV vectors; q: DV vectors).
 template <typename scalar_t, int DV>
@@ -514,7 +482,7 @@ void paged_decode_avx512(const at::Tensor& q, const at::Tensor& k_cache, const a
             for (int64_t j0 = 0; j0 < n; j0 += 16) {
               const int64_t nv = std::min<int64_t>(16, n - j0);
               const __mmask16 valid = static_cast<__mmask16>(nv == 16 ? 0xFFFF : (1u << nv) - 1);
-              const __m512 pr = _mm512_maskz_mov_ps(valid, exp512_nonpos(_mm512_sub_ps(_mm512_loadu_ps(ph + j0), mv)));
+              const __m512 pr = _mm512_maskz_mov_ps(valid, exp_nonpos16(_mm512_sub_ps(_mm512_loadu_ps(ph + j0), mv)));
               _mm512_storeu_ps(ph + j0, pr);
               sum = _mm512_add_ps(sum, pr);
             }
