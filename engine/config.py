@@ -389,6 +389,27 @@ class SpeculativeConfig:
 
 
 @dataclass(frozen=True)
+class TokenWeaveConfig:
+    """TokenWeave's switch and threshold. Below ``min_tokens`` tokens the sequential path runs:
+    two micro-batches cost more than the overlap saves. Measured at TP=2 over gloo on the 2-core
+    CPU box (benchmarks/tensor_parallel.py, SmolLM2-width 16/8-head model, load ~3): TokenWeave
+    was slower than sequential TP up to 1024 tokens and paid from 2048, hence the default.
+    ``fused_norm``: each all-reduce + RMSNorm is reduce-scatter -> RMSNorm on the token shard ->
+    all-gather (TokenWeave's fused AR-RMSNorm, run on a communication thread); False keeps
+    all-reduce + RMSNorm on every token (still split and overlapped, no extra thread), which
+    measured faster on gloo, whose reduce-scatter takes as long as its all-reduce (an engine's
+    TP step always uses that form: EngineCore, TPReductions.forward_overlapped)."""
+
+    enabled: bool = True
+    min_tokens: int = 2048
+    fused_norm: bool = True
+
+    def __post_init__(self) -> None:
+        if self.min_tokens < 0:
+            raise ValueError(f"TokenWeaveConfig.min_tokens must be >= 0, got {self.min_tokens}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
     model_path: str
@@ -404,6 +425,8 @@ class EngineConfig:
     kernels: KernelConfig = field(default_factory=KernelConfig)
     # speculative decoding (engine/spec/): None = plain decoding, one token per request per step
     speculative: SpeculativeConfig | None = None
+    # token-split overlap of a tensor-parallel engine's all-reduces (ignored without TP)
+    tokenweave: TokenWeaveConfig = field(default_factory=TokenWeaveConfig)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "float16", "bfloat16"):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.attention.backend import AttentionBackend, RemoteKVBackend
-from engine.config import EngineConfig, ModelConfig
+from engine.config import EngineConfig, ModelConfig, TokenWeaveConfig
 from engine.kv_cache.block_pool import BlockPool
 from engine.kv_cache.layout import KVLayout
 from engine.kv_cache.manager import KVCacheManager
@@ -30,7 +30,7 @@ from engine.kv_cache.partitioned import PartitionedBlockPool, PartitionedKVCache
 from engine.model_runner import ModelRunner
 from engine.models.gguf import resolve_model_path
 from engine.models.loader import load_model
-from engine.models.tensor_parallel import TokenWeaveConfig, load_tp_engine_model
+from engine.models.tensor_parallel import load_tp_engine_model
 from engine.moe import ExpertDispatcher
 from engine.parallel import Communicator
 from engine.request import Request, TokenLogprobs
@@ -58,6 +58,9 @@ class StepResult:
 
     outputs: list[Request] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
+    # the step's schedule when the model ran (None for an empty step); data only, read after
+    # the step (TPLeaderEngine runs a layer hook from it once the step is done)
+    schedule: SchedulerOutput | None = None
 
     @property
     def finished(self) -> list[Request]:
@@ -98,10 +101,11 @@ class EngineCore:
     then in the same state on every rank, so each step schedules the same batch and issues the
     same collectives, the gathered logits are identical, and sampling agrees (greedy and
     seeded rows by construction, unseeded draws are rank 0's: sampler.sample's ``agree``).
-    Each rank's StepResult is the same; a worker reports rank 0's. ``tokenweave``
-    (None: off): steps of at least ``min_tokens`` tokens run as two token micro-batches whose
-    all-reduces overlap the other's compute (TPReductions.forward_overlapped; not with a
-    layer hook, which needs the layers in order). Not combined with expert
+    Each rank's StepResult is the same; a worker reports rank 0's. ``tokenweave`` (None:
+    ``config.tokenweave``, on from 2048 tokens by default): steps of at least ``min_tokens``
+    tokens run as two token micro-batches whose all-reduces overlap the other's compute
+    (TPReductions.forward_overlapped; not with a layer hook, which needs the layers in order:
+    TPLeaderEngine runs its hooks after the step). Not combined with expert
     parallelism (``dispatcher``), a remote attention backend or speculative decoding (refused).
     """
 
@@ -143,7 +147,7 @@ class EngineCore:
                 raise ValueError(f"tensor_parallel is not combined with {', '.join(refused)}")
             path = resolve_model_path(config.model_path, progress=progress)
             self.model, plan = load_tp_engine_model(
-                path, mc, tensor_parallel, config.max_model_len, dtype, config.device, tokenweave
+                path, mc, tensor_parallel, config.max_model_len, dtype, config.device, tokenweave or config.tokenweave
             )
             kv_heads = plan.kv_heads  # the paged cache holds this rank's KV heads only
             kv_head_start = plan.rank * plan.kv_heads
@@ -299,7 +303,7 @@ class EngineCore:
             lp = logprobs.get(req.request_id)
             if lp is not None:
                 req.logprobs.append(lp)
-        return StepResult(changed, list(out.preempted))
+        return StepResult(changed, list(out.preempted), out)
 
     def _speculative_step(self, spec: Speculator, layer_hook: StepLayerHook | None) -> StepResult:
         """propose -> schedule -> run (score + verify when drafts were scheduled, the plain
@@ -333,7 +337,7 @@ class EngineCore:
         for req in changed:
             if req.is_finished:
                 spec.forget(req.request_id)
-        return StepResult(changed, list(out.preempted))
+        return StepResult(changed, list(out.preempted), out)
 
     def _pending_prompt_tokens(self) -> int:
         s = self.scheduler

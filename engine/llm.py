@@ -13,7 +13,15 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
-from engine.config import CacheConfig, EngineConfig, KernelConfig, ModelConfig, SchedulerConfig, SpeculativeConfig
+from engine.config import (
+    CacheConfig,
+    EngineConfig,
+    KernelConfig,
+    ModelConfig,
+    SchedulerConfig,
+    SpeculativeConfig,
+    TokenWeaveConfig,
+)
 from engine.engine import EngineCore
 from engine.models.gguf import resolve_model_path
 from engine.request import Request, SamplingParams, TokenLogprobs
@@ -28,6 +36,8 @@ _KERNEL_OPTIONS = {
     "stream_linear_max_rows": "stream_linear_max_rows",
     "prepack_linear": "prepack_linear",
 }
+# TokenWeaveConfig fields under their LLM option names (tensor-parallel engines only)
+_TOKENWEAVE_OPTIONS = {"tokenweave": "enabled", "tokenweave_min_tokens": "min_tokens"}
 
 
 @dataclass
@@ -49,15 +59,18 @@ def build_engine_config(
     **options,
 ) -> EngineConfig:
     """EngineConfig from flat keyword options: CacheConfig / SchedulerConfig field names,
-    ``attention_backend`` / ``max_model_len`` / ``kv_cache_shared``, and ``native_kernels`` /
+    ``attention_backend`` / ``max_model_len`` / ``kv_cache_shared``, ``native_kernels`` /
     ``stream_linear_max_rows`` / ``prepack_linear`` (KernelConfig's ``native`` /
-    ``stream_linear_max_rows`` / ``prepack_linear``).
+    ``stream_linear_max_rows`` / ``prepack_linear``), and ``tokenweave`` /
+    ``tokenweave_min_tokens`` (TokenWeaveConfig's ``enabled`` / ``min_tokens``).
     ``speculative_config``: a SpeculativeConfig or vLLM's dict form
     (``SpeculativeConfig.from_dict``), None for plain decoding.
 
     ``model`` is a HF directory or a .gguf file; ``model_path`` is the directory it resolves to.
     """
-    unknown = set(options) - _CACHE_FIELDS - _SCHED_FIELDS - _ENGINE_FIELDS - set(_KERNEL_OPTIONS)
+    unknown = (
+        set(options) - _CACHE_FIELDS - _SCHED_FIELDS - _ENGINE_FIELDS - set(_KERNEL_OPTIONS) - set(_TOKENWEAVE_OPTIONS)
+    )
     if unknown:
         raise TypeError(f"unknown engine options: {sorted(unknown)}")
     path = resolve_model_path(model)
@@ -67,6 +80,9 @@ def build_engine_config(
         cache=CacheConfig(**{k: v for k, v in options.items() if k in _CACHE_FIELDS}),
         scheduler=SchedulerConfig(**{k: v for k, v in options.items() if k in _SCHED_FIELDS}),
         kernels=KernelConfig(**{_KERNEL_OPTIONS[k]: v for k, v in options.items() if k in _KERNEL_OPTIONS}),
+        tokenweave=TokenWeaveConfig(
+            **{_TOKENWEAVE_OPTIONS[k]: v for k, v in options.items() if k in _TOKENWEAVE_OPTIONS}
+        ),
         dtype=dtype,
         device=device,
         speculative=(

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from engine.attention.backend import AttentionMetadata
-from engine.config import ModelConfig
+from engine.config import ModelConfig, TokenWeaveConfig
 from engine.models.gguf import resolve_model_path
 from engine.models.layers import RMSNorm, linear
 from engine.models.llama import DecoderLM
@@ -541,26 +541,6 @@ def overlapped_all_reduce(
 
 
 # ============================================================================ the TP model
-
-
-@dataclass(frozen=True)
-class TokenWeaveConfig:
-    """TokenWeave's switch and threshold. Below ``min_tokens`` tokens the sequential path runs:
-    two micro-batches cost more than the overlap saves. Measured at TP=2 over gloo on the 2-core
-    CPU box (benchmarks/tensor_parallel.py, SmolLM2-width 16/8-head model, load ~3): TokenWeave
-    was slower than sequential TP up to 1024 tokens and paid from 2048, hence the default.
-    ``fused_norm``: each all-reduce + RMSNorm is reduce-scatter -> RMSNorm on the token shard ->
-    all-gather (TokenWeave's fused AR-RMSNorm, run on a communication thread); False keeps
-    all-reduce + RMSNorm on every token (still split and overlapped, no extra thread), which
-    measured faster on gloo, whose reduce-scatter takes as long as its all-reduce."""
-
-    enabled: bool = True
-    min_tokens: int = 2048
-    fused_norm: bool = True
-
-    def __post_init__(self) -> None:
-        if self.min_tokens < 0:
-            raise ValueError(f"TokenWeaveConfig.min_tokens must be >= 0, got {self.min_tokens}")
 
 
 class TPModel:

@@ -38,9 +38,10 @@ is a frozen dataclass of plain values and torch tensors, so it can cross a proce
 
 Layer hooks (a prefill worker's layer-wise KV push): a TP step cannot run a hook between
 layers (the hook's gathers would interleave with the step's collectives on rank 0 only), so
-``TPLeaderEngine.step(hook)`` runs it after the step, layer by layer, with the step's
-SchedulerOutput; the followers step with a no-op hook (``Step(hooked=True)``) so every rank
-takes the same model path (a hook turns off the token-split overlap).
+``TPLeaderEngine.step(hook)`` steps every rank without one and runs the hook after the step,
+layer by layer, with the step's SchedulerOutput (``StepResult.schedule``). The model path is
+therefore the same as a hookless step's: a step long enough for TokenWeave gets its
+token-split overlap in layer-wise mode too (a model layer hook would turn it off).
 
 Lifecycle: ``build_tp_cores`` joins the group (gloo, one thread per rank) and builds the N
 shards concurrently; ``TPFollower`` starts its thread at construction and ends it at ``stop``.
@@ -107,7 +108,7 @@ class Unpin:
 
 @dataclass(frozen=True)
 class Step:
-    hooked: bool = False  # rank 0 steps with a layer hook: step with a no-op one (same model path)
+    pass
 
 
 @dataclass(frozen=True)
@@ -150,10 +151,6 @@ def gather_kv(engine: EngineCore, block_ids: list[int]) -> torch.Tensor:
     return gather_heads(list(got.unbind(0)), layouts, whole)
 
 
-def _no_layer_hook(layer: int, out: Any) -> None:
-    """A follower's hook when rank 0 has one: nothing to do, but the step takes the hooked path."""
-
-
 def apply_call(engine: EngineCore, call: EngineCall) -> None:
     """Run ``call`` on a follower's shard (what rank 0 ran on its own)."""
     match call:
@@ -171,8 +168,8 @@ def apply_call(engine: EngineCore, call: EngineCall) -> None:
             engine.pin(list(blocks))
         case Unpin(blocks):
             engine.unpin(list(blocks))
-        case Step(hooked):
-            engine.step(_no_layer_hook if hooked else None)
+        case Step():
+            engine.step()
         case WriteKV(layer, block_ids, pages):
             engine.cache.write_pages(layer, list(block_ids), pages)
         case GatherKV(block_ids):
@@ -327,17 +324,15 @@ class TPLeaderEngine:
         """One SPMD step. ``layer_hook(layer, out)`` runs after the step, for every layer in
         order, with the step's SchedulerOutput (module docstring), before this returns."""
         self._check_followers()
-        self._send(lambda: Step(hooked=layer_hook is not None))  # first: the followers' collectives meet rank 0's
-        outs: list[Any] = []
-        record = None if layer_hook is None else (lambda layer, out: outs.append(out) if layer == 0 else None)
+        self._send(Step)  # first: the followers' collectives meet rank 0's
         try:
-            result = self.core.step(record)
+            result = self.core.step()
         except CommunicationError as e:
             self._diagnose(e)
             raise
-        if outs:
+        if layer_hook is not None and result.schedule is not None:
             for layer in range(self.core.layout.num_layers):
-                layer_hook(layer, outs[0])
+                layer_hook(layer, result.schedule)
         return result
 
     def gather_kv(self, block_ids: list[int]) -> torch.Tensor:

@@ -89,7 +89,9 @@ def tp_engine_play(comm, runs: list[tuple[str, Script, dict[str, Any], int | Non
             EngineCore(
                 build_engine_config(c, **o),
                 tensor_parallel=comm,
-                tokenweave=None if tw is None else TokenWeaveConfig(min_tokens=tw, fused_norm=False),
+                tokenweave=TokenWeaveConfig(enabled=False)
+                if tw is None
+                else TokenWeaveConfig(min_tokens=tw, fused_norm=False),
             ),
             s,
         )
