@@ -37,6 +37,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import faulthandler
 import math
 import os
 import re
@@ -632,7 +633,10 @@ def summarize_start_failure(message: str) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """``splitserve serve``: returns the exit status (module docstring). Every failure the
-    user can cause is one line on stderr, never a traceback."""
+    user can cause is one line on stderr, never a traceback. SIGUSR1 writes every thread's
+    Python stack to stderr (a server that seems stuck, e.g. in its shutdown, says where)."""
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         return _run(args)
     except ServeFailure as e:

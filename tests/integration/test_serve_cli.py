@@ -134,6 +134,23 @@ class Output:
         return "".join(self.lines)
 
 
+def wait_or_explain(proc: subprocess.Popen, timeout_s: float, out: Output, stderr_file) -> int:
+    """proc's exit status once it exits within ``timeout_s``; else a failure that carries its
+    threads' Python stacks (serve dumps them on SIGUSR1, see cmd_serve) and its output tails."""
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 10.0
+        while "most recent call first" not in stderr_file.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)  # poll interval: the dump is written by the process, no event to wait on
+        proc.kill()
+        raise AssertionError(
+            f"no exit {timeout_s:.0f}s after the signal; stacks and stderr:\n{stderr_file.read_text()[-12000:]}"
+            f"\nstdout:\n{out.rest(5)[-4000:]}"
+        ) from None
+
+
 @pytest.fixture(scope="module")
 def smollm2() -> tuple[str, str]:
     """(.gguf path, converted directory) of SmolLM2-135M-Instruct (skip locally / fail in CI)."""
@@ -222,7 +239,7 @@ def test_serve_on_the_real_model_beside_another_ray_cluster(smollm2, foreign_ray
 
         t_stop = time.monotonic()
         proc.send_signal(signal.SIGINT)
-        status = proc.wait(timeout=90)
+        status = wait_or_explain(proc, 90.0, out, stderr_file)
         stop_s = time.monotonic() - t_stop
         text = out.rest(10)
         stderr_text = stderr_file.read_text()
