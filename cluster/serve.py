@@ -636,7 +636,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     user can cause is one line on stderr, never a traceback. SIGUSR1 writes every thread's
     Python stack to stderr (a server that seems stuck, e.g. in its shutdown, says where)."""
     if hasattr(signal, "SIGUSR1"):
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+        with contextlib.suppress(AttributeError, OSError, ValueError):  # stderr without a file (captured)
+            faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         return _run(args)
     except ServeFailure as e:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -25,7 +24,7 @@ import yaml
 
 from cluster.client import AlreadyExists, Client
 from engine import LLM, SamplingParams
-from tests.integration.test_serve_cli import Output, kill_all
+from tests.integration.test_serve_cli import SERVE, Output, kill_all
 from tests.redis_server import RedisServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -41,7 +40,7 @@ class Serve:
     """One ``splitserve serve`` process; ``grpc`` is its bound gRPC address."""
 
     def __init__(self, config: str, redis_url: str, password_file: str, tmp_path, tag: str):
-        argv = [sys.executable, "-m", "cluster", "serve", "--config", config, "--host", "127.0.0.1"]
+        argv = [*SERVE, "serve", "--config", config, "--host", "127.0.0.1"]
         argv += ["--grpc-port", "0", "--http-port", "0", "--no-metrics-port", "--num-cpus", "4"]
         argv += ["--redis", redis_url, "--redis-password-file", password_file, "--prompt", "hi", "--max-tokens", "2"]
         env = {k: v for k, v in os.environ.items() if k not in ("SPLITSERVE_API_KEY", "SPLITSERVE_REDIS_PASSWORD")}

@@ -134,6 +134,18 @@ class Output:
         return "".join(self.lines)
 
 
+# ``python -m cluster`` as a terminal starts it: Ctrl-C (SIGINT) raises KeyboardInterrupt.
+# A process started in the background by a shell without job control inherits SIGINT ignored
+# (POSIX), and Python then installs no handler: serve would never see the tests' Ctrl-C (the
+# shutdown "hang" of fresh-clone runs launched in the background). The prelude restores it.
+SERVE = [
+    sys.executable,
+    "-c",
+    "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "runpy.run_module('cluster', run_name='__main__', alter_sys=True)",
+]
+
+
 def wait_or_explain(proc: subprocess.Popen, timeout_s: float, out: Output, stderr_file) -> int:
     """proc's exit status once it exits within ``timeout_s``; else a failure that carries its
     threads' Python stacks (serve dumps them on SIGUSR1, see cmd_serve) and its output tails."""
@@ -183,7 +195,7 @@ def test_serve_on_the_real_model_beside_another_ray_cluster(smollm2, foreign_ray
     foreign_before = set(session_processes(foreign_temp))
     env = {k: v for k, v in os.environ.items() if k != "SPLITSERVE_API_KEY"}
     env.update(RAY_ADDRESS=foreign_address, PYTHONUNBUFFERED="1")
-    argv = [sys.executable, "-m", "cluster", "serve", "--model", gguf, "--host", "127.0.0.1"]
+    argv = [*SERVE, "serve", "--model", gguf, "--host", "127.0.0.1"]
     argv += ["--grpc-port", "0", "--http-port", "0", "--metrics-port", "0", "--prompt", QUESTION, "--max-tokens", "16"]
     stderr_file = tmp_path / "serve.stderr"
     t0 = time.monotonic()
