@@ -80,19 +80,21 @@ class ChunkPool {
     }
   }
 
-  // Which threads run the next jobs: false (default) this pool's helpers, true torch's
-  // OpenMP threads (at::parallel_for, static split, ending in its barrier). Set by the caller
-  // to match the library its step's linears use (engine/models/layers.py NativeKernels.linear):
-  // after a oneDNN linear, OpenMP's workers spin for a while, and on a 2-core machine a helper
-  // of this pool running beside a spinning OpenMP worker gets half a core (measured: paged
-  // decode attention 3x slower inside a 64-row decode step than alone). Output never depends on
-  // it: a chunk computes the same values on any thread.
+  // Which threads run the next jobs: true (default) torch's OpenMP threads (at::parallel_for,
+  // static split, ending in its barrier), false this pool's helpers. It follows the library the
+  // step's linears use: NativeKernels.linear (engine/models/layers.py) sets false for a linear
+  // it streams through the native kernel and true for one that runs oneDNN / MKL; a model
+  // without native linears (MoE, TP shards) keeps the default, as every torch op it runs uses
+  // OpenMP. After a oneDNN linear OpenMP's workers spin for a while, and on a 2-core machine a
+  // helper of this pool running beside a spinning OpenMP worker gets half a core (measured:
+  // paged decode attention 3x slower inside a 64-row decode step than alone). Output never
+  // depends on it: a chunk computes the same values on any thread.
   static void set_openmp(bool on) { openmp_.store(on, std::memory_order_relaxed); }
   static bool uses_openmp() { return openmp_.load(std::memory_order_relaxed); }
 
  private:
   ChunkPool() = default;
-  static inline std::atomic<bool> openmp_{false};
+  static inline std::atomic<bool> openmp_{true};
 
   // Claim and run chunks of the current job until none are left.
   void work() {

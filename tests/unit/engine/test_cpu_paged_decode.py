@@ -83,7 +83,7 @@ def test_kernel_threads_strided_q_and_separate_kv_strides(mod):
     lens = [5, 33, 200, 1, 48, 77, 130, 16]
     table = _tables(lens, 16, cache.num_blocks)
     q = torch.randn(4, len(lens), 64).transpose(0, 1)  # [B, H=4, D], non-contiguous
-    before = torch.get_num_threads()
+    before, pool_before = torch.get_num_threads(), mod.uses_openmp()
     try:
         outs = []
         for openmp in (False, True):  # the kernels' own pool, then torch's OpenMP threads
@@ -93,7 +93,7 @@ def test_kernel_threads_strided_q_and_separate_kv_strides(mod):
                 outs.append(mod.paged_decode(q, k_cache, v_cache, table, torch.tensor(lens), 0.125, -1))
     finally:
         torch.set_num_threads(before)
-        mod.set_openmp(False)
+        mod.set_openmp(pool_before)
     ref = _reference(q, k_cache, v_cache, table, lens)  # 1/sqrt(64) = 0.125
     torch.testing.assert_close(outs[0].double(), ref, atol=1e-5, rtol=1e-5)
     assert all(torch.equal(outs[0], o) for o in outs[1:])

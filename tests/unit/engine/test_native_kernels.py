@@ -76,6 +76,7 @@ def test_native_linear_routes_by_rows(mod):
     w = torch.randn(32, 16)
     kn = NativeKernels(mod, max_rows=4)
     x = torch.randn(4, 16)
+    pool_before = mod.uses_openmp()
     try:
         assert torch.equal(kn.linear(x, w), mod.stream_linear(x, w))  # at the cut: streamed
         assert not mod.uses_openmp()  # the kernels after it run on the streaming kernel's pool
@@ -83,7 +84,7 @@ def test_native_linear_routes_by_rows(mod):
         torch.testing.assert_close(kn.linear(x5, w), F.linear(x5, w))  # above it: oneDNN / MKL
         assert mod.uses_openmp()  # ... and on OpenMP's threads after oneDNN
     finally:
-        mod.set_openmp(False)
+        mod.set_openmp(pool_before)
     x16 = torch.randn(2, 16).half()
     torch.testing.assert_close(kn.linear(x16, w.half()), F.linear(x16, w.half()))  # fp16: torch
 
