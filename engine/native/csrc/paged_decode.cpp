@@ -86,6 +86,39 @@ inline void axpy(float* __restrict acc, float p, const float* __restrict v, int6
   for (int64_t i = 0; i < d; ++i) acc[i] += p * v[i];
 }
 
+// The raw pointers and element strides both kernel paths read: q [B, H, D], k/v_cache
+// [num_blocks, bs, Hkv, D], block_tables [B, nblk], seq_lens [B], out [B, H, D]. Members in
+// the order the kernels bind them (structured bindings).
+template <typename scalar_t>
+struct PagedArgs {
+  const scalar_t *qp, *kp, *vp;
+  scalar_t* op;
+  const int64_t *btp, *lp;
+  int64_t sqb, sqh, skb, skt, skh, svb, svt, svh, sbt, sbc, sob, soh, sl;
+
+  PagedArgs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_tables,
+            const at::Tensor& seq_lens, at::Tensor& out)
+      : qp(q.data_ptr<scalar_t>()),
+        kp(k_cache.data_ptr<scalar_t>()),
+        vp(v_cache.data_ptr<scalar_t>()),
+        op(out.data_ptr<scalar_t>()),
+        btp(block_tables.data_ptr<int64_t>()),
+        lp(seq_lens.data_ptr<int64_t>()),
+        sqb(q.stride(0)),
+        sqh(q.stride(1)),
+        skb(k_cache.stride(0)),
+        skt(k_cache.stride(1)),
+        skh(k_cache.stride(2)),
+        svb(v_cache.stride(0)),
+        svt(v_cache.stride(1)),
+        svh(v_cache.stride(2)),
+        sbt(block_tables.stride(0)),
+        sbc(block_tables.stride(1)),
+        sob(out.stride(0)),
+        soh(out.stride(1)),
+        sl(seq_lens.stride(0)) {}
+};
+
 // Number of kv-head slices per sequence: the smallest divisor c of Hkv with B * c >= 4 * threads
 // (enough tasks to balance), so a task usually reads whole [Hkv, D] token rows sequentially.
 int64_t head_slices(int64_t B, int64_t Hkv) {
@@ -109,18 +142,8 @@ void paged_decode_impl(const at::Tensor& q, const at::Tensor& k_cache, const at:
   const float scale = static_cast<float>(scale_d);
   const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
 
-  const scalar_t* qp = q.data_ptr<scalar_t>();
-  const scalar_t* kp = k_cache.data_ptr<scalar_t>();
-  const scalar_t* vp = v_cache.data_ptr<scalar_t>();
-  scalar_t* op = out.data_ptr<scalar_t>();
-  const int64_t* btp = block_tables.data_ptr<int64_t>();
-  const int64_t* lp = seq_lens.data_ptr<int64_t>();
-  const int64_t sqb = q.stride(0), sqh = q.stride(1);
-  const int64_t skb = k_cache.stride(0), skt = k_cache.stride(1), skh = k_cache.stride(2);
-  const int64_t svb = v_cache.stride(0), svt = v_cache.stride(1), svh = v_cache.stride(2);
-  const int64_t sbt = block_tables.stride(0), sbc = block_tables.stride(1);
-  const int64_t sob = out.stride(0), soh = out.stride(1);
-  const int64_t sl = seq_lens.stride(0);
+  const auto& [qp, kp, vp, op, btp, lp, sqb, sqh, skb, skt, skh, svb, svt, svh, sbt, sbc, sob, soh, sl] =
+      PagedArgs<scalar_t>(q, k_cache, v_cache, block_tables, seq_lens, out);
 
   std::atomic<bool> bad_block{false};
   // One task = (sequence b, slice of HS kv heads); tasks of a sequence are adjacent. Tasks are
@@ -339,18 +362,8 @@ void paged_decode_avx512(const at::Tensor& q, const at::Tensor& k_cache, const a
   const float scale = static_cast<float>(scale_d);
   constexpr int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
 
-  const scalar_t* qp = q.data_ptr<scalar_t>();
-  const scalar_t* kp = k_cache.data_ptr<scalar_t>();
-  const scalar_t* vp = v_cache.data_ptr<scalar_t>();
-  scalar_t* op = out.data_ptr<scalar_t>();
-  const int64_t* btp = block_tables.data_ptr<int64_t>();
-  const int64_t* lp = seq_lens.data_ptr<int64_t>();
-  const int64_t sqb = q.stride(0), sqh = q.stride(1);
-  const int64_t skb = k_cache.stride(0), skt = k_cache.stride(1), skh = k_cache.stride(2);
-  const int64_t svb = v_cache.stride(0), svt = v_cache.stride(1), svh = v_cache.stride(2);
-  const int64_t sbt = block_tables.stride(0), sbc = block_tables.stride(1);
-  const int64_t sob = out.stride(0), soh = out.stride(1);
-  const int64_t sl = seq_lens.stride(0);
+  const auto& [qp, kp, vp, op, btp, lp, sqb, sqh, skb, skt, skh, svb, svt, svh, sbt, sbc, sob, soh, sl] =
+      PagedArgs<scalar_t>(q, k_cache, v_cache, block_tables, seq_lens, out);
   alignas(64) static const scalar_t zero_row[D] = {};
 
   // Split-K: a sequence's keys [first, len) are cut at absolute multiples of kSegment and each
@@ -406,14 +419,17 @@ void paged_decode_avx512(const at::Tensor& q, const at::Tensor& k_cache, const a
     // per-thread scratch: qf (scaled q) and acc [QH][D], probs [QH][kChunk16], m/l [QH]
     std::vector<float> qf(QH * D), acc(QH * D), probs(QH * kChunk16), m(QH), l(QH);
     std::vector<const scalar_t*> krows(kChunk16), vrows(kChunk16);  // chunk's token rows (kv head hk0)
+    std::vector<const scalar_t*> vh(kChunk16);                        // the same V rows at kv head hk0 + hh
     const scalar_t* kr[16];
     // K/V rows of tokens [from, to) of kv heads hk .. hk + HS of the sequence with this table -> L1
     // (measured on the 2-core EPYC: _MM_HINT_T0 a few % ahead of T1, two chunks ahead no better)
+    // token t's row at kv head hk of the cache at `base` (strides sb, st, sh), for the sequence with table tbl
+    auto row_at = [&](const scalar_t* base, int64_t sb, int64_t st, int64_t sh, const int64_t* tbl, int64_t hk,
+                      int64_t t) { return base + tbl[(t / bs) * sbc] * sb + (t % bs) * st + hk * sh; };
     auto prefetch = [&](const int64_t* tbl, int64_t hk, int64_t from, int64_t to) {
       for (int64_t t = from; t < to; ++t) {
-        const int64_t page = tbl[(t / bs) * sbc], off = t % bs;
-        const char* kn = reinterpret_cast<const char*>(kp + page * skb + off * skt + hk * skh);
-        const char* vn = reinterpret_cast<const char*>(vp + page * svb + off * svt + hk * svh);
+        const char* kn = reinterpret_cast<const char*>(row_at(kp, skb, skt, skh, tbl, hk, t));
+        const char* vn = reinterpret_cast<const char*>(row_at(vp, svb, svt, svh, tbl, hk, t));
         for (int64_t hh = 0; hh < HS; ++hh) {
           for (int64_t byte = 0; byte < row_bytes; byte += 64) {
             _mm_prefetch(kn + hh * skh * sizeof(scalar_t) + byte, _MM_HINT_T0);
@@ -436,18 +452,15 @@ void paged_decode_avx512(const at::Tensor& q, const at::Tensor& k_cache, const a
         for (int c = 0; c < DV; ++c) {
           _mm512_storeu_ps(&qf[h * D + 16 * c], _mm512_mul_ps(load_row(src + 16 * c), _mm512_set1_ps(scale)));
         }
-        m[h] = -std::numeric_limits<float>::infinity();
+        m[h] = neg_inf;
         l[h] = 0.f;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
-      auto row_of = [&](const scalar_t* base, int64_t sb, int64_t st, int64_t sh, int64_t t) {
-        return base + table[(t / bs) * sbc] * sb + (t % bs) * st + hk0 * sh;
-      };
       for (int64_t t0 = w.s0; t0 < s1; t0 += kChunk16) {
         const int64_t n = std::min(kChunk16, s1 - t0);
         for (int64_t j = 0; j < n; ++j) {
-          krows[j] = row_of(kp, skb, skt, skh, t0 + j);
-          vrows[j] = row_of(vp, svb, svt, svh, t0 + j);
+          krows[j] = row_at(kp, skb, skt, skh, table, hk0, t0 + j);
+          vrows[j] = row_at(vp, svb, svt, svh, table, hk0, t0 + j);
         }
         // prefetch the next chunk's K/V rows while this one computes: this piece's next
         // chunk, or the next task's first (other pages: the hardware prefetcher would start
@@ -465,18 +478,18 @@ void paged_decode_avx512(const at::Tensor& q, const at::Tensor& k_cache, const a
             float* ph = &probs[h * kChunk16];
             __m512 qh[DV];
             for (int c = 0; c < DV; ++c) qh[c] = _mm512_loadu_ps(&qf[h * D + 16 * c]);
-            __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+            __m512 mx = _mm512_set1_ps(neg_inf);
             for (int64_t j0 = 0; j0 < n; j0 += 16) {
               const int64_t nv = std::min<int64_t>(16, n - j0);
               for (int64_t u = 0; u < 16; ++u) kr[u] = u < nv ? krows[j0 + u] + hh * skh : zero_row;
               const __mmask16 valid = static_cast<__mmask16>(nv == 16 ? 0xFFFF : (1u << nv) - 1);
-              const __m512 sc = _mm512_mask_mov_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), valid,
+              const __m512 sc = _mm512_mask_mov_ps(_mm512_set1_ps(neg_inf), valid,
                                                    block_scores<scalar_t, DV>(qh, kr));
               _mm512_storeu_ps(ph + j0, sc);
               mx = _mm512_max_ps(mx, sc);
             }
             const float mnew = std::max(m[h], _mm512_reduce_max_ps(mx));
-            const float corr = m[h] == -std::numeric_limits<float>::infinity() ? 0.f : exp_nonpos(m[h] - mnew);
+            const float corr = m[h] == neg_inf ? 0.f : exp_nonpos(m[h] - mnew);
             const __m512 mv = _mm512_set1_ps(mnew);
             __m512 sum = _mm512_setzero_ps();
             for (int64_t j0 = 0; j0 < n; j0 += 16) {
@@ -495,10 +508,10 @@ void paged_decode_avx512(const at::Tensor& q, const at::Tensor& k_cache, const a
         }
         // acc[h] += sum_j probs[h][j] v_j, NGMAX heads at a time
         for (int64_t hh = 0; hh < HS; ++hh) {
-          for (int64_t j = 0; j < n; ++j) vrows[j] = vrows[j] + (hh == 0 ? 0 : svh);
+          for (int64_t j = 0; j < n; ++j) vh[j] = vrows[j] + hh * svh;  // kv head hk0 + hh's rows
           for (int64_t g0 = 0; g0 < G; g0 += NGMAX) {
             const int64_t h = hh * G + g0;
-            heads_pv<scalar_t, DV, NGMAX>(&acc[h * D], &probs[h * kChunk16], vrows.data(), n,
+            heads_pv<scalar_t, DV, NGMAX>(&acc[h * D], &probs[h * kChunk16], vh.data(), n,
                                            std::min<int64_t>(NGMAX, G - g0));
           }
         }
