@@ -636,7 +636,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     user can cause is one line on stderr, never a traceback. SIGUSR1 writes every thread's
     Python stack to stderr (a server that seems stuck, e.g. in its shutdown, says where)."""
     if hasattr(signal, "SIGUSR1"):
-        with contextlib.suppress(AttributeError, OSError, ValueError):  # stderr without a file (captured)
+        with contextlib.suppress(AttributeError, OSError, RuntimeError, ValueError):  # no stderr file (captured, None)
             faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         return _run(args)
