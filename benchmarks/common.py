@@ -11,6 +11,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -86,3 +87,38 @@ def memory_bandwidth_gbps(mib: int = 1024, reps: int = 5) -> dict[str, float]:
     dst.copy_(src)  # touch the pages once so first-touch faults are not timed
     copy_s = best_time(lambda: dst.copy_(src), reps)
     return {"read": n * 4 / read_s / 1e9, "copy": 2 * half * 4 / copy_s / 1e9}
+
+
+def interleaved_decode_steps(
+    llm: Any, batch: int, steps: int, variants: dict[str, Callable[[], None]]
+) -> dict[str, Any]:
+    """``batch`` prompts of 128 random tokens (``llm``: an engine.LLM) decoded to context ~160,
+    then ``steps`` rounds of one decode step per variant (its setup called first) -> context
+    and median step per variant (``<variant>_step_ms``)."""
+    from engine import SamplingParams
+    from engine.request import Request
+
+    eng = llm.engine
+    gen = torch.Generator().manual_seed(11)
+    reqs = [
+        Request(
+            f"b{batch}-{i}",
+            torch.randint(3, 49152, (128,), generator=gen).tolist(),
+            SamplingParams(max_tokens=30 + 2 * steps, temperature=0, ignore_eos=True),
+        )
+        for i in range(batch)
+    ]
+    for r in reqs:
+        eng.add_request(r)
+    while any(len(r.output_token_ids) < 30 for r in reqs):  # prefill, then reach context ~160
+        eng.step()
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(steps):
+        for name, setup in variants.items():
+            setup()
+            t0 = time.perf_counter()
+            eng.step()
+            times[name].append(time.perf_counter() - t0)
+    while eng.has_work():
+        eng.step()
+    return {"context": 128 + 30 + steps} | {f"{k}_step_ms": 1e3 * median(v) for k, v in times.items()}

@@ -33,7 +33,6 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -43,7 +42,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import RESULTS_DIR, machine_description, median, memory_bandwidth_gbps  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS_DIR,
+    interleaved_decode_steps,
+    machine_description,
+    median,
+    memory_bandwidth_gbps,
+)
 from engine import native  # noqa: E402
 from engine.attention.sdpa import gather_pages  # noqa: E402
 
@@ -162,7 +167,7 @@ def _model_steps(path: str, native_linears: bool, batches: list[int], steps: int
         }
     rows = []
     for batch in batches:
-        row = {"model": kind, "batch": batch} | _interleaved_steps(llm, batch, steps, variants)
+        row = {"model": kind, "batch": batch} | interleaved_decode_steps(llm, batch, steps, variants)
         print(
             f"  {kind}, batch {batch}: step {row['default_step_ms']:.1f} ms (own pool: {row['own-pool_step_ms']:.1f} ms)",
             flush=True,
@@ -170,38 +175,6 @@ def _model_steps(path: str, native_linears: bool, batches: list[int], steps: int
         rows.append(row)
     variants["default"]()  # leave the default threads behind
     return rows
-
-
-def _interleaved_steps(llm: Any, batch: int, steps: int, variants: dict[str, Callable[[], None]]) -> dict[str, Any]:
-    """``batch`` prompts of 128 random tokens decoded to context ~160, then ``steps`` rounds of
-    one decode step per variant (its setup called first) -> context and median step per variant."""
-    from engine import SamplingParams
-    from engine.request import Request
-
-    eng = llm.engine
-    gen = torch.Generator().manual_seed(11)
-    reqs = [
-        Request(
-            f"b{batch}-{i}",
-            torch.randint(3, 49152, (128,), generator=gen).tolist(),
-            SamplingParams(max_tokens=30 + 2 * steps, temperature=0, ignore_eos=True),
-        )
-        for i in range(batch)
-    ]
-    for r in reqs:
-        eng.add_request(r)
-    while any(len(r.output_token_ids) < 30 for r in reqs):  # prefill, then reach context ~160
-        eng.step()
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(steps):
-        for name, setup in variants.items():
-            setup()
-            t0 = time.perf_counter()
-            eng.step()
-            times[name].append(time.perf_counter() - t0)
-    while eng.has_work():
-        eng.step()
-    return {"context": 128 + 30 + steps} | {f"{k}_step_ms": 1e3 * median(v) for k, v in times.items()}
 
 
 def markdown(res: dict[str, Any]) -> str:

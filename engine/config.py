@@ -240,6 +240,13 @@ class KernelConfig:
     # (a tied head: a packed copy beside the embedding). CPU only; SPLITSERVE_ONEDNN_LINEAR=0
     # turns it off too.
     prepack_linear: bool = True
+    # Steps whose rows are all greedy without logprobs take each row's float32 argmax from a
+    # bf16 screen of the head plus a float32 refinement of the few tokens the screen cannot rule
+    # out (engine/models/greedy_head.py: a rigorous bound, so the token is the float32 argmax).
+    # Needs the native kernels, a float32 head and oneDNN bf16 on the CPU; costs two bf16 copies
+    # of the head (one float32 head's bytes). Head + argmax at 1 / 8 / 64 rows on SmolLM2:
+    # 0.50x / 0.58x / 0.57x the full head's time, decode step 0.92-0.95x (benchmarks/greedy_head.py).
+    greedy_head: bool = True
 
     def __post_init__(self) -> None:
         if self.stream_linear_max_rows < 0:

@@ -35,6 +35,7 @@ _KERNEL_OPTIONS = {
     "native_kernels": "native",
     "stream_linear_max_rows": "stream_linear_max_rows",
     "prepack_linear": "prepack_linear",
+    "greedy_head": "greedy_head",
 }
 # TokenWeaveConfig fields under their LLM option names (tensor-parallel engines only)
 _TOKENWEAVE_OPTIONS = {"tokenweave": "enabled", "tokenweave_min_tokens": "min_tokens"}
@@ -60,8 +61,8 @@ def build_engine_config(
 ) -> EngineConfig:
     """EngineConfig from flat keyword options: CacheConfig / SchedulerConfig field names,
     ``attention_backend`` / ``max_model_len`` / ``kv_cache_shared``, ``native_kernels`` /
-    ``stream_linear_max_rows`` / ``prepack_linear`` (KernelConfig's ``native`` /
-    ``stream_linear_max_rows`` / ``prepack_linear``), and ``tokenweave`` /
+    ``stream_linear_max_rows`` / ``prepack_linear`` / ``greedy_head`` (KernelConfig's ``native``
+    / ``stream_linear_max_rows`` / ``prepack_linear`` / ``greedy_head``), and ``tokenweave`` /
     ``tokenweave_min_tokens`` (TokenWeaveConfig's ``enabled`` / ``min_tokens``).
     ``speculative_config``: a SpeculativeConfig or vLLM's dict form
     (``SpeculativeConfig.from_dict``), None for plain decoding.

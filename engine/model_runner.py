@@ -14,6 +14,7 @@ import torch
 from engine import native
 from engine.attention.backend import AttentionMetadata
 from engine.config import KernelConfig
+from engine.models.greedy_head import GreedyHead
 from engine.models.layers import NativeKernels
 from engine.models.llama import DecoderLM, LayerHook
 from engine.request import TokenLogprobs
@@ -94,6 +95,12 @@ class ModelRunner:
         model.set_native_kernels(native_kernels_for(model, self.device, kernels))
         if kernels.prepack_linear and self.device.type == "cpu":
             model.prepack_linears()  # the weights are loaded (and TP-sharded) by now
+        # plain-greedy steps take their tokens from a bf16-screened head (engine/models/greedy_head.py)
+        self.greedy_head = (
+            GreedyHead.build(model.plain_head_weight(), model.native)
+            if kernels.greedy_head and model.parallel is None
+            else None
+        )
 
     @torch.inference_mode()
     def execute(
@@ -105,13 +112,20 @@ class ModelRunner:
         sampling = [s for s in out.scheduled if s.sample]
         if not sampling:
             return {}, {}
-        logits = self.model.compute_logits(hidden[inputs.sample_rows])
         params = [s.params for s in sampling]
-        if self.model.native is not None and plain_greedy(params):
+        greedy = plain_greedy(params)
+        tokens = None
+        if greedy and self.greedy_head is not None:
+            tokens = self.greedy_head.tokens(hidden[inputs.sample_rows])  # None: take the full logits
+        if tokens is not None:
+            lps: list[TokenLogprobs | None] = [None] * len(params)
+        elif greedy and self.model.native is not None:
+            logits = self.model.compute_logits(hidden[inputs.sample_rows])
             # the native argmax (torch.argmax's tie rule) runs without an OpenMP region, whose
             # spinning worker thread slows the rest of a small step on a busy machine
             tokens, lps = self.model.native.argmax(logits).tolist(), [None] * len(params)
         else:
+            logits = self.model.compute_logits(hidden[inputs.sample_rows])
             tp = self.model.parallel  # TP: unseeded draws are rank 0's on every rank
             agree = None if tp is None else tp.agree_tokens
             tokens, lps = sample(logits, params, [s.num_output_tokens for s in sampling], agree)

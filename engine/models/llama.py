@@ -374,6 +374,11 @@ class DecoderLM(nn.Module):
             return self.lm_head
         return self.embed if self.head_packed is None else self.head_packed
 
+    def plain_head_weight(self) -> torch.Tensor:
+        """The head's [vocab, hidden] weight as it was loaded: lm_head, else the tied embedding
+        (an mkldnn tensor when ``prepack_linears`` replaced an untied head by its packed form)."""
+        return self.lm_head if self.lm_head is not None else self.embed
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> fp32 logits [N, vocab]."""
         w = self.head_weight()

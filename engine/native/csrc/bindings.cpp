@@ -29,6 +29,7 @@ std::pair<uint8_t*, int64_t> page_buffer(const py::buffer& b, bool writable, int
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using splitserve::add_rms_norm;
   using splitserve::argmax_rows;
+  using splitserve::greedy_refine;
   using splitserve::paged_decode;
   using splitserve::rms_norm;
   using splitserve::rope_split_qkv;
@@ -51,6 +52,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, "silu(gate) * up of [T, 2I] -> [T, I]", py::arg("gate_up"), nogil);
   m.def("argmax_rows", &argmax_rows, "first index of each row's maximum (float32 [N, V] -> int64 [N])",
         py::arg("logits"), nogil);
+  m.def("greedy_refine", &greedy_refine,
+        "each row's float32 argmax among the tokens a screened logit and its bound keep (int64 [2, N]: "
+        "token or -1 / -2, candidate count)",
+        py::arg("screened"), py::arg("bound"), py::arg("out_round"), py::arg("slack"), py::arg("x"), py::arg("w"),
+        py::arg("max_candidates"), nogil);
   // the GIL is released by hand: the buffers are requested (checked) with it held
   m.def(
       "xxh3_pages",

@@ -27,6 +27,10 @@ at::Tensor argmax_rows(const at::Tensor& logits);
 void write_kv(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& k,
               const at::Tensor& v);
 
+// greedy_head.cpp: the greedy head's screen-and-refine (engine/models/greedy_head.py).
+at::Tensor greedy_refine(const at::Tensor& screened, const at::Tensor& bound, double out_round, double slack,
+                         const at::Tensor& x, const at::Tensor& w, int64_t max_candidates);
+
 // xxh3_pages.cpp: XXH3-64 of KV pages, optionally fused with copying them (kv_transfer shm).
 // Raw pointers: the Python binding checks the buffers (contiguous bytes) and releases the GIL.
 uint64_t xxh3_pages(const uint8_t* src, int64_t src_rows, const std::vector<int64_t>& src_ids, uint8_t* dst,
