@@ -27,6 +27,7 @@ from engine.kv_cache.layout import KVLayout
 from engine.kv_cache.manager import KVCacheManager
 from engine.kv_cache.paged_cache import PagedKVCache
 from engine.kv_cache.partitioned import PartitionedBlockPool, PartitionedKVCacheManager
+from engine.kv_cache.step_gather import StepKVGather, StepKVPages
 from engine.model_runner import ModelRunner
 from engine.models.gguf import resolve_model_path
 from engine.models.loader import load_model
@@ -61,6 +62,9 @@ class StepResult:
     # the step's schedule when the model ran (None for an empty step); data only, read after
     # the step (TPLeaderEngine runs a layer hook from it once the step is done)
     schedule: SchedulerOutput | None = None
+    # step(gather_kv=True) on a TP engine: the step's new pages of every layer, all-gathered
+    # over the TP group during the step (engine/kv_cache/step_gather.py)
+    kv_pages: StepKVPages | None = None
 
     @property
     def finished(self) -> list[Request]:
@@ -289,21 +293,27 @@ class EngineCore:
         self.pool.free(list(blocks))
 
     # ------------------------------------------------------------ the step
-    def step(self, layer_hook: StepLayerHook | None = None) -> StepResult:
-        """One iteration: schedule -> run -> update."""
+    def step(self, layer_hook: StepLayerHook | None = None, gather_kv: bool = False) -> StepResult:
+        """One iteration: schedule -> run -> update. ``gather_kv`` (tensor parallelism, every
+        rank alike): all-gather each layer's new pages over the TP group as soon as the layer
+        wrote them, returned as ``StepResult.kv_pages`` (engine/kv_cache/step_gather.py)."""
+        if gather_kv and (self.tensor_parallel is None or self.speculator is not None):
+            raise ValueError("step(gather_kv=True) needs a tensor-parallel engine without speculation")
         if self.speculator is not None:
             return self._speculative_step(self.speculator, layer_hook)
         out = self.scheduler.schedule()
         if out.is_empty:
             return StepResult(self.scheduler.take_finished_in_schedule(), list(out.preempted))
         hook = None if layer_hook is None else (lambda layer: layer_hook(layer, out))
-        sampled, logprobs = self.runner.execute(out, hook)
+        gather = StepKVGather(self.cache, self.tensor_parallel, out) if gather_kv else None
+        sampled, logprobs = self.runner.execute(out, hook, None if gather is None else gather.layer_written)
+        kv_pages = None if gather is None else gather.finish()
         changed = self.scheduler.update(out, sampled)
         for req in changed:
             lp = logprobs.get(req.request_id)
             if lp is not None:
                 req.logprobs.append(lp)
-        return StepResult(changed, list(out.preempted), out)
+        return StepResult(changed, list(out.preempted), out, kv_pages)
 
     def _speculative_step(self, spec: Speculator, layer_hook: StepLayerHook | None) -> StepResult:
         """propose -> schedule -> run (score + verify when drafts were scheduled, the plain

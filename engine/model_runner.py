@@ -104,11 +104,12 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(
-        self, out: SchedulerOutput, layer_hook: LayerHook | None = None
+        self, out: SchedulerOutput, layer_hook: LayerHook | None = None, kv_hook: LayerHook | None = None
     ) -> tuple[dict[str, list[int]], dict[str, TokenLogprobs]]:
-        """Run one step; returns sampled tokens and logprobs keyed by request id."""
+        """Run one step; returns sampled tokens and logprobs keyed by request id. The hooks:
+        DecoderLM.forward's."""
         inputs = StepInputs(out, self.block_size, self.device)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, layer_hook)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, layer_hook, kv_hook)
         sampling = [s for s in out.scheduled if s.sample]
         if not sampling:
             return {}, {}

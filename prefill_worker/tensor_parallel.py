@@ -9,9 +9,10 @@ the whole layout and every page sent is gathered over the TP group first (``gath
 collective, the followers are sent GatherKV before rank 0 runs it). Pages therefore always go
 as copies (``sender.send``; no by-reference shm path, no pinning: the gathered tensor is the
 sender's). Layer-wise mode pushes a step's pages after the step (the leader runs the layer
-hook layer by layer once the step is done, see TPLeaderEngine.step), gathering each request's
-pages of the step once for all layers; whole-cache mode gathers a finished prompt's pages
-once. Gathers run on rank 0's loop thread right after the step that wrote the pages, before
+hook layer by layer once the step is done, see TPLeaderEngine.step); the pages were gathered
+during the step, layer by layer as each layer wrote them (``TPLeaderEngine.step_pages``), and
+only pages outside the step's (a preempted request's, resent from page 0) are gathered after
+it, per request once for all layers; whole-cache mode gathers a finished prompt's pages once. Gathers run on rank 0's loop thread right after the step that wrote the pages, before
 any later step could change them.
 
 Lifecycle: ``build_tp_prefill_worker`` joins the group ``tp/<worker id>`` (gloo, one thread
@@ -52,6 +53,9 @@ class TPPrefillWorker(PrefillWorker):
             self._gathered.clear()
 
     def _whole_pages(self, layer: int, blocks: list[int]) -> torch.Tensor:
+        step = self.engine.step_pages  # gathered during the step (layer-wise mode)
+        if step is not None and (pages := step.pages(layer, blocks)) is not None:
+            return pages  # [n, 2, block_size, H_kv, D], a new tensor
         key = tuple(blocks)
         pages = self._gathered.get(key)
         if pages is None:

@@ -62,9 +62,15 @@ class ShardReductions(Protocol):
         ...
 
     def forward_overlapped(
-        self, model: DecoderLM, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+        self,
+        model: DecoderLM,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_hook: LayerHook | None = None,
     ) -> torch.Tensor:
-        """``model.forward`` with communication overlapped across token micro-batches -> [T, hidden]."""
+        """``model.forward`` with communication overlapped across token micro-batches -> [T, hidden];
+        ``kv_hook(l)`` once layer l's KV of every micro-batch is written."""
         ...
 
 
@@ -268,8 +274,15 @@ class DecoderLM(nn.Module):
         positions: torch.Tensor,
         meta: AttentionMetadata,
         layer_hook: LayerHook | None = None,
+        kv_hook: LayerHook | None = None,
     ) -> torch.Tensor:
-        """input_ids, positions: [T] -> final hidden states [T, hidden]."""
+        """input_ids, positions: [T] -> final hidden states [T, hidden].
+
+        ``layer_hook(l)`` runs after layer l, in layer order, and keeps the layers in order
+        (no TokenWeave / rotation overlap). ``kv_hook(l)``: on the TokenWeave path only, once
+        layer l's KV of every token micro-batch is in the cache; it keeps the overlap and runs
+        at the same point on every TP rank, so it may issue collectives (engine/kv_cache/
+        step_gather.py). Other paths never call it."""
         rotation = 1 if self.split is None else self.split.rotation
         tp = self.parallel
         if rotation > 1 and meta.num_seqs > 1 and layer_hook is None:
@@ -277,7 +290,7 @@ class DecoderLM(nn.Module):
                 raise ValueError("tensor parallelism: the micro-batch rotation (attention offload) does not take it")
             return self._forward_rotated(input_ids, positions, meta, rotation)
         if tp is not None and layer_hook is None and tp.overlaps(input_ids.shape[0]):
-            return tp.forward_overlapped(self, input_ids, positions, meta)
+            return tp.forward_overlapped(self, input_ids, positions, meta, kv_hook)
         if tp is None:
             x = F.embedding(input_ids, self.embed)
             if self.native is not None:

@@ -350,7 +350,12 @@ class TPReductions:
         return tw.enabled and self.plan.world_size > 1 and num_tokens >= max(tw.min_tokens, 2)
 
     def forward_overlapped(
-        self, model: DecoderLM, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+        self,
+        model: DecoderLM,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_hook: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """TokenWeave in the engine step: the step's T tokens cut into two micro-batches at an
         even token split (``split_metadata``: a sequence the cut falls in continues in the
@@ -371,7 +376,7 @@ class TPReductions:
             return embed_partial(ids, model.embed, self.plan)
 
         parts = [input_ids[:t0], input_ids[t0:]]
-        return torch.cat(overlapped_all_reduce(model, self.comm, parts, attend, embed, self.stats))
+        return torch.cat(overlapped_all_reduce(model, self.comm, parts, attend, embed, self.stats, kv_hook))
 
     def embed(self, input_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return self.comm.all_reduce(embed_partial(input_ids, weight, self.plan))
@@ -501,6 +506,7 @@ def overlapped_all_reduce(
     attend: Callable[[Any, int, torch.Tensor], torch.Tensor],
     embed: Callable[[torch.Tensor], torch.Tensor],
     stats: OverlapStats,
+    kv_hook: Callable[[int], None] | None = None,
 ) -> list[torch.Tensor]:
     """TokenWeave without the fused norm: the layers of a shard DecoderLM ``m`` over the token
     micro-batches ``parts`` (ids [t_i], in token order) through run_overlapped, each stage's
@@ -508,7 +514,9 @@ def overlapped_all_reduce(
     the next micro-batch computes; the residual add and RMSNorm run at the start of the next
     stage. ``attend(layer, i, h)``: micro-batch i's attention output at ``layer`` ([t_i, hidden],
     o_proj applied, partial); ``embed(ids)``: the partial embedding. -> the final normed
-    hidden states per micro-batch [t_i, hidden]. Used by TPModel and the engine path
+    hidden states per micro-batch [t_i, hidden]. ``kv_hook(l)``: issued right after the last
+    micro-batch's attention of layer l (every micro-batch's KV of layer l is then written), before
+    that stage's all-reduce, from the calling thread. Used by TPModel and the engine path
     (TPReductions.forward_overlapped)."""
 
     # state between stages: (reduced partial sum [t, hidden], residual [t, hidden] or None)
@@ -519,12 +527,19 @@ def overlapped_all_reduce(
     def all_reduce(i: int, y: tuple[torch.Tensor, torch.Tensor | None]) -> Pending[list[Any]]:
         return AllOf(comm.all_reduce_async(y[0]), Ready(y[1]))
 
-    def attn_stage(layer: Any) -> Stage:
+    last = len(parts) - 1
+
+    def attn_stage(index: int, layer: Any) -> Stage:
         def compute(i: int, y: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
             h, x = add_norm(y, layer.input_norm)
             return attend(layer, i, h), x
 
-        return Stage(compute, all_reduce, "attn")
+        def communicate(i: int, y: tuple[torch.Tensor, torch.Tensor | None]) -> Pending[list[Any]]:
+            if kv_hook is not None and i == last:
+                kv_hook(index)
+            return all_reduce(i, y)
+
+        return Stage(compute, communicate, "attn")
 
     def mlp_stage(layer: Any) -> Stage:
         def compute(i: int, y: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -534,8 +549,8 @@ def overlapped_all_reduce(
         return Stage(compute, all_reduce, "mlp")
 
     stages = [Stage(lambda i, x: (embed(x), None), all_reduce, "embed")]
-    for layer in m.layers:
-        stages += [attn_stage(layer), mlp_stage(layer)]
+    for index, layer in enumerate(m.layers):
+        stages += [attn_stage(index, layer), mlp_stage(layer)]
     outs = run_overlapped(parts, stages, stats)
     return [add_norm(y, m.norm)[0] for y in outs]
 

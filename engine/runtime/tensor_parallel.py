@@ -20,8 +20,9 @@ KV pages between TP degrees (issue 15): the workers exchange whole-head pages (K
   under the receiver's lock); its order against the others still holds, see that module.
 - ``GatherKV(block_ids)``: a TP prefill's all-gather of pages, every layer, over the TP group
   (``gather_kv``); a collective, so like ``Step`` it is sent before rank 0 runs it, from its
-  loop thread, right after the step that wrote the pages (a finished prompt's, or layer-wise
-  each step's): no later step can have changed them.
+  loop thread, right after the step that wrote the pages (a finished prompt's in whole-cache
+  mode; in layer-wise mode only pages a step's in-step gather lacks, e.g. a preempted
+  request's resent from page 0): no later step can have changed them.
 
 A step and a gather are the only calls with collectives: the leader enqueues them then runs
 them itself, so every rank issues the same collectives in the same order. A follower that
@@ -41,7 +42,11 @@ layers (the hook's gathers would interleave with the step's collectives on rank 
 ``TPLeaderEngine.step(hook)`` steps every rank without one and runs the hook after the step,
 layer by layer, with the step's SchedulerOutput (``StepResult.schedule``). The model path is
 therefore the same as a hookless step's: a step long enough for TokenWeave gets its
-token-split overlap in layer-wise mode too (a model layer hook would turn it off).
+token-split overlap in layer-wise mode too (a model layer hook would turn it off). The pages
+the hook sends are gathered *during* that step: a hooked step is ``Step(gather_kv=True)`` on
+every rank, and each rank's model starts layer l's all-gather of the step's new pages as soon
+as layer l's KV is written (engine/kv_cache/step_gather.py), so the gathers overlap the
+following layers' compute; the hook reads them from ``step_pages``.
 
 Lifecycle: ``build_tp_cores`` joins the group (gloo, one thread per rank) and builds the N
 shards concurrently; ``TPFollower`` starts its thread at construction and ends it at ``stop``.
@@ -62,6 +67,7 @@ from engine.config import EngineConfig
 from engine.engine import EngineCore, StepResult
 from engine.kv_cache.layout import KVLayout
 from engine.kv_cache.reshard import gather_heads
+from engine.kv_cache.step_gather import StepKVPages
 from engine.parallel import CommunicationError
 from engine.request import Request
 from engine.runtime.groups import GroupSpec, free_port, join_communicator
@@ -108,7 +114,9 @@ class Unpin:
 
 @dataclass(frozen=True)
 class Step:
-    pass
+    """One engine step; ``gather_kv``: EngineCore.step's (the step all-gathers its new pages)."""
+
+    gather_kv: bool = False
 
 
 @dataclass(frozen=True)
@@ -168,8 +176,8 @@ def apply_call(engine: EngineCore, call: EngineCall) -> None:
             engine.pin(list(blocks))
         case Unpin(blocks):
             engine.unpin(list(blocks))
-        case Step():
-            engine.step()
+        case Step(gather_kv=gather):
+            engine.step(gather_kv=gather)  # the gathered pages are rank 0's to send
         case WriteKV(layer, block_ids, pages):
             engine.cache.write_pages(layer, list(block_ids), pages)
         case GatherKV(block_ids):
@@ -251,6 +259,9 @@ class TPLeaderEngine:
         self.followers = followers
         self.config = core.config
         self.layout = core.layout  # rank 0's: its own KV heads
+        # the last hooked step's pages, gathered during it (whole heads; read by the layer hook
+        # and until the next step); None after a step without a hook
+        self.step_pages: StepKVPages | None = None
 
     # ---------------------------------------------------------------- reads: rank 0's state
     def prepare(self, req: Request) -> Request:
@@ -322,14 +333,18 @@ class TPLeaderEngine:
 
     def step(self, layer_hook: Any = None) -> StepResult:
         """One SPMD step. ``layer_hook(layer, out)`` runs after the step, for every layer in
-        order, with the step's SchedulerOutput (module docstring), before this returns."""
+        order, with the step's SchedulerOutput (module docstring), before this returns; a
+        hooked step also all-gathers its new pages during the step (``step_pages``)."""
         self._check_followers()
-        self._send(Step)  # first: the followers' collectives meet rank 0's
+        gather = layer_hook is not None
+        self._send(lambda: Step(gather))  # first: the followers' collectives meet rank 0's
+        self.step_pages = None
         try:
-            result = self.core.step()
+            result = self.core.step(gather_kv=gather)
         except CommunicationError as e:
             self._diagnose(e)
             raise
+        self.step_pages = result.kv_pages
         if layer_hook is not None and result.schedule is not None:
             for layer in range(self.core.layout.num_layers):
                 layer_hook(layer, result.schedule)

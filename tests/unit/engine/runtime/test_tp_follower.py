@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
+from engine.engine import StepResult
 from engine.parallel import CommunicationError, DeferredCommunicator, LocalCommunicator
 from engine.request import Request, SamplingParams
 from engine.runtime.groups import GroupSpec, free_port, join_deferred
@@ -135,10 +136,11 @@ class StubCore:
         self.step_error = step_error
         self.steps = 0
 
-    def step(self, layer_hook=None):
+    def step(self, layer_hook=None, gather_kv=False):
         self.steps += 1
         if self.step_error is not None:
             raise self.step_error
+        return StepResult()
 
     def abort(self, request_id: str):
         return None
