@@ -118,6 +118,8 @@ class ModelRunner:
         tokens = None
         if greedy and self.greedy_head is not None:
             tokens = self.greedy_head.tokens(hidden[inputs.sample_rows])  # None: take the full logits
+        elif greedy and self.model.parallel is not None:  # every rank alike: params are the same
+            tokens = self.model.parallel_greedy_tokens(hidden[inputs.sample_rows])
         if tokens is not None:
             lps: list[TokenLogprobs | None] = [None] * len(params)
         elif greedy and self.model.native is not None:

@@ -57,6 +57,11 @@ class ShardReductions(Protocol):
         """Tokens drawn at random on each rank -> rank 0's, on every rank."""
         ...
 
+    def greedy_tokens(self, local: torch.Tensor) -> list[int]:
+        """This rank's fp32 logits [N, Vs] -> each row's argmax over the full vocabulary (the
+        lowest id on a tie), identical on every rank, without gathering the logits."""
+        ...
+
     def overlaps(self, num_tokens: int) -> bool:
         """Whether a step of ``num_tokens`` tokens runs ``forward_overlapped`` (TokenWeave)."""
         ...
@@ -391,6 +396,14 @@ class DecoderLM(nn.Module):
         """The head's [vocab, hidden] weight as it was loaded: lm_head, else the tied embedding
         (an mkldnn tensor when ``prepack_linears`` replaced an untied head by its packed form)."""
         return self.lm_head if self.lm_head is not None else self.embed
+
+    def parallel_greedy_tokens(self, hidden: torch.Tensor) -> list[int]:
+        """A TP rank's plain-greedy tokens: hidden [N, hidden] -> the argmax of each row's full
+        logits (``compute_logits(hidden).argmax(-1)``), gathering one (max, id) pair per rank
+        and row instead of the logits (ShardReductions.greedy_tokens)."""
+        if self.parallel is None:
+            raise ValueError("parallel_greedy_tokens: not a tensor-parallel shard")
+        return self.parallel.greedy_tokens(linear(hidden, self.head_weight()).float())
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> fp32 logits [N, vocab]."""

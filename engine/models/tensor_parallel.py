@@ -331,7 +331,8 @@ class TPReductions:
 
     Per forward of T tokens: one all-reduce [T, hidden] for the embedding, two per layer
     (after o_proj, after down_proj / the MoE block); per ``compute_logits`` of N rows one
-    all-gather [Vs, N] per rank. Sequential TP (TokenWeave is TPModel's full-prompt path only)."""
+    all-gather [Vs, N] per rank; per plain-greedy step (``greedy_tokens``) one all-gather
+    [N, 2] per rank instead. Sequential TP (TokenWeave is TPModel's full-prompt path only)."""
 
     def __init__(self, plan: ShardPlan, comm: Communicator, tokenweave: TokenWeaveConfig | None = None):
         if comm.world_size != plan.world_size or comm.rank != plan.rank:
@@ -387,6 +388,28 @@ class TPReductions:
     def gather_logits(self, local: torch.Tensor) -> torch.Tensor:
         gathered = self.comm.all_gather(local.t().contiguous())  # [W * Vs, N]
         return gathered[: self.plan.vocab].t()
+
+    def greedy_tokens(self, local: torch.Tensor) -> list[int]:
+        """Each row's argmax over the whole vocabulary from this rank's fp32 logits [N, Vs]
+        (padding columns past V ignored), the lowest token id on a tie: the token
+        ``gather_logits(local).argmax(-1)`` gives, from one all-gather of each rank's
+        (maximum, its id) per row, [N, 2] float64 (exact for fp32 values and ids < 2^53),
+        instead of every rank's [Vs, N] logits."""
+        n = local.shape[0]
+        valid = local[:, : self.plan.vocab_end - self.plan.vocab_start]
+        if valid.shape[1]:
+            idx = valid.argmax(dim=1)  # the first maximum: torch.argmax's rule
+            best = torch.stack(
+                [valid.gather(1, idx[:, None])[:, 0].double(), (idx + self.plan.vocab_start).double()], 1
+            )
+        else:  # a rank whose ceil-split slice is all padding
+            best = torch.stack(
+                [torch.full((n,), float("-inf"), dtype=torch.float64), torch.zeros(n, dtype=torch.float64)], 1
+            )
+        got = self.comm.all_gather(best.to(local.device)).view(self.plan.world_size, n, 2).cpu()
+        values, ids = got[..., 0], got[..., 1]  # [W, N]: rank r's slice starts after rank r-1's
+        first = (values == values.max(dim=0).values).int().argmax(dim=0)  # the lowest rank holding it
+        return ids.gather(0, first[None])[0].long().tolist()
 
     def agree_tokens(self, tokens: list[int]) -> list[int]:
         """Rank 0's tokens on every rank: an all-reduce of rank 0's ids and zeros elsewhere
