@@ -246,6 +246,8 @@ class KernelConfig:
     # Needs the native kernels, a float32 head and oneDNN bf16 on the CPU; costs two bf16 copies
     # of the head (one float32 head's bytes). Head + argmax at 1 / 8 / 64 rows on SmolLM2:
     # 0.50x / 0.58x / 0.57x the full head's time, decode step 0.92-0.95x (benchmarks/greedy_head.py).
+    # On a tensor-parallel rank the same switch makes plain-greedy steps all-gather one
+    # (max, id) pair per row and rank instead of the vocab-parallel logits (TPReductions.greedy_tokens).
     greedy_head: bool = True
 
     def __post_init__(self) -> None:

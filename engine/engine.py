@@ -305,7 +305,11 @@ class EngineCore:
         if out.is_empty:
             return StepResult(self.scheduler.take_finished_in_schedule(), list(out.preempted))
         hook = None if layer_hook is None else (lambda layer: layer_hook(layer, out))
-        gather = StepKVGather(self.cache, self.tensor_parallel, out) if gather_kv else None
+        gather = (
+            StepKVGather(self.cache, self.tensor_parallel, out.written_blocks(self.layout.block_size))
+            if gather_kv
+            else None
+        )
         sampled, logprobs = self.runner.execute(out, hook, None if gather is None else gather.layer_written)
         kv_pages = None if gather is None else gather.finish()
         changed = self.scheduler.update(out, sampled)

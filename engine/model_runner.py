@@ -101,6 +101,8 @@ class ModelRunner:
             if kernels.greedy_head and model.parallel is None
             else None
         )
+        # a TP rank's plain-greedy steps gather (max, id) pairs, not logits (same switch)
+        self.greedy_tp = kernels.greedy_head and model.parallel is not None
 
     @torch.inference_mode()
     def execute(
@@ -118,7 +120,7 @@ class ModelRunner:
         tokens = None
         if greedy and self.greedy_head is not None:
             tokens = self.greedy_head.tokens(hidden[inputs.sample_rows])  # None: take the full logits
-        elif greedy and self.model.parallel is not None:  # every rank alike: params are the same
+        elif greedy and self.greedy_tp:  # every rank alike: params and config are the same
             tokens = self.model.parallel_greedy_tokens(hidden[inputs.sample_rows])
         if tokens is not None:
             lps: list[TokenLogprobs | None] = [None] * len(params)

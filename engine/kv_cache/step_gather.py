@@ -10,8 +10,8 @@ only the last layer's gather is exposed. A step below TokenWeave's threshold nev
 hook (the sequential path has no overlap to join, and per-layer gathers measured slower there
 than one: BENCHMARKS.md), so ``finish`` gathers every layer in one collective.
 
-SPMD: every rank builds the same ``StepKVGather`` from the same SchedulerOutput (every rank
-schedules alike, engine/engine.py) and the model calls ``layer_written`` at the same points on
+SPMD: every rank builds the same ``StepKVGather`` from the same SchedulerOutput's
+``written_blocks`` (every rank schedules alike, engine/engine.py) and the model calls ``layer_written`` at the same points on
 every rank, so the collectives pair by issue order with each other and with the step's
 all-reduces. The blocks are a superset of what the worker sends: every block a scheduled
 request's new tokens touch (``sr.block_ids[start_pos // bs : (end - 1) // bs + 1]``), in
@@ -34,16 +34,6 @@ from engine.kv_cache.layout import KVLayout
 from engine.kv_cache.paged_cache import PagedKVCache
 from engine.kv_cache.reshard import gather_heads
 from engine.parallel import Communicator, Pending
-from engine.scheduler.output import SchedulerOutput
-
-
-def step_blocks(out: SchedulerOutput, block_size: int) -> tuple[int, ...]:
-    """Every block the step's tokens are written to, in schedule order, each once."""
-    ids: dict[int, None] = {}
-    for sr in out.scheduled:
-        end = sr.start_pos + sr.num_tokens
-        ids.update(dict.fromkeys(sr.block_ids[sr.start_pos // block_size : (end - 1) // block_size + 1]))
-    return tuple(ids)
 
 
 @dataclass
@@ -81,9 +71,11 @@ class StepKVPages:
 class StepKVGather:
     """One step's in-step gathers (module docstring)."""
 
-    def __init__(self, cache: PagedKVCache, comm: Communicator, out: SchedulerOutput):
+    def __init__(self, cache: PagedKVCache, comm: Communicator, block_ids: tuple[int, ...]):
+        """``block_ids``: the step's written blocks (SchedulerOutput.written_blocks), the same
+        on every rank."""
         self.cache, self.comm = cache, comm
-        self.block_ids = step_blocks(out, cache.layout.block_size)
+        self.block_ids = block_ids
         self._index = torch.tensor(self.block_ids, dtype=torch.long, device=cache.kv.device)
         self._pending: list[Pending[torch.Tensor] | None] = [None] * cache.layout.num_layers
 

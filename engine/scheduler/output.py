@@ -43,3 +43,11 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.scheduled
+
+    def written_blocks(self, block_size: int) -> tuple[int, ...]:
+        """Every block the step's tokens are written to, in schedule order, each once."""
+        ids: dict[int, None] = {}
+        for sr in self.scheduled:
+            end = sr.start_pos + sr.num_tokens
+            ids.update(dict.fromkeys(sr.block_ids[sr.start_pos // block_size : (end - 1) // block_size + 1]))
+        return tuple(ids)
