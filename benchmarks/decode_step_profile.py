@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/decode_step_profile.py --batch 64     # ~30 s
     # prints the table; nothing is written
 
-SmolLM2-135M (fp32, default kernels) decodes ``--batch`` sequences of 128 random prompt tokens;
+SmolLM2-135M (``--dtype``, fp32 by default; default kernels) decodes ``--batch`` sequences of 128 random prompt tokens;
 after the prefill and 30 decode steps (context ~160) it times ``--steps`` steps, with every
 call into the native module (engine/native) and every oneDNN / MKL linear
 (``engine.models.layers.linear``) wrapped by a wall-clock timer. "rest" is the step minus
@@ -61,6 +61,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args()
     mod = native.load()
     if mod is None:
@@ -76,7 +77,7 @@ def main() -> None:
 
     llm = LLM(
         resolve_model_path(fetch_model(progress=True)),
-        dtype="float32",
+        dtype=args.dtype,
         max_num_seqs=64,
         enable_prefix_caching=False,
         skip_tokenizer_init=True,

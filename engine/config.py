@@ -231,7 +231,9 @@ class KernelConfig:
     # decode step on the 2-core dev machine, streaming wins at 1-4 rows and packed oneDNN
     # (prepack_linear) from 8 (12.9 vs 14.2 ms at 1 row; 24.9 vs 26.6 ms at 8).
     stream_linear_max_rows: int = 4
-    # Reorder float32 linear weights (attention, dense MLP, head; at least ONEDNN_MIN_WEIGHT
+    # Reorder float32 linear weights, and bfloat16 ones where oneDNN runs bf16 natively
+    # (layers.PACKABLE_DTYPES; bf16 SmolLM2's batch-8 step 0.78x the time: benchmarks/
+    # decode_step_profile.py --dtype bfloat16), (attention, dense MLP, head; at least ONEDNN_MIN_WEIGHT
     # elements) once at load into oneDNN's blocked layout (engine/models/layers.py
     # pack_linear_weight), so oneDNN skips its per-call reorder: decode steps 0.85x the time at
     # 8 rows and 0.90x at 64 on SmolLM2 (BENCHMARKS.md, engine vs vLLM). With the streaming kernel on

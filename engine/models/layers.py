@@ -26,14 +26,25 @@ ONEDNN_MIN_WEIGHT = 1 << 18  # elements; below this oneDNN's ~15 us fixed cost p
 PACK_ROWS_HINT = 16
 
 
+def _packable_dtypes() -> tuple[torch.dtype, ...]:
+    """float32, and bfloat16 where oneDNN runs bf16 natively (AVX512-BF16 / AMX)."""
+    if ONEDNN_LINEAR and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return (torch.float32, torch.bfloat16)
+    return (torch.float32,)
+
+
+PACKABLE_DTYPES = _packable_dtypes()
+
+
 def packable(w: torch.Tensor) -> bool:
-    """Whether ``pack_linear_weight`` takes ``w``: a plain fp32 CPU matrix large enough that
-    oneDNN pays (``ONEDNN_MIN_WEIGHT``), with oneDNN linear on (``ONEDNN_LINEAR``)."""
+    """Whether ``pack_linear_weight`` takes ``w``: a plain CPU matrix of a ``PACKABLE_DTYPES``
+    dtype large enough that oneDNN pays (``ONEDNN_MIN_WEIGHT``), with oneDNN linear on
+    (``ONEDNN_LINEAR``)."""
     return (
         ONEDNN_LINEAR
         and w.dim() == 2
         and not w.is_mkldnn
-        and w.dtype == torch.float32
+        and w.dtype in PACKABLE_DTYPES
         and w.device.type == "cpu"
         and w.numel() >= ONEDNN_MIN_WEIGHT
     )

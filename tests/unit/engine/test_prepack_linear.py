@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from engine.models.layers import ONEDNN_LINEAR, ONEDNN_MIN_WEIGHT, NativeKernels, linear, pack_linear_weight, packable
+from engine.models.layers import (
+    ONEDNN_LINEAR,
+    ONEDNN_MIN_WEIGHT,
+    PACKABLE_DTYPES,
+    NativeKernels,
+    linear,
+    pack_linear_weight,
+    packable,
+)
 from tests.prereq import require, require_native
 
 
@@ -63,7 +71,8 @@ def test_a_packed_weight_computes_the_plain_product_in_every_path() -> None:
     torch.manual_seed(0)
     w = torch.randn(1024, 512)
     b = torch.randn(1024)
-    assert packable(w) and not packable(w[:, :100]) and not packable(w.bfloat16())
+    assert packable(w) and not packable(w[:, :100]) and not packable(w.half())
+    assert packable(w.bfloat16()) == (torch.bfloat16 in PACKABLE_DTYPES)  # where oneDNN runs bf16 natively
     assert not packable(torch.randn(8, ONEDNN_MIN_WEIGHT // 8 - 1))
     p = pack_linear_weight(w)
     assert p.is_mkldnn and p.shape == w.shape and not p.requires_grad
@@ -84,6 +93,17 @@ def test_a_packed_weight_computes_the_plain_product_in_every_path() -> None:
             ref = torch.nn.functional.linear(x, w, b)
             torch.testing.assert_close(linear(x, p, b), ref, rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(kernels.linear(x, p, b), ref, rtol=1e-4, atol=1e-4)
+    if torch.bfloat16 in PACKABLE_DTYPES:  # a bf16 model's weights: the bf16 product, packed or not
+        wb, bb = w.bfloat16(), b.bfloat16()
+        pb = pack_linear_weight(wb)
+        assert pb.is_mkldnn and pb.dtype == torch.bfloat16
+        with torch.inference_mode():
+            for rows in (1, 7, 64):
+                x = torch.randn(rows, 512).bfloat16()
+                ref = torch.nn.functional.linear(x.float(), wb.float(), bb.float())
+                got = linear(x, pb, bb)
+                assert got.dtype == torch.bfloat16
+                torch.testing.assert_close(got.float(), ref, rtol=2**-7, atol=0.05)
 
     class Streams:  # counts the rows it streamed, and which threads each call chose
         rows: list[int] = []
