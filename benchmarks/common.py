@@ -5,6 +5,7 @@ Everything here is plain torch/stdlib so a benchmark can import it before heavy 
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -122,3 +123,36 @@ def interleaved_decode_steps(
     while eng.has_work():
         eng.step()
     return {"context": 128 + 30 + steps} | {f"{k}_step_ms": 1e3 * median(v) for k, v in times.items()}
+
+
+# A random-weight Llama of SmolLM2-135M's width whose heads split at TP=2 (SmolLM2's own 9 / 3
+# heads do not): the TP benchmarks' model, with ``num_hidden_layers`` and vocab set per script.
+TP_WIDTH = {
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 36,
+}
+
+
+def grouped_bars(ax: Any, labels: list[str], series: dict[str, list[float]]) -> None:
+    """One group of bars per label, one bar per series (legend: the series' names)."""
+    width = 0.8 / len(series)
+    for k, (name, values) in enumerate(series.items()):
+        offset = (k - (len(series) - 1) / 2) * width
+        ax.bar([i + offset for i in range(len(labels))], values, width, label=name)
+    ax.set_xticks(list(range(len(labels))), labels)
+    ax.legend(fontsize=8)
+
+
+def save_results(res: dict[str, Any], out: str | Path, name: str, plot: Callable[[Path], None], table: str) -> None:
+    """Write ``<out>/<name>.json`` (``res``) and ``<name>.png`` (``plot(path)``), then print
+    ``table`` and where the files went, with the load averages ``res`` recorded."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(res, indent=1))
+    plot(out / f"{name}.png")
+    print()
+    print(table)
+    print(f"\nwrote {out / name}.json and .png (load {res['load_before']:.1f} -> {res['load_after']:.1f})")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import sys
 import time
@@ -33,7 +32,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS_DIR, interleaved_decode_steps, machine_description, median  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS_DIR,
+    interleaved_decode_steps,
+    machine_description,
+    median,
+    save_results,
+)
 from engine import LLM, SamplingParams  # noqa: E402
 
 ROWS = [1, 8, 64]
@@ -175,13 +180,7 @@ def main() -> None:
     print("engine decode steps:", flush=True)
     res["engine"] = engine_steps(llm, args.steps)
     res["load_after"] = os.getloadavg()[0]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "greedy_head.json").write_text(json.dumps(res, indent=1))
-    plot(res, out / "greedy_head.png")
-    print()
-    print(markdown(res))
-    print(f"\nwrote {out / 'greedy_head.json'} and .png (load {res['load_before']:.1f} -> {res['load_after']:.1f})")
+    save_results(res, args.out, "greedy_head", lambda path: plot(res, path), markdown(res))
 
 
 if __name__ == "__main__":

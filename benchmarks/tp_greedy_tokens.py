@@ -30,20 +30,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS_DIR, machine_description, median  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS_DIR,
+    TP_WIDTH,
+    grouped_bars,
+    machine_description,
+    median,
+)
 from engine.llm import build_engine_config  # noqa: E402
 from engine.models.tiny import build_tiny_checkpoint  # noqa: E402
 from engine.request import Request, SamplingParams  # noqa: E402
 from engine.runtime.tensor_parallel import TPFollower, TPLeaderEngine, build_tp_cores  # noqa: E402
 
-WIDTH = {
-    "hidden_size": 576,
-    "intermediate_size": 1536,
-    "num_attention_heads": 16,
-    "num_key_value_heads": 8,
-    "head_dim": 36,
-    "vocab_size": 49152,
-}
+WIDTH = TP_WIDTH | {"vocab_size": 49152}
 VARIANTS = {"pairs": True, "logits": False}  # name -> greedy_head
 
 
@@ -103,14 +102,14 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    x = range(len(rows))
-    ax.bar([i - 0.2 for i in x], [r["logits_step_ms"] for r in rows], 0.4, label="logits all-gathered")
-    ax.bar([i + 0.2 for i in x], [r["pairs_step_ms"] for r in rows], 0.4, label="(max, id) pairs all-gathered")
-    ax.set_xticks(list(x), [str(r["batch"]) for r in rows])
+    series = {
+        "logits all-gathered": [r["logits_step_ms"] for r in rows],
+        "(max, id) pairs all-gathered": [r["pairs_step_ms"] for r in rows],
+    }
+    grouped_bars(ax, [str(r["batch"]) for r in rows], series)
     ax.set_xlabel("batch")
     ax.set_ylabel("TP=2 decode step (ms, lower is better)")
     ax.set_title("Greedy sampling at TP=2 (2-core CPU, gloo)", fontsize=9)
-    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

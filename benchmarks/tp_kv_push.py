@@ -25,7 +25,6 @@ one prefill chunk of up to 2048 tokens per step; TokenWeave at its default (from
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -37,22 +36,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS_DIR, machine_description, median  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS_DIR,
+    TP_WIDTH,
+    grouped_bars,
+    machine_description,
+    median,
+    save_results,
+)
 from engine.llm import build_engine_config  # noqa: E402
 from engine.models.tiny import build_tiny_checkpoint  # noqa: E402
 from engine.request import Request, SamplingParams  # noqa: E402
 from engine.runtime.tensor_parallel import TPFollower, TPLeaderEngine, build_tp_cores  # noqa: E402
 
 MODES = ("none", "after", "during")
-WIDTH = {
-    "hidden_size": 576,
-    "intermediate_size": 1536,
-    "num_attention_heads": 16,
-    "num_key_value_heads": 8,
-    "head_dim": 36,
-    "vocab_size": 4096,
-    "max_position_embeddings": 4096,
-}
+WIDTH = TP_WIDTH | {"vocab_size": 4096, "max_position_embeddings": 4096}
 
 
 def prefill(leader: TPLeaderEngine, mode: str, tokens: list[int], rid: str) -> float:
@@ -131,16 +129,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    x = range(len(rows))
-    for k, (m, label) in enumerate(
-        (("none", "no push"), ("after", "gather after the step"), ("during", "gather during the step"))
-    ):
-        ax.bar([i + (k - 1) * 0.27 for i in x], [r[f"{m}_ms"] for r in rows], 0.27, label=label)
-    ax.set_xticks(list(x), [str(r["tokens"]) for r in rows])
+    labels = {"none": "no push", "after": "gather after the step", "during": "gather during the step"}
+    grouped_bars(ax, [str(r["tokens"]) for r in rows], {v: [r[f"{m}_ms"] for r in rows] for m, v in labels.items()})
     ax.set_xlabel("prompt tokens")
     ax.set_ylabel("prefill (ms, lower is better)")
     ax.set_title("TP=2 prefill with the layer-wise KV push's gathers (2-core CPU, gloo)", fontsize=9)
-    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -155,13 +148,7 @@ def main() -> None:
     res: dict[str, Any] = {"machine": machine_description(), "load_before": os.getloadavg()[0]}
     res["rows"] = run(args.layers, [int(n) for n in args.lengths.split(",")], args.rounds)
     res["load_after"] = os.getloadavg()[0]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "tp_kv_push.json").write_text(json.dumps(res, indent=1))
-    plot(res["rows"], out / "tp_kv_push.png")
-    print()
-    print(markdown(res["rows"]))
-    print(f"\nwrote {out / 'tp_kv_push.json'} and .png (load {res['load_before']:.1f} -> {res['load_after']:.1f})")
+    save_results(res, args.out, "tp_kv_push", lambda path: plot(res["rows"], path), markdown(res["rows"]))
 
 
 if __name__ == "__main__":
