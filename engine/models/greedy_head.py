@@ -34,8 +34,9 @@ float32 rounding of the bound itself. If v* is the true argmax and m = Lt[u], th
 Built only for a float32 head on CPU whose bf16 GEMM oneDNN runs natively
 (``torch.ops.mkldnn._is_mkldnn_bf16_supported``); a non-finite screened maximum (NaN or inf
 logits), or more than ``MAX_CANDIDATES_PER_ROW`` candidates a row, makes the caller compute the
-full float32 logits instead (``tokens`` returns None). The candidate set may be a superset
-(the bf16 threshold is lowered before it is compared): that costs time, never correctness.
+full float32 logits instead (``tokens`` returns None). The kernel compares in float32 (bf16
+widens exactly), so the candidates are exactly the ones the bound keeps. (Not covered: products
+below 1e-38 that a bf16 dot product flushes to zero, at most H x 1e-38 per logit.)
 Memory: two bf16 copies of the head (plain for the streaming kernel, oneDNN-packed), one
 float32 head's worth in all. Lifecycle: built once by the ModelRunner after the weights are
 loaded (``GreedyHead.build``); read-only afterwards.
@@ -70,7 +71,7 @@ class GreedyHead:
         self.a = float((w.detach() - wbf).norm(dim=1).max())  # max_v |R_v|
         self.b = float(wbf.norm(dim=1).max())  # max_v |Wb_v|
         self.g = 2.0 * w.shape[1] * 2.0**-24
-        # candidates of the last ``tokens`` call, summed and counted (bench / tests read them)
+        # rows screened and candidates refined by ``tokens`` so far (benchmarks and tests read them)
         self.rows = 0
         self.candidates = 0
 
