@@ -84,6 +84,15 @@ def native_kernels_for(model: DecoderLM, device: torch.device, config: KernelCon
     return NativeKernels(module, config.stream_linear_max_rows)
 
 
+def head_kernels(device: torch.device, config: KernelConfig) -> NativeKernels | None:
+    """The native kernels for the greedy head of a model that does not run them itself (MoE,
+    q/k-norm layers): CPU, ``config.native`` not False and the kernels built; else None."""
+    if config.native is False or device.type != "cpu":
+        return None
+    module = native.load()
+    return None if module is None else NativeKernels(module, config.stream_linear_max_rows)
+
+
 class ModelRunner:
     def __init__(
         self, model: DecoderLM, block_size: int, device: str | torch.device, kernels: KernelConfig | None = None
@@ -93,14 +102,20 @@ class ModelRunner:
         self.device = torch.device(device)
         kernels = kernels or KernelConfig()
         model.set_native_kernels(native_kernels_for(model, self.device, kernels))
-        if kernels.prepack_linear and self.device.type == "cpu":
-            model.prepack_linears()  # the weights are loaded (and TP-sharded) by now
-        # plain-greedy steps take their tokens from a bf16-screened head (engine/models/greedy_head.py)
+        # plain-greedy steps take their tokens from a bf16-screened head (engine/models/greedy_head.py);
+        # built before prepack_linears, which may replace an untied head by its packed form (no
+        # native layers): the greedy head keeps the plain one for its float32 refinement
         self.greedy_head = (
-            GreedyHead.build(model.plain_head_weight(), model.native)
+            GreedyHead.build(
+                model.plain_head_weight(),
+                model.native or head_kernels(self.device, kernels),
+                restore_openmp=model.native is None,
+            )
             if kernels.greedy_head and model.parallel is None
             else None
         )
+        if kernels.prepack_linear and self.device.type == "cpu":
+            model.prepack_linears()  # the weights are loaded (and TP-sharded) by now
         # a TP rank's plain-greedy steps gather (max, id) pairs, not logits (same switch)
         self.greedy_tp = kernels.greedy_head and model.parallel is not None
 

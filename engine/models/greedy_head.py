@@ -32,7 +32,8 @@ float32 rounding of the bound itself. If v* is the true argmax and m = Lt[u], th
 ``Lt[v*] >= W_v*.x - B >= W_u.x - B >= Lt[u] - 2B``: v* is a candidate.
 
 Built only for a float32 head on CPU whose bf16 GEMM oneDNN runs natively
-(``torch.ops.mkldnn._is_mkldnn_bf16_supported``); a non-finite screened maximum (NaN or inf
+(``torch.ops.mkldnn._is_mkldnn_bf16_supported``), with the native kernels built; a model that
+runs no native layers (MoE, q/k norm) gets NativeKernels for its head alone (ModelRunner); a non-finite screened maximum (NaN or inf
 logits), or more than ``MAX_CANDIDATES_PER_ROW`` candidates a row, makes the caller compute the
 full float32 logits instead (``tokens`` returns None). The kernel compares in float32 (bf16
 widens exactly), so the candidates are exactly the ones the bound keeps. (Not covered: products
@@ -59,10 +60,14 @@ MAX_CANDIDATES_PER_ROW = 2048
 class GreedyHead:
     """Argmax of ``x @ W.T`` per row, screened in bf16 and refined in float32 (module docstring)."""
 
-    def __init__(self, w: torch.Tensor, native: NativeKernels):
-        """w: the plain float32 head [V, H] (kept by reference: the refinement reads it)."""
+    def __init__(self, w: torch.Tensor, native: NativeKernels, restore_openmp: bool = False):
+        """w: the plain float32 head [V, H] (kept by reference: the refinement reads it).
+        ``restore_openmp``: the model runs no native kernels of its own (MoE, q/k-norm layers),
+        so after a streamed screen the native kernels go back to torch's OpenMP threads, the
+        default its torch ops need (ChunkPool.set_openmp; NativeKernels.linear)."""
         self.w = w.detach().contiguous()
         self.native = native
+        self.restore_openmp = restore_openmp
         self._module = native.module
         wb = w.detach().to(torch.bfloat16).contiguous()
         self.w_bf16 = wb  # [V, H] plain: the streaming kernel's
@@ -76,7 +81,7 @@ class GreedyHead:
         self.candidates = 0
 
     @staticmethod
-    def build(w: torch.Tensor, native: NativeKernels | None) -> GreedyHead | None:
+    def build(w: torch.Tensor, native: NativeKernels | None, restore_openmp: bool = False) -> GreedyHead | None:
         """A GreedyHead for head ``w``, or None where it does not apply (module docstring)."""
         if (
             native is None  # the refinement is a native kernel
@@ -87,7 +92,7 @@ class GreedyHead:
             or not torch.ops.mkldnn._is_mkldnn_bf16_supported()
         ):
             return None
-        return GreedyHead(w, native)
+        return GreedyHead(w, native, restore_openmp)
 
     def _screen(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [N, H] fp32 -> (screened logits [N, V] (fp32 or bf16), bound B [N] fp32)."""
@@ -96,6 +101,8 @@ class GreedyHead:
         if x.shape[0] <= native.max_rows:
             native.module.set_openmp(False)  # the streaming kernel's pool (NativeKernels.linear)
             logits = native.module.stream_linear(x, self.w_bf16, None)  # fp32, x not rounded
+            if self.restore_openmp:
+                native.module.set_openmp(True)
             return logits, (self.a + self.g * self.b) * s
         native.module.set_openmp(True)
         xb = x.to(torch.bfloat16)

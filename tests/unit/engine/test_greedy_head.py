@@ -133,3 +133,19 @@ def test_engine_tokens_equal_the_full_head(native: NativeKernels, tiny_checkpoin
     lp = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=2)
     out = screened.generate(prompts[:1], lp)[0]
     assert head.rows == used and out.token_ids == want[0][:4] and len(out.logprobs) == 4
+
+
+def test_a_model_without_native_layers_gets_the_greedy_head_too(native: NativeKernels, tiny_checkpoint) -> None:
+    """MoE models run torch ops (no native layers), but their head is screened the same way;
+    a streamed screen hands torch's OpenMP threads back to the native kernels afterwards."""
+    ckpt = tiny_checkpoint("mixtral", vocab_size=2048, hidden_size=256, intermediate_size=256)
+    screened = LLM(ckpt, **ENGINE)
+    full = LLM(ckpt, greedy_head=False, **ENGINE)
+    assert screened.engine.model.native is None
+    head = screened.engine.runner.greedy_head
+    assert head is not None and head.restore_openmp
+    prompts = [[5, 9, 2, 7, 11, 3], list(range(20, 47))]
+    want = [o.token_ids for o in full.generate(prompts, GREEDY)]
+    assert [o.token_ids for o in screened.generate(prompts, GREEDY)] == want
+    assert head.rows > 0
+    assert native.module.uses_openmp()  # the default a torch-op model's kernels run with
