@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from engine.kv_cache.step_gather import StepKVPages
 from engine.llm import build_engine_config
 from engine.models.gguf import resolve_model_path
 from engine.runtime.tensor_parallel import TPFollower, TPLeaderEngine, TPWorker, build_tp_cores
@@ -41,9 +42,9 @@ class TPPrefillWorker(PrefillWorker):
 
     def __init__(self, engine: TPLeaderEngine, *args: Any, **kwargs: Any):
         super().__init__(engine, *args, **kwargs)  # type: ignore[arg-type]
-        # the step's gathered pages, by block ids: [L, n, 2, block_size, H_kv (all), D]; emptied
-        # at every step (a later step may change the pages)
-        self._gathered: dict[tuple[int, ...], torch.Tensor] = {}
+        # pages gathered after the step, by block ids (every layer, whole heads); emptied at
+        # every step (a later step may change the pages)
+        self._gathered: dict[tuple[int, ...], StepKVPages] = {}
 
     def _step(self) -> None:
         self._gathered.clear()
@@ -53,14 +54,17 @@ class TPPrefillWorker(PrefillWorker):
             self._gathered.clear()
 
     def _whole_pages(self, layer: int, blocks: list[int]) -> torch.Tensor:
-        step = self.engine.step_pages  # gathered during the step (layer-wise mode)
+        """[n, 2, block_size, H_kv, D]: gathered during the step (layer-wise mode), else after it."""
+        step = self.engine.step_pages
         if step is not None and (pages := step.pages(layer, blocks)) is not None:
-            return pages  # [n, 2, block_size, H_kv, D], a new tensor
+            return pages
         key = tuple(blocks)
-        pages = self._gathered.get(key)
-        if pages is None:
-            pages = self._gathered[key] = self.engine.gather_kv(blocks)
-        return pages[layer]  # [n, 2, block_size, H_kv, D], a view of the step's gathered copy
+        gathered = self._gathered.get(key)
+        if gathered is None:
+            gathered = self._gathered[key] = self.engine.gather_kv(blocks)
+        pages = gathered.pages(layer, blocks)
+        assert pages is not None  # every block of ``blocks`` was gathered
+        return pages
 
     def _send_fixed(self, o: _Outgoing, rid: str, layer: int, first: int, blocks: list[int]) -> None:
         self._send_copy(o, rid, layer, first, blocks)

@@ -66,8 +66,7 @@ import torch
 from engine.config import EngineConfig
 from engine.engine import EngineCore, StepResult
 from engine.kv_cache.layout import KVLayout
-from engine.kv_cache.reshard import gather_heads
-from engine.kv_cache.step_gather import StepKVPages
+from engine.kv_cache.step_gather import StepKVGather, StepKVPages
 from engine.parallel import CommunicationError
 from engine.request import Request
 from engine.runtime.groups import GroupSpec, free_port, join_communicator
@@ -144,19 +143,14 @@ class Stop:
 EngineCall = AddRequest | Abort | Reserve | Admit | Release | Pin | Unpin | Step | WriteKV | GatherKV | Stop
 
 
-def gather_kv(engine: EngineCore, block_ids: list[int]) -> torch.Tensor:
+def gather_kv(engine: EngineCore, block_ids: list[int]) -> StepKVPages:
     """Every rank's heads of blocks ``block_ids``, every layer, gathered over the engine's TP
-    group (a collective: every rank calls it, same blocks, same order). Returns the whole
-    pages ``[L, n, 2, block_size, H_kv, D]`` (heads in model order), a new tensor."""
+    group in one all-gather (a collective: every rank calls it, same blocks, same order): the
+    pages a step's in-step gather would have, read the same way (``StepKVPages.pages``)."""
     comm = engine.tensor_parallel
     if comm is None:
         raise ValueError("gather_kv needs a tensor-parallel engine")
-    lay = engine.layout
-    mine = engine.cache.kv[:, list(block_ids)].unsqueeze(0)  # [1, L, n, 2, bs, h, D], a copy
-    got = comm.all_gather(mine.contiguous())  # [W, L, n, 2, bs, h, D]: rank r's heads at row r
-    whole = lay.whole()
-    layouts = [whole.tp_shard(r, comm.world_size) for r in range(comm.world_size)]
-    return gather_heads(list(got.unbind(0)), layouts, whole)
+    return StepKVGather(engine.cache, comm, tuple(block_ids)).finish()
 
 
 def apply_call(engine: EngineCore, call: EngineCall) -> None:
@@ -350,9 +344,9 @@ class TPLeaderEngine:
                 layer_hook(layer, result.schedule)
         return result
 
-    def gather_kv(self, block_ids: list[int]) -> torch.Tensor:
-        """Whole pages of ``block_ids``, every layer: ``[L, n, 2, block_size, H_kv, D]`` (a
-        collective: the followers are sent GatherKV first, like a step)."""
+    def gather_kv(self, block_ids: list[int]) -> StepKVPages:
+        """Whole pages of ``block_ids``, every layer (``gather_kv``; a collective: the followers
+        are sent GatherKV first, like a step)."""
         self._check_followers()
         self._send(lambda: GatherKV(tuple(block_ids)))
         try:

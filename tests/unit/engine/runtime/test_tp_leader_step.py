@@ -98,7 +98,9 @@ def test_a_hooked_step_gathers_each_layer_during_the_step(which: str, request, m
     assert len(gathers) == (layers if which == "leader" else 0), events
     for layer, at in enumerate(gathers[:-1]):  # overlapped with every later layer's reductions
         assert events[at + 1 :].count("reduce") >= 2 * (layers - 1 - layer), events
-    reference = leader.gather_kv(blocks)  # [L, n, 2, bs, H, D], gathered after the step
+    after = leader.gather_kv(blocks)  # one all-gather after the step: [W, n, 2, bs, h, D] per layer
+    # whole pages by hand: rank r holds the r-th contiguous slice of the KV heads
+    reference = torch.stack([torch.cat(list(after.per_layer[layer].unbind(0)), dim=-2) for layer in range(layers)])
     assert reference.abs().sum() > 0
     for layer in range(layers):
         assert torch.equal(pages.pages(layer, blocks), reference[layer])
