@@ -132,23 +132,24 @@ class ModelRunner:
             return {}, {}
         params = [s.params for s in sampling]
         greedy = plain_greedy(params)
+        rows = hidden[inputs.sample_rows]  # [N, hidden]: the sampled rows
         tokens = None
         if greedy and self.greedy_head is not None:
-            tokens = self.greedy_head.tokens(hidden[inputs.sample_rows])  # None: take the full logits
+            tokens = self.greedy_head.tokens(rows)  # None: take the full logits
         elif greedy and self.greedy_tp:  # every rank alike: params and config are the same
-            tokens = self.model.parallel_greedy_tokens(hidden[inputs.sample_rows])
+            tokens = self.model.parallel_greedy_tokens(rows)
         if tokens is not None:
             lps: list[TokenLogprobs | None] = [None] * len(params)
-        elif greedy and self.model.native is not None:
-            logits = self.model.compute_logits(hidden[inputs.sample_rows])
-            # the native argmax (torch.argmax's tie rule) runs without an OpenMP region, whose
-            # spinning worker thread slows the rest of a small step on a busy machine
-            tokens, lps = self.model.native.argmax(logits).tolist(), [None] * len(params)
         else:
-            logits = self.model.compute_logits(hidden[inputs.sample_rows])
-            tp = self.model.parallel  # TP: unseeded draws are rank 0's on every rank
-            agree = None if tp is None else tp.agree_tokens
-            tokens, lps = sample(logits, params, [s.num_output_tokens for s in sampling], agree)
+            logits = self.model.compute_logits(rows)
+            if greedy and self.model.native is not None:
+                # the native argmax (torch.argmax's tie rule) runs without an OpenMP region, whose
+                # spinning worker thread slows the rest of a small step on a busy machine
+                tokens, lps = self.model.native.argmax(logits).tolist(), [None] * len(params)
+            else:
+                tp = self.model.parallel  # TP: unseeded draws are rank 0's on every rank
+                agree = None if tp is None else tp.agree_tokens
+                tokens, lps = sample(logits, params, [s.num_output_tokens for s in sampling], agree)
         sampled = {s.request_id: [t] for s, t in zip(sampling, tokens, strict=True)}
         logprobs = {s.request_id: lp for s, lp in zip(sampling, lps, strict=True) if lp is not None}
         return sampled, logprobs
