@@ -90,6 +90,12 @@ def memory_bandwidth_gbps(mib: int = 1024, reps: int = 5) -> dict[str, float]:
     return {"read": n * 4 / read_s / 1e9, "copy": 2 * half * 4 / copy_s / 1e9}
 
 
+def random_prompts(count: int, seed: int, length: int = 128, vocab: int = 49152) -> list[list[int]]:
+    """``count`` prompts of ``length`` random token ids in [3, vocab), from one seeded generator."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (length,), generator=gen).tolist() for _ in range(count)]
+
+
 def interleaved_decode_steps(
     llm: Any, batch: int, steps: int, variants: dict[str, Callable[[], None]]
 ) -> dict[str, Any]:
@@ -100,14 +106,9 @@ def interleaved_decode_steps(
     from engine.request import Request
 
     eng = llm.engine
-    gen = torch.Generator().manual_seed(11)
     reqs = [
-        Request(
-            f"b{batch}-{i}",
-            torch.randint(3, 49152, (128,), generator=gen).tolist(),
-            SamplingParams(max_tokens=30 + 2 * steps, temperature=0, ignore_eos=True),
-        )
-        for i in range(batch)
+        Request(f"b{batch}-{i}", p, SamplingParams(max_tokens=30 + 2 * steps, temperature=0, ignore_eos=True))
+        for i, p in enumerate(random_prompts(batch, seed=11))
     ]
     for r in reqs:
         eng.add_request(r)

@@ -22,11 +22,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import torch
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.common import random_prompts  # noqa: E402
 from engine import native  # noqa: E402
 from engine.models import layers  # noqa: E402
 
@@ -83,14 +82,9 @@ def main() -> None:
         skip_tokenizer_init=True,
     )
     eng = llm.engine
-    gen = torch.Generator().manual_seed(11)
     reqs = [
-        Request(
-            f"r{i}",
-            torch.randint(3, 49152, (128,), generator=gen).tolist(),
-            SamplingParams(max_tokens=40 + args.steps, temperature=0, ignore_eos=True),
-        )
-        for i in range(args.batch)
+        Request(f"r{i}", p, SamplingParams(max_tokens=40 + args.steps, temperature=0, ignore_eos=True))
+        for i, p in enumerate(random_prompts(args.batch, seed=11))
     ]
     for r in reqs:
         eng.add_request(r)

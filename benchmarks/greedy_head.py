@@ -37,6 +37,7 @@ from benchmarks.common import (  # noqa: E402
     interleaved_decode_steps,
     machine_description,
     median,
+    random_prompts,
     save_results,
 )
 from engine import LLM, SamplingParams  # noqa: E402
@@ -60,8 +61,7 @@ def hidden_rows(llm: LLM) -> torch.Tensor:
     head = runner.greedy_head
     real = head.tokens
     head.tokens = lambda x: (seen.append(x.clone()), real(x))[1]  # type: ignore[method-assign]
-    gen = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(3, 49152, (128,), generator=gen).tolist() for _ in range(64)]
+    prompts = random_prompts(64, seed=5)
     try:
         llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
     finally:

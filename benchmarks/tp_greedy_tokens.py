@@ -18,15 +18,12 @@ layers, fp32).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -36,6 +33,8 @@ from benchmarks.common import (  # noqa: E402
     grouped_bars,
     machine_description,
     median,
+    random_prompts,
+    save_results,
 )
 from engine.llm import build_engine_config  # noqa: E402
 from engine.models.tiny import build_tiny_checkpoint  # noqa: E402
@@ -57,8 +56,7 @@ def engines(ckpt: str) -> dict[str, tuple[TPLeaderEngine, TPFollower]]:
 
 
 def steps(pair: dict[str, tuple[TPLeaderEngine, TPFollower]], batch: int, n: int) -> dict[str, Any]:
-    gen = torch.Generator().manual_seed(batch)
-    prompts = [torch.randint(3, 49152, (128,), generator=gen).tolist() for _ in range(batch)]
+    prompts = random_prompts(batch, seed=batch)
     reqs: dict[str, list[Request]] = {}
     for name, (leader, _) in pair.items():
         reqs[name] = [
@@ -138,15 +136,7 @@ def main() -> None:
         for _, follower in pair.values():
             follower.stop(10.0)
     res["load_after"] = os.getloadavg()[0]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "tp_greedy_tokens.json").write_text(json.dumps(res, indent=1))
-    plot(res["rows"], out / "tp_greedy_tokens.png")
-    print()
-    print(markdown(res["rows"]))
-    print(
-        f"\nwrote {out / 'tp_greedy_tokens.json'} and .png (load {res['load_before']:.1f} -> {res['load_after']:.1f})"
-    )
+    save_results(res, args.out, "tp_greedy_tokens", lambda path: plot(res["rows"], path), markdown(res["rows"]))
 
 
 if __name__ == "__main__":
