@@ -33,6 +33,7 @@
 #include <immintrin.h>
 #endif
 
+#include "bf16_simd.h"
 #include "chunk_pool.h"
 #include "exp_approx.h"
 #include "kernels.h"
@@ -79,6 +80,9 @@ inline void norm_row(const scalar_t* x, const scalar_t* w, scalar_t* out, int64_
 
 #if defined(__AVX512F__)
 using splitserve::exp_nonpos16;  // exp_approx.h
+using splitserve::load_bf16x16;  // bf16_simd.h
+using splitserve::narrow_bf16x16;
+using splitserve::widen_bf16x16;
 
 // silu(g) * u for fp32 rows, 16 lanes at a time (the tail through the scalar loop below).
 inline int64_t silu_mul_avx512(const float* g, const float* u, float* y, int64_t n) {
@@ -96,21 +100,6 @@ inline int64_t silu_mul_avx512(const float* g, const float* u, float* y, int64_t
   return i;
 }
 
-// bf16 <-> fp32 on 16 lanes. Widening is exact (a shift); narrowing rounds to nearest even
-// and maps NaN to 0x7FC0: c10::BFloat16's conversion, bit for bit.
-inline __m512 widen_bf16x16(const at::BFloat16* p) {
-  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-}
-
-inline __m256i narrow_bf16x16(__m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0)));
-}
-
 // The bf16 rows' silu(g) * u, 16 lanes at a time: the scalar loop's operations and roundings
 // (silu rounded to bf16, then times u, rounded again), vectorised.
 inline int64_t silu_mul_avx512(const at::BFloat16* g, const at::BFloat16* u, at::BFloat16* y, int64_t n) {
@@ -118,14 +107,13 @@ inline int64_t silu_mul_avx512(const at::BFloat16* g, const at::BFloat16* u, at:
   const __m512 sign = _mm512_set1_ps(-0.0f);
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    const __m512 x = widen_bf16x16(g + i);
+    const __m512 x = load_bf16x16(g + i);
     const __m512 e = exp_nonpos16(_mm512_or_ps(x, sign));  // exp(-|x|)
     const __m512 inv = _mm512_div_ps(one, _mm512_add_ps(one, e));
     const __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
     const __m512 sig = _mm512_mask_mul_ps(inv, neg, e, inv);  // x < 0: e / (1 + e)
     const __m256i act = narrow_bf16x16(_mm512_mul_ps(x, sig));
-    const __m512 act32 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(act), 16));
-    const __m256i out = narrow_bf16x16(_mm512_mul_ps(act32, widen_bf16x16(u + i)));
+    const __m256i out = narrow_bf16x16(_mm512_mul_ps(widen_bf16x16(act), load_bf16x16(u + i)));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i), out);
   }
   return i;

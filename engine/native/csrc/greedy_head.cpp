@@ -26,17 +26,11 @@
 #include <immintrin.h>
 #endif
 
+#include "bf16_simd.h"
 #include "chunk_pool.h"
 #include "kernels.h"
 
 namespace {
-
-inline float bf16_to_float(uint16_t b) {
-  const uint32_t bits = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
 
 // Element i of a row of fp32 (T = float) or bf16 (T = uint16_t) screened logits.
 template <typename T>
@@ -44,7 +38,7 @@ inline float at(const T* row, int64_t i) {
   if constexpr (std::is_same_v<T, float>) {
     return row[i];
   } else {
-    return bf16_to_float(row[i]);
+    return splitserve::bf16_bits_to_float(row[i]);
   }
 }
 
@@ -54,8 +48,7 @@ inline __m512 load16(const T* p) {
   if constexpr (std::is_same_v<T, float>) {
     return _mm512_loadu_ps(p);
   } else {
-    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+    return splitserve::load_bf16x16(p);
   }
 }
 #endif

@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "bf16_simd.h"
 #include "chunk_pool.h"
 #include "kernels.h"
 
@@ -43,14 +44,10 @@ constexpr int64_t kChunkBlocks = 16;  // blocks a thread claims at a time (64 we
 #ifdef SPLITSERVE_AVX512
 
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const at::BFloat16* p) {
-  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
+inline __m512 load16(const at::BFloat16* p) { return splitserve::load_bf16x16(p); }
 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 inline __m512 load16(const at::BFloat16* p, __mmask16 m) {
-  const __m256i v = _mm256_maskz_loadu_epi16(m, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+  return splitserve::widen_bf16x16(_mm256_maskz_loadu_epi16(m, p));
 }
 
 // [sum(a0), sum(a1), sum(a2), sum(a3)] in one fixed tree (the same for every lane position).
