@@ -227,10 +227,12 @@ class KernelConfig:
     # otherwise); False: torch ops only.
     native: bool | None = None
     # Linears with at most this many rows (tokens of the step) stream their weight once through
-    # the native kernel; larger ones use oneDNN / MKL (0: never). 4: measured in the engine's
-    # decode step on the 2-core dev machine, streaming wins at 1-4 rows and packed oneDNN
-    # (prepack_linear) from 8 (12.9 vs 14.2 ms at 1 row; 24.9 vs 26.6 ms at 8).
-    stream_linear_max_rows: int = 4
+    # the native kernel; larger ones use oneDNN / MKL (0: never). None: by the vector paths the
+    # kernels were built with (STREAM_ROWS_BY_ISA), each measured in the engine's decode step on
+    # a 2-core EPYC: AVX-512 (Zen 4) 4, streaming wins at 1-4 rows and packed oneDNN
+    # (prepack_linear) from 8 (12.9 vs 14.2 ms at 1 row; 24.9 vs 26.6 ms at 8); AVX2 (Zen 3) 16,
+    # streaming 0.91x the step at 8 rows, 0.97x at 12, a tie at 16 (BENCHMARKS.md).
+    stream_linear_max_rows: int | None = None
     # Reorder float32 linear weights, and bfloat16 ones where oneDNN runs bf16 natively
     # (layers.PACKABLE_DTYPES; bf16 SmolLM2's batch-8 step 0.78x the time: benchmarks/
     # decode_step_profile.py --dtype bfloat16), (attention, dense MLP, head; at least ONEDNN_MIN_WEIGHT
@@ -254,7 +256,7 @@ class KernelConfig:
     greedy_head: bool = True
 
     def __post_init__(self) -> None:
-        if self.stream_linear_max_rows < 0:
+        if self.stream_linear_max_rows is not None and self.stream_linear_max_rows < 0:
             raise ValueError(f"stream_linear_max_rows must be >= 0, got {self.stream_linear_max_rows}")
 
 

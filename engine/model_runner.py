@@ -15,7 +15,7 @@ from engine import native
 from engine.attention.backend import AttentionMetadata
 from engine.config import KernelConfig
 from engine.models.greedy_head import GreedyHead
-from engine.models.layers import NativeKernels
+from engine.models.layers import NativeKernels, stream_rows
 from engine.models.llama import DecoderLM, LayerHook
 from engine.request import TokenLogprobs
 from engine.sampler import plain_greedy, sample
@@ -81,7 +81,7 @@ def native_kernels_for(model: DecoderLM, device: torch.device, config: KernelCon
                 f"KernelConfig.native=True but {why or 'the native kernels failed to build (see the log)'}"
             )
         return None
-    return NativeKernels(module, config.stream_linear_max_rows)
+    return NativeKernels(module, stream_rows(module, config.stream_linear_max_rows))
 
 
 def head_kernels(device: torch.device, config: KernelConfig) -> NativeKernels | None:
@@ -90,7 +90,7 @@ def head_kernels(device: torch.device, config: KernelConfig) -> NativeKernels | 
     if config.native is False or device.type != "cpu":
         return None
     module = native.load()
-    return None if module is None else NativeKernels(module, config.stream_linear_max_rows)
+    return None if module is None else NativeKernels(module, stream_rows(module, config.stream_linear_max_rows))
 
 
 class ModelRunner:

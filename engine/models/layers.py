@@ -84,6 +84,17 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     return F.linear(x, w, b)
 
 
+# KernelConfig.stream_linear_max_rows when left None, by the native build's vector paths
+# (``simd_isa()``): the row count up to which streaming beat packed oneDNN in the engine's
+# decode step (engine/config.py has the measurements; "portable" has no measurement of its own).
+STREAM_ROWS_BY_ISA = {"avx512": 4, "avx2": 16, "portable": 4}
+
+
+def stream_rows(module: ModuleType, configured: int | None) -> int:
+    """The streaming cut for these kernels: ``configured``, or the ISA's default when None."""
+    return STREAM_ROWS_BY_ISA.get(module.simd_isa(), 4) if configured is None else configured
+
+
 @dataclass(frozen=True)
 class NativeKernels:
     """The compiled CPU kernels of engine/native (``csrc/linear.cpp``, ``csrc/fused_ops.cpp``)
@@ -93,9 +104,10 @@ class NativeKernels:
     most this many rows (decode batches), and goes through ``linear`` (oneDNN / MKL) above it; 0
     never streams. Above it a weight with a packed copy in ``packed`` (keyed by the plain
     weight's ``id``; DecoderLM.prepack_linears) runs oneDNN on the copy; a packed weight
-    (``pack_linear_weight``) always goes through oneDNN. The cut is a fixed number, not a per-call measurement, so the kernel a step uses
-    (hence its rounding) depends only on the step's shape, never on timing noise: see
-    ``benchmarks/linear_kernels.py`` for the measurements behind the default (EngineConfig).
+    (``pack_linear_weight``) always goes through oneDNN. The cut is a fixed number per build
+    (``stream_rows``), not a per-call measurement, so the kernel a step uses (hence its
+    rounding) depends only on the step's shape and the machine, never on timing noise: see
+    ``benchmarks/linear_kernels.py`` for the measurements behind the defaults (KernelConfig).
     """
 
     module: ModuleType

@@ -78,6 +78,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "run the next kernels' parallel chunks on torch's OpenMP threads (True) or the kernels' own pool (False)",
         py::arg("on"));
   m.def("uses_openmp", &splitserve::ChunkPool::uses_openmp, "what set_openmp last set");
+  m.def(
+      "simd_isa",
+      []() -> std::string {
+#if defined(__AVX512F__)
+        return "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+        return "avx2";
+#else
+        return "portable";
+#endif
+      },
+      "which vector paths this build compiled (-march=native): avx512, avx2 or portable");
   m.def("write_kv", &write_kv, "store the step's K/V rows at their cache slots", py::arg("k_cache"),
         py::arg("v_cache"), py::arg("slots"), py::arg("k"), py::arg("v"), nogil);
 }

@@ -15,8 +15,9 @@
 // fp32; bfloat16 weights are widened exactly (bf16 -> fp32 is a shift).
 //
 // Blocks are claimed in chunks of kChunkBlocks by the caller and ChunkPool's helpers (torch's
-// thread count; no barrier that a descheduled thread could stall, see chunk_pool.h). Without AVX-512 the same
-// tiling runs as plain loops (GCC vectorises them at -O3); the accumulation order then differs.
+// thread count; no barrier that a descheduled thread could stall, see chunk_pool.h). Three builds
+// of the tile, picked at compile time (-march=native): AVX-512 (16 lanes), AVX2 + FMA (8 lanes,
+// rows in pairs), and plain loops elsewhere; the accumulation order differs between them.
 
 #include <torch/extension.h>
 
@@ -33,6 +34,9 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #define SPLITSERVE_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define SPLITSERVE_AVX2 1
 #endif
 
 namespace {
@@ -93,6 +97,68 @@ inline void tile(const float* x, int64_t K, const wt* const* w, float* out, cons
     }
   }
   for (int i = 0; i < ROWS; ++i) _mm_storeu_ps(out + i * NB, reduce4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]));
+}
+
+#elif defined(SPLITSERVE_AVX2)
+// AVX2 + FMA (e.g. AMD Zen 2/3, Intel Haswell..Alder Lake): 8 partial sums per (m, n), one
+// __m256 each. 16 ymm registers hold 2 rows x NB accumulators + NB weight vectors + x, so a
+// tile of more rows runs as pairs of rows (the weights come from L1 the second time). A row's
+// operations do not depend on the pairing, so the determinism above holds.
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::BFloat16* p) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));  // exact widening
+}
+
+// [sum(a0), sum(a1), sum(a2), sum(a3)] in one fixed tree.
+inline __m128 reduce4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// Rows [0, ROWS) (ROWS <= 2) of the tile; pf as in the AVX-512 tile (1 or 2 lines per k step).
+template <int ROWS, typename wt>
+inline void pair(const float* x, int64_t K, const wt* const* w, float* out, const char* pf) {
+  constexpr int64_t kLines = NB * static_cast<int64_t>(sizeof(wt)) / 8;  // cache lines per 8-wide k step
+  __m256 acc[ROWS][NB];
+  for (int i = 0; i < ROWS; ++i)
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    if (pf != nullptr) {
+      for (int64_t l = 0; l < kLines; ++l) _mm_prefetch(pf + ((k >> 3) * kLines + l) * 64, _MM_HINT_T0);
+    }
+    __m256 wv[NB];
+    for (int j = 0; j < NB; ++j) wv[j] = load8(w[j] + k);
+    for (int i = 0; i < ROWS; ++i) {
+      const __m256 xv = _mm256_loadu_ps(x + i * K + k);
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
+    }
+  }
+  if (k < K) {  // the last K % 8 elements, zero-padded (adds exact zeros)
+    alignas(32) float xt[ROWS][8] = {}, wtail[NB][8] = {};
+    for (int64_t l = 0; l < K - k; ++l) {
+      for (int i = 0; i < ROWS; ++i) xt[i][l] = x[i * K + k + l];
+      for (int j = 0; j < NB; ++j) wtail[j][l] = static_cast<float>(w[j][k + l]);
+    }
+    for (int i = 0; i < ROWS; ++i) {
+      const __m256 xv = _mm256_load_ps(xt[i]);
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_fmadd_ps(xv, _mm256_load_ps(wtail[j]), acc[i][j]);
+    }
+  }
+  for (int i = 0; i < ROWS; ++i) _mm_storeu_ps(out + i * NB, reduce4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]));
+}
+
+template <int ROWS, typename wt>
+inline void tile(const float* x, int64_t K, const wt* const* w, float* out, const char* pf) {
+  if constexpr (ROWS == 1) {
+    pair<1>(x, K, w, out, pf);
+  } else {
+    pair<2>(x, K, w, out, pf);
+    if constexpr (ROWS == 3) pair<1>(x + 2 * K, K, w, out + 2 * NB, nullptr);
+    if constexpr (ROWS == 4) pair<2>(x + 2 * K, K, w, out + 2 * NB, nullptr);
+  }
 }
 
 #else  // portable fallback: the same tiling, 16 partial sums per (m, n) as plain loops

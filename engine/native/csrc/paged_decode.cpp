@@ -262,98 +262,284 @@ void paged_decode_impl(const at::Tensor& q, const at::Tensor& k_cache, const at:
 }
 
 
-#if defined(__AVX512F__)
-// ---------------------------------------------------------------- AVX-512 path (head_dim 64 / 128)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+// ---------------------------------------------------------------- SIMD paths (head_dim 64 / 128)
 // Same contract and task split as paged_decode_impl; per task, keys are walked in chunks of
-// kChunk16 tokens (one online-softmax step each), and within a chunk in blocks of 16:
-//  - scores: for one query head, 16 per-key fp32 partial-sum vectors (DV = D / 16 FMAs each)
-//    are summed by a transpose-reduce (sum16) into one vector of 16 scores: ~3 ops per key
-//    instead of a horizontal reduction per key and head;
-//  - P @ V: the accumulators of up to 16 / DV query heads stay in registers over the chunk,
-//    each V row is loaded once per head group and applied with one broadcast per head.
+// kChunkV tokens (one online-softmax step each), and within a chunk in blocks of L keys (the
+// vector width: 16 on AVX-512, 8 on AVX2):
+//  - scores: for one query head, L per-key fp32 partial-sum vectors (D / L FMAs each) are
+//    summed by a transpose-reduce into one vector of L scores: ~3 ops per key instead of a
+//    horizontal reduction per key and head;
+//  - P @ V: the accumulators of the heads (AVX-512: up to 16 / DV query heads; AVX2: one head,
+//    64 columns at a time) stay in registers over the chunk; each V row is applied with one
+//    broadcast per head.
 // Keys past the sequence's end in a block read a zero row and get probability 0 (masked).
 // What a head computes does not depend on the other heads of its task, so the result is the
-// same for any thread count (test_cpu_paged_decode).
+// same for any thread count (test_cpu_paged_decode). The task loop, split-K and the merge
+// (simd_decode below) are shared; an ISA struct (Avx512, Avx2) supplies the chunk step.
 
-constexpr int64_t kChunk16 = 64;  // keys per online-softmax step (multiple of 16)
-constexpr int64_t kSegment = 512;  // split-K cut: keys per piece of a long sequence (multiple of kChunk16)
+constexpr int64_t kChunkV = 64;    // keys per online-softmax step (multiple of 16)
+constexpr int64_t kSegment = 512;  // split-K cut: keys per piece of a long sequence (multiple of kChunkV)
 
-inline __m512 load_row(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load_row(const at::BFloat16* p) {
-  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
-inline __m512 load_row(const at::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
+// What one chunk step reads and updates, for the HS kv heads of a task (rows: kv head hk0's).
+template <typename scalar_t>
+struct ChunkState {
+  int64_t HS, G, n;                  // kv heads, query heads per kv head, keys in this chunk
+  int64_t skh, svh;                  // element stride between kv heads within a K / V row
+  const scalar_t* const* krows;      // [n] K rows, kv head hk0
+  const scalar_t* const* vrows;      // [n] V rows, kv head hk0
+  const scalar_t** vh;               // [kChunkV] scratch: V rows of one kv head
+  const float* qf;                   // [HS * G, D] pre-scaled queries
+  float *probs, *m, *l, *acc;        // [QH, kChunkV], [QH], [QH], [QH, D]
+};
 
-// out[u] = sum of the 16 lanes of v[slot(u)], slot(u) = (u % 4) * 4 + u / 4 (the caller stores
-// key u's partial sums there, so no final permute is needed): four levels of shuffle + add.
-inline __m512 sum16(const __m512* v) {
-  __m512 t[8], u[4];
-  for (int i = 0; i < 8; ++i) {  // 128-bit lanes: [a0+a2, a1+a3, b0+b2, b1+b3]
-    t[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
-                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+#if defined(__AVX512F__)
+struct Avx512 {
+  static constexpr int L = 16;
+
+  static __m512 load_row(const float* p) { return _mm512_loadu_ps(p); }
+  static __m512 load_row(const at::BFloat16* p) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
   }
-  for (int i = 0; i < 4; ++i) {  // lane k: 4 partials of v[4 i + k]
-    u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0x88),
-                         _mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0xDD));
+  static __m512 load_row(const at::Half* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
-  const __m512 w0 = _mm512_add_ps(_mm512_shuffle_ps(u[0], u[1], 0x44), _mm512_shuffle_ps(u[0], u[1], 0xEE));
-  const __m512 w1 = _mm512_add_ps(_mm512_shuffle_ps(u[2], u[3], 0x44), _mm512_shuffle_ps(u[2], u[3], 0xEE));
-  // lane k: [v[k], v[4 + k], v[8 + k], v[12 + k]] summed = out[4k .. 4k + 3] given the slot order
-  return _mm512_add_ps(_mm512_shuffle_ps(w0, w1, 0x88), _mm512_shuffle_ps(w0, w1, 0xDD));
-}
 
-using splitserve::exp_nonpos16;  // exp_approx.h
-
-// scores[j] = q . k_j for the 16 keys of a block (rows[j] of DV vectors; q: DV vectors).
-template <typename scalar_t, int DV>
-inline __m512 block_scores(const __m512* q, const scalar_t* const* rows) {
-  __m512 part[16];
-  for (int u = 0; u < 16; ++u) {
-    const scalar_t* k = rows[u];
-    __m512 a = _mm512_mul_ps(q[0], load_row(k));
-    for (int c = 1; c < DV; ++c) a = _mm512_fmadd_ps(q[c], load_row(k + 16 * c), a);
-    part[(u % 4) * 4 + u / 4] = a;
+  // out[u] = sum of the 16 lanes of v[slot(u)], slot(u) = (u % 4) * 4 + u / 4 (the caller stores
+  // key u's partial sums there, so no final permute is needed): four levels of shuffle + add.
+  static __m512 sum16(const __m512* v) {
+    __m512 t[8], u[4];
+    for (int i = 0; i < 8; ++i) {  // 128-bit lanes: [a0+a2, a1+a3, b0+b2, b1+b3]
+      t[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                           _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+    }
+    for (int i = 0; i < 4; ++i) {  // lane k: 4 partials of v[4 i + k]
+      u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0x88),
+                           _mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0xDD));
+    }
+    const __m512 w0 = _mm512_add_ps(_mm512_shuffle_ps(u[0], u[1], 0x44), _mm512_shuffle_ps(u[0], u[1], 0xEE));
+    const __m512 w1 = _mm512_add_ps(_mm512_shuffle_ps(u[2], u[3], 0x44), _mm512_shuffle_ps(u[2], u[3], 0xEE));
+    // lane k: [v[k], v[4 + k], v[8 + k], v[12 + k]] summed = out[4k .. 4k + 3] given the slot order
+    return _mm512_add_ps(_mm512_shuffle_ps(w0, w1, 0x88), _mm512_shuffle_ps(w0, w1, 0xDD));
   }
-  return sum16(part);
-}
 
-// acc[g] += sum_j p[g][j] v_j over the n keys of a chunk, for NG query heads (acc: NG x DV
-// vectors at acc + g * 16 * DV, p: rows of kChunk16 probabilities at p + g * kChunk16).
-template <typename scalar_t, int DV, int NG>
-inline void block_pv(float* acc, const float* p, const scalar_t* const* vrows, int64_t n) {
-  __m512 a[NG][DV];
-  for (int g = 0; g < NG; ++g)
-    for (int c = 0; c < DV; ++c) a[g][c] = _mm512_loadu_ps(acc + (g * DV + c) * 16);
-  for (int64_t j = 0; j < n; ++j) {
-    __m512 v[DV];
-    for (int c = 0; c < DV; ++c) v[c] = load_row(vrows[j] + 16 * c);
-    for (int g = 0; g < NG; ++g) {
-      const __m512 pj = _mm512_set1_ps(p[g * kChunk16 + j]);
-      for (int c = 0; c < DV; ++c) a[g][c] = _mm512_fmadd_ps(pj, v[c], a[g][c]);
+  // scores[j] = q . k_j for the 16 keys of a block (rows[j] of DV vectors; q: DV vectors).
+  template <typename scalar_t, int DV>
+  static __m512 block_scores(const __m512* q, const scalar_t* const* rows) {
+    __m512 part[16];
+    for (int u = 0; u < 16; ++u) {
+      const scalar_t* k = rows[u];
+      __m512 a = _mm512_mul_ps(q[0], load_row(k));
+      for (int c = 1; c < DV; ++c) a = _mm512_fmadd_ps(q[c], load_row(k + 16 * c), a);
+      part[(u % 4) * 4 + u / 4] = a;
+    }
+    return sum16(part);
+  }
+
+  // acc[g] += sum_j p[g][j] v_j over the n keys of a chunk, for NG query heads (acc: NG x DV
+  // vectors at acc + g * 16 * DV, p: rows of kChunkV probabilities at p + g * kChunkV).
+  template <typename scalar_t, int DV, int NG>
+  static void block_pv(float* acc, const float* p, const scalar_t* const* vrows, int64_t n) {
+    __m512 a[NG][DV];
+    for (int g = 0; g < NG; ++g)
+      for (int c = 0; c < DV; ++c) a[g][c] = _mm512_loadu_ps(acc + (g * DV + c) * 16);
+    for (int64_t j = 0; j < n; ++j) {
+      __m512 v[DV];
+      for (int c = 0; c < DV; ++c) v[c] = load_row(vrows[j] + 16 * c);
+      for (int g = 0; g < NG; ++g) {
+        const __m512 pj = _mm512_set1_ps(p[g * kChunkV + j]);
+        for (int c = 0; c < DV; ++c) a[g][c] = _mm512_fmadd_ps(pj, v[c], a[g][c]);
+      }
+    }
+    for (int g = 0; g < NG; ++g)
+      for (int c = 0; c < DV; ++c) _mm512_storeu_ps(acc + (g * DV + c) * 16, a[g][c]);
+  }
+
+  template <typename scalar_t, int DV, int NG>
+  static void heads_pv(float* acc, const float* p, const scalar_t* const* vrows, int64_t n, int64_t heads) {
+    // heads <= NG: the group's heads with a compile-time count, so the accumulators stay in registers
+    if constexpr (NG > 1) {
+      if (heads < NG) return heads_pv<scalar_t, DV, NG - 1>(acc, p, vrows, n, heads);
+    }
+    block_pv<scalar_t, DV, NG>(acc, p, vrows, n);
+  }
+
+  // One online-softmax step over the chunk's keys for every query head of the task.
+  template <typename scalar_t, int64_t D>
+  static void chunk(ChunkState<scalar_t>& st) {
+    constexpr int DV = static_cast<int>(D / 16);
+    constexpr int NGMAX = 16 / DV;  // query heads whose accumulators fit 16 registers
+    alignas(64) static const scalar_t zero_row[D] = {};
+    const float neg_inf = -std::numeric_limits<float>::infinity();
+    const int64_t n = st.n, G = st.G;
+    const scalar_t* kr[16];
+    // scores -> probs[h][0, n); running max / sum; acc rescaled
+    for (int64_t hh = 0; hh < st.HS; ++hh) {
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t h = hh * G + g;
+        float* ph = &st.probs[h * kChunkV];
+        __m512 qh[DV];
+        for (int c = 0; c < DV; ++c) qh[c] = _mm512_loadu_ps(&st.qf[h * D + 16 * c]);
+        __m512 mx = _mm512_set1_ps(neg_inf);
+        for (int64_t j0 = 0; j0 < n; j0 += 16) {
+          const int64_t nv = std::min<int64_t>(16, n - j0);
+          for (int64_t u = 0; u < 16; ++u) kr[u] = u < nv ? st.krows[j0 + u] + hh * st.skh : zero_row;
+          const __mmask16 valid = static_cast<__mmask16>(nv == 16 ? 0xFFFF : (1u << nv) - 1);
+          const __m512 sc = _mm512_mask_mov_ps(_mm512_set1_ps(neg_inf), valid, block_scores<scalar_t, DV>(qh, kr));
+          _mm512_storeu_ps(ph + j0, sc);
+          mx = _mm512_max_ps(mx, sc);
+        }
+        const float mnew = std::max(st.m[h], _mm512_reduce_max_ps(mx));
+        const float corr = st.m[h] == neg_inf ? 0.f : exp_nonpos(st.m[h] - mnew);
+        const __m512 mv = _mm512_set1_ps(mnew);
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t j0 = 0; j0 < n; j0 += 16) {
+          const int64_t nv = std::min<int64_t>(16, n - j0);
+          const __mmask16 valid = static_cast<__mmask16>(nv == 16 ? 0xFFFF : (1u << nv) - 1);
+          const __m512 pr = _mm512_maskz_mov_ps(valid, splitserve::exp_nonpos16(_mm512_sub_ps(_mm512_loadu_ps(ph + j0), mv)));
+          _mm512_storeu_ps(ph + j0, pr);
+          sum = _mm512_add_ps(sum, pr);
+        }
+        st.l[h] = st.l[h] * corr + _mm512_reduce_add_ps(sum);
+        st.m[h] = mnew;
+        if (corr != 1.f) {
+          for (int64_t i = 0; i < D; ++i) st.acc[h * D + i] *= corr;
+        }
+      }
+    }
+    // acc[h] += sum_j probs[h][j] v_j, NGMAX heads at a time
+    for (int64_t hh = 0; hh < st.HS; ++hh) {
+      for (int64_t j = 0; j < n; ++j) st.vh[j] = st.vrows[j] + hh * st.svh;  // kv head hk0 + hh's rows
+      for (int64_t g0 = 0; g0 < G; g0 += NGMAX) {
+        const int64_t h = hh * G + g0;
+        heads_pv<scalar_t, DV, NGMAX>(&st.acc[h * D], &st.probs[h * kChunkV], st.vh, n,
+                                      std::min<int64_t>(NGMAX, G - g0));
+      }
     }
   }
-  for (int g = 0; g < NG; ++g)
-    for (int c = 0; c < DV; ++c) _mm512_storeu_ps(acc + (g * DV + c) * 16, a[g][c]);
-}
+};
+using Simd = Avx512;
 
-template <typename scalar_t, int DV, int NG>
-inline void heads_pv(float* acc, const float* p, const scalar_t* const* vrows, int64_t n, int64_t heads) {
-  // heads <= NG: the group's heads with a compile-time count, so the accumulators stay in registers
-  if constexpr (NG > 1) {
-    if (heads < NG) return heads_pv<scalar_t, DV, NG - 1>(acc, p, vrows, n, heads);
+#else
+struct Avx2 {
+  static constexpr int L = 8;
+
+  static __m256 load_row(const float* p) { return _mm256_loadu_ps(p); }
+  static __m256 load_row(const at::BFloat16* p) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
   }
-  block_pv<scalar_t, DV, NG>(acc, p, vrows, n);
-}
+#if defined(__F16C__)
+  static __m256 load_row(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+#else
+  static __m256 load_row(const at::Half* p) {
+    alignas(32) float f[8];
+    for (int i = 0; i < 8; ++i) f[i] = static_cast<float>(p[i]);
+    return _mm256_load_ps(f);
+  }
+#endif
 
-template <typename scalar_t, int DV>
-void paged_decode_avx512(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                         const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale_d, int64_t window,
-                         at::Tensor& out) {
-  constexpr int64_t D = 16 * DV;
-  constexpr int NGMAX = 16 / DV;  // query heads whose accumulators fit 16 registers
+  // out[u] = sum of the 8 lanes of v[u]: three levels of hadd/permute, one fixed tree.
+  static __m256 sum8(const __m256* v) {
+    const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));  // [0..3 | 0..3]
+    const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));  // [4..7 | 4..7]
+    return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+  }
+  static float hmax(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+  }
+  static float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  }
+
+  // scores[u] = q . k_u for the 8 keys of a block (q: D floats in L1, rows[u]: D elements).
+  template <typename scalar_t, int64_t D>
+  static __m256 block_scores(const float* q, const scalar_t* const* rows) {
+    __m256 part[8];
+    for (int u = 0; u < 8; ++u) {
+      const scalar_t* k = rows[u];
+      __m256 a = _mm256_mul_ps(_mm256_loadu_ps(q), load_row(k));
+      for (int64_t c = 8; c < D; c += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), load_row(k + c), a);
+      part[u] = a;
+    }
+    return sum8(part);
+  }
+
+  // acc[0, D) += sum_j p[j] v_j over the n keys of a chunk, 64 columns (8 registers) at a time.
+  template <typename scalar_t, int64_t D>
+  static void head_pv(float* acc, const float* p, const scalar_t* const* vrows, int64_t n) {
+    for (int64_t c0 = 0; c0 < D; c0 += 64) {
+      __m256 a[8];
+      for (int c = 0; c < 8; ++c) a[c] = _mm256_loadu_ps(acc + c0 + 8 * c);
+      for (int64_t j = 0; j < n; ++j) {
+        const __m256 pj = _mm256_set1_ps(p[j]);
+        for (int c = 0; c < 8; ++c) a[c] = _mm256_fmadd_ps(pj, load_row(vrows[j] + c0 + 8 * c), a[c]);
+      }
+      for (int c = 0; c < 8; ++c) _mm256_storeu_ps(acc + c0 + 8 * c, a[c]);
+    }
+  }
+
+  // One online-softmax step over the chunk's keys for every query head of the task.
+  template <typename scalar_t, int64_t D>
+  static void chunk(ChunkState<scalar_t>& st) {
+    alignas(32) static const scalar_t zero_row[D] = {};
+    const float neg_inf = -std::numeric_limits<float>::infinity();
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const int64_t n = st.n, G = st.G;
+    const scalar_t* kr[8];
+    for (int64_t hh = 0; hh < st.HS; ++hh) {
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t h = hh * G + g;
+        float* ph = &st.probs[h * kChunkV];
+        const float* qh = &st.qf[h * D];
+        __m256 mx = _mm256_set1_ps(neg_inf);
+        for (int64_t j0 = 0; j0 < n; j0 += 8) {
+          const int64_t nv = std::min<int64_t>(8, n - j0);
+          for (int64_t u = 0; u < 8; ++u) kr[u] = u < nv ? st.krows[j0 + u] + hh * st.skh : zero_row;
+          const __m256 valid = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(nv)), lane));
+          const __m256 sc = _mm256_blendv_ps(_mm256_set1_ps(neg_inf), block_scores<scalar_t, D>(qh, kr), valid);
+          _mm256_storeu_ps(ph + j0, sc);
+          mx = _mm256_max_ps(mx, sc);
+        }
+        const float mnew = std::max(st.m[h], hmax(mx));
+        const float corr = st.m[h] == neg_inf ? 0.f : exp_nonpos(st.m[h] - mnew);
+        const __m256 mv = _mm256_set1_ps(mnew);
+        __m256 sum = _mm256_setzero_ps();
+        for (int64_t j0 = 0; j0 < n; j0 += 8) {
+          const int64_t nv = std::min<int64_t>(8, n - j0);
+          const __m256 valid = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(nv)), lane));
+          const __m256 pr = _mm256_and_ps(valid, splitserve::exp_nonpos8(_mm256_sub_ps(_mm256_loadu_ps(ph + j0), mv)));
+          _mm256_storeu_ps(ph + j0, pr);
+          sum = _mm256_add_ps(sum, pr);
+        }
+        st.l[h] = st.l[h] * corr + hsum(sum);
+        st.m[h] = mnew;
+        if (corr != 1.f) {
+          for (int64_t i = 0; i < D; ++i) st.acc[h * D + i] *= corr;
+        }
+      }
+    }
+    for (int64_t hh = 0; hh < st.HS; ++hh) {
+      for (int64_t j = 0; j < n; ++j) st.vh[j] = st.vrows[j] + hh * st.svh;  // kv head hk0 + hh's rows
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t h = hh * G + g;
+        head_pv<scalar_t, D>(&st.acc[h * D], &st.probs[h * kChunkV], st.vh, n);
+      }
+    }
+  }
+};
+using Simd = Avx2;
+#endif
+
+template <typename scalar_t, int64_t D>
+void simd_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                 const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale_d, int64_t window,
+                 at::Tensor& out) {
   const int64_t B = q.size(0), H = q.size(1);
   const int64_t num_blocks = k_cache.size(0), bs = k_cache.size(1), Hkv = k_cache.size(2);
   const int64_t G = H / Hkv, nblk = block_tables.size(1);
@@ -364,7 +550,6 @@ void paged_decode_avx512(const at::Tensor& q, const at::Tensor& k_cache, const a
 
   const auto& [qp, kp, vp, op, btp, lp, sqb, sqh, skb, skt, skh, svb, svt, svh, sbt, sbc, sob, soh, sl] =
       PagedArgs<scalar_t>(q, k_cache, v_cache, block_tables, seq_lens, out);
-  alignas(64) static const scalar_t zero_row[D] = {};
 
   // Split-K: a sequence's keys [first, len) are cut at absolute multiples of kSegment and each
   // piece is a task of its own (so one long sequence keeps every thread busy); a sequence cut in
@@ -416,11 +601,10 @@ void paged_decode_avx512(const at::Tensor& q, const at::Tensor& k_cache, const a
   const int64_t per = std::max<int64_t>(1, ntasks / (4 * at::get_num_threads()));
   splitserve::ChunkPool::get().run((ntasks + per - 1) / per, [&](int64_t chunk) {
     const int64_t begin = chunk * per, end = std::min(ntasks, begin + per);
-    // per-thread scratch: qf (scaled q) and acc [QH][D], probs [QH][kChunk16], m/l [QH]
-    std::vector<float> qf(QH * D), acc(QH * D), probs(QH * kChunk16), m(QH), l(QH);
-    std::vector<const scalar_t*> krows(kChunk16), vrows(kChunk16);  // chunk's token rows (kv head hk0)
-    std::vector<const scalar_t*> vh(kChunk16);                        // the same V rows at kv head hk0 + hh
-    const scalar_t* kr[16];
+    // per-thread scratch: qf (scaled q) and acc [QH][D], probs [QH][kChunkV], m/l [QH]
+    std::vector<float> qf(QH * D), acc(QH * D), probs(QH * kChunkV), m(QH), l(QH);
+    std::vector<const scalar_t*> krows(kChunkV), vrows(kChunkV);  // chunk's token rows (kv head hk0)
+    std::vector<const scalar_t*> vh(kChunkV);                        // the same V rows at kv head hk0 + hh
     // K/V rows of tokens [from, to) of kv heads hk .. hk + HS of the sequence with this table -> L1
     // (measured on the 2-core EPYC: _MM_HINT_T0 a few % ahead of T1, two chunks ahead no better)
     // token t's row at kv head hk of the cache at `base` (strides sb, st, sh), for the sequence with table tbl
@@ -449,15 +633,13 @@ void paged_decode_avx512(const at::Tensor& q, const at::Tensor& k_cache, const a
       const int64_t* table = w.table;
       for (int64_t h = 0; h < QH; ++h) {
         const scalar_t* src = qp + b * sqb + (hk0 * G + h) * sqh;
-        for (int c = 0; c < DV; ++c) {
-          _mm512_storeu_ps(&qf[h * D + 16 * c], _mm512_mul_ps(load_row(src + 16 * c), _mm512_set1_ps(scale)));
-        }
+        for (int64_t i = 0; i < D; ++i) qf[h * D + i] = static_cast<float>(src[i]) * scale;  // exact widening, one rounding
         m[h] = neg_inf;
         l[h] = 0.f;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t0 = w.s0; t0 < s1; t0 += kChunk16) {
-        const int64_t n = std::min(kChunk16, s1 - t0);
+      for (int64_t t0 = w.s0; t0 < s1; t0 += kChunkV) {
+        const int64_t n = std::min(kChunkV, s1 - t0);
         for (int64_t j = 0; j < n; ++j) {
           krows[j] = row_at(kp, skb, skt, skh, table, hk0, t0 + j);
           vrows[j] = row_at(vp, svb, svt, svh, table, hk0, t0 + j);
@@ -465,56 +647,15 @@ void paged_decode_avx512(const at::Tensor& q, const at::Tensor& k_cache, const a
         // prefetch the next chunk's K/V rows while this one computes: this piece's next
         // chunk, or the next task's first (other pages: the hardware prefetcher would start
         // cold there), only what that task will validate
-        if (t0 + kChunk16 < s1) {
-          prefetch(table, hk0, t0 + kChunk16, std::min(s1, t0 + 2 * kChunk16));
+        if (t0 + kChunkV < s1) {
+          prefetch(table, hk0, t0 + kChunkV, std::min(s1, t0 + 2 * kChunkV));
         } else if (task + 1 < end && piece_of(task + 1, w1)) {
-          const int64_t upto = std::min(w1.s1, w1.s0 + kChunk16);
+          const int64_t upto = std::min(w1.s1, w1.s0 + kChunkV);
           if (valid_piece(w1, upto)) prefetch(w1.table, w1.hk0, w1.s0, upto);
         }
-        // scores -> probs[h][0, n); running max / sum; acc rescaled
-        for (int64_t hh = 0; hh < HS; ++hh) {
-          for (int64_t g = 0; g < G; ++g) {
-            const int64_t h = hh * G + g;
-            float* ph = &probs[h * kChunk16];
-            __m512 qh[DV];
-            for (int c = 0; c < DV; ++c) qh[c] = _mm512_loadu_ps(&qf[h * D + 16 * c]);
-            __m512 mx = _mm512_set1_ps(neg_inf);
-            for (int64_t j0 = 0; j0 < n; j0 += 16) {
-              const int64_t nv = std::min<int64_t>(16, n - j0);
-              for (int64_t u = 0; u < 16; ++u) kr[u] = u < nv ? krows[j0 + u] + hh * skh : zero_row;
-              const __mmask16 valid = static_cast<__mmask16>(nv == 16 ? 0xFFFF : (1u << nv) - 1);
-              const __m512 sc = _mm512_mask_mov_ps(_mm512_set1_ps(neg_inf), valid,
-                                                   block_scores<scalar_t, DV>(qh, kr));
-              _mm512_storeu_ps(ph + j0, sc);
-              mx = _mm512_max_ps(mx, sc);
-            }
-            const float mnew = std::max(m[h], _mm512_reduce_max_ps(mx));
-            const float corr = m[h] == neg_inf ? 0.f : exp_nonpos(m[h] - mnew);
-            const __m512 mv = _mm512_set1_ps(mnew);
-            __m512 sum = _mm512_setzero_ps();
-            for (int64_t j0 = 0; j0 < n; j0 += 16) {
-              const int64_t nv = std::min<int64_t>(16, n - j0);
-              const __mmask16 valid = static_cast<__mmask16>(nv == 16 ? 0xFFFF : (1u << nv) - 1);
-              const __m512 pr = _mm512_maskz_mov_ps(valid, exp_nonpos16(_mm512_sub_ps(_mm512_loadu_ps(ph + j0), mv)));
-              _mm512_storeu_ps(ph + j0, pr);
-              sum = _mm512_add_ps(sum, pr);
-            }
-            l[h] = l[h] * corr + _mm512_reduce_add_ps(sum);
-            m[h] = mnew;
-            if (corr != 1.f) {
-              for (int64_t i = 0; i < D; ++i) acc[h * D + i] *= corr;
-            }
-          }
-        }
-        // acc[h] += sum_j probs[h][j] v_j, NGMAX heads at a time
-        for (int64_t hh = 0; hh < HS; ++hh) {
-          for (int64_t j = 0; j < n; ++j) vh[j] = vrows[j] + hh * svh;  // kv head hk0 + hh's rows
-          for (int64_t g0 = 0; g0 < G; g0 += NGMAX) {
-            const int64_t h = hh * G + g0;
-            heads_pv<scalar_t, DV, NGMAX>(&acc[h * D], &probs[h * kChunk16], vh.data(), n,
-                                           std::min<int64_t>(NGMAX, G - g0));
-          }
-        }
+        ChunkState<scalar_t> st{HS, G, n, skh, svh, krows.data(), vrows.data(), vh.data(), qf.data(), probs.data(),
+                                m.data(), l.data(), acc.data()};
+        Simd::chunk<scalar_t, D>(st);
       }
       if (w.split) {  // partials of piece `task`, merged below
         std::copy(m.begin(), m.end(), part_m.begin() + task * QH);
@@ -567,9 +708,9 @@ template <typename scalar_t>
 void dispatch_head_dim(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                        const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, int64_t window,
                        at::Tensor& out) {
-#if defined(__AVX512F__)
-  if (q.size(2) == 64) return paged_decode_avx512<scalar_t, 4>(q, k_cache, v_cache, block_tables, seq_lens, scale, window, out);
-  if (q.size(2) == 128) return paged_decode_avx512<scalar_t, 8>(q, k_cache, v_cache, block_tables, seq_lens, scale, window, out);
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+  if (q.size(2) == 64) return simd_decode<scalar_t, 64>(q, k_cache, v_cache, block_tables, seq_lens, scale, window, out);
+  if (q.size(2) == 128) return simd_decode<scalar_t, 128>(q, k_cache, v_cache, block_tables, seq_lens, scale, window, out);
 #endif
   switch (q.size(2)) {
     case 64:

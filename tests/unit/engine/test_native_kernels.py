@@ -12,9 +12,9 @@ from engine.config import KernelConfig, ModelConfig, RopeConfig
 from engine.kv_cache.layout import KVLayout
 from engine.kv_cache.paged_cache import PagedKVCache
 from engine.model_runner import native_kernels_for
-from engine.models.layers import NativeKernels, RMSNorm, RotaryEmbedding
+from engine.models.layers import STREAM_ROWS_BY_ISA, NativeKernels, RMSNorm, RotaryEmbedding
 from engine.models.llama import DecoderLM
-from tests.prereq import require_native
+from tests.prereq import require_hardware, require_native
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +70,20 @@ def test_stream_linear_rejects_bad_input(mod):
         mod.stream_linear(torch.randn(2, 8).half(), torch.randn(4, 8).half())
     with pytest.raises(RuntimeError, match="bias must be"):
         mod.stream_linear(torch.randn(2, 8), torch.randn(4, 8), torch.randn(5))
+
+
+def test_simd_isa_matches_the_cpu(mod):
+    """The build (-march=native) compiled the widest vector paths the CPU has: a machine with
+    AVX2 that ran the plain loops would lose 1.4x on its decode step without any test failing."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        pass
+    require_hardware(flags, "no x86 flags in /proc/cpuinfo (Linux x86 only)")
+    want = "avx512" if "avx512f" in flags else "avx2" if {"avx2", "fma"} <= flags else "portable"
+    assert mod.simd_isa() == want
 
 
 def test_native_linear_routes_by_rows(mod):
@@ -197,6 +211,11 @@ def test_native_selection(mod, tiny_checkpoint):
         qwen3.set_native_kernels(NativeKernels(mod, 16))
     with pytest.raises(ValueError, match="stream_linear_max_rows"):
         KernelConfig(stream_linear_max_rows=-1)
+    # None (the default): the cut measured for the vector paths this build compiled
+    isa = mod.simd_isa()
+    assert isa in STREAM_ROWS_BY_ISA
+    assert native_kernels_for(llama, torch.device("cpu"), KernelConfig()).max_rows == STREAM_ROWS_BY_ISA[isa]
+    assert native_kernels_for(llama, torch.device("cpu"), KernelConfig(stream_linear_max_rows=7)).max_rows == 7
     llm = LLM(tiny_checkpoint("llama"), stream_linear_max_rows=0, num_blocks=16, skip_tokenizer_init=True)
     assert llm.engine.config.kernels == KernelConfig(native=None, stream_linear_max_rows=0)
     assert llm.engine.model.native.max_rows == 0
