@@ -247,9 +247,10 @@ class KernelConfig:
     # Steps whose rows are all greedy without logprobs take each row's float32 argmax from a
     # bf16 screen of the head plus a float32 refinement of the few tokens the screen cannot rule
     # out (engine/models/greedy_head.py: a rigorous bound, so the token is the float32 argmax).
-    # Needs the native kernels built (the model need not run them: MoE models get it too), a
-    # float32 head and oneDNN bf16 on the CPU; costs two bf16 copies of the head (one float32
-    # head's bytes), plus the plain head where prepack_linear replaces an untied one. Head +
+    # Needs the native kernels built (the model need not run them: MoE models get it too) and a
+    # float32 head; steps above stream_linear_max_rows rows need oneDNN bf16 on the CPU too (else
+    # they take the full head). Costs two bf16 copies of the head (one float32 head's bytes; one
+    # copy without oneDNN bf16), plus the plain head where prepack_linear replaces an untied one. Head +
     # argmax at 1 / 8 / 64 rows on SmolLM2: 0.50x / 0.58x / 0.57x the full head's time, decode step 0.92-0.95x (benchmarks/greedy_head.py).
     # On a tensor-parallel rank the same switch makes plain-greedy steps all-gather one
     # (max, id) pair per row and rank instead of the vocab-parallel logits (TPReductions.greedy_tokens).

@@ -31,15 +31,17 @@ round-off. For a candidate ``|acc_v| <= |m| + 2B`` (m: the row's screened maximu
 float32 rounding of the bound itself. If v* is the true argmax and m = Lt[u], then
 ``Lt[v*] >= W_v*.x - B >= W_u.x - B >= Lt[u] - 2B``: v* is a candidate.
 
-Built only for a float32 head on CPU whose bf16 GEMM oneDNN runs natively
-(``torch.ops.mkldnn._is_mkldnn_bf16_supported``), with the native kernels built; a model that
+Built for a float32 head on CPU with the native kernels built. Where oneDNN does not run bf16
+natively (``torch.ops.mkldnn._is_mkldnn_bf16_supported`` false: AVX2 machines, AVX-512 without
+BF16), only steps the streaming kernel screens (rows <= max_rows) use it and larger ones take
+the full float32 head (``tokens`` returns None); a model that
 runs no native layers (MoE, q/k norm) gets NativeKernels for its head alone (ModelRunner); a non-finite screened maximum (NaN or inf
 logits), or more than ``MAX_CANDIDATES_PER_ROW`` candidates a row, makes the caller compute the
 full float32 logits instead (``tokens`` returns None). The kernel compares in float32 (bf16
 widens exactly), so the candidates are exactly the ones the bound keeps. (Not covered: products
 below 1e-38 that a bf16 dot product flushes to zero, at most H x 1e-38 per logit.)
 Memory: two bf16 copies of the head (plain for the streaming kernel, oneDNN-packed), one
-float32 head's worth in all. Lifecycle: built once by the ModelRunner after the weights are
+float32 head's worth in all; the plain one alone without oneDNN bf16. Lifecycle: built once by the ModelRunner after the weights are
 loaded (``GreedyHead.build``); read-only afterwards.
 """
 
@@ -60,18 +62,25 @@ MAX_CANDIDATES_PER_ROW = 2048
 class GreedyHead:
     """Argmax of ``x @ W.T`` per row, screened in bf16 and refined in float32 (module docstring)."""
 
-    def __init__(self, w: torch.Tensor, native: NativeKernels, restore_openmp: bool = False):
+    def __init__(
+        self, w: torch.Tensor, native: NativeKernels, restore_openmp: bool = False, onednn_bf16: bool | None = None
+    ):
         """w: the plain float32 head [V, H] (kept by reference: the refinement reads it).
         ``restore_openmp``: the model runs no native kernels of its own (MoE, q/k-norm layers),
         so after a streamed screen the native kernels go back to torch's OpenMP threads, the
-        default its torch ops need (ChunkPool.set_openmp; NativeKernels.linear)."""
+        default its torch ops need (ChunkPool.set_openmp; NativeKernels.linear).
+        ``onednn_bf16``: screen steps above ``native.max_rows`` with oneDNN's bf16 GEMM (None:
+        where oneDNN runs bf16 natively); False: those steps take the full head."""
+        if onednn_bf16 is None:
+            onednn_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
         self.w = w.detach().contiguous()
         self.native = native
         self.restore_openmp = restore_openmp
         self._module = native.module
         wb = w.detach().to(torch.bfloat16).contiguous()
         self.w_bf16 = wb  # [V, H] plain: the streaming kernel's
-        self.w_bf16_packed = torch.ops.mkldnn._reorder_linear_weight(wb, PACK_ROWS_HINT)  # oneDNN's
+        # oneDNN's (blocked layout), for steps above max_rows; None: they take the full head
+        self.w_bf16_packed = torch.ops.mkldnn._reorder_linear_weight(wb, PACK_ROWS_HINT) if onednn_bf16 else None
         wbf = wb.float()
         self.a = float((w.detach() - wbf).norm(dim=1).max())  # max_v |R_v|
         self.b = float(wbf.norm(dim=1).max())  # max_v |Wb_v|
@@ -89,7 +98,7 @@ class GreedyHead:
             or w.dtype != torch.float32
             or w.device.type != "cpu"
             or w.dim() != 2
-            or not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+            or (native.max_rows == 0 and not torch.ops.mkldnn._is_mkldnn_bf16_supported())  # no screen at all
         ):
             return None
         return GreedyHead(w, native, restore_openmp)
@@ -104,6 +113,7 @@ class GreedyHead:
             if self.restore_openmp:
                 native.module.set_openmp(True)
             return logits, (self.a + self.g * self.b) * s
+        assert self.w_bf16_packed is not None, "tokens() takes the full head above max_rows without oneDNN bf16"
         native.module.set_openmp(True)
         xb = x.to(torch.bfloat16)
         t = (x - xb.float()).norm(dim=1)
@@ -114,8 +124,10 @@ class GreedyHead:
     @torch.inference_mode()
     def tokens(self, x: torch.Tensor) -> list[int] | None:
         """x: [N, H] fp32 (the final-normed hidden rows) -> each row's float32 argmax token, or
-        None when a row's screened maximum is not finite or the rows are too flat to screen
-        (the caller takes the full logits)."""
+        None when a row's screened maximum is not finite, the rows are too flat to screen, or
+        there are more than max_rows of them without oneDNN bf16 (the caller takes the full logits)."""
+        if x.shape[0] > self.native.max_rows and self.w_bf16_packed is None:
+            return None  # no bf16 GEMM to screen this many rows with
         x = x.contiguous()
         logits, bound = self._screen(x)
         out_round = _U_OUT if logits.dtype != torch.float32 else 0.0

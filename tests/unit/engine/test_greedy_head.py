@@ -15,13 +15,18 @@ from engine.models.layers import NativeKernels
 from tests.prereq import require_hardware, require_native
 
 ROWS = [1, 3, 8, 64]  # 1-3: the streaming kernel's screen (max_rows 4); 8, 64: oneDNN bf16
+ONEDNN_BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 @pytest.fixture(scope="module")
 def native() -> NativeKernels:
-    module = require_native()
-    require_hardware(torch.ops.mkldnn._is_mkldnn_bf16_supported(), "oneDNN bf16 GEMM (AVX512-BF16 or AMX)")
-    return NativeKernels(module, max_rows=4)
+    return NativeKernels(require_native(), max_rows=4)
+
+
+def _screens(native: NativeKernels, n: int) -> None:
+    """Skip unless this machine can screen n rows: above max_rows that is oneDNN's bf16 GEMM."""
+    if n > native.max_rows:
+        require_hardware(ONEDNN_BF16, "oneDNN bf16 GEMM (AVX512-BF16 or AMX)")
 
 
 def _close_call_head(vocab: int = 4096, hidden: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,6 +51,7 @@ def _reference(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 @pytest.mark.parametrize("n", ROWS)
 def test_tokens_are_the_float32_argmax_where_bf16_cannot_tell(native: NativeKernels, n: int) -> None:
+    _screens(native, n)
     w, x = _close_call_head()
     head = GreedyHead.build(w, native)
     assert head is not None
@@ -69,6 +75,7 @@ def test_the_bound_covers_every_screened_logit(native: NativeKernels, n: int) ->
     the tokens near it)."""
     from engine.models.greedy_head import _U_OUT
 
+    _screens(native, n)
     g = torch.Generator().manual_seed(1)
     w = torch.randn(8192, 192, generator=g) * 0.3
     x = torch.randn(n, 192, generator=g) * 4
@@ -88,8 +95,22 @@ def test_ties_go_to_the_lowest_token_id(native: NativeKernels) -> None:
     w, x = _close_call_head(seed=2)
     w[7] = w[3000] = x[0] / x[0].norm() * 2  # two equal rows, far above the rest for row 0
     head = GreedyHead(w, native)
-    for n in (1, 8):
+    for n in (1, 4) + ((8,) if ONEDNN_BF16 else ()):
         assert head.tokens(x[:n])[0] == 7
+
+
+def test_without_onednn_bf16_only_streamed_steps_are_screened(native: NativeKernels) -> None:
+    """Where oneDNN has no native bf16 GEMM (AVX2 machines), steps of at most max_rows rows
+    are still screened by the streaming kernel, and larger ones take the full head (None)."""
+    w, x = _close_call_head(seed=3)
+    head = GreedyHead(w, native, onednn_bf16=False)
+    assert head.w_bf16_packed is None  # no oneDNN copy: one bf16 head's bytes
+    want, gap = _reference(x[:4], w)
+    got = head.tokens(x[:4])
+    assert got is not None and head.candidates >= 3 * 4
+    clear = gap > 1e-4
+    assert torch.equal(torch.tensor(got)[clear], want[clear])
+    assert head.tokens(x[:5]) is None and head.rows == 4  # above max_rows: the caller's full head
 
 
 def test_rows_it_cannot_screen_fall_back(native: NativeKernels) -> None:
@@ -98,9 +119,9 @@ def test_rows_it_cannot_screen_fall_back(native: NativeKernels) -> None:
     nan = x[:2].clone()
     nan[1, 5] = float("nan")
     assert head.tokens(nan) is None  # NaN logits: the full product decides (torch's NaN rule)
-    flat = torch.zeros(8, w.shape[1])  # every logit 0: every token a candidate
+    flat = torch.zeros(4, w.shape[1])  # every logit 0: every token a candidate
     assert head.tokens(flat) is None
-    assert head.tokens(x[:8]) is not None
+    assert head.tokens(x[:4]) is not None
 
 
 def test_build_declines_heads_it_does_not_cover(native: NativeKernels) -> None:
@@ -108,6 +129,8 @@ def test_build_declines_heads_it_does_not_cover(native: NativeKernels) -> None:
     assert GreedyHead.build(w, None) is None  # the refinement is a native kernel
     assert GreedyHead.build(w.bfloat16(), native) is None  # a bf16 model's head is already bf16
     assert GreedyHead.build(w, native) is not None
+    if not ONEDNN_BF16:  # neither screen: no streaming steps and no bf16 GEMM
+        assert GreedyHead.build(w, NativeKernels(native.module, max_rows=0)) is None
 
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
