@@ -50,6 +50,7 @@ def machine_description() -> dict[str, object]:
     return {
         "cpu": _cpu_model(),
         "logical_cpus": os.cpu_count(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # AVX2 / AVX512: the kernels' vector paths
         "torch_threads": torch.get_num_threads(),
         "memory_gib": None if mem is None else round(mem, 1),
         "python": platform.python_version(),

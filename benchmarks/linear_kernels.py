@@ -1,7 +1,8 @@
 """The linears of one SmolLM2-135M decode step under each CPU kernel, by rows (tokens) per step.
 
     .venv/bin/python benchmarks/linear_kernels.py              # ~2 min; fp32 and bf16
-    # results: benchmarks/results/linear_kernels.json
+    .venv/bin/python benchmarks/linear_kernels.py --out linear_kernels_avx2   # another machine's table
+    # results: benchmarks/results/linear_kernels.json (--out NAME: NAME.json)
 
 For M = 1..64 rows it times every linear of one forward of SmolLM2-135M's shapes (30 layers of
 qkv [960, 576], o [576, 576], gate_up [3072, 576], down [576, 1536], plus the tied lm_head
@@ -15,13 +16,15 @@ in the model (538 MB fp32, far above the caches), under:
   (``pack_linear_weight``; KernelConfig.prepack_linear);
 - ``mkl``: ``F.linear``.
 
-Best of 5 per cell, the kernels interleaved per M; the 1-minute load average is recorded.
-KernelConfig.stream_linear_max_rows (16) comes from this table: the native kernel wins or ties
-up to 16 rows and the libraries pull ahead above, where the step is compute-bound.
+Best of 5 per cell, the kernels interleaved per M; the 1-minute load average is recorded, and
+the native build's vector paths (``simd_isa``). This table shows where each kernel's time goes;
+KernelConfig.stream_linear_max_rows's per-ISA defaults (layers.STREAM_ROWS_BY_ISA) were then
+set by the engine's whole decode step, where the pools' threads interact: AVX-512 4, AVX2 16.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -65,11 +68,14 @@ def step_ms(fn, weights: list[torch.Tensor], m: int, dtype: torch.dtype) -> floa
 
 @torch.inference_mode()
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="linear_kernels", help="results file name in benchmarks/results (no .json)")
+    args = ap.parse_args()
     module = native.load()
     if module is None:
         raise SystemExit("the native kernels did not build (see the warning above)")
     torch.manual_seed(0)
-    results = {"machine": machine_description(), "rows": list(ROWS), "tables": {}}
+    results = {"machine": machine_description() | {"simd_isa": module.simd_isa()}, "rows": list(ROWS), "tables": {}}
     for dtype in (torch.float32, torch.bfloat16):
         weights = [torch.randn(*s).to(dtype) for _ in range(LAYERS) for s in SHAPES] + [torch.randn(*HEAD).to(dtype)]
         mb = sum(w.numel() * w.element_size() for w in weights) / 1e6
@@ -88,7 +94,7 @@ def main() -> None:
             print(f"| {m} | " + " | ".join(f"{row[k]:.1f}" for k in kernels) + f" | {row['load']:.1f} |", flush=True)
         results["tables"][str(dtype).removeprefix("torch.")] = {"weights_mb": mb, "rows": table}
         del weights, kernels
-    out = RESULTS_DIR / "linear_kernels.json"
+    out = RESULTS_DIR / f"{args.out}.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwrote {out}")
 
