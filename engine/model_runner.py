@@ -8,6 +8,7 @@ row; ``score`` (speculative steps) returns the logits of their last k + 1 rows u
 from __future__ import annotations
 
 import itertools
+from types import ModuleType
 
 import torch
 
@@ -81,6 +82,10 @@ def native_kernels_for(model: DecoderLM, device: torch.device, config: KernelCon
                 f"KernelConfig.native=True but {why or 'the native kernels failed to build (see the log)'}"
             )
         return None
+    return _kernels(module, config)
+
+
+def _kernels(module: ModuleType, config: KernelConfig) -> NativeKernels:
     return NativeKernels(module, stream_rows(module, config.stream_linear_max_rows))
 
 
@@ -90,7 +95,7 @@ def head_kernels(device: torch.device, config: KernelConfig) -> NativeKernels | 
     if config.native is False or device.type != "cpu":
         return None
     module = native.load()
-    return None if module is None else NativeKernels(module, stream_rows(module, config.stream_linear_max_rows))
+    return None if module is None else _kernels(module, config)
 
 
 class ModelRunner:

@@ -92,7 +92,7 @@ STREAM_ROWS_BY_ISA = {"avx512": 4, "avx2": 16, "portable": 4}
 
 def stream_rows(module: ModuleType, configured: int | None) -> int:
     """The streaming cut for these kernels: ``configured``, or the ISA's default when None."""
-    return STREAM_ROWS_BY_ISA.get(module.simd_isa(), 4) if configured is None else configured
+    return STREAM_ROWS_BY_ISA[module.simd_isa()] if configured is None else configured
 
 
 @dataclass(frozen=True)

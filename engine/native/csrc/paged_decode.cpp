@@ -265,8 +265,8 @@ void paged_decode_impl(const at::Tensor& q, const at::Tensor& k_cache, const at:
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 // ---------------------------------------------------------------- SIMD paths (head_dim 64 / 128)
 // Same contract and task split as paged_decode_impl; per task, keys are walked in chunks of
-// kChunkV tokens (one online-softmax step each), and within a chunk in blocks of L keys (the
-// vector width: 16 on AVX-512, 8 on AVX2):
+// kChunkV tokens (one online-softmax step each), and within a chunk in blocks of L keys (L =
+// the vector width: 16 on AVX-512, 8 on AVX2):
 //  - scores: for one query head, L per-key fp32 partial-sum vectors (D / L FMAs each) are
 //    summed by a transpose-reduce into one vector of L scores: ~3 ops per key instead of a
 //    horizontal reduction per key and head;
@@ -295,8 +295,6 @@ struct ChunkState {
 
 #if defined(__AVX512F__)
 struct Avx512 {
-  static constexpr int L = 16;
-
   static __m512 load_row(const float* p) { return _mm512_loadu_ps(p); }
   static __m512 load_row(const at::BFloat16* p) {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -423,8 +421,6 @@ using Simd = Avx512;
 
 #else
 struct Avx2 {
-  static constexpr int L = 8;
-
   static __m256 load_row(const float* p) { return _mm256_loadu_ps(p); }
   static __m256 load_row(const at::BFloat16* p) {
     const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
